@@ -1,0 +1,127 @@
+"""Calibration: expected calibration error, reliability bins, and temperature scaling.
+
+A classifier is calibrated when, among cases it gives 80 % confidence, about 80 % are right. Networks
+trained to low loss are usually over-confident; temperature scaling (Guo et al., 2017) divides the logits by
+one number T > 0 fitted on the validation split, which changes confidence without changing any prediction.
+
+Confidence is the top-label probability (the probability of the predicted class); bins are equal-width on
+[0, 1] and closed on the right, (lower, upper], as in Guo et al.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from scipy.optimize import minimize_scalar
+from scipy.special import logsumexp
+
+from cxr_fast.errors import CxrFastError
+
+# Search range for T. Below 0.01 or above 100 the model is either separable on the valid split or its
+# logits carry no information; a clipped T is still the best available in that range.
+_LOG_T_BOUNDS = (np.log(0.01), np.log(100.0))
+
+
+def _check_scores_labels(scores, y_true, what: str) -> tuple[np.ndarray, np.ndarray]:
+    scores = np.asarray(scores, dtype=np.float64)
+    y = np.asarray(y_true)
+    if scores.ndim != 2 or scores.shape[1] < 2:
+        raise CxrFastError(
+            f"calibration: {what} must be a 2-D array [cases, classes], got shape {scores.shape}"
+        )
+    if y.ndim != 1 or len(y) != len(scores):
+        raise CxrFastError(f"calibration: {len(y) if y.ndim else 0} labels for {len(scores)} rows of {what}")
+    if len(y) == 0:
+        raise CxrFastError("calibration: no cases")
+    if not np.all(np.isfinite(scores)):
+        raise CxrFastError(f"calibration: {what} contain NaN or infinite values")
+    if y.dtype.kind not in "iu" and not (y.dtype.kind == "f" and np.all(np.mod(y, 1) == 0)):
+        raise CxrFastError(f"calibration: labels must be integer class indices, got dtype {y.dtype}")
+    y = y.astype(np.int64)
+    if y.min() < 0 or y.max() >= scores.shape[1]:
+        raise CxrFastError(
+            f"calibration: labels must lie in 0..{scores.shape[1] - 1}, got {y.min()}..{y.max()}"
+        )
+    return scores, y
+
+
+def softmax(logits) -> np.ndarray:
+    """Row-wise softmax, stable for large logits."""
+    logits = np.asarray(logits, dtype=np.float64)
+    shifted = logits - logits.max(axis=1, keepdims=True)
+    exp = np.exp(shifted)
+    return exp / exp.sum(axis=1, keepdims=True)
+
+
+def apply_temperature(logits, temperature: float) -> np.ndarray:
+    """Calibrated probabilities softmax(logits / T) [N, K]."""
+    if not (np.isfinite(temperature) and temperature > 0):
+        raise CxrFastError(f"calibration: temperature must be a positive number, got {temperature}")
+    return softmax(np.asarray(logits, dtype=np.float64) / temperature)
+
+
+def nll(probs, y_true) -> float:
+    """Mean negative log-likelihood of the true class; probabilities are clipped at 1e-12 to stay finite."""
+    probs, y = _check_scores_labels(probs, y_true, "probabilities")
+    return float(-np.mean(np.log(np.clip(probs[np.arange(len(y)), y], 1e-12, None))))
+
+
+def _logits_nll(logits: np.ndarray, y: np.ndarray, temperature: float) -> float:
+    # log softmax computed directly from logits: exact even where a probability underflows to 0.
+    scaled = logits / temperature
+    return float(np.mean(logsumexp(scaled, axis=1) - scaled[np.arange(len(y)), y]))
+
+
+def fit_temperature(logits, y_true) -> float:
+    """The temperature T > 0 that minimises the NLL of softmax(logits / T) on these cases.
+
+    Fit it on the validation split, never the test split. The NLL is unimodal in log T (it is convex in
+    1/T), so a bounded scalar search over log T finds the minimum without needing a start value.
+    """
+    logits, y = _check_scores_labels(logits, y_true, "logits")
+    result = minimize_scalar(
+        lambda log_t: _logits_nll(logits, y, float(np.exp(log_t))),
+        bounds=_LOG_T_BOUNDS,
+        method="bounded",
+        options={"xatol": 1e-6},
+    )
+    return float(np.exp(result.x))
+
+
+def _top_label(probs: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(confidence [N], correct [N] as 0/1) for the predicted class."""
+    return probs.max(axis=1), (probs.argmax(axis=1) == y).astype(np.float64)
+
+
+def reliability_bins(probs, y_true, n_bins: int = 15) -> dict:
+    """Per-bin statistics for a reliability diagram.
+
+    Returns {edges [n_bins + 1], centers [n_bins], confidence [n_bins] (mean top-label probability),
+    accuracy [n_bins], count [n_bins] (int), ece (float)}; confidence and accuracy are NaN in empty bins.
+    """
+    probs, y = _check_scores_labels(probs, y_true, "probabilities")
+    if int(n_bins) < 1:
+        raise CxrFastError(f"calibration: n_bins must be at least 1, got {n_bins}")
+    n_bins = int(n_bins)
+    confidence, correct = _top_label(probs, y)
+    edges = np.linspace(0.0, 1.0, n_bins + 1)
+    # side="left" puts a confidence equal to an edge in the bin below it: bins are (lower, upper].
+    which = np.clip(np.searchsorted(edges, confidence, side="left") - 1, 0, n_bins - 1)
+    count = np.bincount(which, minlength=n_bins)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        mean_confidence = np.bincount(which, weights=confidence, minlength=n_bins) / count
+        accuracy = np.bincount(which, weights=correct, minlength=n_bins) / count
+    filled = count > 0
+    ece = float(np.sum(count[filled] * np.abs(accuracy[filled] - mean_confidence[filled])) / len(y))
+    return {
+        "edges": edges,
+        "centers": (edges[:-1] + edges[1:]) / 2,
+        "confidence": mean_confidence,
+        "accuracy": accuracy,
+        "count": count,
+        "ece": ece,
+    }
+
+
+def expected_calibration_error(probs, y_true, n_bins: int = 15) -> float:
+    """Top-label ECE: sum over equal-width bins of |accuracy - mean confidence| weighted by the bin's share."""
+    return reliability_bins(probs, y_true, n_bins)["ece"]

@@ -1,0 +1,257 @@
+"""Metrics against scikit-learn, the bootstrap's behaviour, and McNemar's test against hand-computed values."""
+
+import math
+import time
+
+import numpy as np
+import pytest
+from sklearn import metrics as skm
+
+from cxr_fast.errors import CxrFastError
+from cxr_fast.metrics import (
+    BOOTSTRAP_METRICS,
+    bootstrap_ci,
+    bootstrap_replicates,
+    classification_metrics,
+    mcnemar,
+    pr_curves,
+    roc_curves,
+)
+
+CLASSES = ["COVID-19", "Normal", "Pneumonia"]
+
+# Twelve hand-made cases: some confident, some wrong, some tied scores (0.4 appears often on purpose).
+HAND_Y = np.array([0, 0, 0, 0, 1, 1, 1, 1, 2, 2, 2, 2])
+HAND_PROBS = np.array(
+    [
+        [0.8, 0.1, 0.1],
+        [0.6, 0.3, 0.1],
+        [0.4, 0.4, 0.2],  # tie: arg-max picks the first class
+        [0.2, 0.7, 0.1],
+        [0.1, 0.8, 0.1],
+        [0.3, 0.4, 0.3],
+        [0.4, 0.2, 0.4],
+        [0.1, 0.3, 0.6],
+        [0.1, 0.1, 0.8],
+        [0.2, 0.2, 0.6],
+        [0.5, 0.1, 0.4],
+        [0.3, 0.3, 0.4],
+    ]
+)
+
+
+def noisy_predictions(n: int, seed: int = 0, n_classes: int = 3, rounding: int = 2):
+    """Labels and probabilities of a decent classifier; rounding creates ties like real softmax outputs."""
+    rng = np.random.default_rng(seed)
+    y = rng.integers(0, n_classes, n)
+    logits = rng.normal(size=(n, n_classes))
+    logits[np.arange(n), y] += 1.2
+    probs = np.exp(logits) / np.exp(logits).sum(axis=1, keepdims=True)
+    return y, np.round(probs, rounding)
+
+
+@pytest.mark.parametrize("data", ["hand", "random"])
+def test_metrics_match_scikit_learn(data):
+    y, probs = (HAND_Y, HAND_PROBS) if data == "hand" else noisy_predictions(300)
+    pred = probs.argmax(axis=1)
+    m = classification_metrics(y, probs, CLASSES)
+
+    assert m["n"] == len(y)
+    assert m["accuracy"] == pytest.approx(skm.accuracy_score(y, pred))
+    assert m["balanced_accuracy"] == pytest.approx(skm.balanced_accuracy_score(y, pred))
+    assert m["macro_f1"] == pytest.approx(skm.f1_score(y, pred, average="macro"))
+    assert m["confusion_matrix"] == skm.confusion_matrix(y, pred, labels=[0, 1, 2]).tolist()
+
+    precision, recall, f1, support = skm.precision_recall_fscore_support(
+        y, pred, labels=[0, 1, 2], zero_division=0
+    )
+    aucs, aps = [], []
+    for k, name in enumerate(CLASSES):
+        row = m["per_class"][name]
+        assert row["precision"] == pytest.approx(precision[k])
+        assert row["recall"] == pytest.approx(recall[k])
+        assert row["f1"] == pytest.approx(f1[k])
+        assert row["support"] == support[k]
+        aucs.append(skm.roc_auc_score(y == k, probs[:, k]))
+        aps.append(skm.average_precision_score(y == k, probs[:, k]))
+        assert row["roc_auc"] == pytest.approx(aucs[-1])
+        assert row["average_precision"] == pytest.approx(aps[-1])
+    assert m["macro_roc_auc"] == pytest.approx(np.mean(aucs))
+    if data == "hand":  # rows sum to one exactly, as scikit-learn's multi-class AUC requires
+        assert m["macro_roc_auc"] == pytest.approx(
+            skm.roc_auc_score(y, probs, multi_class="ovr", average="macro")
+        )
+    assert m["macro_average_precision"] == pytest.approx(np.mean(aps))
+
+
+def test_hand_made_values():
+    m = classification_metrics(HAND_Y, HAND_PROBS, CLASSES)
+    # Predictions by arg-max (ties go to the first class): 0,0,0,1 | 1,1,0,2 | 2,2,0,2 → 8 of 12 right.
+    assert m["confusion_matrix"] == [[3, 1, 0], [1, 2, 1], [1, 0, 3]]
+    assert m["accuracy"] == pytest.approx(8 / 12)
+    assert m["per_class"]["Normal"]["recall"] == pytest.approx(2 / 4)
+
+
+def test_balanced_accuracy_is_mean_of_per_class_recalls():
+    y, probs = noisy_predictions(500, seed=3)
+    # Unbalanced on purpose so balanced and plain accuracy differ.
+    keep = (y != 2) | (np.arange(len(y)) % 5 == 0)
+    y, probs = y[keep], probs[keep]
+    pred = probs.argmax(axis=1)
+    recalls = [np.mean(pred[y == k] == k) for k in range(3)]
+    m = classification_metrics(y, probs, CLASSES)
+    assert m["balanced_accuracy"] == pytest.approx(np.mean(recalls))
+    assert m["balanced_accuracy"] == pytest.approx(np.mean([m["per_class"][c]["recall"] for c in CLASSES]))
+    assert abs(m["balanced_accuracy"] - m["accuracy"]) > 1e-3
+
+
+def test_class_without_cases_is_left_out_of_means():
+    y, probs = noisy_predictions(200, seed=5)
+    keep = y != 2  # no Pneumonia in the test set, though the model still predicts it sometimes
+    y, probs = y[keep], probs[keep]
+    pred = probs.argmax(axis=1)
+    assert (pred == 2).any()
+    m = classification_metrics(y, probs, CLASSES)
+    pneumonia = m["per_class"]["Pneumonia"]
+    assert pneumonia["support"] == 0
+    assert pneumonia["roc_auc"] is None and pneumonia["average_precision"] is None
+    assert m["balanced_accuracy"] == pytest.approx(np.mean([np.mean(pred[y == k] == k) for k in (0, 1)]))
+    assert m["macro_roc_auc"] == pytest.approx(
+        np.mean([skm.roc_auc_score(y == k, probs[:, k]) for k in (0, 1)])
+    )
+    # Predicted-but-absent class counts as F1 = 0, as in scikit-learn's default macro F1.
+    assert m["macro_f1"] == pytest.approx(skm.f1_score(y, pred, average="macro"))
+
+
+def test_bad_inputs_raise_a_readable_error():
+    with pytest.raises(CxrFastError, match="2-D"):
+        classification_metrics([0, 1], [0.2, 0.8], CLASSES)
+    with pytest.raises(CxrFastError, match="labels"):
+        classification_metrics([0, 1, 2], HAND_PROBS, CLASSES)
+    with pytest.raises(CxrFastError, match="0..2"):
+        classification_metrics(np.full(12, 3), HAND_PROBS, CLASSES)
+    with pytest.raises(CxrFastError, match="class names"):
+        classification_metrics(HAND_Y, HAND_PROBS, CLASSES[:2])
+    with pytest.raises(CxrFastError, match="unknown metric"):
+        bootstrap_ci(HAND_Y, HAND_PROBS, "sensitivity")
+
+
+def _sklearn_metric(name):
+    """The same metric computed case by case with scikit-learn, for checking the vectorised bootstrap."""
+
+    def metric(y, probs):
+        pred = probs.argmax(axis=1)
+        if name == "accuracy":
+            return skm.accuracy_score(y, pred)
+        if name == "balanced_accuracy":
+            return skm.balanced_accuracy_score(y, pred)
+        if name == "macro_f1":
+            return skm.f1_score(y, pred, average="macro")
+        scorer = skm.roc_auc_score if name == "macro_roc_auc" else skm.average_precision_score
+        return np.mean(
+            [scorer(y == k, probs[:, k]) for k in range(probs.shape[1]) if 0 < (y == k).sum() < len(y)]
+        )
+
+    return metric
+
+
+@pytest.mark.parametrize("name", BOOTSTRAP_METRICS)
+def test_vectorised_bootstrap_equals_scikit_learn_on_the_same_resamples(name):
+    y, probs = noisy_predictions(120, seed=7)
+    fast = bootstrap_replicates(y, probs, name, n_boot=40, seed=11)
+    slow = bootstrap_replicates(y, probs, _sklearn_metric(name), n_boot=40, seed=11)
+    np.testing.assert_allclose(fast, slow, rtol=1e-10)
+    assert np.std(fast) > 0  # the resamples really differ
+
+
+@pytest.mark.parametrize("name", BOOTSTRAP_METRICS)
+def test_bootstrap_interval_contains_estimate_and_narrows_with_more_cases(name):
+    widths = []
+    for n in (100, 2000):
+        y, probs = noisy_predictions(n, seed=n)
+        estimate = classification_metrics(y, probs, CLASSES)[name]
+        low, high = bootstrap_ci(y, probs, name, n_boot=400, seed=0)
+        assert low <= estimate <= high
+        widths.append(high - low)
+    # The width shrinks like 1/sqrt(n): about 4.5 times narrower; demand at least 2.5.
+    assert widths[1] < widths[0] / 2.5
+
+
+def test_bootstrap_is_reproducible_and_seed_dependent():
+    y, probs = noisy_predictions(200)
+    first = bootstrap_ci(y, probs, "balanced_accuracy", n_boot=200, seed=1)
+    assert bootstrap_ci(y, probs, "balanced_accuracy", n_boot=200, seed=1) == first
+    assert bootstrap_ci(y, probs, "balanced_accuracy", n_boot=200, seed=2) != first
+    narrow = bootstrap_ci(y, probs, "balanced_accuracy", n_boot=200, seed=1, alpha=0.5)
+    assert first[0] < narrow[0] <= narrow[1] < first[1]
+
+
+def test_bootstrap_of_1000_cases_is_fast():
+    y, probs = noisy_predictions(1000)
+    start = time.perf_counter()
+    for name in ("balanced_accuracy", "macro_roc_auc"):
+        bootstrap_ci(y, probs, name, n_boot=1000)
+    # Typically well under a second; the bound only catches a fall back to per-resample Python loops.
+    assert time.perf_counter() - start < 10
+
+
+def test_mcnemar_exact_against_hand_computation():
+    # 7 cases only A gets right, 2 only B, 11 both, 4 neither.
+    y = np.zeros(24, dtype=int)
+    pred_a = np.array([0] * 7 + [1] * 2 + [0] * 11 + [1] * 4)
+    pred_b = np.array([1] * 7 + [0] * 2 + [0] * 11 + [1] * 4)
+    result = mcnemar(y, pred_a, pred_b)
+    assert (result["b"], result["c"], result["method"]) == (7, 2, "exact")
+    # Two-sided exact binomial: 2 * P(X <= 2 | n = 9, p = 1/2) = 2 * (1 + 9 + 36) / 512.
+    assert result["p_value"] == pytest.approx(2 * 46 / 512)
+    assert result["statistic"] == 2
+    # Symmetric in the two models.
+    assert mcnemar(y, pred_b, pred_a)["p_value"] == pytest.approx(result["p_value"])
+
+
+def test_mcnemar_chi_square_against_known_values():
+    # Agresti's presidential approval table [[794, 86], [150, 570]]: with continuity correction the
+    # statistic is (|86 - 150| - 1)^2 / 236 = 16.82, p = 4.1e-5 (statsmodels' mcnemar(exact=False) gives the same).
+    counts = {"both": 794, "only_a": 150, "only_b": 86, "neither": 570}
+    y = np.zeros(sum(counts.values()), dtype=int)
+    pred_a = np.concatenate([np.zeros(794), np.zeros(150), np.ones(86), np.ones(570)]).astype(int)
+    pred_b = np.concatenate([np.zeros(794), np.ones(150), np.zeros(86), np.ones(570)]).astype(int)
+    result = mcnemar(y, pred_a, pred_b)
+    assert (result["b"], result["c"], result["method"]) == (150, 86, "chi2")
+    assert result["statistic"] == pytest.approx(63**2 / 236)
+    # Chi-square with one degree of freedom: P(X > s) = erfc(sqrt(s / 2)).
+    assert result["p_value"] == pytest.approx(math.erfc(math.sqrt(result["statistic"] / 2)))
+    assert result["p_value"] == pytest.approx(4.115e-5, rel=1e-3)
+
+
+def test_mcnemar_identical_models_and_bad_input():
+    y, probs = noisy_predictions(50)
+    pred = probs.argmax(axis=1)
+    assert mcnemar(y, pred, pred) == {"b": 0, "c": 0, "statistic": 0.0, "p_value": 1.0, "method": "exact"}
+    with pytest.raises(CxrFastError, match="equal length"):
+        mcnemar(y, pred, pred[:-1])
+
+
+def test_roc_and_pr_curves_match_scikit_learn():
+    y, probs = noisy_predictions(150, seed=9)
+    roc = roc_curves(y, probs, CLASSES)
+    pr = pr_curves(y, probs, CLASSES)
+    assert list(roc) == CLASSES and list(pr) == CLASSES
+    for k, name in enumerate(CLASSES):
+        assert roc[name]["auc"] == pytest.approx(skm.roc_auc_score(y == k, probs[:, k]))
+        assert roc[name]["auc"] == pytest.approx(skm.auc(roc[name]["fpr"], roc[name]["tpr"]))
+        assert pr[name]["average_precision"] == pytest.approx(
+            skm.average_precision_score(y == k, probs[:, k])
+        )
+        assert pr[name]["prevalence"] == pytest.approx(np.mean(y == k))
+        assert len(pr[name]["precision"]) == len(pr[name]["recall"])
+
+
+def test_curves_of_a_class_without_positives_are_none():
+    y, probs = noisy_predictions(100)
+    keep = y != 1
+    roc = roc_curves(y[keep], probs[keep])
+    pr = pr_curves(y[keep], probs[keep])
+    assert list(roc) == ["0", "1", "2"]
+    assert roc["1"] is None and pr["1"] is None
+    assert roc["0"] is not None and pr["2"] is not None

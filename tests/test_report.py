@@ -1,0 +1,222 @@
+"""Plots and the HTML/Markdown report: every figure is drawn, embedded, written and linked; text is escaped."""
+
+import base64
+import json
+import re
+from html.parser import HTMLParser
+
+import numpy as np
+import pandas as pd
+import pytest
+from matplotlib.figure import Figure
+
+from cxr_fast import plots
+from cxr_fast.calibration import apply_temperature, fit_temperature, reliability_bins, softmax
+from cxr_fast.errors import CxrFastError
+from cxr_fast.metrics import bootstrap_ci, classification_metrics, pr_curves, roc_curves
+from cxr_fast.report import DISCLAIMER, Section, figure_filename, write_metrics_json, write_report
+
+CLASSES = ["COVID-19", "Normal", "Pneumonia"]
+
+
+class PageParser(HTMLParser):
+    """Collects <img> attributes, <meta> tags and the visible text of a page."""
+
+    def __init__(self):
+        super().__init__()
+        self.images, self.metas, self.text = [], [], []
+
+    def handle_starttag(self, tag, attrs):
+        if tag == "img":
+            self.images.append(dict(attrs))
+        elif tag == "meta":
+            self.metas.append(dict(attrs))
+
+    def handle_data(self, data):
+        self.text.append(data)
+
+
+def parse(html_path):
+    parser = PageParser()
+    parser.feed(html_path.read_text(encoding="utf-8"))
+    parser.close()
+    return parser
+
+
+@pytest.fixture(scope="module")
+def evaluation():
+    """Metrics and every evaluation figure of a small fake model, as `evaluate` would make them."""
+    rng = np.random.default_rng(0)
+    n = 240
+    y = rng.integers(0, 3, n)
+    logits = rng.normal(size=(n, 3))
+    logits[np.arange(n), y] += 2.0
+    logits *= 3  # over-confident
+    temperature = fit_temperature(logits[:120], y[:120])
+    probs, calibrated = softmax(logits[120:]), apply_temperature(logits[120:], temperature)
+    y = y[120:]
+
+    metrics = classification_metrics(y, probs, CLASSES)
+    metrics["balanced_accuracy_ci"] = bootstrap_ci(y, probs, "balanced_accuracy", n_boot=200)
+    raw_bins, cal_bins = reliability_bins(probs, y), reliability_bins(calibrated, y)
+    metrics.update(ece=raw_bins["ece"], ece_calibrated=cal_bins["ece"], temperature=temperature)
+
+    history = pd.DataFrame(
+        {
+            "epoch": [0, 1, 2, 3],
+            "train_loss": [1.1, 0.8, 0.6, 0.5],
+            "valid_loss": [1.0, 0.85, 0.7, 0.72],
+            "accuracy": [0.5, 0.6, 0.7, 0.69],
+            "balanced_accuracy": [0.45, 0.58, 0.7, 0.68],
+            "train_accuracy": [0.5, 0.65, 0.75, 0.8],
+        }
+    )
+    figures = {
+        "confusion matrix": plots.plot_confusion_matrix(metrics["confusion_matrix"], CLASSES),
+        "roc": plots.plot_roc_curves(roc_curves(y, probs, CLASSES)),
+        "pr": plots.plot_pr_curves(pr_curves(y, probs, CLASSES)),
+        "reliability": plots.plot_reliability(raw_bins, cal_bins, temperature),
+        "training curves": plots.plot_training_curves(history),
+    }
+    return metrics, figures
+
+
+def test_plots_return_figures_with_the_expected_content(evaluation):
+    metrics, figures = evaluation
+    assert all(isinstance(f, Figure) for f in figures.values())
+    # Confusion matrix: two heat maps (plus two colour bars), each cell annotated.
+    heatmaps = [ax for ax in figures["confusion matrix"].axes if ax.images]
+    assert len(heatmaps) == 2
+    assert {t.get_text() for t in heatmaps[0].texts} == {
+        str(v) for row in metrics["confusion_matrix"] for v in row
+    }
+    assert all(t.get_text().endswith("%") for t in heatmaps[1].texts)
+
+    roc_legend = [t.get_text() for t in figures["roc"].axes[0].get_legend().get_texts()]
+    for name in CLASSES:
+        auc = metrics["per_class"][name]["roc_auc"]
+        assert f"{name} (AUC {auc:.3f})" in roc_legend
+    pr_legend = " ".join(t.get_text() for t in figures["pr"].axes[0].get_legend().get_texts())
+    assert pr_legend.count("AP ") == 3
+
+    titles = [ax.get_title() for ax in figures["reliability"].axes]
+    assert f"ECE {metrics['ece']:.3f}" in titles[0]
+    assert f"ECE {metrics['ece_calibrated']:.3f}" in titles[1] and "T = " in titles[1]
+    assert len(figures["training curves"].axes) == 2
+
+
+def test_plot_comparison_with_and_without_parameter_counts():
+    results = [
+        {"name": "resnet18", "balanced_accuracy": 0.81, "ci_low": 0.77, "ci_high": 0.85, "params": 11.2e6},
+        {"name": "convnet", "balanced_accuracy": 0.74, "ci_low": 0.69, "ci_high": 0.79, "params": 0.4e6},
+        {"name": "cxresnet", "balanced_accuracy": 0.86, "ci_low": 0.82, "ci_high": 0.9, "params": 2.1e6},
+    ]
+    fig = plots.plot_comparison(results)
+    assert len(fig.axes) == 2
+    ticks = fig.axes[0].get_yticks()
+    labels = [t.get_text() for t in fig.axes[0].get_yticklabels()]
+    bottom_to_top = [label for _, label in sorted(zip(ticks, labels, strict=True))]
+    assert bottom_to_top == ["convnet", "resnet18", "cxresnet"]  # best drawn at the top
+    without_params = plots.plot_comparison(pd.DataFrame(results).drop(columns="params"))
+    assert len(without_params.axes) == 1
+    with pytest.raises(CxrFastError, match="ci_low"):
+        plots.plot_comparison([{"name": "a", "balanced_accuracy": 0.5}])
+
+
+def test_training_curves_need_their_columns():
+    with pytest.raises(CxrFastError, match="valid_loss"):
+        plots.plot_training_curves(
+            pd.DataFrame({"epoch": [0], "train_loss": [1.0], "accuracy": [0.5], "balanced_accuracy": [0.5]})
+        )
+
+
+def test_report_embeds_every_figure_and_links_every_png(tmp_path, evaluation):
+    metrics, figures = evaluation
+    shift = "Test images are 3x brighter than training images <script>alert(1)</script>"
+    sections = [
+        Section(
+            "Calibration",
+            text="Temperature fitted on the valid split.\n\n- fitted once\n- applied to test",
+            figures=["reliability"],
+        ),
+        ("Notes", "Model & data: synthetic | tiny"),
+    ]
+    html_path, md_path = write_report(
+        tmp_path / "out",
+        "Evaluation of <model>",
+        sections,
+        figures,
+        metrics,
+        warnings=[shift],
+        meta={"Model": "resnet18", "Cases": 120},
+    )
+
+    page = parse(html_path)
+    sources = [img["src"] for img in page.images]
+    assert len(sources) == len(figures)
+    assert all(src.startswith("data:image/png;base64,") for src in sources)
+    embedded = {base64.b64decode(src.split(",", 1)[1]) for src in sources}
+    written = {(tmp_path / "out" / figure_filename(name)).read_bytes() for name in figures}
+    assert embedded == written  # each figure embedded is the PNG written next to the report
+    assert all(png.startswith(b"\x89PNG") for png in written)
+    assert {img["alt"] for img in page.images} == set(figures)
+
+    assert any(m.get("name") == "viewport" for m in page.metas)
+    raw_html = html_path.read_text(encoding="utf-8")
+    assert "<script>" not in raw_html and "&lt;script&gt;" in raw_html
+    text = " ".join(page.text)
+    assert shift in text and DISCLAIMER in text and "Evaluation of <model>" in text
+    assert f"{metrics['balanced_accuracy']:.3f}" in text
+    low, high = metrics["balanced_accuracy_ci"]
+    assert f"95% CI {low:.3f}–{high:.3f}" in text
+    assert f"{metrics['ece_calibrated']:.3f}" in text
+    for name in CLASSES:
+        assert name in text
+    assert "fitted once" in text and "<li>fitted once</li>" in raw_html
+
+    markdown = md_path.read_text(encoding="utf-8")
+    links = re.findall(r"!\[[^\]]*\]\(([^)]+)\)", markdown)
+    pngs = sorted(p.name for p in (tmp_path / "out").glob("*.png"))
+    assert sorted(links) == pngs and len(pngs) == len(figures)
+    assert all((tmp_path / "out" / link).is_file() for link in links)
+    assert "| COVID-19 |" in markdown and shift in markdown
+    assert "synthetic \\| tiny" not in markdown  # section text is Markdown already: written as is
+    # The reliability figure appears in its section, not in the leftover "Figures" section.
+    assert (
+        markdown.index("## Calibration") < markdown.index("(reliability.png)") < markdown.index("## Figures")
+    )
+
+
+def test_report_without_metrics_for_compare(tmp_path):
+    table = pd.DataFrame({"model": ["a", "b"], "balanced_accuracy": [0.8, np.nan], "params": [10, 20]})
+    fig = Figure()
+    fig.add_subplot().plot([0, 1], [0, 1])
+    html_path, md_path = write_report(
+        tmp_path, "Comparison", [Section("Models", table=table, figures=["bars"])], {"bars": fig}
+    )
+    page = parse(html_path)
+    assert len(page.images) == 1
+    text = " ".join(page.text)
+    assert "Summary" not in text and "0.800" in text and "—" in text
+    assert "| a | 0.800 | 10 |" in md_path.read_text(encoding="utf-8")
+
+
+def test_report_rejects_clashing_or_unknown_figures(tmp_path):
+    fig = Figure()
+    fig.add_subplot()
+    with pytest.raises(CxrFastError, match="roc_curve.png"):
+        write_report(tmp_path, "x", figures={"roc curve": fig, "roc/curve": fig})
+    with pytest.raises(CxrFastError, match="missing"):
+        write_report(tmp_path, "x", [Section("A", figures=["missing"])], {"present": fig})
+
+
+def test_metrics_json_round_trip(tmp_path, evaluation):
+    metrics, _ = evaluation
+    path = write_metrics_json(
+        tmp_path / "metrics.json", {**metrics, "nan": np.float64("nan"), "arr": np.arange(3)}
+    )
+    loaded = json.loads(path.read_text())
+    assert loaded["balanced_accuracy"] == pytest.approx(metrics["balanced_accuracy"])
+    assert loaded["per_class"]["Normal"]["support"] == metrics["per_class"]["Normal"]["support"]
+    assert loaded["nan"] is None and loaded["arr"] == [0, 1, 2]
+    assert loaded["balanced_accuracy_ci"] == list(metrics["balanced_accuracy_ci"])
