@@ -1,0 +1,118 @@
+"""Loading a run bundle and running its model, with no fastai and no pickle.
+
+`load_run` rebuilds the architecture from `config.json` and loads `model.safetensors` strictly: a bundle that
+lacks either, or whose weights do not fit the architecture, is refused with a one-line error.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+from rich.progress import Progress
+from safetensors.torch import load_file
+
+from cxr_fast.archs import model_from_config
+from cxr_fast.data.block import image_column
+from cxr_fast.errors import CxrFastError
+from cxr_fast.preprocess import load_input
+
+
+@dataclass
+class Run:
+    path: Path
+    model: torch.nn.Module
+    config: dict
+    metrics: dict = field(default_factory=dict)
+
+    @property
+    def classes(self) -> list[str]:
+        return list(self.config["classes"])
+
+    @property
+    def size(self) -> int:
+        return int(self.config["size"])
+
+    @property
+    def n_in(self) -> int:
+        return int(self.config["n_in"])
+
+    @property
+    def temperature(self) -> float:
+        return float(self.config.get("temperature", 1.0))
+
+    @property
+    def name(self) -> str:
+        return self.path.name
+
+    def load_input(self, path: str | Path) -> torch.Tensor:
+        return load_input(path, self.size, self.n_in, self.config["mean"], self.config["std"])
+
+
+def load_run(path: str | Path) -> Run:
+    path = Path(path)
+    config_path, weights_path = path / "config.json", path / "model.safetensors"
+    for needed in (config_path, weights_path):
+        if not needed.is_file():
+            raise CxrFastError(f"{path}: not a cxr_fast run bundle ({needed.name} missing)")
+    try:
+        config = json.loads(config_path.read_text())
+    except json.JSONDecodeError as e:
+        raise CxrFastError(f"{config_path}: not valid JSON ({e})") from None
+    if "model" not in config or "classes" not in config:
+        raise CxrFastError(f"{config_path}: not a cxr_fast run config (no 'model' or 'classes')")
+    model = model_from_config(config["model"])
+    try:
+        model.load_state_dict(load_file(str(weights_path)), strict=True)
+    except (RuntimeError, OSError) as e:
+        raise CxrFastError(f"{weights_path}: weights do not fit {config['model'].get('arch')} ({str(e).splitlines()[0]})") from None
+    model.eval()
+    metrics_path = path / "metrics.json"
+    metrics = json.loads(metrics_path.read_text()) if metrics_path.is_file() else {}
+    return Run(path=path, model=model, config=config, metrics=metrics)
+
+
+def iter_batches(run: Run, files: list[str], bs: int):
+    for start in range(0, len(files), bs):
+        yield torch.stack([run.load_input(f) for f in files[start : start + bs]])
+
+
+def tta_views(x: torch.Tensor) -> list[torch.Tensor]:
+    """The image and three 92 % crops (centre, upper-left, lower-right) resized back: small zooms and shifts like
+    the training augmentation, never flips (anatomy is not mirror-symmetric)."""
+    h, w = x.shape[-2:]
+    ch, cw = round(h * 0.92), round(w * 0.92)
+    views = [x]
+    for top, left in ((h - ch) // 2, (w - cw) // 2), (0, 0), (h - ch, w - cw):
+        crop = x[..., top : top + ch, left : left + cw]
+        views.append(torch.nn.functional.interpolate(crop, size=(h, w), mode="bilinear", align_corners=False))
+    return views
+
+
+@torch.no_grad()
+def predict_logits(run: Run, items: pd.DataFrame | list[str], bs: int = 32, progress: bool = True,
+                   tta: bool = False) -> np.ndarray:
+    """Raw logits [N, K] for manifest rows (the cached copy is read when present) or a list of files.
+    With `tta`, the mean logits over `tta_views`."""
+    files = image_column(items).tolist() if isinstance(items, pd.DataFrame) else [str(f) for f in items]
+    out = []
+    with Progress(transient=True, disable=not progress) as bar:
+        task = bar.add_task(f"predicting {len(files)} images", total=len(files))
+        for batch in iter_batches(run, files, bs):
+            views = tta_views(batch) if tta else [batch]
+            out.append(torch.stack([run.model(v).float() for v in views]).mean(0))
+            bar.advance(task, len(batch))
+    if not out:
+        return np.zeros((0, len(run.classes)), dtype=np.float32)
+    return torch.cat(out).numpy()
+
+
+def softmax(logits: np.ndarray, temperature: float = 1.0) -> np.ndarray:
+    z = logits / temperature
+    z = z - z.max(axis=1, keepdims=True)
+    e = np.exp(z)
+    return e / e.sum(axis=1, keepdims=True)

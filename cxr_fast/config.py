@@ -1,0 +1,91 @@
+"""Training configuration: dataclass defaults → recipes/*.yaml → CLI flags.
+
+Unknown recipe keys are errors (a typo must not silently train with a default), and the resolved config is
+saved with every run.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from cxr_fast.errors import CxrFastError
+
+
+@dataclass
+class TrainConfig:
+    arch: str = "cxresnet"
+    arch_kwargs: dict[str, Any] = field(default_factory=dict)
+    weights: str = "none"  # none | hub | PATH | efficientnet-lite0/1/2
+    n_in: int = 1  # input channels: X-rays are grayscale; 3 replicates the gray channel
+    size: int = 128  # training image side in pixels
+    epochs: int = 5
+    freeze_epochs: int = 1  # only with pretrained weights: head-only epochs before unfreezing
+    bs: int = 32
+    lr: float | str = 3e-3  # a number, or "auto" for lr_find's suggestion
+    wd: float | None = None
+    pct_start: float = 0.25
+    class_weights: bool = False  # weight the loss by inverse class frequency
+    augment: bool = True
+    seed: int = 0
+    num_workers: int = 0
+    stats_sample: int = 256  # training images used to compute normalisation statistics
+
+    @property
+    def pretrained(self) -> bool:
+        return self.weights != "none"
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+RECIPES_DIR = Path(__file__).resolve().parents[1] / "recipes"
+
+
+def find_recipe(name: str | Path) -> Path:
+    """A recipe file, or the name of one in the project's recipes/ folder ("demo" → recipes/demo.yaml)."""
+    path = Path(name)
+    if not path.exists() and path.suffix == "" and (RECIPES_DIR / f"{path.name}.yaml").is_file():
+        return RECIPES_DIR / f"{path.name}.yaml"
+    return path
+
+
+def load_recipe(path: str | Path) -> dict[str, Any]:
+    path = find_recipe(path)
+    if not path.is_file():
+        raise CxrFastError(f"{path}: recipe file not found")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise CxrFastError(f"{path}: not valid YAML ({str(e).splitlines()[0]})") from None
+    if not isinstance(data, dict):
+        raise CxrFastError(f"{path}: a recipe must be a mapping of option: value")
+    known = {f.name for f in dataclasses.fields(TrainConfig)}
+    unknown = sorted(set(data) - known)
+    if unknown:
+        raise CxrFastError(f"{path}: unknown recipe keys {unknown}; known keys: {sorted(known)}")
+    return data
+
+
+def resolve_config(recipe: str | Path | None = None, **overrides: Any) -> TrainConfig:
+    """Defaults, then the recipe, then every override that is not None (an unset CLI flag keeps the recipe's)."""
+    values: dict[str, Any] = load_recipe(recipe) if recipe else {}
+    values.update({k: v for k, v in overrides.items() if v is not None})
+    try:
+        cfg = TrainConfig(**values)
+    except TypeError as e:
+        raise CxrFastError(f"bad training option: {e}") from None
+    if isinstance(cfg.lr, str) and cfg.lr != "auto":
+        try:
+            cfg.lr = float(cfg.lr)
+        except ValueError:
+            raise CxrFastError(f"--lr must be a number or 'auto', got {cfg.lr!r}") from None
+    if cfg.n_in not in (1, 3):
+        raise CxrFastError(f"n_in must be 1 or 3, got {cfg.n_in}")
+    if cfg.size < 32 or cfg.epochs < 1 or cfg.bs < 1:
+        raise CxrFastError("size must be ≥ 32 px, epochs ≥ 1 and bs ≥ 1")
+    return cfg

@@ -1,0 +1,146 @@
+"""Manifest → fastai DataBlock → DataLoaders.
+
+The data layer knows nothing of models: the caller passes the number of input channels and, for pretrained
+networks, their normalisation statistics; otherwise statistics are computed from the training split.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import pandas as pd
+from fastai.data.block import CategoryBlock, DataBlock
+from fastai.data.core import DataLoaders
+from fastai.data.transforms import ColReader, IndexSplitter
+from fastai.vision.augment import Normalize, aug_transforms
+from fastai.vision.core import PILImage, PILImageBW
+from fastai.vision.data import ImageBlock
+from fasttransform import Transform
+
+from cxr_fast.data.io import read_image
+from cxr_fast.errors import CxrFastError
+from cxr_fast.preprocess import resize_square, to_tensor
+
+
+def image_column(df: pd.DataFrame) -> pd.Series:
+    """The file to read for each row: the cached working-resolution copy when there is one."""
+    if "cache_path" in df.columns:
+        cached = df["cache_path"].fillna("").astype(str)
+        return cached.where(cached != "", df["path"].astype(str))
+    return df["path"].astype(str)
+
+
+class CXRImageBW(PILImageBW):
+    """A grayscale X-ray opened by cxr_fast's reader (PNG/JPEG/DICOM), not PIL alone."""
+
+    @classmethod
+    def create(cls, fn, **kwargs):
+        return cls(read_image(fn))
+
+
+class CXRImageRGB(PILImage):
+    @classmethod
+    def create(cls, fn, **kwargs):
+        return cls(read_image(fn).convert("RGB"))
+
+
+class SquishResize(Transform):
+    """Item transform calling `cxr_fast.preprocess.resize_square`, the same code evaluate/predict use."""
+
+    order = 1
+
+    def __init__(self, size: int):
+        self.size = size
+
+    def encodes(self, img: PILImage):  # PILImageBW is a PILImage subclass
+        return type(img)(resize_square(img, self.size))
+
+
+def train_transforms(size: int) -> list:
+    """Augmentations that keep a chest X-ray plausible.
+
+    No horizontal flip: the heart sits on the patient's left, and flipping also moves side markers, so a flip
+    makes anatomically impossible images. Small rotations, zoom and warp mimic patient positioning; lighting
+    changes mimic exposure differences between machines.
+    """
+    return aug_transforms(
+        do_flip=False, max_rotate=7.0, max_zoom=1.1, max_lighting=0.3, max_warp=0.1, p_affine=0.75, p_lighting=0.75
+    )
+
+
+def compute_stats(paths: Sequence[str], size: int, n_in: int, sample: int = 256, seed: int = 0):
+    """Mean and std of pixel values in [0, 1] over a sample of training images, at the training size."""
+    rng = np.random.default_rng(seed)
+    chosen = rng.choice(len(paths), size=min(sample, len(paths)), replace=False)
+    values = [to_tensor(resize_square(read_image(paths[i]), size), 1) for i in sorted(chosen)]
+    stacked = np.stack([v.numpy() for v in values])
+    mean, std = float(stacked.mean()), float(stacked.std())
+    return [mean] * n_in, [max(std, 1e-3)] * n_in
+
+
+@dataclass
+class DataSpec:
+    classes: list[str]
+    mean: list[float]
+    std: list[float]
+
+
+def build_dataloaders(
+    manifest: pd.DataFrame,
+    *,
+    size: int,
+    bs: int,
+    n_in: int = 1,
+    stats: tuple[list[float], list[float]] | None = None,
+    augment: bool = True,
+    seed: int = 0,
+    num_workers: int = 0,
+    stats_sample: int = 256,
+) -> tuple[DataLoaders, DataSpec]:
+    """Train/valid DataLoaders from the manifest's `split` column (the test split is left for evaluation)."""
+    df = manifest[manifest["split"].isin(["train", "valid"])].reset_index(drop=True).copy()
+    for split in ("train", "valid"):
+        if not (df["split"] == split).any():
+            raise CxrFastError(f"manifest has no '{split}' images; re-run `cxrfast data prepare`")
+    df["image"] = image_column(df)
+    classes = sorted(manifest["label"].unique().tolist())
+    if stats is None:
+        stats = compute_stats(df.loc[df["split"] == "train", "image"].tolist(), size, n_in, stats_sample, seed)
+    mean, std = stats
+
+    image_cls = CXRImageBW if n_in == 1 else CXRImageRGB
+    batch_tfms = []  # ImageBlock already adds IntToFloatTensor (uint8 → [0, 1]) before these
+    if augment:
+        batch_tfms += train_transforms(size)
+    batch_tfms.append(Normalize.from_stats(mean, std))
+    block = DataBlock(
+        blocks=(ImageBlock(cls=image_cls), CategoryBlock(vocab=classes)),
+        get_x=ColReader("image"),
+        get_y=ColReader("label"),
+        splitter=IndexSplitter(df.index[df["split"] == "valid"].tolist()),
+        item_tfms=[SquishResize(size)],  # DataBlock adds ToTensor after it
+        batch_tfms=batch_tfms,
+    )
+    dls = block.dataloaders(df, bs=bs, num_workers=num_workers, seed=seed, shuffle=True)
+    return dls, DataSpec(classes=classes, mean=list(mean), std=list(std))
+
+
+def build_eval_dataloaders(items: pd.DataFrame, *, size: int, bs: int, n_in: int, classes: list[str],
+                           mean: list[float], std: list[float]) -> DataLoaders:
+    """DataLoaders whose valid set is `items`, preprocessed as in training without augmentation.
+
+    fastai needs a training set to build DataLoaders; it gets the first item, which nothing ever reads.
+    """
+    df = pd.concat([items.iloc[:1], items], ignore_index=True).copy()
+    df["image"] = image_column(df)
+    block = DataBlock(
+        blocks=(ImageBlock(cls=CXRImageBW if n_in == 1 else CXRImageRGB), CategoryBlock(vocab=classes)),
+        get_x=ColReader("image"),
+        get_y=ColReader("label"),
+        splitter=IndexSplitter(list(range(1, len(df)))),
+        item_tfms=[SquishResize(size)],
+        batch_tfms=[Normalize.from_stats(mean, std)],
+    )
+    return block.dataloaders(df, bs=bs, num_workers=0, shuffle=False)

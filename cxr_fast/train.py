@@ -1,0 +1,331 @@
+"""Training: manifest + config → fastai Learner → a self-contained run bundle.
+
+A run bundle (`models/<run>/`) holds everything later steps need and nothing that must be unpickled:
+`model.safetensors` (the best epoch by valid balanced accuracy), `config.json` (architecture and its arguments,
+classes, channels, size, normalisation, weights source, temperature, seed, library versions), `recipe.yaml`
+(the resolved training config), `history.csv`, `curves.png` and `metrics.json`.
+
+While training, `checkpoint/` holds the last epoch's weights and optimizer state (safetensors + JSON) so that
+`resume=True` continues a killed run with the same one-cycle schedule and an unbroken history.
+"""
+
+from __future__ import annotations
+
+import json
+import platform
+import shutil
+import time
+from datetime import datetime
+from pathlib import Path
+
+import fastai.callback.schedule  # noqa: F401  (patches fit_one_cycle and lr_find onto Learner)
+import numpy as np
+import pandas as pd
+import torch
+import yaml
+from fastai.callback.core import Callback
+from fastai.callback.progress import ProgressCallback
+from fastai.learner import Learner
+from fastai.losses import CrossEntropyLossFlat
+from fastai.metrics import AccumMetric, accuracy
+from fastai.torch_core import set_seed
+from safetensors.torch import load_file, save_file
+from sklearn.metrics import balanced_accuracy_score
+
+from cxr_fast.archs import create_model, model_config, splitter
+from cxr_fast.config import TrainConfig, resolve_config
+from cxr_fast.data.block import build_dataloaders
+from cxr_fast.data.manifest import read_manifest
+from cxr_fast.errors import CxrFastError
+
+CHECKPOINT_DIR = "checkpoint"
+
+
+def balanced_accuracy(preds, targs):
+    """Mean of per-class recalls, the study's metric: robust to the class imbalance of X-ray collections."""
+    return balanced_accuracy_score(targs, preds)
+
+
+def balanced_accuracy_metric() -> AccumMetric:
+    return AccumMetric(balanced_accuracy, dim_argmax=-1, flatten=True)
+
+
+# ---------------------------------------------------------------------------------------------- run folders
+
+
+def new_run_dir(out: str | Path | None, arch: str, root: Path = Path("models")) -> Path:
+    """A fresh folder: an explicit --out must not exist yet; the default name carries a timestamp."""
+    if out is None:
+        stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
+        out = root / f"{arch.replace('/', '_')}-{stamp}"
+        n = 1
+        while Path(out).exists():
+            n += 1
+            out = root / f"{arch.replace('/', '_')}-{stamp}-{n}"
+    out = Path(out)
+    if out.exists() and any(out.iterdir()):
+        if (out / CHECKPOINT_DIR / "state.json").exists():
+            raise CxrFastError(f"{out}: an interrupted run is here; add --resume to continue it")
+        raise CxrFastError(f"{out}: already exists; a new run never overwrites an old one (choose another --out)")
+    out.mkdir(parents=True, exist_ok=True)
+    return out
+
+
+# ---------------------------------------------------------------------------------------------- checkpoints
+
+
+def _save_optimizer(opt, path: Path) -> dict:
+    """Optimizer state as safetensors (tensors) + a JSON-able remainder (ints, floats, bools)."""
+    tensors, rest = {}, []
+    for i, state in enumerate(opt.state_dict()["state"]):
+        kept = {}
+        for k, v in state.items():
+            if isinstance(v, torch.Tensor):
+                tensors[f"{i}.{k}"] = v.detach().contiguous().cpu()
+            else:
+                kept[k] = v
+        rest.append(kept)
+    save_file(tensors, str(path))
+    hypers = [{k: _plain(v) for k, v in h.items()} for h in opt.state_dict()["hypers"]]
+    return {"state": [{k: _plain(v) for k, v in r.items()} for r in rest], "hypers": hypers}
+
+
+def _plain(value):
+    """numpy/torch scalars → Python numbers, so optimizer state survives a JSON round trip."""
+    if isinstance(value, (bool, int, float, str)) or value is None:
+        return value
+    return value.item() if hasattr(value, "item") else float(value)
+
+
+def _load_optimizer(opt, path: Path, meta: dict) -> None:
+    tensors = load_file(str(path))
+    states = [dict(s) for s in meta["state"]]
+    for key, v in tensors.items():
+        i, k = key.split(".", 1)
+        states[int(i)][k] = v
+    opt.load_state_dict({"state": states, "hypers": meta["hypers"]})
+
+
+class RunRecorder(Callback):
+    """After every epoch: append to history.csv, keep the best model, and write a resumable checkpoint.
+
+    Runs after fastai's Recorder (order 50) so this epoch's values are already recorded.
+    """
+
+    order = 51
+
+    def __init__(self, run_dir: Path, state: dict, epoch_offset: int, phase: str):
+        self.run_dir, self.state, self.epoch_offset, self.phase = run_dir, state, epoch_offset, phase
+
+    def after_epoch(self):
+        if self.epoch_offset + self.epoch < self.state["epochs_done"]:
+            return  # fastai's SkipToEpoch fires after_epoch for the epochs a resumed run skips
+        names = [n for n in self.recorder.metric_names[1:] if n != "time"]
+        values = self.recorder.values[-1]
+        row = {"epoch": self.epoch_offset + self.epoch, "phase": self.phase}
+        row.update({n: float(v) for n, v in zip(names, values)})
+        self.state["history"].append(row)
+        pd.DataFrame(self.state["history"]).to_csv(self.run_dir / "history.csv", index=False)
+
+        score = row.get("valid_balanced_accuracy", float("nan"))
+        if self.state["best"] is None or score > self.state["best"]["valid_balanced_accuracy"]:
+            self.state["best"] = row
+            save_file(_cpu_state(self.learn.model), str(self.run_dir / "model.safetensors"))
+
+        ckpt = self.run_dir / CHECKPOINT_DIR
+        ckpt.mkdir(exist_ok=True)
+        save_file(_cpu_state(self.learn.model), str(ckpt / "model.safetensors"))
+        self.state["optimizer"] = _save_optimizer(self.learn.opt, ckpt / "optimizer.safetensors")
+        self.state["epochs_done"] = row["epoch"] + 1
+        # write-then-rename so a kill during the write never leaves a half-written state
+        tmp = ckpt / "state.json.tmp"
+        tmp.write_text(json.dumps(self.state, indent=1))
+        tmp.replace(ckpt / "state.json")
+
+
+def _cpu_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+
+
+# ---------------------------------------------------------------------------------------------- training
+
+
+def class_weight_tensor(manifest: pd.DataFrame, classes: list[str]) -> torch.Tensor:
+    counts = manifest[manifest["split"] == "train"]["label"].value_counts()
+    freq = np.array([counts.get(c, 0) for c in classes], dtype=float)
+    weights = freq.sum() / (len(classes) * np.maximum(freq, 1))
+    return torch.tensor(weights, dtype=torch.float32)
+
+
+def build_learner(manifest: pd.DataFrame, cfg: TrainConfig, stats=None):
+    """Model + DataLoaders + Learner: decides normalisation, body/head split and loss in one place."""
+    set_seed(cfg.seed, reproducible=True)
+    classes = sorted(manifest["label"].unique().tolist())
+    model = create_model(cfg.arch, n_in=cfg.n_in, n_classes=len(classes), weights=cfg.weights, **cfg.arch_kwargs)
+    # Pretrained networks expect the statistics they were trained with (fastai skips this for timm models
+    # with n_in=1, fastai issue 3669); networks trained from scratch use the training split's statistics.
+    if stats is None and model.pretrained_stats is not None:
+        stats = model.pretrained_stats
+    dls, spec = build_dataloaders(
+        manifest, size=cfg.size, bs=cfg.bs, n_in=cfg.n_in, stats=stats, augment=cfg.augment,
+        seed=cfg.seed, num_workers=cfg.num_workers, stats_sample=cfg.stats_sample,
+    )
+    weight = class_weight_tensor(manifest, spec.classes) if cfg.class_weights else None
+    learn = Learner(
+        dls, model, loss_func=CrossEntropyLossFlat(weight=weight), metrics=[accuracy, balanced_accuracy_metric()],
+        splitter=splitter, wd=cfg.wd,
+    )
+    learn.recorder.train_metrics = True  # train accuracy too, for the study's accuracy/loss-by-epoch figure
+    if torch.cuda.is_available():
+        learn.to_fp16()
+    return learn, spec
+
+
+def _phases(cfg: TrainConfig) -> list[tuple[str, int]]:
+    """(phase, epochs): one-cycle from scratch, or a frozen head phase then unfrozen one from pretrained."""
+    if cfg.pretrained and cfg.freeze_epochs > 0:
+        return [("frozen", cfg.freeze_epochs), ("unfrozen", cfg.epochs)]
+    return [("train", cfg.epochs)]
+
+
+def train(
+    data: str | Path,
+    cfg: TrainConfig | None = None,
+    *,
+    out: str | Path | None = None,
+    resume: bool = False,
+    extra_cbs: list | None = None,
+    quiet: bool = False,
+) -> Path:
+    """Train `cfg.arch` on the manifest in `data` and write a run bundle; returns the run folder."""
+    manifest = read_manifest(data)
+    if resume:
+        if out is None:
+            raise CxrFastError("--resume needs --out pointing at the interrupted run")
+        run_dir = Path(out)
+        state_path = run_dir / CHECKPOINT_DIR / "state.json"
+        if not state_path.exists():
+            raise CxrFastError(f"{run_dir}: no checkpoint to resume (expected {state_path})")
+        state = json.loads(state_path.read_text())
+        cfg = TrainConfig(**state["config"])
+    else:
+        cfg = cfg or resolve_config()
+        run_dir = None  # made only once the model and data are known to be good, so a typo leaves nothing behind
+        state = {"config": cfg.to_dict(), "history": [], "best": None, "epochs_done": 0, "lr": None,
+                 "train_seconds": 0.0, "data": str(Path(data).resolve())}
+
+    stats = (state["stats"]["mean"], state["stats"]["std"]) if resume else None
+    learn, spec = build_learner(manifest, cfg, stats)
+    if run_dir is None:
+        run_dir = new_run_dir(out, cfg.arch)
+    state["stats"] = {"mean": spec.mean, "std": spec.std}
+    state["classes"] = spec.classes
+    if quiet:
+        learn.remove_cb(ProgressCallback)
+        learn.logger = lambda *args, **kwargs: None
+
+    if state["lr"] is None:
+        state["lr"] = learn.lr_find(show_plot=False).valley if cfg.lr == "auto" else float(cfg.lr)
+    lr = state["lr"]
+
+    if resume:
+        learn.model.load_state_dict(load_file(str(run_dir / CHECKPOINT_DIR / "model.safetensors")))
+
+    started = time.perf_counter()
+    done = state["epochs_done"]
+    offset = 0
+    for phase, n_epochs in _phases(cfg):
+        if done >= offset + n_epochs:  # this phase finished before the interruption
+            offset += n_epochs
+            continue
+        start_epoch = max(done - offset, 0)
+        if resume and start_epoch > 0:
+            learn.create_opt()
+            _load_optimizer(learn.opt, run_dir / CHECKPOINT_DIR / "optimizer.safetensors", state["optimizer"])
+        if phase == "frozen":
+            learn.freeze()
+        else:
+            learn.unfreeze()
+        cbs = [RunRecorder(run_dir, state, offset, phase)] + list(extra_cbs or [])
+        if phase == "frozen":
+            learn.fit_one_cycle(n_epochs, lr, pct_start=0.99, cbs=cbs, start_epoch=start_epoch)
+        elif phase == "unfrozen":
+            # fastai's fine_tune recipe: half the rate, discriminative rates body/head
+            learn.fit_one_cycle(n_epochs, slice(lr / 200, lr / 2), pct_start=cfg.pct_start, div=5.0, cbs=cbs,
+                                start_epoch=start_epoch, reset_opt=start_epoch == 0)
+        else:
+            learn.fit_one_cycle(n_epochs, lr, pct_start=cfg.pct_start, cbs=cbs, start_epoch=start_epoch)
+        offset += n_epochs
+        state["train_seconds"] += time.perf_counter() - started
+        started = time.perf_counter()
+
+    return finish_bundle(run_dir, learn, cfg, state)
+
+
+def library_versions() -> dict[str, str]:
+    import captum
+    import fastai
+    import timm
+
+    import cxr_fast
+
+    return {"cxr_fast": cxr_fast.__version__, "torch": torch.__version__, "fastai": fastai.__version__,
+            "timm": timm.__version__, "captum": captum.__version__, "python": platform.python_version()}
+
+
+def finish_bundle(run_dir: Path, learn: Learner, cfg: TrainConfig, state: dict) -> Path:
+    """Best weights, config, calibration, history, curves and metrics; then drop the checkpoint."""
+    from cxr_fast.bundle import load_run, predict_logits
+    from cxr_fast.calibration import fit_temperature
+    from cxr_fast.plots import plot_training_curves
+
+    model = learn.model
+    config = {
+        "format": "cxr_fast-run/1",
+        "model": model_config(model),
+        "classes": state["classes"],
+        "n_in": cfg.n_in,
+        "size": cfg.size,
+        "mean": state["stats"]["mean"],
+        "std": state["stats"]["std"],
+        "weights_source": cfg.weights,
+        "seed": cfg.seed,
+        "lr": state["lr"],
+        "data": state["data"],
+        "temperature": 1.0,
+        "versions": library_versions(),
+        "created": datetime.now().isoformat(timespec="seconds"),
+    }
+    (run_dir / "config.json").write_text(json.dumps(config, indent=2))
+    (run_dir / "recipe.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+
+    # Temperature scaling on the valid split, with the best weights, so predicted probabilities can be trusted.
+    run = load_run(run_dir)
+    manifest = read_manifest(state["data"])
+    valid = manifest[manifest["split"] == "valid"]
+    logits = predict_logits(run, valid, progress=False)
+    y = valid["label"].map({c: i for i, c in enumerate(run.classes)}).to_numpy()
+    config["temperature"] = float(fit_temperature(logits, y))
+    (run_dir / "config.json").write_text(json.dumps(config, indent=2))
+
+    history = pd.DataFrame(state["history"])
+    fig = plot_training_curves(history.rename(columns={"valid_accuracy": "accuracy",
+                                                       "valid_balanced_accuracy": "balanced_accuracy"}))
+    fig.savefig(run_dir / "curves.png")
+    best = state["best"]
+    metrics = {
+        "best_epoch": best["epoch"],
+        "valid_balanced_accuracy": best.get("valid_balanced_accuracy"),
+        "valid_accuracy": best.get("valid_accuracy"),
+        "valid_loss": best.get("valid_loss"),
+        "epochs": len(history),
+        "train_seconds": round(state["train_seconds"], 2),
+        "parameters": int(sum(p.numel() for p in model.parameters())),
+        "temperature": config["temperature"],
+    }
+    (run_dir / "metrics.json").write_text(json.dumps(metrics, indent=2))
+    shutil.rmtree(run_dir / CHECKPOINT_DIR, ignore_errors=True)
+    return run_dir
+
+
+__all__ = ["TrainConfig", "balanced_accuracy", "build_learner", "new_run_dir", "train"]

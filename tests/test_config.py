@@ -1,0 +1,40 @@
+import pytest
+
+from cxr_fast.config import TrainConfig, load_recipe, resolve_config
+from cxr_fast.errors import CxrFastError
+
+
+def test_flags_override_recipe_and_none_keeps_recipe(tmp_path):
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("arch: convnet\nepochs: 7\nsize: 96\n")
+    cfg = resolve_config(recipe, epochs=2, size=None)
+    assert (cfg.arch, cfg.epochs, cfg.size) == ("convnet", 2, 96)
+    assert cfg.bs == TrainConfig().bs
+
+
+def test_unknown_recipe_key_is_an_error(tmp_path):
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("arch: convnet\nepoch: 7\n")
+    with pytest.raises(CxrFastError, match="unknown recipe keys.*epoch"):
+        load_recipe(recipe)
+
+
+def test_lr_auto_or_number():
+    assert resolve_config(lr="auto").lr == "auto"
+    assert resolve_config(lr="0.01").lr == pytest.approx(0.01)
+    with pytest.raises(CxrFastError, match="--lr"):
+        resolve_config(lr="fast")
+
+
+def test_project_recipes_are_valid():
+    from pathlib import Path
+
+    for recipe in sorted((Path(__file__).parents[1] / "recipes").glob("*.yaml")):
+        cfg = resolve_config(recipe)
+        assert cfg.epochs >= 1, recipe
+
+
+def test_recipe_by_name():
+    assert resolve_config("demo").arch == load_recipe("demo")["arch"]
+    with pytest.raises(CxrFastError, match="not found"):
+        resolve_config("no-such-recipe")
