@@ -1,0 +1,134 @@
+"""`cxrfast compare`: several runs (or architectures trained under one budget) on the same test split.
+
+Every run is scored on the same test images, so the bootstrap uses one seed for all (the same resamples) and
+McNemar's test compares each pair of models on the cases where exactly one of them is right.
+"""
+
+from __future__ import annotations
+
+import itertools
+import time
+from dataclasses import dataclass
+from datetime import datetime
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from cxr_fast.bundle import load_run, predict_logits, softmax
+from cxr_fast.data.manifest import read_manifest
+from cxr_fast.errors import CxrFastError
+from cxr_fast.evaluate import compute_metrics
+from cxr_fast.metrics import mcnemar
+
+
+@dataclass
+class Comparison:
+    out_dir: Path
+    table: pd.DataFrame  # one row per run
+    summary: pd.DataFrame  # one row per architecture: mean ± sd across seeds
+    mcnemar: pd.DataFrame
+
+
+def score_run(run_dir: Path, split: str = "test", n_boot: int = 1000) -> tuple[dict, np.ndarray, np.ndarray]:
+    """Metrics row, predictions and labels of one run on its own manifest's split."""
+    run = load_run(run_dir)
+    manifest = read_manifest(run.config["data"])
+    items = manifest[manifest["split"] == split].reset_index(drop=True)
+    if items.empty:
+        raise CxrFastError(f"{run.config['data']}: no '{split}' images to compare on")
+    started = time.perf_counter()
+    logits = predict_logits(run, items, progress=False)
+    images_per_s = len(items) / (time.perf_counter() - started)
+    y = items["label"].map({c: i for i, c in enumerate(run.classes)}).to_numpy()
+    m = compute_metrics(y, logits, run.classes, run.temperature, n_boot=n_boot)
+    row = {
+        "run": run.name,
+        "arch": run.config["model"]["arch"],
+        "seed": run.config.get("seed"),
+        "balanced_accuracy": m["balanced_accuracy"],
+        "ci_low": m["balanced_accuracy_ci"][0],
+        "ci_high": m["balanced_accuracy_ci"][1],
+        "accuracy": m["accuracy"],
+        "macro_f1": m["macro_f1"],
+        "macro_roc_auc": m["macro_roc_auc"],
+        "ece": m["ece_calibrated"],
+        "params": int(sum(p.numel() for p in run.model.parameters())),
+        "train_seconds": run.metrics.get("train_seconds"),
+        "images_per_s": images_per_s,
+        "data": str(Path(run.config["data"]).resolve()),
+    }
+    return row, softmax(logits).argmax(1), y
+
+
+def compare_runs(run_dirs: list[str | Path], *, out: str | Path | None = None, split: str = "test",
+                 n_boot: int = 1000) -> Comparison:
+    if len(run_dirs) < 2:
+        raise CxrFastError("compare needs at least two runs")
+    scored = [score_run(Path(r), split, n_boot) for r in run_dirs]
+    table = pd.DataFrame([s[0] for s in scored])
+    if table["data"].nunique() != 1:
+        raise CxrFastError("runs were trained on different manifests; compare needs one shared test split: "
+                           + ", ".join(sorted(table["data"].unique())))
+    y = scored[0][2]
+    tests = []
+    for (i, a), (j, b) in itertools.combinations(enumerate(scored), 2):
+        result = mcnemar(y, a[1], b[1])
+        tests.append({"model_a": table["run"][i], "model_b": table["run"][j], **result})
+    summary = summarise(table)
+    out_dir = Path(out) if out else Path("models") / f"compare-{datetime.now():%Y%m%d-%H%M%S}"
+    if out_dir.exists() and any(out_dir.iterdir()):
+        raise CxrFastError(f"{out_dir}: already exists; choose another --out")
+    comparison = Comparison(out_dir, table, summary, pd.DataFrame(tests))
+    write_comparison(comparison)
+    return comparison
+
+
+def summarise(table: pd.DataFrame) -> pd.DataFrame:
+    """Mean ± sd across seeds per architecture."""
+    g = table.groupby("arch", sort=False)
+    summary = g.agg(runs=("run", "count"), balanced_accuracy=("balanced_accuracy", "mean"),
+                    balanced_accuracy_sd=("balanced_accuracy", "std"), ci_low=("ci_low", "mean"),
+                    ci_high=("ci_high", "mean"), macro_f1=("macro_f1", "mean"), macro_roc_auc=("macro_roc_auc", "mean"),
+                    ece=("ece", "mean"), params=("params", "first"), train_seconds=("train_seconds", "mean"),
+                    images_per_s=("images_per_s", "mean")).reset_index()
+    summary["balanced_accuracy_sd"] = summary["balanced_accuracy_sd"].fillna(0.0)
+    return summary.sort_values("balanced_accuracy", ascending=False).reset_index(drop=True)
+
+
+def write_comparison(c: Comparison) -> None:
+    import matplotlib.pyplot as plt
+
+    from cxr_fast.plots import plot_comparison
+    from cxr_fast.report import Section, write_report
+
+    c.out_dir.mkdir(parents=True, exist_ok=True)
+    c.table.to_csv(c.out_dir / "runs.csv", index=False)
+    c.summary.to_csv(c.out_dir / "comparison.csv", index=False)
+    c.mcnemar.to_csv(c.out_dir / "mcnemar.csv", index=False)
+    figure = plot_comparison(c.summary.rename(columns={"arch": "name"}))
+    shown = c.summary[["arch", "runs", "balanced_accuracy", "balanced_accuracy_sd", "ci_low", "ci_high", "macro_f1",
+                       "macro_roc_auc", "ece", "params", "train_seconds", "images_per_s"]]
+    write_report(c.out_dir, "Architecture comparison", [
+        Section("Summary", text="Balanced accuracy on the shared test split: mean ± sd across seeds, with the mean "
+                "95 % bootstrap interval. ECE after temperature scaling. Training time on this machine's CPU.",
+                table=shown, figures=["comparison"]),
+        Section("Runs", table=c.table.drop(columns=["data"])),
+        Section("McNemar tests", text="Pairwise on the same test images: a small p-value means the two models' "
+                "error rates differ.", table=c.mcnemar),
+    ], {"comparison": figure})
+    plt.close("all")
+
+
+def compare_archs(data: str | Path, archs: list[str], *, recipe: str | Path | None = None, seeds=(0,),
+                  out: str | Path | None = None, quiet: bool = False, **overrides) -> Comparison:
+    """Train every architecture under the same split, size, epoch budget and seeds, then compare the runs."""
+    from cxr_fast.config import resolve_config
+    from cxr_fast.train import train
+
+    out_dir = Path(out) if out else Path("models") / f"compare-{datetime.now():%Y%m%d-%H%M%S}"
+    if out_dir.exists() and any(out_dir.iterdir()):
+        raise CxrFastError(f"{out_dir}: already exists; choose another --out")
+    configs = [resolve_config(recipe, arch=a, seed=s, **overrides) for a in archs for s in seeds]  # fail early
+    runs = [train(data, cfg, out=out_dir / "runs" / f"{cfg.arch}-seed{cfg.seed}", quiet=quiet) for cfg in configs]
+    return compare_runs(runs, out=out_dir / "report")

@@ -1,0 +1,191 @@
+"""`cxrfast evaluate`: a run bundle on a manifest's split → predictions, metrics with CIs, calibration, figures.
+
+Evaluating another source's manifest (external validation) uses all of its images and compares them with the
+training data, warning when they look out of distribution: a model trained on one hospital's X-rays can fall
+below chance on another's.
+"""
+
+from __future__ import annotations
+
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+from sklearn.linear_model import LogisticRegression
+from sklearn.metrics import roc_auc_score
+from sklearn.model_selection import cross_val_predict
+from sklearn.preprocessing import StandardScaler
+
+from cxr_fast.bundle import Run, load_run, predict_logits, softmax
+from cxr_fast.calibration import expected_calibration_error, nll, reliability_bins
+from cxr_fast.data.block import image_column
+from cxr_fast.data.manifest import read_manifest
+from cxr_fast.errors import CxrFastError
+from cxr_fast.metrics import bootstrap_ci, classification_metrics, pr_curves, roc_curves
+
+SHIFT_WARN_AUC = 0.8  # a domain classifier this good at telling new images from training images means a shift
+
+
+@dataclass
+class Evaluation:
+    out_dir: Path
+    metrics: dict
+    predictions: pd.DataFrame
+    shift: dict | None
+
+
+def select_items(run: Run, data: str | Path | None, split: str) -> tuple[pd.DataFrame, str, bool]:
+    """The manifest rows to evaluate, a name for the output folder, and whether the data is external."""
+    train_manifest = Path(run.config["data"])
+    source = Path(data) if data is not None else train_manifest
+    manifest = read_manifest(source)
+    manifest_dir = source if source.is_dir() else source.parent
+    external = manifest_dir.resolve() != (train_manifest if train_manifest.is_dir() else train_manifest.parent).resolve()
+    if external:
+        items, split_name = manifest, "all"  # another source: every image is a test image
+    else:
+        if split not in {"train", "valid", "test"}:
+            raise CxrFastError(f"--split must be train, valid or test, got {split!r}")
+        items, split_name = manifest[manifest["split"] == split], split
+        if items.empty:
+            raise CxrFastError(f"{source}: the manifest has no '{split}' images")
+    unknown = sorted(set(items["label"]) - set(run.classes))
+    if unknown:
+        raise CxrFastError(f"{source}: labels {unknown} are not classes of this model {run.classes}")
+    missing = [p for p in image_column(items) if not Path(p).exists()]
+    if missing:
+        raise CxrFastError(f"{source}: {len(missing)} listed images no longer exist, e.g. {missing[0]}")
+    return items.reset_index(drop=True), f"{manifest_dir.name}-{split_name}", external
+
+
+@torch.no_grad()
+def penultimate_features(run: Run, files: list[str], bs: int = 32) -> np.ndarray:
+    from cxr_fast.bundle import iter_batches
+
+    return torch.cat([run.model.features(b) for b in iter_batches(run, files, bs)]).numpy()
+
+
+def domain_auc(a: np.ndarray, b: np.ndarray, seed: int = 0) -> float:
+    """Cross-validated AUC of a logistic regression telling rows of `a` from rows of `b` (0.5 = alike)."""
+    x = StandardScaler().fit_transform(np.concatenate([a, b]))
+    y = np.r_[np.zeros(len(a)), np.ones(len(b))]
+    folds = int(min(5, len(a), len(b)))
+    if folds < 2:
+        return float("nan")
+    scores = cross_val_predict(LogisticRegression(max_iter=2000, C=0.1), x, y, cv=folds, method="predict_proba")
+    return float(roc_auc_score(y, scores[:, 1]))
+
+
+def image_statistics(run: Run, files: list[str]) -> np.ndarray:
+    """Per-image intensity mean, std and percentiles of the preprocessed input (before normalisation)."""
+    rows = []
+    for f in files:
+        x = run.load_input(f)[0].numpy() * run.config["std"][0] + run.config["mean"][0]
+        rows.append([x.mean(), x.std(), *np.percentile(x, [5, 50, 95])])
+    return np.array(rows)
+
+
+def shift_check(run: Run, items: pd.DataFrame, sample: int = 200, seed: int = 0) -> dict:
+    """How distinguishable the evaluated images are from the training images, by image statistics and by the
+    model's penultimate features."""
+    train = read_manifest(run.config["data"])
+    train = train[train["split"] == "train"]
+    rng = np.random.default_rng(seed)
+    train_files = image_column(train).to_numpy()[rng.permutation(len(train))[:sample]].tolist()
+    new_files = image_column(items).to_numpy()[rng.permutation(len(items))[:sample]].tolist()
+    stats_auc = domain_auc(image_statistics(run, train_files), image_statistics(run, new_files), seed)
+    feature_auc = domain_auc(penultimate_features(run, train_files), penultimate_features(run, new_files), seed)
+    score = float(np.nanmax([stats_auc, feature_auc]))
+    return {"image_stats_auc": stats_auc, "feature_auc": feature_auc, "score": score,
+            "out_of_distribution": bool(score >= SHIFT_WARN_AUC), "threshold": SHIFT_WARN_AUC}
+
+
+def shift_warning(shift: dict) -> str:
+    return (f"Distribution shift: these images are unlike the training data (shift score {shift['score']:.2f}; "
+            f"a classifier tells them apart with AUC {shift['feature_auc']:.2f} on the model's features, "
+            f"{shift['image_stats_auc']:.2f} on image statistics; ≥ {shift['threshold']:.2f} warns). "
+            "Expect the model's accuracy here to differ from its test results.")
+
+
+def compute_metrics(y: np.ndarray, logits: np.ndarray, classes: list[str], temperature: float,
+                    n_boot: int = 1000, seed: int = 0) -> dict:
+    probs = softmax(logits)
+    calibrated = softmax(logits, temperature)
+    metrics = classification_metrics(y, probs, classes)
+    metrics["balanced_accuracy_ci"] = list(bootstrap_ci(y, probs, "balanced_accuracy", n_boot=n_boot, seed=seed))
+    if metrics["macro_roc_auc"] is not None:
+        try:
+            metrics["macro_roc_auc_ci"] = list(bootstrap_ci(y, probs, "macro_roc_auc", n_boot=n_boot, seed=seed))
+        except CxrFastError:
+            metrics["macro_roc_auc_ci"] = None
+    metrics["ci_level"] = 0.95
+    metrics["temperature"] = temperature
+    metrics["ece"] = expected_calibration_error(probs, y)
+    metrics["ece_calibrated"] = expected_calibration_error(calibrated, y)
+    metrics["nll"] = nll(probs, y)
+    metrics["nll_calibrated"] = nll(calibrated, y)
+    return metrics
+
+
+def evaluation_figures(y, logits, classes, temperature, metrics) -> dict:
+    from cxr_fast.plots import plot_confusion_matrix, plot_pr_curves, plot_reliability, plot_roc_curves
+
+    probs, calibrated = softmax(logits), softmax(logits, temperature)
+    return {
+        "confusion_matrix": plot_confusion_matrix(metrics["confusion_matrix"], classes),
+        "roc_curves": plot_roc_curves(roc_curves(y, probs, classes)),
+        "pr_curves": plot_pr_curves(pr_curves(y, probs, classes)),
+        "reliability": plot_reliability(reliability_bins(probs, y), reliability_bins(calibrated, y), temperature),
+    }
+
+
+def evaluate(run_dir: str | Path, data: str | Path | None = None, split: str = "test", *, tta: bool = False,
+             n_boot: int = 1000, force: bool = False, progress: bool = True) -> Evaluation:
+    import matplotlib.pyplot as plt
+
+    from cxr_fast.report import Section, write_metrics_json, write_report
+
+    run = load_run(run_dir)
+    items, name, external = select_items(run, data, split)
+    out_dir = run.path / "eval" / name
+    if out_dir.exists():
+        if not force:
+            raise CxrFastError(f"{out_dir}: an evaluation is already there; add --force to redo it")
+        shutil.rmtree(out_dir)
+
+    logits = predict_logits(run, items, progress=progress, tta=tta)
+    y = items["label"].map({c: i for i, c in enumerate(run.classes)}).to_numpy()
+    metrics = compute_metrics(y, logits, run.classes, run.temperature, n_boot=n_boot)
+    metrics.update({"run": run.name, "data": name, "external": external, "tta": tta})
+    shift = shift_check(run, items) if external else None
+    if shift is not None:
+        metrics["shift"] = shift
+
+    out_dir.mkdir(parents=True)
+    probs = softmax(logits, run.temperature)
+    predictions = pd.DataFrame({"path": items["path"], "label": items["label"],
+                                "predicted": [run.classes[i] for i in probs.argmax(1)]})
+    for k, c in enumerate(run.classes):
+        predictions[f"p_{c}"] = probs[:, k]
+    predictions.to_csv(out_dir / "predictions.csv", index=False)
+    write_metrics_json(out_dir / "metrics.json", metrics)
+
+    figures = evaluation_figures(y, logits, run.classes, run.temperature, metrics)
+    warnings = [shift_warning(shift)] if shift and shift["out_of_distribution"] else []
+    sections = [
+        Section("Curves", text="One-vs-rest ROC and precision-recall curves per class.",
+                figures=["roc_curves", "pr_curves"]),
+        Section("Calibration", text=(
+            f"Temperature scaling (T = {run.temperature:.2f}, fitted on the valid split) changes the expected "
+            f"calibration error from {metrics['ece']:.3f} to {metrics['ece_calibrated']:.3f}. Predicted classes "
+            "do not change; probabilities in predictions.csv are calibrated."), figures=["reliability"]),
+        Section("Confusion matrices", figures=["confusion_matrix"]),
+    ]
+    write_report(out_dir, f"Evaluation of {run.name} on {name}", sections, figures, metrics, warnings=warnings,
+                 meta={"model": run.config["model"]["arch"], "run": str(run.path), "images": len(items),
+                       "test-time augmentation": "yes" if tta else "no"})
+    plt.close("all")
+    return Evaluation(out_dir=out_dir, metrics=metrics, predictions=predictions, shift=shift)

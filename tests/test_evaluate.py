@@ -1,0 +1,116 @@
+"""evaluate and compare on tiny trained runs."""
+
+import json
+from html.parser import HTMLParser
+
+import numpy as np
+import pandas as pd
+import pytest
+from PIL import Image
+
+from cxr_fast.compare import compare_runs
+from cxr_fast.data.manifest import prepare, read_manifest
+from cxr_fast.errors import CxrFastError
+from cxr_fast.evaluate import domain_auc, evaluate
+
+
+class ImageCollector(HTMLParser):
+    def __init__(self):
+        super().__init__()
+        self.sources = []
+
+    def handle_starttag(self, tag, attrs):
+        if tag == "img":
+            self.sources.append(dict(attrs).get("src", ""))
+
+
+def test_evaluate_writes_predictions_metrics_figures_and_report(tiny_runs):
+    result = evaluate(tiny_runs[0], n_boot=200, progress=False)
+    out = result.out_dir
+    assert out == tiny_runs[0] / "eval" / "data-test"
+    predictions = pd.read_csv(out / "predictions.csv")
+    prob_cols = [c for c in predictions if c.startswith("p_")]
+    assert prob_cols == ["p_COVID-19", "p_Normal", "p_Pneumonia"]
+    np.testing.assert_allclose(predictions[prob_cols].sum(axis=1), 1.0, atol=1e-5)
+    metrics = json.loads((out / "metrics.json").read_text())
+    for key in ("accuracy", "balanced_accuracy", "macro_f1", "macro_roc_auc", "macro_average_precision",
+                "confusion_matrix", "balanced_accuracy_ci", "macro_roc_auc_ci", "ece", "ece_calibrated", "per_class"):
+        assert key in metrics, key
+    lo, hi = metrics["balanced_accuracy_ci"]
+    assert lo <= metrics["balanced_accuracy"] <= hi
+    assert sum(map(sum, metrics["confusion_matrix"])) == len(predictions)
+    for fig in ("confusion_matrix", "roc_curves", "pr_curves", "reliability"):
+        assert (out / f"{fig}.png").is_file(), fig
+    parser = ImageCollector()
+    parser.feed((out / "report.html").read_text())
+    assert len(parser.sources) >= 4 and all(s.startswith("data:image/png;base64,") for s in parser.sources)
+    assert (out / "report.md").is_file()
+    with pytest.raises(CxrFastError, match="--force"):
+        evaluate(tiny_runs[0], n_boot=200, progress=False)
+
+
+def test_evaluate_tta_and_valid_split(tiny_runs):
+    result = evaluate(tiny_runs[0], split="valid", tta=True, n_boot=100, progress=False)
+    assert result.out_dir.name == "data-valid" and result.metrics["tta"] is True
+
+
+def _external_copy(tiny_data, tmp_path, transform):
+    """A manifest made from the tiny data's images after `transform` (another 'hospital')."""
+    src = tmp_path / "other"
+    for row in read_manifest(tiny_data).itertuples():
+        target = src / row.label / (str(row.sha256)[:12] + ".png")
+        target.parent.mkdir(parents=True, exist_ok=True)
+        transform(Image.open(row.path)).save(target)
+    prepare(src, tmp_path / "other-data", cache_size=0, progress=False)
+    return tmp_path / "other-data"
+
+
+def test_external_validation_uses_all_images_and_warns_on_shift(tiny_runs, tiny_data, tmp_path):
+    from PIL import ImageOps
+
+    other = _external_copy(tiny_data, tmp_path, lambda im: ImageOps.invert(im.convert("L")))
+    result = evaluate(tiny_runs[0], data=other, n_boot=100, progress=False)
+    assert result.metrics["n"] == len(read_manifest(other))
+    assert result.shift["out_of_distribution"], result.shift
+    assert "Distribution shift" in (result.out_dir / "report.html").read_text()
+
+
+def test_domain_auc_is_chance_for_alike_and_high_for_different():
+    rng = np.random.default_rng(0)
+    a, b = rng.normal(size=(80, 5)), rng.normal(size=(80, 5))
+    assert domain_auc(a, b) < 0.7
+    assert domain_auc(a, b + 3) > 0.95
+
+
+def test_evaluate_errors_are_one_line(tiny_runs, tiny_data, tmp_path):
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    manifest = pd.read_csv(tiny_data / "manifest.csv")
+    manifest.loc[0, "label"] = "Tuberculosis"
+    manifest.to_csv(bad / "manifest.csv", index=False)
+    with pytest.raises(CxrFastError, match="Tuberculosis") as e:
+        evaluate(tiny_runs[0], data=bad, progress=False)
+    assert "\n" not in str(e.value)
+    gone = tmp_path / "gone"
+    gone.mkdir()
+    manifest = read_manifest(tiny_data)
+    manifest.loc[0, "path"] = str(tmp_path / "no-such.png")
+    manifest.to_csv(gone / "manifest.csv", index=False)
+    with pytest.raises(CxrFastError, match="no longer exist") as e:
+        evaluate(tiny_runs[0], data=gone, progress=False)
+    assert "\n" not in str(e.value)
+
+
+def test_compare_two_runs_gives_table_csv_and_mcnemar(tiny_runs, tmp_path):
+    result = compare_runs(tiny_runs, out=tmp_path / "cmp", n_boot=100)
+    assert len(result.table) == 2 and set(result.table["seed"]) == {0, 1}
+    assert (tmp_path / "cmp" / "comparison.csv").is_file() and (tmp_path / "cmp" / "report.html").is_file()
+    csv = pd.read_csv(tmp_path / "cmp" / "runs.csv")
+    assert {"balanced_accuracy", "ci_low", "ci_high", "macro_f1", "macro_roc_auc", "ece", "params",
+            "train_seconds", "images_per_s"} <= set(csv.columns)
+    assert len(result.mcnemar) == 1 and 0.0 <= result.mcnemar["p_value"][0] <= 1.0
+    summary = result.summary
+    assert summary["runs"].tolist() == [2]  # same arch, two seeds → one row with mean ± sd
+    assert summary["balanced_accuracy"][0] == pytest.approx(result.table["balanced_accuracy"].mean())
+    with pytest.raises(CxrFastError, match="at least two"):
+        compare_runs(tiny_runs[:1], out=tmp_path / "cmp2")
