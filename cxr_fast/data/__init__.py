@@ -1,0 +1,1 @@
+"""Data layer: sources, manifests, splits, caches and synthetic phantoms."""
