@@ -1,0 +1,284 @@
+"""One registry for every architecture: cxr_fast's own first, then anything timm knows.
+
+`create_model("convnet")` and `create_model("resnet18")` return the same kind of object, a `CXRModel`:
+a ``body`` (image -> feature map [B, C, h, w]) and a ``head`` (feature map -> logits) plus the metadata a
+run bundle needs to rebuild it (`model_config` / `model_from_config`) and to preprocess its input
+(``pretrained_stats``).
+"""
+
+from __future__ import annotations
+
+import difflib
+import fnmatch
+import inspect
+import json
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import torch
+import torch.nn as nn
+
+from cxr_fast.archs import convnet, cxresnet
+from cxr_fast.archs.layers import classifier_head
+from cxr_fast.archs.weights import (
+    EFFICIENTNET_LITE_MEAN,
+    EFFICIENTNET_LITE_STD,
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    LoadReport,
+    Stats,
+    WeightSpec,
+    channel_stats,
+    efficientnet_lite_body,
+    first_line,
+    load_weights_file,
+    parse_weights,
+    timm_hub_body,
+)
+from cxr_fast.errors import CxrFastError
+
+Builder = Callable[..., tuple[nn.Module, nn.Sequential]]
+
+# name -> (builder(n_in, n_classes, **kwargs) -> (body, head), the variant's own arguments)
+LOCAL_ARCHS: dict[str, tuple[Builder, dict[str, Any]]] = {
+    **{name: (convnet.build_convnet, kwargs) for name, kwargs in convnet.VARIANTS.items()},
+    **{name: (cxresnet.build_cxresnet, kwargs) for name, kwargs in cxresnet.VARIANTS.items()},
+}
+
+
+class CXRModel(nn.Module):
+    """Uniform wrapper: ``forward(x) = head(body(x))`` for every architecture.
+
+    Attributes: ``arch`` and ``arch_kwargs`` (JSON values: enough to rebuild it), ``n_in``, ``n_classes``,
+    ``weights_source`` ("none", "hub", "efficientnet-lite0", or a file path), ``pretrained_stats`` (the
+    `Stats` the starting weights expect, or None when the data's own statistics should be used) and
+    ``load_report`` (a `LoadReport` when weights came from a file).
+    """
+
+    def __init__(
+        self,
+        body: nn.Module,
+        head: nn.Sequential,
+        *,
+        arch: str,
+        arch_kwargs: dict[str, Any],
+        n_in: int,
+        n_classes: int,
+        weights_source: str = "none",
+        pretrained_stats: Stats | None = None,
+    ):
+        super().__init__()
+        self.body = body
+        self.head = head
+        self.arch = arch
+        self.arch_kwargs = arch_kwargs
+        self.n_in = n_in
+        self.n_classes = n_classes
+        self.weights_source = weights_source
+        self.pretrained_stats = pretrained_stats
+        self.load_report: LoadReport | None = None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.body(x))
+
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        """Penultimate features [B, C]: everything but the final linear layer."""
+        return self.head[:-1](self.body(x))
+
+    @property
+    def classifier(self) -> nn.Linear:
+        return self.head[-1]
+
+    def extra_repr(self) -> str:
+        return f"arch={self.arch!r}, n_in={self.n_in}, n_classes={self.n_classes}, weights={self.weights_source!r}"
+
+
+def create_model(
+    name: str, n_in: int = 1, n_classes: int = 3, weights: str = "none", **arch_kwargs: Any
+) -> CXRModel:
+    """Build `name` (a cxr_fast architecture or any timm name) for `n_in` channels and `n_classes` classes.
+
+    `weights`: none | hub | PATH | efficientnet-lite0/1/2 (see `cxr_fast.archs.weights`). Keyword arguments
+    go to the architecture's builder (or to ``timm.create_model``); None values are dropped so an unset
+    command-line flag keeps the architecture's default.
+    """
+    arch_kwargs = _json_values(name, {k: v for k, v in arch_kwargs.items() if v is not None})
+    spec = weights if isinstance(weights, WeightSpec) else parse_weights(weights)
+    arch = _resolve_name(name)
+    if arch in LOCAL_ARCHS:
+        if spec.kind in ("hub", "efficientnet-lite"):
+            raise CxrFastError(
+                f"{arch} is a cxr_fast architecture with no published weights: use --weights none or PATH "
+                f"(for ImageNet weights pick a timm arch, e.g. --arch tf_efficientnet_lite0 --weights efficientnet-lite0)"
+            )
+        builder, variant = LOCAL_ARCHS[arch]
+        arch_kwargs = _resolve_local_kwargs(arch, builder, variant, arch_kwargs)
+        body, head = builder(n_in, n_classes, **arch_kwargs)
+        stats = None
+    else:
+        body, stats = _timm_body(arch, n_in, spec, arch_kwargs)
+        head = classifier_head(_feature_channels(body, n_in, arch), n_classes)
+    model = CXRModel(
+        body,
+        head,
+        arch=arch,
+        arch_kwargs=arch_kwargs,
+        n_in=n_in,
+        n_classes=n_classes,
+        weights_source=spec.source,
+        pretrained_stats=stats,
+    )
+    if spec.kind == "path":
+        model.load_report = load_weights_file(model, spec.path, arch=arch)
+    return model
+
+
+def _resolve_name(name: str) -> str:
+    import timm
+
+    if name in LOCAL_ARCHS or timm.is_model(name):
+        return name
+    if name.lower() in LOCAL_ARCHS or timm.is_model(name.lower()):
+        return name.lower()
+    known = list(LOCAL_ARCHS) + timm.list_models()
+    close = difflib.get_close_matches(name.lower(), known, n=5, cutoff=0.6)
+    hint = (
+        f"close matches: {', '.join(close)}"
+        if close
+        else "not a cxr_fast or timm architecture (see list_models())"
+    )
+    raise CxrFastError(f"unknown architecture {name!r} — {hint}")
+
+
+def _json_values(name: str, kwargs: dict[str, Any]) -> dict[str, Any]:
+    """Architecture arguments as JSON values (tuples become lists), so a run bundle can rebuild the model."""
+    try:
+        return json.loads(json.dumps(kwargs))
+    except (TypeError, ValueError) as e:
+        raise CxrFastError(f"{name}: architecture arguments must be numbers, strings or lists ({e})") from e
+
+
+def _resolve_local_kwargs(
+    arch: str, builder: Builder, variant: dict[str, Any], given: dict[str, Any]
+) -> dict[str, Any]:
+    """Builder defaults, overridden by the variant, overridden by the user: the complete, exact recipe."""
+    params = {k: p.default for k, p in list(inspect.signature(builder).parameters.items())[2:]}
+    unknown = sorted(set(given) - set(params))
+    if unknown:
+        raise CxrFastError(f"{arch}: unknown argument {', '.join(unknown)} (it takes {', '.join(params)})")
+    return _json_values(arch, {**params, **variant, **given})
+
+
+def _timm_body(
+    arch: str, n_in: int, spec: WeightSpec, timm_kwargs: dict[str, Any]
+) -> tuple[nn.Module, Stats | None]:
+    import timm
+
+    try:
+        if spec.kind == "hub":
+            body = timm_hub_body(arch, n_in, **timm_kwargs)
+        elif spec.kind == "efficientnet-lite":
+            body = efficientnet_lite_body(arch, spec.version, n_in, **timm_kwargs)
+        else:
+            body = timm.create_model(
+                arch, pretrained=False, num_classes=0, global_pool="", in_chans=n_in, **timm_kwargs
+            )
+    except TypeError as e:
+        if not timm_kwargs:
+            raise
+        raise CxrFastError(f"{arch}: timm rejected the arguments {timm_kwargs} ({e})") from e
+    if spec.kind == "none":
+        return body, None
+    if spec.kind == "efficientnet-lite":
+        return body, channel_stats(EFFICIENTNET_LITE_MEAN, EFFICIENTNET_LITE_STD, n_in)
+    # hub weights carry their own preprocessing; a local file for a timm arch is almost always a copy of
+    # those same weights (fetched on a machine with internet), so it gets the arch's default statistics.
+    cfg = getattr(body, "pretrained_cfg", None) or {}
+    mean, std = cfg.get("mean", IMAGENET_MEAN), cfg.get("std", IMAGENET_STD)
+    return body, channel_stats(tuple(mean), tuple(std), n_in)
+
+
+def _feature_channels(body: nn.Module, n_in: int, arch: str) -> int:
+    """Channels of the body's feature map, found by running a tiny input through it."""
+    if getattr(body, "output_fmt", "NCHW") != "NCHW":
+        raise CxrFastError(
+            f"{arch} returns channels-last features; cxr_fast needs a convolutional timm model (resnet*, efficientnet*, convnext* ...)"
+        )
+    cfg = getattr(body, "pretrained_cfg", None) or {}
+    sizes = (64, int(cfg.get("input_size", (3, 224, 224))[-1]))
+    was_training = body.training
+    body.eval()  # a batch of one must not touch the batch-norm statistics
+    problem: Exception | None = None
+    try:
+        for size in sizes:
+            try:
+                with torch.no_grad():
+                    out = body(torch.zeros(1, n_in, size, size))
+                break
+            except (RuntimeError, AssertionError, ValueError) as e:  # some models need a fixed input size
+                problem = e
+        else:
+            raise CxrFastError(
+                f"{arch}: could not run a test image through the model ({first_line(problem)})"
+            )
+    finally:
+        body.train(was_training)
+    if out.ndim != 4:
+        raise CxrFastError(
+            f"{arch} returns a token sequence {list(out.shape)}, not a feature map; cxr_fast needs a convolutional "
+            f"timm model (resnet*, efficientnet*, convnext* ...)"
+        )
+    return int(out.shape[1])
+
+
+def list_models(pattern: str | None = None) -> list[tuple[str, str]]:
+    """(name, source) for every architecture matching the fnmatch-style `pattern`; source is "local" or "timm"."""
+    import timm
+
+    local = [(n, "local") for n in LOCAL_ARCHS if pattern is None or fnmatch.fnmatch(n, pattern)]
+    return local + [(n, "timm") for n in timm.list_models(pattern or "*")]
+
+
+# ---------------------------------------------------------------- run bundles
+
+_CONFIG_KEYS = ("arch", "arch_kwargs", "n_in", "n_classes")
+
+
+def model_config(model: CXRModel) -> dict[str, Any]:
+    """Everything needed to rebuild `model`'s architecture and preprocessing, as JSON values."""
+    stats = model.pretrained_stats
+    return {
+        "arch": model.arch,
+        "arch_kwargs": model.arch_kwargs,
+        "n_in": model.n_in,
+        "n_classes": model.n_classes,
+        "weights": model.weights_source,
+        "pretrained_stats": None if stats is None else {"mean": list(stats.mean), "std": list(stats.std)},
+    }
+
+
+def model_from_config(cfg: Mapping[str, Any]) -> CXRModel:
+    """The exact architecture of `model_config`'s output, randomly initialised (load the run's state dict
+    next). No weights are fetched, so this works offline even for a model that started from hub weights."""
+    missing = [k for k in _CONFIG_KEYS if k not in cfg]
+    if missing:
+        raise CxrFastError(f"model config lacks {', '.join(missing)}")
+    model = create_model(
+        cfg["arch"],
+        n_in=int(cfg["n_in"]),
+        n_classes=int(cfg["n_classes"]),
+        weights="none",
+        **cfg["arch_kwargs"],
+    )
+    model.weights_source = cfg.get("weights", "none")
+    stats = cfg.get("pretrained_stats")
+    model.pretrained_stats = None if stats is None else Stats(list(stats["mean"]), list(stats["std"]))
+    return model
+
+
+def param_groups(model: CXRModel) -> list[list[nn.Parameter]]:
+    """[body parameters, head parameters]: fastai's splitter, so `freeze()` trains only the head."""
+    return [list(model.body.parameters()), list(model.head.parameters())]
+
+
+splitter = param_groups

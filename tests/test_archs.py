@@ -1,0 +1,160 @@
+"""Architectures: every registered local arch (and a few timm ones) through the one registry."""
+
+import json
+
+import pytest
+import torch
+import torch.nn as nn
+
+from cxr_fast.archs import (
+    LOCAL_ARCHS,
+    ConvNet,
+    CXResnet,
+    LayerStack,
+    create_model,
+    list_models,
+    make_layer,
+    model_config,
+    model_from_config,
+    param_groups,
+)
+from cxr_fast.errors import CxrFastError
+
+TIMM_ARCHS = ["resnet18", "efficientnet_lite0", "mobilenetv3_small_050"]
+ALL_ARCHS = list(LOCAL_ARCHS) + TIMM_ARCHS
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(0)
+
+
+@pytest.mark.parametrize("n_in", [1, 3])
+@pytest.mark.parametrize("arch", ALL_ARCHS)
+def test_forward_backward_any_size_and_channels(arch, n_in):
+    model = create_model(arch, n_in=n_in, n_classes=5)
+    assert (model.arch, model.n_in, model.n_classes) == (arch, n_in, 5)
+    n_features = model.head[-1].in_features
+    for size in (64, 96):
+        model.zero_grad()
+        x = torch.randn(2, n_in, size, size)
+        logits = model(x)
+        assert logits.shape == (2, 5)
+        assert model.features(x).shape == (2, n_features)
+        logits.logsumexp(1).sum().backward()
+        grads = [p.grad for p in model.parameters() if p.requires_grad]
+        assert all(g is not None and torch.isfinite(g).all() for g in grads)
+        assert model.head[-1].weight.grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize("arch", ALL_ARCHS)
+def test_config_rebuilds_the_exact_model(arch):
+    model = create_model(arch, n_in=1, n_classes=3).eval()
+    cfg = json.loads(json.dumps(model_config(model)))  # a run bundle keeps it as JSON
+    rebuilt = model_from_config(cfg).eval()
+    rebuilt.load_state_dict(model.state_dict())
+    x = torch.randn(2, 1, 64, 64)
+    with torch.no_grad():
+        assert torch.equal(model(x), rebuilt(x))
+    assert model_config(rebuilt) == cfg
+
+
+def test_config_keeps_non_default_arguments():
+    model = create_model("cxresnet", n_in=3, n_classes=2, width=0.5, depths=(1, 2, 1, 1), hidden=32)
+    rebuilt = model_from_config(json.loads(json.dumps(model_config(model))))
+    assert rebuilt.arch_kwargs["depths"] == [1, 2, 1, 1]
+    assert len(rebuilt.body.stage2) == 2
+    assert [p.shape for p in rebuilt.parameters()] == [p.shape for p in model.parameters()]
+
+
+def test_none_arguments_keep_the_variant_defaults():
+    model = create_model("cxresnet_tiny", width=None, depths=None)
+    assert model.arch_kwargs["width"] == 0.25
+    assert model.body.out_channels == 128
+
+
+def test_model_config_needs_the_architecture():
+    with pytest.raises(CxrFastError, match="arch"):
+        model_from_config({"n_in": 1, "n_classes": 3, "arch_kwargs": {}})
+
+
+def test_unknown_arch_suggests_close_names():
+    with pytest.raises(CxrFastError) as err:
+        create_model("resnt18")
+    message = str(err.value)
+    assert "\n" not in message and "resnt18" in message and "resnet18" in message
+    with pytest.raises(CxrFastError, match="convnet"):
+        create_model("convnett")
+
+
+def test_unknown_arguments_are_named():
+    with pytest.raises(CxrFastError, match="depthz"):
+        create_model("cxresnet", depthz=(1, 1, 1, 1))
+    with pytest.raises(CxrFastError, match="resnet18"):
+        create_model("resnet18", no_such_option=1)
+
+
+def test_token_models_are_refused_with_a_reason():
+    with pytest.raises(CxrFastError, match="token"):
+        create_model("vit_tiny_patch16_224", n_in=3)
+
+
+def test_list_models_filters_local_then_timm():
+    everything = list_models()
+    names = [name for name, _ in everything]
+    assert everything[: len(LOCAL_ARCHS)] == [(name, "local") for name in LOCAL_ARCHS]
+    assert ("resnet18", "timm") in everything and len(names) == len(set(names))
+    assert list_models("cxresnet*") == [(n, "local") for n in LOCAL_ARCHS if n.startswith("cxresnet")]
+    resnets = list_models("resnet1*")
+    assert ("resnet18", "timm") in resnets and all(
+        src == "timm" and n.startswith("resnet1") for n, src in resnets
+    )
+
+
+def test_layer_stack_names_its_children():
+    stack = LayerStack(nn.Linear(4, 8), ["relu", "batchnorm", ("dropout", {"p": 0.3}), "relu"])
+    assert list(dict(stack.named_children())) == ["linear", "relu", "batchnorm", "dropout", "relu2"]
+    assert isinstance(stack.batchnorm, nn.BatchNorm1d) and stack.batchnorm.num_features == 8
+    assert stack.dropout.p == 0.3 and stack.out_channels == 8
+    conv = LayerStack(nn.Conv2d(1, 6, 3), ["maxpool", "batchnorm"])
+    assert isinstance(conv.batchnorm, nn.BatchNorm2d) and isinstance(conv.maxpool, nn.MaxPool2d)
+    with pytest.raises(CxrFastError, match="swish"):
+        make_layer("swish", 4)
+
+
+def test_convnet_is_the_study_network_at_any_size():
+    model = create_model("convnet", n_in=1, n_classes=3).eval()
+    assert isinstance(model.body, ConvNet)
+    stacks = list(model.body.children())
+    assert [s.conv.out_channels for s in stacks] == [16, 64, 128, 256, 512]
+    assert all(list(dict(s.named_children())) == ["conv", "relu", "maxpool", "batchnorm"] for s in stacks)
+    assert model.head.hidden.linear.out_features == 64 and isinstance(
+        model.head.hidden.batchnorm, nn.BatchNorm1d
+    )
+    with torch.no_grad():
+        assert model(torch.randn(2, 1, 224, 224)).shape == (2, 3)
+
+
+def test_cxresnet_depth_width_and_projections():
+    model = create_model("cxresnet", n_in=1, depths=[2, 1, 1, 3], width=0.5)
+    body = model.body
+    assert isinstance(body, CXResnet)
+    assert [len(getattr(body, f"stage{i}")) for i in range(1, 5)] == [2, 1, 1, 3]
+    assert body.stem.conv.out_channels == 8 and body.out_channels == 256
+    assert isinstance(body.stage1.block1.shortcut, LayerStack)  # stride 2, 8 -> 32 channels: projected
+    assert isinstance(body.stage1.block2.shortcut, nn.Identity)
+    with pytest.raises(CxrFastError, match="depths"):
+        create_model("cxresnet", depths=[1, 1])
+
+
+def test_param_groups_split_body_from_head():
+    model = create_model("cxresnet_tiny")
+    body, head = param_groups(model)
+    assert {id(p) for p in body}.isdisjoint({id(p) for p in head})
+    assert len(body) + len(head) == len(list(model.parameters()))
+    assert any(p is model.head[-1].weight for p in head)
+
+
+def test_scratch_models_use_data_statistics():
+    model = create_model("resnet18")
+    assert model.pretrained_stats is None and model.weights_source == "none"
