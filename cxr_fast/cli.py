@@ -1,0 +1,268 @@
+"""`cxrfast`: thin Typer commands over the Python API.
+
+Every command calls one library function. A `CxrFastError` (a problem with the user's input) becomes one line on
+stderr and exit code 1; anything else is a bug and keeps its traceback.
+"""
+
+from __future__ import annotations
+
+import functools
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from cxr_fast.errors import CxrFastError
+
+app = typer.Typer(
+    name="cxrfast",
+    help="Train, compare and audit chest X-ray classifiers (COVID-19 / Normal / Pneumonia) on a CPU.",
+    rich_markup_mode="rich",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+)
+data_app = typer.Typer(help="Prepare X-ray folders into checked split manifests; make synthetic phantoms.",
+                       no_args_is_help=True)
+app.add_typer(data_app, name="data")
+
+console = Console()
+err_console = Console(stderr=True)
+
+
+def user_errors(fn):
+    """Turn a CxrFastError into `error: <message>` and exit code 1."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except CxrFastError as e:
+            err_console.print(f"[bold red]error:[/] {e}", highlight=False, soft_wrap=True)
+            raise typer.Exit(1) from None
+
+    return wrapper
+
+
+# ---------------------------------------------------------------------------------------------- data
+
+
+@data_app.command("prepare")
+@user_errors
+def data_prepare(
+    src: Annotated[Path, typer.Argument(help="Folder of X-rays in class folders (ROOT/<class>/… or ROOT/<split>/<class>/…).")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="Folder for manifest.csv, prepare_report.json and the image cache.")],
+    label_map: Annotated[str | None, typer.Option(help="YAML/JSON file, inline 'A=B,C=D', or preset 'mendeley'.")] = None,
+    ignore_unmapped: Annotated[bool, typer.Option(help="Exclude folders the label map does not name instead of failing.")] = False,
+    seed: Annotated[int, typer.Option(help="Seed of the stratified split.")] = 0,
+    splits: Annotated[str, typer.Option(help="Train,valid,test fractions.")] = "0.6,0.2,0.2",
+    size: Annotated[int, typer.Option("--size", help="Longest side of the cached working copies (0: no cache). About 2× the training size.")] = 512,
+    force: Annotated[bool, typer.Option(help="Overwrite an existing manifest.")] = False,
+):
+    """Read, check, de-duplicate and split a folder of X-rays into a manifest."""
+    from cxr_fast.data.labels import parse_label_map
+    from cxr_fast.data.manifest import prepare, print_summary
+
+    try:
+        fractions = tuple(float(f) for f in splits.split(","))
+    except ValueError:
+        raise CxrFastError(f"--splits must be three numbers like 0.6,0.2,0.2, got {splits!r}") from None
+    if len(fractions) != 3 or abs(sum(fractions) - 1) > 1e-6 or min(fractions) < 0:
+        raise CxrFastError(f"--splits must be three non-negative fractions summing to 1, got {splits!r}")
+    report = prepare(src, out, label_map=parse_label_map(label_map), ignore_unmapped=ignore_unmapped, seed=seed,
+                     splits=fractions, cache_size=size, force=force)
+    print_summary(report, console)
+    console.print(f"manifest: [bold]{Path(out) / 'manifest.csv'}[/]")
+
+
+@data_app.command("synth")
+@user_errors
+def data_synth(
+    out: Annotated[Path, typer.Argument(help="Folder to write the phantoms into (class folders + masks).")],
+    n_per_class: Annotated[int, typer.Option(help="Images per class.")] = 100,
+    size: Annotated[int, typer.Option(help="Image side in pixels.")] = 256,
+    shortcut_rate: Annotated[float, typer.Option(help="Share of images carrying a corner marker that gives away the class.")] = 0.0,
+    lesion_contrast: Annotated[float, typer.Option(help="Strength of the class signal in the lungs (1 = default).")] = 1.0,
+    seed: Annotated[int, typer.Option(help="Random seed: same seed, same images.")] = 0,
+    force: Annotated[bool, typer.Option(help="Write into a non-empty folder.")] = False,
+):
+    """Write synthetic chest X-ray phantoms with ground-truth lung and lesion masks (the default dataset)."""
+    from cxr_fast.data.synth import synthesize
+
+    meta = synthesize(out, n_per_class=n_per_class, size=size, shortcut_rate=shortcut_rate, seed=seed,
+                      lesion_contrast=lesion_contrast, force=force)
+    console.print(f"wrote {len(meta)} phantoms to [bold]{out}[/] ({int(meta['marker'].sum())} with a shortcut marker)")
+
+
+# ---------------------------------------------------------------------------------------------- models
+
+
+@app.command("models")
+@user_errors
+def models(
+    pattern: Annotated[str | None, typer.Argument(help="fnmatch pattern, e.g. 'efficientnet*'.")] = None,
+):
+    """List architectures: cxr_fast's own first, then timm's."""
+    from cxr_fast.archs import list_models
+
+    found = list_models(pattern)
+    table = Table("name", "source")
+    for name, source in found:
+        table.add_row(name, source)
+    console.print(table)
+    console.print(f"{len(found)} architectures")
+
+
+@app.command("train")
+@user_errors
+def train(
+    data: Annotated[Path, typer.Option(help="Folder with manifest.csv (from `cxrfast data prepare`).")],
+    arch: Annotated[str | None, typer.Option(help="Architecture: convnet, cxresnet, or any timm name.")] = None,
+    recipe: Annotated[Path | None, typer.Option(help="YAML recipe; flags given here override it.")] = None,
+    epochs: Annotated[int | None, typer.Option(help="Epochs (after the frozen epochs when fine-tuning).")] = None,
+    size: Annotated[int | None, typer.Option(help="Training image side in pixels.")] = None,
+    bs: Annotated[int | None, typer.Option(help="Batch size.")] = None,
+    lr: Annotated[str | None, typer.Option(help="Peak learning rate, or 'auto' (lr_find).")] = None,
+    weights: Annotated[str | None, typer.Option(help="none | hub | PATH | efficientnet-lite0/1/2.")] = None,
+    n_in: Annotated[int | None, typer.Option(help="Input channels, 1 or 3.")] = None,
+    class_weights: Annotated[bool | None, typer.Option(help="Weight the loss by inverse class frequency.")] = None,
+    seed: Annotated[int | None, typer.Option(help="Random seed.")] = None,
+    out: Annotated[Path | None, typer.Option(help="Run folder (default models/<arch>-<time>).")] = None,
+    resume: Annotated[bool, typer.Option(help="Continue the interrupted run in --out.")] = False,
+):
+    """Train a classifier with a one-cycle schedule and write a run bundle (safetensors + JSON)."""
+    from cxr_fast.config import resolve_config
+    from cxr_fast.train import train as train_run
+
+    cfg = None
+    if not resume:
+        cfg = resolve_config(recipe, arch=arch, epochs=epochs, size=size, bs=bs, lr=lr, weights=weights, n_in=n_in,
+                             class_weights=class_weights, seed=seed)
+    run_dir = train_run(data, cfg, out=out, resume=resume)
+    _print_run_summary(run_dir)
+
+
+def _print_run_summary(run_dir: Path) -> None:
+    import json
+
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    console.print(
+        f"run [bold]{run_dir}[/]: best epoch {metrics['best_epoch']}, valid balanced accuracy "
+        f"{metrics['valid_balanced_accuracy']:.3f}, {metrics['train_seconds']:.0f} s"
+    )
+
+
+@app.command("evaluate")
+@user_errors
+def evaluate(
+    run: Annotated[Path, typer.Argument(help="Run folder (models/<run>).")],
+    data: Annotated[Path | None, typer.Option(help="Another manifest folder: external validation on all its images.")] = None,
+    split: Annotated[str, typer.Option(help="Split of the training manifest to evaluate.")] = "test",
+    tta: Annotated[bool, typer.Option(help="Average predictions over small zooms and shifts.")] = False,
+    force: Annotated[bool, typer.Option(help="Redo an existing evaluation.")] = False,
+):
+    """Metrics with 95 % CIs, calibration, ROC/PR curves, confusion matrix and an HTML report."""
+    from cxr_fast.evaluate import evaluate as run_evaluation
+    from cxr_fast.evaluate import shift_warning
+
+    result = run_evaluation(run, data, split, tta=tta, force=force)
+    m = result.metrics
+    table = Table("metric", "value", title=f"{m['run']} on {m['data']} ({m['n']} images)")
+    lo, hi = m["balanced_accuracy_ci"]
+    table.add_row("balanced accuracy", f"{m['balanced_accuracy']:.3f}  (95 % CI {lo:.3f}–{hi:.3f})")
+    table.add_row("accuracy", f"{m['accuracy']:.3f}")
+    table.add_row("macro F1", f"{m['macro_f1']:.3f}")
+    if m["macro_roc_auc"] is not None:
+        table.add_row("macro ROC AUC", f"{m['macro_roc_auc']:.3f}")
+    table.add_row("ECE raw → calibrated", f"{m['ece']:.3f} → {m['ece_calibrated']:.3f}")
+    for name, v in m["per_class"].items():
+        table.add_row(f"  {name}", f"P {v['precision']:.2f}  R {v['recall']:.2f}  F1 {v['f1']:.2f}  n {v['support']}")
+    console.print(table)
+    if result.shift and result.shift["out_of_distribution"]:
+        err_console.print(f"[bold yellow]warning:[/] {shift_warning(result.shift)}")
+    console.print(f"report: [bold]{result.out_dir / 'report.html'}[/]")
+
+
+@app.command("compare")
+@user_errors
+def compare(
+    runs: Annotated[list[Path] | None, typer.Argument(help="Existing runs on the same manifest.")] = None,
+    data: Annotated[Path | None, typer.Option(help="Manifest folder: train --archs on it first.")] = None,
+    archs: Annotated[str | None, typer.Option(help="Comma-separated architectures to train and compare.")] = None,
+    recipe: Annotated[Path | None, typer.Option(help="Recipe shared by all architectures.")] = None,
+    seeds: Annotated[str, typer.Option(help="Comma-separated seeds, e.g. 0,1,2.")] = "0",
+    epochs: Annotated[int | None, typer.Option(help="Epoch budget for every architecture.")] = None,
+    size: Annotated[int | None, typer.Option(help="Image size for every architecture.")] = None,
+    out: Annotated[Path | None, typer.Option(help="Output folder (default models/compare-<time>).")] = None,
+):
+    """Compare architectures on one test split: balanced accuracy with CI, F1, AUC, ECE, size, speed, McNemar."""
+    from cxr_fast.compare import compare_archs, compare_runs
+
+    if archs:
+        if data is None:
+            raise CxrFastError("--archs needs --data (the manifest to train on)")
+        try:
+            seed_list = [int(s) for s in seeds.split(",")]
+        except ValueError:
+            raise CxrFastError(f"--seeds must be integers like 0,1,2, got {seeds!r}") from None
+        result = compare_archs(data, [a.strip() for a in archs.split(",") if a.strip()], recipe=recipe,
+                               seeds=seed_list, out=out, epochs=epochs, size=size)
+    else:
+        result = compare_runs(runs or [], out=out)
+    table = Table("arch", "runs", "balanced acc (mean ± sd)", "95 % CI", "macro F1", "macro AUC", "ECE", "params",
+                  "train s", "img/s")
+    for r in result.summary.itertuples():
+        table.add_row(r.arch, str(r.runs), f"{r.balanced_accuracy:.3f} ± {r.balanced_accuracy_sd:.3f}",
+                      f"{r.ci_low:.3f}–{r.ci_high:.3f}", f"{r.macro_f1:.3f}", f"{r.macro_roc_auc:.3f}", f"{r.ece:.3f}",
+                      f"{r.params / 1e6:.2f} M", f"{r.train_seconds:.0f}", f"{r.images_per_s:.0f}")
+    console.print(table)
+    for t in result.mcnemar.itertuples():
+        console.print(f"McNemar {t.model_a} vs {t.model_b}: p = {t.p_value:.3g}")
+    console.print(f"report: [bold]{result.out_dir / 'report.html'}[/]")
+
+
+@app.command("interpret")
+@user_errors
+def interpret(
+    run: Annotated[Path, typer.Argument(help="Run folder (models/<run>).")],
+    data: Annotated[Path | None, typer.Option(help="Another manifest folder (all its images).")] = None,
+    split: Annotated[str, typer.Option(help="Split of the training manifest.")] = "test",
+    n: Annotated[int, typer.Option(help="Top losses (and correct examples) to show.")] = 16,
+    audit_n: Annotated[int, typer.Option(help="Correct predictions, stratified by class, added to the audit.")] = 48,
+    methods: Annotated[str, typer.Option(help="occlusion[,integrated_gradients,gradcam]")] = "occlusion",
+    window: Annotated[int | None, typer.Option(help="Occlusion window in pixels (default: image side / 8).")] = None,
+    stride: Annotated[int | None, typer.Option(help="Occlusion stride in pixels (default: window / 2).")] = None,
+    force: Annotated[bool, typer.Option(help="Redo an existing interpretation.")] = False,
+):
+    """Top losses, occlusion heatmap gallery and a shortcut audit: is the model looking at the lungs?"""
+    from cxr_fast.interpret import interpret as run_interpretation
+
+    result = run_interpretation(run, data, split, n=n, audit_n=audit_n,
+                                methods=tuple(m.strip() for m in methods.split(",") if m.strip()),
+                                window=window, stride=stride, force=force)
+    for line in result.verdicts:
+        console.print(f"[bold]audit:[/] {line}")
+    console.print(f"gallery: [bold]{result.out_dir / 'gallery.html'}[/]")
+
+
+@app.command("demo")
+@user_errors
+def demo(
+    out: Annotated[Path, typer.Option(help="Folder for everything the demo makes.")] = Path("demo"),
+    n_per_class: Annotated[int, typer.Option(help="Phantoms per class.")] = 80,
+    epochs: Annotated[int | None, typer.Option(help="Override the demo recipe's epochs.")] = None,
+    force: Annotated[bool, typer.Option(help="Replace an existing demo folder.")] = False,
+):
+    """The whole pipeline on synthetic phantoms: synth → prepare → train → evaluate → interpret → report."""
+    from cxr_fast.demo import run_demo
+
+    run_demo(out, n_per_class=n_per_class, epochs=epochs, force=force, console=console)
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,62 @@
+"""The CLI is thin: check that commands reach the library, exit codes, and one-line errors."""
+
+import json
+
+from typer.testing import CliRunner
+
+from cxr_fast.cli import app
+
+runner = CliRunner()
+
+
+def invoke(*args):
+    return runner.invoke(app, [str(a) for a in args])
+
+
+def test_help_lists_only_working_commands():
+    result = invoke("--help")
+    assert result.exit_code == 0
+    for command in ("data", "models", "train", "evaluate", "compare", "interpret", "demo"):
+        assert command in result.output
+
+
+def test_synth_prepare_and_refusal_to_overwrite(tmp_path):
+    result = invoke("data", "synth", tmp_path / "src", "--n-per-class", 4, "--size", 64)
+    assert result.exit_code == 0, result.output
+    result = invoke("data", "prepare", tmp_path / "src", "--out", tmp_path / "data", "--size", 0)
+    assert result.exit_code == 0, result.output
+    assert (tmp_path / "data" / "manifest.csv").is_file()
+    result = invoke("data", "prepare", tmp_path / "src", "--out", tmp_path / "data")
+    assert result.exit_code == 1
+    assert "--force" in result.output and len(result.output.strip().splitlines()) == 1
+    result = invoke("data", "prepare", tmp_path / "src", "--out", tmp_path / "data", "--splits", "0.5,0.5")
+    assert result.exit_code == 1 and "--splits" in result.output
+
+
+def test_models_lists_local_and_timm():
+    result = invoke("models", "cxres*")
+    assert result.exit_code == 0 and "cxresnet" in result.output and "local" in result.output
+    result = invoke("models", "resnet18")
+    assert "timm" in result.output
+
+
+def test_train_then_evaluate_through_the_cli(tiny_data, tmp_path):
+    out = tmp_path / "run"
+    result = invoke("train", "--data", tiny_data, "--arch", "cxresnet_tiny", "--size", 48, "--epochs", 1,
+                    "--bs", 16, "--out", out)
+    assert result.exit_code == 0, result.output
+    assert json.loads((out / "config.json").read_text())["model"]["arch"] == "cxresnet_tiny"
+    result = invoke("evaluate", out)
+    assert result.exit_code == 0, result.output
+    assert "balanced accuracy" in result.output and (out / "eval" / "data-test" / "report.html").is_file()
+
+
+def test_user_errors_are_one_line_with_exit_code_1(tiny_data, tmp_path):
+    result = invoke("train", "--data", tiny_data, "--arch", "cxresnett", "--out", tmp_path / "r")
+    assert result.exit_code == 1
+    assert "cxresnett" in result.output and len(result.output.strip().splitlines()) == 1
+    assert not (tmp_path / "r").exists()
+    result = invoke("train", "--data", tmp_path / "nothing", "--arch", "cxresnet")
+    assert result.exit_code == 1 and "nothing" in result.output
+    result = invoke("evaluate", tmp_path)
+    assert result.exit_code == 1 and "not a cxr_fast run bundle" in result.output
