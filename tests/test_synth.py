@@ -29,7 +29,7 @@ def test_folder_layout_and_meta(tmp_path):
         assert image.mode == "L" and image.size == (64, 64)
         mask = Image.open(tmp_path / "_masks" / label / names[0])
         assert mask.mode == "L" and mask.size == (64, 64)
-    assert (tmp_path / "README.txt").read_text().startswith("Synthetic chest X-ray phantoms")
+    assert (tmp_path / "_README.txt").read_text().startswith("Synthetic chest X-ray phantoms")
     on_disk = pd.read_csv(tmp_path / "_meta.csv", keep_default_na=False)
     assert list(on_disk.columns) == ["relpath", "label", "mask", "marker", "marker_box"]
     assert len(on_disk) == 9 and on_disk["label"].value_counts().to_dict() == {c: 3 for c in CLASSES}

@@ -304,5 +304,7 @@ def synthesize(
         f"lesion_contrast={lesion_contrast}"
     )
     markers = ", ".join(f"{label} '{text}' {corner}" for label, (text, corner) in MARKERS.items())
-    (out / "README.txt").write_text(README.format(markers=markers, settings=settings))
+    (out / "_README.txt").write_text(  # "_": never taken for a class folder
+        README.format(markers=markers, settings=settings)
+    )
     return meta

@@ -1,0 +1,363 @@
+"""Read any chest X-ray file (PNG, JPEG, DICOM) into one form: an 8-bit grayscale PIL image (mode "L").
+
+Everything downstream (hashing, caching, training, attribution) relies on this single reader, so the
+conversions that silently go wrong elsewhere are handled here once:
+
+- 16-bit PNGs are stretched from their actual value range to 0..255. PIL's own ``convert("L")`` clips
+  values above 255, which turns a 12-bit X-ray into a white sheet.
+- EXIF orientation is applied, so a phone photo of a film is upright.
+- DICOM pixel data goes through the Modality LUT (rescale slope/intercept), then the VOI window the
+  radiographer chose, and MONOCHROME1 (bright = air) is inverted so that bone is always bright.
+- A file that cannot be used raises `ImageReadError` with a short machine-readable ``reason``; the manifest
+  builder turns those into exclusions instead of crashing halfway through a dataset.
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
+
+from cxr_fast.errors import CxrFastError
+
+# Suffixes the toolkit treats as images when it looks for files. The reader itself decides by content,
+# so a DICOM without a suffix is still read (see `is_dicom`).
+IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".jpe", ".tif", ".tiff", ".bmp", ".dcm", ".dicom"})
+DICOM_SUFFIXES = frozenset({".dcm", ".dicom"})
+
+# Smaller than this on either side and an image carries no usable anatomy (icons, thumbnails, masks
+# of the wrong file): such files are excluded rather than upscaled.
+MIN_SIDE = 64
+# Checked from the header before any pixel is decoded: a decompression bomb (a small file claiming
+# gigapixels) must not get the chance to exhaust memory. 64 MP is far above any real radiograph (~10 MP).
+MAX_PIXELS = 64_000_000
+ORIENTATION_TAG = 0x0112
+
+REASONS = ("empty", "not-an-image", "truncated", "unreadable", "too-small", "too-large")
+
+
+class ImageReadError(CxrFastError):
+    """A file that cannot be used as an image; ``reason`` is one of `REASONS`."""
+
+    def __init__(self, path: str | os.PathLike, reason: str, explanation: str):
+        assert reason in REASONS, reason
+        self.path = Path(path)
+        self.reason = reason
+        self.explanation = explanation
+        super().__init__(f"{path}: {explanation}")
+
+
+def is_dicom(path: str | os.PathLike) -> bool:
+    """True for a .dcm/.dicom suffix or the 'DICM' magic at byte 128 (DICOM files often have no suffix)."""
+    path = Path(path)
+    return path.suffix.lower() in DICOM_SUFFIXES or _has_dicom_magic(path)
+
+
+def _has_dicom_magic(path: Path) -> bool:
+    try:
+        with open(path, "rb") as f:
+            f.seek(128)
+            return f.read(4) == b"DICM"
+    except OSError:
+        return False
+
+
+def read_image(path: str | os.PathLike, max_side: int | None = None) -> Image.Image:
+    """Read PNG/JPEG/DICOM (and other PIL formats) as an 8-bit grayscale image (mode "L").
+
+    ``max_side``: when given, the image is shrunk so its longest side is at most this (never enlarged).
+    JPEGs are then decoded at reduced scale by libjpeg, several times faster for large radiographs; the
+    whole file is still decoded, so a truncated file is still detected.
+
+    Raises `ImageReadError` (a `CxrFastError`) with ``.reason`` in `REASONS`.
+    """
+    image, _ = read_image_with_size(path, max_side=max_side)
+    return image
+
+
+def read_image_with_size(
+    path: str | os.PathLike, max_side: int | None = None
+) -> tuple[Image.Image, tuple[int, int]]:
+    """`read_image` plus the original (width, height), after EXIF orientation, before any shrinking."""
+    path = Path(path)
+    try:
+        size_on_disk = path.stat().st_size
+    except FileNotFoundError:
+        raise ImageReadError(path, "unreadable", "file not found") from None
+    except OSError as error:
+        raise ImageReadError(path, "unreadable", f"cannot open file ({error.strerror or error})") from None
+    if size_on_disk == 0:
+        raise ImageReadError(path, "empty", "file is empty (0 bytes)")
+
+    if is_dicom(path):
+        image = _read_dicom(path)
+        original_size = image.size
+    else:
+        image, original_size = _read_with_pil(path, max_side)
+    if max_side is not None and max(image.size) > max_side:
+        image = shrink_to(image, max_side)
+    return image, original_size
+
+
+def image_size(path: str | os.PathLike) -> tuple[int, int]:
+    """(width, height) from the file header only, without decoding pixels (EXIF rotation not applied)."""
+    path = Path(path)
+    if is_dicom(path):
+        dataset = _dcmread(path, stop_before_pixels=True)
+        try:
+            return int(dataset.Columns), int(dataset.Rows)
+        except (AttributeError, TypeError, ValueError):
+            raise ImageReadError(path, "not-an-image", "DICOM file lacks valid Rows/Columns") from None
+    try:
+        with _open_with_pil(path) as image:
+            return image.size
+    except ImageReadError:
+        raise
+    except Exception as error:  # noqa: BLE001 - any parser failure means the header is unusable
+        raise _classify_pil_error(path, error) from None
+
+
+def shrink_to(image: Image.Image, max_side: int) -> Image.Image:
+    """Resize so the longest side is ``max_side``, aspect kept; a small enough image is returned as is."""
+    width, height = image.size
+    scale = max_side / max(width, height)
+    if scale >= 1:
+        return image
+    new_size = (max(1, round(width * scale)), max(1, round(height * scale)))
+    # reducing_gap: a fast box pre-reduction, then Lanczos; indistinguishable from pure Lanczos here.
+    return image.resize(new_size, Image.Resampling.LANCZOS, reducing_gap=3.0)
+
+
+# --- PIL formats -------------------------------------------------------------------------------------
+
+
+def _open_with_pil(path: Path) -> Image.Image:
+    with warnings.catch_warnings():
+        # We apply our own, stricter limit (MAX_PIXELS) right after opening; PIL's warning would be noise.
+        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+        try:
+            image = Image.open(path)
+        except Image.DecompressionBombError as error:
+            raise ImageReadError(
+                path, "too-large", f"image header claims too many pixels ({error})"
+            ) from None
+    width, height = image.size
+    if width * height > MAX_PIXELS:
+        image.close()
+        raise ImageReadError(
+            path,
+            "too-large",
+            f"header claims {width}x{height} pixels, more than the {MAX_PIXELS / 1e6:.0f} megapixel limit",
+        )
+    return image
+
+
+def _read_with_pil(path: Path, max_side: int | None) -> tuple[Image.Image, tuple[int, int]]:
+    # A truncated X-ray loaded with this flag on is silently padded with grey and then trained on, so the
+    # toolkit insists on it being off (other libraries sometimes switch it on globally).
+    if ImageFile.LOAD_TRUNCATED_IMAGES:
+        ImageFile.LOAD_TRUNCATED_IMAGES = False
+    try:
+        with _open_with_pil(path) as image:
+            _check_min_side(path, image.size)
+            width, height = image.size
+            # EXIF orientations 5-8 turn the picture by 90 degrees: width and height swap.
+            if image.getexif().get(ORIENTATION_TAG, 1) in (5, 6, 7, 8):
+                width, height = height, width
+            if max_side is not None and image.format == "JPEG" and image.mode in ("L", "RGB", "CMYK"):
+                # libjpeg decodes at 1/2, 1/4 or 1/8 scale, never below the requested size; a square
+                # request keeps it large enough whatever the orientation.
+                image.draft(image.mode, (max_side, max_side))
+            image.load()
+            # exif_transpose always returns a new image, detached from the file the with-block closes.
+            image = ImageOps.exif_transpose(image)
+            gray = _to_gray8(image)
+    except ImageReadError:
+        raise
+    except Exception as error:  # noqa: BLE001 - PIL raises many types for damaged files
+        raise _classify_pil_error(path, error) from None
+    return gray, (width, height)
+
+
+def _check_min_side(path: Path, size: tuple[int, int]) -> None:
+    if min(size) < MIN_SIDE:
+        raise ImageReadError(
+            path,
+            "too-small",
+            f"image is {size[0]}x{size[1]} pixels; at least {MIN_SIDE} px per side is needed",
+        )
+
+
+def _classify_pil_error(path: Path, error: Exception) -> ImageReadError:
+    if isinstance(error, UnidentifiedImageError):
+        return ImageReadError(
+            path, "not-an-image", "not an image file PIL can identify (PNG, JPEG, DICOM, ...)"
+        )
+    text = str(error)
+    lowered = text.lower()
+    if "truncated" in lowered or "broken data stream" in lowered or isinstance(error, EOFError):
+        return ImageReadError(path, "truncated", f"image data is truncated or damaged ({text})")
+    return ImageReadError(path, "unreadable", f"cannot decode image ({type(error).__name__}: {text})")
+
+
+def _to_gray8(image: Image.Image) -> Image.Image:
+    """Any PIL mode → mode "L" uint8, keeping the full dynamic range of high-bit-depth images."""
+    mode = image.mode
+    if mode == "L":
+        return image
+    if mode in ("I;16", "I;16L", "I;16B", "I;16N", "I", "F"):
+        return Image.fromarray(_stretch_to_uint8(np.asarray(image)))
+    if mode == "LA":
+        return image.getchannel("L")
+    if mode in ("P", "PA"):
+        # Palette images: go through RGBA so transparency and the palette colours resolve properly.
+        image = image.convert("RGBA")
+    if mode == "1":
+        return image.convert("L")
+    # RGB, RGBA, CMYK, YCbCr, LAB, HSV: alpha is dropped, colour converted with ITU-R 601 luma.
+    return image.convert("RGB").convert("L")
+
+
+def _stretch_to_uint8(values: np.ndarray) -> np.ndarray:
+    """Map the array's actual min..max onto 0..255.
+
+    The actual range, not the container's: 16-bit files usually hold 10-, 12- or 14-bit detector data, which
+    divided by 65535 would come out nearly black.
+    """
+    values = np.asarray(values, dtype=np.float64)
+    finite = np.isfinite(values)
+    if not finite.all():
+        values = np.where(
+            finite, values, np.nanmin(np.where(finite, values, np.nan)) if finite.any() else 0.0
+        )
+    low, high = float(values.min()), float(values.max())
+    if high <= low:
+        return np.zeros(values.shape, dtype=np.uint8)
+    scaled = (values - low) * (255.0 / (high - low))
+    return np.clip(np.rint(scaled), 0, 255).astype(np.uint8)
+
+
+# --- DICOM -------------------------------------------------------------------------------------------
+
+
+def _dcmread(path: Path, stop_before_pixels: bool = False):
+    import pydicom  # imported here: pydicom is only needed when a DICOM file turns up
+    from pydicom.errors import InvalidDicomError
+
+    try:
+        # force=True accepts files without the 128-byte preamble (common in older archives).
+        return pydicom.dcmread(path, stop_before_pixels=stop_before_pixels, force=True)
+    except InvalidDicomError as error:
+        raise ImageReadError(path, "not-an-image", f"not a valid DICOM file ({error})") from None
+    except EOFError as error:
+        raise ImageReadError(path, "truncated", f"DICOM file ends early ({error})") from None
+    except Exception as error:  # noqa: BLE001 - pydicom raises many types for damaged files
+        raise ImageReadError(
+            path, "unreadable", f"cannot parse DICOM ({type(error).__name__}: {error})"
+        ) from None
+
+
+def _read_dicom(path: Path) -> Image.Image:
+    dataset = _dcmread(path)
+    if (
+        "PixelData" not in dataset
+        and "FloatPixelData" not in dataset
+        and "DoubleFloatPixelData" not in dataset
+    ):
+        if not _has_dicom_magic(path):
+            raise ImageReadError(
+                path, "not-an-image", "not a DICOM file (no 'DICM' header and no pixel data)"
+            )
+        raise ImageReadError(
+            path, "not-an-image", "DICOM file holds no pixel data (a report or a structured file?)"
+        )
+    try:
+        rows, columns = int(dataset.Rows), int(dataset.Columns)
+    except (AttributeError, TypeError, ValueError):
+        raise ImageReadError(path, "unreadable", "DICOM file lacks valid Rows/Columns") from None
+    if rows * columns > MAX_PIXELS:
+        raise ImageReadError(
+            path,
+            "too-large",
+            f"header claims {columns}x{rows} pixels, more than the {MAX_PIXELS / 1e6:.0f} megapixel limit",
+        )
+    _check_min_side(path, (columns, rows))
+
+    try:
+        pixels = dataset.pixel_array
+    except Exception as error:  # noqa: BLE001
+        text = str(error)
+        if "expected" in text.lower() and "length" in text.lower() or "truncat" in text.lower():
+            raise ImageReadError(path, "truncated", f"DICOM pixel data is truncated ({text})") from None
+        raise ImageReadError(
+            path,
+            "unreadable",
+            f"cannot decode DICOM pixel data ({type(error).__name__}: {text}); compressed transfer syntaxes "
+            "need a plugin such as pylibjpeg or python-gdcm",
+        ) from None
+
+    frames = int(getattr(dataset, "NumberOfFrames", 1) or 1)
+    samples = int(getattr(dataset, "SamplesPerPixel", 1) or 1)
+    if frames > 1:
+        pixels = pixels[0]  # a radiograph series: the first frame stands for the file
+    if samples > 1:
+        # Colour DICOM (secondary capture): pydicom returns RGB; use its luma.
+        rgb = np.ascontiguousarray(pixels[..., :3])
+        if rgb.dtype != np.uint8:
+            rgb = _stretch_to_uint8(rgb)
+        return Image.fromarray(rgb).convert("L")
+
+    try:
+        gray = dicom_to_uint8(pixels, dataset)
+    except Exception as error:  # noqa: BLE001
+        raise ImageReadError(
+            path, "unreadable", f"cannot apply DICOM LUT/window ({type(error).__name__}: {error})"
+        ) from None
+    return Image.fromarray(gray)
+
+
+def dicom_to_uint8(pixels: np.ndarray, dataset) -> np.ndarray:
+    """Stored DICOM values → displayed 8-bit gray: Modality LUT, VOI window or LUT, MONOCHROME1 inverted."""
+    from pydicom.pixels import apply_modality_lut, apply_voi_lut
+
+    values = apply_modality_lut(pixels, dataset).astype(np.float64)
+    center, width = _first_window(dataset)
+    if "VOILUTSequence" in dataset:
+        # A lookup table chosen by the modality: apply it, then use its full output range.
+        gray = _stretch_to_uint8(apply_voi_lut(values, dataset, index=0, prefer_lut=True))
+    elif center is not None and width is not None and width > 0:
+        function = str(getattr(dataset, "VOILUTFunction", "LINEAR") or "LINEAR").upper()
+        gray = _window(values, center, width, function)
+    else:
+        gray = _stretch_to_uint8(values)
+    if str(getattr(dataset, "PhotometricInterpretation", "")).upper() == "MONOCHROME1":
+        gray = 255 - gray  # MONOCHROME1 shows low values white; the toolkit wants bone bright in every image
+    return gray
+
+
+def _first_window(dataset) -> tuple[float | None, float | None]:
+    def first(name):
+        value = getattr(dataset, name, None)
+        if value is None or value == "":
+            return None
+        if isinstance(value, (list, tuple)) or type(value).__name__ == "MultiValue":
+            value = value[0] if len(value) else None
+        return None if value is None else float(value)
+
+    return first("WindowCenter"), first("WindowWidth")
+
+
+def _window(values: np.ndarray, center: float, width: float, function: str) -> np.ndarray:
+    """DICOM PS3.3 C.11.2.1.2 windowing straight onto 0..255."""
+    if function == "SIGMOID":
+        scaled = 255.0 / (1.0 + np.exp(-4.0 * (values - center) / width))
+    elif function == "LINEAR_EXACT":
+        scaled = ((values - center) / width + 0.5) * 255.0
+    else:  # LINEAR, the default
+        if width < 1:
+            width = 1.0
+        scaled = ((values - (center - 0.5)) / max(width - 1.0, 1.0) + 0.5) * 255.0
+    return np.clip(np.rint(scaled), 0, 255).astype(np.uint8)

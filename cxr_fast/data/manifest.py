@@ -1,0 +1,537 @@
+"""`prepare`: turn a folder of labelled X-rays into a checked, de-duplicated, split manifest.
+
+    find files → map folder names to labels → decode every file → fingerprint + cache →
+    group duplicates → drop label conflicts → stratified group split → manifest.csv + prepare_report.json
+
+Nothing is dropped silently: every file found either becomes a manifest row or an exclusion with a reason
+(`EXCLUSION_REASONS`) that is printed and written to the report.
+
+Manifest columns (``OUT/manifest.csv``):
+
+    path          the original image; relative to OUT when inside it, else absolute
+    label         the study label (folder name passed through the label map)
+    source_label  the class folder's own name
+    split         train / valid / test
+    group         duplicate group id ("g" + 12 hex digits); members of one group share a split
+    sha256        of the original file's bytes
+    width,height  of the original image in pixels, after EXIF orientation
+    cache_path    (when cache_size > 0) the working-resolution PNG copy; relative to OUT when inside it
+    mask          (synthetic data) lung/lesion mask from SRC/_meta.csv, absolute
+    marker_box    (synthetic data) "x0,y0,x1,y1" in pixels of the ORIGINAL image (scale by width/height
+                  for the cached copy); empty when the image has no marker
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from collections import Counter, defaultdict
+from collections.abc import Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import pandas as pd
+from rich.console import Console
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+)
+from rich.table import Table
+
+from cxr_fast.data import cache as image_cache
+from cxr_fast.data.dedup import DEFAULT_MIN_CORRELATION, DEFAULT_THRESHOLD, group_duplicates
+from cxr_fast.data.labels import map_label, parse_label_map
+from cxr_fast.data.sources import find_images
+from cxr_fast.data.split import DEFAULT_FRACTIONS, SPLITS, parse_fractions, split_items
+from cxr_fast.errors import CxrFastError
+
+MANIFEST_NAME = "manifest.csv"
+REPORT_NAME = "prepare_report.json"
+META_NAME = "_meta.csv"
+MANIFEST_COLUMNS = ("path", "label", "source_label", "split", "group", "sha256", "width", "height")
+OPTIONAL_COLUMNS = ("cache_path", "mask", "marker_box")
+PATH_COLUMNS = ("path", "cache_path", "mask")
+
+EXCLUSION_REASONS = {
+    "no-class-folder": "file directly in the source folder, not inside a class folder",
+    "unmapped-label": "class folder not in the label map (ignore_unmapped)",
+    "label-conflict": "duplicate of an image with another label",
+    "empty": "zero-byte file",
+    "not-an-image": "not an image file",
+    "truncated": "image data cut short or damaged",
+    "unreadable": "could not be decoded",
+    "too-small": "smaller than 64 px on a side",
+    "too-large": "more pixels than the decompression-bomb limit",
+}
+
+# Below this many files a thread pool is not worth starting.
+PARALLEL_MIN_FILES = 16
+
+
+@dataclass
+class Exclusion:
+    path: str  # relative to the source folder
+    reason: str  # a key of EXCLUSION_REASONS
+    detail: str
+
+
+@dataclass
+class PrepareReport:
+    """What `prepare` did; also written, as JSON, to ``OUT/prepare_report.json``."""
+
+    src: str
+    out: str
+    manifest_path: str
+    report_path: str
+    cache_dir: str | None
+    n_files: int  # every file found under src
+    n_images: int  # rows in the manifest
+    counts: dict[str, dict[str, int]]  # split -> label -> number of images
+    excluded: list[Exclusion]
+    duplicate_groups: list[dict]  # groups of more than one image kept in the manifest
+    conflicts: list[dict]  # duplicate groups whose members carried different labels (all excluded)
+    unused_map_keys: list[str]  # label-map entries that matched no folder (a typo?)
+    arguments: dict
+    seconds: float
+    labels: list[str] = field(default_factory=list)
+
+    def exclusions_by_reason(self) -> dict[str, int]:
+        return dict(sorted(Counter(item.reason for item in self.excluded).items()))
+
+    def to_dict(self) -> dict:
+        data = asdict(self)
+        data["exclusions_by_reason"] = self.exclusions_by_reason()
+        return data
+
+
+# --- decoding every file, in parallel --------------------------------------------------------------------
+
+
+def _examine_all(
+    tasks: list[tuple[str, str | None, int]], workers: int, progress: Progress | None, task_id
+) -> list[image_cache.Examined]:
+    results: list[image_cache.Examined] = []
+
+    def advance():
+        if progress is not None:
+            progress.advance(task_id)
+
+    if workers <= 1 or len(tasks) < PARALLEL_MIN_FILES:
+        for task in tasks:
+            results.append(image_cache.examine_file(task))
+            advance()
+        return results
+    # Threads, not processes: JPEG/PNG decoding, resizing, PNG encoding and SHA-256 run in C with the GIL
+    # released (checked: a probe thread is never stalled more than ~10 ms during a 0.5-3 s call of each),
+    # so threads use the cores without processes' costs: no start-up, no pickling, no fork after torch
+    # has started its thread pools, no `if __name__ == "__main__"` guard needed in a user's script.
+    with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="cxrfast-prepare") as pool:
+        for result in pool.map(image_cache.examine_file, tasks):
+            results.append(result)
+            advance()
+    return results
+
+
+def default_workers() -> int:
+    """Decoding threads: one per CPU core, at most 8 (disk and memory bandwidth cap the gain)."""
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except AttributeError:  # macOS, Windows
+        cores = os.cpu_count() or 1
+    return max(1, min(8, cores))
+
+
+# --- prepare -------------------------------------------------------------------------------------------
+
+
+def prepare(
+    src: str | os.PathLike,
+    out: str | os.PathLike,
+    *,
+    label_map: str | os.PathLike | Mapping[str, str] | None = None,
+    ignore_unmapped: bool = False,
+    seed: int = 0,
+    splits: Sequence[float] | str = DEFAULT_FRACTIONS,
+    cache_size: int = 512,
+    force: bool = False,
+    progress: bool = True,
+    workers: int | None = None,
+    dedup_threshold: int = DEFAULT_THRESHOLD,
+    min_correlation: float = DEFAULT_MIN_CORRELATION,
+    console: Console | None = None,
+) -> PrepareReport:
+    """Build ``OUT/manifest.csv`` and ``OUT/prepare_report.json`` from the class folders under ``src``.
+
+    ``label_map``: folder → label, as a file path, inline "Folder=Label,...", preset name or dict; None
+    uses folder names as labels. Folders the map does not cover are an error unless ``ignore_unmapped``.
+    ``splits``: train/valid/test fractions (or "0.6,0.2,0.2"). ``cache_size``: longest side of the cached
+    working copies (0: no cache). ``workers``: decoding threads (default: one per core, at most 8).
+    Raises `CxrFastError` for user mistakes (missing folder, existing manifest without ``force``, bad map).
+    """
+    started = time.perf_counter()
+    src_dir = Path(os.path.abspath(src))
+    out_dir = Path(os.path.abspath(out))
+    fractions = parse_fractions(splits)
+    mapping = parse_label_map(label_map)
+    _check_arguments(src_dir, out_dir, seed, cache_size, force)
+    workers = default_workers() if workers is None else max(1, int(workers))
+    console = console or Console(stderr=True)
+
+    # 1. Find files. The output folder may sit inside the source folder: never read our own files back.
+    own_files = [out_dir / MANIFEST_NAME, out_dir / REPORT_NAME, out_dir / image_cache.CACHE_DIRNAME]
+    skip = own_files if out_dir == src_dir else [out_dir] if out_dir.is_relative_to(src_dir) else []
+    items = find_images(src_dir, skip=skip)
+    if not items:
+        raise CxrFastError(f"{src_dir}: no files found (expected {src_dir}/<class>/<image>)")
+    if not any(item.has_class for item in items):
+        raise CxrFastError(
+            f"{src_dir}: no class folders, only loose files (expected {src_dir}/<class>/<image>)"
+        )
+
+    # 2. Labels.
+    excluded: list[Exclusion] = []
+    source_labels = sorted({item.source_label for item in items if item.has_class})
+    unmapped = [name for name in source_labels if map_label(name, mapping) is None]
+    if unmapped and not ignore_unmapped:
+        counts = Counter(item.source_label for item in items)
+        listed = ", ".join(f"{name!r} ({counts[name]} files)" for name in unmapped)
+        raise CxrFastError(
+            f"{src_dir}: the label map does not cover folder(s) {listed}; add them to the map or pass "
+            "--ignore-unmapped to leave them out"
+        )
+    unused_keys = sorted(
+        key for key in (mapping or {}) if not any(map_label(name, {key: "x"}) for name in source_labels)
+    )
+    candidates = []
+    for item in items:
+        relpath = item.path.relative_to(src_dir).as_posix()
+        if not item.has_class:
+            excluded.append(Exclusion(relpath, "no-class-folder", EXCLUSION_REASONS["no-class-folder"]))
+            continue
+        label = map_label(item.source_label, mapping)
+        if label is None:
+            excluded.append(
+                Exclusion(relpath, "unmapped-label", f"folder {item.source_label!r} is not in the label map")
+            )
+            continue
+        candidates.append((item, relpath, label))
+
+    # 3. Decode, fingerprint and cache every candidate.
+    cache_dir = out_dir / image_cache.CACHE_DIRNAME if cache_size > 0 else None
+    out_dir.mkdir(parents=True, exist_ok=True)
+    tasks = [(str(item.path), str(cache_dir) if cache_dir else None, cache_size) for item, _, _ in candidates]
+    with _progress_bar(console, enabled=progress) as bar:
+        task_id = bar.add_task("Checking images", total=len(tasks)) if bar is not None else None
+        examined = _examine_all(tasks, workers, bar, task_id)
+
+    rows = []
+    fingerprints = []
+    for (item, relpath, label), result in zip(candidates, examined, strict=True):
+        if result.fingerprint is None:
+            excluded.append(Exclusion(relpath, result.reason, result.detail))
+            continue
+        fingerprints.append(result.fingerprint)
+        rows.append(
+            dict(
+                path=str(item.path),
+                relpath=relpath,
+                label=label,
+                source_label=item.source_label,
+                sha256=result.fingerprint.sha256,
+                width=result.width,
+                height=result.height,
+                cache_path=result.cache_path,
+            )
+        )
+    if not rows:
+        raise CxrFastError(
+            f"{src_dir}: none of the {len(items)} files is a usable image ({_reason_summary(excluded)})"
+        )
+
+    # 4. Duplicates and label conflicts.
+    roots = group_duplicates(fingerprints, threshold=dedup_threshold, min_correlation=min_correlation)
+    group_ids, duplicate_groups, conflicts = _resolve_duplicates(rows, roots)
+    conflicted = {i for conflict in conflicts for i in conflict.pop("members")}
+    for conflict in conflicts:
+        excluded.extend(conflict.pop("exclusions"))
+    kept = [i for i in range(len(rows)) if i not in conflicted]
+    if not kept:
+        raise CxrFastError(f"{src_dir}: every image is part of a label conflict; nothing left to split")
+
+    # 5. Split.
+    manifest = pd.DataFrame([rows[i] for i in kept])
+    manifest["group"] = [group_ids[i] for i in kept]
+    manifest["split"] = split_items(list(manifest["label"]), list(manifest["group"]), fractions, seed)
+
+    # 6. Synthetic data carries masks and marker boxes in SRC/_meta.csv.
+    manifest = _merge_meta(manifest, src_dir)
+
+    # 7. Write.
+    for column in PATH_COLUMNS:
+        if column in manifest:
+            manifest[column] = [_stored_path(value, out_dir) for value in manifest[column]]
+    columns = list(MANIFEST_COLUMNS) + [
+        name
+        for name in OPTIONAL_COLUMNS
+        if name in manifest and (name != "cache_path" or cache_dir is not None)
+    ]
+    manifest = manifest[columns]
+    manifest_path = out_dir / MANIFEST_NAME
+    report_path = out_dir / REPORT_NAME
+    _atomic_write_text(manifest_path, manifest.to_csv(index=False, lineterminator="\n"))
+
+    labels = sorted(manifest["label"].unique())
+    counts = {
+        split: {
+            label: int(((manifest["split"] == split) & (manifest["label"] == label)).sum())
+            for label in labels
+        }
+        for split in SPLITS
+    }
+    excluded.sort(key=lambda item: item.path)
+    report = PrepareReport(
+        src=str(src_dir),
+        out=str(out_dir),
+        manifest_path=str(manifest_path),
+        report_path=str(report_path),
+        cache_dir=str(cache_dir) if cache_dir else None,
+        n_files=len(items),
+        n_images=len(manifest),
+        counts=counts,
+        excluded=excluded,
+        duplicate_groups=duplicate_groups,
+        conflicts=conflicts,
+        unused_map_keys=unused_keys,
+        arguments=dict(
+            src=str(src_dir),
+            out=str(out_dir),
+            label_map=mapping,
+            ignore_unmapped=ignore_unmapped,
+            seed=seed,
+            splits=list(fractions),
+            cache_size=cache_size,
+            dedup_threshold=dedup_threshold,
+            min_correlation=min_correlation,
+        ),
+        seconds=round(time.perf_counter() - started, 3),
+        labels=labels,
+    )
+    report_data = report.to_dict()
+    report_data.pop("seconds")  # keeps the report identical between identical runs
+    _atomic_write_text(report_path, json.dumps(report_data, indent=2) + "\n")
+    return report
+
+
+def _resolve_duplicates(rows: list[dict], roots: list[int]) -> tuple[list[str], list[dict], list[dict]]:
+    """Group id per row, the duplicate groups kept, and the label conflicts (with members and exclusions).
+
+    A group's id comes from its members' content ("g" + 12 hex digits of the smallest SHA-256), so it
+    does not change when unrelated files are added to or removed from the dataset.
+    """
+    members: dict[int, list[int]] = defaultdict(list)
+    for index, root in enumerate(roots):
+        members[root].append(index)
+    id_of_root = {
+        root: "g" + min(rows[i]["sha256"] for i in indices)[:12] for root, indices in members.items()
+    }
+    duplicate_groups, conflicts = [], []
+    for root, indices in sorted(members.items()):
+        if len(indices) < 2:
+            continue
+        labels = sorted({rows[i]["label"] for i in indices})
+        entry = dict(
+            group=id_of_root[root],
+            labels=labels,
+            files=[rows[i]["relpath"] for i in indices],
+            exact=len({rows[i]["sha256"] for i in indices}) == 1,
+        )
+        if len(labels) == 1:
+            duplicate_groups.append(entry)
+            continue
+        # Which label is right cannot be known here; keeping either would train or test on a wrong one.
+        exclusions = []
+        for i in indices:
+            others = ", ".join(f"{rows[j]['relpath']} ({rows[j]['label']})" for j in indices if j != i)
+            exclusions.append(Exclusion(rows[i]["relpath"], "label-conflict", f"duplicate of {others}"))
+        conflicts.append(dict(entry, members=indices, exclusions=exclusions))
+    return [id_of_root[root] for root in roots], duplicate_groups, conflicts
+
+
+def _check_arguments(src: Path, out: Path, seed: int, cache_size: int, force: bool) -> None:
+    if not src.exists():
+        raise CxrFastError(f"{src}: source folder not found")
+    if not src.is_dir():
+        raise CxrFastError(f"{src}: source is not a folder (expected {src}/<class>/<image>)")
+    if out.exists() and not out.is_dir():
+        raise CxrFastError(f"{out}: output exists and is not a folder")
+    if (out / MANIFEST_NAME).exists() and not force:
+        raise CxrFastError(f"{out / MANIFEST_NAME} already exists; use --force to replace it")
+    if not isinstance(seed, int) or seed < 0:
+        raise CxrFastError(f"seed must be a whole number >= 0, got {seed!r}")
+    if not isinstance(cache_size, int) or (cache_size != 0 and cache_size < 64):
+        raise CxrFastError(f"cache size must be 0 (no cache) or at least 64 pixels, got {cache_size!r}")
+
+
+def _progress_bar(console: Console, enabled: bool):
+    if not enabled:
+        return _NoProgress()
+    return Progress(
+        TextColumn("[progress.description]{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        TimeRemainingColumn(),
+        console=console,
+        transient=False,
+    )
+
+
+class _NoProgress:
+    def __enter__(self):
+        return None
+
+    def __exit__(self, *exc):
+        return False
+
+
+def _stored_path(value: str, out_dir: Path) -> str:
+    """Relative to OUT when inside it (the folder can move), else absolute."""
+    if not value:
+        return ""
+    path = Path(os.path.abspath(value))
+    return path.relative_to(out_dir).as_posix() if path.is_relative_to(out_dir) else str(path)
+
+
+def _atomic_write_text(path: Path, text: str) -> None:
+    partial = path.with_name(f".{path.name}.partial")
+    partial.write_text(text, encoding="utf-8")
+    os.replace(partial, path)
+
+
+def _reason_summary(excluded: list[Exclusion]) -> str:
+    return ", ".join(f"{reason}: {n}" for reason, n in sorted(Counter(e.reason for e in excluded).items()))
+
+
+def _merge_meta(manifest: pd.DataFrame, src: Path) -> pd.DataFrame:
+    meta_path = src / META_NAME
+    if not meta_path.is_file():
+        return manifest
+    try:
+        meta = pd.read_csv(meta_path, dtype=str, keep_default_na=False)
+    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as error:
+        raise CxrFastError(f"{meta_path}: cannot read ({error})") from None
+    if "relpath" not in meta.columns:
+        raise CxrFastError(f"{meta_path}: missing column 'relpath'")
+    meta = meta.drop_duplicates("relpath").set_index("relpath")
+    relpaths = manifest["relpath"]
+    if "mask" in meta.columns:
+        masks = relpaths.map(meta["mask"]).fillna("")
+        manifest["mask"] = [str(src / mask) if mask else "" for mask in masks]
+    if "marker_box" in meta.columns:
+        manifest["marker_box"] = relpaths.map(meta["marker_box"]).fillna("")
+    return manifest
+
+
+# --- reading and printing ------------------------------------------------------------------------------
+
+
+def read_manifest(dir_or_csv: str | os.PathLike) -> pd.DataFrame:
+    """Load a manifest (its folder or the CSV itself) with absolute paths, validated.
+
+    Returns a DataFrame with the columns as written (strings; ``width``/``height`` as int; empty optional
+    values as ""). Raises `CxrFastError` for a missing file, missing columns or unknown split names.
+    """
+    location = Path(dir_or_csv)
+    csv_path = location / MANIFEST_NAME if location.is_dir() else location
+    if not csv_path.is_file():
+        raise CxrFastError(f"{csv_path}: manifest not found (make one with `cxrfast data prepare`)")
+    try:
+        frame = pd.read_csv(csv_path, dtype=str, keep_default_na=False)
+    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as error:
+        raise CxrFastError(
+            f"{csv_path}: not a readable CSV manifest ({str(error).splitlines()[0]})"
+        ) from None
+    missing = [column for column in MANIFEST_COLUMNS if column not in frame.columns]
+    if missing:
+        raise CxrFastError(f"{csv_path}: missing column(s) {', '.join(missing)}")
+    if frame.empty:
+        raise CxrFastError(f"{csv_path}: manifest has no rows")
+    bad_splits = sorted(set(frame["split"]) - set(SPLITS))
+    if bad_splits:
+        raise CxrFastError(
+            f"{csv_path}: unknown split value(s) {', '.join(map(repr, bad_splits))}; "
+            f"expected {', '.join(SPLITS)}"
+        )
+    if (frame["label"].str.strip() == "").any() or (frame["path"].str.strip() == "").any():
+        raise CxrFastError(f"{csv_path}: some rows have an empty path or label")
+    for column in ("width", "height"):
+        numbers = pd.to_numeric(frame[column], errors="coerce")
+        if numbers.isna().any() or (numbers % 1 != 0).any():
+            raise CxrFastError(f"{csv_path}: column {column!r} must hold whole numbers")
+        frame[column] = numbers.astype(int)
+    base = csv_path.parent.absolute()
+    for column in PATH_COLUMNS:
+        if column in frame.columns:
+            frame[column] = [
+                str(base / value) if value and not os.path.isabs(value) else value for value in frame[column]
+            ]
+    return frame
+
+
+def print_summary(report: PrepareReport, console: Console | None = None) -> None:
+    """Print counts per split x label, exclusions by reason, duplicates and conflicts as rich tables."""
+    console = console or Console()
+    table = Table(title=f"{report.n_images} images in {report.manifest_path}")
+    table.add_column("label")
+    for split in SPLITS:
+        table.add_column(split, justify="right")
+    table.add_column("total", justify="right")
+    for label in report.labels:
+        per_split = [report.counts[split].get(label, 0) for split in SPLITS]
+        table.add_row(label, *map(str, per_split), str(sum(per_split)))
+    totals = [sum(report.counts[split].values()) for split in SPLITS]
+    shares = [f"{n} ({n / max(1, sum(totals)):.0%})" for n in totals]
+    table.add_row("[bold]total", *shares, f"[bold]{sum(totals)}")
+    console.print(table)
+
+    by_reason = report.exclusions_by_reason()
+    if by_reason:
+        excluded = Table(
+            title=f"{len(report.excluded)} of {report.n_files} files excluded "
+            f"(details in {report.report_path})"
+        )
+        excluded.add_column("reason")
+        excluded.add_column("files", justify="right")
+        excluded.add_column("meaning")
+        excluded.add_column("example")
+        for reason, count in by_reason.items():
+            example = next(item for item in report.excluded if item.reason == reason)
+            meaning = EXCLUSION_REASONS.get(reason, "")
+            detail = "" if example.detail == meaning else f": {example.detail}"
+            excluded.add_row(reason, str(count), meaning, f"{example.path}{detail}")
+        console.print(excluded)
+    else:
+        console.print(f"All {report.n_files} files were usable.")
+
+    if report.duplicate_groups:
+        n_files = sum(len(group["files"]) for group in report.duplicate_groups)
+        console.print(
+            f"{len(report.duplicate_groups)} duplicate groups ({n_files} images) kept, each within one split."
+        )
+    for conflict in report.conflicts[:10]:
+        console.print(
+            f"[yellow]label conflict[/] {', '.join(conflict['labels'])}: {', '.join(conflict['files'])}"
+        )
+    if len(report.conflicts) > 10:
+        console.print(f"... and {len(report.conflicts) - 10} more label conflicts (see {report.report_path})")
+    if report.unused_map_keys:
+        console.print(f"[yellow]label map entries matching no folder:[/] {', '.join(report.unused_map_keys)}")
+    if report.cache_dir:
+        console.print(f"Image cache: {report.cache_dir}")
+    console.print(f"Took {report.seconds:.1f} s.")

@@ -1,0 +1,77 @@
+"""Find the image files of a class-folder dataset, whatever its depth.
+
+Accepted layouts (the class is the first folder below ROOT that is not a split folder):
+
+    ROOT/<class>/<file>                       e.g. Mendeley: COVID-19/COVID-19 (1).jpg
+    ROOT/<split>/<class>/<file>               e.g. Kaggle: train/PNEUMONIA/person1_bacteria_1.jpeg
+    ROOT/<class>/<any>/<sub>/<folders>/<file> nested folders under a class belong to that class
+
+Split folders are ignored because `prepare` makes its own, leakage-free split. Folders and files whose name
+starts with "_" or "." are never data (``_masks``, ``_meta.csv``, ``.DS_Store``). Every other file is
+returned, image-looking or not, so that nothing is dropped silently: files that turn out not to be images
+are reported by the reader, and files outside any class folder come back with ``source_label=None``.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+
+from cxr_fast.errors import CxrFastError
+
+SPLIT_FOLDER_NAMES = frozenset({"train", "training", "valid", "val", "validation", "test", "testing"})
+
+
+@dataclass(frozen=True)
+class Item:
+    """One file found under ROOT; ``source_label`` is its class folder's name, None when it has none."""
+
+    path: Path
+    source_label: str | None
+
+    @property
+    def has_class(self) -> bool:
+        return self.source_label is not None
+
+
+def is_hidden(name: str) -> bool:
+    return name.startswith(("_", "."))
+
+
+def is_split_folder(name: str) -> bool:
+    return name.casefold() in SPLIT_FOLDER_NAMES
+
+
+def find_images(root: str | os.PathLike, skip: Iterable[str | os.PathLike] = ()) -> list[Item]:
+    """Every non-hidden file under ``root`` with its class folder name, sorted by path.
+
+    ``skip``: files or folders to leave out (e.g. the output folder when it lies inside ``root``).
+    Raises `CxrFastError` when ``root`` is missing or not a folder.
+    """
+    root = Path(root)
+    if not root.exists():
+        raise CxrFastError(f"{root}: folder not found")
+    if not root.is_dir():
+        raise CxrFastError(f"{root}: not a folder (expected ROOT/<class>/<image> folders)")
+    skipped = {Path(p).resolve() for p in skip}
+
+    items = []
+    for folder, subfolders, files in os.walk(root):
+        folder_path = Path(folder)
+        # Pruning in place stops os.walk from descending; sorting makes the walk order deterministic.
+        subfolders[:] = sorted(
+            name
+            for name in subfolders
+            if not is_hidden(name) and (folder_path / name).resolve() not in skipped
+        )
+        relative_folders = folder_path.relative_to(root).parts
+        label = next((part for part in relative_folders if not is_split_folder(part)), None)
+        for name in files:
+            path = folder_path / name
+            if is_hidden(name) or (skipped and path.resolve() in skipped):
+                continue
+            items.append(Item(path=path, source_label=label))
+    items.sort(key=lambda item: item.path.relative_to(root).as_posix())
+    return items

@@ -1,0 +1,100 @@
+"""Stratified, group-aware, seeded train/valid/test split.
+
+- Group-aware: all members of a duplicate group land in one split, so no image is tested on a copy of
+  itself that the model trained on.
+- Stratified: each label is split on its own, so the rare class (COVID-19) gets its share of every split
+  instead of whatever a global shuffle leaves it.
+- Seeded: the same items, labels, groups and seed always give the same split.
+
+Within a label, groups are shuffled by the seed, then taken largest first and each is given to the split
+furthest below its target count. Singletons then fill the gaps, so each split ends within one image of its
+target unless one group is bigger than a whole split.
+"""
+
+from __future__ import annotations
+
+import zlib
+from collections import Counter, defaultdict
+from collections.abc import Sequence
+
+import numpy as np
+
+from cxr_fast.errors import CxrFastError
+
+SPLITS = ("train", "valid", "test")
+DEFAULT_FRACTIONS = (0.6, 0.2, 0.2)
+
+
+def parse_fractions(fractions: Sequence[float] | str) -> tuple[float, float, float]:
+    """Validate split fractions given as three numbers or text like "0.6,0.2,0.2" (or "60,20,20")."""
+    if isinstance(fractions, str):
+        try:
+            values = [float(part) for part in fractions.replace("/", ",").split(",") if part.strip()]
+        except ValueError:
+            raise CxrFastError(
+                f"split fractions {fractions!r}: expected three numbers like 0.6,0.2,0.2"
+            ) from None
+    else:
+        values = [float(value) for value in fractions]
+    if len(values) != 3:
+        raise CxrFastError(f"split fractions {fractions!r}: expected three numbers (train, valid, test)")
+    if any(value < 0 for value in values):
+        raise CxrFastError(f"split fractions {fractions!r}: must not be negative")
+    total = sum(values)
+    if 99 <= total <= 101:  # percentages
+        values, total = [value / 100 for value in values], total / 100
+    if abs(total - 1.0) > 1e-6:
+        raise CxrFastError(f"split fractions {fractions!r}: must add up to 1 (they add up to {total:g})")
+    if values[0] <= 0:
+        raise CxrFastError(f"split fractions {fractions!r}: the train fraction must be above 0")
+    return values[0], values[1], values[2]
+
+
+def split_items(
+    labels: Sequence[str],
+    groups: Sequence[object],
+    fractions: Sequence[float] | str = DEFAULT_FRACTIONS,
+    seed: int = 0,
+) -> list[str]:
+    """The split name ("train", "valid" or "test") of every item.
+
+    ``groups``: any hashable id per item; items sharing one are kept together. A group whose members carry
+    different labels is placed with its most common label (`prepare` removes such groups beforehand).
+    """
+    if len(labels) != len(groups):
+        raise ValueError("labels and groups must have the same length")
+    targets_fraction = np.asarray(parse_fractions(fractions))
+
+    members: dict[object, list[int]] = defaultdict(list)
+    for index, group in enumerate(groups):
+        members[group].append(index)
+    groups_of_label: dict[str, list[object]] = defaultdict(list)
+    for group, indices in members.items():
+        counts = Counter(labels[i] for i in indices)
+        # Majority label; ties go to the alphabetically first so the result does not depend on dict order.
+        label = min(counts, key=lambda name: (-counts[name], name))
+        groups_of_label[label].append(group)
+
+    assignment: list[str] = [""] * len(labels)
+    for label in sorted(groups_of_label):
+        label_groups = sorted(groups_of_label[label], key=lambda group: min(members[group]))
+        # One generator per label, seeded by (seed, label name): adding a class does not reshuffle the others.
+        rng = np.random.default_rng([seed, zlib.crc32(label.encode("utf-8"))])
+        order = rng.permutation(len(label_groups))
+        shuffled = [label_groups[k] for k in order]
+        shuffled.sort(key=lambda group: -len(members[group]))  # stable: equal sizes keep the random order
+        total = sum(len(members[group]) for group in shuffled)
+        targets = targets_fraction * total
+        filled = np.zeros(len(SPLITS))
+        for group in shuffled:
+            size = len(members[group])
+            # The split whose distance to its target shrinks most (or grows least) by taking this group;
+            # ties go to the earlier split (train, valid, test). A split with fraction 0 gets nothing.
+            gap_after = np.where(
+                targets_fraction > 0, np.abs(targets - filled - size) - np.abs(targets - filled), np.inf
+            )
+            chosen = int(np.argmin(gap_after))
+            filled[chosen] += size
+            for index in members[group]:
+                assignment[index] = SPLITS[chosen]
+    return assignment

@@ -1,0 +1,121 @@
+"""Duplicate detection: copies survive resizing and re-encoding; different images and phantoms stay apart."""
+
+import io
+
+import numpy as np
+from PIL import Image, ImageEnhance
+
+from cxr_fast.data.dedup import (
+    Fingerprint,
+    file_sha256,
+    fingerprint,
+    group_duplicates,
+    hamming_distance,
+    near_pairs,
+    perceptual_hash,
+    thumbnail_correlation,
+)
+from cxr_fast.data.io import read_image
+
+
+def textured_image(seed: int, width: int = 160, height: int = 128) -> Image.Image:
+    """Random detail at four scales (a 1/f-like spectrum, as photographs and radiographs have).
+
+    Not a single smooth blob: in an image with no detail beyond a 6x6 grid, most of the 256 hash bits
+    compare near-zero coefficients and flip at any edit, which no real X-ray resembles.
+    """
+    rng = np.random.default_rng(seed)
+    total = np.zeros((height, width))
+    for cells, weight in [(4, 1.0), (8, 0.5), (16, 0.25), (32, 0.125)]:
+        noise = Image.fromarray((rng.random((cells, cells)) * 255).astype(np.uint8))
+        total += weight * np.asarray(noise.resize((width, height), Image.Resampling.BICUBIC), dtype=float)
+    total = (total - total.min()) / (total.max() - total.min()) * 255
+    return Image.fromarray(total.astype(np.uint8))
+
+
+def fingerprint_of(tmp_path, name: str, image: Image.Image, **save_args) -> Fingerprint:
+    path = tmp_path / name
+    image.save(path, **save_args)
+    return fingerprint(path, read_image(path))
+
+
+def reencoded(image: Image.Image, scale: float, quality: int) -> Image.Image:
+    width, height = image.size
+    buffer = io.BytesIO()
+    image.resize((int(width * scale), int(height * scale)), Image.Resampling.BILINEAR).save(
+        buffer, "JPEG", quality=quality
+    )
+    return Image.open(buffer)
+
+
+def test_resized_reencoded_copy_groups_with_its_original(tmp_path):
+    original = textured_image(0, 400, 320)
+    prints = [
+        fingerprint_of(tmp_path, "original.png", original),
+        fingerprint_of(tmp_path, "small.jpg", reencoded(original, 0.4, 70)),
+        fingerprint_of(tmp_path, "brighter.png", ImageEnhance.Brightness(original).enhance(1.1)),
+        fingerprint_of(tmp_path, "contrast.png", ImageEnhance.Contrast(original).enhance(1.3)),
+        fingerprint_of(tmp_path, "other.png", textured_image(1, 400, 320)),
+    ]
+    assert len({p.sha256 for p in prints}) == 5  # no byte-identical files here: the pHash must do the work
+    assert group_duplicates(prints) == [0, 0, 0, 0, 4]
+
+
+def test_exact_copies_group_by_sha256_even_without_near_matching(tmp_path):
+    image = textured_image(2)
+    a = fingerprint_of(tmp_path, "a.png", image)
+    b = fingerprint_of(tmp_path, "b.png", image)
+    assert a.sha256 == b.sha256 == file_sha256(tmp_path / "a.png")
+    assert group_duplicates([a, b], threshold=-1) == [0, 0]
+
+
+def test_different_images_do_not_group(tmp_path):
+    prints = [fingerprint_of(tmp_path, f"{seed}.png", textured_image(seed)) for seed in range(40)]
+    assert group_duplicates(prints) == list(range(40))
+
+
+def test_different_phantoms_do_not_group():
+    # Phantoms share one anatomy: the case where a plain 64-bit pHash confuses different images.
+    from cxr_fast.data.synth import make_phantom
+
+    images = [
+        Image.fromarray(make_phantom(label, i, size=128)[0])
+        for label in ("Normal", "COVID-19")
+        for i in range(15)
+    ]
+    prints = []
+    for i, image in enumerate(images):
+        thumb = image.resize((32, 32), Image.Resampling.BOX)
+        prints.append(Fingerprint(str(i), perceptual_hash(image), thumb.tobytes()))
+    assert len(near_pairs(prints)) == 0
+    # ... while a re-encoded phantom is still found
+    copy = reencoded(images[0], 0.5, 75).convert("L")
+    prints.append(
+        Fingerprint("copy", perceptual_hash(copy), copy.resize((32, 32), Image.Resampling.BOX).tobytes())
+    )
+    assert near_pairs(prints).tolist() == [[0, 30]]
+
+
+def test_groups_are_transitive():
+    # A~B and B~C (but not A~C directly) still makes one group: union-find over all near pairs.
+    thumbnail = bytes(range(256)) * 4
+    a = "0" * 64
+    b = "f" * 10 + "0" * 54  # 40 bits from a
+    c = "f" * 20 + "0" * 44  # 40 bits from b, 80 from a
+    d = "f" * 64
+    assert hamming_distance(a, b) == 40 and hamming_distance(b, c) == 40 and hamming_distance(a, c) == 80
+    prints = [Fingerprint(str(i), h, thumbnail) for i, h in enumerate([c, d, a, b])]
+    assert near_pairs(prints).tolist() == [[0, 3], [2, 3]]
+    assert group_duplicates(prints) == [0, 1, 0, 0]
+
+
+def test_thumbnail_correlation_vetoes_hash_collisions():
+    ramp = np.tile(np.arange(32, dtype=np.uint8) * 8, (32, 1))
+    prints = [Fingerprint("a", "0" * 64, ramp.tobytes()), Fingerprint("b", "0" * 64, ramp.T.copy().tobytes())]
+    assert thumbnail_correlation(prints[0].thumbnail, prints[1].thumbnail) < 0.1
+    assert group_duplicates(prints) == [0, 1]
+
+
+def test_near_pairs_handles_tiny_inputs():
+    assert near_pairs([]).shape == (0, 2)
+    assert group_duplicates([]) == []

@@ -1,0 +1,257 @@
+"""read_image: every pixel format becomes 8-bit grayscale; every kind of bad file has a reason."""
+
+import struct
+import zlib
+
+import numpy as np
+import pytest
+from PIL import Image, ImageFile
+
+from cxr_fast.data import io
+from cxr_fast.data.io import ImageReadError, image_size, is_dicom, read_image, read_image_with_size
+from cxr_fast.errors import CxrFastError
+
+
+def smooth_image(seed: int, width: int = 96, height: int = 80) -> np.ndarray:
+    """A smooth random uint8 image: upsampled coarse noise, so different seeds look different to a pHash."""
+    coarse = np.random.default_rng(seed).random((6, 6)) * 255
+    return np.asarray(
+        Image.fromarray(coarse.astype(np.uint8)).resize((width, height), Image.Resampling.BICUBIC)
+    )
+
+
+def assert_gray8(image: Image.Image):
+    assert image.mode == "L"
+    assert np.asarray(image).dtype == np.uint8
+
+
+# --- PNG / JPEG formats ---------------------------------------------------------------------------------
+
+
+def test_8bit_png_is_returned_unchanged(tmp_path):
+    pixels = smooth_image(0)
+    Image.fromarray(pixels).save(tmp_path / "a.png")
+    image = read_image(tmp_path / "a.png")
+    assert_gray8(image)
+    np.testing.assert_array_equal(np.asarray(image), pixels)
+
+
+def test_16bit_png_is_stretched_over_its_range_not_clipped(tmp_path):
+    # 12-bit detector data in a 16-bit PNG: PIL's convert("L") would clip almost everything to 255.
+    pixels = (1000 + smooth_image(1).astype(np.uint16) * 12).astype(np.uint16)
+    Image.fromarray(pixels).save(tmp_path / "a16.png")
+    assert Image.open(tmp_path / "a16.png").mode.startswith("I")
+    image = read_image(tmp_path / "a16.png")
+    assert_gray8(image)
+    out = np.asarray(image).astype(float)
+    assert out.min() == 0 and out.max() == 255
+    assert (out == 255).mean() < 0.05
+    assert np.corrcoef(out.ravel(), pixels.ravel())[0, 1] > 0.999
+
+
+def test_rgba_and_la_drop_alpha(tmp_path):
+    gray = smooth_image(2)
+    alpha = np.full_like(gray, 128)
+    Image.fromarray(np.dstack([gray, gray, gray, alpha]), "RGBA").save(tmp_path / "rgba.png")
+    Image.fromarray(np.dstack([gray, alpha]), "LA").save(tmp_path / "la.png")
+    for name in ("rgba.png", "la.png"):
+        image = read_image(tmp_path / name)
+        assert_gray8(image)
+        np.testing.assert_allclose(np.asarray(image), gray, atol=1)
+
+
+def test_rgb_uses_luma(tmp_path):
+    red = np.zeros((80, 96, 3), np.uint8)
+    red[..., 0] = 200
+    Image.fromarray(red, "RGB").save(tmp_path / "red.png")
+    assert abs(int(np.asarray(read_image(tmp_path / "red.png")).mean()) - round(200 * 0.299)) <= 1
+
+
+def test_palette_png(tmp_path):
+    gray = smooth_image(3)
+    Image.fromarray(gray).convert("P").save(tmp_path / "p.png")
+    assert Image.open(tmp_path / "p.png").mode == "P"
+    image = read_image(tmp_path / "p.png")
+    assert_gray8(image)
+    assert np.abs(np.asarray(image).astype(int) - gray).mean() < 3
+
+
+def test_cmyk_jpeg(tmp_path):
+    gray = smooth_image(4)
+    Image.fromarray(gray).convert("RGB").convert("CMYK").save(tmp_path / "c.jpg", quality=95)
+    assert Image.open(tmp_path / "c.jpg").mode == "CMYK"
+    image = read_image(tmp_path / "c.jpg")
+    assert_gray8(image)
+    assert np.abs(np.asarray(image).astype(int) - gray).mean() < 6
+
+
+def test_exif_orientation_is_applied(tmp_path):
+    pixels = np.zeros((80, 120), np.uint8)  # landscape, bright block in the top-left corner
+    pixels[:20, :30] = 255
+    exif = Image.Exif()
+    exif[0x0112] = 6  # "rotate 90 degrees clockwise to display"
+    Image.fromarray(pixels).save(tmp_path / "r.jpg", exif=exif, quality=95)
+    image = read_image(tmp_path / "r.jpg")
+    assert image.size == (80, 120)  # portrait after rotation
+    expected = np.rot90(pixels, k=-1)
+    assert np.abs(np.asarray(image).astype(int) - expected).mean() < 5
+    # reduced-scale decoding still reports the original, oriented size
+    small, size = read_image_with_size(tmp_path / "r.jpg", max_side=64)
+    assert size == (80, 120) and max(small.size) == 64 and small.size[1] > small.size[0]
+
+
+def test_max_side_shrinks_and_keeps_original_size(tmp_path):
+    Image.fromarray(smooth_image(5, 1000, 800)).save(tmp_path / "big.jpg")
+    small, size = read_image_with_size(tmp_path / "big.jpg", max_side=256)
+    assert size == (1000, 800)
+    assert small.size == (256, 205)
+    assert read_image(tmp_path / "big.jpg", max_side=2000).size == (1000, 800)  # never enlarged
+    assert image_size(tmp_path / "big.jpg") == (1000, 800)
+
+
+# --- DICOM ----------------------------------------------------------------------------------------------
+
+
+def write_dicom(path, stored: np.ndarray, photometric="MONOCHROME2", **attributes):
+    from pydicom.dataset import Dataset, FileMetaDataset
+    from pydicom.uid import ExplicitVRLittleEndian, SecondaryCaptureImageStorage, generate_uid
+
+    dataset = Dataset()
+    dataset.file_meta = FileMetaDataset()
+    dataset.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    dataset.file_meta.MediaStorageSOPClassUID = SecondaryCaptureImageStorage
+    dataset.file_meta.MediaStorageSOPInstanceUID = generate_uid()
+    dataset.SOPClassUID = SecondaryCaptureImageStorage
+    dataset.SOPInstanceUID = dataset.file_meta.MediaStorageSOPInstanceUID
+    dataset.set_pixel_data(stored.astype(np.uint16), photometric_interpretation=photometric, bits_stored=12)
+    for name, value in attributes.items():
+        setattr(dataset, name, value)
+    dataset.save_as(path, enforce_file_format=True)
+
+
+def dicom_phantom() -> np.ndarray:
+    stored = np.full((80, 96), 600, np.uint16)
+    stored[:, 32:64] = 1000
+    stored[:, 64:] = 1250
+    return stored
+
+
+WINDOWED = dict(RescaleSlope=2, RescaleIntercept=-1000, WindowCenter=1000, WindowWidth=1001)
+
+
+def test_dicom_monochrome2_applies_rescale_then_window(tmp_path):
+    # stored 600 -> 200 HU-like units (below the window: 0); 1000 -> 1000 (window centre: ~128);
+    # 1250 -> 1500 (above: 255). Without the rescale, 600 and 1250 would land inside the window.
+    write_dicom(tmp_path / "m2.dcm", dicom_phantom(), **WINDOWED)
+    image = read_image(tmp_path / "m2.dcm")
+    assert_gray8(image)
+    out = np.asarray(image)
+    assert out[0, 0] == 0
+    assert abs(int(out[0, 40]) - 128) <= 1
+    assert out[0, 80] == 255
+
+
+def test_dicom_monochrome1_is_inverted(tmp_path):
+    write_dicom(tmp_path / "m2.dcm", dicom_phantom(), **WINDOWED)
+    write_dicom(tmp_path / "m1.dcm", dicom_phantom(), photometric="MONOCHROME1", **WINDOWED)
+    mono2 = np.asarray(read_image(tmp_path / "m2.dcm")).astype(int)
+    mono1 = np.asarray(read_image(tmp_path / "m1.dcm")).astype(int)
+    np.testing.assert_array_equal(mono1, 255 - mono2)
+    assert mono1[0, 0] == 255  # low values are white in MONOCHROME1 files; the toolkit wants them dark
+
+
+def test_dicom_without_window_uses_full_range(tmp_path):
+    stored = (smooth_image(6).astype(np.uint16) * 16).astype(np.uint16)  # 12-bit values
+    write_dicom(tmp_path / "nowin.dcm", stored)
+    out = np.asarray(read_image(tmp_path / "nowin.dcm")).astype(float)
+    assert out.min() == 0 and out.max() == 255
+    assert np.corrcoef(out.ravel(), stored.ravel())[0, 1] > 0.999
+
+
+def test_dicom_without_suffix_is_found_by_its_preamble(tmp_path):
+    write_dicom(tmp_path / "m2.dcm", dicom_phantom(), **WINDOWED)
+    (tmp_path / "IM0001").write_bytes((tmp_path / "m2.dcm").read_bytes())
+    assert is_dicom(tmp_path / "IM0001")
+    assert not is_dicom(tmp_path / "nothing.png")
+    np.testing.assert_array_equal(
+        np.asarray(read_image(tmp_path / "IM0001")), np.asarray(read_image(tmp_path / "m2.dcm"))
+    )
+    assert image_size(tmp_path / "IM0001") == (96, 80)
+
+
+# --- bad files ------------------------------------------------------------------------------------------
+
+
+def reason_for(path) -> str:
+    with pytest.raises(ImageReadError) as caught:
+        read_image(path)
+    assert str(caught.value).startswith(f"{path}: ")
+    assert isinstance(caught.value, CxrFastError)
+    return caught.value.reason
+
+
+def huge_png_header(width: int, height: int) -> bytes:
+    """A tiny PNG whose header claims width x height pixels (a decompression bomb's calling card)."""
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    header = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
+    return (
+        b"\x89PNG\r\n\x1a\n"
+        + chunk(b"IHDR", header)
+        + chunk(b"IDAT", zlib.compress(b"\0" * 64))
+        + chunk(b"IEND", b"")
+    )
+
+
+def test_empty_file(tmp_path):
+    (tmp_path / "empty.png").write_bytes(b"")
+    assert reason_for(tmp_path / "empty.png") == "empty"
+
+
+def test_text_file_named_png(tmp_path):
+    (tmp_path / "notes.png").write_text("not an image at all\n")
+    (tmp_path / "notes.dcm").write_text("not a dicom either\n")
+    assert reason_for(tmp_path / "notes.png") == "not-an-image"
+    assert reason_for(tmp_path / "notes.dcm") == "not-an-image"
+
+
+def test_truncated_jpeg_and_png(tmp_path, monkeypatch):
+    Image.fromarray(smooth_image(7, 300, 300)).save(tmp_path / "full.jpg", quality=90)
+    data = (tmp_path / "full.jpg").read_bytes()
+    (tmp_path / "cut.jpg").write_bytes(data[: len(data) // 2])
+    noisy = np.random.default_rng(0).integers(0, 255, (300, 300), dtype=np.uint8)
+    Image.fromarray(noisy).save(tmp_path / "full.png")
+    data = (tmp_path / "full.png").read_bytes()
+    (tmp_path / "cut.png").write_bytes(data[: len(data) // 2])
+    assert reason_for(tmp_path / "cut.jpg") == "truncated"
+    assert reason_for(tmp_path / "cut.png") == "truncated"
+    # also at reduced-scale decoding, and even if some library switched PIL to padding truncated files
+    monkeypatch.setattr(ImageFile, "LOAD_TRUNCATED_IMAGES", True)
+    with pytest.raises(ImageReadError) as caught:
+        read_image(tmp_path / "cut.jpg", max_side=64)
+    assert caught.value.reason == "truncated"
+
+
+def test_too_small(tmp_path):
+    Image.fromarray(smooth_image(8, 32, 32)).save(tmp_path / "tiny.png")
+    Image.fromarray(smooth_image(8, 200, 40)).save(tmp_path / "strip.png")
+    assert reason_for(tmp_path / "tiny.png") == "too-small"
+    assert reason_for(tmp_path / "strip.png") == "too-small"
+
+
+def test_too_large_is_refused_from_the_header(tmp_path, monkeypatch):
+    # Both PIL's own bomb limit (above ~179 MP) and the toolkit's stricter one are reported as too-large,
+    # without decoding (decoding 30,000 x 30,000 would need 900 MB).
+    (tmp_path / "bomb.png").write_bytes(huge_png_header(30_000, 30_000))
+    (tmp_path / "big.png").write_bytes(huge_png_header(9_000, 9_000))
+    assert reason_for(tmp_path / "bomb.png") == "too-large"
+    assert reason_for(tmp_path / "big.png") == "too-large"
+    Image.fromarray(smooth_image(9, 100, 100)).save(tmp_path / "ok.png")
+    monkeypatch.setattr(io, "MAX_PIXELS", 5_000)
+    assert reason_for(tmp_path / "ok.png") == "too-large"
+
+
+def test_missing_file(tmp_path):
+    assert reason_for(tmp_path / "missing.png") == "unreadable"

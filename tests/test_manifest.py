@@ -1,0 +1,329 @@
+"""prepare / read_manifest / print_summary: the whole path from a folder of files to a checked manifest."""
+
+import json
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+from PIL import Image
+from rich.console import Console
+
+from cxr_fast.data import io, manifest
+from cxr_fast.data.manifest import MANIFEST_COLUMNS, prepare, print_summary, read_manifest
+from cxr_fast.errors import CxrFastError
+
+CLASSES = ("COVID-19", "Normal", "Pneumonia")
+
+
+def textured_image(seed: int, width: int = 96, height: int = 96) -> Image.Image:
+    """Random detail at several scales, so that every image has its own perceptual hash."""
+    rng = np.random.default_rng(seed)
+    total = np.zeros((height, width))
+    for cells, weight in [(4, 1.0), (8, 0.5), (16, 0.25)]:
+        noise = Image.fromarray((rng.random((cells, cells)) * 255).astype(np.uint8))
+        total += weight * np.asarray(noise.resize((width, height), Image.Resampling.BICUBIC), dtype=float)
+    total = (total - total.min()) / (total.max() - total.min()) * 255
+    return Image.fromarray(total.astype(np.uint8))
+
+
+def make_dataset(root: Path, per_class: int = 6, size: int = 96) -> Path:
+    """ROOT/<class>/<class>_NN.png with distinct images; returns root."""
+    for c, label in enumerate(CLASSES):
+        (root / label).mkdir(parents=True, exist_ok=True)
+        for i in range(per_class):
+            textured_image(100 * c + i, size, size).save(root / label / f"{label}_{i:02d}.png")
+    return root
+
+
+def quiet(src, out, **kwargs):
+    kwargs.setdefault("progress", False)
+    kwargs.setdefault("workers", 1)
+    return prepare(src, out, **kwargs)
+
+
+def test_prepare_writes_manifest_report_and_cache(tmp_path):
+    src = make_dataset(tmp_path / "src", per_class=10, size=200)
+    out = tmp_path / "out"
+    report = quiet(src, out, cache_size=128)
+
+    frame = pd.read_csv(out / "manifest.csv", dtype=str, keep_default_na=False)
+    assert list(frame.columns) == [*MANIFEST_COLUMNS, "cache_path"]
+    assert len(frame) == report.n_images == 30
+    assert set(frame["label"]) == set(CLASSES)
+    assert (frame["label"] == frame["source_label"]).all()  # no label map: folder names are the labels
+    assert all(Path(p).is_absolute() for p in frame["path"])  # outside OUT: absolute
+    assert all(
+        not Path(p).is_absolute() and p.startswith("cache/") for p in frame["cache_path"]
+    )  # inside: relative
+    assert (frame["width"] == "200").all() and (frame["height"] == "200").all()
+    assert Counter(frame["split"]) == {"train": 18, "valid": 6, "test": 6}
+    assert report.counts == {
+        split: dict.fromkeys(CLASSES, n) for split, n in [("train", 6), ("valid", 2), ("test", 2)]
+    }
+
+    for row in frame.itertuples():
+        cached = out / row.cache_path
+        assert cached.name == f"{row.sha256}.png" and cached.parent.name == row.sha256[:2]
+        with Image.open(cached) as image:
+            assert image.mode == "L" and image.size == (128, 128)
+
+    data = json.loads((out / "prepare_report.json").read_text())
+    assert data["counts"] == report.counts
+    assert data["excluded"] == [] and data["conflicts"] == []
+    assert data["arguments"]["seed"] == 0 and data["arguments"]["cache_size"] == 128
+
+    table = read_manifest(out)
+    assert all(Path(p).is_file() for p in table["cache_path"])  # made absolute again
+    assert table["width"].dtype.kind == "i"
+
+
+def test_small_images_are_cached_without_enlarging(tmp_path):
+    src = make_dataset(tmp_path / "src", per_class=2, size=96)
+    quiet(src, tmp_path / "out", cache_size=512)
+    for path in read_manifest(tmp_path / "out")["cache_path"]:
+        assert Image.open(path).size == (96, 96)
+
+
+def test_no_cache(tmp_path):
+    src = make_dataset(tmp_path / "src", per_class=2)
+    quiet(src, tmp_path / "out", cache_size=0)
+    assert "cache_path" not in read_manifest(tmp_path / "out").columns
+    assert not (tmp_path / "out" / "cache").exists()
+
+
+def test_every_bad_file_is_excluded_with_its_reason(tmp_path, monkeypatch):
+    src = make_dataset(tmp_path / "src", per_class=4)
+    (src / "Normal" / "zero.png").write_bytes(b"")
+    (src / "Normal" / "text.png").write_text("this is not an image")
+    textured_image(1, 100, 100).save(src / "Normal" / "full.jpg")
+    data = (src / "Normal" / "full.jpg").read_bytes()
+    (src / "Normal" / "full.jpg").unlink()
+    (src / "Normal" / "cut.jpg").write_bytes(data[: len(data) // 2])
+    textured_image(2, 32, 32).save(src / "COVID-19" / "tiny.png")
+    textured_image(3, 120, 110).save(src / "COVID-19" / "huge.png")
+    (src / "loose.png").write_bytes((src / "Normal" / "Normal_00.png").read_bytes())
+    monkeypatch.setattr(io, "MAX_PIXELS", 120 * 100)  # only huge.png (120x110) is over the limit
+
+    report = quiet(src, tmp_path / "out")
+    reasons = {item.path: item.reason for item in report.excluded}
+    assert reasons == {
+        "Normal/zero.png": "empty",
+        "Normal/text.png": "not-an-image",
+        "Normal/cut.jpg": "truncated",
+        "COVID-19/tiny.png": "too-small",
+        "COVID-19/huge.png": "too-large",
+        "loose.png": "no-class-folder",
+    }
+    assert report.n_files == 12 + 6 and report.n_images == 12
+    assert report.exclusions_by_reason()["empty"] == 1
+    data = json.loads((tmp_path / "out" / "prepare_report.json").read_text())
+    assert {item["path"]: item["reason"] for item in data["excluded"]} == reasons
+    assert all(item["detail"] for item in data["excluded"])
+
+
+def test_label_map_unmapped_and_ignore_unmapped(tmp_path):
+    src = make_dataset(tmp_path / "src", per_class=4)
+    label_map = "COVID-19=COVID-19,Normal=Normal"
+    with pytest.raises(CxrFastError, match=r"does not cover folder\(s\) 'Pneumonia' \(4 files\)"):
+        quiet(src, tmp_path / "out", label_map=label_map)
+    assert not (tmp_path / "out" / "manifest.csv").exists()
+
+    report = quiet(src, tmp_path / "out", label_map=label_map + ",Typo=Normal", ignore_unmapped=True)
+    assert report.exclusions_by_reason() == {"unmapped-label": 4}
+    assert report.labels == ["COVID-19", "Normal"]
+    assert report.unused_map_keys == ["Typo"]
+
+
+def test_label_map_renames_folders(tmp_path):
+    src = make_dataset(tmp_path / "src", per_class=3)
+    (src / "Normal").rename(src / "No_findings")
+    quiet(src, tmp_path / "out", label_map="No_findings=Normal,COVID-19=COVID-19,Pneumonia=Pneumonia")
+    table = read_manifest(tmp_path / "out")
+    assert set(table.loc[table["source_label"] == "No_findings", "label"]) == {"Normal"}
+
+
+def test_duplicates_share_a_group_and_a_split(tmp_path):
+    src = make_dataset(tmp_path / "src", per_class=10)
+    original = Image.open(src / "Normal" / "Normal_03.png")
+    original.resize((80, 80)).save(src / "Normal" / "copy_small.jpg", quality=80)
+    (src / "Normal" / "exact_copy.png").write_bytes((src / "Normal" / "Normal_03.png").read_bytes())
+
+    report = quiet(src, tmp_path / "out")
+    table = read_manifest(tmp_path / "out").set_index("path")
+    names = [str(src / "Normal" / name) for name in ("Normal_03.png", "copy_small.jpg", "exact_copy.png")]
+    assert table.loc[names, "group"].nunique() == 1
+    assert table.loc[names, "split"].nunique() == 1
+    assert table["group"].nunique() == 30
+    assert len(report.duplicate_groups) == 1 and len(report.duplicate_groups[0]["files"]) == 3
+    assert not report.duplicate_groups[0]["exact"]
+
+
+def test_label_conflict_excludes_the_whole_group(tmp_path):
+    src = make_dataset(tmp_path / "src", per_class=6)
+    Image.open(src / "Normal" / "Normal_01.png").resize((90, 90)).save(src / "Pneumonia" / "same_patient.jpg")
+
+    report = quiet(src, tmp_path / "out")
+    assert len(report.conflicts) == 1
+    assert report.conflicts[0]["labels"] == ["Normal", "Pneumonia"]
+    conflicted = {item.path for item in report.excluded if item.reason == "label-conflict"}
+    assert conflicted == {"Normal/Normal_01.png", "Pneumonia/same_patient.jpg"}
+    table = read_manifest(tmp_path / "out")
+    assert len(table) == 17
+    assert not table["path"].str.contains("same_patient|Normal_01").any()
+
+
+def test_same_seed_same_manifest_other_seed_other_split(tmp_path):
+    src = make_dataset(tmp_path / "src", per_class=10)
+    quiet(src, tmp_path / "a", seed=1)
+    quiet(src, tmp_path / "b", seed=1)
+    quiet(src, tmp_path / "c", seed=2)
+    first = (tmp_path / "a" / "manifest.csv").read_text()
+    assert (tmp_path / "b" / "manifest.csv").read_text() == first
+    assert (tmp_path / "b" / "prepare_report.json").read_text().replace(str(tmp_path / "b"), "") == (
+        tmp_path / "a" / "prepare_report.json"
+    ).read_text().replace(str(tmp_path / "a"), "")
+    a, c = read_manifest(tmp_path / "a"), read_manifest(tmp_path / "c")
+    assert list(a["path"]) == list(c["path"])
+    assert list(a["split"]) != list(c["split"])
+    assert Counter(zip(a["label"], a["split"], strict=True)) == Counter(
+        zip(c["label"], c["split"], strict=True)
+    )
+
+
+def test_refuses_to_overwrite_unless_forced(tmp_path):
+    src = make_dataset(tmp_path / "src", per_class=3)
+    quiet(src, tmp_path / "out", seed=0)
+    with pytest.raises(CxrFastError, match="already exists; use --force"):
+        quiet(src, tmp_path / "out", seed=5)
+    report = quiet(src, tmp_path / "out", seed=5, force=True)
+    assert json.loads(Path(report.report_path).read_text())["arguments"]["seed"] == 5
+
+
+def test_output_inside_source_is_not_read_back(tmp_path):
+    src = make_dataset(tmp_path / "src", per_class=3)
+    quiet(src, src, cache_size=64)
+    report = quiet(src, src, cache_size=64, force=True)  # cache/, manifest.csv, report are not data
+    assert report.n_files == 9 and report.excluded == []
+
+
+def test_bad_sources_and_arguments(tmp_path):
+    with pytest.raises(CxrFastError, match="source folder not found"):
+        quiet(tmp_path / "missing", tmp_path / "out")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(CxrFastError, match="no files found"):
+        quiet(tmp_path / "empty", tmp_path / "out")
+    (tmp_path / "flat").mkdir()
+    textured_image(0).save(tmp_path / "flat" / "a.png")
+    with pytest.raises(CxrFastError, match="no class folders"):
+        quiet(tmp_path / "flat", tmp_path / "out")
+    (tmp_path / "junk" / "Normal").mkdir(parents=True)
+    (tmp_path / "junk" / "Normal" / "a.png").write_text("text")
+    with pytest.raises(CxrFastError, match="none of the 1 files is a usable image"):
+        quiet(tmp_path / "junk", tmp_path / "out")
+    src = make_dataset(tmp_path / "src", per_class=1)
+    with pytest.raises(CxrFastError, match="cache size"):
+        quiet(src, tmp_path / "out", cache_size=10)
+    with pytest.raises(CxrFastError, match="add up to 1"):
+        quiet(src, tmp_path / "out", splits=(0.5, 0.2, 0.2))
+    with pytest.raises(CxrFastError, match="neither a file"):
+        quiet(src, tmp_path / "out", label_map="nonsense")
+
+
+def test_synthetic_meta_adds_masks_and_marker_boxes(tmp_path):
+    from cxr_fast.data.synth import synthesize
+
+    src = tmp_path / "synth"
+    synthesize(src, n_per_class=4, size=96, shortcut_rate=0.5, seed=0, progress=False)
+    report = quiet(src, tmp_path / "out", cache_size=64)
+    assert report.n_images == 12
+    assert report.exclusions_by_reason() == {"no-class-folder": 1}  # the README.txt synthesize writes
+    table = read_manifest(tmp_path / "out")
+    meta = pd.read_csv(src / "_meta.csv", dtype=str, keep_default_na=False)
+    expected = {str(src / row.relpath): (str(src / row.mask), row.marker_box) for row in meta.itertuples()}
+    for row in table.itertuples():
+        assert (row.mask, row.marker_box) == expected[row.path]
+        assert Path(row.mask).is_file()
+    assert (table["marker_box"] != "").any() and (table["marker_box"] == "").any()
+
+
+def test_parallel_workers_give_the_same_manifest(tmp_path, monkeypatch):
+    src = make_dataset(tmp_path / "src", per_class=4)
+    (src / "Normal" / "bad.png").write_text("not an image")
+    quiet(src, tmp_path / "serial")
+    monkeypatch.setattr(manifest, "PARALLEL_MIN_FILES", 2)
+    report = quiet(src, tmp_path / "parallel", workers=2)
+    assert (tmp_path / "parallel" / "manifest.csv").read_text() == (
+        tmp_path / "serial" / "manifest.csv"
+    ).read_text()
+    assert report.exclusions_by_reason() == {"not-an-image": 1}
+
+
+def test_read_manifest_errors(tmp_path):
+    with pytest.raises(CxrFastError, match="manifest not found"):
+        read_manifest(tmp_path)
+    (tmp_path / "manifest.csv").write_text("path,label\na.png,Normal\n")
+    with pytest.raises(CxrFastError, match="missing column.*split"):
+        read_manifest(tmp_path)
+    header = ",".join(MANIFEST_COLUMNS)
+    (tmp_path / "manifest.csv").write_text(f"{header}\na.png,Normal,Normal,training,g1,abc,10,10\n")
+    with pytest.raises(CxrFastError, match="unknown split value.*'training'"):
+        read_manifest(tmp_path / "manifest.csv")
+    (tmp_path / "manifest.csv").write_text(f"{header}\na.png,Normal,Normal,train,g1,abc,ten,10\n")
+    with pytest.raises(CxrFastError, match="whole numbers"):
+        read_manifest(tmp_path)
+    (tmp_path / "manifest.csv").write_text(f"{header}\n")
+    with pytest.raises(CxrFastError, match="no rows"):
+        read_manifest(tmp_path)
+    (tmp_path / "manifest.csv").write_text(f"{header}\nimages/a.png,Normal,Normal,train,g1,abc,10,10\n")
+    assert read_manifest(tmp_path)["path"][0] == str(tmp_path.absolute() / "images" / "a.png")
+
+
+def test_print_summary(tmp_path):
+    src = make_dataset(tmp_path / "src", per_class=4)
+    (src / "Normal" / "zero.png").write_bytes(b"")
+    report = quiet(src, tmp_path / "out")
+    console = Console(record=True, width=200)
+    print_summary(report, console)
+    text = console.export_text()
+    for word in (*CLASSES, "train", "valid", "test", "empty", "Normal/zero.png", "12 images"):
+        assert word in text
+
+
+@pytest.mark.shared_data
+def test_prepare_real_cxr_dev(shared_data, tmp_path):
+    src = shared_data / "cxr-dev"
+    report = prepare(
+        src,
+        tmp_path / "out",
+        label_map="Covid-19=COVID-19,No_findings=Normal,Pneumonia=Pneumonia",
+        cache_size=128,
+        progress=False,
+    )
+    table = read_manifest(tmp_path / "out")
+    assert report.n_files == 886
+    assert set(table["label"]) == set(CLASSES)
+    # near-identical copies were removed from cxr-dev: whatever is excluded must say why, and be rare
+    assert len(table) + len(report.excluded) == 886 and len(table) >= 880
+    assert all(item.reason in manifest.EXCLUSION_REASONS for item in report.excluded)
+    for label, count in Counter(table["label"]).items():
+        mine = table[table["label"] == label]
+        for split, fraction in (("train", 0.6), ("valid", 0.2), ("test", 0.2)):
+            assert abs((mine["split"] == split).sum() / count - fraction) <= 0.02
+    assert table.groupby("group")["split"].nunique().max() == 1
+    assert all(max(Image.open(p).size) <= 128 for p in table["cache_path"].sample(50, random_state=0))
+
+
+def test_cache_is_reused_and_refreshed_for_another_size(tmp_path):
+    src = make_dataset(tmp_path / "src", per_class=2, size=200)
+    quiet(src, tmp_path / "out", cache_size=128)
+    cached = sorted((tmp_path / "out" / "cache").rglob("*.png"))
+    assert len(cached) == 6
+    stamps = {path: path.stat().st_mtime_ns for path in cached}
+    quiet(src, tmp_path / "out", cache_size=128, force=True)
+    assert {path: path.stat().st_mtime_ns for path in cached} == stamps  # same content key: not rewritten
+    quiet(src, tmp_path / "out", cache_size=64, force=True)
+    assert sorted((tmp_path / "out" / "cache").rglob("*.png")) == cached
+    assert all(Image.open(path).size == (64, 64) for path in cached)
+    assert not list((tmp_path / "out" / "cache").rglob(".*"))  # no partial files left behind

@@ -1,0 +1,87 @@
+"""find_images: class folders at any depth, split and hidden folders skipped, loose files flagged."""
+
+from pathlib import Path
+
+import pytest
+
+from cxr_fast.data.sources import find_images
+from cxr_fast.errors import CxrFastError
+
+
+def touch(root: Path, *relpaths: str) -> None:
+    for relpath in relpaths:
+        path = root / relpath
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(b"x")
+
+
+def found(root: Path, **kwargs) -> list[tuple[str, str | None]]:
+    return [
+        (item.path.relative_to(root).as_posix(), item.source_label) for item in find_images(root, **kwargs)
+    ]
+
+
+def test_class_folders(tmp_path):
+    touch(tmp_path, "Normal/b.png", "Normal/a.png", "COVID-19/COVID-19 (1).jpg")
+    assert found(tmp_path) == [
+        ("COVID-19/COVID-19 (1).jpg", "COVID-19"),
+        ("Normal/a.png", "Normal"),
+        ("Normal/b.png", "Normal"),
+    ]
+
+
+def test_split_folders_are_skipped_case_insensitively(tmp_path):
+    touch(tmp_path, "train/PNEUMONIA/p1.jpeg", "Test/NORMAL/n1.jpeg", "VAL/NORMAL/n2.jpeg", "testing/x/y.png")
+    labels = dict(found(tmp_path))
+    assert labels == {
+        "Test/NORMAL/n1.jpeg": "NORMAL",
+        "VAL/NORMAL/n2.jpeg": "NORMAL",
+        "testing/x/y.png": "x",
+        "train/PNEUMONIA/p1.jpeg": "PNEUMONIA",
+    }
+
+
+def test_nested_folders_belong_to_their_class(tmp_path):
+    touch(tmp_path, "Pneumonia/hospital_a/2020/p.png", "Pneumonia/train/q.png")
+    assert dict(found(tmp_path)) == {
+        "Pneumonia/hospital_a/2020/p.png": "Pneumonia",
+        "Pneumonia/train/q.png": "Pneumonia",
+    }
+
+
+def test_hidden_and_underscore_entries_are_ignored(tmp_path):
+    touch(
+        tmp_path,
+        "_masks/Normal/a.png",
+        ".git/x.png",
+        "Normal/.DS_Store",
+        "Normal/_thumb.png",
+        "_meta.csv",
+        "Normal/a.png",
+    )
+    assert found(tmp_path) == [("Normal/a.png", "Normal")]
+
+
+def test_loose_files_have_no_class(tmp_path):
+    touch(tmp_path, "README.txt", "train/loose.png", "Normal/a.png")
+    assert found(tmp_path) == [("Normal/a.png", "Normal"), ("README.txt", None), ("train/loose.png", None)]
+    items = find_images(tmp_path)
+    assert [item.has_class for item in items] == [True, False, False]
+
+
+def test_non_image_files_inside_classes_are_kept_for_the_reader_to_judge(tmp_path):
+    touch(tmp_path, "Normal/notes.txt", "Normal/IM0001")
+    assert [label for _, label in found(tmp_path)] == ["Normal", "Normal"]
+
+
+def test_skip(tmp_path):
+    touch(tmp_path, "Normal/a.png", "out/cache/ab/x.png", "out/manifest.csv")
+    assert found(tmp_path, skip=[tmp_path / "out"]) == [("Normal/a.png", "Normal")]
+
+
+def test_missing_or_file_root(tmp_path):
+    with pytest.raises(CxrFastError, match="not found"):
+        find_images(tmp_path / "nope")
+    touch(tmp_path, "file.png")
+    with pytest.raises(CxrFastError, match="not a folder"):
+        find_images(tmp_path / "file.png")

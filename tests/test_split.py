@@ -1,0 +1,93 @@
+"""split_items: stratified per label, duplicate groups never straddle splits, the seed decides everything."""
+
+from collections import Counter, defaultdict
+
+import pytest
+
+from cxr_fast.data.split import SPLITS, parse_fractions, split_items
+from cxr_fast.errors import CxrFastError
+
+
+def dataset_with_duplicates():
+    """300 items: 150 Normal, 100 Pneumonia, 50 COVID-19; a few duplicate groups of 2-3 images."""
+    labels, groups = [], []
+    for label, count in [("Normal", 150), ("Pneumonia", 100), ("COVID-19", 50)]:
+        for i in range(count):
+            labels.append(label)
+            # every 10th image starts a group that the next 1-3 images join
+            groups.append(f"{label}-{i - i % 10 if i % 10 < 1 + (i // 10) % 3 else i}")
+    return labels, groups
+
+
+def test_fractions_per_label_within_two_points():
+    labels, groups = dataset_with_duplicates()
+    assert max(Counter(groups).values()) > 1
+    splits = split_items(labels, groups, (0.6, 0.2, 0.2), seed=0)
+    for label in set(labels):
+        mine = [s for s, lab in zip(splits, labels, strict=True) if lab == label]
+        for split, fraction in zip(SPLITS, (0.6, 0.2, 0.2), strict=True):
+            assert abs(mine.count(split) / len(mine) - fraction) <= 0.02, (label, split)
+
+
+def test_groups_are_never_split():
+    labels, groups = dataset_with_duplicates()
+    for seed in range(5):
+        splits = split_items(labels, groups, seed=seed)
+        split_of_group = defaultdict(set)
+        for group, split in zip(groups, splits, strict=True):
+            split_of_group[group].add(split)
+        assert all(len(found) == 1 for found in split_of_group.values())
+
+
+def test_seed_determines_the_split():
+    labels, groups = dataset_with_duplicates()
+    first = split_items(labels, groups, seed=3)
+    assert split_items(labels, groups, seed=3) == first
+    assert split_items(labels, groups, seed=4) != first
+    assert set(first) == set(SPLITS)
+
+
+def test_other_fractions_and_empty_test_split():
+    labels = ["A"] * 100 + ["B"] * 40
+    groups = list(range(140))
+    splits = split_items(labels, groups, (0.8, 0.2, 0.0))
+    assert Counter(splits) == {"train": 112, "valid": 28}
+    splits = split_items(labels, groups, "70,15,15")
+    assert Counter(s for s, lab in zip(splits, labels, strict=True) if lab == "A") == {
+        "train": 70,
+        "valid": 15,
+        "test": 15,
+    }
+
+
+def test_tiny_classes_fill_train_first():
+    splits = split_items(["rare", "rare", "rare", "common"], [1, 2, 3, 4])
+    assert Counter(splits[:3]) == {"train": 2, "valid": 1}
+    assert splits[3] == "train"
+
+
+@pytest.mark.parametrize(
+    "fractions, message",
+    [
+        ((0.5, 0.5), "three numbers"),
+        ((0.7, 0.2, 0.2), "add up to 1"),
+        ((1.2, -0.1, -0.1), "negative"),
+        ((0.0, 0.5, 0.5), "train fraction"),
+        ("0.6;0.2;0.2", "three numbers"),
+    ],
+)
+def test_bad_fractions(fractions, message):
+    with pytest.raises(CxrFastError, match=message):
+        parse_fractions(fractions)
+
+
+def test_fraction_text():
+    assert parse_fractions("0.6,0.2,0.2") == (0.6, 0.2, 0.2)
+    assert parse_fractions("60/20/20") == (0.6, 0.2, 0.2)
+
+
+def test_adding_a_class_leaves_the_others_alone():
+    labels = ["B"] * 30 + ["C"] * 30
+    before = split_items(labels, list(range(60)), seed=7)
+    after = split_items(["A"] * 10 + labels, list(range(70)), seed=7)
+    assert after[10:] == before
