@@ -1,0 +1,378 @@
+"""Shortcut audit: where does a model's evidence lie — in the lungs, or on borders, corners and markers?
+
+Input is an attribution map per image (e.g. :func:`cxr_fast.attribution.occlusion_maps` for the predicted
+class) and a lung mask (ground truth for phantoms, :func:`cxr_fast.lungs.estimate_lung_field` for real
+X-rays). Only *positive* attribution counts as evidence for the class; negative attribution (evidence
+against) is ignored by the shares.
+
+Why densities and not just shares: the lungs cover only about 25–40 % of a chest X-ray, so even a map
+that spreads evidence evenly over the image takes 60–75 % of it "from outside the lungs". A share alone
+would call every diffuse map a shortcut. The audit therefore also compares each region's share of the
+evidence with its share of the area:
+
+- ``density_inside = share_inside / area_inside`` (1 = as much as an even spread would give);
+- ``lung_preference = density_inside / density_outside`` (1 = no preference for the lungs; ∞ = all
+  evidence inside; 0 = all outside).
+
+Verdict thresholds (per predicted class, on the class's pooled means):
+
+- ``lung_preference < 1`` — evidence is denser outside the lungs than inside, i.e. the lungs get *less*
+  than their area's share (with lungs at 25–40 % of the image: less than 25–40 % of the evidence) —
+  "likely shortcut".
+- ``1 ≤ lung_preference < 2`` — "diffuse": the evidence is spread about as an even map would be; no clear
+  shortcut, but not clearly based on the lungs either.
+- ``lung_preference ≥ 2`` — "mostly inside the lungs, no sign of a shortcut". With lungs at 25–40 % of
+  the image this means at least 40–57 % of the evidence inside them. Occlusion maps are blurred by their
+  window, so a model that looks only at the lungs still shows some evidence just outside their edge; 2
+  leaves room for that.
+- Independently, a text marker (when its box is known) taking ≥ 15 % of the evidence is flagged as a
+  likely shortcut: a marker box covers about 1 % of the image, so that is ≥ 15× an even spread.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from cxr_fast import CLASSES
+from cxr_fast.errors import CxrFastError
+
+__all__ = [
+    "parse_box",
+    "region_masks",
+    "attribution_shares",
+    "audit_summary",
+    "verdict",
+    "deletion_curve",
+    "SHORTCUT_PREFERENCE",
+    "INSIDE_PREFERENCE",
+    "MARKER_SHARE",
+]
+
+SHORTCUT_PREFERENCE = 1.0  # lung_preference below this: evidence denser outside the lungs → likely shortcut
+INSIDE_PREFERENCE = 2.0  # lung_preference at or above this: evidence concentrates in the lungs
+MARKER_SHARE = 0.15  # share of evidence in a text-marker box at or above this → likely shortcut
+
+
+def _to_numpy(a) -> np.ndarray:
+    if isinstance(a, Tensor):
+        a = a.detach().cpu().numpy()
+    return np.asarray(a)
+
+
+def parse_box(box) -> tuple[int, int, int, int] | None:
+    """``(x0, y0, x1, y1)`` from a tuple or a ``"x0,y0,x1,y1"`` string (x1/y1 excluded); None/"" → None."""
+    if box is None:
+        return None
+    if isinstance(box, float) and math.isnan(box):  # an empty cell read by pandas
+        return None
+    if isinstance(box, str):
+        if not box.strip():
+            return None
+        box = box.split(",")
+    try:
+        x0, y0, x1, y1 = (int(float(v)) for v in box)
+    except (TypeError, ValueError) as e:
+        raise CxrFastError(f"audit: marker box must be 'x0,y0,x1,y1', got {box!r}") from e
+    return x0, y0, x1, y1
+
+
+def region_masks(
+    shape: tuple[int, int], border_frac: float = 0.1, corner_frac: float | None = None
+) -> dict[str, np.ndarray]:
+    """Boolean masks of the image border band and the four corner squares.
+
+    The border band is ``border_frac`` of the height (top/bottom) and width (left/right) deep: where
+    collimator edges, rulers and hospital labels sit. The corners are squares of ``corner_frac`` (default
+    2 × ``border_frac``) of each side: where side markers ("L", "R", "PA ERECT") usually are.
+    """
+    h, w = shape
+    corner_frac = 2 * border_frac if corner_frac is None else corner_frac
+    bh, bw = int(round(border_frac * h)), int(round(border_frac * w))
+    border = np.zeros(shape, dtype=bool)
+    border[:bh], border[h - bh :], border[:, :bw], border[:, w - bw :] = True, True, True, True
+    ch, cw = int(round(corner_frac * h)), int(round(corner_frac * w))
+    corners = np.zeros(shape, dtype=bool)
+    for ys in (slice(0, ch), slice(h - ch, h)):
+        for xs in (slice(0, cw), slice(w - cw, w)):
+            corners[ys, xs] = True
+    return {"border": border, "corners": corners}
+
+
+def attribution_shares(
+    attr,
+    lung_mask,
+    marker_box=None,
+    border_frac: float = 0.1,
+    corner_frac: float | None = None,
+) -> dict:
+    """Where one image's positive evidence lies.
+
+    Args:
+        attr: ``[H, W]`` attribution map (``[C, H, W]`` is summed over channels).
+        lung_mask: ``[H, W]`` bool, True inside the lungs.
+        marker_box: optional ``(x0, y0, x1, y1)`` or ``"x0,y0,x1,y1"`` of a text marker.
+        border_frac, corner_frac: see :func:`region_masks`.
+
+    Returns:
+        dict of floats: ``share_*`` (fraction of the positive attribution in the region: ``inside`` +
+        ``outside`` = 1; ``border``, ``corners``, ``marker`` overlap them), ``area_*`` (fraction of the
+        image), ``density_*`` (share / area: 1 = even spread), ``lung_preference`` (density inside /
+        density outside), ``positive_total`` and ``has_marker``. Shares are NaN when the map has no
+        positive value; ``*_marker`` are NaN without a marker box.
+    """
+    a = _to_numpy(attr).astype(np.float64)
+    if a.ndim == 3:
+        a = a.sum(axis=0)
+    lungs = _to_numpy(lung_mask).astype(bool)
+    if a.shape != lungs.shape:
+        raise CxrFastError(f"audit: attribution map {a.shape} and lung mask {lungs.shape} differ in size")
+    positive = np.clip(np.nan_to_num(a), 0, None)
+    total = float(positive.sum())
+    regions = {"inside": lungs, "outside": ~lungs, **region_masks(a.shape, border_frac, corner_frac)}
+    box = parse_box(marker_box)
+    if box is not None:
+        x0, y0, x1, y1 = box
+        marker = np.zeros(a.shape, dtype=bool)
+        marker[max(y0, 0) : max(y1, 0), max(x0, 0) : max(x1, 0)] = True
+        regions["marker"] = marker
+
+    out: dict = {"positive_total": total, "has_marker": box is not None}
+    for name, mask in regions.items():
+        area = float(mask.mean())
+        share = float(positive[mask].sum() / total) if total > 0 else math.nan
+        out[f"share_{name}"] = share
+        out[f"area_{name}"] = area
+        out[f"density_{name}"] = share / area if area > 0 else math.nan
+    if box is None:
+        out.update(share_marker=math.nan, area_marker=math.nan, density_marker=math.nan)
+    out["lung_preference"] = _preference(out["share_inside"], out["area_inside"])
+    return out
+
+
+def _preference(share_inside: float, area_inside: float) -> float:
+    """(share_in / area_in) / (share_out / area_out); inf when all evidence is inside, NaN if undefined."""
+    if math.isnan(share_inside) or not 0 < area_inside < 1:
+        return math.nan
+    share_outside = 1 - share_inside
+    if share_outside <= 0:
+        return math.inf
+    return (share_inside / area_inside) / (share_outside / (1 - area_inside))
+
+
+def _class_name(v, class_names: Sequence[str]) -> str:
+    if isinstance(v, str):
+        return v
+    return class_names[int(v)]
+
+
+def _group_stats(rows: list[dict], correct: list[bool] | None) -> dict:
+    """Pooled statistics of a group of images (NaN-aware: images without positive evidence are skipped)."""
+
+    def col(key):
+        return np.array([r.get(key, math.nan) for r in rows], dtype=np.float64)
+
+    def mean(v):
+        v = v[~np.isnan(v)]
+        return float(v.mean()) if v.size else math.nan
+
+    def median(v):
+        v = v[~np.isnan(v)]
+        return float(np.median(v)) if v.size else math.nan
+
+    share_in, area_in = col("share_inside"), col("area_inside")
+    usable = ~np.isnan(share_in)
+    pref = col("lung_preference")
+    stats = {
+        "n": len(rows),
+        "n_with_evidence": int(usable.sum()),
+        "mean_share_inside": mean(share_in),
+        "mean_share_outside": mean(col("share_outside")),
+        "median_share_outside": median(col("share_outside")),
+        "mean_share_border": mean(col("share_border")),
+        "mean_share_corners": mean(col("share_corners")),
+        "mean_area_inside": mean(area_in[usable]) if usable.any() else mean(area_in),
+        "mean_area_border": mean(col("area_border")),
+        "n_with_marker": int(sum(bool(r.get("has_marker")) for r in rows)),
+        "mean_share_marker": mean(col("share_marker")),
+        "mean_area_marker": mean(col("area_marker")),
+        # Share of images whose own evidence is denser outside the lungs than inside.
+        "frac_images_outside_dense": (
+            float(np.mean(pref[usable] < SHORTCUT_PREFERENCE)) if usable.any() else math.nan
+        ),
+    }
+    # Pooled over the group (means of shares and areas), so one image with tiny lungs cannot dominate.
+    stats["lung_preference"] = _preference(stats["mean_share_inside"], stats["mean_area_inside"])
+    stats["accuracy"] = float(np.mean(correct)) if correct else math.nan
+    return stats
+
+
+def audit_summary(
+    rows: list[dict],
+    labels: Sequence | None = None,
+    preds: Sequence | None = None,
+    class_names: Sequence[str] = CLASSES,
+) -> dict:
+    """Summaries of :func:`attribution_shares` rows, overall and per class.
+
+    Images are grouped by their *predicted* class (the evidence behind "COVID-19 predictions") when
+    ``preds`` is given, else by ``labels``. Labels and predictions may be class indices or names.
+
+    Returns ``{"overall": stats, "by_class": {name: stats}, "grouped_by": "prediction"|"label"|None}``,
+    where stats holds counts, mean/median shares, mean areas, ``lung_preference`` (pooled), the fraction
+    of images whose evidence is denser outside the lungs, and the accuracy when both labels and preds are
+    given.
+    """
+    n = len(rows)
+    for name, seq in (("labels", labels), ("preds", preds)):
+        if seq is not None and len(seq) != n:
+            raise CxrFastError(f"audit: {len(seq)} {name} for {n} attribution rows")
+    names_true = [_class_name(v, class_names) for v in labels] if labels is not None else None
+    names_pred = [_class_name(v, class_names) for v in preds] if preds is not None else None
+    correct = [t == p for t, p in zip(names_true, names_pred)] if names_true and names_pred else None
+
+    group = names_pred if names_pred is not None else names_true
+    summary: dict = {
+        "overall": _group_stats(rows, correct),
+        "by_class": {},
+        "grouped_by": "prediction" if names_pred is not None else ("label" if names_true else None),
+    }
+    if group is not None:
+        for cls in [c for c in class_names if c in group] + sorted(set(group) - set(class_names)):
+            idx = [i for i, g in enumerate(group) if g == cls]
+            summary["by_class"][cls] = _group_stats(
+                [rows[i] for i in idx], [correct[i] for i in idx] if correct else None
+            )
+    return summary
+
+
+def _pct(v: float) -> str:
+    return f"{100 * v:.0f} %"
+
+
+def _sentence(who: str, s: dict) -> str:
+    if s["n"] == 0 or math.isnan(s["mean_share_inside"]):
+        return f"{who}: no positive evidence to audit."
+    outside, inside, area = s["mean_share_outside"], s["mean_share_inside"], s["mean_area_inside"]
+    pref = s["lung_preference"]
+    marker = (
+        s["n_with_marker"] > 0
+        and not math.isnan(s["mean_share_marker"])
+        and s["mean_share_marker"] >= MARKER_SHARE
+    )
+    parts = []
+    if marker:
+        parts.append(
+            f"{who} with a text marker ({s['n_with_marker']} of {s['n']}) take {_pct(s['mean_share_marker'])} of "
+            f"their evidence from the marker, which covers {_pct(s['mean_area_marker'])} of the image — likely "
+            f"shortcut."
+        )
+    if not math.isnan(pref) and pref < SHORTCUT_PREFERENCE:
+        border = ""
+        if not math.isnan(s["mean_share_border"]) and s["mean_share_border"] >= 0.5:
+            border = f" ({_pct(s['mean_share_border'])} of all evidence lies in the image border band)"
+        parts.append(
+            f"{who} take {_pct(outside)} of their evidence from outside the lungs{border}; the lungs cover "
+            f"{_pct(area)} of the image but get only {_pct(inside)} — likely shortcut."
+        )
+    elif not math.isnan(pref) and pref < INSIDE_PREFERENCE:
+        parts.append(
+            f"{who} take {_pct(outside)} of their evidence from outside the lungs, about what an even "
+            f"spread would give ({_pct(1 - area)}) — diffuse evidence: no clear shortcut, but not clearly "
+            f"based on the lungs either."
+        )
+    elif marker:
+        parts.append(f"Apart from that, {_pct(inside)} of their evidence lies inside the lungs.")
+    else:
+        parts.append(
+            f"{who} take {_pct(inside)} of their evidence from inside the lungs (which cover {_pct(area)} "
+            f"of the image) — mostly inside the lungs, no sign of a shortcut."
+        )
+    return " ".join(parts)
+
+
+def verdict(summary: dict) -> str:
+    """Plain sentences, one line per class (then one for all images), from :func:`audit_summary`."""
+    noun = "predictions" if summary.get("grouped_by") == "prediction" else "images"
+    lines = [_sentence(f"{cls} {noun}", stats) for cls, stats in summary.get("by_class", {}).items()]
+    lines.append(_sentence("All images", summary["overall"]))
+    return "\n".join(lines)
+
+
+def _trapezoid(y: np.ndarray, x: np.ndarray) -> float:
+    # np.trapz was renamed np.trapezoid in numpy 2; the formula is one line either way.
+    return float(np.sum((y[1:] + y[:-1]) * np.diff(x)) / 2)
+
+
+def deletion_curve(
+    model: nn.Module,
+    x: Tensor,
+    attr,
+    target: int,
+    steps: int = 20,
+    baseline: float | Tensor = 0.0,
+    seed: int = 0,
+    batch_size: int = 32,
+) -> dict:
+    """Faithfulness check: delete the most-attributed pixels first and watch the class probability fall.
+
+    Pixels (all channels together) are set to ``baseline`` in ``steps`` equal steps, from 0 % to 100 %,
+    in order of decreasing attribution, and — for comparison — in a random order (``seed``). A faithful
+    map makes the target's softmax probability drop faster than random deletion: a lower area under the
+    curve (``attributed_auc < random_auc``).
+
+    Returns ``dict(fractions, attributed_curve, random_curve, attributed_auc, random_auc)`` (numpy
+    arrays of length ``steps + 1`` and floats; AUC by the trapezoid rule over fractions 0..1).
+    """
+    if x.dim() == 4 and x.shape[0] == 1:
+        x = x[0]
+    if x.dim() != 3:
+        raise CxrFastError(f"audit: expected one image [C,H,W], got shape {tuple(x.shape)}")
+    if steps < 1:
+        raise CxrFastError(f"audit: deletion needs at least 1 step, got {steps}")
+    _, h, w = x.shape
+    a = torch.as_tensor(_to_numpy(attr), dtype=torch.float64)
+    if a.dim() == 3:
+        a = a.sum(dim=0)
+    if tuple(a.shape) != (h, w):
+        raise CxrFastError(f"audit: attribution map {tuple(a.shape)} does not match the image {(h, w)}")
+
+    n_pixels = h * w
+    fractions = np.linspace(0.0, 1.0, steps + 1)
+    counts = torch.as_tensor(np.round(fractions * n_pixels).astype(np.int64))
+    # rank[p] = position of pixel p in the deletion order; a pixel is deleted when rank < count.
+    attributed_order = torch.argsort(
+        torch.nan_to_num(a.flatten(), nan=-math.inf), descending=True, stable=True
+    )
+    random_order = torch.randperm(n_pixels, generator=torch.Generator().manual_seed(seed))
+    base = torch.broadcast_to(torch.as_tensor(baseline, dtype=x.dtype, device=x.device), x.shape)
+
+    def curve(order: Tensor) -> np.ndarray:
+        rank = torch.empty(n_pixels, dtype=torch.long)
+        rank[order] = torch.arange(n_pixels)
+        rank = rank.view(1, 1, h, w).to(x.device)
+        probs = []
+        with torch.no_grad():
+            for start in range(0, len(counts), batch_size):
+                c = counts[start : start + batch_size].view(-1, 1, 1, 1).to(x.device)
+                images = torch.where(rank < c, base[None], x[None])
+                probs.append(torch.softmax(model(images).float(), dim=1)[:, target].cpu())
+        return torch.cat(probs).numpy().astype(np.float64)
+
+    was_training = model.training
+    model.eval()
+    try:
+        attributed, random = curve(attributed_order), curve(random_order)
+    finally:
+        model.train(was_training)
+    return {
+        "fractions": fractions,
+        "attributed_curve": attributed,
+        "random_curve": random,
+        "attributed_auc": _trapezoid(attributed, fractions),
+        "random_auc": _trapezoid(random, fractions),
+    }

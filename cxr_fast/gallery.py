@@ -1,0 +1,125 @@
+"""Figures and the self-contained HTML gallery of `cxrfast interpret` (drawing only; maps come computed)."""
+
+from __future__ import annotations
+
+import base64
+import html
+import io
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+from matplotlib.figure import Figure  # noqa: E402
+from matplotlib.patches import Rectangle  # noqa: E402
+
+from cxr_fast.report import DISCLAIMER  # noqa: E402
+
+
+def _signed_limit(maps: Sequence[np.ndarray]) -> float:
+    """One symmetric colour scale for all panels of an image, robust to a single hot pixel."""
+    values = np.abs(np.concatenate([m.ravel() for m in maps]))
+    limit = float(np.quantile(values, 0.995)) if values.size else 0.0
+    return limit if limit > 0 else 1.0
+
+
+def attribution_figure(image: np.ndarray, maps: Mapping[str, np.ndarray], title: str,
+                       lung_mask: np.ndarray | None = None, marker_box=None) -> Figure:
+    """The X-ray, then each attribution map blended over it with a signed colour bar (red = evidence for the
+    class, blue = against), as in the study's occlusion figures. The lung outline and any marker box are drawn."""
+    n = 1 + len(maps)
+    fig, axes = plt.subplots(1, n, figsize=(3.1 * n + 0.6, 3.5), dpi=100)
+    axes = np.atleast_1d(axes)
+    axes[0].imshow(image, cmap="gray", vmin=0, vmax=255)
+    axes[0].set_title("X-ray", fontsize=9)
+    limit = _signed_limit(list(maps.values()))
+    im = None
+    for ax, (name, attr) in zip(axes[1:], maps.items()):
+        ax.imshow(image, cmap="gray", vmin=0, vmax=255)
+        im = ax.imshow(attr, cmap="bwr", vmin=-limit, vmax=limit, alpha=0.55)
+        ax.set_title(name, fontsize=9)
+    for ax in axes:
+        if lung_mask is not None and lung_mask.any():
+            ax.contour(lung_mask.astype(float), levels=[0.5], colors="lime", linewidths=0.7)
+        if marker_box is not None:
+            x0, y0, x1, y1 = marker_box
+            ax.add_patch(Rectangle((x0 - 0.5, y0 - 0.5), x1 - x0, y1 - y0, fill=False, ec="yellow", lw=1))
+        ax.set_xticks([])
+        ax.set_yticks([])
+    if im is not None:
+        bar = fig.colorbar(im, ax=list(axes), fraction=0.025, pad=0.02)
+        bar.set_label("occlusion attribution (logit change)", fontsize=8)
+    fig.suptitle(title, fontsize=10)
+    return fig
+
+
+def deletion_figure(curves: Mapping[str, np.ndarray | float]) -> Figure:
+    fig, ax = plt.subplots(figsize=(4.5, 3.2), dpi=100)
+    ax.plot(curves["fractions"], curves["attributed_curve"], marker="o", ms=3,
+            label=f"most attributed first (area {curves['attributed_auc']:.3f})")
+    ax.plot(curves["fractions"], curves["random_curve"], marker="o", ms=3,
+            label=f"random order (area {curves['random_auc']:.3f})")
+    ax.set_xlabel("fraction of pixels removed")
+    ax.set_ylabel("probability of the predicted class")
+    ax.set_title("Deletion check (faithfulness)", fontsize=10)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    return fig
+
+
+def png_bytes(fig: Figure) -> bytes:
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", bbox_inches="tight")
+    plt.close(fig)
+    return buffer.getvalue()
+
+
+def _data_uri(png: bytes) -> str:
+    return "data:image/png;base64," + base64.b64encode(png).decode("ascii")
+
+
+CSS = """
+body { font-family: system-ui, sans-serif; margin: 0 auto; max-width: 1100px; padding: 12px; color: #222; }
+.verdict { padding: 10px 14px; border-radius: 8px; margin: 8px 0; background: #eef6ee; }
+.verdict.warn { background: #fff3cd; }
+.grid { display: grid; grid-template-columns: repeat(auto-fill, minmax(320px, 1fr)); gap: 12px; }
+figure { margin: 0; } figure img { width: 100%; height: auto; } figcaption { font-size: .85rem; color: #555; }
+table { border-collapse: collapse; font-size: .9rem; } td, th { padding: 4px 8px; border-bottom: 1px solid #ddd; }
+.disclaimer { font-size: .85rem; color: #555; }
+"""
+
+
+def write_gallery(path: Path, title: str, verdicts: Sequence[tuple[str, bool]], sections: Sequence[tuple[str, str, list]],
+                  tables: Sequence[tuple[str, list[dict]]] = ()) -> Path:
+    """Self-contained gallery page: verdicts (text, is_warning), tables, then sections of (heading, text,
+    [(caption, png bytes)])."""
+    parts = [f"<!doctype html><html><head><meta charset='utf-8'><meta name='viewport' "
+             f"content='width=device-width, initial-scale=1'><title>{html.escape(title)}</title><style>{CSS}</style>"
+             f"</head><body><h1>{html.escape(title)}</h1><p class='disclaimer'>{html.escape(DISCLAIMER)}</p>"]
+    for text, warn in verdicts:
+        parts.append(f"<div class='verdict{' warn' if warn else ''}'>{html.escape(text)}</div>")
+    for heading, rows in tables:
+        if not rows:
+            continue
+        cols = list(rows[0])
+        head = "".join(f"<th>{html.escape(str(c))}</th>" for c in cols)
+        body = "".join("<tr>" + "".join(f"<td>{html.escape(_fmt(r[c]))}</td>" for c in cols) + "</tr>" for r in rows)
+        parts.append(f"<h2>{html.escape(heading)}</h2><div style='overflow-x:auto'><table><tr>{head}</tr>{body}</table></div>")
+    for heading, text, images in sections:
+        parts.append(f"<h2>{html.escape(heading)}</h2><p>{html.escape(text)}</p><div class='grid'>")
+        for caption, png in images:
+            parts.append(f"<figure><img src='{_data_uri(png)}' alt='{html.escape(caption)}'>"
+                         f"<figcaption>{html.escape(caption)}</figcaption></figure>")
+        parts.append("</div>")
+    parts.append("</body></html>")
+    path.write_text("".join(parts), encoding="utf-8")
+    return path
+
+
+def _fmt(value) -> str:
+    if isinstance(value, float):
+        return f"{value:.3f}"
+    return str(value)

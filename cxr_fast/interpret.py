@@ -1,0 +1,251 @@
+"""`cxrfast interpret`: what does the model look at, and is it cheating?
+
+1. Top losses and most-confused pairs through fastai's `ClassificationInterpretation`.
+2. Occlusion heatmaps (all classes from one sweep, equal to Captum's `Occlusion`) for the top losses and a
+   class-stratified sample of correct predictions; integrated gradients and Grad-CAM on request.
+3. A shortcut audit: the share of positive evidence inside the lung fields, per image, per class and overall,
+   with a plain verdict. Lung fields come from the ground-truth masks of synthetic data, else from
+   `cxr_fast.lungs.estimate_lung_field`.
+4. A deletion check of faithfulness.
+
+Computation lives here and in `attribution`/`audit`; `gallery` draws.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+from PIL import Image
+
+from cxr_fast import attribution, audit
+from cxr_fast.bundle import Run, load_run, predict_logits, softmax
+from cxr_fast.data.block import image_column
+from cxr_fast.data.io import read_image
+from cxr_fast.errors import CxrFastError
+from cxr_fast.evaluate import select_items
+from cxr_fast.lungs import estimate_lung_field
+from cxr_fast.preprocess import resize_square
+
+METHODS = ("occlusion", "integrated_gradients", "gradcam")
+
+
+@dataclass
+class Interpretation:
+    out_dir: Path
+    audit: dict
+    top_losses: pd.DataFrame
+    verdicts: list[str]
+
+
+def top_losses(run: Run, items: pd.DataFrame, k: int, probs: np.ndarray) -> tuple[pd.DataFrame, list]:
+    """fastai's ClassificationInterpretation on the bundle's model: the k worst images and confused pairs.
+
+    fastai 2.8 keeps only the losses, so the probabilities of the true and predicted class come from
+    `probs` (the same model's uncalibrated softmax, rows in `items` order, which is also fastai's order).
+    """
+    from fastai.interpret import ClassificationInterpretation
+    from fastai.learner import Learner
+    from fastai.losses import CrossEntropyLossFlat
+
+    from cxr_fast.data.block import build_eval_dataloaders
+
+    dls = build_eval_dataloaders(items, size=run.size, bs=32, n_in=run.n_in, classes=run.classes,
+                                 mean=run.config["mean"], std=run.config["std"])
+    learn = Learner(dls, run.model, loss_func=CrossEntropyLossFlat())
+    with learn.no_bar(), learn.no_logging():
+        interp = ClassificationInterpretation.from_learner(learn)
+        confused = interp.most_confused(min_val=1)
+    losses, idx = interp.top_losses(k=min(k, len(items)))
+    y = items["label"].map({c: i for i, c in enumerate(run.classes)}).to_numpy()
+    rows = []
+    for loss, i in zip(losses.tolist(), idx.tolist()):
+        true, pred = int(y[i]), int(probs[i].argmax())
+        rows.append({"index": i, "path": items["path"].iloc[i], "label": run.classes[true],
+                     "predicted": run.classes[pred], "p_true": float(probs[i, true]),
+                     "p_predicted": float(probs[i, pred]), "loss": float(loss)})
+    return pd.DataFrame(rows), confused
+
+
+def audit_sample(probs: np.ndarray, y: np.ndarray, n: int, seed: int = 0) -> list[int]:
+    """Up to n correct predictions, spread evenly over the true classes."""
+    rng = np.random.default_rng(seed)
+    pred = probs.argmax(1)
+    chosen = []
+    classes = np.unique(y)
+    for c in classes:
+        correct = np.flatnonzero((y == c) & (pred == c))
+        chosen += rng.permutation(correct)[: max(1, n // len(classes))].tolist()
+    return chosen
+
+
+def lung_mask_for(row: pd.Series, image: np.ndarray, size: int) -> tuple[np.ndarray, str]:
+    """Ground-truth lungs (synthetic masks: 1 lung, 2 lesion) at the model's size, else the automatic estimate."""
+    mask_path = row.get("mask")
+    if isinstance(mask_path, str) and mask_path and Path(mask_path).is_file():
+        mask = Image.open(mask_path).resize((size, size), Image.Resampling.NEAREST)
+        return np.asarray(mask) > 0, "ground truth"
+    return estimate_lung_field(image), "estimated"
+
+
+def marker_box_for(row: pd.Series, size: int, margin: int = 0):
+    """The marker's box at the model's size, grown by `margin` pixels on each side.
+
+    Occlusion credits every pixel of a window that covers the marker, so its evidence for a marker spreads about
+    half a window beyond the marker itself: the audit counts the marker at the map's resolution."""
+    box = row.get("marker_box")
+    if not isinstance(box, str) or not box:
+        return None
+    x0, y0, x1, y1 = (float(v) for v in box.split(","))
+    sx, sy = size / float(row["width"]), size / float(row["height"])
+    return (max(0, int(np.floor(x0 * sx)) - margin), max(0, int(np.floor(y0 * sy)) - margin),
+            min(size, int(np.ceil(x1 * sx)) + margin), min(size, int(np.ceil(y1 * sy)) + margin))
+
+
+BASELINES = ("black", "mean")
+
+
+def baseline_value(run: Run, baseline: str) -> float:
+    """The occluding value in the model's normalised units.
+
+    "black" (default) blacks a patch out: an X-ray's background is black, so occluding empty air changes
+    nothing, and a bright text marker or lesion vanishes. "mean" paints the dataset's mean gray, Captum's usual
+    zero baseline, which also credits empty dark corners (a gray patch there is itself something new)."""
+    if baseline not in BASELINES:
+        raise CxrFastError(f"--baseline must be one of {BASELINES}, got {baseline!r}")
+    return 0.0 if baseline == "mean" else -run.config["mean"][0] / run.config["std"][0]
+
+
+def attribute(run: Run, x: torch.Tensor, pred: int, true: int, methods, window, stride,
+              baseline: float = 0.0) -> dict[str, np.ndarray]:
+    """Maps by name for the predicted and (when different) the true class."""
+    maps = {}
+    all_classes = attribution.occlusion_maps(run.model, x, window=window, stride=stride, baseline=baseline)
+    maps[f"occlusion → {run.classes[pred]}"] = all_classes[pred].numpy()
+    if true != pred:
+        maps[f"occlusion → {run.classes[true]} (true)"] = all_classes[true].numpy()
+    if "integrated_gradients" in methods:
+        maps[f"integrated gradients → {run.classes[pred]}"] = _np(attribution.integrated_gradients(run.model, x, pred))
+    if "gradcam" in methods:
+        maps[f"Grad-CAM → {run.classes[pred]}"] = _np(attribution.gradcam(run.model, x, pred))
+    return maps
+
+
+def _np(t) -> np.ndarray:
+    return t.detach().cpu().numpy() if isinstance(t, torch.Tensor) else np.asarray(t)
+
+
+def interpret(run_dir: str | Path, data: str | Path | None = None, split: str = "test", *, n: int = 16,
+              audit_n: int = 48, methods=("occlusion",), window: int | None = None, stride: int | None = None,
+              baseline: str = "black", force: bool = False, progress: bool = True) -> Interpretation:
+    from rich.progress import Progress
+
+    from cxr_fast import gallery
+
+    unknown = sorted(set(methods) - set(METHODS))
+    if unknown or "occlusion" not in methods:
+        raise CxrFastError(f"--methods takes occlusion plus any of {METHODS[1:]}, got {list(methods)}")
+    run = load_run(run_dir)
+    fill = baseline_value(run, baseline)
+    items, name, _ = select_items(run, data, split)
+    out_dir = run.path / "interpret" / name
+    if out_dir.exists():
+        if not force:
+            raise CxrFastError(f"{out_dir}: an interpretation is already there; add --force to redo it")
+        shutil.rmtree(out_dir)
+
+    logits = predict_logits(run, items, progress=progress)
+    probs = softmax(logits, run.temperature)
+    y = items["label"].map({c: i for i, c in enumerate(run.classes)}).to_numpy()
+    losses, confused = top_losses(run, items, n, softmax(logits))
+
+    # The audit sample: the top losses plus correct predictions of every class; each image attributed once.
+    order = list(dict.fromkeys(losses["index"].tolist() + audit_sample(probs, y, audit_n)))
+    files = image_column(items).tolist()
+    loss_set = set(losses["index"])
+    rows, figures_loss, figures_correct = [], [], []
+    with Progress(disable=not progress) as bar:
+        task = bar.add_task("occlusion maps", total=len(order))
+        for i in order:
+            row, file = items.iloc[i], files[i]
+            image = np.asarray(resize_square(read_image(file), run.size))
+            x = run.load_input(file)
+            pred, true = int(probs[i].argmax()), int(y[i])
+            maps = attribute(run, x, pred, true, methods, window, stride, fill)
+            lungs, lung_source = lung_mask_for(row, image, run.size)
+            box = marker_box_for(row, run.size, margin=(window or attribution.default_window(run.size, run.size)[0]) // 2)
+            shares = audit.attribution_shares(next(iter(maps.values())), lungs, marker_box=box)
+            rows.append({"path": row["path"], "label": run.classes[true], "predicted": run.classes[pred],
+                         "p_predicted": float(probs[i, pred]), "correct": pred == true, "lungs": lung_source,
+                         "top_loss": i in loss_set, **shares})
+            caption = (f"{Path(row['path']).name}: true {run.classes[true]}, predicted {run.classes[pred]} "
+                       f"(p={probs[i, pred]:.2f}; p(true)={probs[i, true]:.2f}); "
+                       f"{shares['share_inside']:.0%} of evidence inside the lungs")
+            if i in loss_set or len(figures_correct) < n:
+                fig = gallery.attribution_figure(image, maps, caption, lungs, box)
+                png = gallery.png_bytes(fig)
+                target = figures_loss if i in loss_set else figures_correct
+                target.append((caption, png))
+                (out_dir / "images").mkdir(parents=True, exist_ok=True)
+                (out_dir / "images" / f"{len(figures_loss) + len(figures_correct):03d}_{Path(row['path']).stem}.png").write_bytes(png)
+            bar.advance(task)
+
+    per_image = pd.DataFrame(rows)
+    summary = audit.audit_summary(per_image.to_dict("records"), labels=per_image["label"].tolist(),
+                                  preds=per_image["predicted"].tolist(), class_names=run.classes)
+    verdicts = audit.verdict(summary).splitlines()
+
+    # Faithfulness: deletion curves for a few correctly predicted images, averaged.
+    deletion = deletion_check(run, items, probs, y, order[:8], window, stride, fill)
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    per_image.to_csv(out_dir / "audit_images.csv", index=False)
+    losses.to_csv(out_dir / "top_losses.csv", index=False)
+    report = {"run": run.name, "data": name, "images_audited": len(per_image), "summary": summary,
+              "verdicts": verdicts, "most_confused": [list(map(str, c)) for c in confused],
+              "deletion": {k: (v.tolist() if isinstance(v, np.ndarray) else v) for k, v in deletion.items()},
+              "methods": list(methods), "window": window, "stride": stride, "baseline": baseline}
+    (out_dir / "audit.json").write_text(json.dumps(report, indent=2, default=float))
+    gallery.write_gallery(
+        out_dir / "gallery.html", f"Interpretation of {run.name} on {name}",
+        [(v, "likely shortcut" in v) for v in verdicts],
+        [("Top losses", "The images the model got most wrong, with occlusion maps for the predicted and the true "
+          "class. Red: evidence for the class; blue: against. Green: lung fields; yellow: a text marker.", figures_loss),
+         ("Correct predictions", "A class-stratified sample of correct predictions.", figures_correct),
+         ("Faithfulness", "Removing the most-attributed pixels first should lower the probability faster than "
+          "removing random pixels.", [("deletion curves", gallery.png_bytes(gallery.deletion_figure(deletion)))])],
+        tables=[("Shortcut audit per class", summary_rows(summary)), ("Top losses", losses.drop(columns=["index"]).to_dict("records")),
+                ("Most confused", [{"true": a, "predicted": b, "count": c} for a, b, c in confused])],
+    )
+    return Interpretation(out_dir=out_dir, audit=report, top_losses=losses, verdicts=verdicts)
+
+
+SUMMARY_COLUMNS = ("n", "mean_share_inside", "mean_share_outside", "mean_area_inside", "lung_preference",
+                   "mean_share_border", "mean_share_marker", "n_with_marker")
+
+
+def summary_rows(summary: dict) -> list[dict]:
+    """The audit summary as table rows: one per predicted class, then all images."""
+    groups = [*summary["by_class"].items(), ("all images", summary["overall"])]
+    return [{"predicted": name, **{k: stats.get(k) for k in SUMMARY_COLUMNS}} for name, stats in groups]
+
+
+def deletion_check(run: Run, items, probs, y, indices, window, stride, fill: float) -> dict:
+    curves = []
+    for i in indices:
+        x = run.load_input(image_column(items.iloc[[i]]).iloc[0])
+        pred = int(probs[i].argmax())
+        attr = attribution.occlusion_maps(run.model, x, window=window, stride=stride, targets=[pred], baseline=fill)[0]
+        curves.append(audit.deletion_curve(run.model, x, attr, pred, baseline=fill))
+    if not curves:
+        raise CxrFastError("no images to run the deletion check on")
+    keys = ("attributed_curve", "random_curve")
+    mean = {k: np.mean([np.asarray(c[k]) for c in curves], axis=0) for k in keys}
+    return {"fractions": np.asarray(curves[0]["fractions"]), **mean,
+            "attributed_auc": float(np.mean([c["attributed_auc"] for c in curves])),
+            "random_auc": float(np.mean([c["random_auc"] for c in curves])), "images": len(curves)}

@@ -1,0 +1,170 @@
+import math
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from cxr_fast.audit import (
+    attribution_shares,
+    audit_summary,
+    deletion_curve,
+    parse_box,
+    region_masks,
+    verdict,
+)
+from cxr_fast.errors import CxrFastError
+
+H = W = 40
+
+
+def lungs_mask():
+    """Two rectangular 'lungs' covering 36 % of a 40 × 40 image."""
+    m = np.zeros((H, W), dtype=bool)
+    m[8:32, 6:18] = True
+    m[8:32, 22:34] = True
+    return m
+
+
+def test_shares_add_to_one_and_ignore_negative_evidence():
+    rng = np.random.default_rng(0)
+    attr = rng.normal(size=(H, W))
+    s = attribution_shares(attr, lungs_mask())
+    assert s["share_inside"] + s["share_outside"] == pytest.approx(1.0)
+    assert s["area_inside"] == pytest.approx(lungs_mask().mean())
+    assert s["positive_total"] == pytest.approx(np.clip(attr, 0, None).sum())
+    # Making negative values more negative changes nothing: only evidence *for* the class counts.
+    s2 = attribution_shares(np.where(attr < 0, 10 * attr, attr), lungs_mask())
+    assert s2["share_inside"] == pytest.approx(s["share_inside"])
+
+
+def test_all_evidence_inside_the_lungs():
+    attr = np.where(lungs_mask(), 1.0, -0.5)
+    s = attribution_shares(attr, lungs_mask())
+    assert s["share_inside"] == 1.0 and s["share_outside"] == 0.0
+    assert s["lung_preference"] == math.inf
+    assert s["density_inside"] == pytest.approx(1 / lungs_mask().mean())
+
+
+def test_all_evidence_in_the_marker_box():
+    attr = np.zeros((H, W))
+    attr[1:5, 32:38] = 2.0
+    s = attribution_shares(attr, lungs_mask(), marker_box="32,1,38,5")
+    assert s["share_marker"] == 1.0 and s["has_marker"]
+    assert s["area_marker"] == pytest.approx(24 / (H * W))
+    assert s["share_outside"] == 1.0 and s["share_corners"] == 1.0 and s["share_border"] > 0.5
+    assert s["lung_preference"] == 0.0
+    no_box = attribution_shares(attr, lungs_mask(), marker_box="")
+    assert math.isnan(no_box["share_marker"]) and not no_box["has_marker"]
+
+
+def test_uniform_map_has_no_lung_preference():
+    s = attribution_shares(np.ones((3, H, W)), lungs_mask())  # channels are summed
+    assert s["share_inside"] == pytest.approx(lungs_mask().mean())
+    assert s["density_inside"] == pytest.approx(1.0)
+    assert s["lung_preference"] == pytest.approx(1.0)
+    assert s["share_border"] == pytest.approx(s["area_border"])
+
+
+def test_no_positive_evidence_gives_nan_and_bad_input_raises():
+    s = attribution_shares(-np.ones((H, W)), lungs_mask())
+    assert math.isnan(s["share_inside"]) and s["positive_total"] == 0
+    with pytest.raises(CxrFastError):
+        attribution_shares(np.ones((H, W + 1)), lungs_mask())
+    with pytest.raises(CxrFastError):
+        parse_box("1,2,three,4")
+
+
+def test_region_masks_border_and_corners():
+    r = region_masks((100, 50), border_frac=0.1)
+    assert r["border"][0, 25] and r["border"][50, 0] and not r["border"][50, 25]
+    assert r["border"].mean() == pytest.approx(1 - 0.8 * 0.8)
+    assert r["corners"].mean() == pytest.approx(4 * 0.2 * 0.2)
+    assert parse_box((1, 2, 3, 4)) == (1, 2, 3, 4) and parse_box(None) is None
+
+
+def _rows(kind, n=6):
+    rows = []
+    for _ in range(n):
+        attr = np.zeros((H, W))
+        if kind == "outside":  # evidence on the image border, away from the lungs
+            attr[:4, :] = 1.0
+            attr[10:20, 8:14] = 0.2  # a little inside
+        elif kind == "inside":
+            attr[10:30, 8:16] = 1.0
+            attr[:2, :] = 0.1
+        elif kind == "uniform":
+            attr[:] = 1.0
+        elif kind == "marker":
+            attr[1:5, 32:38] = 1.0
+            attr[lungs_mask()] = 0.2
+        rows.append(
+            attribution_shares(attr, lungs_mask(), marker_box="32,1,38,5" if kind == "marker" else None)
+        )
+    return rows
+
+
+def test_verdict_flags_outside_heavy_and_passes_inside_heavy():
+    rows = _rows("outside") + _rows("inside")
+    preds = ["COVID-19"] * 6 + ["Normal"] * 6
+    labels = [0] * 3 + [1] * 3 + [1] * 6
+    summary = audit_summary(rows, labels=labels, preds=preds)
+    assert summary["grouped_by"] == "prediction"
+    covid, normal = summary["by_class"]["COVID-19"], summary["by_class"]["Normal"]
+    assert covid["n"] == 6 and covid["accuracy"] == 0.5 and normal["accuracy"] == 1.0
+    assert covid["mean_share_outside"] > 0.8 and covid["lung_preference"] < 1
+    assert covid["frac_images_outside_dense"] == 1.0
+    assert normal["mean_share_inside"] > 0.8 and normal["lung_preference"] > 2
+    lines = verdict(summary).splitlines()
+    assert lines[0].startswith("COVID-19 predictions") and "likely shortcut" in lines[0]
+    assert "border band" in lines[0]
+    assert lines[1].startswith("Normal predictions") and "no sign of a shortcut" in lines[1]
+    assert lines[-1].startswith("All images")
+
+
+def test_verdict_does_not_call_a_uniform_map_a_shortcut():
+    # 64 % of an even map lies outside lungs covering 36 %; that is diffuse, not a shortcut.
+    summary = audit_summary(_rows("uniform"), labels=[2] * 6)
+    assert summary["grouped_by"] == "label"
+    assert summary["by_class"]["Pneumonia"]["mean_share_outside"] == pytest.approx(0.64)
+    text = verdict(summary)
+    assert "Pneumonia images" in text and "diffuse" in text and "shortcut" in text
+    assert "likely shortcut" not in text
+
+
+def test_verdict_flags_a_text_marker():
+    summary = audit_summary(_rows("marker"), preds=[0] * 6)
+    assert summary["by_class"]["COVID-19"]["n_with_marker"] == 6
+    assert "text marker" in verdict(summary) and "likely shortcut" in verdict(summary)
+
+
+def test_audit_summary_checks_lengths():
+    with pytest.raises(CxrFastError):
+        audit_summary(_rows("inside", 2), preds=[0])
+
+
+class RegionModel(nn.Module):
+    """Class 0's logit grows with the brightness of one rectangle; class 1 is a constant."""
+
+    def __init__(self):
+        super().__init__()
+        self.region = torch.zeros(16, 16)
+        self.region[4:8, 4:8] = 1.0
+
+    def forward(self, x):
+        evidence = (x[:, 0] * self.region).sum(dim=(1, 2)) / 4
+        return torch.stack([evidence, torch.zeros_like(evidence)], dim=1)
+
+
+def test_deletion_curve_faithful_map_beats_random_order():
+    model = RegionModel()
+    x = torch.ones(1, 16, 16)
+    known = model.region.numpy() + 0.01 * np.random.default_rng(0).random((16, 16))
+    d = deletion_curve(model, x, known, target=0, steps=16, seed=0)
+    assert len(d["fractions"]) == len(d["attributed_curve"]) == len(d["random_curve"]) == 17
+    assert d["attributed_curve"][0] == pytest.approx(d["random_curve"][0])  # same start: nothing deleted
+    assert d["attributed_curve"][-1] == pytest.approx(0.5)  # all deleted: both logits 0
+    assert d["attributed_auc"] < d["random_auc"] - 0.1
+    # A map that points away from the evidence is no better than random.
+    wrong = deletion_curve(model, x, -known, target=0, steps=16, seed=0)
+    assert wrong["attributed_auc"] > d["attributed_auc"] + 0.1

@@ -1,0 +1,90 @@
+"""interpret: gallery, audit, errors, and the proof on planted shortcuts."""
+
+import json
+from html.parser import HTMLParser
+
+import pandas as pd
+import pytest
+
+from cxr_fast.config import resolve_config
+from cxr_fast.data.manifest import prepare, read_manifest
+from cxr_fast.data.synth import synthesize
+from cxr_fast.errors import CxrFastError
+from cxr_fast.interpret import interpret
+from cxr_fast.train import train
+
+
+class ImageCollector(HTMLParser):
+    def __init__(self):
+        super().__init__()
+        self.sources = []
+
+    def handle_starttag(self, tag, attrs):
+        if tag == "img":
+            self.sources.append(dict(attrs).get("src", ""))
+
+
+def test_interpret_writes_gallery_audit_and_top_losses(tiny_runs):
+    result = interpret(tiny_runs[0], n=3, audit_n=6, window=8, stride=4, progress=False)
+    out = result.out_dir
+    audit = json.loads((out / "audit.json").read_text())
+    assert audit["verdicts"] and audit["images_audited"] >= 3
+    assert {"overall", "by_class"} <= set(audit["summary"])
+    overall = audit["summary"]["overall"]
+    assert overall["mean_share_inside"] + overall["mean_share_outside"] == pytest.approx(1.0)
+    losses = pd.read_csv(out / "top_losses.csv")
+    assert len(losses) == 3 and {"label", "predicted", "p_true", "p_predicted", "loss"} <= set(losses.columns)
+    assert losses["loss"].is_monotonic_decreasing
+    parser = ImageCollector()
+    parser.feed((out / "gallery.html").read_text())
+    pngs = sorted((out / "images").glob("*.png"))
+    assert len(parser.sources) == len(pngs) + 1  # every per-image figure, plus the deletion curves
+    assert all(s.startswith("data:image/png;base64,") for s in parser.sources)
+    deletion = audit["deletion"]
+    assert len(deletion["attributed_curve"]) == len(deletion["fractions"])
+    with pytest.raises(CxrFastError, match="--force"):
+        interpret(tiny_runs[0], n=3, progress=False)
+
+
+def test_interpret_errors_are_one_line(tiny_runs, tiny_data, tmp_path):
+    with pytest.raises(CxrFastError, match="methods"):
+        interpret(tiny_runs[0], methods=("lime",), progress=False)
+    no_test = tmp_path / "no-test"
+    no_test.mkdir()
+    manifest = read_manifest(tiny_data)
+    manifest[manifest["split"] != "test"].to_csv(no_test / "manifest.csv", index=False)
+    gone = tmp_path / "gone"
+    gone.mkdir()
+    manifest.loc[0, "path"] = str(tmp_path / "vanished.png")
+    manifest.to_csv(gone / "manifest.csv", index=False)
+    with pytest.raises(CxrFastError, match="no longer exist") as e:
+        interpret(tiny_runs[0], data=gone, progress=False)
+    assert "\n" not in str(e.value)
+
+
+# ------------------------------------------------------------------------------------------------ the proof
+
+PLANTED = dict(n_per_class=40, size=96, seed=3, progress=False)
+TRAIN = dict(arch="cxresnet_tiny", size=64, bs=16, lr=1e-2, epochs=12)
+
+
+def _trained(tmp_path, name, **synth):
+    synthesize(tmp_path / name / "src", **PLANTED, **synth)
+    prepare(tmp_path / name / "src", tmp_path / name / "data", cache_size=0, progress=False)
+    return train(tmp_path / name / "data", resolve_config(**TRAIN), out=tmp_path / name / "run", quiet=True)
+
+
+@pytest.mark.slow
+def test_audit_flags_a_planted_shortcut_and_passes_a_clean_model(tmp_path):
+    # A model trained where a corner marker gives the class away and the lesions are faint...
+    cheat = interpret(_trained(tmp_path, "cheat", shortcut_rate=1.0, lesion_contrast=0.2), n=4, audit_n=30,
+                      progress=False)
+    # ...and one trained on clear lesions with no markers at all.
+    clean = interpret(_trained(tmp_path, "clean", shortcut_rate=0.0, lesion_contrast=1.5), n=4, audit_n=30,
+                      progress=False)
+    cheat_overall = cheat.audit["summary"]["overall"]
+    clean_overall = clean.audit["summary"]["overall"]
+    assert any("likely shortcut" in v for v in cheat.verdicts), cheat.verdicts
+    assert cheat_overall["mean_share_marker"] > 0.5, cheat_overall  # the marker box holds most of the evidence
+    assert not any("likely shortcut" in v for v in clean.verdicts), clean.verdicts
+    assert clean_overall["lung_preference"] > cheat_overall["lung_preference"]
