@@ -7,6 +7,7 @@ stderr and exit code 1; anything else is a bug and keeps its traceback.
 from __future__ import annotations
 
 import functools
+import warnings
 from pathlib import Path
 from typing import Annotated
 
@@ -15,6 +16,9 @@ from rich.console import Console
 from rich.table import Table
 
 from cxr_fast.errors import CxrFastError
+
+# fastai still calls torch.jit.script at import; torch's deprecation notice is noise to a user of this CLI.
+warnings.filterwarnings("ignore", message=".*torch.jit.script.*", category=FutureWarning)
 
 app = typer.Typer(
     name="cxrfast",
@@ -191,6 +195,7 @@ def compare(
     data: Annotated[Path | None, typer.Option(help="Manifest folder: train --archs on it first.")] = None,
     archs: Annotated[str | None, typer.Option(help="Comma-separated architectures to train and compare.")] = None,
     recipe: Annotated[Path | None, typer.Option(help="Recipe shared by all architectures.")] = None,
+    recipes: Annotated[str | None, typer.Option(help="Comma-separated recipes (names in recipes/ or files), each trained as it says.")] = None,
     seeds: Annotated[str, typer.Option(help="Comma-separated seeds, e.g. 0,1,2.")] = "0",
     epochs: Annotated[int | None, typer.Option(help="Epoch budget for every architecture.")] = None,
     size: Annotated[int | None, typer.Option(help="Image size for every architecture.")] = None,
@@ -199,15 +204,15 @@ def compare(
     """Compare architectures on one test split: balanced accuracy with CI, F1, AUC, ECE, size, speed, McNemar."""
     from cxr_fast.compare import compare_archs, compare_runs
 
-    if archs:
+    if archs or recipes:
         if data is None:
-            raise CxrFastError("--archs needs --data (the manifest to train on)")
+            raise CxrFastError("--archs/--recipes need --data (the manifest to train on)")
         try:
             seed_list = [int(s) for s in seeds.split(",")]
         except ValueError:
             raise CxrFastError(f"--seeds must be integers like 0,1,2, got {seeds!r}") from None
-        result = compare_archs(data, [a.strip() for a in archs.split(",") if a.strip()], recipe=recipe,
-                               seeds=seed_list, out=out, epochs=epochs, size=size)
+        result = compare_archs(data, _names(archs), recipe=recipe, recipes=_names(recipes), seeds=seed_list,
+                               out=out, epochs=epochs, size=size)
     else:
         result = compare_runs(runs or [], out=out)
     table = Table("arch", "runs", "balanced acc (mean ± sd)", "95 % CI", "macro F1", "macro AUC", "ECE", "params",
@@ -233,6 +238,7 @@ def interpret(
     methods: Annotated[str, typer.Option(help="occlusion[,integrated_gradients,gradcam]")] = "occlusion",
     window: Annotated[int | None, typer.Option(help="Occlusion window in pixels (default: image side / 8).")] = None,
     stride: Annotated[int | None, typer.Option(help="Occlusion stride in pixels (default: window / 2).")] = None,
+    baseline: Annotated[str, typer.Option(help="Occluding value: black (X-ray background) or mean (dataset gray).")] = "black",
     force: Annotated[bool, typer.Option(help="Redo an existing interpretation.")] = False,
 ):
     """Top losses, occlusion heatmap gallery and a shortcut audit: is the model looking at the lungs?"""
@@ -240,7 +246,7 @@ def interpret(
 
     result = run_interpretation(run, data, split, n=n, audit_n=audit_n,
                                 methods=tuple(m.strip() for m in methods.split(",") if m.strip()),
-                                window=window, stride=stride, force=force)
+                                window=window, stride=stride, baseline=baseline, force=force)
     for line in result.verdicts:
         console.print(f"[bold]audit:[/] {line}")
     console.print(f"gallery: [bold]{result.out_dir / 'gallery.html'}[/]")
@@ -258,6 +264,10 @@ def demo(
     from cxr_fast.demo import run_demo
 
     run_demo(out, n_per_class=n_per_class, epochs=epochs, force=force, console=console)
+
+
+def _names(text: str | None) -> list[str]:
+    return [t.strip() for t in (text or "").split(",") if t.strip()]
 
 
 def main() -> None:

@@ -120,15 +120,20 @@ def write_comparison(c: Comparison) -> None:
     plt.close("all")
 
 
-def compare_archs(data: str | Path, archs: list[str], *, recipe: str | Path | None = None, seeds=(0,),
-                  out: str | Path | None = None, quiet: bool = False, **overrides) -> Comparison:
-    """Train every architecture under the same split, size, epoch budget and seeds, then compare the runs."""
+def compare_archs(data: str | Path, archs: list[str] = (), *, recipe: str | Path | None = None,
+                  recipes: list[str | Path] = (), seeds=(0,), out: str | Path | None = None, quiet: bool = False,
+                  **overrides) -> Comparison:
+    """Train every architecture (one shared recipe) or every recipe (each its own architecture and weights)
+    under the same split and seeds — and the same size and epochs when given — then compare the runs."""
     from cxr_fast.config import resolve_config
     from cxr_fast.train import train
 
     out_dir = Path(out) if out else Path("models") / f"compare-{datetime.now():%Y%m%d-%H%M%S}"
     if out_dir.exists() and any(out_dir.iterdir()):
         raise CxrFastError(f"{out_dir}: already exists; choose another --out")
+    if not archs and not recipes:
+        raise CxrFastError("compare needs --archs or --recipes to train")
     configs = [resolve_config(recipe, arch=a, seed=s, **overrides) for a in archs for s in seeds]  # fail early
+    configs += [resolve_config(r, seed=s, **overrides) for r in recipes for s in seeds]
     runs = [train(data, cfg, out=out_dir / "runs" / f"{cfg.arch}-seed{cfg.seed}", quiet=quiet) for cfg in configs]
     return compare_runs(runs, out=out_dir / "report")

@@ -114,3 +114,17 @@ def test_compare_two_runs_gives_table_csv_and_mcnemar(tiny_runs, tmp_path):
     assert summary["balanced_accuracy"][0] == pytest.approx(result.table["balanced_accuracy"].mean())
     with pytest.raises(CxrFastError, match="at least two"):
         compare_runs(tiny_runs[:1], out=tmp_path / "cmp2")
+
+
+def test_compare_trains_each_architecture_under_one_budget(tiny_data, tmp_path):
+    from cxr_fast.compare import compare_archs
+
+    result = compare_archs(tiny_data, ["cxresnet_tiny", "convnet"], out=tmp_path / "cmp", quiet=True,
+                           size=48, epochs=1, bs=16)
+    assert sorted(result.summary["arch"]) == ["convnet", "cxresnet_tiny"]
+    runs = sorted(p.name for p in (tmp_path / "cmp" / "runs").iterdir())
+    assert runs == ["convnet-seed0", "cxresnet_tiny-seed0"]
+    assert (tmp_path / "cmp" / "report" / "comparison.csv").is_file()
+    assert len(result.mcnemar) == 1
+    with pytest.raises(CxrFastError, match="--archs or --recipes"):
+        compare_archs(tiny_data, out=tmp_path / "cmp2")
