@@ -2,7 +2,7 @@
 
 The shortcut audit needs to know where the lungs are. Synthetic phantoms ship their masks; real X-rays
 usually do not, so this module estimates the lung field with classical image processing — no training
-data, no model, about 40 ms per image on one CPU core.
+data, no model, about 40–100 ms per image on a CPU (measured on a busy 2-core machine).
 
 How (all at a working size of 128 × 128, then resized back):
 
