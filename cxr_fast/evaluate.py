@@ -7,7 +7,6 @@ below chance on another's.
 
 from __future__ import annotations
 
-import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -25,6 +24,7 @@ from cxr_fast.data.block import image_column
 from cxr_fast.data.manifest import read_manifest
 from cxr_fast.errors import CxrFastError
 from cxr_fast.metrics import bootstrap_ci, classification_metrics, pr_curves, roc_curves
+from cxr_fast.outputs import replacing_folder
 
 SHIFT_WARN_AUC = 0.8  # a domain classifier this good at telling new images from training images means a shift
 
@@ -151,41 +151,44 @@ def evaluate(run_dir: str | Path, data: str | Path | None = None, split: str = "
     run = load_run(run_dir)
     items, name, external = select_items(run, data, split)
     out_dir = run.path / "eval" / name
-    if out_dir.exists():
-        if not force:
-            raise CxrFastError(f"{out_dir}: an evaluation is already there; add --force to redo it")
-        shutil.rmtree(out_dir)
+    if out_dir.exists() and not force:  # checked before the slow part; replacing_folder checks again
+        raise CxrFastError(f"{out_dir}: an evaluation is already there; add --force to redo it")
 
     logits = predict_logits(run, items, progress=progress, tta=tta)
     y = items["label"].map({c: i for i, c in enumerate(run.classes)}).to_numpy()
     metrics = compute_metrics(y, logits, run.classes, run.temperature, n_boot=n_boot)
     metrics.update({"run": run.name, "data": name, "external": external, "tta": tta})
-    shift = shift_check(run, items) if external else None
-    if shift is not None:
-        metrics["shift"] = shift
+    shift = None
+    if external:
+        try:
+            shift = metrics["shift"] = shift_check(run, items)
+        except CxrFastError as e:  # e.g. a bundle shared without its training images
+            metrics["shift"] = {"skipped": str(e)}
 
-    out_dir.mkdir(parents=True)
-    probs = softmax(logits, run.temperature)
-    predictions = pd.DataFrame({"path": items["path"], "label": items["label"],
-                                "predicted": [run.classes[i] for i in probs.argmax(1)]})
-    for k, c in enumerate(run.classes):
-        predictions[f"p_{c}"] = probs[:, k]
-    predictions.to_csv(out_dir / "predictions.csv", index=False)
-    write_metrics_json(out_dir / "metrics.json", metrics)
+    with replacing_folder(out_dir, force=force, what="an evaluation") as work:
+        probs = softmax(logits, run.temperature)
+        predictions = pd.DataFrame({"path": items["path"], "label": items["label"],
+                                    "predicted": [run.classes[i] for i in probs.argmax(1)]})
+        for k, c in enumerate(run.classes):
+            predictions[f"p_{c}"] = probs[:, k]
+        predictions.to_csv(work / "predictions.csv", index=False)
+        write_metrics_json(work / "metrics.json", metrics)
 
-    figures = evaluation_figures(y, logits, run.classes, run.temperature, metrics)
-    warnings = [shift_warning(shift)] if shift and shift["out_of_distribution"] else []
-    sections = [
-        Section("Curves", text="One-vs-rest ROC and precision-recall curves per class.",
-                figures=["roc_curves", "pr_curves"]),
-        Section("Calibration", text=(
-            f"Temperature scaling (T = {run.temperature:.2f}, fitted on the valid split) changes the expected "
-            f"calibration error from {metrics['ece']:.3f} to {metrics['ece_calibrated']:.3f}. Predicted classes "
-            "do not change; probabilities in predictions.csv are calibrated."), figures=["reliability"]),
-        Section("Confusion matrices", figures=["confusion_matrix"]),
-    ]
-    write_report(out_dir, f"Evaluation of {run.name} on {name}", sections, figures, metrics, warnings=warnings,
-                 meta={"model": run.config["model"]["arch"], "run": str(run.path), "images": len(items),
-                       "test-time augmentation": "yes" if tta else "no"})
+        figures = evaluation_figures(y, logits, run.classes, run.temperature, metrics)
+        warnings = [shift_warning(shift)] if shift and shift["out_of_distribution"] else []
+        if external and shift is None:
+            warnings.append(f"Distribution-shift check skipped: {metrics['shift']['skipped']}")
+        sections = [
+            Section("Curves", text="One-vs-rest ROC and precision-recall curves per class.",
+                    figures=["roc_curves", "pr_curves"]),
+            Section("Calibration", text=(
+                f"Temperature scaling (T = {run.temperature:.2f}, fitted on the valid split) changes the expected "
+                f"calibration error from {metrics['ece']:.3f} to {metrics['ece_calibrated']:.3f}. Predicted classes "
+                "do not change; probabilities in predictions.csv are calibrated."), figures=["reliability"]),
+            Section("Confusion matrices", figures=["confusion_matrix"]),
+        ]
+        write_report(work, f"Evaluation of {run.name} on {name}", sections, figures, metrics, warnings=warnings,
+                     meta={"model": run.config["model"]["arch"], "run": str(run.path), "images": len(items),
+                           "test-time augmentation": "yes" if tta else "no"})
     plt.close("all")
     return Evaluation(out_dir=out_dir, metrics=metrics, predictions=predictions, shift=shift)

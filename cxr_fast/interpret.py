@@ -13,8 +13,8 @@ Computation lives here and in `attribution`/`audit`; `gallery` draws.
 
 from __future__ import annotations
 
+import itertools
 import json
-import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -30,6 +30,7 @@ from cxr_fast.data.io import read_image
 from cxr_fast.errors import CxrFastError
 from cxr_fast.evaluate import select_items
 from cxr_fast.lungs import estimate_lung_field
+from cxr_fast.outputs import replacing_folder
 from cxr_fast.preprocess import resize_square
 
 METHODS = ("occlusion", "integrated_gradients", "gradcam")
@@ -49,6 +50,7 @@ def top_losses(run: Run, items: pd.DataFrame, k: int, probs: np.ndarray) -> tupl
     fastai 2.8 keeps only the losses, so the probabilities of the true and predicted class come from
     `probs` (the same model's uncalibrated softmax, rows in `items` order, which is also fastai's order).
     """
+    import fastai.callback.progress  # noqa: F401  (patches Learner.no_bar)
     from fastai.interpret import ClassificationInterpretation
     from fastai.learner import Learner
     from fastai.losses import CrossEntropyLossFlat
@@ -73,15 +75,14 @@ def top_losses(run: Run, items: pd.DataFrame, k: int, probs: np.ndarray) -> tupl
 
 
 def audit_sample(probs: np.ndarray, y: np.ndarray, n: int, seed: int = 0) -> list[int]:
-    """Up to n correct predictions, spread evenly over the true classes."""
+    """Up to n correct predictions, spread evenly over the true classes and interleaved (class A, B, C, A, …)
+    so that any prefix of the list, such as the gallery's first few, shows every class."""
     rng = np.random.default_rng(seed)
     pred = probs.argmax(1)
-    chosen = []
     classes = np.unique(y)
-    for c in classes:
-        correct = np.flatnonzero((y == c) & (pred == c))
-        chosen += rng.permutation(correct)[: max(1, n // len(classes))].tolist()
-    return chosen
+    per_class = [rng.permutation(np.flatnonzero((y == c) & (pred == c)))[: max(1, n // len(classes))].tolist()
+                 for c in classes]
+    return [i for round_ in itertools.zip_longest(*per_class) for i in round_ if i is not None]
 
 
 def lung_mask_for(row: pd.Series, image: np.ndarray, size: int) -> tuple[np.ndarray, str]:
@@ -154,10 +155,8 @@ def interpret(run_dir: str | Path, data: str | Path | None = None, split: str = 
     fill = baseline_value(run, baseline)
     items, name, _ = select_items(run, data, split)
     out_dir = run.path / "interpret" / name
-    if out_dir.exists():
-        if not force:
-            raise CxrFastError(f"{out_dir}: an interpretation is already there; add --force to redo it")
-        shutil.rmtree(out_dir)
+    if out_dir.exists() and not force:  # checked before the slow part; replacing_folder checks again
+        raise CxrFastError(f"{out_dir}: an interpretation is already there; add --force to redo it")
 
     logits = predict_logits(run, items, progress=progress)
     probs = softmax(logits, run.temperature)
@@ -165,10 +164,11 @@ def interpret(run_dir: str | Path, data: str | Path | None = None, split: str = 
     losses, confused = top_losses(run, items, n, softmax(logits))
 
     # The audit sample: the top losses plus correct predictions of every class; each image attributed once.
-    order = list(dict.fromkeys(losses["index"].tolist() + audit_sample(probs, y, audit_n)))
+    correct_sample = audit_sample(probs, y, audit_n)
+    order = list(dict.fromkeys(losses["index"].tolist() + correct_sample))
     files = image_column(items).tolist()
     loss_set = set(losses["index"])
-    rows, figures_loss, figures_correct = [], [], []
+    rows, figures_loss, figures_correct, image_files = [], [], [], []
     with Progress(disable=not progress) as bar:
         task = bar.add_task("occlusion maps", total=len(order))
         for i in order:
@@ -191,8 +191,7 @@ def interpret(run_dir: str | Path, data: str | Path | None = None, split: str = 
                 png = gallery.png_bytes(fig)
                 target = figures_loss if i in loss_set else figures_correct
                 target.append((caption, png))
-                (out_dir / "images").mkdir(parents=True, exist_ok=True)
-                (out_dir / "images" / f"{len(figures_loss) + len(figures_correct):03d}_{Path(row['path']).stem}.png").write_bytes(png)
+                image_files.append((f"{len(image_files) + 1:03d}_{Path(row['path']).stem}.png", png))
             bar.advance(task)
 
     per_image = pd.DataFrame(rows)
@@ -200,19 +199,33 @@ def interpret(run_dir: str | Path, data: str | Path | None = None, split: str = 
                                   preds=per_image["predicted"].tolist(), class_names=run.classes)
     verdicts = audit.verdict(summary).splitlines()
 
-    # Faithfulness: deletion curves for a few correctly predicted images, averaged.
-    deletion = deletion_check(run, items, probs, y, order[:8], window, stride, fill)
+    # Faithfulness: deletion curves for a few correctly predicted images (of every class), averaged.
+    deletion = deletion_check(run, items, probs, y, (correct_sample or order)[:8], window, stride, fill)
 
-    out_dir.mkdir(parents=True, exist_ok=True)
-    per_image.to_csv(out_dir / "audit_images.csv", index=False)
-    losses.to_csv(out_dir / "top_losses.csv", index=False)
+    with replacing_folder(out_dir, force=force, what="an interpretation") as work:
+        write_interpretation(work, run, name, per_image, losses, summary, verdicts, confused, deletion,
+                             image_files, figures_loss, figures_correct,
+                             {"methods": list(methods), "window": window, "stride": stride, "baseline": baseline})
+    report = json.loads((out_dir / "audit.json").read_text())
+    return Interpretation(out_dir=out_dir, audit=report, top_losses=losses, verdicts=verdicts)
+
+
+def write_interpretation(work: Path, run: Run, name: str, per_image, losses, summary, verdicts, confused, deletion,
+                         image_files, figures_loss, figures_correct, settings: dict) -> None:
+    from cxr_fast import gallery
+
+    (work / "images").mkdir()
+    for filename, png in image_files:
+        (work / "images" / filename).write_bytes(png)
+    per_image.to_csv(work / "audit_images.csv", index=False)
+    losses.to_csv(work / "top_losses.csv", index=False)
     report = {"run": run.name, "data": name, "images_audited": len(per_image), "summary": summary,
               "verdicts": verdicts, "most_confused": [list(map(str, c)) for c in confused],
               "deletion": {k: (v.tolist() if isinstance(v, np.ndarray) else v) for k, v in deletion.items()},
-              "methods": list(methods), "window": window, "stride": stride, "baseline": baseline}
-    (out_dir / "audit.json").write_text(json.dumps(report, indent=2, default=float))
+              **settings}
+    (work / "audit.json").write_text(json.dumps(report, indent=2, default=float))
     gallery.write_gallery(
-        out_dir / "gallery.html", f"Interpretation of {run.name} on {name}",
+        work / "gallery.html", f"Interpretation of {run.name} on {name}",
         [(v, "likely shortcut" in v) for v in verdicts],
         [("Top losses", "The images the model got most wrong, with occlusion maps for the predicted and the true "
           "class. Red: evidence for the class; blue: against. Green: lung fields; yellow: a text marker.", figures_loss),
@@ -222,7 +235,6 @@ def interpret(run_dir: str | Path, data: str | Path | None = None, split: str = 
         tables=[("Shortcut audit per class", summary_rows(summary)), ("Top losses", losses.drop(columns=["index"]).to_dict("records")),
                 ("Most confused", [{"true": a, "predicted": b, "count": c} for a, b, c in confused])],
     )
-    return Interpretation(out_dir=out_dir, audit=report, top_losses=losses, verdicts=verdicts)
 
 
 SUMMARY_COLUMNS = ("n", "mean_share_inside", "mean_share_outside", "mean_area_inside", "lung_preference",

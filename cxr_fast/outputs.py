@@ -1,0 +1,33 @@
+"""Writing result folders without losing the old ones on failure."""
+
+from __future__ import annotations
+
+import shutil
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+from cxr_fast.errors import CxrFastError
+
+
+@contextmanager
+def replacing_folder(out_dir: Path, *, force: bool, what: str) -> Iterator[Path]:
+    """Yield a fresh sibling folder to write into; only when the block succeeds does it replace `out_dir`.
+
+    Without `force` an existing `out_dir` is an error. With it, the old results stay untouched until the new
+    ones are complete, so a crash or Ctrl-C halfway never leaves the user with neither.
+    """
+    out_dir = Path(out_dir)
+    if out_dir.exists() and not force:
+        raise CxrFastError(f"{out_dir}: {what} is already there; add --force to redo it")
+    partial = out_dir.with_name(f".{out_dir.name}.partial")
+    shutil.rmtree(partial, ignore_errors=True)
+    partial.mkdir(parents=True)
+    try:
+        yield partial
+    except BaseException:
+        shutil.rmtree(partial, ignore_errors=True)
+        raise
+    if out_dir.exists():
+        shutil.rmtree(out_dir)
+    partial.rename(out_dir)
