@@ -134,8 +134,11 @@ def train(
     seed: Annotated[int | None, typer.Option(help="Random seed.")] = None,
     out: Annotated[Path | None, typer.Option(help="Run folder (default models/<arch>-<time>).")] = None,
     resume: Annotated[bool, typer.Option(help="Continue the interrupted run in --out.")] = False,
+    distributed: Annotated[bool, typer.Option(help="Data-parallel over --nproc processes on this machine (under torchrun: over its processes).")] = False,
+    nproc: Annotated[int | None, typer.Option(help="With --distributed: processes to start (default: one per GPU, else 2).")] = None,
 ):
     """Train a classifier with a one-cycle schedule and write a run bundle (safetensors + JSON)."""
+    from cxr_fast import distributed as ddp
     from cxr_fast.config import resolve_config
     from cxr_fast.train import train as train_run
 
@@ -143,8 +146,12 @@ def train(
     if not resume:
         cfg = resolve_config(recipe, arch=arch, epochs=epochs, size=size, bs=bs, lr=lr, weights=weights, n_in=n_in,
                              class_weights=class_weights, seed=seed)
-    run_dir = train_run(data, cfg, out=out, resume=resume)
-    _print_run_summary(run_dir)
+    if distributed and not ddp.is_distributed():
+        run_dir = ddp.launch_training(nproc or ddp.default_nproc(), data, cfg, out=out, resume=resume)
+    else:  # one process, or one of torchrun's (train() reads its environment)
+        run_dir = train_run(data, cfg, out=out, resume=resume)
+    if ddp.is_main():
+        _print_run_summary(run_dir)
 
 
 def _print_run_summary(run_dir: Path) -> None:
@@ -264,6 +271,11 @@ def demo(
     from cxr_fast.demo import run_demo
 
     run_demo(out, n_per_class=n_per_class, epochs=epochs, force=force, console=console)
+
+
+from cxr_fast.cli_predict import register as _register_predict  # noqa: E402
+
+_register_predict(app, user_errors, console, err_console)
 
 
 def _names(text: str | None) -> list[str]:

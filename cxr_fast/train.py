@@ -27,11 +27,12 @@ from fastai.callback.core import Callback
 from fastai.callback.progress import ProgressCallback
 from fastai.learner import Learner
 from fastai.losses import CrossEntropyLossFlat
-from fastai.metrics import AccumMetric, accuracy
+from fastai.metrics import AccumMetric
 from fastai.torch_core import set_seed
 from safetensors.torch import load_file, save_file
 from sklearn.metrics import balanced_accuracy_score
 
+from cxr_fast import distributed
 from cxr_fast.archs import create_model, model_config, splitter
 from cxr_fast.config import TrainConfig, resolve_config
 from cxr_fast.data.block import build_dataloaders
@@ -48,6 +49,16 @@ def balanced_accuracy(preds, targs):
 
 def balanced_accuracy_metric() -> AccumMetric:
     return AccumMetric(balanced_accuracy, dim_argmax=-1, flatten=True)
+
+
+def _accuracy(preds, targs):
+    return (preds == targs).float().mean()
+
+
+def accuracy_metric() -> AccumMetric:
+    """Accuracy over all of an epoch's predictions. fastai's `accuracy` averages per-batch values, which in a
+    data-parallel run would also count the items repeated to pad the processes' shards."""
+    return AccumMetric(_accuracy, dim_argmax=-1, flatten=True, name="accuracy")
 
 
 # ---------------------------------------------------------------------------------------------- run folders
@@ -144,6 +155,8 @@ class RunRecorder(Callback):
 
 
 def _cpu_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    if isinstance(model, torch.nn.parallel.DistributedDataParallel):  # data-parallel training wraps the model
+        model = model.module
     return {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
 
 
@@ -172,8 +185,8 @@ def build_learner(manifest: pd.DataFrame, cfg: TrainConfig, stats=None):
     )
     weight = class_weight_tensor(manifest, spec.classes) if cfg.class_weights else None
     learn = Learner(
-        dls, model, loss_func=CrossEntropyLossFlat(weight=weight), metrics=[accuracy, balanced_accuracy_metric()],
-        splitter=splitter, wd=cfg.wd,
+        dls, model, loss_func=CrossEntropyLossFlat(weight=weight),
+        metrics=[accuracy_metric(), balanced_accuracy_metric()], splitter=splitter, wd=cfg.wd,
     )
     learn.recorder.train_metrics = True  # train accuracy too, for the study's accuracy/loss-by-epoch figure
     if torch.cuda.is_available():
@@ -197,7 +210,16 @@ def train(
     extra_cbs: list | None = None,
     quiet: bool = False,
 ) -> Path:
-    """Train `cfg.arch` on the manifest in `data` and write a run bundle; returns the run folder."""
+    """Train `cfg.arch` on the manifest in `data` and write a run bundle; returns the run folder.
+
+    Started as several processes (torchrun, or `cxr_fast.distributed.launch_training`), it trains data-parallel:
+    each process takes its share of every batch and rank 0 alone writes the run folder (docs/scaling-out.md).
+    """
+    with distributed.process_group():
+        return _train(data, cfg, out=out, resume=resume, extra_cbs=extra_cbs, quiet=quiet)
+
+
+def _train(data, cfg, *, out, resume, extra_cbs, quiet) -> Path:
     manifest = read_manifest(data)
     if resume:
         if out is None:
@@ -215,21 +237,23 @@ def train(
                  "train_seconds": 0.0, "data": str(Path(data).resolve())}
 
     stats = (state["stats"]["mean"], state["stats"]["std"]) if resume else None
-    learn, spec = build_learner(manifest, cfg, stats)
+    learn, spec = build_learner(manifest, distributed.per_process_config(cfg), stats)
     if run_dir is None:
-        run_dir = new_run_dir(out, cfg.arch)
+        run_dir = Path(distributed.on_main(lambda: str(new_run_dir(out, cfg.arch))))
     state["stats"] = {"mean": spec.mean, "std": spec.std}
     state["classes"] = spec.classes
     if quiet:
         learn.remove_cb(ProgressCallback)
         learn.logger = lambda *args, **kwargs: None
 
-    if state["lr"] is None:
-        state["lr"] = learn.lr_find(show_plot=False).valley if cfg.lr == "auto" else float(cfg.lr)
+    if state["lr"] is None:  # lr_find runs on rank 0 alone, and every rank trains with its suggestion
+        state["lr"] = distributed.on_main(
+            lambda: float(learn.lr_find(show_plot=False).valley) if cfg.lr == "auto" else float(cfg.lr))
     lr = state["lr"]
 
     if resume:
         learn.model.load_state_dict(load_file(str(run_dir / CHECKPOINT_DIR / "model.safetensors")))
+    distributed.to_data_parallel(learn)
 
     started = time.perf_counter()
     done = state["epochs_done"]
@@ -246,7 +270,8 @@ def train(
             learn.freeze()
         else:
             learn.unfreeze()
-        cbs = [RunRecorder(run_dir, state, offset, phase)] + list(extra_cbs or [])
+        recorder = [RunRecorder(run_dir, state, offset, phase)] if distributed.is_main() else []  # rank 0 writes
+        cbs = recorder + list(extra_cbs or [])
         if phase == "frozen":
             learn.fit_one_cycle(n_epochs, lr, pct_start=0.99, cbs=cbs, start_epoch=start_epoch)
         elif phase == "unfrozen":
@@ -259,7 +284,7 @@ def train(
         state["train_seconds"] += time.perf_counter() - started
         started = time.perf_counter()
 
-    return finish_bundle(run_dir, learn, cfg, state)
+    return finish_bundle(run_dir, learn, cfg, state) if distributed.is_main() else run_dir
 
 
 def library_versions() -> dict[str, str]:

@@ -238,7 +238,7 @@ def test_synthetic_meta_adds_masks_and_marker_boxes(tmp_path):
     synthesize(src, n_per_class=4, size=96, shortcut_rate=0.5, seed=0, progress=False)
     report = quiet(src, tmp_path / "out", cache_size=64)
     assert report.n_images == 12
-    assert report.exclusions_by_reason() == {"no-class-folder": 1}  # the README.txt synthesize writes
+    assert report.exclusions_by_reason() == {}  # synthesize's _README.txt is never read as an image
     table = read_manifest(tmp_path / "out")
     meta = pd.read_csv(src / "_meta.csv", dtype=str, keep_default_na=False)
     expected = {str(src / row.relpath): (str(src / row.mask), row.marker_box) for row in meta.itertuples()}

@@ -1,0 +1,92 @@
+"""`cxrfast predict`, `cxrfast export` and `cxrfast serve`: using a trained model.
+
+Kept apart from `cli.py` so that module stays short; `register(app)` adds the commands to the main app. The
+helpers of `cli.py` (`user_errors`, the consoles) are passed in, or imported lazily when not, which avoids a
+circular import at load time.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.table import Table
+
+MAX_ROWS_SHOWN = 30  # a folder of thousands of files belongs in --out, not on the terminal
+
+
+def register(app: typer.Typer, user_errors=None, console=None, err_console=None) -> None:
+    if user_errors is None or console is None or err_console is None:
+        from cxr_fast import cli
+
+        user_errors, console, err_console = cli.user_errors, cli.console, cli.err_console
+
+    @app.command("predict")
+    @user_errors
+    def predict(
+        run: Annotated[Path, typer.Argument(help="Run folder (models/<run>).")],
+        inputs: Annotated[list[Path], typer.Argument(help="X-ray files (PNG/JPEG/DICOM) or folders, searched recursively.")],
+        heatmap: Annotated[bool, typer.Option(help="Also write an occlusion heatmap PNG per image (slow: 10-60 s per image at 224 px on a CPU).")] = False,
+        out: Annotated[Path | None, typer.Option(help="Write the results to FILE.csv or FILE.json (heatmaps go to FILE_heatmaps/).")] = None,
+        runtime: Annotated[str, typer.Option(help="torch, or onnx (needs `cxrfast export RUN` first; starts faster).")] = "torch",
+        force: Annotated[bool, typer.Option(help="Replace an existing --out file.")] = False,
+    ):
+        """Predict calibrated class probabilities for new X-rays; unreadable files are listed and skipped."""
+        from cxr_fast.errors import CxrFastError
+        from cxr_fast.predict import predict as run_prediction
+
+        results, skipped = run_prediction(run, inputs, heatmap=heatmap, out=out, runtime=runtime, force=force)
+        if not results.empty:
+            prob_columns = [c for c in results.columns if c.startswith("p_")]
+            table = Table("file", "predicted", *[c[2:] for c in prob_columns], *(["heatmap"] if heatmap else []),
+                          title=f"{len(results)} images — research tool, not a diagnosis")
+            for row in results.head(MAX_ROWS_SHOWN).to_dict("records"):
+                table.add_row(Path(row["path"]).name, row["predicted"], *[f"{row[c]:.3f}" for c in prob_columns],
+                              *([row["heatmap"]] if heatmap else []))
+            console.print(table)
+            if len(results) > MAX_ROWS_SHOWN:
+                console.print(f"… and {len(results) - MAX_ROWS_SHOWN} more" + ("" if out else "; use --out to keep them all"))
+        for path, reason in skipped:
+            err_console.print(f"[bold yellow]skipped:[/] {path}: {reason}", highlight=False, soft_wrap=True)
+        if out is not None:
+            console.print(f"results: [bold]{out}[/]")
+        if results.empty:
+            raise CxrFastError("no image could be predicted")
+
+    @app.command("export")
+    @user_errors
+    def export(
+        run: Annotated[Path, typer.Argument(help="Run folder (models/<run>).")],
+        out: Annotated[Path | None, typer.Option(help="Folder for model.onnx and preprocessing.json (default: the run folder).")] = None,
+        force: Annotated[bool, typer.Option(help="Replace an existing export.")] = False,
+    ):
+        """Export the model to ONNX (dynamic batch) with its preprocessing recipe, for ONNX Runtime."""
+        import json
+
+        from cxr_fast.export import PREPROCESSING_FILE, export_onnx
+
+        onnx_path = export_onnx(run, out, force=force)
+        spec = json.loads((onnx_path.parent / PREPROCESSING_FILE).read_text())
+        console.print(f"ONNX model: [bold]{onnx_path}[/] (opset {spec['opset']}, input {spec['input']['shape']}; "
+                      f"max logit difference from PyTorch {spec['max_abs_logit_difference']:.1e})")
+        console.print(f"preprocessing: [bold]{onnx_path.parent / PREPROCESSING_FILE}[/]")
+
+    @app.command("serve")
+    @user_errors
+    def serve(
+        run: Annotated[Path, typer.Argument(help="Run folder (models/<run>).")],
+        host: Annotated[str, typer.Option(help="Address to listen on; the default lets only this computer in.")] = "127.0.0.1",
+        port: Annotated[int, typer.Option(help="Port to listen on.")] = 8000,
+        runtime: Annotated[str, typer.Option(help="torch, or onnx (needs `cxrfast export RUN` first).")] = "torch",
+    ):
+        """A local web page: drop an X-ray, see class probabilities and the occlusion heatmap."""
+        from cxr_fast.serve import serve as run_server
+
+        def ready(url: str, loopback: bool):
+            console.print(f"serving [bold]{run}[/] at [bold]{url}[/] (Ctrl+C to stop)")
+            if not loopback:
+                err_console.print(f"[bold yellow]warning:[/] listening on {host}: anyone who can reach this "
+                                  "computer can upload images; there is no login.")
+
+        run_server(run, host=host, port=port, runtime=runtime, on_ready=ready)

@@ -1,0 +1,178 @@
+"""`cxrfast export`: a run bundle → ONNX model + the preprocessing recipe, and `OnnxRunner` to use them.
+
+The export is a folder holding `model.onnx` (normalised image [batch, n_in, size, size] → logits [batch, K])
+and `preprocessing.json` (how a file becomes that input, the class names and the calibration temperature), so
+that another program, in any language with an ONNX runtime, can reproduce `cxrfast predict` exactly.
+
+`OnnxRunner` runs the export with ONNX Runtime on the CPU and does not import torch: `cxrfast predict --runtime
+onnx` starts in about a second instead of the several seconds that importing torch (and fastai) takes.
+
+Why the TorchScript-based exporter (`dynamo=False`): torch's newer exporter needs the `onnxscript` package,
+one more dependency for no gain on these plain convolutional networks; the TorchScript exporter needs only
+`onnx`. The export is checked against PyTorch on a random batch before it is kept.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+import numpy as np
+
+from cxr_fast.errors import CxrFastError
+
+ONNX_FILE = "model.onnx"
+PREPROCESSING_FILE = "preprocessing.json"
+OPSET = 17  # supported by every onnxruntime since 1.11 (2022) and by the TorchScript exporter
+INPUT_NAME, OUTPUT_NAME = "image", "logits"
+EXPORT_TOLERANCE = 1e-4  # largest logit difference from PyTorch accepted for a fresh export
+FORMAT = "cxr_fast-onnx/1"
+
+
+def file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def preprocessing_spec(run) -> dict:
+    """Everything besides the network that turns a file into probabilities, as plain JSON."""
+    config = run.config
+    return {
+        "format": FORMAT,
+        "run": run.name,
+        "arch": config["model"]["arch"],
+        "classes": run.classes,
+        "temperature": run.temperature,
+        "size": run.size,
+        "n_in": run.n_in,
+        "mean": [float(m) for m in config["mean"]],
+        "std": [float(s) for s in config["std"]],
+        "read": ("8-bit grayscale: PNG/JPEG converted to luma, EXIF rotation applied; DICOM through its modality "
+                 "LUT and first VOI window, MONOCHROME1 inverted (cxr_fast.data.io.read_image)"),
+        "resize": "squish bilinear",  # to size x size, aspect not kept (cxr_fast.preprocess.resize_square)
+        "scale": "pixel / 255, the gray image repeated n_in times, then (x - mean[c]) / std[c] per channel",
+        "input": {"name": INPUT_NAME, "shape": ["batch", run.n_in, run.size, run.size], "dtype": "float32"},
+        "output": {"name": OUTPUT_NAME, "shape": ["batch", len(run.classes)], "meaning": "logits"},
+        "probabilities": "softmax(logits / temperature)",
+    }
+
+
+def export_onnx(run_dir: str | Path, out: str | Path | None = None, *, force: bool = False,
+                opset: int = OPSET) -> Path:
+    """Write `model.onnx` and `preprocessing.json` into `out` (default: the run folder); return the .onnx path.
+
+    An existing export is refused unless `force`. The exported model must reproduce PyTorch's logits on a random
+    batch to `EXPORT_TOLERANCE`, else nothing is kept.
+    """
+    import warnings
+
+    import torch
+
+    from cxr_fast.bundle import load_run
+
+    run = load_run(run_dir)
+    folder = Path(out) if out is not None else run.path
+    onnx_path, spec_path = folder / ONNX_FILE, folder / PREPROCESSING_FILE
+    existing = [p for p in (onnx_path, spec_path) if p.exists()]
+    if existing and not force:
+        raise CxrFastError(f"{existing[0]}: an export is already there; add --force to replace it")
+    folder.mkdir(parents=True, exist_ok=True)
+
+    example = torch.randn(2, run.n_in, run.size, run.size, generator=torch.Generator().manual_seed(0))
+    tmp_path = onnx_path.with_name(onnx_path.name + ".partial")
+    with warnings.catch_warnings():
+        # Deprecation notice of the TorchScript exporter, and tracer notes about shapes that are fixed anyway
+        # (the input size is part of the model's contract).
+        warnings.simplefilter("ignore")
+        torch.onnx.export(run.model, (example,), str(tmp_path), dynamo=False, opset_version=opset,
+                          input_names=[INPUT_NAME], output_names=[OUTPUT_NAME],
+                          dynamic_axes={INPUT_NAME: {0: "batch"}, OUTPUT_NAME: {0: "batch"}})
+    try:
+        with torch.no_grad():
+            expected = run.model(example).float().numpy()
+        got = _session(tmp_path).run(None, {INPUT_NAME: example.numpy()})[0]
+        difference = float(np.abs(got - expected).max())
+        if not difference <= EXPORT_TOLERANCE:
+            raise CxrFastError(f"{run.path}: the ONNX export differs from PyTorch by {difference:.2e} in the logits "
+                               f"(more than {EXPORT_TOLERANCE:g}); not kept")
+    except BaseException:
+        tmp_path.unlink(missing_ok=True)
+        raise
+    tmp_path.replace(onnx_path)
+
+    spec = preprocessing_spec(run)
+    spec.update({"opset": opset, "torch_version": torch.__version__, "max_abs_logit_difference": difference,
+                 # Ties the export to the weights it came from: a retrained bundle makes it stale (OnnxRunner).
+                 "weights_sha256": file_sha256(run.path / "model.safetensors"),
+                 "onnx_sha256": file_sha256(onnx_path)})
+    spec_path.write_text(json.dumps(spec, indent=2))
+    return onnx_path
+
+
+def _session(path: Path, threads: int | None = None):
+    try:
+        import onnxruntime as ort
+    except ImportError:
+        raise CxrFastError("ONNX Runtime is not installed: pip install 'cxr_fast[onnx]'") from None
+    options = ort.SessionOptions()
+    options.log_severity_level = 3  # errors only: its warnings about unused initialisers are noise here
+    if threads:
+        options.intra_op_num_threads = threads
+    return ort.InferenceSession(str(path), sess_options=options, providers=["CPUExecutionProvider"])
+
+
+class OnnxRunner:
+    """An export folder (model.onnx + preprocessing.json) run by ONNX Runtime on the CPU.
+
+    Same attributes and `logits` as `cxr_fast.predict.TorchRunner`, so prediction and serving take either.
+    """
+
+    runtime = "onnx"
+
+    def __init__(self, folder: str | Path, threads: int | None = None):
+        self.path = Path(folder)
+        onnx_path, spec_path = self.path / ONNX_FILE, self.path / PREPROCESSING_FILE
+        for needed in (onnx_path, spec_path):
+            if not needed.is_file():
+                raise CxrFastError(f"{self.path}: no ONNX export ({needed.name} missing); run `cxrfast export {self.path}`")
+        try:
+            spec = json.loads(spec_path.read_text())
+        except json.JSONDecodeError as e:
+            raise CxrFastError(f"{spec_path}: not valid JSON ({e})") from None
+        if spec.get("format") != FORMAT:
+            raise CxrFastError(f"{spec_path}: not a cxr_fast ONNX export (format {spec.get('format')!r})")
+        weights = self.path / "model.safetensors"
+        if weights.is_file() and spec.get("weights_sha256") != file_sha256(weights):
+            raise CxrFastError(f"{onnx_path}: exported from other weights than {weights.name}; "
+                               f"re-export with `cxrfast export {self.path} --force`")
+        self.spec = spec
+        self.session = _session(onnx_path, threads)
+
+    name = property(lambda self: self.spec["run"])
+    arch = property(lambda self: self.spec["arch"])
+    classes = property(lambda self: list(self.spec["classes"]))
+    size = property(lambda self: int(self.spec["size"]))
+    n_in = property(lambda self: int(self.spec["n_in"]))
+    mean = property(lambda self: list(self.spec["mean"]))
+    std = property(lambda self: list(self.spec["std"]))
+    temperature = property(lambda self: float(self.spec["temperature"]))
+
+    def logits(self, batch: np.ndarray) -> np.ndarray:
+        """Normalised float input [B, n_in, size, size] → logits [B, K] (float32)."""
+        return self.session.run(None, {INPUT_NAME: np.ascontiguousarray(batch, dtype=np.float32)})[0]
+
+    def torch_module(self):
+        """The session as a torch module, for occlusion maps (`cxr_fast.attribution` takes a module)."""
+        import torch
+
+        runner = self
+
+        class OnnxModule(torch.nn.Module):
+            def forward(self, x: torch.Tensor) -> torch.Tensor:
+                return torch.from_numpy(runner.logits(x.detach().cpu().numpy()))
+
+        return OnnxModule()

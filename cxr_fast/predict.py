@@ -1,0 +1,274 @@
+"""`cxrfast predict`: a trained run on new X-ray files → calibrated class probabilities, optionally heatmaps.
+
+Inputs are files or folders (walked recursively for image files). A file that cannot be read as an X-ray is
+listed with the reason and skipped; the others are still predicted. Probabilities are calibrated with the run's
+temperature, exactly as in `cxrfast evaluate`'s predictions.csv.
+
+Two runtimes give the same probabilities: "torch" runs the bundle's PyTorch model; "onnx" runs the export made by
+`cxrfast export` with ONNX Runtime and, without heatmaps, never imports torch (a much faster start).
+
+Heatmaps: one occlusion map per image for its predicted class, with the black baseline `cxrfast interpret`
+uses, drawn like interpret's gallery. They go into `<out stem>_heatmaps/` next to the results file, or into
+`./heatmaps` without one, and never replace an existing file: a name already taken gets a numeric suffix
+(`x_heatmap.png`, `x_heatmap-2.png`, ...).
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+from PIL import Image
+
+from cxr_fast.data.io import IMAGE_SUFFIXES, ImageReadError, is_dicom, read_image
+from cxr_fast.errors import CxrFastError
+
+RUNTIMES = ("torch", "onnx")
+OUT_SUFFIXES = (".csv", ".json")
+
+
+# ---------------------------------------------------------------------------------------------- runners
+
+
+class TorchRunner:
+    """A run bundle's PyTorch model behind the interface `cxr_fast.export.OnnxRunner` also has."""
+
+    runtime = "torch"
+
+    def __init__(self, run_dir: str | Path):
+        from cxr_fast.bundle import load_run
+
+        self.run = load_run(run_dir)
+        self.path = self.run.path
+
+    name = property(lambda self: self.run.name)
+    arch = property(lambda self: self.run.config["model"]["arch"])
+    classes = property(lambda self: self.run.classes)
+    size = property(lambda self: self.run.size)
+    n_in = property(lambda self: self.run.n_in)
+    mean = property(lambda self: list(self.run.config["mean"]))
+    std = property(lambda self: list(self.run.config["std"]))
+    temperature = property(lambda self: self.run.temperature)
+
+    def logits(self, batch: np.ndarray) -> np.ndarray:
+        import torch
+
+        with torch.no_grad():
+            return self.run.model(torch.from_numpy(np.ascontiguousarray(batch, dtype=np.float32))).float().numpy()
+
+    def torch_module(self):
+        return self.run.model
+
+
+def load_runner(run_dir: str | Path, runtime: str = "torch"):
+    if runtime not in RUNTIMES:
+        raise CxrFastError(f"--runtime must be one of {RUNTIMES}, got {runtime!r}")
+    if runtime == "onnx":
+        from cxr_fast.export import OnnxRunner
+
+        return OnnxRunner(run_dir)
+    return TorchRunner(run_dir)
+
+
+# ---------------------------------------------------------------------------------------------- one image
+
+
+def model_image(image: Image.Image, size: int) -> np.ndarray:
+    """The image as the model sees it: squished to size×size (bilinear), uint8 [size, size]."""
+    if image.size != (size, size):
+        image = image.resize((size, size), Image.Resampling.BILINEAR)
+    return np.asarray(image, dtype=np.uint8)
+
+
+def model_input(pixels: np.ndarray, n_in: int, mean: Sequence[float], std: Sequence[float]) -> np.ndarray:
+    """uint8 [H, W] → normalised float32 [n_in, H, W].
+
+    The recipe of preprocessing.json in numpy, so the ONNX runtime needs no torch; tests pin it to
+    `cxr_fast.preprocess.load_input`, the path used in training and evaluation."""
+    x = pixels.astype(np.float32) / np.float32(255.0)
+    m = np.asarray(mean, dtype=np.float32).reshape(-1, 1, 1)
+    s = np.asarray(std, dtype=np.float32).reshape(-1, 1, 1)
+    return (np.broadcast_to(x, (n_in, *x.shape)) - m) / s
+
+
+def calibrated(logits: np.ndarray, temperature: float) -> np.ndarray:
+    """softmax(logits / temperature), as `cxr_fast.bundle.softmax` (repeated here to keep torch out)."""
+    z = logits.astype(np.float64) / temperature
+    e = np.exp(z - z.max(axis=1, keepdims=True))
+    return e / e.sum(axis=1, keepdims=True)
+
+
+def black_baseline(runner) -> np.ndarray:
+    """Black in the model's normalised units, per channel ([n_in, 1, 1]): an X-ray's background, so occluding
+    empty air changes nothing (see `cxr_fast.interpret.baseline_value`)."""
+    return np.array([-m / s for m, s in zip(runner.mean, runner.std)], dtype=np.float32).reshape(-1, 1, 1)
+
+
+def occlusion_map(runner, x: np.ndarray, target: int) -> np.ndarray:
+    """Occlusion map [H, W] (logit units) for class `target` of one normalised input [n_in, H, W]."""
+    import torch
+
+    from cxr_fast.attribution import occlusion_maps
+
+    maps = occlusion_maps(runner.torch_module(), torch.from_numpy(np.ascontiguousarray(x)),
+                          baseline=torch.from_numpy(black_baseline(runner)), targets=[target])
+    return maps[0].numpy()
+
+
+def heatmap_png(pixels: np.ndarray, attr: np.ndarray, title: str, label: str) -> bytes:
+    """The X-ray beside the map blended over it, with a signed colour bar (interpret's gallery figure)."""
+    from cxr_fast import gallery
+
+    return gallery.png_bytes(gallery.attribution_figure(pixels, {label: attr}, title))
+
+
+def overlay_png(pixels: np.ndarray, attr: np.ndarray) -> bytes:
+    """Just the map blended over the image at the model's size (red: evidence for the class; blue: against)."""
+    import io
+
+    from cxr_fast.attribution import overlay_rgb
+
+    buffer = io.BytesIO()
+    Image.fromarray(overlay_rgb(pixels, attr)).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+# ---------------------------------------------------------------------------------------------- files
+
+
+def find_images(inputs: Sequence[str | Path]) -> tuple[list[Path], list[tuple[Path, str]]]:
+    """Named files as given (the reader decides by content), plus the image files found in named folders.
+
+    In folders, a file counts as an image by its suffix (`IMAGE_SUFFIXES`), or, without a suffix, by the DICOM
+    preamble; other files (notes, spreadsheets) are passed over, and so is anything under a name starting with
+    "." or "_" (hidden files; the toolkit's own folders such as synthetic data's `_masks`). The same file named
+    twice is predicted once. Returns (files, skipped) where skipped lists (path, reason)."""
+    files, skipped = [], []
+    for item in inputs:
+        path = Path(item)
+        if not path.is_dir():
+            files.append(path)  # a missing file is reported by read_image, with the other unreadable ones
+            continue
+        found = [f for f in sorted(path.rglob("*"))
+                 if f.is_file() and not any(part[0] in "._" for part in f.relative_to(path).parts)
+                 and (f.suffix.lower() in IMAGE_SUFFIXES or (f.suffix == "" and is_dicom(f)))]
+        if not found:
+            skipped.append((path, "no image files in this folder"))
+        files += found
+    unique = list({f.resolve(): f for f in files}.values())
+    return unique, skipped
+
+
+def unique_path(folder: Path, stem: str, suffix: str = ".png") -> Path:
+    """A free name in `folder`: stem.png, stem-2.png, stem-3.png, ..."""
+    candidate, n = folder / f"{stem}{suffix}", 1
+    while candidate.exists():
+        n += 1
+        candidate = folder / f"{stem}-{n}{suffix}"
+    return candidate
+
+
+def write_new_file(folder: Path, stem: str, data: bytes) -> Path:
+    """Write `data` under a name nobody has taken; exclusive creation, so not even a race can overwrite."""
+    folder.mkdir(parents=True, exist_ok=True)
+    while True:
+        path = unique_path(folder, stem)
+        try:
+            with open(path, "xb") as f:
+                f.write(data)
+            return path
+        except FileExistsError:
+            continue
+
+
+def heatmap_folder(out: Path | None) -> Path:
+    return out.parent / f"{out.stem}_heatmaps" if out is not None else Path("heatmaps")
+
+
+def check_out(out: Path | None, force: bool) -> None:
+    if out is None:
+        return
+    if out.suffix.lower() not in OUT_SUFFIXES:
+        raise CxrFastError(f"{out}: --out must end in .csv or .json")
+    if out.exists() and not force:
+        raise CxrFastError(f"{out}: already exists; add --force to replace it")
+
+
+def write_results(out: Path, results: pd.DataFrame, skipped: list[tuple[Path, str]], runner) -> None:
+    """CSV: one row per input, skipped ones with an empty prediction and the reason in `error`.
+    JSON: {"model", "predictions", "skipped"}."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    if out.suffix.lower() == ".json":
+        document = {"model": model_summary(runner), "predictions": results.to_dict("records"),
+                    "skipped": [{"path": str(p), "reason": r} for p, r in skipped]}
+        out.write_text(json.dumps(document, indent=2))
+    else:
+        errors = pd.DataFrame({"path": [str(p) for p, _ in skipped], "error": [r for _, r in skipped]})
+        pd.concat([results.assign(error=""), errors], ignore_index=True).to_csv(out, index=False)
+
+
+def model_summary(runner) -> dict:
+    return {"name": runner.name, "arch": runner.arch, "runtime": runner.runtime, "classes": runner.classes,
+            "size": runner.size, "temperature": runner.temperature}
+
+
+def predict(run_dir: str | Path, inputs: Sequence[str | Path], heatmap: bool = False, out: str | Path | None = None,
+            runtime: str = "torch", *, force: bool = False, bs: int = 32, progress: bool = True,
+            runner=None) -> tuple[pd.DataFrame, list[tuple[Path, str]]]:
+    """Predict every readable image among `inputs` (files or folders).
+
+    Returns (results, skipped): results has columns path, predicted, p_<class> (calibrated) and, with
+    `heatmap`, the heatmap file; skipped lists (path, reason) for inputs that could not be read. With `out`
+    (.csv or .json) the results are also written there; an existing file is refused unless `force`.
+    `runner` (a loaded TorchRunner/OnnxRunner) replaces `run_dir`/`runtime` for repeated calls.
+    """
+    from rich.progress import Progress
+
+    if not inputs:
+        raise CxrFastError("give at least one image file or folder to predict")
+    out = Path(out) if out is not None else None
+    check_out(out, force)
+    runner = runner if runner is not None else load_runner(run_dir, runtime)
+    files, skipped = find_images(inputs)
+    classes, size = runner.classes, runner.size
+    heatmaps_dir = heatmap_folder(out)
+
+    rows, pending = [], []
+
+    def flush():
+        probs = calibrated(runner.logits(np.stack([x for _, _, x in pending])), runner.temperature)
+        for (file, pixels, x), p in zip(pending, probs):
+            k = int(p.argmax())
+            row = {"path": str(file), "predicted": classes[k], **{f"p_{c}": float(v) for c, v in zip(classes, p)}}
+            if heatmap:
+                attr = occlusion_map(runner, x, k)
+                title = f"{file.name}: predicted {classes[k]} (p={p[k]:.2f}) — research tool, not a diagnosis"
+                png = heatmap_png(pixels, attr, title, f"occlusion → {classes[k]}")
+                row["heatmap"] = str(write_new_file(heatmaps_dir, f"{file.stem}_heatmap", png))
+            rows.append(row)
+            bar.advance(task)
+        pending.clear()
+
+    with Progress(transient=True, disable=not progress) as bar:
+        task = bar.add_task(f"predicting {len(files)} images", total=len(files))
+        for file in files:
+            try:
+                pixels = model_image(read_image(file), size)
+            except ImageReadError as e:
+                skipped.append((file, f"{e.reason}: {e.explanation}"))
+                bar.advance(task)
+                continue
+            pending.append((file, pixels, model_input(pixels, runner.n_in, runner.mean, runner.std)))
+            if len(pending) == bs:
+                flush()
+        if pending:
+            flush()
+
+    columns = ["path", "predicted", *[f"p_{c}" for c in classes], *(["heatmap"] if heatmap else [])]
+    results = pd.DataFrame(rows, columns=columns)
+    if out is not None:
+        write_results(out, results, skipped, runner)
+    return results, skipped

@@ -1,0 +1,297 @@
+"""`cxrfast serve`: a small local web page to try a trained model on one X-ray at a time.
+
+One page (HTML and JavaScript in this file, nothing fetched from the internet) where one drops or picks an X-ray
+and sees the calibrated class probabilities, the predicted label and the occlusion heatmap, with the model's
+name, its test balanced accuracy and a reminder that this is a research tool. `POST /api/predict` (multipart
+field `file`) answers JSON: {probabilities, predicted, heatmap_png_base64, image_png_base64, model};
+`?heatmap=0` leaves the heatmap out (null). The occlusion heatmap costs hundreds of forward passes (seconds to a
+minute per image at 224 px on a CPU), so the page asks for the probabilities first and the heatmap second.
+
+It binds to 127.0.0.1 by default: the page has no login, so only this computer can reach it. Uploads are read
+with the toolkit's reader: a file that is not a readable X-ray gets a 4xx answer with the reason, and one above
+`MAX_UPLOAD_BYTES` gets 413 before it is stored. Predictions run one at a time in a worker thread, so a slow
+heatmap never blocks the page or the other requests from being accepted.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import json
+import tempfile
+import threading
+from contextlib import aclosing
+from pathlib import Path
+
+import numpy as np
+
+from cxr_fast.data.io import IMAGE_SUFFIXES, ImageReadError, read_image
+from cxr_fast.errors import CxrFastError
+from cxr_fast.predict import calibrated, load_runner, model_image, model_input, occlusion_map, overlay_png
+
+MAX_UPLOAD_BYTES = 20 * 1024 * 1024  # a radiograph is a few MB even as uncompressed DICOM
+LOOPBACK = ("127.0.0.1", "localhost", "::1")
+
+
+class UploadTooLarge(Exception):
+    pass
+
+
+def evaluated_test_metrics(run_dir: Path) -> dict | None:
+    """The run's evaluation on its own test split (`cxrfast evaluate`), or None when it was not evaluated."""
+    found = sorted(Path(run_dir).glob("eval/*-test/metrics.json"))
+    if not found:
+        return None
+    try:
+        return json.loads(found[0].read_text())
+    except (OSError, json.JSONDecodeError):
+        return None
+
+
+def model_card(runner) -> dict:
+    metrics = evaluated_test_metrics(runner.path)
+    card = {"name": runner.name, "arch": runner.arch, "runtime": runner.runtime, "classes": runner.classes,
+            "size": runner.size, "test_balanced_accuracy": None, "test_balanced_accuracy_ci": None,
+            "test_images": None, "evaluated": metrics is not None}
+    if metrics is not None:
+        card.update(test_balanced_accuracy=metrics.get("balanced_accuracy"),
+                    test_balanced_accuracy_ci=metrics.get("balanced_accuracy_ci"), test_images=metrics.get("n"))
+    return card
+
+
+def predict_upload(runner, path: Path, heatmap: bool = True) -> dict:
+    """One file → probabilities, predicted class, heatmap (None without `heatmap`) and the image as the model saw
+    it (PNGs in base64)."""
+    pixels = model_image(read_image(path), runner.size)
+    x = model_input(pixels, runner.n_in, runner.mean, runner.std)
+    probs = calibrated(runner.logits(x[None]), runner.temperature)[0]
+    k = int(probs.argmax())
+    overlay = overlay_png(pixels, occlusion_map(runner, x, k)) if heatmap else None
+    return {"probabilities": {c: float(p) for c, p in zip(runner.classes, probs)},
+            "predicted": runner.classes[k],
+            "heatmap_png_base64": None if overlay is None else base64.b64encode(overlay).decode("ascii"),
+            "image_png_base64": base64.b64encode(_png(pixels)).decode("ascii")}
+
+
+def _png(pixels: np.ndarray) -> bytes:
+    import io
+
+    from PIL import Image
+
+    buffer = io.BytesIO()
+    Image.fromarray(pixels).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+async def _limited(stream, limit: int):
+    total = 0
+    async for chunk in stream:
+        total += len(chunk)
+        if total > limit:
+            raise UploadTooLarge
+        yield chunk
+
+
+def create_app(run_dir: str | Path | None = None, runtime: str = "torch", *, runner=None,
+               max_upload_bytes: int = MAX_UPLOAD_BYTES):
+    """The Starlette app for `run_dir` (or an already loaded `runner`). The model loads here, once."""
+    from starlette.applications import Starlette
+    from starlette.concurrency import run_in_threadpool
+    from starlette.formparsers import MultiPartParser
+    from starlette.requests import Request
+    from starlette.responses import HTMLResponse, JSONResponse
+    from starlette.routing import Route
+
+    runner = runner if runner is not None else load_runner(run_dir, runtime)
+    card = model_card(runner)
+    page = render_page(card, max_upload_bytes)
+    lock = threading.Lock()  # one prediction at a time: the CPU is the bottleneck, and the runners share state
+
+    def error(status: int, message: str) -> JSONResponse:
+        return JSONResponse({"error": message}, status_code=status)
+
+    async def index(request: Request):
+        return HTMLResponse(page)
+
+    async def model(request: Request):
+        return JSONResponse(card)
+
+    async def api_predict(request: Request):
+        limit_text = f"{max_upload_bytes / 1024 / 1024:.0f} MB"
+        declared = request.headers.get("content-length")
+        if declared and declared.isdigit() and int(declared) > max_upload_bytes + 64 * 1024:
+            return error(413, f"upload too large: at most {limit_text}")
+        if not request.headers.get("content-type", "").startswith("multipart/form-data"):
+            return error(400, "send the image as multipart/form-data in a field named 'file'")
+        try:
+            async with aclosing(_limited(request.stream(), max_upload_bytes + 64 * 1024)) as stream:
+                form = await MultiPartParser(request.headers, stream, max_files=1, max_fields=5).parse()
+        except UploadTooLarge:
+            return error(413, f"upload too large: at most {limit_text}")
+        except Exception as e:  # noqa: BLE001 - python-multipart raises several types for malformed bodies
+            return error(400, f"could not read the upload ({getattr(e, 'message', None) or e})")
+        upload = form.get("file")
+        if upload is None or isinstance(upload, str):
+            await form.close()
+            return error(400, "no file: send the image in a field named 'file'")
+        try:
+            data = await upload.read(max_upload_bytes + 1)
+        finally:
+            await form.close()
+        if len(data) > max_upload_bytes:
+            return error(413, f"upload too large: at most {limit_text}")
+        filename = Path(upload.filename or "upload").name
+        # Keep an image suffix (the reader tells DICOM by suffix or preamble); anything else is read by content.
+        suffix = Path(filename).suffix.lower() if Path(filename).suffix.lower() in IMAGE_SUFFIXES else ""
+        with_heatmap = request.query_params.get("heatmap", "1").lower() not in ("0", "false", "no")
+        try:
+            result = await run_in_threadpool(_predict_bytes, runner, lock, data, suffix, with_heatmap)
+        except ImageReadError as e:
+            return error(422, f"{filename}: {e.explanation}")
+        return JSONResponse({**result, "filename": filename, "model": card})
+
+    return Starlette(routes=[Route("/", index), Route("/api/model", model),
+                             Route("/api/predict", api_predict, methods=["POST"])])
+
+
+def _predict_bytes(runner, lock: threading.Lock, data: bytes, suffix: str, heatmap: bool) -> dict:
+    with tempfile.TemporaryDirectory(prefix="cxrfast-upload-") as folder:
+        path = Path(folder) / f"upload{suffix}"
+        path.write_bytes(data)
+        with lock:
+            return predict_upload(runner, path, heatmap)
+
+
+def serve(run_dir: str | Path, host: str = "127.0.0.1", port: int = 8000, runtime: str = "torch",
+          on_ready=None) -> None:
+    """Load the model and serve until interrupted (Ctrl+C)."""
+    import uvicorn
+
+    if not 0 < port < 65536:
+        raise CxrFastError(f"--port must be between 1 and 65535, got {port}")
+    app = create_app(run_dir, runtime)
+    if on_ready is not None:
+        on_ready(f"http://{'[' + host + ']' if ':' in host else host}:{port}/", host in LOOPBACK)
+    try:
+        uvicorn.run(app, host=host, port=port, log_level="warning")
+    except OSError as e:
+        raise CxrFastError(f"cannot listen on {host}:{port} ({e.strerror or e})") from None
+
+
+# ---------------------------------------------------------------------------------------------- page
+
+
+def render_page(card: dict, max_upload_bytes: int) -> str:
+    from cxr_fast.report import DISCLAIMER
+
+    if card["evaluated"] and card["test_balanced_accuracy"] is not None:
+        quality = f"test balanced accuracy {card['test_balanced_accuracy']:.3f}"
+        ci = card.get("test_balanced_accuracy_ci")
+        if ci:
+            quality += f" (95 % CI {ci[0]:.3f}–{ci[1]:.3f}"
+            quality += f", {card['test_images']} images)" if card.get("test_images") else ")"
+    else:
+        quality = "not evaluated (run `cxrfast evaluate` on it)"
+    values = {
+        "TITLE": html.escape(f"cxrfast — {card['name']}"),
+        "MODEL": html.escape(f"{card['name']} ({card['arch']}, {card['size']} px, {card['runtime']})"),
+        "QUALITY": html.escape(quality),
+        "DISCLAIMER": html.escape(DISCLAIMER),
+        "MAX_BYTES": str(int(max_upload_bytes)),
+        "MAX_MB": f"{max_upload_bytes / 1024 / 1024:.0f}",
+    }
+    page = PAGE
+    for key, value in values.items():
+        page = page.replace("{{" + key + "}}", value)
+    return page
+
+
+PAGE = """<!doctype html>
+<html lang="en"><head><meta charset="utf-8"><meta name="viewport" content="width=device-width, initial-scale=1">
+<title>{{TITLE}}</title>
+<style>
+body { font-family: system-ui, sans-serif; margin: 0 auto; max-width: 920px; padding: 16px; color: #222; }
+.disclaimer { background: #fff3cd; border-radius: 8px; padding: 10px 14px; }
+#drop { border: 2px dashed #888; border-radius: 12px; padding: 28px; text-align: center; margin: 16px 0;
+        cursor: pointer; }
+#drop.over { background: #eef4ff; border-color: #3366cc; }
+.row { display: flex; gap: 16px; flex-wrap: wrap; }
+figure { margin: 0; flex: 1 1 300px; } figure img { width: 100%; image-rendering: auto; border-radius: 6px; }
+figcaption { font-size: .85rem; color: #555; }
+.bar { display: flex; align-items: center; gap: 8px; margin: 4px 0; }
+.bar .name { width: 110px; } .bar .track { flex: 1; background: #eee; border-radius: 4px; height: 18px; }
+.bar .fill { background: #3366cc; height: 18px; border-radius: 4px; } .bar.top .fill { background: #cc3333; }
+.bar .value { width: 60px; text-align: right; font-variant-numeric: tabular-nums; }
+#error { color: #b00020; font-weight: bold; } #status { color: #555; }
+.meta { color: #444; font-size: .95rem; }
+</style></head>
+<body>
+<h1>Chest X-ray classifier</h1>
+<p class="disclaimer"><strong>{{DISCLAIMER}}</strong> The probabilities come from a model trained on a limited
+dataset; they can be confidently wrong on images unlike its training data.</p>
+<p class="meta">Model: <strong id="model-name">{{MODEL}}</strong><br>Quality: <span id="model-quality">{{QUALITY}}</span></p>
+<div id="drop" tabindex="0">Drop a chest X-ray here (PNG, JPEG or DICOM, at most {{MAX_MB}} MB), or
+<label><u>pick a file</u><input id="file" type="file" hidden accept=".png,.jpg,.jpeg,.dcm,.dicom,.tif,.tiff,.bmp,image/*,application/dicom"></label>.</div>
+<p id="status"></p><p id="error" role="alert"></p>
+<section id="result" hidden>
+<h2>Predicted: <span id="predicted"></span></h2>
+<div id="bars"></div>
+<div class="row">
+<figure><img id="xray" alt="the X-ray as the model sees it"><figcaption>The X-ray as the model sees it.</figcaption></figure>
+<figure><img id="heatmap" alt="occlusion heatmap"><figcaption id="heatmap-caption"></figcaption></figure>
+</div>
+</section>
+<script>
+const MAX_BYTES = {{MAX_BYTES}};
+const drop = document.getElementById("drop"), input = document.getElementById("file");
+const show = (id, text) => { document.getElementById(id).textContent = text; };
+function el(tag, cls, text) { const e = document.createElement(tag); if (cls) e.className = cls;
+  if (text !== undefined) e.textContent = text; return e; }
+let current = 0;  // a newer upload makes the answers for older ones stale
+async function ask(file, heatmap) {
+  const body = new FormData(); body.append("file", file, file.name);
+  const response = await fetch("api/predict?heatmap=" + (heatmap ? "1" : "0"), { method: "POST", body });
+  let answer = {};
+  try { answer = await response.json(); } catch (e) { /* not JSON: keep the status below */ }
+  if (!response.ok) throw new Error(answer.error || ("server answered " + response.status));
+  return answer;
+}
+async function send(file) {
+  const id = ++current;
+  show("error", ""); document.getElementById("result").hidden = true;
+  if (file.size > MAX_BYTES) { show("error", file.name + ": too large (at most {{MAX_MB}} MB)"); return; }
+  show("status", "Analysing " + file.name + "…");
+  let answer;
+  try { answer = await ask(file, false); } catch (e) { if (id === current) { show("status", ""); show("error", e.message); } return; }
+  if (id !== current) return;
+  show("status", "Result for " + file.name + ":");
+  show("predicted", answer.predicted);
+  const bars = document.getElementById("bars"); bars.replaceChildren();
+  for (const [name, p] of Object.entries(answer.probabilities)) {
+    const row = el("div", "bar" + (name === answer.predicted ? " top" : ""));
+    row.dataset.label = name; row.dataset.probability = p;
+    const track = el("div", "track"), fill = el("div", "fill");
+    fill.style.width = (100 * p).toFixed(1) + "%"; track.append(fill);
+    row.append(el("span", "name", name), track, el("span", "value", (100 * p).toFixed(1) + " %"));
+    bars.append(row);
+  }
+  document.getElementById("xray").src = "data:image/png;base64," + answer.image_png_base64;
+  const heatmap = document.getElementById("heatmap");
+  heatmap.removeAttribute("src"); heatmap.hidden = true;
+  show("heatmap-caption", "Computing the occlusion heatmap (it can take a minute on a CPU)…");
+  document.getElementById("result").hidden = false;
+  try { answer = await ask(file, true); } catch (e) { if (id === current) show("heatmap-caption", "No heatmap: " + e.message); return; }
+  if (id !== current) return;
+  heatmap.src = "data:image/png;base64," + answer.heatmap_png_base64; heatmap.hidden = false;
+  show("heatmap-caption", "Occlusion heatmap for " + answer.predicted +
+       ": red areas raised this prediction, blue areas lowered it. Evidence outside the lungs is a warning sign.");
+}
+input.addEventListener("change", () => { if (input.files.length) send(input.files[0]); });
+drop.addEventListener("click", (e) => { if (e.target === drop) input.click(); });
+drop.addEventListener("keydown", (e) => { if (e.key === "Enter" || e.key === " ") input.click(); });
+["dragenter", "dragover"].forEach(t => drop.addEventListener(t, (e) => { e.preventDefault(); drop.classList.add("over"); }));
+["dragleave", "drop"].forEach(t => drop.addEventListener(t, (e) => { e.preventDefault(); drop.classList.remove("over"); }));
+drop.addEventListener("drop", (e) => { if (e.dataTransfer.files.length) send(e.dataTransfer.files[0]); });
+</script>
+</body></html>
+"""

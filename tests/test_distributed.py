@@ -1,0 +1,190 @@
+"""Data-parallel training with 2 CPU processes (Gloo) on tiny synthetic data: sharding, whole-split validation,
+one writer, resume.
+
+Each launch starts two fresh Python processes, and importing torch and fastai dominates its time (15-40 s on 2
+cores), so all checks share one run: killed after its first epoch, then resumed; the first epoch is a fresh run's.
+"""
+
+import importlib.util
+import json
+import os
+from collections import Counter
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import torch
+from fastai.callback.core import Callback
+from sklearn.metrics import balanced_accuracy_score
+
+from cxr_fast import distributed
+from cxr_fast.bundle import load_run, predict_logits
+from cxr_fast.config import resolve_config
+from cxr_fast.data.manifest import read_manifest
+from cxr_fast.errors import CxrFastError
+from tests.conftest import TINY
+
+pytestmark = [
+    pytest.mark.slow,
+    pytest.mark.skipif(not torch.distributed.is_available() or not torch.distributed.is_gloo_available(),
+                       reason="this torch build has no Gloo backend"),
+]
+
+# fastai's distributed module needs Accelerate: a user's machine may lack it, CI (CI=true) must have it
+if importlib.util.find_spec("accelerate") is None:
+    if os.environ.get("CI") == "true":
+        raise RuntimeError("CI=true but accelerate is not installed: tests/test_distributed.py cannot run")
+    pytest.skip("accelerate not installed (pip install accelerate)", allow_module_level=True)
+
+
+class RecordRank(Callback):
+    """Writes what this process trained and validated on, one JSON file per rank and epoch.
+
+    Runs in the worker processes (pickled to them by the launcher), so it reports through files.
+    """
+
+    order = 55  # after the Recorder has the epoch's metrics
+
+    def __init__(self, folder):
+        self.folder = str(folder)
+
+    def after_train(self):
+        dl = self.learn.dl
+        items = dl.dataset.items["image"]
+        self.record = {"shard": items.iloc[dl.shard].tolist(), "seen": items.iloc[dl.items_seen()].tolist(),
+                       "callbacks": [type(cb).__name__ for cb in self.learn.cbs]}
+
+    def after_validate(self):
+        metric = next(m for m in self.learn.metrics if m.name == "balanced_accuracy")
+        self.record.update(valid_targets=torch.cat(metric.targs).tolist(), valid_preds=torch.cat(metric.preds).tolist())
+        path = Path(self.folder) / f"rank{distributed.rank()}-epoch{self.epoch}.json"
+        path.write_text(json.dumps(self.record))
+
+
+class SimulatedKill(Exception):
+    pass
+
+
+class KillAfterFirstEpoch(Callback):
+    order = 60  # after rank 0's RunRecorder has written the checkpoint
+
+    def after_epoch(self):
+        if self.epoch == 0:
+            distributed.barrier()  # no rank dies before rank 0's checkpoint is on disk
+            raise SimulatedKill("simulated kill")
+
+
+def _records(folder: Path, epoch: int) -> list[dict]:
+    return [json.loads((folder / f"rank{r}-epoch{epoch}.json").read_text()) for r in (0, 1)]
+
+
+@pytest.fixture(scope="module")
+def odd_data(tiny_data, tmp_path_factory) -> Path:
+    """tiny_data less one train and one valid image: 17 and 5 items, which 2 processes can only share by padding."""
+    manifest = read_manifest(tiny_data)  # absolute paths, so the copy works from another folder
+    drop = [manifest.index[manifest["split"] == split][0] for split in ("train", "valid")]
+    folder = tmp_path_factory.mktemp("odd")
+    manifest.drop(drop).to_csv(folder / "manifest.csv", index=False)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def resumed_run(odd_data, tmp_path_factory):
+    """A 2-epoch, 2-process run killed after epoch 0, then resumed with --resume (two launches in all)."""
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+
+    root = tmp_path_factory.mktemp("ddp")
+    out, records = root / "run", root / "records"
+    records.mkdir()
+    with pytest.raises(ChildFailedError, match="simulated kill"):
+        distributed.launch_training(2, odd_data, resolve_config(epochs=2, **TINY), out=out, quiet=True,
+                                    extra_cbs=[RecordRank(records), KillAfterFirstEpoch()])
+    killed_state = json.loads((out / "checkpoint" / "state.json").read_text())
+    killed_files = {p.name for p in out.iterdir()}
+    (records / "resumed").mkdir()
+    run = distributed.launch_training(2, odd_data, out=out, resume=True, quiet=True,
+                                      extra_cbs=[RecordRank(records / "resumed")])
+    return run, records, killed_state, killed_files
+
+
+def test_a_killed_run_resumes_with_an_unbroken_history(resumed_run):
+    run, records, killed_state, killed_files = resumed_run
+    assert killed_state["epochs_done"] == 1 and [row["epoch"] for row in killed_state["history"]] == [0]
+    assert "checkpoint" in killed_files and "config.json" not in killed_files
+    assert list(pd.read_csv(run / "history.csv")["epoch"]) == [0, 1]
+    assert json.loads((run / "metrics.json").read_text())["epochs"] == 2
+    assert not list((records / "resumed").glob("*epoch0.json")), "the resumed run skips the finished epoch"
+
+
+def test_one_complete_bundle_written_by_rank_0_only(resumed_run):
+    run, records, _, _ = resumed_run
+    assert {p.name for p in run.iterdir()} == {"model.safetensors", "config.json", "recipe.yaml", "history.csv",
+                                                "curves.png", "metrics.json"}
+    assert load_run(run).config["model"]["arch"] == "cxresnet_tiny"
+    for rank0, rank1 in (_records(records, 0), _records(records / "resumed", 1)):
+        assert "RunRecorder" in rank0["callbacks"] and "RunRecorder" not in rank1["callbacks"]
+
+
+def test_each_process_trains_on_its_own_half(resumed_run, odd_data):
+    _, records, _, _ = resumed_run
+    manifest = read_manifest(odd_data)
+    train_paths = set(manifest.loc[manifest["split"] == "train", "path"])
+    assert len(train_paths) == 17
+    for rank0, rank1 in (_records(records, 0), _records(records / "resumed", 1)):
+        # 9 items each: rank 1's ninth repeats rank 0's first, to give both processes the same number of steps
+        assert len(rank0["shard"]) == len(rank1["shard"]) == 9
+        assert set(rank0["shard"]) | set(rank1["shard"]) == train_paths
+        assert set(rank0["shard"]) & set(rank1["shard"]) == {rank1["shard"][-1]} == {rank0["shard"][0]}
+        # TINY's bs 16 is the global batch: 8 a process, one full batch from each half (the partial one is dropped)
+        assert rank0["seen"] == rank0["shard"][:8] and rank1["seen"] == rank1["shard"][:8]
+        assert set(rank0["seen"]).isdisjoint(rank1["seen"])
+
+
+def test_validation_covers_the_whole_valid_split_and_matches_the_saved_model(resumed_run, odd_data):
+    run_dir, records, _, _ = resumed_run
+    manifest = read_manifest(odd_data)
+    valid = manifest[manifest["split"] == "valid"].reset_index(drop=True)
+    assert len(valid) == 5  # shards of 3 and 3: the second ends with a repeat of the first item
+    run = load_run(run_dir)
+    y = valid["label"].map({c: i for i, c in enumerate(run.classes)}).to_numpy()
+    logits = predict_logits(run, valid, progress=False)
+
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    assert abs(metrics["valid_balanced_accuracy"] - balanced_accuracy_score(y, logits.argmax(1))) <= 1e-6
+    assert abs(metrics["valid_accuracy"] - (logits.argmax(1) == y).mean()) <= 1e-6
+    # The loss is fastai's mean of per-process batch means, so the padding item counts twice (documented). Being
+    # continuous, it shows that both processes validated with the saved weights and BatchNorm statistics.
+    losses = torch.nn.functional.cross_entropy(torch.tensor(logits), torch.tensor(y), reduction="none").numpy()
+    assert metrics["valid_loss"] == pytest.approx((losses.sum() + losses[0]) / 6, abs=1e-5)
+
+    # on every rank the metric saw each valid item once (gathered from both), with the saved model's predictions
+    best = metrics["best_epoch"]
+    expected = Counter(zip(logits.argmax(1).tolist(), y.tolist()))
+    for record in _records(records if best == 0 else records / "resumed", best):
+        assert len(record["valid_targets"]) == len(valid)
+        assert Counter(zip(record["valid_preds"], record["valid_targets"])) == expected
+
+
+def test_batch_the_processes_cannot_share_is_refused_before_launch(tiny_data, tmp_path):
+    with pytest.raises(CxrFastError, match="multiple of the 2 processes"):
+        distributed.launch_training(2, tiny_data, resolve_config(epochs=1, **{**TINY, "bs": 15}), out=tmp_path / "a")
+    assert not (tmp_path / "a").exists()
+
+
+def test_global_batch_is_shared_among_processes(monkeypatch):
+    cfg = resolve_config(epochs=1, **TINY)
+    assert distributed.per_process_config(cfg) is cfg
+    monkeypatch.setenv("WORLD_SIZE", "4")
+    assert distributed.per_process_config(cfg).bs == 4 and cfg.bs == 16
+    with pytest.raises(CxrFastError, match="multiple of the 4"):
+        distributed.per_process_config(resolve_config(epochs=1, **{**TINY, "bs": 6}))
+
+
+def test_user_error_in_a_worker_report_is_found():
+    report = ("Traceback (most recent call last):\n  File \"cxr_fast/train.py\", line 1, in _train\n"
+              "cxr_fast.errors.CxrFastError: run: an interrupted run is here; add --resume to continue it\n")
+    assert distributed.user_error_in(report) == "run: an interrupted run is here; add --resume to continue it"
+    # torch's ChildFailedError report indents the worker's traceback
+    indented = "  traceback : Traceback (most recent call last):\n  cxr_fast.errors.CxrFastError: bad 'x'\n"
+    assert distributed.user_error_in(indented) == "bad 'x'"
+    assert distributed.user_error_in("RuntimeError: NCCL error") is None

@@ -1,0 +1,105 @@
+"""ONNX export: the files, agreement with PyTorch, staleness, and the torch-free ONNX runtime."""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from safetensors.torch import load_file, save_file
+
+from cxr_fast.data.io import read_image
+from cxr_fast.data.manifest import read_manifest
+from cxr_fast.errors import CxrFastError
+from cxr_fast.export import OnnxRunner, export_onnx
+from cxr_fast.predict import TorchRunner, model_image, model_input, occlusion_map, predict
+
+if os.environ.get("CI") != "true":  # CI installs the onnx extra and must run these; a user may not have it
+    pytest.importorskip("onnxruntime")
+    pytest.importorskip("onnx")
+
+
+@pytest.fixture
+def run(tiny_runs, tmp_path):
+    return shutil.copytree(tiny_runs[0], tmp_path / "run")
+
+
+@pytest.fixture
+def images(tiny_data):
+    return read_manifest(tiny_data).sort_values("path")["path"].tolist()[:7]
+
+
+def test_export_writes_model_and_preprocessing(run):
+    onnx_path = export_onnx(run)
+    assert onnx_path == run / "model.onnx" and onnx_path.stat().st_size > 1000
+    spec = json.loads((run / "preprocessing.json").read_text())
+    config = json.loads((run / "config.json").read_text())
+    assert spec["classes"] == config["classes"] and spec["temperature"] == pytest.approx(config["temperature"])
+    assert spec["size"] == config["size"] and spec["n_in"] == config["n_in"]
+    assert spec["mean"] == pytest.approx(config["mean"]) and spec["std"] == pytest.approx(config["std"])
+    assert spec["resize"] == "squish bilinear"
+    assert spec["input"] == {"name": "image", "shape": ["batch", config["n_in"], config["size"], config["size"]],
+                             "dtype": "float32"}
+    assert spec["max_abs_logit_difference"] <= 1e-4
+
+    import onnx
+
+    model = onnx.load(str(onnx_path))
+    onnx.checker.check_model(model)
+    batch_dim = model.graph.input[0].type.tensor_type.shape.dim[0]
+    assert batch_dim.dim_param == "batch"  # dynamic batch axis, not a fixed number
+
+    with pytest.raises(CxrFastError, match="--force"):
+        export_onnx(run)
+    export_onnx(run, force=True)
+
+
+def test_onnx_runtime_equals_pytorch(run, images):
+    export_onnx(run)
+    onnx_runner, torch_runner = OnnxRunner(run), TorchRunner(run)
+    batch = np.stack([model_input(model_image(read_image(p), 48), 1, torch_runner.mean, torch_runner.std)
+                      for p in images])
+    for size in (1, len(batch)):  # the export was traced with a batch of 2: other sizes prove the dynamic axis
+        np.testing.assert_allclose(onnx_runner.logits(batch[:size]), torch_runner.logits(batch[:size]), atol=1e-4)
+
+    torch_results, _ = predict(run, images, runtime="torch", progress=False)
+    onnx_results, _ = predict(run, images, runtime="onnx", progress=False)
+    columns = [c for c in torch_results.columns if c.startswith("p_")]
+    assert np.abs(onnx_results[columns].to_numpy() - torch_results[columns].to_numpy()).max() <= 1e-4
+    assert (onnx_results["predicted"] == torch_results["predicted"]).all()
+
+    # Heatmaps too: occlusion through ONNX Runtime gives the PyTorch map.
+    x = batch[0]
+    np.testing.assert_allclose(occlusion_map(onnx_runner, x, 1), occlusion_map(torch_runner, x, 1), atol=1e-4)
+
+
+def test_export_to_another_folder_runs_without_the_bundle(run, tmp_path, images):
+    export_onnx(run, tmp_path / "deploy")
+    assert sorted(p.name for p in (tmp_path / "deploy").iterdir()) == ["model.onnx", "preprocessing.json"]
+    results, skipped = predict(tmp_path / "deploy", images[:2], runtime="onnx", progress=False)
+    assert len(results) == 2 and skipped == []
+
+
+def test_onnx_runtime_needs_a_fresh_export(run, images):
+    with pytest.raises(CxrFastError, match="cxrfast export"):
+        predict(run, images[:1], runtime="onnx", progress=False)
+    export_onnx(run)
+    weights = load_file(str(run / "model.safetensors"))
+    name = next(iter(weights))
+    weights[name] = weights[name] + 0.01
+    save_file(weights, str(run / "model.safetensors"))
+    with pytest.raises(CxrFastError, match="re-export"):
+        OnnxRunner(run)
+
+
+def test_onnx_prediction_does_not_import_torch(run, images):
+    """The point of the ONNX runtime for a user: a start without torch's (and fastai's) import time."""
+    export_onnx(run)
+    code = ("import sys; from cxr_fast.predict import predict; "
+            f"r, s = predict({str(run)!r}, [{images[0]!r}], runtime='onnx', progress=False); "
+            "assert len(r) == 1 and not s; print('torch' in sys.modules)")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "False"

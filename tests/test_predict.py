@@ -1,0 +1,200 @@
+"""predict: mixed good and bad inputs, agreement with evaluate, heatmaps, result files and the CLI."""
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import typer
+from PIL import Image
+from typer.testing import CliRunner
+
+from cxr_fast.data.io import read_image
+from cxr_fast.data.manifest import read_manifest
+from cxr_fast.errors import CxrFastError
+from cxr_fast.predict import find_images, model_image, model_input, predict
+
+
+@pytest.fixture
+def run(tiny_runs, tmp_path):
+    """A private copy of a trained tiny run: tests here write evaluations and exports into it."""
+    return shutil.copytree(tiny_runs[0], tmp_path / "run")
+
+
+@pytest.fixture
+def good_images(tiny_data):
+    manifest = read_manifest(tiny_data)
+    return manifest.sort_values("path")["path"].tolist()
+
+
+def write_dicom(path, pixels: np.ndarray):
+    """A 12-bit MONOCHROME2 DICOM of `pixels` (uint8 values scaled up), as a scanner would store it."""
+    from pydicom.dataset import Dataset, FileMetaDataset
+    from pydicom.uid import ExplicitVRLittleEndian, SecondaryCaptureImageStorage, generate_uid
+
+    dataset = Dataset()
+    dataset.file_meta = FileMetaDataset()
+    dataset.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    dataset.file_meta.MediaStorageSOPClassUID = SecondaryCaptureImageStorage
+    dataset.file_meta.MediaStorageSOPInstanceUID = generate_uid()
+    dataset.SOPClassUID = SecondaryCaptureImageStorage
+    dataset.SOPInstanceUID = dataset.file_meta.MediaStorageSOPInstanceUID
+    dataset.set_pixel_data(pixels.astype(np.uint16) * 16, photometric_interpretation="MONOCHROME2", bits_stored=12)
+    dataset.save_as(path, enforce_file_format=True)
+
+
+def mixed_folder(root, good_images):
+    """Good PNG/JPEG/DICOM files (one DICOM without suffix) plus broken files and files to pass over."""
+    folder = root / "inbox"
+    (folder / "nested").mkdir(parents=True)
+    shutil.copy(good_images[0], folder / "a.png")
+    shutil.copy(good_images[1], folder / "nested" / "b.png")
+    Image.open(good_images[2]).convert("L").save(folder / "c.jpg", quality=95)
+    write_dicom(folder / "d.dcm", np.asarray(read_image(good_images[3])))
+    write_dicom(folder / "nested" / "IM0001", np.asarray(read_image(good_images[4])))
+    data = (folder / "a.png").read_bytes()
+    (folder / "truncated.png").write_bytes(data[: len(data) // 2])
+    (folder / "text.png").write_text("this is a text file, not an X-ray\n")
+    (folder / "notes.txt").write_text("passed over: not an image suffix")
+    (folder / ".hidden.png").write_bytes(data)
+    (folder / "_masks").mkdir()
+    (folder / "_masks" / "a.png").write_bytes(data)
+    return folder
+
+
+def test_model_input_equals_the_training_preprocessing(good_images):
+    from cxr_fast.preprocess import load_input
+
+    for size, n_in, mean, std in [(48, 1, [0.4], [0.25]), (40, 3, [0.485, 0.456, 0.406], [0.229, 0.224, 0.225])]:
+        for path in good_images[:3]:
+            ours = model_input(model_image(read_image(path), size), n_in, mean, std)
+            reference = load_input(path, size, n_in, mean, std).numpy()
+            assert ours.shape == reference.shape == (n_in, size, size)
+            np.testing.assert_allclose(ours, reference, atol=1e-6)
+
+
+def test_find_images_walks_folders_and_passes_over_non_images(tmp_path, good_images):
+    folder = mixed_folder(tmp_path, good_images)
+    files, skipped = find_images([folder, folder / "a.png", tmp_path / "missing.png"])
+    names = sorted(f.relative_to(folder).as_posix() for f in files if f.parent != tmp_path)
+    assert names == ["a.png", "c.jpg", "d.dcm", "nested/IM0001", "nested/b.png", "text.png", "truncated.png"]
+    assert tmp_path / "missing.png" in files  # named files are kept for the reader to judge
+    assert skipped == []
+    (tmp_path / "empty").mkdir()
+    _, skipped = find_images([tmp_path / "empty"])
+    assert skipped == [(tmp_path / "empty", "no image files in this folder")]
+
+
+def test_predict_skips_unreadable_files_and_predicts_the_rest(run, tmp_path, good_images):
+    folder = mixed_folder(tmp_path, good_images)
+    results, skipped = predict(run, [folder, tmp_path / "missing.png"], progress=False)
+
+    assert sorted(results["path"].map(lambda p: p.split("inbox/")[-1])) == [
+        "a.png", "c.jpg", "d.dcm", "nested/IM0001", "nested/b.png"]
+    reasons = {p.name: r for p, r in skipped}
+    assert set(reasons) == {"truncated.png", "text.png", "missing.png"}
+    assert reasons["truncated.png"].startswith("truncated")
+    assert reasons["text.png"].startswith("not-an-image")
+    assert reasons["missing.png"] == "unreadable: file not found"
+
+    probs = results[[f"p_{c}" for c in ("COVID-19", "Normal", "Pneumonia")]].to_numpy()
+    np.testing.assert_allclose(probs.sum(1), 1.0, atol=1e-9)
+    assert ((probs >= 0) & (probs <= 1)).all()
+    assert (results["predicted"] == pd.Series(np.array(["COVID-19", "Normal", "Pneumonia"])[probs.argmax(1)])).all()
+
+
+def test_probabilities_equal_evaluates_calibrated_probabilities(run):
+    from cxr_fast.evaluate import evaluate
+
+    evaluation = evaluate(run, split="valid", n_boot=20, progress=False, force=True)
+    expected = pd.read_csv(evaluation.out_dir / "predictions.csv")
+    results, skipped = predict(run, expected["path"].tolist(), progress=False, bs=4)  # batches differ from evaluate's
+    assert skipped == [] and len(results) == len(expected)
+    merged = expected.merge(results, on="path", suffixes=("_evaluate", "_predict"))
+    assert len(merged) == len(expected)
+    for c in ("COVID-19", "Normal", "Pneumonia"):
+        np.testing.assert_allclose(merged[f"p_{c}_predict"], merged[f"p_{c}_evaluate"], atol=1e-6)
+    assert (merged["predicted_predict"] == merged["predicted_evaluate"]).all()
+
+
+def test_heatmaps_are_written_and_never_overwrite(run, tmp_path, good_images):
+    out = tmp_path / "results" / "scan.csv"
+    heatmaps = tmp_path / "results" / "scan_heatmaps"
+    heatmaps.mkdir(parents=True)
+    taken = heatmaps / f"{Path(good_images[0]).stem}_heatmap.png"
+    taken.write_bytes(b"someone else's file")
+
+    results, _ = predict(run, good_images[:2], heatmap=True, out=out, progress=False)
+    assert taken.read_bytes() == b"someone else's file"
+    written = [heatmaps / p.split("/")[-1] for p in results["heatmap"]]
+    assert written[0].name.endswith("_heatmap-2.png")
+    for path in written:
+        with Image.open(path) as png:
+            assert png.format == "PNG" and png.size[0] > 100
+    table = pd.read_csv(out)
+    assert table["heatmap"].tolist() == results["heatmap"].tolist()
+
+
+def test_heatmaps_default_to_a_heatmaps_folder(run, tmp_path, good_images, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    results, _ = predict(run, good_images[:1], heatmap=True, progress=False)
+    assert (tmp_path / results["heatmap"][0]).is_file()
+    assert (tmp_path / "heatmaps").is_dir()
+
+
+def test_results_files_and_refusing_to_overwrite(run, tmp_path, good_images):
+    bad = tmp_path / "bad.png"
+    bad.write_text("not an image")
+    csv_out, json_out = tmp_path / "r.csv", tmp_path / "r.json"
+    results, _ = predict(run, [*good_images[:3], bad], out=csv_out, progress=False)
+    table = pd.read_csv(csv_out, keep_default_na=False)
+    assert len(table) == 4 and table["error"].iloc[:3].tolist() == ["", "", ""]
+    assert table["error"].iloc[3].startswith("not-an-image") and table["predicted"].iloc[3] == ""
+
+    with pytest.raises(CxrFastError, match="already exists"):
+        predict(run, good_images[:1], out=csv_out, progress=False)
+    predict(run, good_images[:1], out=csv_out, force=True, progress=False)
+    assert len(pd.read_csv(csv_out)) == 1
+
+    predict(run, [*good_images[:2], bad], out=json_out, progress=False)
+    document = json.loads(json_out.read_text())
+    assert document["model"]["name"] == "run" and len(document["predictions"]) == 2
+    assert document["skipped"][0]["path"] == str(bad)
+    assert abs(sum(v for k, v in document["predictions"][0].items() if k.startswith("p_")) - 1) < 1e-9
+
+    with pytest.raises(CxrFastError, match="--out must end in .csv or .json"):
+        predict(run, good_images[:1], out=tmp_path / "r.xlsx", progress=False)
+
+
+def test_user_mistakes_are_one_line_errors(run, good_images):
+    with pytest.raises(CxrFastError, match="--runtime"):
+        predict(run, good_images[:1], runtime="tensorflow", progress=False)
+    with pytest.raises(CxrFastError, match="at least one"):
+        predict(run, [], progress=False)
+    with pytest.raises(CxrFastError, match="not a cxr_fast run bundle"):
+        predict(run / "eval", good_images[:1], progress=False)
+
+
+def cli_app():
+    from cxr_fast.cli import console, err_console, user_errors
+    from cxr_fast.cli_predict import register
+
+    app = typer.Typer()
+    register(app, user_errors, console, err_console)
+    return app
+
+
+def test_cli_predict_prints_results_and_skipped_files(run, tmp_path, good_images):
+    bad = tmp_path / "bad.png"
+    bad.write_text("not an image")
+    runner = CliRunner()
+    result = runner.invoke(cli_app(), ["predict", str(run), good_images[0], str(bad), "--out", str(tmp_path / "r.csv")])
+    assert result.exit_code == 0, result.output
+    assert "research tool, not a diagnosis" in result.output
+    assert "bad.png" in result.output and "not-an-image" in result.output
+    assert (tmp_path / "r.csv").is_file()
+
+    result = runner.invoke(cli_app(), ["predict", str(run), str(bad)])
+    assert result.exit_code == 1 and "no image could be predicted" in result.output

@@ -1,0 +1,185 @@
+"""serve: the JSON endpoint in-process, the page, and the page in a real headless browser."""
+
+import base64
+import inspect
+import io
+import json
+import os
+import shutil
+import socket
+import threading
+import time
+from pathlib import Path
+
+import pytest
+from PIL import Image
+from starlette.testclient import TestClient
+
+from cxr_fast.data.manifest import read_manifest
+from cxr_fast.predict import predict
+from cxr_fast.serve import create_app, serve
+
+CLASSES = ["COVID-19", "Normal", "Pneumonia"]
+
+
+@pytest.fixture(scope="module")
+def run(tiny_runs, tmp_path_factory):
+    # a fresh copy without evaluations other tests may have added, so the page must say "not evaluated"
+    return shutil.copytree(tiny_runs[0], tmp_path_factory.mktemp("serve") / "run",
+                           ignore=shutil.ignore_patterns("eval", "interpret"))
+
+
+@pytest.fixture(scope="module")
+def image(tiny_data) -> Path:
+    return Path(read_manifest(tiny_data).sort_values("path")["path"].iloc[0])
+
+
+def post(client, name: str, data: bytes):
+    return client.post("/api/predict", files={"file": (name, data, "application/octet-stream")})
+
+
+def test_predict_endpoint_answers_errors_and_keeps_serving(run, image):
+    client = TestClient(create_app(run, max_upload_bytes=100_000))
+    good = post(client, image.name, image.read_bytes())
+    assert good.status_code == 200, good.text
+    answer = good.json()
+    probs = answer["probabilities"]
+    assert list(probs) == CLASSES and sum(probs.values()) == pytest.approx(1.0)
+    assert answer["predicted"] == max(probs, key=probs.get)
+    expected, _ = predict(run, [image], progress=False)
+    assert [probs[c] for c in CLASSES] == pytest.approx([expected[f"p_{c}"][0] for c in CLASSES], abs=1e-6)
+    heatmap = Image.open(io.BytesIO(base64.b64decode(answer["heatmap_png_base64"])))
+    assert heatmap.format == "PNG" and heatmap.size == (48, 48) and heatmap.mode == "RGB"
+    assert answer["model"]["name"] == "run" and answer["model"]["arch"] == "cxresnet_tiny"
+
+    quick = client.post("/api/predict?heatmap=0", files={"file": (image.name, image.read_bytes())})
+    assert quick.status_code == 200 and quick.json()["heatmap_png_base64"] is None
+    assert quick.json()["probabilities"] == probs
+
+    text = post(client, "notes.txt", b"this is not an X-ray\n" * 10)
+    assert text.status_code == 422
+    assert "not an image" in text.json()["error"] and "notes.txt" in text.json()["error"]
+
+    truncated = post(client, "half.png", image.read_bytes()[: image.stat().st_size // 2])
+    assert truncated.status_code == 422 and "truncated" in truncated.json()["error"]
+
+    oversized = post(client, "huge.png", b"\0" * 300_000)
+    assert oversized.status_code == 413 and "too large" in oversized.json()["error"]
+
+    no_file = client.post("/api/predict", data={"comment": "forgot the file"})
+    assert no_file.status_code == 400
+
+    again = post(client, image.name, image.read_bytes())
+    assert again.status_code == 200 and again.json()["probabilities"] == probs
+
+
+def test_oversized_upload_without_content_length_is_refused(run):
+    """A chunked upload declares no size: the limit is counted while receiving."""
+    client = TestClient(create_app(run, max_upload_bytes=100_000))
+
+    def chunks():
+        for _ in range(30):
+            yield b"\0" * 10_000
+
+    response = client.post("/api/predict", content=chunks(),
+                           headers={"content-type": "multipart/form-data; boundary=xyz"})
+    assert response.status_code == 413
+
+
+def test_page_shows_model_quality_and_disclaimer(run):
+    page = TestClient(create_app(run)).get("/")
+    assert page.status_code == 200 and page.headers["content-type"].startswith("text/html")
+    assert "run (cxresnet_tiny, 48 px, torch)" in page.text
+    assert "not evaluated" in page.text and "Research tool, not a diagnosis" in page.text
+    assert "://" not in page.text  # self-contained: nothing fetched from elsewhere
+
+    eval_dir = run / "eval" / "data-test"
+    eval_dir.mkdir(parents=True)
+    (eval_dir / "metrics.json").write_text(json.dumps({"balanced_accuracy": 0.8123, "n": 6,
+                                                       "balanced_accuracy_ci": [0.6, 0.95]}))
+    try:
+        page = TestClient(create_app(run)).get("/")
+        assert "test balanced accuracy 0.812" in page.text and "not evaluated" not in page.text
+    finally:
+        shutil.rmtree(run / "eval")
+
+
+def test_serve_binds_to_loopback_by_default():
+    assert inspect.signature(serve).parameters["host"].default == "127.0.0.1"
+
+
+# ---------------------------------------------------------------------------------------------- browser
+
+
+def browser():
+    """Headless Debian chromium through Selenium; skipped when absent, except in CI (CI=true) where it must run."""
+    chromium, driver = shutil.which("chromium"), shutil.which("chromedriver")
+    try:
+        from selenium import webdriver
+        from selenium.webdriver.chrome.service import Service
+    except ImportError:
+        webdriver = None
+    if webdriver is None or not chromium or not driver:
+        if os.environ.get("CI") == "true":
+            pytest.fail("CI=true but chromium, chromedriver or selenium is missing (see .ci/run)")
+        pytest.skip("needs chromium, chromedriver and selenium")
+    options = webdriver.ChromeOptions()
+    options.binary_location = chromium
+    for flag in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--disable-gpu"):
+        options.add_argument(flag)
+    # An explicit driver path: Selenium would otherwise try to download one.
+    return webdriver.Chrome(service=Service(driver), options=options)
+
+
+@pytest.fixture
+def server_url(run):
+    import uvicorn
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    server = uvicorn.Server(uvicorn.Config(create_app(run), host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 30
+    while not server.started and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert server.started
+    yield f"http://127.0.0.1:{port}/"
+    server.should_exit = True
+    thread.join(10)
+
+
+def test_page_in_a_real_browser(server_url, image, tmp_path):
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    driver = browser()
+    try:
+        driver.get(server_url)
+        assert "cxresnet_tiny" in driver.find_element(By.ID, "model-name").text
+        driver.find_element(By.ID, "file").send_keys(str(image))
+        WebDriverWait(driver, 60).until(lambda d: d.find_element(By.ID, "result").is_displayed()
+                                        or d.find_element(By.ID, "error").text)
+        assert driver.find_element(By.ID, "error").text == ""
+        predicted = driver.find_element(By.ID, "predicted").text
+        bars = {b.get_attribute("data-label"): float(b.get_attribute("data-probability"))
+                for b in driver.find_elements(By.CSS_SELECTOR, "#bars .bar")}
+        assert list(bars) == CLASSES and predicted == max(bars, key=bars.get)
+        assert sum(bars.values()) == pytest.approx(1.0)
+        # The probabilities come first; the heatmap follows from a second request.
+        script = ("const i = document.getElementById('heatmap'); "
+                  "return [i.hidden, i.complete, i.naturalWidth, i.naturalHeight];")
+        WebDriverWait(driver, 60).until(lambda d: d.execute_script(script)[2] > 0)
+        assert driver.execute_script(script) == [False, True, 48, 48]
+        assert "Occlusion heatmap for " + predicted in driver.find_element(By.ID, "heatmap-caption").text
+
+        # A file that is no image: the page says why and hides the old result.
+        not_image = tmp_path / "report.png"
+        not_image.write_text("a text file with an image name")
+        driver.find_element(By.ID, "file").send_keys(str(not_image))
+        WebDriverWait(driver, 30).until(lambda d: d.find_element(By.ID, "error").text)
+        assert "not an image" in driver.find_element(By.ID, "error").text
+        assert not driver.find_element(By.ID, "result").is_displayed()
+    finally:
+        driver.quit()
