@@ -1,19 +1,20 @@
-"""Training throughput: cxr_fast's fastai Learner versus a plain PyTorch loop on the same model, batch size and
-preprocessed tensors; plus the full pipeline (manifest → DataBlock with augmentation → Learner).
+"""Training throughput: cxr_fast's Learner versus a plain PyTorch loop on the same model, batch size and
+preprocessed tensors; plus the full pipeline (manifest → DataBlock with decoding and augmentation → Learner).
 
     .venv/bin/python docs/bench/train_speed.py DATA_DIR [--arch cxresnet] [--size 128] [--bs 32] [--n 256]
+
+Each measurement times only the training phase of each epoch (no validation), drops the first epoch (warm-up)
+and is repeated `--rounds` times, the three methods taking turns so that a change in machine load hits all of
+them; the median is reported.
 """
 
 import argparse
+import statistics
 import time
 
-import fastai.callback.schedule  # noqa: F401
 import torch
+from fastai.callback.core import Callback
 from fastai.data.core import DataLoaders
-from fastai.learner import Learner
-from fastai.losses import CrossEntropyLossFlat
-from fastai.optimizer import Adam
-from fastai.torch_core import set_seed
 from torch.utils.data import DataLoader, TensorDataset
 
 from cxr_fast.archs import create_model
@@ -24,6 +25,43 @@ from cxr_fast.preprocess import load_input
 from cxr_fast.train import build_learner
 
 
+class TrainPhaseTimer(Callback):
+    """Seconds spent in each epoch's training phase."""
+
+    def before_fit(self):
+        self.seconds = []
+
+    def before_train(self):
+        self.start = time.perf_counter()
+
+    def after_train(self):
+        self.seconds.append(time.perf_counter() - self.start)
+
+
+def plain_loop(x, y, arch, bs, epochs):
+    model = create_model(arch, n_in=1, n_classes=3)
+    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+    loss_fn = torch.nn.CrossEntropyLoss()
+    loader = DataLoader(TensorDataset(x, y), batch_size=bs, shuffle=True, drop_last=True)
+    model.train()
+    seconds = []
+    for _ in range(epochs):
+        start = time.perf_counter()
+        for xb, yb in loader:
+            opt.zero_grad()
+            loss_fn(model(xb), yb).backward()
+            opt.step()
+        seconds.append(time.perf_counter() - start)
+    return seconds
+
+
+def learner_fit(learn, epochs):
+    timer = TrainPhaseTimer()
+    with learn.no_bar(), learn.no_logging():
+        learn.fit_one_cycle(epochs, 1e-3, cbs=timer)
+    return timer.seconds
+
+
 def main():
     p = argparse.ArgumentParser()
     p.add_argument("data")
@@ -31,61 +69,46 @@ def main():
     p.add_argument("--size", type=int, default=128)
     p.add_argument("--bs", type=int, default=32)
     p.add_argument("--n", type=int, default=256)
-    p.add_argument("--epochs", type=int, default=2)
+    p.add_argument("--epochs", type=int, default=3)
+    p.add_argument("--rounds", type=int, default=3)
     a = p.parse_args()
     manifest = read_manifest(a.data)
     train = manifest[manifest["split"] == "train"].iloc[: a.n]
+    subset = manifest[(manifest["split"] == "valid") | manifest.index.isin(train.index)]
     classes = sorted(manifest["label"].unique())
     x = torch.stack([load_input(f, a.size, 1, [0.5], [0.25]) for f in image_column(train)])
     y = torch.tensor(train["label"].map({c: i for i, c in enumerate(classes)}).to_numpy())
-    images = a.epochs * len(x)
-
-    set_seed(0)
-    model = create_model(a.arch, n_in=1, n_classes=3)
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
-    loss_fn = torch.nn.CrossEntropyLoss()
-    loader = DataLoader(TensorDataset(x, y), batch_size=a.bs, shuffle=True, drop_last=True)
-    model.train()
-    start = time.perf_counter()
-    for _ in range(a.epochs):
-        for xb, yb in loader:
-            opt.zero_grad()
-            loss_fn(model(xb), yb).backward()
-            opt.step()
-    plain = images / (time.perf_counter() - start)
-
-    set_seed(0)
-    model = create_model(a.arch, n_in=1, n_classes=3)
-    ds = TensorDataset(x, y)
-    dls = DataLoaders.from_dsets(ds, ds, bs=a.bs, shuffle=True, drop_last=True)
-    learn = Learner(dls, model, loss_func=CrossEntropyLossFlat(), opt_func=Adam)
-    with learn.no_bar(), learn.no_logging():
-        start = time.perf_counter()
-        learn.fit_one_cycle(a.epochs, 1e-3)
-        elapsed = time.perf_counter() - start
-    # fastai also ran a validation pass over the same tensors each epoch: count only training time by
-    # subtracting a timed validation pass.
-    with learn.no_bar(), learn.no_logging():
-        start = time.perf_counter()
-        learn.validate()
-        valid_s = time.perf_counter() - start
-    fastai_tensors = images / (elapsed - a.epochs * valid_s)
-
+    steps = len(x) // a.bs * a.bs  # images per epoch with drop_last
     cfg = resolve_config(arch=a.arch, size=a.size, bs=a.bs, epochs=a.epochs)
-    learn, _ = build_learner(manifest[manifest["split"].isin(["train", "valid"])].pipe(
-        lambda m: m[(m["split"] == "valid") | m.index.isin(train.index)]), cfg)
-    with learn.no_bar(), learn.no_logging():
-        start = time.perf_counter()
-        learn.fit_one_cycle(a.epochs, 1e-3)
-        elapsed = time.perf_counter() - start
-        start = time.perf_counter()
-        learn.validate()
-        valid_s = time.perf_counter() - start
-    full = images / (elapsed - a.epochs * valid_s)
-    print(f"arch={a.arch} size={a.size} bs={a.bs} images/epoch={len(x)} threads={torch.get_num_threads()}")
-    print(f"plain PyTorch loop, tensors:           {plain:6.1f} images/s")
-    print(f"cxr_fast/fastai Learner, same tensors: {fastai_tensors:6.1f} images/s ({fastai_tensors / plain:.2f}x)")
-    print(f"full pipeline (files, augmentation):   {full:6.1f} images/s ({full / plain:.2f}x)")
+
+    def cxr_fast_on_tensors():
+        # The Learner exactly as cxr_fast configures it (optimizer, loss, metrics), fed the same tensors.
+        learn, _ = build_learner(subset, cfg)
+        ds = TensorDataset(x, y)
+        learn.dls = DataLoaders.from_dsets(ds, ds, bs=a.bs, shuffle=True, drop_last=True)
+        return learner_fit(learn, a.epochs)
+
+    def full_pipeline():
+        learn, _ = build_learner(subset, cfg)
+        return learner_fit(learn, a.epochs)
+
+    methods = {
+        "plain PyTorch loop, tensors": lambda: plain_loop(x, y, a.arch, a.bs, a.epochs),
+        "cxr_fast Learner, same tensors": cxr_fast_on_tensors,
+        "full pipeline (files, augmentation)": full_pipeline,
+    }
+    rates = {name: [] for name in methods}
+    for _ in range(a.rounds):
+        for name, run in methods.items():
+            seconds = run()[1:]  # the first epoch is warm-up
+            rates[name].append(steps * len(seconds) / sum(seconds))
+    print(f"arch={a.arch} size={a.size} bs={a.bs} images/epoch={steps} threads={torch.get_num_threads()} "
+          f"rounds={a.rounds}")
+    plain = statistics.median(rates["plain PyTorch loop, tensors"])
+    for name, values in rates.items():
+        median = statistics.median(values)
+        spread = ", ".join(f"{v:.1f}" for v in values)
+        print(f"{name:38s} {median:6.1f} images/s ({median / plain:.2f}x)   [{spread}]")
 
 
 if __name__ == "__main__":
