@@ -17,7 +17,7 @@ from rich.progress import Progress
 from safetensors.torch import load_file
 
 from cxr_fast.archs import model_from_config
-from cxr_fast.data.block import image_column
+from cxr_fast.data.manifest import image_column
 from cxr_fast.errors import CxrFastError
 from cxr_fast.preprocess import load_input
 

@@ -20,8 +20,7 @@ from sklearn.preprocessing import StandardScaler
 
 from cxr_fast.bundle import Run, load_run, predict_logits, softmax
 from cxr_fast.calibration import expected_calibration_error, nll, reliability_bins
-from cxr_fast.data.block import image_column
-from cxr_fast.data.manifest import read_manifest
+from cxr_fast.data.manifest import image_column, read_manifest
 from cxr_fast.errors import CxrFastError
 from cxr_fast.metrics import bootstrap_ci, classification_metrics, pr_curves, roc_curves
 from cxr_fast.outputs import replacing_folder

@@ -25,8 +25,8 @@ from PIL import Image
 
 from cxr_fast import attribution, audit
 from cxr_fast.bundle import Run, load_run, predict_logits, softmax
-from cxr_fast.data.block import image_column
 from cxr_fast.data.io import read_image
+from cxr_fast.data.manifest import image_column
 from cxr_fast.errors import CxrFastError
 from cxr_fast.evaluate import select_items
 from cxr_fast.lungs import estimate_lung_field

@@ -128,9 +128,14 @@ class RunRecorder(Callback):
     def __init__(self, run_dir: Path, state: dict, epoch_offset: int, phase: str):
         self.run_dir, self.state, self.epoch_offset, self.phase = run_dir, state, epoch_offset, phase
 
+    def before_epoch(self):
+        self.epoch_started = time.perf_counter()
+
     def after_epoch(self):
         if self.epoch_offset + self.epoch < self.state["epochs_done"]:
             return  # fastai's SkipToEpoch fires after_epoch for the epochs a resumed run skips
+        # Counted per epoch and saved with the checkpoint, so a resumed run reports its whole training time.
+        self.state["train_seconds"] += time.perf_counter() - self.epoch_started
         names = [n for n in self.recorder.metric_names[1:] if n != "time"]
         values = self.recorder.values[-1]
         row = {"epoch": self.epoch_offset + self.epoch, "phase": self.phase}
@@ -255,7 +260,6 @@ def _train(data, cfg, *, out, resume, extra_cbs, quiet) -> Path:
         learn.model.load_state_dict(load_file(str(run_dir / CHECKPOINT_DIR / "model.safetensors")))
     distributed.to_data_parallel(learn)
 
-    started = time.perf_counter()
     done = state["epochs_done"]
     offset = 0
     for phase, n_epochs in _phases(cfg):
@@ -281,8 +285,6 @@ def _train(data, cfg, *, out, resume, extra_cbs, quiet) -> Path:
         else:
             learn.fit_one_cycle(n_epochs, lr, pct_start=cfg.pct_start, cbs=cbs, start_epoch=start_epoch)
         offset += n_epochs
-        state["train_seconds"] += time.perf_counter() - started
-        started = time.perf_counter()
 
     return finish_bundle(run_dir, learn, cfg, state) if distributed.is_main() else run_dir
 

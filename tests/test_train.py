@@ -72,7 +72,8 @@ def test_resume_after_a_kill_finishes_with_full_history(tiny_data, tmp_path):
     out = tmp_path / "run"
     with pytest.raises(SimulatedKill):
         train(tiny_data, resolve_config(epochs=3, **TINY), out=out, quiet=True, extra_cbs=[KillAfterEpoch(0)])
-    assert (out / "checkpoint" / "state.json").exists()
+    killed_state = json.loads((out / "checkpoint" / "state.json").read_text())
+    assert killed_state["train_seconds"] > 0  # the first epoch's time is kept with the checkpoint
     assert not (out / "config.json").exists()
     with pytest.raises(CxrFastError, match="--resume"):
         train(tiny_data, resolve_config(epochs=3, **TINY), out=out, quiet=True)
@@ -80,6 +81,7 @@ def test_resume_after_a_kill_finishes_with_full_history(tiny_data, tmp_path):
     history = pd.read_csv(out / "history.csv")
     assert list(history["epoch"]) == [0, 1, 2]
     assert not (out / "checkpoint").exists()
+    assert json.loads((out / "metrics.json").read_text())["train_seconds"] > killed_state["train_seconds"]
     load_run(out)
 
 

@@ -20,16 +20,9 @@ from fastai.vision.data import ImageBlock
 from fasttransform import Transform
 
 from cxr_fast.data.io import read_image
+from cxr_fast.data.manifest import image_column  # noqa: F401  (re-exported: part of this module's API)
 from cxr_fast.errors import CxrFastError
 from cxr_fast.preprocess import resize_square, to_tensor
-
-
-def image_column(df: pd.DataFrame) -> pd.Series:
-    """The file to read for each row: the cached working-resolution copy when there is one."""
-    if "cache_path" in df.columns:
-        cached = df["cache_path"].fillna("").astype(str)
-        return cached.where(cached != "", df["path"].astype(str))
-    return df["path"].astype(str)
 
 
 class CXRImageBW(PILImageBW):

@@ -535,3 +535,11 @@ def print_summary(report: PrepareReport, console: Console | None = None) -> None
     if report.cache_dir:
         console.print(f"Image cache: {report.cache_dir}")
     console.print(f"Took {report.seconds:.1f} s.")
+
+
+def image_column(df: pd.DataFrame) -> pd.Series:
+    """The file to read for each row: the cached working-resolution copy when there is one."""
+    if "cache_path" in df.columns:
+        cached = df["cache_path"].fillna("").astype(str)
+        return cached.where(cached != "", df["path"].astype(str))
+    return df["path"].astype(str)

@@ -19,8 +19,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from cxr_fast.archs import create_model
 from cxr_fast.config import resolve_config
-from cxr_fast.data.block import image_column
-from cxr_fast.data.manifest import read_manifest
+from cxr_fast.data.manifest import image_column, read_manifest
 from cxr_fast.preprocess import load_input
 from cxr_fast.train import build_learner
 
