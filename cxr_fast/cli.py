@@ -13,7 +13,7 @@ from typing import Annotated
 
 import typer
 from rich.console import Console
-from rich.table import Table
+from rich.table import Column, Table
 
 from cxr_fast.errors import CxrFastError
 
@@ -222,12 +222,21 @@ def compare(
                                out=out, epochs=epochs, size=size)
     else:
         result = compare_runs(runs or [], out=out)
-    table = Table("arch", "runs", "balanced acc (mean ± sd)", "95 % CI", "macro F1", "macro AUC", "ECE", "params",
-                  "train s", "img/s")
-    for r in result.summary.itertuples():
-        table.add_row(r.arch, str(r.runs), f"{r.balanced_accuracy:.3f} ± {r.balanced_accuracy_sd:.3f}",
-                      f"{r.ci_low:.3f}–{r.ci_high:.3f}", f"{r.macro_f1:.3f}", f"{r.macro_roc_auc:.3f}", f"{r.ece:.3f}",
-                      f"{r.params / 1e6:.2f} M", f"{r.train_seconds:.0f}", f"{r.images_per_s:.0f}")
+    # One column per architecture and a row per figure: fits an 80-column terminal for a handful of models.
+    rows = list(result.summary.itertuples())
+    table = Table("", *(Column(r.arch, overflow="fold") for r in rows), title="test split")
+    for label, cell in [
+        ("runs", lambda r: str(r.runs)),
+        ("balanced acc.", lambda r: f"{r.balanced_accuracy:.3f}" + (f" ± {r.balanced_accuracy_sd:.3f}" if r.runs > 1 else "")),
+        ("  95 % CI", lambda r: f"{r.ci_low:.3f}–{r.ci_high:.3f}"),
+        ("macro F1", lambda r: f"{r.macro_f1:.3f}"),
+        ("macro AUC", lambda r: f"{r.macro_roc_auc:.3f}"),
+        ("ECE", lambda r: f"{r.ece:.3f}"),
+        ("parameters", lambda r: f"{r.params / 1e6:.2f} M"),
+        ("training s", lambda r: f"{r.train_seconds:.0f}"),
+        ("inference img/s", lambda r: f"{r.images_per_s:.0f}"),
+    ]:
+        table.add_row(label, *(cell(r) for r in rows))
     console.print(table)
     for t in result.mcnemar.itertuples():
         console.print(f"McNemar {t.model_a} vs {t.model_b}: p = {t.p_value:.3g}")

@@ -58,14 +58,18 @@ def register(app: typer.Typer, user_errors=None, console=None, err_console=None)
     @user_errors
     def export(
         run: Annotated[Path, typer.Argument(help="Run folder (models/<run>).")],
+        fmt: Annotated[str, typer.Option("--format", help="Export format; onnx is the one supported.")] = "onnx",
         out: Annotated[Path | None, typer.Option(help="Folder for model.onnx and preprocessing.json (default: the run folder).")] = None,
         force: Annotated[bool, typer.Option(help="Replace an existing export.")] = False,
     ):
         """Export the model to ONNX (dynamic batch) with its preprocessing recipe, for ONNX Runtime."""
         import json
 
+        from cxr_fast.errors import CxrFastError
         from cxr_fast.export import PREPROCESSING_FILE, export_onnx
 
+        if fmt != "onnx":
+            raise CxrFastError(f"--format {fmt!r} is not supported; the one export format is onnx")
         onnx_path = export_onnx(run, out, force=force)
         spec = json.loads((onnx_path.parent / PREPROCESSING_FILE).read_text())
         console.print(f"ONNX model: [bold]{onnx_path}[/] (opset {spec['opset']}, input {spec['input']['shape']}; "

@@ -103,3 +103,17 @@ def test_onnx_prediction_does_not_import_torch(run, images):
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == "False"
+
+
+def test_export_command_takes_format_onnx_and_refuses_others(run, tmp_path):
+    from typer.testing import CliRunner
+
+    from cxr_fast.cli import app
+
+    result = CliRunner().invoke(app, ["export", str(run), "--format", "onnx", "--out", str(tmp_path / "exported")])
+    assert result.exit_code == 0, result.output
+    assert (tmp_path / "exported" / "model.onnx").is_file()
+    result = CliRunner().invoke(app, ["export", str(run), "--format", "tflite", "--out", str(tmp_path / "other")])
+    assert result.exit_code == 1
+    assert "--format 'tflite' is not supported" in result.output
+    assert not (tmp_path / "other").exists()
