@@ -56,6 +56,7 @@ __all__ = [
 SHORTCUT_PREFERENCE = 1.0  # lung_preference below this: evidence denser outside the lungs → likely shortcut
 INSIDE_PREFERENCE = 2.0  # lung_preference at or above this: evidence concentrates in the lungs
 MARKER_SHARE = 0.15  # share of evidence in a text-marker box at or above this → likely shortcut
+MIN_POSITIVE_FRACTION = 0.1  # below this share of the map's absolute mass, an image has no evidence to locate
 # (interpret grows the box by half an occlusion window, to the map's resolution: it then covers ≈ 4 % of the
 # image, so 15 % is still ≈ 4× what an even spread would put there)
 
@@ -124,8 +125,9 @@ def attribution_shares(
         dict of floats: ``share_*`` (fraction of the positive attribution in the region: ``inside`` +
         ``outside`` = 1; ``border``, ``corners``, ``marker`` overlap them), ``area_*`` (fraction of the
         image), ``density_*`` (share / area: 1 = even spread), ``lung_preference`` (density inside /
-        density outside), ``positive_total`` and ``has_marker``. Shares are NaN when the map has no
-        positive value; ``*_marker`` are NaN without a marker box.
+        density outside), ``positive_total``, ``negative_total``, ``positive_fraction`` (positive / absolute
+        mass) and ``has_marker``. Shares are NaN when the map has no positive value; ``*_marker`` are NaN
+        without a marker box.
     """
     a = _to_numpy(attr).astype(np.float64)
     if a.ndim == 3:
@@ -135,6 +137,7 @@ def attribution_shares(
         raise CxrFastError(f"audit: attribution map {a.shape} and lung mask {lungs.shape} differ in size")
     positive = np.clip(np.nan_to_num(a), 0, None)
     total = float(positive.sum())
+    negative_total = float(-np.clip(np.nan_to_num(a), None, 0).sum())
     regions = {"inside": lungs, "outside": ~lungs, **region_masks(a.shape, border_frac, corner_frac)}
     box = parse_box(marker_box)
     if box is not None:
@@ -143,7 +146,12 @@ def attribution_shares(
         marker[max(y0, 0) : max(y1, 0), max(x0, 0) : max(x1, 0)] = True
         regions["marker"] = marker
 
-    out: dict = {"positive_total": total, "has_marker": box is not None}
+    out: dict = {
+        "positive_total": total,
+        "negative_total": negative_total,
+        "positive_fraction": total / (total + negative_total) if total + negative_total > 0 else math.nan,
+        "has_marker": box is not None,
+    }
     for name, mask in regions.items():
         area = float(mask.mean())
         share = float(positive[mask].sum() / total) if total > 0 else math.nan
@@ -178,16 +186,21 @@ def _group_stats(rows: list[dict], correct: list[bool] | None) -> dict:
     def col(key):
         return np.array([r.get(key, math.nan) for r in rows], dtype=np.float64)
 
+    share_in, area_in = col("share_inside"), col("area_inside")
+    # An image whose map is (almost) all negative has no evidence to locate: occluding anything makes the model
+    # *more* sure of the class (e.g. "Normal", predicted from the absence of findings). Its few positive pixels
+    # would decide the shares by noise, so such images are counted but left out of the shares.
+    fraction = col("positive_fraction")
+    usable = ~np.isnan(share_in) & ~(fraction < MIN_POSITIVE_FRACTION)
+
     def mean(v):
-        v = v[~np.isnan(v)]
+        v = v[usable & ~np.isnan(v)]
         return float(v.mean()) if v.size else math.nan
 
     def median(v):
-        v = v[~np.isnan(v)]
+        v = v[usable & ~np.isnan(v)]
         return float(np.median(v)) if v.size else math.nan
 
-    share_in, area_in = col("share_inside"), col("area_inside")
-    usable = ~np.isnan(share_in)
     pref = col("lung_preference")
     stats = {
         "n": len(rows),
@@ -197,7 +210,7 @@ def _group_stats(rows: list[dict], correct: list[bool] | None) -> dict:
         "median_share_outside": median(col("share_outside")),
         "mean_share_border": mean(col("share_border")),
         "mean_share_corners": mean(col("share_corners")),
-        "mean_area_inside": mean(area_in[usable]) if usable.any() else mean(area_in),
+        "mean_area_inside": mean(area_in),
         "mean_area_border": mean(col("area_border")),
         "n_with_marker": int(sum(bool(r.get("has_marker")) for r in rows)),
         "mean_share_marker": mean(col("share_marker")),
@@ -257,8 +270,15 @@ def _pct(v: float) -> str:
 
 
 def _sentence(who: str, s: dict) -> str:
-    if s["n"] == 0 or math.isnan(s["mean_share_inside"]):
-        return f"{who}: no positive evidence to audit."
+    if s["n"] == 0:
+        return f"{who}: nothing to audit."
+    missing = s["n"] - s["n_with_evidence"]
+    if math.isnan(s["mean_share_inside"]):
+        return (f"{who}: no positive evidence to audit in {missing} of {s['n']} — occluding any region makes the "
+                f"model more sure of them, so occlusion cannot show where their evidence lies (look at the "
+                f"negative areas of their heatmaps, or try --baseline mean).")
+    if missing:
+        who = f"{who} ({missing} of {s['n']} without positive evidence left out)"
     outside, inside, area = s["mean_share_outside"], s["mean_share_inside"], s["mean_area_inside"]
     pref = s["lung_preference"]
     marker = (

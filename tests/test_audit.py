@@ -168,3 +168,25 @@ def test_deletion_curve_faithful_map_beats_random_order():
     # A map that points away from the evidence is no better than random.
     wrong = deletion_curve(model, x, -known, target=0, steps=16, seed=0)
     assert wrong["attributed_auc"] > d["attributed_auc"] + 0.1
+
+
+def test_maps_that_are_almost_all_negative_are_left_out_not_called_shortcuts():
+    # Occluding anything makes the model more sure of "Normal" (its evidence is the absence of findings): the
+    # map is negative everywhere but for a faint positive speck in a corner. That is no shortcut.
+    absent = -np.ones((H, W))
+    absent[0:3, 0:3] = 0.5  # 4.5 positive against 1591 negative
+    rows = [attribution_shares(absent, lungs_mask()) for _ in range(4)]
+    assert rows[0]["positive_fraction"] == pytest.approx(4.5 / (4.5 + 1591))
+    assert rows[0]["share_outside"] == 1.0  # the shares alone would say "all evidence outside the lungs"
+    inside = np.zeros((H, W))
+    inside[lungs_mask()] = 1.0
+    rows += [attribution_shares(inside, lungs_mask()) for _ in range(2)]
+    summary = audit_summary(rows, preds=["Normal"] * 4 + ["Pneumonia"] * 2)
+    normal = summary["by_class"]["Normal"]
+    assert normal["n"] == 4 and normal["n_with_evidence"] == 0 and math.isnan(normal["lung_preference"])
+    assert summary["overall"]["n_with_evidence"] == 2 and summary["overall"]["mean_share_inside"] == 1.0
+    lines = verdict(summary).splitlines()
+    assert lines[0].startswith("Normal predictions: no positive evidence to audit in 4 of 4")
+    assert "shortcut" not in lines[0]
+    assert "2 of 6 without" not in lines[-1] and "4 of 6 without positive evidence left out" in lines[-1]
+    assert "no sign of a shortcut" in lines[-1]
