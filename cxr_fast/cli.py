@@ -207,9 +207,15 @@ def compare(
     epochs: Annotated[int | None, typer.Option(help="Epoch budget for every architecture.")] = None,
     size: Annotated[int | None, typer.Option(help="Image size for every architecture.")] = None,
     out: Annotated[Path | None, typer.Option(help="Output folder (default models/compare-<time>).")] = None,
+    distributed: Annotated[bool, typer.Option(help="Train each run data-parallel over --nproc processes, one run after another.")] = False,
+    nproc: Annotated[int | None, typer.Option(help="With --distributed: processes per run (default: one per GPU, else 2).")] = None,
 ):
     """Compare architectures on one test split: balanced accuracy with CI, F1, AUC, ECE, size, speed, McNemar."""
+    from cxr_fast import distributed as ddp
     from cxr_fast.compare import compare_archs, compare_runs
+
+    if (distributed or nproc) and not (archs or recipes):
+        raise CxrFastError("--distributed/--nproc apply to training: give --archs or --recipes with --data")
 
     if archs or recipes:
         if data is None:
@@ -219,7 +225,8 @@ def compare(
         except ValueError:
             raise CxrFastError(f"--seeds must be integers like 0,1,2, got {seeds!r}") from None
         result = compare_archs(data, _names(archs), recipe=recipe, recipes=_names(recipes), seeds=seed_list,
-                               out=out, epochs=epochs, size=size)
+                               out=out, epochs=epochs, size=size,
+                               nproc=(nproc or ddp.default_nproc()) if distributed else None)
     else:
         result = compare_runs(runs or [], out=out)
     # One column per architecture and a row per figure: fits an 80-column terminal for a handful of models.

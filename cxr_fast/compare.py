@@ -122,11 +122,20 @@ def write_comparison(c: Comparison) -> None:
 
 def compare_archs(data: str | Path, archs: list[str] = (), *, recipe: str | Path | None = None,
                   recipes: list[str | Path] = (), seeds=(0,), out: str | Path | None = None, quiet: bool = False,
-                  **overrides) -> Comparison:
+                  nproc: int | None = None, **overrides) -> Comparison:
     """Train every architecture (one shared recipe) or every recipe (each its own architecture and weights)
-    under the same split and seeds — and the same size and epochs when given — then compare the runs."""
+    under the same split and seeds — and the same size and epochs when given — then compare the runs.
+
+    With `nproc`, each run trains data-parallel over `nproc` processes on this machine (one run after another,
+    as `cxrfast train --distributed` does); the comparison itself runs in this one process."""
+    from cxr_fast import distributed
     from cxr_fast.config import resolve_config
     from cxr_fast.train import train
+
+    def train_one(cfg, run_out):
+        if nproc is None:
+            return train(data, cfg, out=run_out, quiet=quiet)
+        return distributed.launch_training(nproc, data, cfg, out=run_out, quiet=quiet)
 
     out_dir = Path(out) if out else Path("models") / f"compare-{datetime.now():%Y%m%d-%H%M%S}"
     if out_dir.exists() and any(out_dir.iterdir()):
@@ -135,5 +144,8 @@ def compare_archs(data: str | Path, archs: list[str] = (), *, recipe: str | Path
         raise CxrFastError("compare needs --archs or --recipes to train")
     configs = [resolve_config(recipe, arch=a, seed=s, **overrides) for a in archs for s in seeds]  # fail early
     configs += [resolve_config(r, seed=s, **overrides) for r in recipes for s in seeds]
-    runs = [train(data, cfg, out=out_dir / "runs" / f"{cfg.arch}-seed{cfg.seed}", quiet=quiet) for cfg in configs]
+    if nproc is not None:  # a batch size the processes cannot share fails now, not after the first runs
+        for cfg in configs:
+            distributed.per_process_config(cfg, nproc)
+    runs = [train_one(cfg, out_dir / "runs" / f"{cfg.arch}-seed{cfg.seed}") for cfg in configs]
     return compare_runs(runs, out=out_dir / "report")

@@ -347,6 +347,7 @@ def finish_bundle(run_dir: Path, learn: Learner, cfg: TrainConfig, state: dict) 
         "valid_loss": best.get("valid_loss"),
         "epochs": len(history),
         "train_seconds": round(state["train_seconds"], 2),
+        "processes": distributed.world_size(),  # data-parallel training processes (1: not distributed)
         "parameters": int(sum(p.numel() for p in model.parameters())),
         "temperature": config["temperature"],
     }

@@ -19,6 +19,7 @@ from sklearn.metrics import balanced_accuracy_score
 
 from cxr_fast import distributed
 from cxr_fast.bundle import load_run, predict_logits
+from cxr_fast.compare import compare_archs
 from cxr_fast.config import resolve_config
 from cxr_fast.data.manifest import read_manifest
 from cxr_fast.errors import CxrFastError
@@ -113,6 +114,7 @@ def test_a_killed_run_resumes_with_an_unbroken_history(resumed_run):
     assert "checkpoint" in killed_files and "config.json" not in killed_files
     assert list(pd.read_csv(run / "history.csv")["epoch"]) == [0, 1]
     assert json.loads((run / "metrics.json").read_text())["epochs"] == 2
+    assert json.loads((run / "metrics.json").read_text())["processes"] == 2
     assert not list((records / "resumed").glob("*epoch0.json")), "the resumed run skips the finished epoch"
 
 
@@ -188,3 +190,17 @@ def test_user_error_in_a_worker_report_is_found():
     indented = "  traceback : Traceback (most recent call last):\n  cxr_fast.errors.CxrFastError: bad 'x'\n"
     assert distributed.user_error_in(indented) == "bad 'x'"
     assert distributed.user_error_in("RuntimeError: NCCL error") is None
+
+
+def test_compare_trains_its_architectures_one_after_another_distributed(tiny_data, tmp_path):
+    result = compare_archs(tiny_data, ["cxresnet_tiny", "convnet"], out=tmp_path / "cmp", quiet=True,
+                           size=48, epochs=1, bs=16, nproc=2)
+    runs = sorted((tmp_path / "cmp" / "runs").iterdir())
+    assert [r.name for r in runs] == ["convnet-seed0", "cxresnet_tiny-seed0"]
+    for run in runs:
+        assert json.loads((run / "metrics.json").read_text())["processes"] == 2
+        load_run(run)
+    assert sorted(result.summary["arch"]) == ["convnet", "cxresnet_tiny"] and len(result.mcnemar) == 1
+    with pytest.raises(CxrFastError, match="multiple of the 2 processes"):  # refused before the first run starts
+        compare_archs(tiny_data, ["cxresnet_tiny"], out=tmp_path / "cmp2", bs=15, epochs=1, nproc=2)
+    assert not (tmp_path / "cmp2").exists()

@@ -31,6 +31,7 @@ def test_one_epoch_gives_a_complete_bundle(tiny_data, tmp_path):
     assert {"train_loss", "valid_loss", "valid_accuracy", "valid_balanced_accuracy", "train_accuracy"} <= set(history)
     metrics = json.loads((run / "metrics.json").read_text())
     assert 0.0 <= metrics["valid_balanced_accuracy"] <= 1.0
+    assert metrics["processes"] == 1
 
 
 def test_reloaded_bundle_reproduces_the_training_pipeline(tiny_data, tmp_path):
