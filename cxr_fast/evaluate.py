@@ -149,7 +149,8 @@ def evaluate(run_dir: str | Path, data: str | Path | None = None, split: str = "
 
     run = load_run(run_dir)
     items, name, external = select_items(run, data, split)
-    out_dir = run.path / "eval" / name
+    # TTA figures go beside the plain ones, not over them: both are worth keeping, and serve shows the plain one.
+    out_dir = run.path / "eval" / (f"{name}-tta" if tta else name)
     if out_dir.exists() and not force:  # checked before the slow part; replacing_folder checks again
         raise CxrFastError(f"{out_dir}: an evaluation is already there; add --force to redo it")
 

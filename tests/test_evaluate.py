@@ -1,6 +1,7 @@
 """evaluate and compare on tiny trained runs."""
 
 import json
+import shutil
 from html.parser import HTMLParser
 
 import numpy as np
@@ -49,9 +50,13 @@ def test_evaluate_writes_predictions_metrics_figures_and_report(tiny_runs):
         evaluate(tiny_runs[0], n_boot=200, progress=False)
 
 
-def test_evaluate_tta_and_valid_split(tiny_runs):
-    result = evaluate(tiny_runs[0], split="valid", tta=True, n_boot=100, progress=False)
-    assert result.out_dir.name == "data-valid" and result.metrics["tta"] is True
+def test_evaluate_tta_and_valid_split(tiny_runs, tmp_path):
+    run = shutil.copytree(tiny_runs[0], tmp_path / "run")
+    plain = evaluate(run, split="valid", n_boot=100, progress=False)
+    result = evaluate(run, split="valid", tta=True, n_boot=100, progress=False)
+    assert result.out_dir.name == "data-valid-tta" and result.metrics["tta"] is True
+    assert plain.out_dir.name == "data-valid" and (plain.out_dir / "metrics.json").is_file()  # kept beside it
+    assert result.metrics["data"] == plain.metrics["data"] == "data-valid"
 
 
 def _external_copy(tiny_data, tmp_path, transform):
