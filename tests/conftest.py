@@ -46,3 +46,21 @@ def tiny_runs(tiny_data, tmp_path_factory) -> list[Path]:
     root = tmp_path_factory.mktemp("runs")
     return [train(tiny_data, resolve_config(epochs=2, seed=s, **TINY), out=root / f"seed{s}", quiet=True)
             for s in (0, 1)]
+
+
+def write_dicom(path, stored, photometric="MONOCHROME2", **attributes):
+    """A 12-bit DICOM of the `stored` values (any extra attributes set on the dataset), as a scanner would store it."""
+    from pydicom.dataset import Dataset, FileMetaDataset
+    from pydicom.uid import ExplicitVRLittleEndian, SecondaryCaptureImageStorage, generate_uid
+
+    dataset = Dataset()
+    dataset.file_meta = FileMetaDataset()
+    dataset.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    dataset.file_meta.MediaStorageSOPClassUID = SecondaryCaptureImageStorage
+    dataset.file_meta.MediaStorageSOPInstanceUID = generate_uid()
+    dataset.SOPClassUID = SecondaryCaptureImageStorage
+    dataset.SOPInstanceUID = dataset.file_meta.MediaStorageSOPInstanceUID
+    dataset.set_pixel_data(stored.astype("uint16"), photometric_interpretation=photometric, bits_stored=12)
+    for name, value in attributes.items():
+        setattr(dataset, name, value)
+    dataset.save_as(path, enforce_file_format=True)

@@ -10,6 +10,7 @@ from PIL import Image, ImageFile
 from cxr_fast.data import io
 from cxr_fast.data.io import ImageReadError, image_size, is_dicom, read_image, read_image_with_size
 from cxr_fast.errors import CxrFastError
+from tests.conftest import write_dicom
 
 
 def smooth_image(seed: int, width: int = 96, height: int = 80) -> np.ndarray:
@@ -110,23 +111,6 @@ def test_max_side_shrinks_and_keeps_original_size(tmp_path):
 
 
 # --- DICOM ----------------------------------------------------------------------------------------------
-
-
-def write_dicom(path, stored: np.ndarray, photometric="MONOCHROME2", **attributes):
-    from pydicom.dataset import Dataset, FileMetaDataset
-    from pydicom.uid import ExplicitVRLittleEndian, SecondaryCaptureImageStorage, generate_uid
-
-    dataset = Dataset()
-    dataset.file_meta = FileMetaDataset()
-    dataset.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
-    dataset.file_meta.MediaStorageSOPClassUID = SecondaryCaptureImageStorage
-    dataset.file_meta.MediaStorageSOPInstanceUID = generate_uid()
-    dataset.SOPClassUID = SecondaryCaptureImageStorage
-    dataset.SOPInstanceUID = dataset.file_meta.MediaStorageSOPInstanceUID
-    dataset.set_pixel_data(stored.astype(np.uint16), photometric_interpretation=photometric, bits_stored=12)
-    for name, value in attributes.items():
-        setattr(dataset, name, value)
-    dataset.save_as(path, enforce_file_format=True)
 
 
 def dicom_phantom() -> np.ndarray:

@@ -15,6 +15,7 @@ from cxr_fast.data.io import read_image
 from cxr_fast.data.manifest import read_manifest
 from cxr_fast.errors import CxrFastError
 from cxr_fast.predict import find_images, model_image, model_input, predict
+from tests.conftest import write_dicom
 
 
 @pytest.fixture
@@ -29,22 +30,6 @@ def good_images(tiny_data):
     return manifest.sort_values("path")["path"].tolist()
 
 
-def write_dicom(path, pixels: np.ndarray):
-    """A 12-bit MONOCHROME2 DICOM of `pixels` (uint8 values scaled up), as a scanner would store it."""
-    from pydicom.dataset import Dataset, FileMetaDataset
-    from pydicom.uid import ExplicitVRLittleEndian, SecondaryCaptureImageStorage, generate_uid
-
-    dataset = Dataset()
-    dataset.file_meta = FileMetaDataset()
-    dataset.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
-    dataset.file_meta.MediaStorageSOPClassUID = SecondaryCaptureImageStorage
-    dataset.file_meta.MediaStorageSOPInstanceUID = generate_uid()
-    dataset.SOPClassUID = SecondaryCaptureImageStorage
-    dataset.SOPInstanceUID = dataset.file_meta.MediaStorageSOPInstanceUID
-    dataset.set_pixel_data(pixels.astype(np.uint16) * 16, photometric_interpretation="MONOCHROME2", bits_stored=12)
-    dataset.save_as(path, enforce_file_format=True)
-
-
 def mixed_folder(root, good_images):
     """Good PNG/JPEG/DICOM files (one DICOM without suffix) plus broken files and files to pass over."""
     folder = root / "inbox"
@@ -52,8 +37,8 @@ def mixed_folder(root, good_images):
     shutil.copy(good_images[0], folder / "a.png")
     shutil.copy(good_images[1], folder / "nested" / "b.png")
     Image.open(good_images[2]).convert("L").save(folder / "c.jpg", quality=95)
-    write_dicom(folder / "d.dcm", np.asarray(read_image(good_images[3])))
-    write_dicom(folder / "nested" / "IM0001", np.asarray(read_image(good_images[4])))
+    write_dicom(folder / "d.dcm", np.asarray(read_image(good_images[3])).astype(np.uint16) * 16)  # 8 → 12 bit
+    write_dicom(folder / "nested" / "IM0001", np.asarray(read_image(good_images[4])).astype(np.uint16) * 16)
     data = (folder / "a.png").read_bytes()
     (folder / "truncated.png").write_bytes(data[: len(data) // 2])
     (folder / "text.png").write_text("this is a text file, not an X-ray\n")
