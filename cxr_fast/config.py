@@ -25,12 +25,18 @@ class TrainConfig:
     size: int = 128  # training image side in pixels
     epochs: int = 5
     freeze_epochs: int = 1  # only with pretrained weights: head-only epochs before unfreezing
+    lr_mult: float = 100  # unfrozen phase: the body learns lr_mult times slower than the head (fastai's fine_tune)
     bs: int = 32
     lr: float | str = 3e-3  # a number, or "auto" for lr_find's suggestion
     wd: float | None = None
     pct_start: float = 0.25
     class_weights: bool = False  # weight the loss by inverse class frequency
+    label_smoothing: float = 0.0  # share of each target spread over all classes (for noisy labels)
+    mixup: float = 0.0  # MixUp's Beta(α, α) parameter: training images blended in pairs; 0 turns it off
     augment: bool = True
+    # channels-last memory layout: training steps 1.5x faster for tf_efficientnet_lite0 on a 2-core CPU but only
+    # 1.1x for cxresnet and convnet (docs/benchmarks.md), so a recipe switches it on where it pays
+    channels_last: bool = False
     seed: int = 0
     num_workers: int = 0
     stats_sample: int = 256  # training images used to compute normalisation statistics

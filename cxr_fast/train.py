@@ -24,6 +24,7 @@ import pandas as pd
 import torch
 import yaml
 from fastai.callback.core import Callback
+from fastai.callback.mixup import MixUp
 from fastai.callback.progress import ProgressCallback
 from fastai.learner import Learner
 from fastai.losses import CrossEntropyLossFlat
@@ -165,6 +166,19 @@ def _cpu_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     return {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
 
 
+class ChannelsLast(Callback):
+    """Model and every input batch in channels-last memory layout (fastai's own `ChannelsLast` converts only the
+    model, and its `to_channelslast` adds mixed precision, which CPUs do not gain from)."""
+
+    order = -1  # before any callback that wraps the model
+
+    def before_fit(self):
+        self.learn.model.to(memory_format=torch.channels_last)
+
+    def before_batch(self):
+        self.learn.xb = tuple(x.contiguous(memory_format=torch.channels_last) for x in self.xb)
+
+
 # ---------------------------------------------------------------------------------------------- training
 
 
@@ -190,9 +204,13 @@ def build_learner(manifest: pd.DataFrame, cfg: TrainConfig, stats=None):
     )
     weight = class_weight_tensor(manifest, spec.classes) if cfg.class_weights else None
     learn = Learner(
-        dls, model, loss_func=CrossEntropyLossFlat(weight=weight),
+        dls, model, loss_func=CrossEntropyLossFlat(weight=weight, label_smoothing=cfg.label_smoothing),
         metrics=[accuracy_metric(), balanced_accuracy_metric()], splitter=splitter, wd=cfg.wd,
     )
+    if cfg.channels_last:
+        learn.add_cb(ChannelsLast())
+    if cfg.mixup > 0:
+        learn.add_cb(MixUp(cfg.mixup))
     learn.recorder.train_metrics = True  # train accuracy too, for the study's accuracy/loss-by-epoch figure
     if torch.cuda.is_available():
         learn.to_fp16()
@@ -280,7 +298,7 @@ def _train(data, cfg, *, out, resume, extra_cbs, quiet) -> Path:
             learn.fit_one_cycle(n_epochs, lr, pct_start=0.99, cbs=cbs, start_epoch=start_epoch)
         elif phase == "unfrozen":
             # fastai's fine_tune recipe: half the rate, discriminative rates body/head
-            learn.fit_one_cycle(n_epochs, slice(lr / 200, lr / 2), pct_start=cfg.pct_start, div=5.0, cbs=cbs,
+            learn.fit_one_cycle(n_epochs, slice(lr / 2 / cfg.lr_mult, lr / 2), pct_start=cfg.pct_start, div=5.0, cbs=cbs,
                                 start_epoch=start_epoch, reset_opt=start_epoch == 0)
         else:
             learn.fit_one_cycle(n_epochs, lr, pct_start=cfg.pct_start, cbs=cbs, start_epoch=start_epoch)

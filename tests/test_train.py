@@ -6,6 +6,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
+import yaml
 from fastai.callback.core import Callback
 
 from cxr_fast.bundle import load_run, predict_logits
@@ -107,3 +108,100 @@ def test_bad_arch_and_missing_manifest_are_one_line_errors(tiny_data, tmp_path):
 def test_load_run_refuses_non_bundles(tmp_path):
     with pytest.raises(CxrFastError, match="not a cxr_fast run bundle"):
         load_run(tmp_path)
+
+
+class LayoutProbe(Callback):
+    """Records the memory layout of the first conv weight and of the input batch the model sees."""
+
+    order = 10  # after ChannelsLast (order -1) has converted the batch
+
+    def before_batch(self):
+        conv = next(m for m in self.learn.model.modules() if isinstance(m, torch.nn.Conv2d))
+        self.seen = (conv.weight.is_contiguous(memory_format=torch.channels_last),
+                     self.xb[0].is_contiguous(memory_format=torch.channels_last), self.xb[0].stride())
+        self.trained = self.learn
+
+
+def test_channels_last_trains_in_that_layout_and_saves_a_plain_bundle(tiny_data, tmp_path):
+    probe = LayoutProbe()
+    cfg = resolve_config(epochs=1, channels_last=True, **{**TINY, "n_in": 3})
+    run_dir = train(tiny_data, cfg, out=tmp_path / "run", quiet=True, extra_cbs=[probe])
+    weight_cl, input_cl, stride = probe.seen
+    assert weight_cl and input_cl and stride[1] == 1, "channels-last puts the channel stride at 1"
+    # The bundle holds ordinary contiguous tensors: reloaded without channels-last, it gives the trained model's
+    # logits (the one epoch trained is also the best one kept).
+    run = load_run(run_dir)
+    assert yaml.safe_load((run_dir / "recipe.yaml").read_text())["channels_last"] is True
+    valid = read_manifest(tiny_data).query("split == 'valid'").reset_index(drop=True)
+    bundle_logits = predict_logits(run, valid, progress=False)
+    learn = probe.trained
+    learn.model.eval()
+    with torch.no_grad():  # the valid DataLoader keeps the manifest's order
+        trained_logits = torch.cat([learn.model(xb.contiguous(memory_format=torch.channels_last))
+                                    for xb, _ in learn.dls.valid])
+    np.testing.assert_allclose(bundle_logits, trained_logits.numpy(), atol=1e-4)
+
+
+class LearningRates(Callback):
+    """The learning rate of every parameter group at every training batch."""
+
+    def before_fit(self):
+        self.fits = getattr(self, "fits", []) + [[]]
+
+    def after_batch(self):
+        if self.training:
+            self.fits[-1].append([h["lr"] for h in self.opt.hypers])
+
+
+def test_unfrozen_body_learns_lr_mult_times_slower_than_the_head(tiny_data, tmp_path):
+    from safetensors.torch import save_file
+
+    from cxr_fast.archs import create_model
+
+    start = tmp_path / "start.safetensors"
+    save_file(create_model("cxresnet_tiny", n_in=1, n_classes=3).state_dict(), str(start))
+    rates = LearningRates()
+    cfg = resolve_config(freeze_epochs=1, epochs=1, lr_mult=10, weights=str(start), **TINY)
+    train(tiny_data, cfg, out=tmp_path / "run", quiet=True, extra_cbs=[rates])
+    frozen, unfrozen = rates.fits
+    assert all(body == head for body, head in frozen)  # one rate while only the head trains
+    np.testing.assert_allclose([head / body for body, head in unfrozen], 10.0)
+    assert max(head for _, head in unfrozen) <= TINY["lr"] / 2 * (1 + 1e-9)  # fastai's fine_tune: half the rate
+
+
+def test_label_smoothing_keeps_a_confident_correct_prediction_from_zero_loss(tiny_data):
+    manifest = read_manifest(tiny_data)
+    confident = torch.tensor([[10.0, -10.0, -10.0]])
+    target = torch.tensor([0])
+    plain, _ = build_learner(manifest, resolve_config(**TINY))
+    smoothed, _ = build_learner(manifest, resolve_config(label_smoothing=0.1, **TINY))
+    assert plain.loss_func(confident, target).item() < 1e-6
+    # 0.1 of the target spread over 3 classes: 2 × 0.1/3 of the mass sits on logits 20 below the top one
+    assert smoothed.loss_func(confident, target).item() == pytest.approx(0.1 * 2 / 3 * 20, rel=0.01)
+
+
+class BatchBeforeAndAfter(Callback):
+    """The first training batch as the DataLoader gave it and as the model received it."""
+
+    order = -5  # before MixUp (order 0); the after-copy is taken just before the forward pass
+
+    def before_batch(self):
+        if self.training and not hasattr(self, "raw"):
+            self.raw = self.xb[0].clone()
+
+    def after_pred(self):
+        if self.training and not hasattr(self, "fed"):
+            self.fed = self.xb[0].clone()
+
+
+@pytest.mark.parametrize("alpha", [0.0, 0.4])
+def test_mixup_blends_training_images_in_pairs(tiny_data, tmp_path, alpha):
+    probe = BatchBeforeAndAfter()
+    train(tiny_data, resolve_config(epochs=1, mixup=alpha, **TINY), out=tmp_path / "run", quiet=True,
+          extra_cbs=[probe])
+    if alpha == 0:
+        torch.testing.assert_close(probe.fed, probe.raw)
+        return
+    assert not torch.allclose(probe.fed, probe.raw)
+    # every fed image is a blend of two raw ones, so it stays inside the batch's range pixel by pixel
+    assert (probe.fed <= probe.raw.max(0).values + 1e-5).all() and (probe.fed >= probe.raw.min(0).values - 1e-5).all()
