@@ -55,7 +55,8 @@ RECIPES_DIR = Path(__file__).resolve().parents[1] / "recipes"
 def find_recipe(name: str | Path) -> Path:
     """A recipe file, or the name of one in the project's recipes/ folder ("demo" → recipes/demo.yaml)."""
     path = Path(name)
-    if not path.exists() and path.suffix == "" and (RECIPES_DIR / f"{path.name}.yaml").is_file():
+    # is_file, not exists: `cxrfast demo --out demo` makes a folder called demo, which must not hide the recipe
+    if not path.is_file() and path.suffix == "" and (RECIPES_DIR / f"{path.name}.yaml").is_file():
         return RECIPES_DIR / f"{path.name}.yaml"
     return path
 
@@ -94,4 +95,7 @@ def resolve_config(recipe: str | Path | None = None, **overrides: Any) -> TrainC
         raise CxrFastError(f"n_in must be 1 or 3, got {cfg.n_in}")
     if cfg.size < 32 or cfg.epochs < 1 or cfg.bs < 1:
         raise CxrFastError("size must be ≥ 32 px, epochs ≥ 1 and bs ≥ 1")
+    if cfg.lr_mult <= 0 or cfg.mixup < 0 or not 0 <= cfg.label_smoothing < 1:
+        raise CxrFastError(f"lr_mult must be > 0 (got {cfg.lr_mult}), mixup ≥ 0 (got {cfg.mixup}) and "
+                           f"label_smoothing in [0, 1) (got {cfg.label_smoothing})")
     return cfg

@@ -38,3 +38,16 @@ def test_recipe_by_name():
     assert resolve_config("demo").arch == load_recipe("demo")["arch"]
     with pytest.raises(CxrFastError, match="not found"):
         resolve_config("no-such-recipe")
+
+
+def test_recipe_name_is_found_beside_a_folder_of_that_name(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "demo").mkdir()  # what `cxrfast demo --out demo` leaves in the working directory
+    assert resolve_config("demo").arch == load_recipe("demo")["arch"]
+
+
+@pytest.mark.parametrize("bad", [{"lr_mult": 0}, {"mixup": -0.1}, {"label_smoothing": 1.0}])
+def test_out_of_range_regularisation_options_are_one_line_errors(bad):
+    with pytest.raises(CxrFastError, match=next(iter(bad))) as e:
+        resolve_config(**bad)
+    assert "\n" not in str(e.value)
