@@ -15,6 +15,7 @@ import json
 import platform
 import shutil
 import time
+import warnings
 from datetime import datetime
 from pathlib import Path
 
@@ -166,17 +167,36 @@ def _cpu_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     return {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
 
 
+def channels_last_hazards(model: torch.nn.Module) -> list[str]:
+    """Convolutions that oneDNN computes wrongly in channels-last layout on x86 CPUs: 1×1 kernels with a stride
+    and fewer than 16 input channels. Their weight gradient writes past a workspace, which hangs training, crashes
+    it or silently corrupts gradients (oneDNN issue 6035; seen here as a test run hung in backward)."""
+    return [name for name, m in model.named_modules()
+            if isinstance(m, torch.nn.Conv2d) and m.kernel_size == (1, 1) and max(m.stride) > 1 and m.in_channels < 16]
+
+
 class ChannelsLast(Callback):
     """Model and every input batch in channels-last memory layout (fastai's own `ChannelsLast` converts only the
-    model, and its `to_channelslast` adds mixed precision, which CPUs do not gain from)."""
+    model, and its `to_channelslast` adds mixed precision, which CPUs do not gain from).
+
+    A model with a convolution from `channels_last_hazards` stays in the ordinary layout, with a warning: the
+    layout only buys speed, never at the price of wrong gradients or a hung run."""
 
     order = -1  # before any callback that wraps the model
 
     def before_fit(self):
+        hazards = channels_last_hazards(self.learn.model)
+        self.active = torch.cuda.is_available() or not hazards  # the oneDNN bug is on CPUs only
+        if not self.active:
+            warnings.warn(f"channels_last ignored: 1×1 strided convolutions with < 16 input channels ({hazards[0]}"
+                          f"{' and others' if len(hazards) > 1 else ''}) are miscomputed by oneDNN in that layout "
+                          "(oneDNN issue 6035); training in the ordinary layout", stacklevel=1)
+            return
         self.learn.model.to(memory_format=torch.channels_last)
 
     def before_batch(self):
-        self.learn.xb = tuple(x.contiguous(memory_format=torch.channels_last) for x in self.xb)
+        if self.active:
+            self.learn.xb = tuple(x.contiguous(memory_format=torch.channels_last) for x in self.xb)
 
 
 # ---------------------------------------------------------------------------------------------- training

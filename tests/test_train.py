@@ -116,7 +116,8 @@ class LayoutProbe(Callback):
     order = 10  # after ChannelsLast (order -1) has converted the batch
 
     def before_batch(self):
-        conv = next(m for m in self.learn.model.modules() if isinstance(m, torch.nn.Conv2d))
+        # with one input channel both layouts have the same strides, so look at a conv with several
+        conv = next(m for m in self.learn.model.modules() if isinstance(m, torch.nn.Conv2d) and m.in_channels > 1)
         self.seen = (conv.weight.is_contiguous(memory_format=torch.channels_last),
                      self.xb[0].is_contiguous(memory_format=torch.channels_last), self.xb[0].stride())
         self.trained = self.learn
@@ -124,7 +125,8 @@ class LayoutProbe(Callback):
 
 def test_channels_last_trains_in_that_layout_and_saves_a_plain_bundle(tiny_data, tmp_path):
     probe = LayoutProbe()
-    cfg = resolve_config(epochs=1, channels_last=True, **{**TINY, "n_in": 3})
+    # convnet: no 1×1 strided convolution, so the layout is safe to use (see the next test)
+    cfg = resolve_config(epochs=1, channels_last=True, **{**TINY, "arch": "convnet", "n_in": 3})
     run_dir = train(tiny_data, cfg, out=tmp_path / "run", quiet=True, extra_cbs=[probe])
     weight_cl, input_cl, stride = probe.seen
     assert weight_cl and input_cl and stride[1] == 1, "channels-last puts the channel stride at 1"
@@ -140,6 +142,24 @@ def test_channels_last_trains_in_that_layout_and_saves_a_plain_bundle(tiny_data,
         trained_logits = torch.cat([learn.model(xb.contiguous(memory_format=torch.channels_last))
                                     for xb, _ in learn.dls.valid])
     np.testing.assert_allclose(bundle_logits, trained_logits.numpy(), atol=1e-4)
+
+
+def test_channels_last_is_refused_for_convolutions_onednn_miscomputes(tiny_data, tmp_path):
+    # cxresnet_tiny's projection shortcuts are 1×1, stride 2, from 4 channels: in channels-last layout oneDNN's
+    # weight gradient for them overruns a buffer (oneDNN issue 6035) and a test run hung here. Full-width
+    # cxresnet (16 channels) and efficientnet-lite (stride-1 pointwise convolutions) are not affected.
+    from cxr_fast.archs import create_model
+    from cxr_fast.train import channels_last_hazards
+
+    assert channels_last_hazards(create_model("cxresnet_tiny", n_in=1, n_classes=3, weights="none"))
+    assert not channels_last_hazards(create_model("cxresnet", n_in=1, n_classes=3, weights="none"))
+    assert not channels_last_hazards(create_model("tf_efficientnet_lite0", n_in=1, n_classes=3, weights="none"))
+    probe = LayoutProbe()
+    cfg = resolve_config(epochs=1, channels_last=True, **{**TINY, "n_in": 3})
+    with pytest.warns(UserWarning, match="channels_last ignored.*oneDNN"):
+        train(tiny_data, cfg, out=tmp_path / "run", quiet=True, extra_cbs=[probe])
+    weight_cl, input_cl, _ = probe.seen
+    assert not weight_cl and not input_cl
 
 
 class LearningRates(Callback):
