@@ -13,7 +13,7 @@ from cxr_fast.bundle import load_run, predict_logits
 from cxr_fast.config import resolve_config
 from cxr_fast.data.manifest import read_manifest
 from cxr_fast.errors import CxrFastError
-from cxr_fast.train import build_learner, train
+from cxr_fast.train import build_learner, channels_last_hazards, train
 from tests.conftest import TINY
 
 
@@ -111,12 +111,13 @@ def test_load_run_refuses_non_bundles(tmp_path):
 
 
 class LayoutProbe(Callback):
-    """Records the memory layout of the first conv weight and of the input batch the model sees."""
+    """Records the memory layout of the first conv weight with several input channels, and of the input batch
+    the model sees."""
 
     order = 10  # after ChannelsLast (order -1) has converted the batch
 
     def before_batch(self):
-        # with one input channel both layouts have the same strides, so look at a conv with several
+        # with one input channel both layouts have the same strides
         conv = next(m for m in self.learn.model.modules() if isinstance(m, torch.nn.Conv2d) and m.in_channels > 1)
         self.seen = (conv.weight.is_contiguous(memory_format=torch.channels_last),
                      self.xb[0].is_contiguous(memory_format=torch.channels_last), self.xb[0].stride())
@@ -149,7 +150,6 @@ def test_channels_last_is_refused_for_convolutions_onednn_miscomputes(tiny_data,
     # weight gradient for them overruns a buffer (oneDNN issue 6035) and a test run hung here. Full-width
     # cxresnet (16 channels) and efficientnet-lite (stride-1 pointwise convolutions) are not affected.
     from cxr_fast.archs import create_model
-    from cxr_fast.train import channels_last_hazards
 
     assert channels_last_hazards(create_model("cxresnet_tiny", n_in=1, n_classes=3, weights="none"))
     assert not channels_last_hazards(create_model("cxresnet", n_in=1, n_classes=3, weights="none"))
