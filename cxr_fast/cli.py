@@ -62,6 +62,7 @@ def data_prepare(
     seed: Annotated[int, typer.Option(help="Seed of the stratified split.")] = 0,
     splits: Annotated[str, typer.Option(help="Train,valid,test fractions.")] = "0.6,0.2,0.2",
     size: Annotated[int, typer.Option("--size", help="Longest side of the cached working copies (0: no cache). About 2× the training size.")] = 512,
+    patient_pattern: Annotated[str | None, typer.Option(help="Keep each patient's images in one split: preset 'nih' (00000061_012.png) or a regular expression whose first group is the patient id in the file name.")] = None,
     force: Annotated[bool, typer.Option(help="Overwrite an existing manifest.")] = False,
 ):
     """Read, check, de-duplicate and split a folder of X-rays into a manifest."""
@@ -75,7 +76,7 @@ def data_prepare(
     if len(fractions) != 3 or abs(sum(fractions) - 1) > 1e-6 or min(fractions) < 0:
         raise CxrFastError(f"--splits must be three non-negative fractions summing to 1, got {splits!r}")
     report = prepare(src, out, label_map=parse_label_map(label_map), ignore_unmapped=ignore_unmapped, seed=seed,
-                     splits=fractions, cache_size=size, force=force)
+                     splits=fractions, cache_size=size, patient_pattern=patient_pattern, force=force)
     print_summary(report, console)
     console.print(f"manifest: [bold]{Path(out) / 'manifest.csv'}[/]")
 

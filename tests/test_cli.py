@@ -31,6 +31,11 @@ def test_synth_prepare_and_refusal_to_overwrite(tmp_path):
     assert "--force" in result.output and len(result.output.strip().splitlines()) == 1
     result = invoke("data", "prepare", tmp_path / "src", "--out", tmp_path / "data", "--splits", "0.5,0.5")
     assert result.exit_code == 1 and "--splits" in result.output
+    result = invoke("data", "prepare", tmp_path / "src", "--out", tmp_path / "other", "--patient-pattern", "(")
+    assert result.exit_code == 1 and "regular expression" in result.output
+    assert len(result.output.strip().splitlines()) == 1
+    result = invoke("data", "prepare", tmp_path / "src", "--out", tmp_path / "other", "--patient-pattern", "nih")
+    assert result.exit_code == 0 and "matched no file name" in result.output  # phantoms carry no patient ids
 
 
 def test_models_lists_local_and_timm():

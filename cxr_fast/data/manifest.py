@@ -1,7 +1,8 @@
 """`prepare`: turn a folder of labelled X-rays into a checked, de-duplicated, split manifest.
 
     find files → map folder names to labels → decode every file → fingerprint + cache →
-    group duplicates → drop label conflicts → stratified group split → manifest.csv + prepare_report.json
+    group duplicates → drop label conflicts → (join each patient's images) → stratified group split →
+    manifest.csv + prepare_report.json
 
 Nothing is dropped silently: every file found either becomes a manifest row or an exclusion with a reason
 (`EXCLUSION_REASONS`) that is printed and written to the report.
@@ -12,9 +13,11 @@ Manifest columns (``OUT/manifest.csv``):
     label         the study label (folder name passed through the label map)
     source_label  the class folder's own name
     split         train / valid / test
-    group         duplicate group id ("g" + 12 hex digits); members of one group share a split
+    group         split group id ("g" + 12 hex digits): duplicates, and with a patient pattern all images of
+                  one patient; members of one group share a split
     sha256        of the original file's bytes
     width,height  of the original image in pixels, after EXIF orientation
+    patient       (with a patient pattern) the patient id read from the file name; "" when it did not match
     cache_path    (when cache_size > 0) the working-resolution PNG copy; relative to OUT when inside it
     mask          (synthetic data) lung/lesion mask from SRC/_meta.csv, absolute
     marker_box    (synthetic data) "x0,y0,x1,y1" in pixels of the ORIGINAL image (scale by width/height
@@ -47,6 +50,13 @@ from rich.table import Table
 from cxr_fast.data import cache as image_cache
 from cxr_fast.data.dedup import DEFAULT_MIN_CORRELATION, DEFAULT_THRESHOLD, group_duplicates
 from cxr_fast.data.labels import map_label, parse_label_map
+from cxr_fast.data.patients import (
+    compile_patient_pattern,
+    merge_groups,
+    nih_patients_spread,
+    patient_of,
+    patient_summary,
+)
 from cxr_fast.data.sources import find_images
 from cxr_fast.data.split import DEFAULT_FRACTIONS, SPLITS, parse_fractions, split_items
 from cxr_fast.errors import CxrFastError
@@ -55,7 +65,7 @@ MANIFEST_NAME = "manifest.csv"
 REPORT_NAME = "prepare_report.json"
 META_NAME = "_meta.csv"
 MANIFEST_COLUMNS = ("path", "label", "source_label", "split", "group", "sha256", "width", "height")
-OPTIONAL_COLUMNS = ("cache_path", "mask", "marker_box")
+OPTIONAL_COLUMNS = ("patient", "cache_path", "mask", "marker_box")
 PATH_COLUMNS = ("path", "cache_path", "mask")
 
 EXCLUSION_REASONS = {
@@ -100,6 +110,8 @@ class PrepareReport:
     arguments: dict
     seconds: float
     labels: list[str] = field(default_factory=list)
+    patients: dict | None = None  # with a patient pattern: counts from `patient_summary`
+    warnings: list[str] = field(default_factory=list)  # things the user should probably act on
 
     def exclusions_by_reason(self) -> dict[str, int]:
         return dict(sorted(Counter(item.reason for item in self.excluded).items()))
@@ -164,6 +176,7 @@ def prepare(
     workers: int | None = None,
     dedup_threshold: int = DEFAULT_THRESHOLD,
     min_correlation: float = DEFAULT_MIN_CORRELATION,
+    patient_pattern: str | None = None,
     console: Console | None = None,
 ) -> PrepareReport:
     """Build ``OUT/manifest.csv`` and ``OUT/prepare_report.json`` from the class folders under ``src``.
@@ -172,6 +185,8 @@ def prepare(
     uses folder names as labels. Folders the map does not cover are an error unless ``ignore_unmapped``.
     ``splits``: train/valid/test fractions (or "0.6,0.2,0.2"). ``cache_size``: longest side of the cached
     working copies (0: no cache). ``workers``: decoding threads (default: one per core, at most 8).
+    ``patient_pattern``: preset ``nih`` or a regular expression that finds the patient id in each file name
+    (its first group, else the whole match); each patient's images then share a split.
     Raises `CxrFastError` for user mistakes (missing folder, existing manifest without ``force``, bad map).
     """
     started = time.perf_counter()
@@ -179,6 +194,7 @@ def prepare(
     out_dir = Path(os.path.abspath(out))
     fractions = parse_fractions(splits)
     mapping = parse_label_map(label_map)
+    patient_regex = compile_patient_pattern(patient_pattern) if patient_pattern else None
     _check_arguments(src_dir, out_dir, seed, cache_size, force)
     workers = default_workers() if workers is None else max(1, int(workers))
     console = console or Console(stderr=True)
@@ -264,10 +280,26 @@ def prepare(
     if not kept:
         raise CxrFastError(f"{src_dir}: every image is part of a label conflict; nothing left to split")
 
-    # 5. Split.
+    # 5. Split, each patient's images together when a pattern names them.
     manifest = pd.DataFrame([rows[i] for i in kept])
     manifest["group"] = [group_ids[i] for i in kept]
+    names = [Path(relpath).name for relpath in manifest["relpath"]]
+    if patient_regex is not None:
+        manifest["patient"] = [patient_of(name, patient_regex) for name in names]
+        manifest["group"] = merge_groups(list(manifest["group"]), list(manifest["patient"]))
     manifest["split"] = split_items(list(manifest["label"]), list(manifest["group"]), fractions, seed)
+    warnings = []
+    if patient_regex is None:
+        spread = nih_patients_spread(names, list(manifest["split"]))
+        if spread:
+            warnings.append(spread)
+        patients = None
+    else:
+        patients = patient_summary(list(manifest["patient"]), list(manifest["label"]), list(manifest["split"]))
+        if patients["n_matched"] == 0:
+            warnings.append(
+                f"patient pattern '{patient_pattern}' matched no file name; every image is its own patient"
+            )
 
     # 6. Synthetic data carries masks and marker boxes in SRC/_meta.csv.
     manifest = _merge_meta(manifest, src_dir)
@@ -318,9 +350,12 @@ def prepare(
             cache_size=cache_size,
             dedup_threshold=dedup_threshold,
             min_correlation=min_correlation,
+            patient_pattern=patient_pattern,
         ),
         seconds=round(time.perf_counter() - started, 3),
         labels=labels,
+        patients=patients,
+        warnings=warnings,
     )
     report_data = report.to_dict()
     report_data.pop("seconds")  # keeps the report identical between identical runs
@@ -530,6 +565,15 @@ def print_summary(report: PrepareReport, console: Console | None = None) -> None
         )
     if len(report.conflicts) > 10:
         console.print(f"... and {len(report.conflicts) - 10} more label conflicts (see {report.report_path})")
+    if report.patients:
+        found = report.patients
+        console.print(
+            f"{found['n_patients']} patients named by the pattern ({found['several_images']} with several images, "
+            f"{found['several_labels']} with several labels), each within one split; "
+            f"{found['n_unmatched']} file names did not match."
+        )
+    for warning in report.warnings:
+        console.print(f"[yellow]warning:[/] {warning}")
     if report.unused_map_keys:
         console.print(f"[yellow]label map entries matching no folder:[/] {', '.join(report.unused_map_keys)}")
     if report.cache_dir:

@@ -1,0 +1,94 @@
+"""Patient-aware splitting: patient ids from file names, groups joined through them, and the NIH hint."""
+
+import re
+
+import pytest
+
+from cxr_fast.data.manifest import prepare, read_manifest
+from cxr_fast.data.patients import compile_patient_pattern, merge_groups, patient_of
+from cxr_fast.errors import CxrFastError
+from tests.test_manifest import CLASSES, textured_image
+
+
+def test_patient_of_uses_the_first_group_else_the_whole_match():
+    nih = compile_patient_pattern("nih")
+    assert patient_of("00000061_012.png", nih) == "00000061"
+    assert patient_of("1-s2.0-S0140673620303706-fx1_lrg.jpg", nih) == ""
+    assert patient_of("x00000061_012.png", nih) == ""  # anchored: not any 8 digits anywhere
+    assert patient_of("case17-view2.png", compile_patient_pattern(r"case\d+")) == "case17"
+    assert patient_of("p9_s3.dcm", compile_patient_pattern(r"^p(\d+)_")) == "9"
+
+
+def test_a_bad_pattern_is_a_one_line_error():
+    with pytest.raises(CxrFastError, match=r"'\(' is neither a preset \(nih\) nor a valid regular expression"):
+        compile_patient_pattern("(")
+
+
+def test_groups_merge_through_patients_and_duplicates():
+    groups = ["g3", "g1", "g2", "g4", "g5", "g6"]
+    patients = ["A", "A", "B", "", "", "B"]
+    # g3 and g1 share patient A; g2 and g6 share B; unknown patients (g4, g5) join no one
+    assert merge_groups(groups, patients) == ["g1", "g1", "g2", "g4", "g5", "g2"]
+    # one duplicate group holding films of A and B joins both patients' other films
+    assert merge_groups(["g9", "g7", "g7", "g8"], ["A", "A", "B", "B"]) == ["g7"] * 4
+
+
+def nih_dataset(root, patients_per_class=8, films=3):
+    """NIH-style names, PATIENT_FOLLOWUP.png, several films per patient, plus COVID-19 images without ids."""
+    for c, label in enumerate(CLASSES):
+        (root / label).mkdir(parents=True)
+        for p in range(patients_per_class):
+            for f in range(films):
+                name = f"{c * 1000 + p:08d}_{f:03d}.png" if label != "COVID-19" else f"covid-{p}-{f}.png"
+                textured_image(10_000 * c + 100 * p + f).save(root / label / name)
+    return root
+
+
+def test_prepare_keeps_each_patient_in_one_split_and_reports_it(tmp_path):
+    src = nih_dataset(tmp_path / "src")
+    report = prepare(src, tmp_path / "out", patient_pattern="nih", cache_size=0, progress=False, workers=1)
+    table = read_manifest(tmp_path / "out")
+    named = table[table["patient"] != ""]
+    assert len(named) == 48 and set(named["label"]) == {"Normal", "Pneumonia"}
+    assert named.groupby("patient")["split"].nunique().max() == 1
+    assert named.groupby("patient")["group"].nunique().max() == 1
+    assert table.loc[table["patient"] == "", "group"].nunique() == 24  # no id: each image its own group
+    assert report.patients == dict(n_patients=16, n_matched=48, n_unmatched=24, several_images=16,
+                                   several_labels=0, several_splits=0)
+    assert report.arguments["patient_pattern"] == "nih" and not report.warnings
+
+
+def test_without_a_pattern_nih_names_spread_over_splits_draw_a_warning(tmp_path):
+    src = nih_dataset(tmp_path / "src")
+    report = prepare(src, tmp_path / "out", cache_size=0, progress=False, workers=1)
+    table = read_manifest(tmp_path / "out")
+    assert "patient" not in table.columns and report.patients is None
+    patients = table["path"].str.extract(r"/(\d{8})_\d{3}\.png$")[0]
+    spread = table.assign(patient=patients).dropna().groupby("patient")["split"].nunique().gt(1).sum()
+    assert spread > 0  # three films a patient, split image by image: some patients straddle splits
+    assert len(report.warnings) == 1
+    assert re.match(rf"{spread} patients have images in more than one split", report.warnings[0])
+    assert "--patient-pattern nih" in report.warnings[0]
+
+
+def test_a_pattern_matching_nothing_is_warned_about(tmp_path):
+    src = nih_dataset(tmp_path / "src", patients_per_class=2, films=2)
+    report = prepare(src, tmp_path / "out", patient_pattern=r"^patient(\d+)", cache_size=0, progress=False,
+                     workers=1)
+    assert report.patients["n_matched"] == 0
+    assert report.warnings == ["patient pattern '^patient(\\d+)' matched no file name; every image is its own "
+                               "patient"]
+
+
+@pytest.mark.shared_data
+def test_cxr_dev_patients_stay_in_one_split_with_the_nih_preset(shared_data, tmp_path):
+    labels = "Covid-19=COVID-19,No_findings=Normal,Pneumonia=Pneumonia"
+    plain = prepare(shared_data / "cxr-dev", tmp_path / "plain", label_map=labels, cache_size=0, progress=False)
+    assert plain.warnings and "--patient-pattern nih" in plain.warnings[0]  # 89 patients straddle splits
+    grouped = prepare(shared_data / "cxr-dev", tmp_path / "grouped", label_map=labels, cache_size=0,
+                      progress=False, patient_pattern="nih")
+    table = read_manifest(tmp_path / "grouped")
+    assert grouped.patients["n_patients"] > 500 and grouped.patients["several_images"] > 100
+    assert grouped.patients["n_unmatched"] == (table["label"] == "COVID-19").sum()  # COVID-19 files have no ids
+    assert table[table["patient"] != ""].groupby("patient")["split"].nunique().max() == 1
+    assert not grouped.warnings
