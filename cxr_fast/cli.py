@@ -62,7 +62,7 @@ def data_prepare(
     seed: Annotated[int, typer.Option(help="Seed of the stratified split.")] = 0,
     splits: Annotated[str, typer.Option(help="Train,valid,test fractions.")] = "0.6,0.2,0.2",
     size: Annotated[int, typer.Option("--size", help="Longest side of the cached working copies (0: no cache). About 2× the training size.")] = 512,
-    patient_pattern: Annotated[str | None, typer.Option(help="Keep each patient's images in one split: preset 'nih' (00000061_012.png) or a regular expression whose first group is the patient id in the file name.")] = None,
+    patient_pattern: Annotated[str | None, typer.Option(help="Keep each patient's images in one split: 'dicom' (PatientID in DICOM headers), 'nih' (file names like 00000061_012.png) or a regular expression whose first group is the patient id in the file name.")] = None,
     force: Annotated[bool, typer.Option(help="Overwrite an existing manifest.")] = False,
 ):
     """Read, check, de-duplicate and split a folder of X-rays into a manifest."""

@@ -2,11 +2,13 @@
 
 import re
 
+import numpy as np
 import pytest
 
 from cxr_fast.data.manifest import prepare, read_manifest
 from cxr_fast.data.patients import compile_patient_pattern, merge_groups, patient_of
 from cxr_fast.errors import CxrFastError
+from tests.conftest import write_dicom
 from tests.test_manifest import CLASSES, textured_image
 
 
@@ -20,7 +22,7 @@ def test_patient_of_uses_the_first_group_else_the_whole_match():
 
 
 def test_a_bad_pattern_is_a_one_line_error():
-    with pytest.raises(CxrFastError, match=r"'\(' is neither a preset \(nih\) nor a valid regular expression"):
+    with pytest.raises(CxrFastError, match=r"'\(' is neither a preset \(nih, dicom\) nor a valid regular expression"):
         compile_patient_pattern("(")
 
 
@@ -92,3 +94,33 @@ def test_cxr_dev_patients_stay_in_one_split_with_the_nih_preset(shared_data, tmp
     assert grouped.patients["n_unmatched"] == (table["label"] == "COVID-19").sum()  # COVID-19 files have no ids
     assert table[table["patient"] != ""].groupby("patient")["split"].nunique().max() == 1
     assert not grouped.warnings
+
+
+def dicom_dataset(root, patient_of_film):
+    """ROOT/<class>/film-N.dcm with PatientID set from ``patient_of_film(class_index, film)`` (None: no tag)."""
+    for c, label in enumerate(CLASSES):
+        (root / label).mkdir(parents=True)
+        for f in range(6):
+            stored = np.asarray(textured_image(20_000 + 100 * c + f), dtype=np.uint16) * 16  # 12-bit values
+            patient = patient_of_film(c, f)
+            tags = {} if patient is None else {"PatientID": patient}
+            write_dicom(root / label / f"film-{f}.dcm", stored, **tags)
+    return root
+
+
+def test_the_dicom_preset_reads_patient_ids_from_headers(tmp_path):
+    # two patients per class with three films each, except that the first class's films carry no PatientID
+    src = dicom_dataset(tmp_path / "src", lambda c, f: None if c == 0 else f"P{c}-{f // 3}")
+    report = prepare(src, tmp_path / "out", patient_pattern="dicom", cache_size=0, progress=False, workers=1)
+    table = read_manifest(tmp_path / "out")
+    assert sorted(set(table["patient"]) - {""}) == ["P1-0", "P1-1", "P2-0", "P2-1"]
+    assert table[table["patient"] != ""].groupby("patient")["split"].nunique().max() == 1
+    assert report.patients["n_unmatched"] == 6 and report.patients["several_images"] == 4
+    assert not report.warnings
+
+
+def test_one_patient_id_on_too_many_images_is_flagged_as_a_placeholder(tmp_path):
+    src = dicom_dataset(tmp_path / "src", lambda c, f: "ANONYMOUS")
+    report = prepare(src, tmp_path / "out", patient_pattern="dicom", cache_size=0, progress=False, workers=1)
+    assert len(report.warnings) == 1
+    assert report.warnings[0].startswith("patient id 'ANONYMOUS' names 18 of 18 images, more than a split holds")

@@ -243,6 +243,18 @@ def _stretch_to_uint8(values: np.ndarray) -> np.ndarray:
 # --- DICOM -------------------------------------------------------------------------------------------
 
 
+def dicom_patient_id(path: str | os.PathLike) -> str:
+    """The DICOM header's PatientID (0010,0020), stripped; "" for other files or when it is absent."""
+    path = Path(path)
+    if not is_dicom(path):
+        return ""
+    try:
+        dataset = _dcmread(path, stop_before_pixels=True)
+    except ImageReadError:
+        return ""
+    return str(dataset.get("PatientID", "") or "").strip()
+
+
 def _dcmread(path: Path, stop_before_pixels: bool = False):
     import pydicom  # imported here: pydicom is only needed when a DICOM file turns up
     from pydicom.errors import InvalidDicomError

@@ -51,11 +51,13 @@ from cxr_fast.data import cache as image_cache
 from cxr_fast.data.dedup import DEFAULT_MIN_CORRELATION, DEFAULT_THRESHOLD, group_duplicates
 from cxr_fast.data.labels import map_label, parse_label_map
 from cxr_fast.data.patients import (
+    DICOM_PRESET,
     compile_patient_pattern,
     merge_groups,
     nih_patients_spread,
-    patient_of,
+    patient_ids,
     patient_summary,
+    patient_warnings,
 )
 from cxr_fast.data.sources import find_images
 from cxr_fast.data.split import DEFAULT_FRACTIONS, SPLITS, parse_fractions, split_items
@@ -185,8 +187,9 @@ def prepare(
     uses folder names as labels. Folders the map does not cover are an error unless ``ignore_unmapped``.
     ``splits``: train/valid/test fractions (or "0.6,0.2,0.2"). ``cache_size``: longest side of the cached
     working copies (0: no cache). ``workers``: decoding threads (default: one per core, at most 8).
-    ``patient_pattern``: preset ``nih`` or a regular expression that finds the patient id in each file name
-    (its first group, else the whole match); each patient's images then share a split.
+    ``patient_pattern``: ``dicom`` (PatientID in DICOM headers), ``nih`` or a regular expression that finds the
+    patient id in each file name (its first group, else the whole match); each patient's images then share a
+    split.
     Raises `CxrFastError` for user mistakes (missing folder, existing manifest without ``force``, bad map).
     """
     started = time.perf_counter()
@@ -194,7 +197,8 @@ def prepare(
     out_dir = Path(os.path.abspath(out))
     fractions = parse_fractions(splits)
     mapping = parse_label_map(label_map)
-    patient_regex = compile_patient_pattern(patient_pattern) if patient_pattern else None
+    if patient_pattern and patient_pattern != DICOM_PRESET:
+        compile_patient_pattern(patient_pattern)  # a bad regex fails now, not after decoding every file
     _check_arguments(src_dir, out_dir, seed, cache_size, force)
     workers = default_workers() if workers is None else max(1, int(workers))
     console = console or Console(stderr=True)
@@ -283,23 +287,18 @@ def prepare(
     # 5. Split, each patient's images together when a pattern names them.
     manifest = pd.DataFrame([rows[i] for i in kept])
     manifest["group"] = [group_ids[i] for i in kept]
-    names = [Path(relpath).name for relpath in manifest["relpath"]]
-    if patient_regex is not None:
-        manifest["patient"] = [patient_of(name, patient_regex) for name in names]
+    if patient_pattern:
+        manifest["patient"] = patient_ids(list(manifest["path"]), patient_pattern)
         manifest["group"] = merge_groups(list(manifest["group"]), list(manifest["patient"]))
     manifest["split"] = split_items(list(manifest["label"]), list(manifest["group"]), fractions, seed)
-    warnings = []
-    if patient_regex is None:
-        spread = nih_patients_spread(names, list(manifest["split"]))
-        if spread:
-            warnings.append(spread)
-        patients = None
-    else:
+    if patient_pattern:
         patients = patient_summary(list(manifest["patient"]), list(manifest["label"]), list(manifest["split"]))
-        if patients["n_matched"] == 0:
-            warnings.append(
-                f"patient pattern '{patient_pattern}' matched no file name; every image is its own patient"
-            )
+        warnings = patient_warnings(list(manifest["patient"]), patient_pattern, min(f for f in fractions if f > 0))
+    else:
+        patients = None
+        names = [Path(relpath).name for relpath in manifest["relpath"]]
+        spread = nih_patients_spread(names, list(manifest["split"]))
+        warnings = [spread] if spread else []
 
     # 6. Synthetic data carries masks and marker boxes in SRC/_meta.csv.
     manifest = _merge_meta(manifest, src_dir)

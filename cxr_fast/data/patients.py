@@ -1,26 +1,39 @@
-"""Patient ids from file names, so that `prepare` can keep each patient's images in one split.
+"""Patient ids from file names or DICOM headers, so that `prepare` can keep each patient's images in one split.
 
 Many public collections hold several films of one patient (follow-ups), and their file names say whose
 they are: NIH ChestX-ray8 names a film ``PPPPPPPP_FFF.png`` (patient, follow-up). Films of one patient share
 anatomy, devices and scanner, so one in training and another in test lets a model score by recognising the
 patient; the test figure then overstates how it does on new patients. With a patient pattern, `prepare`
-joins every patient's images (and their duplicates) into one split group.
+joins every patient's images (and their duplicates) into one split group. DICOM files name their patient in
+the header: the ``dicom`` preset reads PatientID there.
 """
 
 from __future__ import annotations
 
+import os
 import re
 from collections import Counter
 from collections.abc import Sequence
+from pathlib import Path
 
+from cxr_fast.data.io import dicom_patient_id
 from cxr_fast.errors import CxrFastError
 
 # Presets for collections whose naming is known; any other pattern is a regular expression.
 PATIENT_PATTERNS = {
     "nih": r"^(\d{8})_\d{3}\.",  # NIH ChestX-ray8 / ChestX-ray14: 00000061_012.png
 }
+DICOM_PRESET = "dicom"  # PatientID from each DICOM file's header
 # Below this share of NIH-style names the folder is probably not NIH data, and no hint is given.
 NIH_HINT_MIN_SHARE = 0.5
+
+
+def patient_ids(paths: Sequence[str | os.PathLike], pattern: str) -> list[str]:
+    """The patient id of every file ("" where unknown), by ``pattern``: ``dicom``, ``nih`` or a regex."""
+    if pattern == DICOM_PRESET:
+        return [dicom_patient_id(path) for path in paths]
+    regex = compile_patient_pattern(pattern)
+    return [patient_of(Path(path).name, regex) for path in paths]
 
 
 def compile_patient_pattern(pattern: str) -> re.Pattern:
@@ -29,7 +42,7 @@ def compile_patient_pattern(pattern: str) -> re.Pattern:
     try:
         return re.compile(text)
     except re.error as error:
-        presets = ", ".join(PATIENT_PATTERNS)
+        presets = ", ".join([*PATIENT_PATTERNS, DICOM_PRESET])
         raise CxrFastError(
             f"patient pattern '{pattern}' is neither a preset ({presets}) nor a valid regular expression ({error})"
         ) from None
@@ -86,6 +99,22 @@ def patient_summary(patients: Sequence[str], labels: Sequence[str], splits: Sequ
         several_labels=sum(1 for found in labels_of.values() if len(found) > 1),
         several_splits=sum(1 for found in splits_of.values() if len(found) > 1),  # 0 when grouped
     )
+
+
+def patient_warnings(patients: Sequence[str], pattern: str, smallest_split: float) -> list[str]:
+    """What looks wrong with the patient ids found: none at all, or one "patient" larger than a split."""
+    named = Counter(patient for patient in patients if patient)
+    if not named:
+        where = "DICOM header" if pattern == DICOM_PRESET else "file name"
+        return [f"patient pattern '{pattern}' matched no {where}; every image is its own patient"]
+    largest, count = named.most_common(1)[0]
+    if count > smallest_split * len(patients):
+        # One "patient" larger than a whole split is usually an anonymisation placeholder, not a person.
+        return [
+            f"patient id {largest!r} names {count} of {len(patients)} images, more than a split holds; "
+            "is it a placeholder? the split cannot keep to its fractions"
+        ]
+    return []
 
 
 def nih_patients_spread(names: Sequence[str], splits: Sequence[str]) -> str | None:
