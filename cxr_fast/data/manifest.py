@@ -17,7 +17,7 @@ Manifest columns (``OUT/manifest.csv``):
                   one patient; members of one group share a split
     sha256        of the original file's bytes
     width,height  of the original image in pixels, after EXIF orientation
-    patient       (with a patient pattern) the patient id read from the file name; "" when it did not match
+    patient       (with a patient pattern) the patient id from the file name or DICOM header; "" when none
     cache_path    (when cache_size > 0) the working-resolution PNG copy; relative to OUT when inside it
     mask          (synthetic data) lung/lesion mask from SRC/_meta.csv, absolute
     marker_box    (synthetic data) "x0,y0,x1,y1" in pixels of the ORIGINAL image (scale by width/height
@@ -569,7 +569,7 @@ def print_summary(report: PrepareReport, console: Console | None = None) -> None
         console.print(
             f"{found['n_patients']} patients named by the pattern ({found['several_images']} with several images, "
             f"{found['several_labels']} with several labels), each within one split; "
-            f"{found['n_unmatched']} file names did not match."
+            f"{found['n_unmatched']} images had no patient id."
         )
     for warning in report.warnings:
         console.print(f"[yellow]warning:[/] {warning}")

@@ -85,20 +85,23 @@ def merge_groups(groups: Sequence[str], patients: Sequence[str]) -> list[str]:
 def patient_summary(patients: Sequence[str], labels: Sequence[str], splits: Sequence[str]) -> dict:
     """How many patients, with several images, with several labels, and images whose name did not match."""
     images = Counter(p for p in patients if p)
-    labels_of: dict[str, set] = {}
-    splits_of: dict[str, set] = {}
-    for patient, label, split in zip(patients, labels, splits, strict=True):
-        if patient:
-            labels_of.setdefault(patient, set()).add(label)
-            splits_of.setdefault(patient, set()).add(split)
     return dict(
         n_patients=len(images),
         n_matched=sum(images.values()),
         n_unmatched=sum(1 for p in patients if not p),
         several_images=sum(1 for n in images.values() if n > 1),
-        several_labels=sum(1 for found in labels_of.values() if len(found) > 1),
-        several_splits=sum(1 for found in splits_of.values() if len(found) > 1),  # 0 when grouped
+        several_labels=_patients_with_several(patients, labels),
+        several_splits=_patients_with_several(patients, splits),  # 0 when grouped
     )
+
+
+def _patients_with_several(patients: Sequence[str], values: Sequence[str]) -> int:
+    """How many (known) patients have more than one distinct value: labels, splits."""
+    values_of: dict[str, set] = {}
+    for patient, value in zip(patients, values, strict=True):
+        if patient:
+            values_of.setdefault(patient, set()).add(value)
+    return sum(1 for found in values_of.values() if len(found) > 1)
 
 
 def patient_warnings(patients: Sequence[str], pattern: str, smallest_split: float) -> list[str]:
@@ -119,15 +122,10 @@ def patient_warnings(patients: Sequence[str], pattern: str, smallest_split: floa
 
 def nih_patients_spread(names: Sequence[str], splits: Sequence[str]) -> str | None:
     """A warning when NIH-style names show one patient in several splits (no patient pattern was given)."""
-    pattern = compile_patient_pattern("nih")
-    patients = [patient_of(name, pattern) for name in names]
+    patients = patient_ids(names, "nih")
     if sum(1 for p in patients if p) < NIH_HINT_MIN_SHARE * len(names):
         return None
-    splits_of: dict[str, set] = {}
-    for patient, split in zip(patients, splits, strict=True):
-        if patient:
-            splits_of.setdefault(patient, set()).add(split)
-    spread = sum(1 for found in splits_of.values() if len(found) > 1)
+    spread = _patients_with_several(patients, splits)
     if not spread:
         return None
     return (

@@ -13,13 +13,12 @@ from pathlib import Path
 import pandas as pd
 
 from cxr_fast.data.manifest import read_manifest
-from cxr_fast.data.patients import compile_patient_pattern, patient_of
+from cxr_fast.data.patients import patient_ids
 
 
 def main(data: str, eval_dirs: list[str]) -> None:
-    nih = compile_patient_pattern("nih")
     table = read_manifest(data)
-    table["patient"] = [patient_of(Path(path).name, nih) for path in table["path"]]
+    table["patient"] = patient_ids(list(table["path"]), "nih")
     train = table[(table["split"] == "train") & (table["patient"] != "")]
     train_labels = train.groupby("patient")["label"].agg(set)
     test = table[(table["split"] == "test") & (table["patient"] != "")].copy()
