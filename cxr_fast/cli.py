@@ -63,6 +63,8 @@ def data_prepare(
     splits: Annotated[str, typer.Option(help="Train,valid,test fractions.")] = "0.6,0.2,0.2",
     size: Annotated[int, typer.Option("--size", help="Longest side of the cached working copies (0: no cache). About 2× the training size.")] = 512,
     patient_pattern: Annotated[str | None, typer.Option(help="Keep each patient's images in one split: 'dicom' (PatientID in DICOM headers), 'nih' (file names like 00000061_012.png) or a regular expression whose first group is the patient id in the file name.")] = None,
+    folds: Annotated[int | None, typer.Option(help="Cross-validation: cut the images into this many equal parts (instead of --splits); --fold's part is the test split, the next part valid, the rest train.")] = None,
+    fold: Annotated[int | None, typer.Option(help="With --folds: which part is the test split (0 to folds - 1). Prepare each fold into its own --out.")] = None,
     force: Annotated[bool, typer.Option(help="Overwrite an existing manifest.")] = False,
 ):
     """Read, check, de-duplicate and split a folder of X-rays into a manifest."""
@@ -75,8 +77,11 @@ def data_prepare(
         raise CxrFastError(f"--splits must be three numbers like 0.6,0.2,0.2, got {splits!r}") from None
     if len(fractions) != 3 or abs(sum(fractions) - 1) > 1e-6 or min(fractions) < 0:
         raise CxrFastError(f"--splits must be three non-negative fractions summing to 1, got {splits!r}")
+    if (folds is None) != (fold is None):
+        raise CxrFastError("--folds and --fold go together: e.g. --folds 5 --fold 0 (then --fold 1, … --fold 4)")
     report = prepare(src, out, label_map=parse_label_map(label_map), ignore_unmapped=ignore_unmapped, seed=seed,
-                     splits=fractions, cache_size=size, patient_pattern=patient_pattern, force=force)
+                     splits=fractions, cache_size=size, patient_pattern=patient_pattern, folds=folds,
+                     fold=fold or 0, force=force)
     print_summary(report, console)
     console.print(f"manifest: [bold]{Path(out) / 'manifest.csv'}[/]")
 

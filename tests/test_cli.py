@@ -36,6 +36,10 @@ def test_synth_prepare_and_refusal_to_overwrite(tmp_path):
     assert len(result.output.strip().splitlines()) == 1
     result = invoke("data", "prepare", tmp_path / "src", "--out", tmp_path / "other", "--patient-pattern", "nih")
     assert result.exit_code == 0 and "matched no file name" in result.output  # phantoms carry no patient ids
+    result = invoke("data", "prepare", tmp_path / "src", "--out", tmp_path / "fold", "--fold", 1)
+    assert result.exit_code == 1 and "--folds 5 --fold 0" in result.output
+    result = invoke("data", "prepare", tmp_path / "src", "--out", tmp_path / "fold", "--folds", 3, "--fold", 2, "--size", 0)
+    assert result.exit_code == 0 and "fold 2" in result.output
 
 
 def test_models_lists_local_and_timm():

@@ -192,6 +192,22 @@ def test_same_seed_same_manifest_other_seed_other_split(tmp_path):
     )
 
 
+def test_cross_validation_folds_test_each_image_once(tmp_path):
+    src = make_dataset(tmp_path / "src", per_class=9)
+    tables = []
+    for fold in range(3):
+        report = quiet(src, tmp_path / f"fold{fold}", folds=3, fold=fold, cache_size=0)
+        assert report.arguments["folds"] == 3 and report.arguments["fold"] == fold
+        tables.append(read_manifest(tmp_path / f"fold{fold}"))
+    tested = [path for table in tables for path in table.loc[table["split"] == "test", "path"]]
+    assert sorted(tested) == sorted(tables[0]["path"])
+    assert all(Counter(table["split"]) == {"train": 9, "valid": 9, "test": 9} for table in tables)
+    with pytest.raises(CxrFastError, match="not both"):
+        quiet(src, tmp_path / "bad", folds=5, fold=0, splits=(0.8, 0.1, 0.1))
+    with pytest.raises(CxrFastError, match="between 0 and 2"):
+        quiet(src, tmp_path / "bad", folds=3, fold=3)
+
+
 def test_refuses_to_overwrite_unless_forced(tmp_path):
     src = make_dataset(tmp_path / "src", per_class=3)
     quiet(src, tmp_path / "out", seed=0)

@@ -1,10 +1,11 @@
-"""split_items: stratified per label, duplicate groups never straddle splits, the seed decides everything."""
+"""split_items and fold_items: stratified per label, duplicate groups never straddle splits, the seed decides
+everything; cross-validation folds test every item once."""
 
 from collections import Counter, defaultdict
 
 import pytest
 
-from cxr_fast.data.split import SPLITS, parse_fractions, split_items
+from cxr_fast.data.split import SPLITS, fold_items, parse_fractions, split_items
 from cxr_fast.errors import CxrFastError
 
 
@@ -91,3 +92,28 @@ def test_adding_a_class_leaves_the_others_alone():
     before = split_items(labels, list(range(60)), seed=7)
     after = split_items(["A"] * 10 + labels, list(range(70)), seed=7)
     assert after[10:] == before
+
+
+def test_folds_test_every_item_once_and_keep_groups_together():
+    labels, groups = dataset_with_duplicates()
+    folds = [fold_items(labels, groups, 5, fold, seed=1) for fold in range(5)]
+    tested = Counter(i for splits in folds for i, split in enumerate(splits) if split == "test")
+    assert sorted(tested) == list(range(len(labels))) and set(tested.values()) == {1}
+    for fold, splits in enumerate(folds):
+        # the next fold's test part is this fold's valid part
+        assert [s == "valid" for s in splits] == [s == "test" for s in folds[(fold + 1) % 5]]
+        for label in set(labels):
+            mine = [s for s, lab in zip(splits, labels, strict=True) if lab == label]
+            assert abs(mine.count("test") / len(mine) - 0.2) <= 0.04, (fold, label)
+            assert abs(mine.count("train") / len(mine) - 0.6) <= 0.04, (fold, label)
+        split_of_group = defaultdict(set)
+        for group, split in zip(groups, splits, strict=True):
+            split_of_group[group].add(split)
+        assert all(len(found) == 1 for found in split_of_group.values())
+    assert fold_items(labels, groups, 5, 0, seed=2) != folds[0]
+
+
+@pytest.mark.parametrize("folds, fold, message", [(2, 0, "at least 3"), (5, 5, "between 0 and 4"), (5, -1, "between")])
+def test_bad_folds(folds, fold, message):
+    with pytest.raises(CxrFastError, match=message):
+        fold_items(["A"] * 10, list(range(10)), folds, fold)

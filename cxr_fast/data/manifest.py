@@ -60,7 +60,14 @@ from cxr_fast.data.patients import (
     patient_warnings,
 )
 from cxr_fast.data.sources import find_images
-from cxr_fast.data.split import DEFAULT_FRACTIONS, SPLITS, parse_fractions, split_items
+from cxr_fast.data.split import (
+    DEFAULT_FRACTIONS,
+    SPLITS,
+    check_folds,
+    fold_items,
+    parse_fractions,
+    split_items,
+)
 from cxr_fast.errors import CxrFastError
 
 MANIFEST_NAME = "manifest.csv"
@@ -179,6 +186,8 @@ def prepare(
     dedup_threshold: int = DEFAULT_THRESHOLD,
     min_correlation: float = DEFAULT_MIN_CORRELATION,
     patient_pattern: str | None = None,
+    folds: int | None = None,
+    fold: int = 0,
     console: Console | None = None,
 ) -> PrepareReport:
     """Build ``OUT/manifest.csv`` and ``OUT/prepare_report.json`` from the class folders under ``src``.
@@ -190,12 +199,19 @@ def prepare(
     ``patient_pattern``: ``dicom`` (PatientID in DICOM headers), ``nih`` or a regular expression that finds the
     patient id in each file name (its first group, else the whole match); each patient's images then share a
     split.
+    ``folds``: cross-validation instead of ``splits``: the images cut into ``folds`` equal parts, part ``fold``
+    the test split, the next part valid, the rest train (`cxr_fast.data.split.fold_items`).
     Raises `CxrFastError` for user mistakes (missing folder, existing manifest without ``force``, bad map).
     """
     started = time.perf_counter()
     src_dir = Path(os.path.abspath(src))
     out_dir = Path(os.path.abspath(out))
     fractions = parse_fractions(splits)
+    if folds is not None:
+        check_folds(folds, fold)
+        if fractions != DEFAULT_FRACTIONS:
+            raise CxrFastError("give split fractions or folds, not both: folds decide the split's sizes")
+        fractions = (1 - 2 / folds, 1 / folds, 1 / folds)
     mapping = parse_label_map(label_map)
     if patient_pattern and patient_pattern != DICOM_PRESET:
         compile_patient_pattern(patient_pattern)  # a bad regex fails now, not after decoding every file
@@ -290,7 +306,10 @@ def prepare(
     if patient_pattern:
         manifest["patient"] = patient_ids(list(manifest["path"]), patient_pattern)
         manifest["group"] = merge_groups(list(manifest["group"]), list(manifest["patient"]))
-    manifest["split"] = split_items(list(manifest["label"]), list(manifest["group"]), fractions, seed)
+    if folds is None:
+        manifest["split"] = split_items(list(manifest["label"]), list(manifest["group"]), fractions, seed)
+    else:
+        manifest["split"] = fold_items(list(manifest["label"]), list(manifest["group"]), folds, fold, seed)
     if patient_pattern:
         patients = patient_summary(list(manifest["patient"]), list(manifest["label"]), list(manifest["split"]))
         warnings = patient_warnings(list(manifest["patient"]), patient_pattern, min(f for f in fractions if f > 0))
@@ -350,6 +369,8 @@ def prepare(
             dedup_threshold=dedup_threshold,
             min_correlation=min_correlation,
             patient_pattern=patient_pattern,
+            folds=folds,
+            fold=fold if folds is not None else None,
         ),
         seconds=round(time.perf_counter() - started, 3),
         labels=labels,
@@ -521,7 +542,13 @@ def read_manifest(dir_or_csv: str | os.PathLike) -> pd.DataFrame:
 def print_summary(report: PrepareReport, console: Console | None = None) -> None:
     """Print counts per split x label, exclusions by reason, duplicates and conflicts as rich tables."""
     console = console or Console()
-    table = Table(title=f"{report.n_images} images in {report.manifest_path}")
+    folds = report.arguments.get("folds")
+    if folds:
+        test = report.arguments["fold"]
+        fold = f" (cross-validation: fold {test} of 0–{folds - 1} is test, fold {(test + 1) % folds} valid)"
+    else:
+        fold = ""
+    table = Table(title=f"{report.n_images} images in {report.manifest_path}{fold}")
     table.add_column("label")
     for split in SPLITS:
         table.add_column(split, justify="right")

@@ -9,6 +9,9 @@
 Within a label, groups are shuffled by the seed, then taken largest first and each is given to the split
 furthest below its target count. Singletons then fill the gaps, so each split ends within one image of its
 target unless one group is bigger than a whole split.
+
+Cross-validation (`fold_items`) cuts the items into k equal parts the same way and names one part test, the
+next valid and the rest train.
 """
 
 from __future__ import annotations
@@ -61,9 +64,32 @@ def split_items(
     ``groups``: any hashable id per item; items sharing one are kept together. A group whose members carry
     different labels is placed with its most common label (`prepare` removes such groups beforehand).
     """
+    parts = _assign_parts(labels, groups, np.asarray(parse_fractions(fractions)), seed)
+    return [SPLITS[part] for part in parts]
+
+
+def fold_items(labels: Sequence[str], groups: Sequence[object], folds: int, fold: int, seed: int = 0) -> list[str]:
+    """Cross-validation: the items cut into ``folds`` equal parts, stratified and group-aware like `split_items`;
+    part ``fold`` is the test split, the next part (cyclically) the valid split and the rest train.
+
+    Preparing every ``fold`` from 0 to ``folds`` - 1 with one seed tests each item exactly once.
+    """
+    check_folds(folds, fold)
+    parts = _assign_parts(labels, groups, np.full(folds, 1.0 / folds), seed)
+    return ["test" if part == fold else "valid" if part == (fold + 1) % folds else "train" for part in parts]
+
+
+def check_folds(folds: int, fold: int) -> None:
+    if folds < 3:
+        raise CxrFastError(f"folds must be at least 3 (one each for train, valid and test), got {folds}")
+    if not 0 <= fold < folds:
+        raise CxrFastError(f"fold must be between 0 and {folds - 1} for {folds} folds, got {fold}")
+
+
+def _assign_parts(labels: Sequence[str], groups: Sequence[object], fractions: np.ndarray, seed: int) -> list[int]:
+    """The part (an index into ``fractions``) of every item; see the module's docstring for how."""
     if len(labels) != len(groups):
         raise ValueError("labels and groups must have the same length")
-    targets_fraction = np.asarray(parse_fractions(fractions))
 
     members: dict[object, list[int]] = defaultdict(list)
     for index, group in enumerate(groups):
@@ -75,7 +101,7 @@ def split_items(
         label = min(counts, key=lambda name: (-counts[name], name))
         groups_of_label[label].append(group)
 
-    assignment: list[str] = [""] * len(labels)
+    assignment: list[int] = [-1] * len(labels)
     for label in sorted(groups_of_label):
         label_groups = sorted(groups_of_label[label], key=lambda group: min(members[group]))
         # One generator per label, seeded by (seed, label name): adding a class does not reshuffle the others.
@@ -84,17 +110,17 @@ def split_items(
         shuffled = [label_groups[k] for k in order]
         shuffled.sort(key=lambda group: -len(members[group]))  # stable: equal sizes keep the random order
         total = sum(len(members[group]) for group in shuffled)
-        targets = targets_fraction * total
-        filled = np.zeros(len(SPLITS))
+        targets = fractions * total
+        filled = np.zeros(len(fractions))
         for group in shuffled:
             size = len(members[group])
-            # The split whose distance to its target shrinks most (or grows least) by taking this group;
-            # ties go to the earlier split (train, valid, test). A split with fraction 0 gets nothing.
+            # The part whose distance to its target shrinks most (or grows least) by taking this group;
+            # ties go to the earlier part (train, valid, test). A part with fraction 0 gets nothing.
             gap_after = np.where(
-                targets_fraction > 0, np.abs(targets - filled - size) - np.abs(targets - filled), np.inf
+                fractions > 0, np.abs(targets - filled - size) - np.abs(targets - filled), np.inf
             )
             chosen = int(np.argmin(gap_after))
             filled[chosen] += size
             for index in members[group]:
-                assignment[index] = SPLITS[chosen]
+                assignment[index] = chosen
     return assignment
