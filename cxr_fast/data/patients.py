@@ -83,7 +83,7 @@ def merge_groups(groups: Sequence[str], patients: Sequence[str]) -> list[str]:
 
 
 def patient_summary(patients: Sequence[str], labels: Sequence[str], splits: Sequence[str]) -> dict:
-    """How many patients, with several images, with several labels, and images whose name did not match."""
+    """How many patients, with several images, with several labels, and images without a patient id."""
     images = Counter(p for p in patients if p)
     return dict(
         n_patients=len(images),

@@ -115,7 +115,8 @@ def _assign_parts(labels: Sequence[str], groups: Sequence[object], fractions: np
         for group in shuffled:
             size = len(members[group])
             # The part whose distance to its target shrinks most (or grows least) by taking this group;
-            # ties go to the earlier part (train, valid, test). A part with fraction 0 gets nothing.
+            # ties go to the earlier part (for a split: train, then valid, then test). A part with fraction 0
+            # gets nothing.
             gap_after = np.where(
                 fractions > 0, np.abs(targets - filled - size) - np.abs(targets - filled), np.inf
             )
