@@ -15,33 +15,11 @@ from scipy.optimize import minimize_scalar
 from scipy.special import logsumexp
 
 from cxr_fast.errors import CxrFastError
+from cxr_fast.metrics import check_labels_scores
 
 # Search range for T. Below 0.01 or above 100 the model is either separable on the valid split or its
 # logits carry no information; a clipped T is still the best available in that range.
 _LOG_T_BOUNDS = (np.log(0.01), np.log(100.0))
-
-
-def _check_scores_labels(scores, y_true, what: str) -> tuple[np.ndarray, np.ndarray]:
-    scores = np.asarray(scores, dtype=np.float64)
-    y = np.asarray(y_true)
-    if scores.ndim != 2 or scores.shape[1] < 2:
-        raise CxrFastError(
-            f"calibration: {what} must be a 2-D array [cases, classes], got shape {scores.shape}"
-        )
-    if y.ndim != 1 or len(y) != len(scores):
-        raise CxrFastError(f"calibration: {len(y) if y.ndim else 0} labels for {len(scores)} rows of {what}")
-    if len(y) == 0:
-        raise CxrFastError("calibration: no cases")
-    if not np.all(np.isfinite(scores)):
-        raise CxrFastError(f"calibration: {what} contain NaN or infinite values")
-    if y.dtype.kind not in "iu" and not (y.dtype.kind == "f" and np.all(np.mod(y, 1) == 0)):
-        raise CxrFastError(f"calibration: labels must be integer class indices, got dtype {y.dtype}")
-    y = y.astype(np.int64)
-    if y.min() < 0 or y.max() >= scores.shape[1]:
-        raise CxrFastError(
-            f"calibration: labels must lie in 0..{scores.shape[1] - 1}, got {y.min()}..{y.max()}"
-        )
-    return scores, y
 
 
 def softmax(logits) -> np.ndarray:
@@ -61,7 +39,7 @@ def apply_temperature(logits, temperature: float) -> np.ndarray:
 
 def nll(probs, y_true) -> float:
     """Mean negative log-likelihood of the true class; probabilities are clipped at 1e-12 to stay finite."""
-    probs, y = _check_scores_labels(probs, y_true, "probabilities")
+    y, probs = check_labels_scores(y_true, probs, "probabilities", caller="calibration")
     return float(-np.mean(np.log(np.clip(probs[np.arange(len(y)), y], 1e-12, None))))
 
 
@@ -77,7 +55,7 @@ def fit_temperature(logits, y_true) -> float:
     Fit it on the validation split, never the test split. The NLL is unimodal in log T (it is convex in
     1/T), so a bounded scalar search over log T finds the minimum without needing a start value.
     """
-    logits, y = _check_scores_labels(logits, y_true, "logits")
+    y, logits = check_labels_scores(y_true, logits, "logits", caller="calibration")
     result = minimize_scalar(
         lambda log_t: _logits_nll(logits, y, float(np.exp(log_t))),
         bounds=_LOG_T_BOUNDS,
@@ -98,7 +76,7 @@ def reliability_bins(probs, y_true, n_bins: int = 15) -> dict:
     Returns {edges [n_bins + 1], centers [n_bins], confidence [n_bins] (mean top-label probability),
     accuracy [n_bins], count [n_bins] (int), ece (float)}; confidence and accuracy are NaN in empty bins.
     """
-    probs, y = _check_scores_labels(probs, y_true, "probabilities")
+    y, probs = check_labels_scores(y_true, probs, "probabilities", caller="calibration")
     if int(n_bins) < 1:
         raise CxrFastError(f"calibration: n_bins must be at least 1, got {n_bins}")
     n_bins = int(n_bins)

@@ -35,29 +35,31 @@ BOOTSTRAP_METRICS = _CONFUSION_METRICS + _RANKING_METRICS
 _MAX_CHUNK_ELEMENTS = 4_000_000
 
 
-def _check_labels_probs(y_true, probs) -> tuple[np.ndarray, np.ndarray]:
-    """Return (y as int64 [N], probs as float64 [N, K]) or raise CxrFastError naming the problem."""
-    probs = np.asarray(probs, dtype=np.float64)
+def check_labels_scores(
+    y_true, scores, what: str = "probabilities", caller: str = "metrics"
+) -> tuple[np.ndarray, np.ndarray]:
+    """Return (y as int64 [N], scores as float64 [N, K]) or raise CxrFastError naming the problem.
+
+    `what` names the scores in messages ("probabilities", "logits"); `caller` prefixes them, so an error
+    says which step refused the arrays. Calibration validates its inputs with this too.
+    """
+    scores = np.asarray(scores, dtype=np.float64)
     y = np.asarray(y_true)
-    if probs.ndim != 2 or probs.shape[1] < 2:
-        raise CxrFastError(
-            f"metrics: probabilities must be a 2-D array [cases, classes], got shape {probs.shape}"
-        )
-    if y.ndim != 1 or len(y) != len(probs):
-        raise CxrFastError(
-            f"metrics: {y.shape[0] if y.ndim else 0} labels for {len(probs)} rows of probabilities"
-        )
+    if scores.ndim != 2 or scores.shape[1] < 2:
+        raise CxrFastError(f"{caller}: {what} must be a 2-D array [cases, classes], got shape {scores.shape}")
+    if y.ndim != 1 or len(y) != len(scores):
+        raise CxrFastError(f"{caller}: {y.shape[0] if y.ndim else 0} labels for {len(scores)} rows of {what}")
     if len(y) == 0:
-        raise CxrFastError("metrics: no cases to evaluate")
-    if not np.all(np.isfinite(probs)):
-        raise CxrFastError("metrics: probabilities contain NaN or infinite values")
+        raise CxrFastError(f"{caller}: no cases")
+    if not np.all(np.isfinite(scores)):
+        raise CxrFastError(f"{caller}: {what} contain NaN or infinite values")
     integral = y.dtype.kind in "iu" or (y.dtype.kind == "f" and np.all(np.mod(y, 1) == 0))
     if not integral:
-        raise CxrFastError(f"metrics: labels must be integer class indices, got dtype {y.dtype}")
+        raise CxrFastError(f"{caller}: labels must be integer class indices, got dtype {y.dtype}")
     y = y.astype(np.int64)
-    if y.min() < 0 or y.max() >= probs.shape[1]:
-        raise CxrFastError(f"metrics: labels must lie in 0..{probs.shape[1] - 1}, got {y.min()}..{y.max()}")
-    return y, probs
+    if y.min() < 0 or y.max() >= scores.shape[1]:
+        raise CxrFastError(f"{caller}: labels must lie in 0..{scores.shape[1] - 1}, got {y.min()}..{y.max()}")
+    return y, scores
 
 
 def _safe_divide(numerator: np.ndarray, denominator: np.ndarray, empty: float) -> np.ndarray:
@@ -177,7 +179,7 @@ def classification_metrics(y_true, probs, classes: Sequence[str]) -> dict:
     and `per_class` {class name: {precision, recall, f1, support, roc_auc, average_precision}}. Predictions
     are the arg-max of `probs`. See the module docstring for how absent classes are handled.
     """
-    y, probs = _check_labels_probs(y_true, probs)
+    y, probs = check_labels_scores(y_true, probs)
     classes = list(classes)
     if len(classes) != probs.shape[1]:
         raise CxrFastError(f"metrics: {len(classes)} class names for {probs.shape[1]} probability columns")
@@ -218,7 +220,7 @@ def bootstrap_replicates(
     is called once per resample. Resamples where the metric is undefined (e.g. no positives for any class'
     AUC) come back as NaN.
     """
-    y, probs = _check_labels_probs(y_true, probs)
+    y, probs = check_labels_scores(y_true, probs)
     if n_boot < 1:
         raise CxrFastError(f"metrics: n_boot must be at least 1, got {n_boot}")
     rng = np.random.default_rng(seed)
@@ -306,7 +308,7 @@ def roc_curves(y_true, probs, classes: Sequence[str] | None = None) -> dict[str,
 
     Keys are the class names (or "0", "1", ... without `classes`), in column order.
     """
-    y, probs = _check_labels_probs(y_true, probs)
+    y, probs = check_labels_scores(y_true, probs)
     curves: dict[str, dict | None] = {}
     for k, name in enumerate(_class_names(probs.shape[1], classes)):
         positive = y == k
@@ -325,7 +327,7 @@ def pr_curves(y_true, probs, classes: Sequence[str] | None = None) -> dict[str, 
     {class: {precision, recall, thresholds, average_precision, prevalence}}, or None for a class without
     positives. `prevalence` is the precision of a classifier that guesses, the PR plot's baseline.
     """
-    y, probs = _check_labels_probs(y_true, probs)
+    y, probs = check_labels_scores(y_true, probs)
     curves: dict[str, dict | None] = {}
     for k, name in enumerate(_class_names(probs.shape[1], classes)):
         positive = y == k

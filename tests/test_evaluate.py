@@ -2,7 +2,6 @@
 
 import json
 import shutil
-from html.parser import HTMLParser
 
 import numpy as np
 import pandas as pd
@@ -13,16 +12,7 @@ from cxr_fast.compare import compare_runs
 from cxr_fast.data.manifest import prepare, read_manifest
 from cxr_fast.errors import CxrFastError
 from cxr_fast.evaluate import domain_auc, evaluate
-
-
-class ImageCollector(HTMLParser):
-    def __init__(self):
-        super().__init__()
-        self.sources = []
-
-    def handle_starttag(self, tag, attrs):
-        if tag == "img":
-            self.sources.append(dict(attrs).get("src", ""))
+from tests.pages import image_sources
 
 
 def test_evaluate_writes_predictions_metrics_figures_and_report(tiny_runs):
@@ -42,9 +32,8 @@ def test_evaluate_writes_predictions_metrics_figures_and_report(tiny_runs):
     assert sum(map(sum, metrics["confusion_matrix"])) == len(predictions)
     for fig in ("confusion_matrix", "roc_curves", "pr_curves", "reliability"):
         assert (out / f"{fig}.png").is_file(), fig
-    parser = ImageCollector()
-    parser.feed((out / "report.html").read_text())
-    assert len(parser.sources) >= 4 and all(s.startswith("data:image/png;base64,") for s in parser.sources)
+    sources = image_sources(out / "report.html")
+    assert len(sources) >= 4 and all(s.startswith("data:image/png;base64,") for s in sources)
     assert (out / "report.md").is_file()
     with pytest.raises(CxrFastError, match="--force"):
         evaluate(tiny_runs[0], n_boot=200, progress=False)

@@ -1,7 +1,6 @@
 """interpret: gallery, audit, errors, and the proof on planted shortcuts."""
 
 import json
-from html.parser import HTMLParser
 
 import pandas as pd
 import pytest
@@ -12,16 +11,7 @@ from cxr_fast.data.synth import synthesize
 from cxr_fast.errors import CxrFastError
 from cxr_fast.interpret import interpret
 from cxr_fast.train import train
-
-
-class ImageCollector(HTMLParser):
-    def __init__(self):
-        super().__init__()
-        self.sources = []
-
-    def handle_starttag(self, tag, attrs):
-        if tag == "img":
-            self.sources.append(dict(attrs).get("src", ""))
+from tests.pages import image_sources
 
 
 def test_interpret_writes_gallery_audit_and_top_losses(tiny_runs):
@@ -35,11 +25,10 @@ def test_interpret_writes_gallery_audit_and_top_losses(tiny_runs):
     losses = pd.read_csv(out / "top_losses.csv")
     assert len(losses) == 3 and {"label", "predicted", "p_true", "p_predicted", "loss"} <= set(losses.columns)
     assert losses["loss"].is_monotonic_decreasing
-    parser = ImageCollector()
-    parser.feed((out / "gallery.html").read_text())
+    sources = image_sources(out / "gallery.html")
     pngs = sorted((out / "images").glob("*.png"))
-    assert len(parser.sources) == len(pngs) + 1  # every per-image figure, plus the deletion curves
-    assert all(s.startswith("data:image/png;base64,") for s in parser.sources)
+    assert len(sources) == len(pngs) + 1  # every per-image figure, plus the deletion curves
+    assert all(s.startswith("data:image/png;base64,") for s in sources)
     deletion = audit["deletion"]
     assert len(deletion["attributed_curve"]) == len(deletion["fractions"])
     with pytest.raises(CxrFastError, match="--force"):

@@ -3,7 +3,6 @@
 import base64
 import json
 import re
-from html.parser import HTMLParser
 
 import numpy as np
 import pandas as pd
@@ -15,32 +14,9 @@ from cxr_fast.calibration import apply_temperature, fit_temperature, reliability
 from cxr_fast.errors import CxrFastError
 from cxr_fast.metrics import bootstrap_ci, classification_metrics, pr_curves, roc_curves
 from cxr_fast.report import DISCLAIMER, Section, figure_filename, write_metrics_json, write_report
+from tests.pages import parse
 
 CLASSES = ["COVID-19", "Normal", "Pneumonia"]
-
-
-class PageParser(HTMLParser):
-    """Collects <img> attributes, <meta> tags and the visible text of a page."""
-
-    def __init__(self):
-        super().__init__()
-        self.images, self.metas, self.text = [], [], []
-
-    def handle_starttag(self, tag, attrs):
-        if tag == "img":
-            self.images.append(dict(attrs))
-        elif tag == "meta":
-            self.metas.append(dict(attrs))
-
-    def handle_data(self, data):
-        self.text.append(data)
-
-
-def parse(html_path):
-    parser = PageParser()
-    parser.feed(html_path.read_text(encoding="utf-8"))
-    parser.close()
-    return parser
 
 
 @pytest.fixture(scope="module")
