@@ -93,8 +93,9 @@ def resolve_config(recipe: str | Path | None = None, **overrides: Any) -> TrainC
             raise CxrFastError(f"--lr must be a number or 'auto', got {cfg.lr!r}") from None
     if cfg.n_in not in (1, 3):
         raise CxrFastError(f"n_in must be 1 or 3, got {cfg.n_in}")
-    if cfg.size < 32 or cfg.epochs < 1 or cfg.bs < 1:
-        raise CxrFastError("size must be ≥ 32 px, epochs ≥ 1 and bs ≥ 1")
+    if cfg.size < 32 or cfg.epochs < 1 or cfg.bs < 2:  # batch norm needs two images per batch to train
+        raise CxrFastError(f"size must be ≥ 32 px (got {cfg.size}), epochs ≥ 1 (got {cfg.epochs}) and "
+                           f"bs ≥ 2 (got {cfg.bs})")
     if cfg.lr_mult <= 0 or cfg.mixup < 0 or not 0 <= cfg.label_smoothing < 1:
         raise CxrFastError(f"lr_mult must be > 0 (got {cfg.lr_mult}), mixup ≥ 0 (got {cfg.mixup}) and "
                            f"label_smoothing in [0, 1) (got {cfg.label_smoothing})")

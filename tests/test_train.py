@@ -105,6 +105,21 @@ def test_bad_arch_and_missing_manifest_are_one_line_errors(tiny_data, tmp_path):
     assert "\n" not in str(e.value)
 
 
+def test_batch_larger_than_the_training_split_is_a_one_line_error_that_leaves_nothing(tiny_data, tmp_path):
+    # fastai drops the last incomplete batch: with fewer training images than --bs an epoch would train on
+    # nothing and report NaN losses, so the run is refused before its folder is made
+    n_train = int((read_manifest(tiny_data)["split"] == "train").sum())
+    with pytest.raises(CxrFastError, match=f"{n_train} training images, fewer than the batch size") as e:
+        train(tiny_data, resolve_config(epochs=1, **{**TINY, "bs": n_train + 1}), out=tmp_path / "run", quiet=True)
+    assert "\n" not in str(e.value)
+    assert not (tmp_path / "run").exists()
+
+
+def test_batch_of_one_is_refused_because_batch_norm_cannot_train_on_it():
+    with pytest.raises(CxrFastError, match="bs ≥ 2"):
+        resolve_config(bs=1)
+
+
 def test_load_run_refuses_non_bundles(tmp_path):
     with pytest.raises(CxrFastError, match="not a cxr_fast run bundle"):
         load_run(tmp_path)

@@ -97,6 +97,10 @@ def build_dataloaders(
     for split in ("train", "valid"):
         if not (df["split"] == split).any():
             raise CxrFastError(f"manifest has no '{split}' images; re-run `cxrfast data prepare`")
+    n_train = int((df["split"] == "train").sum())
+    if n_train < bs:  # fastai drops the last incomplete training batch, so an epoch would have no steps at all
+        raise CxrFastError(f"manifest has {n_train} training images, fewer than the batch size {bs}: "
+                           f"pass --bs {n_train} or less, or add images")
     df["image"] = image_column(df)
     classes = sorted(manifest["label"].unique().tolist())
     if stats is None:
