@@ -174,14 +174,14 @@ def _print_run_summary(run_dir: Path) -> None:
 @user_errors
 def evaluate(
     run: Annotated[Path, typer.Argument(help="Run folder (models/<run>).")],
-    data: Annotated[Path | None, typer.Option(help="Another manifest folder: external validation on all its images.")] = None,
+    data: Annotated[Path | None, typer.Option(help="Another manifest folder: external validation on all its images except those the model learned from (and copies of them).")] = None,
     split: Annotated[str, typer.Option(help="Split of the training manifest to evaluate.")] = "test",
     tta: Annotated[bool, typer.Option(help="Average predictions over small zooms and shifts.")] = False,
     force: Annotated[bool, typer.Option(help="Redo an existing evaluation.")] = False,
 ):
     """Metrics with 95 % CIs, calibration, ROC/PR curves, confusion matrix and an HTML report."""
     from cxr_fast.evaluate import evaluate as run_evaluation
-    from cxr_fast.evaluate import shift_warning
+    from cxr_fast.evaluate import seen_warning, shift_warning
 
     result = run_evaluation(run, data, split, tta=tta, force=force)
     m = result.metrics
@@ -196,6 +196,8 @@ def evaluate(
     for name, v in m["per_class"].items():
         table.add_row(f"  {name}", f"P {v['precision']:.2f}  R {v['recall']:.2f}  F1 {v['f1']:.2f}  n {v['support']}")
     console.print(table)
+    if "seen_images" in m and (seen := seen_warning(m["seen_images"])):
+        err_console.print(f"[bold yellow]warning:[/] {seen}")
     if result.shift and result.shift["out_of_distribution"]:
         err_console.print(f"[bold yellow]warning:[/] {shift_warning(result.shift)}")
     console.print(f"report: [bold]{result.out_dir / 'report.html'}[/]")

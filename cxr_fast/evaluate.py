@@ -1,8 +1,9 @@
 """`cxrfast evaluate`: a run bundle on a manifest's split → predictions, metrics with CIs, calibration, figures.
 
-Evaluating another source's manifest (external validation) uses all of its images and compares them with the
-training data, warning when they look out of distribution: a model trained on one hospital's X-rays can fall
-below chance on another's.
+Evaluating another source's manifest (external validation) uses all of its images except those the model learned
+from (identical files or near copies, found with the fingerprints in the run bundle: `cxr_fast.seen`), and
+compares them with the training data, warning when they look out of distribution: a model trained on one
+hospital's X-rays can fall below chance on another's.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from cxr_fast.data.manifest import image_column, read_manifest
 from cxr_fast.errors import CxrFastError
 from cxr_fast.metrics import bootstrap_ci, classification_metrics, pr_curves, roc_curves
 from cxr_fast.outputs import replacing_folder
+from cxr_fast.seen import match_seen, seen_fingerprints
 
 SHIFT_WARN_AUC = 0.8  # a domain classifier this good at telling new images from training images means a shift
 
@@ -58,6 +60,39 @@ def select_items(run: Run, data: str | Path | None, split: str) -> tuple[pd.Data
     if missing:
         raise CxrFastError(f"{source}: {len(missing)} listed images no longer exist, e.g. {missing[0]}")
     return items.reset_index(drop=True), f"{manifest_dir.name}-{split_name}", external
+
+
+def drop_seen(run: Run, items: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame, dict]:
+    """Leave out the images `run` trained or chose its epoch on, and copies of them.
+
+    Returns the rows to evaluate, the rows left out (with a `match` column: identical or near copy) and a
+    summary for metrics.json; `summary["checked"]` is False when the bundle has no fingerprints and its
+    training manifest is gone, so nothing could be checked.
+    """
+    try:
+        train_manifest = read_manifest(run.config["data"])
+    except CxrFastError:
+        train_manifest = None  # a shared bundle: its stored fingerprints are enough
+    seen = seen_fingerprints(run.path, train_manifest)
+    if seen is None:
+        reason = "the bundle predates stored fingerprints and its training manifest is not at hand"
+        return items, items.iloc[:0].assign(match=""), {"checked": False, "listed": len(items), "reason": reason}
+    match = match_seen(items, seen)
+    left_out = items[match != ""].assign(match=match[match != ""])
+    summary = {"checked": True, "listed": len(items), "identical": int((match == "identical").sum()),
+               "near_copy": int((match == "near copy").sum()), "left_out": len(left_out)}
+    return items[match == ""].reset_index(drop=True), left_out.reset_index(drop=True), summary
+
+
+def seen_warning(summary: dict) -> str | None:
+    """One sentence for the console and the report, or None when there is nothing to say."""
+    if not summary["checked"]:
+        return f"Not checked for images the model trained on: {summary['reason']}."
+    if summary["left_out"] == 0:
+        return None
+    return (f"{summary['left_out']} of {summary['listed']} images are images this model trained on, or copies of them "
+            f"({summary['identical']} identical files, {summary['near_copy']} near copies): they are left out of "
+            "these figures and listed in seen_images.csv.")
 
 
 @torch.no_grad()
@@ -149,6 +184,12 @@ def evaluate(run_dir: str | Path, data: str | Path | None = None, split: str = "
 
     run = load_run(run_dir)
     items, name, external = select_items(run, data, split)
+    left_out, seen_summary = None, None
+    if external:
+        items, left_out, seen_summary = drop_seen(run, items)
+        if items.empty:
+            raise CxrFastError(f"{data}: all {seen_summary['listed']} images are images {run.name} trained on, or copies of them; "
+                               "nothing is left to evaluate")
     # TTA figures go beside the plain ones, not over them: both are worth keeping, and serve shows the plain one.
     out_dir = run.path / "eval" / (f"{name}-tta" if tta else name)
     if out_dir.exists() and not force:  # checked before the slow part; replacing_folder checks again
@@ -158,6 +199,8 @@ def evaluate(run_dir: str | Path, data: str | Path | None = None, split: str = "
     y = items["label"].map({c: i for i, c in enumerate(run.classes)}).to_numpy()
     metrics = compute_metrics(y, logits, run.classes, run.temperature, n_boot=n_boot)
     metrics.update({"run": run.name, "data": name, "external": external, "tta": tta})
+    if seen_summary is not None:
+        metrics["seen_images"] = seen_summary
     shift = None
     if external:
         try:
@@ -172,10 +215,14 @@ def evaluate(run_dir: str | Path, data: str | Path | None = None, split: str = "
         for k, c in enumerate(run.classes):
             predictions[f"p_{c}"] = probs[:, k]
         predictions.to_csv(work / "predictions.csv", index=False)
+        if left_out is not None and len(left_out):
+            left_out[["path", "label", "match"]].to_csv(work / "seen_images.csv", index=False)
         write_metrics_json(work / "metrics.json", metrics)
 
         figures = evaluation_figures(y, logits, run.classes, run.temperature, metrics)
         warnings = [shift_warning(shift)] if shift and shift["out_of_distribution"] else []
+        if seen_summary is not None and (seen := seen_warning(seen_summary)):
+            warnings.insert(0, seen)
         if external and shift is None:
             warnings.append(f"Distribution-shift check skipped: {metrics['shift']['skipped']}")
         sections = [

@@ -343,6 +343,7 @@ def finish_bundle(run_dir: Path, learn: Learner, cfg: TrainConfig, state: dict) 
     from cxr_fast.bundle import load_run, predict_logits
     from cxr_fast.calibration import fit_temperature
     from cxr_fast.plots import plot_training_curves
+    from cxr_fast.seen import write_seen
 
     model = learn.model
     config = {
@@ -372,6 +373,7 @@ def finish_bundle(run_dir: Path, learn: Learner, cfg: TrainConfig, state: dict) 
     y = valid["label"].map({c: i for i, c in enumerate(run.classes)}).to_numpy()
     config["temperature"] = float(fit_temperature(logits, y))
     (run_dir / "config.json").write_text(json.dumps(config, indent=2))
+    write_seen(run_dir, manifest)  # so evaluation elsewhere can leave out copies of these images
 
     history = pd.DataFrame(state["history"])
     fig = plot_training_curves(history.rename(columns={"valid_accuracy": "accuracy",

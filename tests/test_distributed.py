@@ -121,7 +121,7 @@ def test_a_killed_run_resumes_with_an_unbroken_history(resumed_run):
 def test_one_complete_bundle_written_by_rank_0_only(resumed_run):
     run, records, _, _ = resumed_run
     assert {p.name for p in run.iterdir()} == {"model.safetensors", "config.json", "recipe.yaml", "history.csv",
-                                                "curves.png", "metrics.json"}
+                                                "curves.png", "metrics.json", "seen_images.safetensors"}
     assert load_run(run).config["model"]["arch"] == "cxresnet_tiny"
     for rank0, rank1 in (_records(records, 0), _records(records / "resumed", 1)):
         assert "RunRecorder" in rank0["callbacks"] and "RunRecorder" not in rank1["callbacks"]

@@ -20,7 +20,8 @@ from tests.conftest import TINY
 def test_one_epoch_gives_a_complete_bundle(tiny_data, tmp_path):
     run = train(tiny_data, resolve_config(epochs=1, **TINY), out=tmp_path / "run", quiet=True)
     names = {p.name for p in run.iterdir()}
-    assert {"model.safetensors", "config.json", "recipe.yaml", "history.csv", "curves.png", "metrics.json"} <= names
+    assert {"model.safetensors", "config.json", "recipe.yaml", "history.csv", "curves.png", "metrics.json",
+            "seen_images.safetensors"} <= names
     assert "checkpoint" not in names
     assert not [p for p in run.rglob("*") if p.suffix in {".pkl", ".pth", ".pt"}], "no pickle in a bundle"
     config = json.loads((run / "config.json").read_text())

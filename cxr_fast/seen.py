@@ -1,0 +1,86 @@
+"""The images a model learned from, kept in its run bundle so an evaluation elsewhere can leave them out.
+
+Public chest X-ray collections are assembled from one another, so "external" test sets often contain the very
+radiographs a model trained on, resized or re-encoded on the way. Scored on them, the model looks better than it
+is. Every run bundle therefore holds a fingerprint of each training and valid image (`SEEN_FILE`): the sha256 of
+the original file and the perceptual hash and thumbnail that `cxr_fast.data.dedup` uses to find near copies. The
+check then works without the training images themselves, which a shared bundle does not carry.
+
+The fingerprints are of the image as the model reads it (the manifest's cached copy when there is one); the
+near-copy test is measured on resized and re-encoded copies (see `cxr_fast.data.dedup`), so a copy at another
+resolution is still found. Crops and burnt-in annotations are not.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+from safetensors.torch import load_file, save_file
+
+from cxr_fast.data.dedup import HASH_SIDE, Fingerprint, near_pairs, perceptual_hash, thumbnail_of
+from cxr_fast.data.io import read_image
+from cxr_fast.data.manifest import image_column
+from cxr_fast.errors import CxrFastError
+
+SEEN_FILE = "seen_images.safetensors"
+SEEN_SPLITS = ("train", "valid")  # valid images choose the kept epoch and the temperature: seen too
+
+
+def manifest_fingerprints(items: pd.DataFrame) -> list[Fingerprint]:
+    """Fingerprints of manifest rows: the manifest's sha256 of the original file, the hash of the image read."""
+    out = []
+    for sha256, file in zip(items["sha256"], image_column(items), strict=True):
+        thumbnail = thumbnail_of(read_image(file))
+        out.append(Fingerprint(sha256=sha256, phash=perceptual_hash(thumbnail), thumbnail=thumbnail.tobytes()))
+    return out
+
+
+def write_seen(run_dir: Path, manifest: pd.DataFrame) -> int:
+    """Store the fingerprints of the manifest's train and valid images in the bundle; returns how many."""
+    fingerprints = manifest_fingerprints(manifest[manifest["split"].isin(SEEN_SPLITS)])
+
+    def as_bytes(values: list[bytes], width: int) -> torch.Tensor:
+        return torch.from_numpy(np.frombuffer(b"".join(values), dtype=np.uint8).reshape(len(values), width).copy())
+
+    save_file({
+        "sha256": as_bytes([bytes.fromhex(f.sha256) for f in fingerprints], 32),
+        "phash": as_bytes([bytes.fromhex(f.phash) for f in fingerprints], 32),
+        "thumbnail": as_bytes([f.thumbnail for f in fingerprints], HASH_SIDE * HASH_SIDE),
+    }, str(run_dir / SEEN_FILE))
+    return len(fingerprints)
+
+
+def read_seen(run_dir: Path) -> list[Fingerprint] | None:
+    """The bundle's fingerprints, or None for a bundle made before they were stored."""
+    path = run_dir / SEEN_FILE
+    if not path.is_file():
+        return None
+    try:
+        tensors = load_file(str(path))
+        rows = zip(tensors["sha256"].numpy(), tensors["phash"].numpy(), tensors["thumbnail"].numpy(), strict=True)
+        return [Fingerprint(sha256=s.tobytes().hex(), phash=p.tobytes().hex(), thumbnail=t.tobytes()) for s, p, t in rows]
+    except (KeyError, ValueError, OSError) as e:
+        raise CxrFastError(f"{path}: not a readable list of seen images ({e})") from None
+
+
+def seen_fingerprints(run_dir: Path, train_manifest: pd.DataFrame | None) -> list[Fingerprint] | None:
+    """From the bundle; for an older bundle, from its training manifest when that is at hand; else None."""
+    stored = read_seen(run_dir)
+    if stored is not None or train_manifest is None:
+        return stored
+    return manifest_fingerprints(train_manifest[train_manifest["split"].isin(SEEN_SPLITS)])
+
+
+def match_seen(items: pd.DataFrame, seen: list[Fingerprint]) -> pd.Series:
+    """For each row of `items`: "identical" (same file bytes as a seen image), "near copy", or "" (new)."""
+    new = manifest_fingerprints(items)
+    seen_sha256 = {f.sha256 for f in seen}
+    match = pd.Series(["identical" if f.sha256 in seen_sha256 else "" for f in new], index=items.index)
+    # Pairs within `seen` or within `new` come back too (near_pairs compares all): keep those across the two.
+    for i, j in near_pairs(seen + new):
+        if i < len(seen) <= j and match.iloc[j - len(seen)] == "":
+            match.iloc[j - len(seen)] = "near copy"
+    return match

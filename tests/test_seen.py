@@ -1,0 +1,94 @@
+"""Run bundles remember the images they learned from, and external evaluation leaves those (and copies) out."""
+
+import json
+import shutil
+
+import pandas as pd
+import pytest
+from PIL import Image
+
+from cxr_fast.data.manifest import prepare, read_manifest
+from cxr_fast.errors import CxrFastError
+from cxr_fast.evaluate import evaluate
+from cxr_fast.seen import SEEN_FILE, read_seen
+
+
+def _seen_rows(manifest: pd.DataFrame) -> pd.DataFrame:
+    return manifest[manifest["split"].isin(["train", "valid"])]
+
+
+def test_bundle_stores_a_fingerprint_of_every_train_and_valid_image(tiny_runs, tiny_data):
+    seen = read_seen(tiny_runs[0])
+    assert seen is not None
+    assert sorted(f.sha256 for f in seen) == sorted(_seen_rows(read_manifest(tiny_data))["sha256"])
+    assert all(len(f.phash) == 64 and len(f.thumbnail) == 32 * 32 for f in seen)
+
+
+def _external_set(tiny_data, tmp_path):
+    """Another 'collection': byte copies of the training images, enlarged re-encoded copies of the valid images,
+    and the test images (new to the model) as they are. (The tiny images are 64 px, the least `prepare` accepts,
+    so the copies are enlarged rather than shrunk.)"""
+    src = tmp_path / "other"
+    for row in read_manifest(tiny_data).itertuples():
+        target = src / row.label / f"{row.split}-{str(row.sha256)[:12]}"
+        target.parent.mkdir(parents=True, exist_ok=True)
+        if row.split == "valid":
+            image = Image.open(row.path).convert("L")
+            image.resize((round(image.width * 1.25), round(image.height * 1.25))).save(f"{target}.jpg", quality=85)
+        else:
+            shutil.copy(row.path, f"{target}.png")
+    prepare(src, tmp_path / "other-data", cache_size=0, progress=False)
+    return tmp_path / "other-data"
+
+
+def test_external_evaluation_leaves_out_identical_files_and_near_copies(tiny_runs, tiny_data, tmp_path):
+    manifest = read_manifest(tiny_data)
+    counts = manifest["split"].value_counts()
+    run = shutil.copytree(tiny_runs[0], tmp_path / "run")
+    result = evaluate(run, data=_external_set(tiny_data, tmp_path), n_boot=100, progress=False)
+    summary = result.metrics["seen_images"]
+    assert summary == {"checked": True, "listed": len(manifest), "identical": counts["train"],
+                       "near_copy": counts["valid"], "left_out": counts["train"] + counts["valid"]}
+    assert result.metrics["n"] == counts["test"]
+    assert all(path.split("/")[-1].startswith("test-") for path in result.predictions["path"])
+    left_out = pd.read_csv(result.out_dir / "seen_images.csv")
+    assert sorted(left_out["match"].unique()) == ["identical", "near copy"]
+    assert "images this model trained on" in (result.out_dir / "report.html").read_text()
+
+
+def test_moved_training_data_evaluates_only_its_unseen_images(tiny_runs, tiny_data, tmp_path):
+    # The same manifest in another folder counts as another source; the check keeps it from scoring the
+    # training images, so the figures are the test split's.
+    moved = shutil.copytree(tiny_data, tmp_path / "moved")
+    run = shutil.copytree(tiny_runs[0], tmp_path / "run")
+    test = evaluate(run, n_boot=100, progress=False)
+    external = evaluate(run, data=moved, n_boot=100, progress=False)
+    assert external.metrics["n"] == test.metrics["n"]
+    assert external.metrics["balanced_accuracy"] == test.metrics["balanced_accuracy"]
+
+
+def test_older_bundle_is_checked_against_its_training_manifest_or_says_it_could_not_be(tiny_runs, tiny_data,
+                                                                                        tmp_path):
+    run = shutil.copytree(tiny_runs[0], tmp_path / "run")
+    (run / SEEN_FILE).unlink()
+    moved = shutil.copytree(tiny_data, tmp_path / "moved")
+    with_manifest = evaluate(run, data=moved, n_boot=100, progress=False)
+    assert with_manifest.metrics["seen_images"]["left_out"] == _seen_rows(read_manifest(tiny_data)).shape[0]
+
+    config = json.loads((run / "config.json").read_text())
+    config["data"] = str(tmp_path / "nowhere")
+    (run / "config.json").write_text(json.dumps(config))
+    unchecked = evaluate(run, data=moved, n_boot=100, progress=False, force=True)
+    assert unchecked.metrics["seen_images"]["checked"] is False
+    assert unchecked.metrics["n"] == len(read_manifest(tiny_data))
+    assert "Not checked for images the model trained on" in (unchecked.out_dir / "report.html").read_text()
+
+
+def test_external_set_made_only_of_seen_images_is_a_one_line_error(tiny_runs, tiny_data, tmp_path):
+    seen_only = tmp_path / "seen-only"
+    seen_only.mkdir()
+    manifest = read_manifest(tiny_data)
+    _seen_rows(manifest).to_csv(seen_only / "manifest.csv", index=False)
+    with pytest.raises(CxrFastError, match="nothing is left to evaluate") as e:
+        evaluate(tiny_runs[0], data=seen_only, progress=False)
+    assert "\n" not in str(e.value)
