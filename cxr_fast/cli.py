@@ -146,6 +146,7 @@ def train(
     """Train a classifier with a one-cycle schedule and write a run bundle (safetensors + JSON)."""
     from cxr_fast import distributed as ddp
     from cxr_fast.config import resolve_config
+    from cxr_fast.train import TrainingInterrupted
     from cxr_fast.train import train as train_run
 
     cfg = None
@@ -155,7 +156,13 @@ def train(
     if distributed and not ddp.is_distributed():
         run_dir = ddp.launch_training(nproc or ddp.default_nproc(), data, cfg, out=out, resume=resume)
     else:  # one process, or one of torchrun's (train() reads its environment)
-        run_dir = train_run(data, cfg, out=out, resume=resume)
+        try:
+            run_dir = train_run(data, cfg, out=out, resume=resume)
+        except TrainingInterrupted as stop:
+            hint = (f"; continue with: cxrfast train --data {data} --out {stop.run_dir} --resume"
+                    if stop.epochs_done else "")
+            err_console.print(f"[bold yellow]{stop}[/]{hint}", highlight=False, soft_wrap=True)
+            raise typer.Exit(130) from None  # the shell's code for Ctrl-C
     if ddp.is_main():
         _print_run_summary(run_dir)
 

@@ -87,6 +87,13 @@ def new_run_dir(out: str | Path | None, arch: str, root: Path = Path("models")) 
 # ---------------------------------------------------------------------------------------------- checkpoints
 
 
+def _save_tensors(tensors: dict[str, torch.Tensor], path: Path) -> None:
+    """Write-then-rename, so a kill during the write leaves the previous file whole, never half of a new one."""
+    tmp = path.with_name(path.name + ".tmp")
+    save_file(tensors, str(tmp))
+    tmp.replace(path)
+
+
 def _save_optimizer(opt, path: Path) -> dict:
     """Optimizer state as safetensors (tensors) + a JSON-able remainder (ints, floats, bools)."""
     tensors, rest = {}, []
@@ -98,7 +105,7 @@ def _save_optimizer(opt, path: Path) -> dict:
             else:
                 kept[k] = v
         rest.append(kept)
-    save_file(tensors, str(path))
+    _save_tensors(tensors, path)
     hypers = [{k: _plain(v) for k, v in h.items()} for h in opt.state_dict()["hypers"]]
     return {"state": [{k: _plain(v) for k, v in r.items()} for r in rest], "hypers": hypers}
 
@@ -148,14 +155,14 @@ class RunRecorder(Callback):
         score = row.get("valid_balanced_accuracy", float("nan"))
         if self.state["best"] is None or score > self.state["best"]["valid_balanced_accuracy"]:
             self.state["best"] = row
-            save_file(_cpu_state(self.learn.model), str(self.run_dir / "model.safetensors"))
+            _save_tensors(_cpu_state(self.learn.model), self.run_dir / "model.safetensors")
 
         ckpt = self.run_dir / CHECKPOINT_DIR
         ckpt.mkdir(exist_ok=True)
-        save_file(_cpu_state(self.learn.model), str(ckpt / "model.safetensors"))
+        _save_tensors(_cpu_state(self.learn.model), ckpt / "model.safetensors")
         self.state["optimizer"] = _save_optimizer(self.learn.opt, ckpt / "optimizer.safetensors")
         self.state["epochs_done"] = row["epoch"] + 1
-        # write-then-rename so a kill during the write never leaves a half-written state
+        # state.json last: it names the epoch the files above hold, so it must never run ahead of them
         tmp = ckpt / "state.json.tmp"
         tmp.write_text(json.dumps(self.state, indent=1))
         tmp.replace(ckpt / "state.json")
@@ -298,6 +305,27 @@ def _train(data, cfg, *, out, resume, extra_cbs, quiet) -> Path:
         learn.model.load_state_dict(load_file(str(run_dir / CHECKPOINT_DIR / "model.safetensors")))
     distributed.to_data_parallel(learn)
 
+    try:
+        _fit_phases(learn, cfg, state, run_dir, lr, resume, extra_cbs)
+    except KeyboardInterrupt:
+        if not resume and state["epochs_done"] == 0 and distributed.is_main():
+            shutil.rmtree(run_dir, ignore_errors=True)  # nothing finished: leave no folder to block a fresh start
+        raise TrainingInterrupted(run_dir, state["epochs_done"], sum(n for _, n in _phases(cfg))) from None
+    return finish_bundle(run_dir, learn, cfg, state) if distributed.is_main() else run_dir
+
+
+class TrainingInterrupted(Exception):
+    """Ctrl-C during training: the finished epochs are saved and `--resume` continues from the last of them."""
+
+    def __init__(self, run_dir: Path, epochs_done: int, epochs_planned: int):
+        self.run_dir, self.epochs_done, self.epochs_planned = run_dir, epochs_done, epochs_planned
+        held = f"{run_dir} holds them" if epochs_done else "nothing was kept"
+        super().__init__(f"training interrupted after {epochs_done} of {epochs_planned} epochs; {held}")
+
+
+def _fit_phases(learn, cfg: TrainConfig, state: dict, run_dir: Path, lr: float, resume: bool, extra_cbs) -> None:
+    """The frozen, unfrozen or from-scratch phases still to do, each a one-cycle schedule; a resumed run skips
+    the finished epochs and keeps their place in the schedule."""
     done = state["epochs_done"]
     offset = 0
     for phase, n_epochs in _phases(cfg):
@@ -323,8 +351,6 @@ def _train(data, cfg, *, out, resume, extra_cbs, quiet) -> Path:
         else:
             learn.fit_one_cycle(n_epochs, lr, pct_start=cfg.pct_start, cbs=cbs, start_epoch=start_epoch)
         offset += n_epochs
-
-    return finish_bundle(run_dir, learn, cfg, state) if distributed.is_main() else run_dir
 
 
 def library_versions() -> dict[str, str]:
@@ -396,4 +422,4 @@ def finish_bundle(run_dir: Path, learn: Learner, cfg: TrainConfig, state: dict) 
     return run_dir
 
 
-__all__ = ["TrainConfig", "balanced_accuracy", "build_learner", "new_run_dir", "train"]
+__all__ = ["TrainConfig", "TrainingInterrupted", "balanced_accuracy", "build_learner", "new_run_dir", "train"]

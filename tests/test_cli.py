@@ -69,3 +69,17 @@ def test_user_errors_are_one_line_with_exit_code_1(tiny_data, tmp_path):
     assert result.exit_code == 1 and "nothing" in result.output
     result = invoke("evaluate", tmp_path)
     assert result.exit_code == 1 and "not a cxr_fast run bundle" in result.output
+
+
+def test_ctrl_c_during_training_says_how_to_resume_and_exits_130(tmp_path, monkeypatch):
+    import cxr_fast.train
+    from cxr_fast.train import TrainingInterrupted
+
+    def interrupted(data, cfg, **kwargs):
+        raise TrainingInterrupted(tmp_path / "run", 2, 6)
+
+    monkeypatch.setattr(cxr_fast.train, "train", interrupted)
+    result = invoke("train", "--data", tmp_path / "data", "--arch", "cxresnet_tiny")
+    assert result.exit_code == 130
+    assert "after 2 of 6 epochs" in result.output
+    assert f"--out {tmp_path / 'run'} --resume" in result.output.replace("\n", "")

@@ -13,7 +13,7 @@ from cxr_fast.bundle import load_run, predict_logits
 from cxr_fast.config import resolve_config
 from cxr_fast.data.manifest import read_manifest
 from cxr_fast.errors import CxrFastError
-from cxr_fast.train import build_learner, channels_last_hazards, train
+from cxr_fast.train import TrainingInterrupted, build_learner, channels_last_hazards, train
 from tests.conftest import TINY
 
 
@@ -86,6 +86,33 @@ def test_resume_after_a_kill_finishes_with_full_history(tiny_data, tmp_path):
     assert not (out / "checkpoint").exists()
     assert json.loads((out / "metrics.json").read_text())["train_seconds"] > killed_state["train_seconds"]
     load_run(out)
+
+
+class CtrlC(Callback):
+    """Ctrl-C at the given event of the given epoch."""
+
+    order = 60  # after the checkpoint is written
+
+    def __init__(self, epoch, event):
+        self.at_epoch, self.event = epoch, event
+
+    def __call__(self, event_name):
+        if event_name == self.event and getattr(self.learn, "epoch", None) == self.at_epoch:
+            raise KeyboardInterrupt
+        return super().__call__(event_name)
+
+
+def test_ctrl_c_keeps_finished_epochs_for_resume_or_leaves_no_folder_when_none_finished(tiny_data, tmp_path):
+    cfg = resolve_config(epochs=3, **TINY)
+    with pytest.raises(TrainingInterrupted, match="after 1 of 3 epochs") as stop:
+        train(tiny_data, cfg, out=tmp_path / "run", quiet=True, extra_cbs=[CtrlC(0, "after_epoch")])
+    assert stop.value.run_dir == tmp_path / "run" and stop.value.epochs_done == 1
+    train(tiny_data, out=tmp_path / "run", resume=True, quiet=True)
+    assert list(pd.read_csv(tmp_path / "run" / "history.csv")["epoch"]) == [0, 1, 2]
+
+    with pytest.raises(TrainingInterrupted, match="nothing was kept"):
+        train(tiny_data, cfg, out=tmp_path / "early", quiet=True, extra_cbs=[CtrlC(0, "before_epoch")])
+    assert not (tmp_path / "early").exists()  # so the same --out can simply be run again
 
 
 def test_existing_run_is_never_overwritten(tiny_data, tmp_path):
