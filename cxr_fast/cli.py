@@ -269,7 +269,7 @@ def compare(
 @user_errors
 def interpret(
     run: Annotated[Path, typer.Argument(help="Run folder (models/<run>).")],
-    data: Annotated[Path | None, typer.Option(help="Another manifest folder (all its images).")] = None,
+    data: Annotated[Path | None, typer.Option(help="Another manifest folder (all its images except those the model learned from).")] = None,
     split: Annotated[str, typer.Option(help="Split of the training manifest.")] = "test",
     n: Annotated[int, typer.Option(help="Top losses (and correct examples) to show.")] = 16,
     audit_n: Annotated[int, typer.Option(help="Correct predictions, stratified by class, added to the audit.")] = 48,

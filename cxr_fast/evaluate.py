@@ -84,6 +84,21 @@ def drop_seen(run: Run, items: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame
     return items[match == ""].reset_index(drop=True), left_out.reset_index(drop=True), summary
 
 
+def select_unseen_items(run: Run, data: str | Path | None, split: str):
+    """`select_items`, then, for another source's manifest, `drop_seen`: the images evaluate and interpret use.
+
+    Returns (items, name, external, left_out, seen_summary); the last two are None for the training manifest.
+    """
+    items, name, external = select_items(run, data, split)
+    if not external:
+        return items, name, external, None, None
+    items, left_out, summary = drop_seen(run, items)
+    if items.empty:
+        raise CxrFastError(f"{data}: all {summary['listed']} images are images {run.name} trained on, or copies of "
+                           "them; nothing is left to evaluate")
+    return items, name, external, left_out, summary
+
+
 def seen_warning(summary: dict) -> str | None:
     """One sentence for the console and the report, or None when there is nothing to say."""
     if not summary["checked"]:
@@ -183,13 +198,7 @@ def evaluate(run_dir: str | Path, data: str | Path | None = None, split: str = "
     from cxr_fast.report import Section, write_metrics_json, write_report
 
     run = load_run(run_dir)
-    items, name, external = select_items(run, data, split)
-    left_out, seen_summary = None, None
-    if external:
-        items, left_out, seen_summary = drop_seen(run, items)
-        if items.empty:
-            raise CxrFastError(f"{data}: all {seen_summary['listed']} images are images {run.name} trained on, or copies of them; "
-                               "nothing is left to evaluate")
+    items, name, external, left_out, seen_summary = select_unseen_items(run, data, split)
     # TTA figures go beside the plain ones, not over them: both are worth keeping, and serve shows the plain one.
     out_dir = run.path / "eval" / (f"{name}-tta" if tta else name)
     if out_dir.exists() and not force:  # checked before the slow part; replacing_folder checks again

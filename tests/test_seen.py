@@ -10,6 +10,7 @@ from PIL import Image
 from cxr_fast.data.manifest import prepare, read_manifest
 from cxr_fast.errors import CxrFastError
 from cxr_fast.evaluate import evaluate
+from cxr_fast.interpret import interpret
 from cxr_fast.seen import SEEN_FILE, read_seen
 
 
@@ -65,6 +66,16 @@ def test_moved_training_data_evaluates_only_its_unseen_images(tiny_runs, tiny_da
     external = evaluate(run, data=moved, n_boot=100, progress=False)
     assert external.metrics["n"] == test.metrics["n"]
     assert external.metrics["balanced_accuracy"] == test.metrics["balanced_accuracy"]
+
+
+def test_interpret_on_another_source_leaves_out_seen_images_too(tiny_runs, tiny_data, tmp_path):
+    manifest = read_manifest(tiny_data)
+    moved = shutil.copytree(tiny_data, tmp_path / "moved")
+    run = shutil.copytree(tiny_runs[0], tmp_path / "run")
+    result = interpret(run, data=moved, n=2, audit_n=4, window=8, stride=4, progress=False)
+    assert result.audit["seen_images"]["left_out"] == len(_seen_rows(manifest))
+    audited = pd.read_csv(result.out_dir / "audit_images.csv")["path"]
+    assert set(audited) <= set(manifest.loc[manifest["split"] == "test", "path"])
 
 
 def test_older_bundle_is_checked_against_its_training_manifest_or_says_it_could_not_be(tiny_runs, tiny_data,
