@@ -14,6 +14,11 @@ from cxr_fast.interpret import interpret
 from cxr_fast.seen import SEEN_FILE, read_seen
 
 
+def _fresh_copy(run, tmp_path):
+    """The shared run without the evaluations other tests left in it."""
+    return shutil.copytree(run, tmp_path / "run", ignore=shutil.ignore_patterns("eval", "interpret"))
+
+
 def _seen_rows(manifest: pd.DataFrame) -> pd.DataFrame:
     return manifest[manifest["split"].isin(["train", "valid"])]
 
@@ -45,7 +50,7 @@ def _external_set(tiny_data, tmp_path):
 def test_external_evaluation_leaves_out_identical_files_and_near_copies(tiny_runs, tiny_data, tmp_path):
     manifest = read_manifest(tiny_data)
     counts = manifest["split"].value_counts()
-    run = shutil.copytree(tiny_runs[0], tmp_path / "run")
+    run = _fresh_copy(tiny_runs[0], tmp_path)
     result = evaluate(run, data=_external_set(tiny_data, tmp_path), n_boot=100, progress=False)
     summary = result.metrics["seen_images"]
     assert summary == {"checked": True, "listed": len(manifest), "identical": counts["train"],
@@ -61,7 +66,7 @@ def test_moved_training_data_evaluates_only_its_unseen_images(tiny_runs, tiny_da
     # The same manifest in another folder counts as another source; the check keeps it from scoring the
     # training images, so the figures are the test split's.
     moved = shutil.copytree(tiny_data, tmp_path / "moved")
-    run = shutil.copytree(tiny_runs[0], tmp_path / "run")
+    run = _fresh_copy(tiny_runs[0], tmp_path)
     test = evaluate(run, n_boot=100, progress=False)
     external = evaluate(run, data=moved, n_boot=100, progress=False)
     assert external.metrics["n"] == test.metrics["n"]
@@ -71,7 +76,7 @@ def test_moved_training_data_evaluates_only_its_unseen_images(tiny_runs, tiny_da
 def test_interpret_on_another_source_leaves_out_seen_images_too(tiny_runs, tiny_data, tmp_path):
     manifest = read_manifest(tiny_data)
     moved = shutil.copytree(tiny_data, tmp_path / "moved")
-    run = shutil.copytree(tiny_runs[0], tmp_path / "run")
+    run = _fresh_copy(tiny_runs[0], tmp_path)
     result = interpret(run, data=moved, n=2, audit_n=4, window=8, stride=4, progress=False)
     assert result.audit["seen_images"]["left_out"] == len(_seen_rows(manifest))
     audited = pd.read_csv(result.out_dir / "audit_images.csv")["path"]
@@ -80,7 +85,7 @@ def test_interpret_on_another_source_leaves_out_seen_images_too(tiny_runs, tiny_
 
 def test_older_bundle_is_checked_against_its_training_manifest_or_says_it_could_not_be(tiny_runs, tiny_data,
                                                                                         tmp_path):
-    run = shutil.copytree(tiny_runs[0], tmp_path / "run")
+    run = _fresh_copy(tiny_runs[0], tmp_path)
     (run / SEEN_FILE).unlink()
     moved = shutil.copytree(tiny_data, tmp_path / "moved")
     with_manifest = evaluate(run, data=moved, n_boot=100, progress=False)
