@@ -20,6 +20,7 @@ import pandas as pd
 import torch
 from safetensors.torch import load_file, save_file
 
+from cxr_fast.data.cache import FINGERPRINT_DECODE_SIDE
 from cxr_fast.data.dedup import HASH_SIDE, Fingerprint, near_pairs, perceptual_hash, thumbnail_of
 from cxr_fast.data.io import read_image
 from cxr_fast.data.manifest import image_column
@@ -33,7 +34,7 @@ def manifest_fingerprints(items: pd.DataFrame) -> list[Fingerprint]:
     """Fingerprints of manifest rows: the manifest's sha256 of the original file, the hash of the image read."""
     out = []
     for sha256, file in zip(items["sha256"], image_column(items), strict=True):
-        thumbnail = thumbnail_of(read_image(file))
+        thumbnail = thumbnail_of(read_image(file, max_side=FINGERPRINT_DECODE_SIDE))  # as prepare fingerprints
         out.append(Fingerprint(sha256=sha256, phash=perceptual_hash(thumbnail), thumbnail=thumbnail.tobytes()))
     return out
 
