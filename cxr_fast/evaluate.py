@@ -69,11 +69,7 @@ def drop_seen(run: Run, items: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame
     summary for metrics.json; `summary["checked"]` is False when the bundle has no fingerprints and its
     training manifest is gone, so nothing could be checked.
     """
-    try:
-        train_manifest = read_manifest(run.config["data"])
-    except CxrFastError:
-        train_manifest = None  # a shared bundle: its stored fingerprints are enough
-    seen = seen_fingerprints(run.path, train_manifest)
+    seen = seen_fingerprints(run.path, run.config["data"])
     if seen is None:
         reason = "the bundle predates stored fingerprints and its training manifest is not at hand"
         return items, items.iloc[:0].assign(match=""), {"checked": False, "listed": len(items), "reason": reason}

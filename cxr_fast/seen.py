@@ -23,7 +23,7 @@ from safetensors.torch import load_file, save_file
 from cxr_fast.data.cache import FINGERPRINT_DECODE_SIDE
 from cxr_fast.data.dedup import HASH_SIDE, Fingerprint, near_pairs, perceptual_hash, thumbnail_of
 from cxr_fast.data.io import read_image
-from cxr_fast.data.manifest import image_column
+from cxr_fast.data.manifest import image_column, read_manifest
 from cxr_fast.errors import CxrFastError
 
 SEEN_FILE = "seen_images.safetensors"
@@ -39,9 +39,14 @@ def manifest_fingerprints(items: pd.DataFrame) -> list[Fingerprint]:
     return out
 
 
+def seen_rows(manifest: pd.DataFrame) -> pd.DataFrame:
+    """The manifest rows a model trained on this manifest has seen."""
+    return manifest[manifest["split"].isin(SEEN_SPLITS)]
+
+
 def write_seen(run_dir: Path, manifest: pd.DataFrame) -> int:
     """Store the fingerprints of the manifest's train and valid images in the bundle; returns how many."""
-    fingerprints = manifest_fingerprints(manifest[manifest["split"].isin(SEEN_SPLITS)])
+    fingerprints = manifest_fingerprints(seen_rows(manifest))
 
     def as_bytes(values: list[bytes], width: int) -> torch.Tensor:
         return torch.from_numpy(np.frombuffer(b"".join(values), dtype=np.uint8).reshape(len(values), width).copy())
@@ -67,12 +72,17 @@ def read_seen(run_dir: Path) -> list[Fingerprint] | None:
         raise CxrFastError(f"{path}: not a readable list of seen images ({e})") from None
 
 
-def seen_fingerprints(run_dir: Path, train_manifest: pd.DataFrame | None) -> list[Fingerprint] | None:
-    """From the bundle; for an older bundle, from its training manifest when that is at hand; else None."""
+def seen_fingerprints(run_dir: Path, train_data: str | Path) -> list[Fingerprint] | None:
+    """From the bundle; for an older bundle, from its training manifest `train_data` when that is at hand;
+    else None."""
     stored = read_seen(run_dir)
-    if stored is not None or train_manifest is None:
+    if stored is not None:
         return stored
-    return manifest_fingerprints(train_manifest[train_manifest["split"].isin(SEEN_SPLITS)])
+    try:
+        train_manifest = read_manifest(train_data)
+    except CxrFastError:  # moved or deleted: a shared bundle without its data
+        return None
+    return manifest_fingerprints(seen_rows(train_manifest))
 
 
 def match_seen(items: pd.DataFrame, seen: list[Fingerprint]) -> pd.Series:
