@@ -136,6 +136,30 @@ def test_label_map_unmapped_and_ignore_unmapped(tmp_path):
     assert report.unused_map_keys == ["Typo"]
 
 
+def test_a_class_that_vanishes_or_misses_a_split_is_warned_about(tmp_path):
+    src = make_dataset(tmp_path / "src", per_class=6)
+    (src / "Viral").mkdir()  # an empty class folder: easy to miss, since it adds no files
+    for extra in sorted((src / "Pneumonia").iterdir())[2:]:
+        extra.unlink()  # two images cannot fill three splits
+    report = quiet(src, tmp_path / "out")
+    assert report.labels == list(CLASSES)
+    assert "class folder 'Viral' is left out: it is empty" in report.warnings
+    missing = [w for w in report.warnings if w.startswith("'Pneumonia' has no")]
+    assert len(missing) == 1 and "(2 in all)" in missing[0]
+    assert not any(w.startswith(("'COVID-19'", "'Normal'")) for w in report.warnings)
+
+
+def test_a_single_class_is_refused(tmp_path):
+    src = make_dataset(tmp_path / "src", per_class=3)
+    for label in ("Normal", "Pneumonia"):
+        for file in (src / label).iterdir():
+            file.write_text("not an image")
+    with pytest.raises(CxrFastError, match="only the class 'COVID-19' has usable images") as e:
+        quiet(src, tmp_path / "out")
+    assert "\n" not in str(e.value)
+    assert not (tmp_path / "out" / "manifest.csv").exists()
+
+
 def test_label_map_renames_folders(tmp_path):
     src = make_dataset(tmp_path / "src", per_class=3)
     (src / "Normal").rename(src / "No_findings")

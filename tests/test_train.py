@@ -143,6 +143,16 @@ def test_batch_larger_than_the_training_split_is_a_one_line_error_that_leaves_no
     assert not (tmp_path / "run").exists()
 
 
+def test_a_single_class_manifest_is_refused_before_training(tiny_data, tmp_path):
+    table = read_manifest(tiny_data)
+    one_class = tmp_path / "one" / "manifest.csv"
+    one_class.parent.mkdir()
+    table[table["label"] == table["label"].iloc[0]].to_csv(one_class, index=False)
+    with pytest.raises(CxrFastError, match="only the class .* a classifier needs two or more"):
+        train(one_class, resolve_config(epochs=1, **{**TINY, "bs": 2}), out=tmp_path / "run", quiet=True)
+    assert not (tmp_path / "run").exists()
+
+
 def test_batch_of_one_is_refused_because_batch_norm_cannot_train_on_it():
     with pytest.raises(CxrFastError, match="bs ≥ 2"):
         resolve_config(bs=1)

@@ -103,6 +103,8 @@ def build_dataloaders(
                            f"pass --bs {n_train} or less, or add images")
     df["image"] = image_column(df)
     classes = sorted(manifest["label"].unique().tolist())
+    if len(classes) < 2:
+        raise CxrFastError(f"manifest has only the class {classes[0]!r}; a classifier needs two or more")
     if stats is None:
         stats = compute_stats(df.loc[df["split"] == "train", "image"].tolist(), size, n_in, stats_sample, seed)
     mean, std = stats

@@ -59,7 +59,7 @@ from cxr_fast.data.patients import (
     patient_summary,
     patient_warnings,
 )
-from cxr_fast.data.sources import find_images
+from cxr_fast.data.sources import class_folders, find_images
 from cxr_fast.data.split import (
     DEFAULT_FRACTIONS,
     SPLITS,
@@ -319,6 +319,13 @@ def prepare(
         spread = nih_patients_spread(names, list(manifest["split"]))
         warnings = [spread] if spread else []
 
+    labels = sorted(manifest["label"].unique())
+    if len(labels) < 2:
+        raise CxrFastError(
+            f"{src_dir}: only the class {labels[0]!r} has usable images; a classifier needs two or more class folders"
+        )
+    warnings += _class_warnings(src_dir, skip, mapping, items, manifest, fractions)
+
     # 6. Synthetic data carries masks and marker boxes in SRC/_meta.csv.
     manifest = _merge_meta(manifest, src_dir)
 
@@ -336,7 +343,6 @@ def prepare(
     report_path = out_dir / REPORT_NAME
     _atomic_write_text(manifest_path, manifest.to_csv(index=False, lineterminator="\n"))
 
-    labels = sorted(manifest["label"].unique())
     counts = {
         split: {
             label: int(((manifest["split"] == split) & (manifest["label"] == label)).sum())
@@ -605,6 +611,26 @@ def print_summary(report: PrepareReport, console: Console | None = None) -> None
     if report.cache_dir:
         console.print(f"Image cache: {report.cache_dir}")
     console.print(f"Took {report.seconds:.1f} s.")
+
+
+def _class_warnings(src_dir: Path, skip, mapping, items, manifest: pd.DataFrame, fractions) -> list[str]:
+    """Classes that vanished (a mapped folder with no usable image) or that miss a split they should be in."""
+    warnings = []
+    used = set(manifest["source_label"])
+    files_per_folder = Counter(item.source_label for item in items)
+    for folder in sorted(class_folders(src_dir, skip)):
+        if folder in used or map_label(folder, mapping) is None:
+            continue
+        found = files_per_folder[folder]
+        why = "it is empty" if not found else f"none of its {found} files is usable (see {REPORT_NAME})"
+        warnings.append(f"class folder '{folder}' is left out: {why}")
+    for label in sorted(manifest["label"].unique()):
+        of_label = manifest.loc[manifest["label"] == label, "split"]
+        for split, fraction in zip(SPLITS, fractions, strict=True):
+            if fraction > 0 and not (of_label == split).any():
+                warnings.append(f"'{label}' has no {split} images ({len(of_label)} in all): "
+                                f"its {split} recall cannot be measured; add images")
+    return warnings
 
 
 def image_column(df: pd.DataFrame) -> pd.Series:

@@ -15,7 +15,7 @@ are reported by the reader, and files outside any class folder come back with ``
 from __future__ import annotations
 
 import os
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -51,13 +51,27 @@ def find_images(root: str | os.PathLike, skip: Iterable[str | os.PathLike] = ())
     Raises `CxrFastError` when ``root`` is missing or not a folder.
     """
     root = Path(root)
+    items = [
+        Item(path=folder / name, source_label=label)
+        for folder, label, files in _walk(root, skip)
+        for name in files
+    ]
+    items.sort(key=lambda item: item.path.relative_to(root).as_posix())
+    return items
+
+
+def class_folders(root: str | os.PathLike, skip: Iterable[str | os.PathLike] = ()) -> set[str]:
+    """The class folder names under ``root``, empty ones included (`find_images` only sees files)."""
+    return {label for _, label, _ in _walk(Path(root), skip) if label is not None}
+
+
+def _walk(root: Path, skip: Iterable[str | os.PathLike]) -> Iterator[tuple[Path, str | None, list[str]]]:
+    """(folder, its class name or None, its non-hidden, non-skipped file names) for every folder under root."""
     if not root.exists():
         raise CxrFastError(f"{root}: folder not found")
     if not root.is_dir():
         raise CxrFastError(f"{root}: not a folder (expected ROOT/<class>/<image> folders)")
     skipped = {Path(p).resolve() for p in skip}
-
-    items = []
     for folder, subfolders, files in os.walk(root):
         folder_path = Path(folder)
         # Pruning in place stops os.walk from descending; sorting makes the walk order deterministic.
@@ -68,10 +82,8 @@ def find_images(root: str | os.PathLike, skip: Iterable[str | os.PathLike] = ())
         )
         relative_folders = folder_path.relative_to(root).parts
         label = next((part for part in relative_folders if not is_split_folder(part)), None)
-        for name in files:
-            path = folder_path / name
-            if is_hidden(name) or (skipped and path.resolve() in skipped):
-                continue
-            items.append(Item(path=path, source_label=label))
-    items.sort(key=lambda item: item.path.relative_to(root).as_posix())
-    return items
+        kept = [
+            name for name in files
+            if not is_hidden(name) and not (skipped and (folder_path / name).resolve() in skipped)
+        ]
+        yield folder_path, label, kept
