@@ -6,7 +6,6 @@ lacks either, or whose weights do not fit the architecture, is refused with a on
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -18,7 +17,7 @@ from safetensors.torch import load_file
 
 from cxr_fast.archs import model_from_config
 from cxr_fast.data.manifest import image_column
-from cxr_fast.errors import CxrFastError
+from cxr_fast.errors import CxrFastError, read_json
 from cxr_fast.preprocess import load_input
 
 
@@ -59,10 +58,7 @@ def load_run(path: str | Path) -> Run:
     for needed in (config_path, weights_path):
         if not needed.is_file():
             raise CxrFastError(f"{path}: not a cxr_fast run bundle ({needed.name} missing)")
-    try:
-        config = json.loads(config_path.read_text())
-    except json.JSONDecodeError as e:
-        raise CxrFastError(f"{config_path}: not valid JSON ({e})") from None
+    config = read_json(config_path)
     if "model" not in config or "classes" not in config:
         raise CxrFastError(f"{config_path}: not a cxr_fast run config (no 'model' or 'classes')")
     model = model_from_config(config["model"])
@@ -72,7 +68,7 @@ def load_run(path: str | Path) -> Run:
         raise CxrFastError(f"{weights_path}: weights do not fit {config['model'].get('arch')} ({str(e).splitlines()[0]})") from None
     model.eval()
     metrics_path = path / "metrics.json"
-    metrics = json.loads(metrics_path.read_text()) if metrics_path.is_file() else {}
+    metrics = read_json(metrics_path) if metrics_path.is_file() else {}
     return Run(path=path, model=model, config=config, metrics=metrics)
 
 

@@ -49,6 +49,30 @@ class TrainConfig:
         return dataclasses.asdict(self)
 
 
+# name: (type, test, what the test means); a recipe is hand-written YAML, so its types are checked too
+LIMITS: dict[str, tuple[type, Any, str]] = {
+    "n_in": (int, lambda v: v in (1, 3), "1 or 3"),
+    "size": (int, lambda v: v >= 32, "a whole number ≥ 32 (pixels)"),
+    "epochs": (int, lambda v: v >= 1, "a whole number ≥ 1"),
+    "freeze_epochs": (int, lambda v: v >= 0, "a whole number ≥ 0"),
+    "bs": (int, lambda v: v >= 2, "a whole number ≥ 2, as batch norm needs two images per batch to train"),
+    "lr_mult": (float, lambda v: v > 0, "a number > 0"),
+    "wd": (float, lambda v: v >= 0, "a number ≥ 0"),  # None: fastai's default
+    "pct_start": (float, lambda v: 0 < v < 1, "a number between 0 and 1"),
+    "label_smoothing": (float, lambda v: 0 <= v < 1, "a number in [0, 1)"),
+    "mixup": (float, lambda v: v >= 0, "a number ≥ 0"),
+    "num_workers": (int, lambda v: v >= 0, "a whole number ≥ 0"),
+    "stats_sample": (int, lambda v: v >= 1, "a whole number ≥ 1"),
+    "seed": (int, lambda v: True, "a whole number"),
+}
+
+
+def _within(value: Any, kind: type, allowed) -> bool:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):  # bool is an int to Python, not to a user
+        return False
+    return (kind is float or value == int(value)) and bool(allowed(value))
+
+
 RECIPES_DIR = Path(__file__).resolve().parents[1] / "recipes"
 
 
@@ -91,12 +115,21 @@ def resolve_config(recipe: str | Path | None = None, **overrides: Any) -> TrainC
             cfg.lr = float(cfg.lr)
         except ValueError:
             raise CxrFastError(f"--lr must be a number or 'auto', got {cfg.lr!r}") from None
-    if cfg.n_in not in (1, 3):
-        raise CxrFastError(f"n_in must be 1 or 3, got {cfg.n_in}")
-    if cfg.size < 32 or cfg.epochs < 1 or cfg.bs < 2:  # batch norm needs two images per batch to train
-        raise CxrFastError(f"size must be ≥ 32 px (got {cfg.size}), epochs ≥ 1 (got {cfg.epochs}) and "
-                           f"bs ≥ 2 (got {cfg.bs})")
-    if cfg.lr_mult <= 0 or cfg.mixup < 0 or not 0 <= cfg.label_smoothing < 1:
-        raise CxrFastError(f"lr_mult must be > 0 (got {cfg.lr_mult}), mixup ≥ 0 (got {cfg.mixup}) and "
-                           f"label_smoothing in [0, 1) (got {cfg.label_smoothing})")
+    problems = [f"{name} must be {rule} (got {getattr(cfg, name)!r})"
+                for name, (kind, allowed, rule) in LIMITS.items()
+                if not (name == "wd" and cfg.wd is None) and not _within(getattr(cfg, name), kind, allowed)]
+    if cfg.lr != "auto" and not _within(cfg.lr, float, lambda v: v > 0):
+        problems.append(f"lr must be a number > 0 or 'auto' (got {cfg.lr!r})")
+    problems += [f"{name} must be true or false (got {getattr(cfg, name)!r})"
+                 for name in ("class_weights", "augment", "channels_last") if not isinstance(getattr(cfg, name), bool)]
+    problems += [f"{name} must be text (got {getattr(cfg, name)!r})"
+                 for name in ("arch", "weights") if not isinstance(getattr(cfg, name), str)]
+    if not isinstance(cfg.arch_kwargs, dict):
+        problems.append(f"arch_kwargs must be a mapping of argument: value (got {cfg.arch_kwargs!r})")
+    if problems:
+        where = f"{find_recipe(recipe)}: " if recipe else ""
+        raise CxrFastError(f"{where}bad training option: " + "; ".join(problems))
+    for name, (kind, _, _) in LIMITS.items():
+        if kind is int:
+            setattr(cfg, name, int(getattr(cfg, name)))  # a recipe's "epochs: 4.0" must not reach range()
     return cfg

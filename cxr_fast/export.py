@@ -20,7 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
-from cxr_fast.errors import CxrFastError
+from cxr_fast.errors import CxrFastError, read_json
 
 ONNX_FILE = "model.onnx"
 PREPROCESSING_FILE = "preprocessing.json"
@@ -139,10 +139,7 @@ class OnnxRunner:
         for needed in (onnx_path, spec_path):
             if not needed.is_file():
                 raise CxrFastError(f"{self.path}: no ONNX export ({needed.name} missing); run `cxrfast export {self.path}`")
-        try:
-            spec = json.loads(spec_path.read_text())
-        except json.JSONDecodeError as e:
-            raise CxrFastError(f"{spec_path}: not valid JSON ({e})") from None
+        spec = read_json(spec_path)
         if spec.get("format") != FORMAT:
             raise CxrFastError(f"{spec_path}: not a cxr_fast ONNX export (format {spec.get('format')!r})")
         weights = self.path / "model.safetensors"

@@ -39,7 +39,7 @@ from cxr_fast.archs import create_model, model_config, splitter
 from cxr_fast.config import TrainConfig, resolve_config
 from cxr_fast.data.block import build_dataloaders
 from cxr_fast.data.manifest import read_manifest
-from cxr_fast.errors import CxrFastError
+from cxr_fast.errors import CxrFastError, read_json
 
 CHECKPOINT_DIR = "checkpoint"
 
@@ -278,7 +278,7 @@ def _train(data, cfg, *, out, resume, extra_cbs, quiet) -> Path:
         state_path = run_dir / CHECKPOINT_DIR / "state.json"
         if not state_path.exists():
             raise CxrFastError(f"{run_dir}: no checkpoint to resume (expected {state_path})")
-        state = json.loads(state_path.read_text())
+        state = read_json(state_path)
         cfg = TrainConfig(**state["config"])
     else:
         cfg = cfg or resolve_config()

@@ -51,3 +51,23 @@ def test_out_of_range_regularisation_options_are_one_line_errors(bad):
     with pytest.raises(CxrFastError, match=next(iter(bad))) as e:
         resolve_config(**bad)
     assert "\n" not in str(e.value)
+
+
+def test_bad_options_are_named_each_with_its_rule_in_one_line(tmp_path):
+    recipe = tmp_path / "typos.yaml"
+    recipe.write_text("arch: convnet\nepochs: many\nsize: 16\nclass_weights: yes please\nbs: 8\n")
+    with pytest.raises(CxrFastError) as e:
+        resolve_config(recipe)
+    message = str(e.value)
+    assert message.startswith(f"{recipe}: bad training option") and "\n" not in message
+    for named in ("size must be a whole number ≥ 32", "epochs must be a whole number ≥ 1 (got 'many')",
+                  "class_weights must be true or false"):
+        assert named in message
+    assert "bs " not in message  # a good option is not listed among the bad ones
+
+
+def test_whole_numbers_written_as_floats_become_ints():
+    cfg = resolve_config(epochs=2.0, size=64.0)
+    assert (cfg.epochs, cfg.size) == (2, 64) and isinstance(cfg.epochs, int)
+    with pytest.raises(CxrFastError, match=r"epochs must be a whole number ≥ 1 \(got 2.5\)"):
+        resolve_config(epochs=2.5)

@@ -1,6 +1,7 @@
 """Training end to end on tiny synthetic data: bundle, reload, resume, refusals."""
 
 import json
+import shutil
 
 import numpy as np
 import pandas as pd
@@ -154,13 +155,28 @@ def test_a_single_class_manifest_is_refused_before_training(tiny_data, tmp_path)
 
 
 def test_batch_of_one_is_refused_because_batch_norm_cannot_train_on_it():
-    with pytest.raises(CxrFastError, match="bs ≥ 2"):
+    with pytest.raises(CxrFastError, match="bs must be a whole number ≥ 2"):
         resolve_config(bs=1)
 
 
 def test_load_run_refuses_non_bundles(tmp_path):
     with pytest.raises(CxrFastError, match="not a cxr_fast run bundle"):
         load_run(tmp_path)
+
+
+def test_damaged_json_in_a_run_folder_is_a_one_line_error(tiny_data, tiny_runs, tmp_path):
+    run = tmp_path / "run"
+    shutil.copytree(tiny_runs[0], run)
+    (run / "metrics.json").write_text('{"best_epoch": 1,')  # e.g. a disk that filled up mid-write
+    with pytest.raises(CxrFastError, match=r"metrics.json: not valid JSON") as e:
+        load_run(run)
+    assert "\n" not in str(e.value)
+
+    interrupted = tmp_path / "interrupted"
+    (interrupted / "checkpoint").mkdir(parents=True)
+    (interrupted / "checkpoint" / "state.json").write_bytes(b"\xff\xfe")
+    with pytest.raises(CxrFastError, match=r"state.json: not valid JSON"):
+        train(tiny_data, out=interrupted, resume=True, quiet=True)
 
 
 class LayoutProbe(Callback):
