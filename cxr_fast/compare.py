@@ -65,6 +65,10 @@ def compare_runs(run_dirs: list[str | Path], *, out: str | Path | None = None, s
                  n_boot: int = 1000) -> Comparison:
     if len(run_dirs) < 2:
         raise CxrFastError("compare needs at least two runs")
+    resolved = [Path(r).resolve() for r in run_dirs]
+    repeated = sorted({str(r) for r, seen in zip(run_dirs, resolved) if resolved.count(seen) > 1})
+    if repeated:
+        raise CxrFastError(f"{', '.join(repeated)}: the same run is given twice; compare needs distinct runs")
     scored = [score_run(Path(r), split, n_boot) for r in run_dirs]
     table = pd.DataFrame([s[0] for s in scored])
     if table["data"].nunique() != 1:

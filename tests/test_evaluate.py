@@ -108,6 +108,10 @@ def test_compare_two_runs_gives_table_csv_and_mcnemar(tiny_runs, tmp_path):
     assert summary["balanced_accuracy"][0] == pytest.approx(result.table["balanced_accuracy"].mean())
     with pytest.raises(CxrFastError, match="at least two"):
         compare_runs(tiny_runs[:1], out=tmp_path / "cmp2")
+    same_run_twice = [tiny_runs[0], tiny_runs[0].parent / ".." / tiny_runs[0].parent.name / tiny_runs[0].name]
+    with pytest.raises(CxrFastError, match="the same run is given twice"):  # it would be compared with itself
+        compare_runs(same_run_twice, out=tmp_path / "cmp3")
+    assert not (tmp_path / "cmp3").exists()
 
 
 def test_compare_trains_each_architecture_under_one_budget(tiny_data, tmp_path):
