@@ -276,6 +276,8 @@ def _train(data, cfg, *, out, resume, extra_cbs, quiet) -> Path:
             raise CxrFastError("--resume needs --out pointing at the interrupted run")
         run_dir = Path(out)
         state_path = run_dir / CHECKPOINT_DIR / "state.json"
+        if not state_path.exists() and (run_dir / "config.json").is_file():
+            raise CxrFastError(f"{run_dir}: this run finished (its checkpoint is gone); nothing to resume")
         if not state_path.exists():
             raise CxrFastError(f"{run_dir}: no checkpoint to resume (expected {state_path})")
         state = read_json(state_path)

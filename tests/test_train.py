@@ -87,6 +87,8 @@ def test_resume_after_a_kill_finishes_with_full_history(tiny_data, tmp_path):
     assert not (out / "checkpoint").exists()
     assert json.loads((out / "metrics.json").read_text())["train_seconds"] > killed_state["train_seconds"]
     load_run(out)
+    with pytest.raises(CxrFastError, match="this run finished"):
+        train(tiny_data, out=out, resume=True, quiet=True)
 
 
 class CtrlC(Callback):
