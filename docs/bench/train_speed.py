@@ -2,6 +2,7 @@
 preprocessed tensors; plus the full pipeline (manifest → DataBlock with decoding and augmentation → Learner).
 
     .venv/bin/python docs/bench/train_speed.py DATA_DIR [--arch cxresnet] [--size 128] [--bs 32] [--n 256]
+        [--channels-last]
 
 Each measurement times only the training phase of each epoch (no validation), drops the first epoch (warm-up)
 and is repeated `--rounds` times, the three methods taking turns so that a change in machine load hits all of
@@ -37,8 +38,10 @@ class TrainPhaseTimer(Callback):
         self.seconds.append(time.perf_counter() - self.start)
 
 
-def plain_loop(x, y, arch, bs, epochs):
+def plain_loop(x, y, arch, bs, epochs, channels_last):
     model = create_model(arch, n_in=1, n_classes=3)
+    if channels_last:  # as cxr_fast's ChannelsLast callback does: the model and every batch
+        model = model.to(memory_format=torch.channels_last)
     opt = torch.optim.Adam(model.parameters(), lr=1e-3)
     loss_fn = torch.nn.CrossEntropyLoss()
     loader = DataLoader(TensorDataset(x, y), batch_size=bs, shuffle=True, drop_last=True)
@@ -47,6 +50,8 @@ def plain_loop(x, y, arch, bs, epochs):
     for _ in range(epochs):
         start = time.perf_counter()
         for xb, yb in loader:
+            if channels_last:
+                xb = xb.contiguous(memory_format=torch.channels_last)
             opt.zero_grad()
             loss_fn(model(xb), yb).backward()
             opt.step()
@@ -70,6 +75,7 @@ def main():
     p.add_argument("--n", type=int, default=256)
     p.add_argument("--epochs", type=int, default=3)
     p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--channels-last", action="store_true", help="both the plain loop and cxr_fast")
     a = p.parse_args()
     manifest = read_manifest(a.data)
     train = manifest[manifest["split"] == "train"].iloc[: a.n]
@@ -78,7 +84,7 @@ def main():
     x = torch.stack([load_input(f, a.size, 1, [0.5], [0.25]) for f in image_column(train)])
     y = torch.tensor(train["label"].map({c: i for i, c in enumerate(classes)}).to_numpy())
     steps = len(x) // a.bs * a.bs  # images per epoch with drop_last
-    cfg = resolve_config(arch=a.arch, size=a.size, bs=a.bs, epochs=a.epochs)
+    cfg = resolve_config(arch=a.arch, size=a.size, bs=a.bs, epochs=a.epochs, channels_last=a.channels_last)
 
     def cxr_fast_on_tensors():
         # The Learner exactly as cxr_fast configures it (optimizer, loss, metrics), fed the same tensors.
@@ -92,7 +98,7 @@ def main():
         return learner_fit(learn, a.epochs)
 
     methods = {
-        "plain PyTorch loop, tensors": lambda: plain_loop(x, y, a.arch, a.bs, a.epochs),
+        "plain PyTorch loop, tensors": lambda: plain_loop(x, y, a.arch, a.bs, a.epochs, a.channels_last),
         "cxr_fast Learner, same tensors": cxr_fast_on_tensors,
         "full pipeline (files, augmentation)": full_pipeline,
     }
@@ -102,7 +108,7 @@ def main():
             seconds = run()[1:]  # the first epoch is warm-up
             rates[name].append(steps * len(seconds) / sum(seconds))
     print(f"arch={a.arch} size={a.size} bs={a.bs} images/epoch={steps} threads={torch.get_num_threads()} "
-          f"rounds={a.rounds}")
+          f"rounds={a.rounds} channels_last={a.channels_last}")
     plain = statistics.median(rates["plain PyTorch loop, tensors"])
     for name, values in rates.items():
         median = statistics.median(values)
