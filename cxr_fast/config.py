@@ -7,6 +7,7 @@ saved with every run.
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -70,7 +71,9 @@ LIMITS: dict[str, tuple[type, Any, str]] = {
 def _within(value: Any, kind: type, allowed) -> bool:
     if isinstance(value, bool) or not isinstance(value, (int, float)):  # bool is an int to Python, not to a user
         return False
-    return (kind is float or value == int(value)) and bool(allowed(value))
+    if not math.isfinite(value):  # YAML reads .inf and .nan as numbers
+        return False
+    return (kind is float or float(value).is_integer()) and bool(allowed(value))
 
 
 RECIPES_DIR = Path(__file__).resolve().parents[1] / "recipes"

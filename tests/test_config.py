@@ -71,3 +71,5 @@ def test_whole_numbers_written_as_floats_become_ints():
     assert (cfg.epochs, cfg.size) == (2, 64) and isinstance(cfg.epochs, int)
     with pytest.raises(CxrFastError, match=r"epochs must be a whole number ≥ 1 \(got 2.5\)"):
         resolve_config(epochs=2.5)
+    with pytest.raises(CxrFastError, match=r"epochs must be .* \(got inf\); lr_mult must be .* \(got nan\)"):
+        resolve_config(epochs=float("inf"), lr_mult=float("nan"))
