@@ -60,7 +60,7 @@ def data_prepare(
     label_map: Annotated[str | None, typer.Option(help="YAML/JSON file, inline 'A=B,C=D', or preset 'mendeley'.")] = None,
     ignore_unmapped: Annotated[bool, typer.Option(help="Exclude folders the label map does not name instead of failing.")] = False,
     seed: Annotated[int, typer.Option(help="Seed of the stratified split.")] = 0,
-    splits: Annotated[str, typer.Option(help="Train,valid,test fractions.")] = "0.6,0.2,0.2",
+    splits: Annotated[str, typer.Option(help="Train,valid,test fractions (or percentages: 60,20,20).")] = "0.6,0.2,0.2",
     size: Annotated[int, typer.Option("--size", help="Longest side of the cached working copies (0: no cache). About 2× the training size.")] = 512,
     patient_pattern: Annotated[str | None, typer.Option(help="Keep each patient's images in one split: 'dicom' (PatientID in DICOM headers), 'nih' (file names like 00000061_012.png) or a regular expression whose first group is the patient id in the file name.")] = None,
     folds: Annotated[int | None, typer.Option(help="Cross-validation: cut the images into this many equal parts (instead of --splits); --fold's part is the test split, the next part valid, the rest train.")] = None,
@@ -71,16 +71,10 @@ def data_prepare(
     from cxr_fast.data.labels import parse_label_map
     from cxr_fast.data.manifest import prepare, print_summary
 
-    try:
-        fractions = tuple(float(f) for f in splits.split(","))
-    except ValueError:
-        raise CxrFastError(f"--splits must be three numbers like 0.6,0.2,0.2, got {splits!r}") from None
-    if len(fractions) != 3 or abs(sum(fractions) - 1) > 1e-6 or min(fractions) < 0:
-        raise CxrFastError(f"--splits must be three non-negative fractions summing to 1, got {splits!r}")
     if (folds is None) != (fold is None):
         raise CxrFastError("--folds and --fold go together: e.g. --folds 5 --fold 0 (then --fold 1, … --fold 4)")
     report = prepare(src, out, label_map=parse_label_map(label_map), ignore_unmapped=ignore_unmapped, seed=seed,
-                     splits=fractions, cache_size=size, patient_pattern=patient_pattern, folds=folds,
+                     splits=splits, cache_size=size, patient_pattern=patient_pattern, folds=folds,
                      fold=fold or 0, force=force)
     print_summary(report, console)
     console.print(f"manifest: [bold]{Path(out) / 'manifest.csv'}[/]")

@@ -2,9 +2,11 @@
 
 import json
 
+import pytest
 from typer.testing import CliRunner
 
 from cxr_fast.cli import app
+from cxr_fast.data.manifest import read_manifest
 
 runner = CliRunner()
 
@@ -30,7 +32,10 @@ def test_synth_prepare_and_refusal_to_overwrite(tmp_path):
     assert result.exit_code == 1
     assert "--force" in result.output and len(result.output.strip().splitlines()) == 1
     result = invoke("data", "prepare", tmp_path / "src", "--out", tmp_path / "data", "--splits", "0.5,0.5")
-    assert result.exit_code == 1 and "--splits" in result.output
+    assert result.exit_code == 1 and "split fractions '0.5,0.5': expected three numbers" in result.output
+    result = invoke("data", "prepare", tmp_path / "src", "--out", tmp_path / "pct", "--splits", "50,25,25", "--size", 0)
+    assert result.exit_code == 0, result.output  # percentages, as the library reads them
+    assert (read_manifest(tmp_path / "pct")["split"] == "train").mean() == pytest.approx(0.5, abs=0.1)
     result = invoke("data", "prepare", tmp_path / "src", "--out", tmp_path / "other", "--patient-pattern", "(")
     assert result.exit_code == 1 and "regular expression" in result.output
     assert len(result.output.strip().splitlines()) == 1
