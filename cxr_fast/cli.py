@@ -16,9 +16,12 @@ from rich.console import Console
 from rich.table import Column, Table
 
 from cxr_fast.errors import CxrFastError
+from cxr_fast.memory import keep_freed_memory
 
 # fastai still calls torch.jit.script at import; torch's deprecation notice is noise to a user of this CLI.
 warnings.filterwarnings("ignore", message=".*torch.jit.script.*", category=FutureWarning)
+# Each command is one process doing one job: reusing freed memory makes training ~1.4x faster on a CPU (memory.py).
+keep_freed_memory()
 
 app = typer.Typer(
     name="cxrfast",

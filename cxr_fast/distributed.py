@@ -224,8 +224,10 @@ def default_nproc() -> int:
 
 
 def _train_worker(data, cfg, out, resume, extra_cbs, quiet) -> str:
+    from cxr_fast.memory import keep_freed_memory_as_parent_did
     from cxr_fast.train import train
 
+    keep_freed_memory_as_parent_did()
     return str(train(data, cfg, out=out, resume=resume, extra_cbs=extra_cbs, quiet=quiet))
 
 

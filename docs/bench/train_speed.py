@@ -21,6 +21,7 @@ from torch.utils.data import DataLoader, TensorDataset
 from cxr_fast.archs import create_model
 from cxr_fast.config import resolve_config
 from cxr_fast.data.manifest import image_column, read_manifest
+from cxr_fast.memory import keep_freed_memory
 from cxr_fast.preprocess import load_input
 from cxr_fast.train import build_learner
 
@@ -67,6 +68,7 @@ def learner_fit(learn, epochs):
 
 
 def main():
+    keep_freed_memory()  # as the cxrfast command does, so that times match it
     p = argparse.ArgumentParser()
     p.add_argument("data")
     p.add_argument("--arch", default="cxresnet")

@@ -22,6 +22,7 @@ from torch.optim.swa_utils import update_bn
 from cxr_fast.bundle import iter_batches, load_run, predict_logits, softmax
 from cxr_fast.config import resolve_config
 from cxr_fast.data.manifest import image_column, read_manifest
+from cxr_fast.memory import keep_freed_memory
 from cxr_fast.train import _cpu_state, train
 
 
@@ -42,6 +43,7 @@ def mean_state(states: list[dict]) -> dict:
 
 
 def main() -> None:
+    keep_freed_memory()  # as the cxrfast command does, so that times match it
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("data", type=Path)
     parser.add_argument("--recipe", default="efficientnet_lite0")
