@@ -3,9 +3,9 @@
 glibc (the C library of most Linux systems) serves each allocation above 32 MB — one layer's activations for a
 batch at 288 px — with fresh pages from the kernel and returns them when the tensor is freed, so every training
 step and every batch of occluded images faults all its memory in again. On 2 CPU cores that kernel work took a
-quarter of training's CPU time and more than half of `cxrfast interpret`'s; switching it off made training about
-1.4x faster with identical results (docs/benchmarks.md, "Memory reuse"). The price: the process keeps its peak
-memory until it exits, which suits a command that does one job.
+quarter of training's CPU time and more than half of `cxrfast interpret`'s; switching it off made training 1.4x
+and interpretation 3.2x faster with identical results (docs/benchmarks.md, "Memory reuse"). The price: the process
+keeps its peak memory until it exits, which suits a command that does one job.
 
 The `cxrfast` command does this at start. From Python, call `keep_freed_memory()` once, before training.
 """
