@@ -116,11 +116,15 @@ def test_the_dicom_preset_reads_patient_ids_from_headers(tmp_path):
     assert sorted(set(table["patient"]) - {""}) == ["P1-0", "P1-1", "P2-0", "P2-1"]
     assert table[table["patient"] != ""].groupby("patient")["split"].nunique().max() == 1
     assert report.patients["n_unmatched"] == 6 and report.patients["several_images"] == 4
-    assert not report.warnings
+    # two patients per grouped class cannot fill three splits; that, and nothing else, is warned about
+    assert sorted(w.split("'")[1] for w in report.warnings) == ["Normal", "Pneumonia"]
+    assert all(" has no " in w for w in report.warnings)
 
 
 def test_one_patient_id_on_too_many_images_is_flagged_as_a_placeholder(tmp_path):
     src = dicom_dataset(tmp_path / "src", lambda c, f: "ANONYMOUS")
     report = prepare(src, tmp_path / "out", patient_pattern="dicom", cache_size=0, progress=False, workers=1)
-    assert len(report.warnings) == 1
     assert report.warnings[0].startswith("patient id 'ANONYMOUS' names 18 of 18 images, more than a split holds")
+    # every image then lands in one split: one more line per class says which splits it misses
+    assert len(report.warnings) == 1 + len(CLASSES)
+    assert all(" has no " in w and " or " in w for w in report.warnings[1:])

@@ -626,10 +626,13 @@ def _class_warnings(src_dir: Path, skip, mapping, items, manifest: pd.DataFrame,
         warnings.append(f"class folder '{folder}' is left out: {why}")
     for label in sorted(manifest["label"].unique()):
         of_label = manifest.loc[manifest["label"] == label, "split"]
-        for split, fraction in zip(SPLITS, fractions, strict=True):
-            if fraction > 0 and not (of_label == split).any():
-                warnings.append(f"'{label}' has no {split} images ({len(of_label)} in all): "
-                                f"its {split} recall cannot be measured; add images")
+        # One line per class, not per split: a patient id shared by every image can empty two splits of each class.
+        missing = [split for split, fraction in zip(SPLITS, fractions, strict=True)
+                   if fraction > 0 and not (of_label == split).any()]
+        if missing:
+            where = " or ".join(missing)
+            warnings.append(f"'{label}' has no {where} images ({len(of_label)} in all): "
+                            f"its recall there cannot be measured; add images")
     return warnings
 
 
