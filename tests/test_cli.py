@@ -44,7 +44,7 @@ def test_synth_prepare_and_refusal_to_overwrite(tmp_path):
     result = invoke("data", "prepare", tmp_path / "src", "--out", tmp_path / "fold", "--fold", 1)
     assert result.exit_code == 1 and "--folds 5 --fold 0" in result.output
     result = invoke("data", "prepare", tmp_path / "src", "--out", tmp_path / "fold", "--folds", 3, "--fold", 2, "--size", 0)
-    assert result.exit_code == 0 and "fold 2" in result.output
+    assert result.exit_code == 0 and "cross-validation: fold 2 of 0–2 is test, fold 0 is valid" in result.output
 
 
 def test_models_lists_local_and_timm():

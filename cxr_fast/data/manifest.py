@@ -550,11 +550,10 @@ def print_summary(report: PrepareReport, console: Console | None = None) -> None
     console = console or Console()
     folds = report.arguments.get("folds")
     if folds:
+        # A line of its own: inside the table title, a long manifest path made rich wrap it mid-phrase.
         test = report.arguments["fold"]
-        fold = f" (cross-validation: fold {test} of 0–{folds - 1} is test, fold {(test + 1) % folds} valid)"
-    else:
-        fold = ""
-    table = Table(title=f"{report.n_images} images in {report.manifest_path}{fold}")
+        console.print(f"cross-validation: fold {test} of 0–{folds - 1} is test, fold {(test + 1) % folds} is valid")
+    table = Table(title=f"{report.n_images} images in {report.manifest_path}")
     table.add_column("label")
     for split in SPLITS:
         table.add_column(split, justify="right")
