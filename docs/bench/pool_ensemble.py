@@ -5,13 +5,16 @@ is scored once by models that never saw it or its patient.
     .venv/bin/python docs/bench/pool_ensemble.py --fold DATA0 RUN_A0 RUN_B0 --fold DATA1 RUN_A1 RUN_B1 ...
 
 Every --fold names one prepared fold (`cxrfast data prepare --folds K --fold F`) and the runs trained on it, in
-the same order for every fold.
+the same order for every fold. A CSV file in place of a run gives test probabilities already computed, one
+`NAME|CLASS` column per class, rows keyed by `path` (as `docs/bench/frozen_probe.py` writes them).
 """
 
 import argparse
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
+from sklearn.metrics import balanced_accuracy_score
 
 from cxr_fast.bundle import load_run, predict_logits, softmax
 from cxr_fast.data.manifest import read_manifest
@@ -19,33 +22,61 @@ from cxr_fast.memory import keep_freed_memory
 from cxr_fast.metrics import bootstrap_ci, classification_metrics
 
 
+def probabilities_file(path: Path, items: pd.DataFrame, classes: list[str]) -> tuple[str, np.ndarray]:
+    table = pd.read_csv(path).set_index("path").loc[items["path"]]
+    columns = [next(c for c in table.columns if c.endswith(f"|{cls}")) for cls in classes]
+    return columns[0].split("|")[0], table[columns].to_numpy()
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--fold", nargs="+", action="append", required=True, metavar="DATA RUN")
+    parser.add_argument("--split", default="test", choices=["valid", "test"], help="score this split")
     args = parser.parse_args()
     keep_freed_memory()
     labels, probs_by_model, names = [], None, None
     for data, *runs in args.fold:
         items = read_manifest(Path(data))
-        items = items[items["split"] == "test"].reset_index(drop=True)
-        loaded = [load_run(Path(run)) for run in runs]
+        items = items[items["split"] == args.split].reset_index(drop=True)
+        loaded = [load_run(Path(run)) for run in runs if not run.endswith(".csv")]
         classes = loaded[0].classes
         labels.append(items["label"].map({c: i for i, c in enumerate(classes)}).to_numpy())
-        fold_probs = [softmax(predict_logits(run, items, progress=False), run.temperature) for run in loaded]
-        names = names or [run.name for run in loaded]
-        probs_by_model = probs_by_model or [[] for _ in loaded]
+        fold_probs, fold_names = [], []
+        for run in runs:
+            if run.endswith(".csv"):
+                name, probs = probabilities_file(Path(run), items, classes)
+            else:
+                run = loaded.pop(0)
+                name, probs = run.name, softmax(predict_logits(run, items, progress=False), run.temperature)
+            fold_names.append(name)
+            fold_probs.append(probs)
+        names = names or fold_names
+        probs_by_model = probs_by_model or [[] for _ in runs]
         for store, probs in zip(probs_by_model, fold_probs, strict=True):
             store.append(probs)
     y = np.concatenate(labels)
     pooled = {name: np.concatenate(store) for name, store in zip(names, probs_by_model, strict=True)}
     pooled[" + ".join(names)] = np.mean(list(pooled.values()), axis=0)
-    print(f"{len(y)} test images from {len(args.fold)} fold(s); classes {', '.join(classes)}")
+    print(f"{len(y)} {args.split} images from {len(args.fold)} fold(s); classes {', '.join(classes)}")
     for name, probs in pooled.items():
         metrics = classification_metrics(y, probs, classes)
         low, high = bootstrap_ci(y, probs, "balanced_accuracy", n_boot=1000)
         recalls = " / ".join(f"{metrics['per_class'][c]['recall']:.2f}" for c in classes)
         print(f"{name:40s} balanced acc. {metrics['balanced_accuracy']:.3f} ({low:.3f}–{high:.3f}); "
               f"recall {recalls}; accuracy {metrics['accuracy']:.3f}")
+    first, combined = pooled[names[0]], pooled[" + ".join(names)]
+    low, high = paired_gain(y, combined.argmax(1), first.argmax(1))
+    print(f"gain of the average over {names[0]}: 95 % paired bootstrap interval {low:+.3f} to {high:+.3f}")
+
+
+def paired_gain(y: np.ndarray, pred_a: np.ndarray, pred_b: np.ndarray, n_boot: int = 2000) -> tuple[float, float]:
+    """Balanced accuracy of A minus B, both scored on the same resampled images each time."""
+    rng = np.random.default_rng(0)
+    gains = []
+    for _ in range(n_boot):
+        i = rng.integers(0, len(y), len(y))
+        gains.append(balanced_accuracy_score(y[i], pred_a[i]) - balanced_accuracy_score(y[i], pred_b[i]))
+    return tuple(np.percentile(gains, [2.5, 97.5]))
 
 
 if __name__ == "__main__":
