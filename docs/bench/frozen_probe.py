@@ -32,20 +32,27 @@ STRENGTHS = [0.001, 0.003, 0.01, 0.03, 0.1, 0.3, 1.0]
 
 
 @torch.no_grad()
-def pooled_features(weights: str, size: int, files: list[str], bs: int = 32) -> np.ndarray:
-    """[N, D]: the spatial mean of the last three blocks' outputs and of the final feature map."""
+def pooled_features(weights: str, size: int, files: list[str], bs: int = 32, pool: str = "mean") -> np.ndarray:
+    """[N, D]: the spatial mean (with `pool="meanstd"` also the standard deviation) of the last three blocks'
+    outputs and of the final feature map."""
+
+    def summary(fmap: torch.Tensor) -> torch.Tensor:
+        if pool == "mean":
+            return fmap.mean((2, 3))
+        return torch.cat([fmap.mean((2, 3)), fmap.std((2, 3))], dim=1)
+
     n = weights.rsplit("lite", 1)[1]
     model = create_model(f"tf_efficientnet_lite{n}", n_in=1, weights=weights).eval()
     body = model.body.to(memory_format=torch.channels_last)  # as the recipe trains: faster on a CPU
     captured = []
-    hooks = [block.register_forward_hook(lambda m, i, out: captured.append(out.mean((2, 3))))
+    hooks = [block.register_forward_hook(lambda m, i, out: captured.append(summary(out)))
              for block in list(body.blocks)[-3:]]
     stats = model.pretrained_stats
     out = []
     for start in range(0, len(files), bs):
         x = torch.stack([load_input(f, size, 1, stats.mean, stats.std) for f in files[start:start + bs]])
         captured.clear()
-        final = body(x.contiguous(memory_format=torch.channels_last)).mean((2, 3))
+        final = summary(body(x.contiguous(memory_format=torch.channels_last)))
         out.append(torch.cat([*captured, final], dim=1).numpy())
     for hook in hooks:
         hook.remove()
@@ -77,6 +84,7 @@ def main() -> None:
     parser.add_argument("--backbone", nargs="+", default=["efficientnet-lite0"])
     parser.add_argument("--size", nargs="+", type=int, default=[288])
     parser.add_argument("--out", type=Path, default=Path("probe"))
+    parser.add_argument("--pool", default="mean", choices=["mean", "meanstd"])
     parser.add_argument("--together-only", action="store_true", help="skip each backbone and size alone")
     args = parser.parse_args()
 
@@ -85,11 +93,12 @@ def main() -> None:
     blocks = []
     for weights in args.backbone:
         for size in args.size:
-            cache = args.out / f"features-{weights}-{size}.npy"
+            suffix = "" if args.pool == "mean" else f"-{args.pool}"
+            cache = args.out / f"features-{weights}-{size}{suffix}.npy"
             if cache.exists():
                 feats = np.load(cache)
             else:
-                feats = pooled_features(weights, size, files)
+                feats = pooled_features(weights, size, files, pool=args.pool)
                 cache.parent.mkdir(parents=True, exist_ok=True)
                 np.save(cache, feats)
             blocks.append((f"{weights} {size}px", pd.DataFrame(feats, index=files)))
