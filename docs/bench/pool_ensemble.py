@@ -5,7 +5,7 @@ is scored once by models that never saw it or its patient.
     .venv/bin/python docs/bench/pool_ensemble.py --fold DATA0 RUN_A0 RUN_B0 --fold DATA1 RUN_A1 RUN_B1 ...
 
 Every --fold names one prepared fold (`cxrfast data prepare --folds K --fold F`) and the runs trained on it, in
-the same order for every fold. A CSV file in place of a run gives test probabilities already computed, one
+the same order for every fold. A CSV file in place of a run gives probabilities already computed, one
 `NAME|CLASS` column per class, rows keyed by `path` (as `docs/bench/frozen_probe.py` writes them).
 """
 
@@ -38,16 +38,17 @@ def main() -> None:
     for data, *runs in args.fold:
         items = read_manifest(Path(data))
         items = items[items["split"] == args.split].reset_index(drop=True)
-        loaded = [load_run(Path(run)) for run in runs if not run.endswith(".csv")]
-        classes = loaded[0].classes
+        sources = [Path(run) for run in runs]
+        loaded = {source: load_run(source) for source in sources if source.suffix != ".csv"}
+        classes = next(iter(loaded.values())).classes
         labels.append(items["label"].map({c: i for i, c in enumerate(classes)}).to_numpy())
         fold_probs, fold_names = [], []
-        for run in runs:
-            if run.endswith(".csv"):
-                name, probs = probabilities_file(Path(run), items, classes)
-            else:
-                run = loaded.pop(0)
+        for source in sources:
+            if source in loaded:
+                run = loaded[source]
                 name, probs = run.name, softmax(predict_logits(run, items, progress=False), run.temperature)
+            else:
+                name, probs = probabilities_file(source, items, classes)
             fold_names.append(name)
             fold_probs.append(probs)
         names = names or fold_names
@@ -64,19 +65,14 @@ def main() -> None:
         recalls = " / ".join(f"{metrics['per_class'][c]['recall']:.2f}" for c in classes)
         print(f"{name:40s} balanced acc. {metrics['balanced_accuracy']:.3f} ({low:.3f}–{high:.3f}); "
               f"recall {recalls}; accuracy {metrics['accuracy']:.3f}")
+    # the project's bootstrap resamples whole rows: both models' probabilities side by side keep the pairs
     first, combined = pooled[names[0]], pooled[" + ".join(names)]
-    low, high = paired_gain(y, combined.argmax(1), first.argmax(1))
+    k = len(classes)
+    low, high = bootstrap_ci(
+        y, np.hstack([combined, first]), n_boot=2000,
+        metric=lambda y, p: balanced_accuracy_score(y, p[:, :k].argmax(1)) - balanced_accuracy_score(y, p[:, k:].argmax(1)),
+    )
     print(f"gain of the average over {names[0]}: 95 % paired bootstrap interval {low:+.3f} to {high:+.3f}")
-
-
-def paired_gain(y: np.ndarray, pred_a: np.ndarray, pred_b: np.ndarray, n_boot: int = 2000) -> tuple[float, float]:
-    """Balanced accuracy of A minus B, both scored on the same resampled images each time."""
-    rng = np.random.default_rng(0)
-    gains = []
-    for _ in range(n_boot):
-        i = rng.integers(0, len(y), len(y))
-        gains.append(balanced_accuracy_score(y[i], pred_a[i]) - balanced_accuracy_score(y[i], pred_b[i]))
-    return tuple(np.percentile(gains, [2.5, 97.5]))
 
 
 if __name__ == "__main__":
