@@ -334,6 +334,12 @@ def integrated_gradients(
     return attr[0].sum(dim=0).detach()
 
 
+def has_feature_map(model: nn.Module) -> bool:
+    """Whether the model has the `.body` with a spatial output that `gradcam` weights by default."""
+    body = getattr(model, "body", None)
+    return body is not None and not getattr(body, "pooled", False)
+
+
 def gradcam(
     model: nn.Module,
     x: Tensor,

@@ -125,7 +125,7 @@ def models(
 @user_errors
 def train(
     data: Annotated[Path, typer.Option(help="Folder with manifest.csv (from `cxrfast data prepare`).")],
-    arch: Annotated[str | None, typer.Option(help="Architecture: convnet, cxresnet, or any timm name.")] = None,
+    arch: Annotated[str | None, typer.Option(help="Architecture: convnet, cxresnet, frozen_lite (frozen ImageNet features + a fitted regression), or any timm name.")] = None,
     recipe: Annotated[Path | None, typer.Option(help="YAML recipe; flags given here override it.")] = None,
     epochs: Annotated[int | None, typer.Option(help="Epochs (after the frozen epochs when fine-tuning).")] = None,
     size: Annotated[int | None, typer.Option(help="Training image side in pixels.")] = None,
@@ -164,12 +164,35 @@ def train(
         _print_run_summary(run_dir)
 
 
+@app.command("ensemble")
+@user_errors
+def ensemble(
+    runs: Annotated[list[Path], typer.Argument(help="Two or more run folders trained on the same manifest.")],
+    out: Annotated[Path | None, typer.Option(help="Folder for the new bundle (default models/ensemble-<time>).")] = None,
+):
+    """Average run bundles' calibrated probabilities into one bundle that every other command takes as a model."""
+    import json
+
+    from cxr_fast.ensemble import build_ensemble
+
+    run_dir = build_ensemble(runs, out)
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    scores = [f"{name} {score:.3f}" for name, score in metrics["members"].items() if score is not None]
+    if metrics["valid_balanced_accuracy"] is None:
+        console.print(f"ensemble [bold]{run_dir}[/] ({len(metrics['members'])} members); its training manifest is not "
+                      "at hand, so the valid split was not scored")
+    else:
+        console.print(f"ensemble [bold]{run_dir}[/]: valid balanced accuracy {metrics['valid_balanced_accuracy']:.3f}"
+                      + (f" (members: {', '.join(scores)})" if scores else ""))
+
+
 def _print_run_summary(run_dir: Path) -> None:
     import json
 
     metrics = json.loads((run_dir / "metrics.json").read_text())
+    kept = f"chosen C {metrics['best_C']:g}" if "best_C" in metrics else f"best epoch {metrics['best_epoch']}"
     console.print(
-        f"run [bold]{run_dir}[/]: best epoch {metrics['best_epoch']}, valid balanced accuracy "
+        f"run [bold]{run_dir}[/]: {kept}, valid balanced accuracy "
         f"{metrics['valid_balanced_accuracy']:.3f}, {metrics['train_seconds']:.0f} s"
     )
 

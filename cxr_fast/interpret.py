@@ -152,6 +152,9 @@ def interpret(run_dir: str | Path, data: str | Path | None = None, split: str = 
     if unknown or "occlusion" not in methods:
         raise CxrFastError(f"--methods takes occlusion plus any of {METHODS[1:]}, got {list(methods)}")
     run = load_run(run_dir)
+    if "gradcam" in methods and not attribution.has_feature_map(run.model):
+        raise CxrFastError(f"{run.path}: Grad-CAM needs one spatial feature map, and this model has none (an "
+                           "ensemble, or frozen features pooled to one vector); use occlusion or integrated_gradients")
     fill = baseline_value(run, baseline)
     # another source's images less those the model learned from, as evaluate uses them
     items, name, _, _, seen_summary = select_unseen_items(run, data, split)

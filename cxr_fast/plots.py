@@ -246,6 +246,35 @@ def plot_training_curves(history, title: str = "Training curves") -> Figure:
     return fig
 
 
+def plot_strength_search(history, title: str = "Regularisation search") -> Figure:
+    """A fitted head's answer to the training curves: train and valid balanced accuracy (and valid loss) against
+    the inverse regularisation strength C, the chosen C marked. Needs columns C, train_balanced_accuracy,
+    valid_balanced_accuracy, valid_loss."""
+    missing = [c for c in ("C", "train_balanced_accuracy", "valid_balanced_accuracy", "valid_loss")
+               if c not in history.columns]
+    if missing:
+        raise CxrFastError(f"plots: regularisation history lacks column(s) {', '.join(missing)}")
+    c = np.asarray(history["C"], dtype=np.float64)
+    fig, (ax_loss, ax_acc) = _figure(10.0, 4.2, ncols=2)
+    ax_loss.plot(c, history["valid_loss"], marker="o", color=PALETTE[1], label="valid")
+    ax_loss.set_title("Loss")
+    ax_loss.set_ylabel("Cross-entropy")
+    ax_acc.plot(c, history["train_balanced_accuracy"], marker="o", color=PALETTE[0], label="train balanced accuracy")
+    ax_acc.plot(c, history["valid_balanced_accuracy"], marker="s", color=PALETTE[2], label="valid balanced accuracy")
+    ax_acc.set_title("Balanced accuracy")
+    ax_acc.set_ylim(0, 1.02)
+    best = c[int(np.argmax(np.asarray(history["valid_balanced_accuracy"], dtype=np.float64)))]
+    for ax in (ax_loss, ax_acc):
+        ax.set_xscale("log")
+        ax.set_xlabel("C (inverse regularisation strength)")
+        ax.axvline(best, color="#888888", linestyle=":", linewidth=1)
+        ax.legend(fontsize=8)
+        _style(ax)
+    ax_acc.annotate(f"chosen C = {best:g}", xy=(best, 0.03), fontsize=8, color="#555555", ha="center")
+    fig.suptitle(title)
+    return fig
+
+
 def _records(results) -> list[dict]:
     if hasattr(results, "to_dict"):
         return results.to_dict("records")

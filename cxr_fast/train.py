@@ -40,6 +40,7 @@ from cxr_fast.config import TrainConfig, resolve_config
 from cxr_fast.data.block import build_dataloaders
 from cxr_fast.data.manifest import read_manifest
 from cxr_fast.errors import CxrFastError, read_json
+from cxr_fast.probe import is_frozen_arch
 
 CHECKPOINT_DIR = "checkpoint"
 
@@ -288,6 +289,11 @@ def _train(data, cfg, *, out, resume, extra_cbs, quiet) -> Path:
         state = {"config": cfg.to_dict(), "history": [], "best": None, "epochs_done": 0, "lr": None,
                  "train_seconds": 0.0, "data": str(Path(data).resolve())}
 
+    if is_frozen_arch(cfg.arch):  # nothing to descend: features once, then a regression (cxr_fast.probe)
+        from cxr_fast.probe import fit_frozen
+
+        return fit_frozen(manifest, cfg, state, Path(out) if resume else None, out, quiet)
+
     stats = (state["stats"]["mean"], state["stats"]["std"]) if resume else None
     learn, spec = build_learner(manifest, distributed.per_process_config(cfg), stats)
     if run_dir is None:
@@ -319,10 +325,10 @@ def _train(data, cfg, *, out, resume, extra_cbs, quiet) -> Path:
 class TrainingInterrupted(Exception):
     """Ctrl-C during training: the finished epochs are saved and `--resume` continues from the last of them."""
 
-    def __init__(self, run_dir: Path, epochs_done: int, epochs_planned: int):
+    def __init__(self, run_dir: Path, epochs_done: int, epochs_planned: int, unit: str = "epochs"):
         self.run_dir, self.epochs_done, self.epochs_planned = run_dir, epochs_done, epochs_planned
         held = f"{run_dir} holds them" if epochs_done else "nothing was kept"
-        super().__init__(f"training interrupted after {epochs_done} of {epochs_planned} epochs; {held}")
+        super().__init__(f"training interrupted after {epochs_done} of {epochs_planned} {unit}; {held}")
 
 
 def _fit_phases(learn, cfg: TrainConfig, state: dict, run_dir: Path, lr: float, resume: bool, extra_cbs) -> None:
@@ -366,15 +372,9 @@ def library_versions() -> dict[str, str]:
             "timm": timm.__version__, "captum": captum.__version__, "python": platform.python_version()}
 
 
-def finish_bundle(run_dir: Path, learn: Learner, cfg: TrainConfig, state: dict) -> Path:
-    """Best weights, config, calibration, history, curves and metrics; then drop the checkpoint."""
-    from cxr_fast.bundle import load_run, predict_logits
-    from cxr_fast.calibration import fit_temperature
-    from cxr_fast.plots import plot_training_curves
-    from cxr_fast.seen import write_seen
-
-    model = learn.model
-    config = {
+def run_config(model: torch.nn.Module, cfg: TrainConfig, state: dict) -> dict:
+    """A bundle's config.json (temperature 1 until calibration): everything `cxr_fast.bundle.load_run` needs."""
+    return {
         "format": "cxr_fast-run/1",
         "model": model_config(model),
         "classes": state["classes"],
@@ -390,6 +390,17 @@ def finish_bundle(run_dir: Path, learn: Learner, cfg: TrainConfig, state: dict) 
         "versions": library_versions(),
         "created": datetime.now().isoformat(timespec="seconds"),
     }
+
+
+def finish_bundle(run_dir: Path, learn: Learner, cfg: TrainConfig, state: dict) -> Path:
+    """Best weights, config, calibration, history, curves and metrics; then drop the checkpoint."""
+    from cxr_fast.bundle import load_run, predict_logits
+    from cxr_fast.calibration import fit_temperature
+    from cxr_fast.plots import plot_training_curves
+    from cxr_fast.seen import write_seen
+
+    model = learn.model
+    config = run_config(model, cfg, state)
     (run_dir / "config.json").write_text(json.dumps(config, indent=2))
     (run_dir / "recipe.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
 

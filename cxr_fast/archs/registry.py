@@ -18,7 +18,7 @@ from typing import Any
 import torch
 import torch.nn as nn
 
-from cxr_fast.archs import convnet, cxresnet
+from cxr_fast.archs import convnet, cxresnet, frozen
 from cxr_fast.archs.layers import classifier_head
 from cxr_fast.archs.weights import (
     EFFICIENTNET_LITE_MEAN,
@@ -43,6 +43,7 @@ Builder = Callable[..., tuple[nn.Module, nn.Sequential]]
 LOCAL_ARCHS: dict[str, tuple[Builder, dict[str, Any]]] = {
     **{name: (convnet.build_convnet, kwargs) for name, kwargs in convnet.VARIANTS.items()},
     **{name: (cxresnet.build_cxresnet, kwargs) for name, kwargs in cxresnet.VARIANTS.items()},
+    **{name: (frozen.build_frozen_features, kwargs) for name, kwargs in frozen.VARIANTS.items()},
 }
 
 
@@ -257,12 +258,17 @@ def model_config(model: CXRModel) -> dict[str, Any]:
     }
 
 
-def model_from_config(cfg: Mapping[str, Any]) -> CXRModel:
-    """The exact architecture of `model_config`'s output, randomly initialised (load the run's state dict
-    next). No weights are fetched, so this works offline even for a model that started from hub weights."""
+def model_from_config(cfg: Mapping[str, Any]) -> nn.Module:
+    """The exact architecture of `model_config`'s output (a `CXRModel`, or for an ensemble bundle a
+    `cxr_fast.ensemble.AveragedEnsemble`), randomly initialised: load the run's state dict next. No weights are
+    fetched, so this works offline even for a model that started from hub weights."""
     missing = [k for k in _CONFIG_KEYS if k not in cfg]
     if missing:
         raise CxrFastError(f"model config lacks {', '.join(missing)}")
+    if cfg["arch"] == "ensemble":  # an average of run bundles: its config lists the members' configs
+        from cxr_fast.ensemble import ensemble_from_config
+
+        return ensemble_from_config(cfg)
     model = create_model(
         cfg["arch"],
         n_in=int(cfg["n_in"]),

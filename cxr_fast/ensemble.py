@@ -1,0 +1,177 @@
+"""Averaging run bundles into one: a model whose probabilities are the mean of its members' calibrated ones.
+
+Models that err on different images are worth averaging: the fine-tuned efficientnet_lite0 recipe leans towards
+Normal, the frozen-feature regression (`frozen_lite`) is more even, and their average scores better than either
+under 5-fold cross-validation (docs/benchmarks.md). The ensemble is written as an ordinary run bundle: its
+config.json lists each member's architecture, input size, normalisation and temperature, and model.safetensors
+holds every member's weights, so evaluate, compare, interpret, predict and export take it as one model.
+
+The ensemble's forward pass returns the logarithm of the mean probability, so a softmax of its output gives the
+average back; its own temperature is 1.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+from sklearn.metrics import balanced_accuracy_score
+
+from cxr_fast.errors import CxrFastError
+
+ENSEMBLE_ARCH = "ensemble"
+MIN_PROBABILITY = 1e-12  # keeps log(mean probability) finite when every member is certain
+
+
+class AveragedEnsemble(nn.Module):
+    """Image at the ensemble's size and normalisation -> log of the members' mean calibrated probability.
+
+    Each member gets the image in its own normalisation and at its own size (bilinear resize), and its logits
+    are divided by its temperature before the softmax.
+    """
+
+    def __init__(self, members: Sequence[nn.Module], specs: Sequence[dict[str, Any]], mean: Sequence[float],
+                 std: Sequence[float]):
+        super().__init__()
+        self.members = nn.ModuleList(members)
+        self.sizes = [int(s["size"]) for s in specs]
+        self.temperatures = [float(s["temperature"]) for s in specs]
+        self.n_in, self.n_classes = len(mean), int(specs[0]["model"]["n_classes"])
+        # x_member = (x * std + mean - mean_member) / std_member, per channel
+        for i, s in enumerate(specs):
+            scale = torch.tensor(std) / torch.tensor(s["std"])
+            shift = (torch.tensor(mean) - torch.tensor(s["mean"])) / torch.tensor(s["std"])
+            self.register_buffer(f"scale{i}", scale.view(1, -1, 1, 1), persistent=False)
+            self.register_buffer(f"shift{i}", shift.view(1, -1, 1, 1), persistent=False)
+
+    def member_input(self, x: torch.Tensor, i: int) -> torch.Tensor:
+        x = x * getattr(self, f"scale{i}") + getattr(self, f"shift{i}")
+        size = self.sizes[i]
+        if tuple(x.shape[-2:]) != (size, size):
+            # plain bilinear: ONNX cannot export the antialiased resize, and a shrink by less than 2x barely aliases
+            x = F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False)
+        return x
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        probs = sum(F.softmax(member(self.member_input(x, i)).float() / t, dim=1)
+                    for i, (member, t) in enumerate(zip(self.members, self.temperatures, strict=True)))
+        return torch.log((probs / len(self.members)).clamp_min(MIN_PROBABILITY))
+
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        """The members' penultimate features side by side [B, sum of C]."""
+        return torch.cat([m.features(self.member_input(x, i)) for i, m in enumerate(self.members)], dim=1)
+
+    def extra_repr(self) -> str:
+        return f"members={len(self.members)}, sizes={self.sizes}"
+
+
+def ensemble_from_config(cfg: dict[str, Any]) -> AveragedEnsemble:
+    """The exact ensemble of `ensemble_config`'s output, members randomly initialised (load the state dict next)."""
+    from cxr_fast.archs import model_from_config
+
+    try:
+        specs = cfg["arch_kwargs"]["members"]
+        members = [model_from_config(s["model"]) for s in specs]
+        return AveragedEnsemble(members, specs, cfg["arch_kwargs"]["mean"], cfg["arch_kwargs"]["std"])
+    except (KeyError, TypeError) as e:
+        raise CxrFastError(f"ensemble config lacks {e}") from None
+
+
+def build_ensemble(runs: Sequence[str | Path], out: str | Path | None = None, progress: bool = True) -> Path:
+    """Write the average of the run bundles `runs` as a new bundle; returns its folder.
+
+    Members must share their classes, input channels and training manifest (so the test split is unseen by all
+    of them). When that manifest is at hand, the average is scored on its valid split; the members' own valid
+    scores are copied from their bundles.
+    """
+    from cxr_fast.bundle import load_run
+    from cxr_fast.train import library_versions, new_run_dir
+
+    if len(runs) < 2:
+        raise CxrFastError("an ensemble needs at least two run folders")
+    loaded = [load_run(r) for r in runs]
+    first = loaded[0]
+    for run in loaded[1:]:
+        for key in ("classes", "n_in", "data"):
+            if run.config.get(key) != first.config.get(key):
+                why = " (the test split must be unseen by every member)" if key == "data" else ""
+                raise CxrFastError(f"{run.path}: its {key} {run.config.get(key)!r} differ from {first.path}'s "
+                                   f"{first.config.get(key)!r}{why}")
+    # The ensemble reads images at its largest member's size, in that member's normalisation.
+    lead = max(loaded, key=lambda r: r.size)
+    specs = [{"name": r.name, "model": r.config["model"], "size": r.size, "mean": r.config["mean"],
+              "std": r.config["std"], "temperature": r.temperature} for r in loaded]
+    model = AveragedEnsemble([r.model for r in loaded], specs, lead.config["mean"], lead.config["std"]).eval()
+    model_cfg = {"arch": ENSEMBLE_ARCH, "arch_kwargs": {"members": specs, "mean": lead.config["mean"],
+                                                         "std": lead.config["std"]},
+                 "n_in": first.n_in, "n_classes": len(first.classes), "weights": "+".join(r.name for r in loaded),
+                 "pretrained_stats": None}
+    run_dir = new_run_dir(out, ENSEMBLE_ARCH)
+    save_file({k: v.detach().contiguous() for k, v in model.state_dict().items()}, str(run_dir / "model.safetensors"))
+    config = {
+        "format": "cxr_fast-run/1",
+        "model": json.loads(json.dumps(model_cfg)),
+        "classes": first.classes,
+        "n_in": first.n_in,
+        "size": lead.size,
+        "mean": lead.config["mean"],
+        "std": lead.config["std"],
+        "weights_source": model_cfg["weights"],
+        "members": [str(r.path.resolve()) for r in loaded],
+        "seed": None,
+        "lr": None,
+        "data": first.config.get("data"),
+        "temperature": 1.0,  # the members' temperatures are applied inside the model
+        "versions": library_versions(),
+        "created": datetime.now().isoformat(timespec="seconds"),
+    }
+    (run_dir / "config.json").write_text(json.dumps(config, indent=2))
+    _merge_seen([r.path for r in loaded], run_dir)
+    metrics = {"members": {r.name: r.metrics.get("valid_balanced_accuracy") for r in loaded},
+               "train_seconds": sum(r.metrics.get("train_seconds") or 0.0 for r in loaded),
+               "parameters": int(sum(p.numel() for p in model.parameters())),
+               "temperature": 1.0}
+    metrics.update(_score_valid(load_run(run_dir), loaded, progress))
+    (run_dir / "metrics.json").write_text(json.dumps(metrics, indent=2))
+    return run_dir
+
+
+def _merge_seen(member_dirs: list[Path], run_dir: Path) -> None:
+    """The ensemble has seen what any member saw. A member without fingerprints leaves the ensemble without
+    them too, and evaluate then says so instead of claiming a check it could not make."""
+    from cxr_fast.seen import SEEN_FILE
+
+    paths = [d / SEEN_FILE for d in member_dirs]
+    if not all(p.is_file() for p in paths):
+        return
+    parts = [load_file(str(p)) for p in paths]
+    save_file({k: torch.cat([p[k] for p in parts]) for k in parts[0]}, str(run_dir / SEEN_FILE))
+
+
+def _score_valid(ensemble, members, progress: bool) -> dict[str, Any]:
+    """Valid balanced accuracy of the average (and per member) when the training manifest is at hand."""
+    from cxr_fast.bundle import predict_logits
+    from cxr_fast.data.manifest import read_manifest
+
+    try:
+        manifest = read_manifest(ensemble.config["data"])
+    except (CxrFastError, TypeError):
+        return {"valid_balanced_accuracy": None}
+    valid = manifest[manifest["split"] == "valid"]
+    if valid.empty:
+        return {"valid_balanced_accuracy": None}
+    y = valid["label"].map({c: i for i, c in enumerate(ensemble.classes)}).to_numpy()
+    logits = predict_logits(ensemble, valid, progress=progress)
+    probs = torch.from_numpy(logits).softmax(1).numpy()
+    return {"valid_balanced_accuracy": float(balanced_accuracy_score(y, probs.argmax(1))),
+            "valid_accuracy": float((probs.argmax(1) == y).mean())}
+
+
+__all__ = ["ENSEMBLE_ARCH", "AveragedEnsemble", "build_ensemble", "ensemble_from_config"]

@@ -1,0 +1,225 @@
+"""Training for frozen-feature architectures (`frozen_lite`): read every image once, fit a linear head.
+
+Fine-tuning takes hundreds of gradient steps through a network. Here the networks never change, so each
+training and valid image is read once and its features kept. Then a logistic regression is fitted on them,
+class-weighted when the recipe asks, with its regularisation strength C chosen on the valid split. The
+regression's feature scaling is folded into the linear layer. The result is an ordinary run bundle
+(safetensors + JSON) that evaluate, compare, interpret, predict, export and `cxrfast ensemble` use like any other.
+
+Interruption: the features of each (backbone, size) pair are saved in `checkpoint/` as soon as they are done,
+and a resumed run reads them back instead of computing them again.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+import yaml
+from rich.progress import Progress
+from safetensors.torch import load_file
+from sklearn.linear_model import LogisticRegression
+from sklearn.metrics import balanced_accuracy_score, log_loss
+from sklearn.preprocessing import StandardScaler
+
+from cxr_fast.archs import create_model
+from cxr_fast.archs.frozen import PACKAGED_BACKBONES, VARIANTS, FrozenFeatures, load_packaged_weights
+from cxr_fast.archs.weights import EFFICIENTNET_LITE_MEAN, EFFICIENTNET_LITE_STD, channel_stats
+from cxr_fast.config import TrainConfig
+from cxr_fast.data.manifest import image_column
+from cxr_fast.errors import CxrFastError
+from cxr_fast.preprocess import load_input
+
+# Inverse regularisation strengths tried, strongest first: on a tie the simpler model wins. The 5-fold benchmark
+# chose 0.003-0.03 for 11,536 features and ~530 training images (docs/benchmarks.md).
+STRENGTHS = (0.001, 0.003, 0.01, 0.03, 0.1, 0.3, 1.0)
+FITTED_SPLITS = ("train", "valid")
+
+
+def is_frozen_arch(arch: str) -> bool:
+    """True for architectures trained by fitting a head on frozen features rather than by gradient descent."""
+    return arch.lower() in VARIANTS
+
+
+def fit_frozen(manifest: pd.DataFrame, cfg: TrainConfig, state: dict, run_dir: Path | None, out, quiet: bool) -> Path:
+    """Features, regression and bundle for `cfg.arch`; `run_dir` is None for a new run (made here, once the model
+    is known to build) or the interrupted run's folder."""
+    from cxr_fast import distributed
+    from cxr_fast.train import CHECKPOINT_DIR, TrainingInterrupted, new_run_dir
+
+    if distributed.world_size() > 1:
+        raise CxrFastError(f"{cfg.arch} fits its head in one process: run it without --distributed")
+    if cfg.weights != "none":
+        raise CxrFastError(f"{cfg.arch}: its backbones always start from their packaged ImageNet weights; "
+                           f"drop --weights {cfg.weights}")
+    classes = sorted(manifest["label"].unique().tolist())
+    model = create_model(cfg.arch, n_in=cfg.n_in, n_classes=len(classes), **cfg.arch_kwargs)
+    load_packaged_weights(model.body)
+    model.pretrained_stats = channel_stats(EFFICIENTNET_LITE_MEAN, EFFICIENTNET_LITE_STD, cfg.n_in)
+    model.weights_source = "+".join(f"efficientnet-lite{PACKAGED_BACKBONES[n]}" for n in model.body.backbone_names)
+    y = {s: manifest[manifest["split"] == s]["label"].map(classes.index).to_numpy() for s in FITTED_SPLITS}
+    lacking = [c for k, c in enumerate(classes) if k not in set(y["train"])]
+    if lacking or not len(y["valid"]):
+        what = f"no {', '.join(lacking)} image in the train split" if lacking else "an empty valid split"
+        raise CxrFastError(f"{state['data']}: {what}; a regression needs every class to learn from and valid "
+                           "images to choose its strength")
+
+    resume = run_dir is not None
+    if not resume:
+        run_dir = new_run_dir(out, cfg.arch)
+    checkpoint = run_dir / CHECKPOINT_DIR
+    checkpoint.mkdir(exist_ok=True)
+    state.update(classes=classes, stats={"mean": model.pretrained_stats.mean, "std": model.pretrained_stats.std},
+                 lr=None)
+    _write_state(state, checkpoint)
+
+    try:
+        features = split_features(model.body, manifest, cfg, checkpoint, state, quiet)
+        started = time.perf_counter()
+        fit, scaler, history = fit_regression(features, y, cfg.class_weights, quiet)
+    except KeyboardInterrupt:
+        blocks = len(list(checkpoint.glob("features-*.safetensors")))
+        if blocks == 0 and not resume:
+            shutil.rmtree(run_dir, ignore_errors=True)  # nothing finished: leave no folder to block a fresh start
+        raise TrainingInterrupted(run_dir, blocks, len(model.body.members()), "feature blocks") from None
+    fold_into_head(model, fit, scaler)
+    state["train_seconds"] += time.perf_counter() - started
+    return _write_bundle(run_dir, model, cfg, state, manifest, history, features, y)
+
+
+def _write_state(state: dict, checkpoint: Path) -> None:
+    tmp = checkpoint / "state.json.tmp"
+    tmp.write_text(json.dumps(state, indent=1))
+    tmp.replace(checkpoint / "state.json")
+
+
+def split_features(body: FrozenFeatures, manifest: pd.DataFrame, cfg: TrainConfig, checkpoint: Path, state: dict,
+                   quiet: bool = False) -> dict[str, np.ndarray]:
+    """{split: [N, D]} for the train and valid images, one (backbone, size) pair at a time, each pair's block saved
+    in `checkpoint` and reused if already there; the seconds spent are added to `state`, saved with them."""
+    from cxr_fast.train import _save_tensors
+
+    files = {s: image_column(manifest[manifest["split"] == s]).tolist() for s in FITTED_SPLITS}
+    images: dict[str, torch.Tensor] | None = None  # read only when a block must be computed
+    blocks: dict[str, list[torch.Tensor]] = {s: [] for s in FITTED_SPLITS}
+    with Progress(transient=True, disable=quiet) as bar:
+        for backbone, size in body.members():
+            path = checkpoint / f"features-{backbone}-{size}.safetensors"
+            if path.is_file():
+                block = load_file(str(path))
+            else:
+                started = time.perf_counter()
+                if images is None:
+                    task = bar.add_task("reading images", total=sum(map(len, files.values())))
+                    images = {s: _read_images(fs, cfg, bar, task) for s, fs in files.items()}
+                name = f"{body.backbone_names[backbone]} at {size} px"
+                task = bar.add_task(f"features: {name}", total=sum(map(len, files.values())))
+                block = {s: _member_features(body, backbone, size, images[s], cfg.bs, bar, task) for s in images}
+                _save_tensors(block, path)
+                seconds = time.perf_counter() - started
+                state["train_seconds"] += seconds
+                state["feature_seconds"] = state.get("feature_seconds", 0.0) + seconds
+                _write_state(state, checkpoint)  # after the block: it must never count work not yet saved
+            for s in FITTED_SPLITS:
+                blocks[s].append(block[s])
+    return {s: torch.cat(blocks[s], dim=1).numpy().astype(np.float64) for s in FITTED_SPLITS}
+
+
+def _read_images(files: list[str], cfg: TrainConfig, bar: Progress, task) -> torch.Tensor:
+    stats = channel_stats(EFFICIENTNET_LITE_MEAN, EFFICIENTNET_LITE_STD, cfg.n_in)
+    out = []
+    for f in files:
+        out.append(load_input(f, cfg.size, cfg.n_in, stats.mean, stats.std))
+        bar.advance(task)
+    return torch.stack(out)
+
+
+@torch.no_grad()
+def _member_features(body: FrozenFeatures, backbone: int, size: int, images: torch.Tensor, bs: int,
+                     bar: Progress, task) -> torch.Tensor:
+    out = []
+    for start in range(0, len(images), bs):
+        out.append(body.member_features(images[start:start + bs], backbone, size))
+        bar.advance(task, len(out[-1]))
+    return torch.cat(out).contiguous()
+
+
+def fit_regression(x: dict[str, np.ndarray], y: dict[str, np.ndarray], class_weights: bool, quiet: bool = False
+                   ) -> tuple[LogisticRegression, StandardScaler, pd.DataFrame]:
+    """Standardise on train, fit one regression per strength in `STRENGTHS`, keep the best on valid balanced
+    accuracy. Returns the kept fit, the scaler and one history row per strength."""
+    scaler = StandardScaler().fit(x["train"])
+    xs = {s: scaler.transform(v) for s, v in x.items()}
+    n_classes = int(max(y["train"].max(), y["valid"].max())) + 1
+    rows, best = [], None
+    with Progress(transient=True, disable=quiet) as bar:
+        task = bar.add_task("fitting the regression", total=len(STRENGTHS))
+        for c in STRENGTHS:
+            fit = LogisticRegression(C=c, class_weight="balanced" if class_weights else None, max_iter=3000)
+            fit.fit(xs["train"], y["train"])
+            probs = fit.predict_proba(xs["valid"])
+            rows.append({"C": c,
+                         "train_balanced_accuracy": balanced_accuracy_score(y["train"], fit.predict(xs["train"])),
+                         "valid_balanced_accuracy": balanced_accuracy_score(y["valid"], probs.argmax(1)),
+                         "valid_accuracy": float((probs.argmax(1) == y["valid"]).mean()),
+                         "valid_loss": log_loss(y["valid"], probs, labels=list(range(n_classes)))})
+            if best is None or rows[-1]["valid_balanced_accuracy"] > best[0]:
+                best = (rows[-1]["valid_balanced_accuracy"], fit)
+            bar.advance(task)
+    return best[1], scaler, pd.DataFrame(rows)
+
+
+def fold_into_head(model: torch.nn.Module, fit: LogisticRegression, scaler: StandardScaler) -> None:
+    """Write `fit` on standardised features into the model's linear layer on raw features:
+    w·(f - μ)/σ + b = (w/σ)·f + (b - w·μ/σ)."""
+    coef, intercept = fit.coef_, fit.intercept_
+    if coef.shape[0] == 1:  # two classes: sklearn keeps one row; softmax([0, z]) is its sigmoid(z)
+        coef, intercept = np.vstack([np.zeros_like(coef), coef]), np.r_[0.0, intercept]
+    weight = coef / scaler.scale_
+    bias = intercept - (coef * scaler.mean_ / scaler.scale_).sum(axis=1)
+    with torch.no_grad():
+        model.classifier.weight.copy_(torch.from_numpy(weight))
+        model.classifier.bias.copy_(torch.from_numpy(bias))
+
+
+def _write_bundle(run_dir: Path, model, cfg: TrainConfig, state: dict, manifest: pd.DataFrame, history: pd.DataFrame,
+                  features: dict[str, np.ndarray], y: dict[str, np.ndarray]) -> Path:
+    from cxr_fast.calibration import fit_temperature
+    from cxr_fast.plots import plot_strength_search
+    from cxr_fast.seen import write_seen
+    from cxr_fast.train import CHECKPOINT_DIR, _cpu_state, _save_tensors, run_config
+
+    _save_tensors(_cpu_state(model), run_dir / "model.safetensors")
+    config = run_config(model, cfg, state)
+    config["weights_source"] = model.weights_source
+    # The valid logits from the kept features, exactly as the bundle's linear layer computes them.
+    classifier = model.classifier
+    logits = features["valid"] @ classifier.weight.detach().double().numpy().T + classifier.bias.detach().double().numpy()
+    config["temperature"] = float(fit_temperature(logits, y["valid"]))
+    (run_dir / "config.json").write_text(json.dumps(config, indent=2))
+    (run_dir / "recipe.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+    write_seen(run_dir, manifest)
+    history.to_csv(run_dir / "history.csv", index=False)
+    plot_strength_search(history, title=f"{cfg.arch}: regularisation search").savefig(run_dir / "curves.png")
+    best = history.loc[history["valid_balanced_accuracy"].idxmax()]
+    metrics = {
+        "best_C": float(best["C"]),
+        "valid_balanced_accuracy": float(best["valid_balanced_accuracy"]),
+        "valid_accuracy": float(best["valid_accuracy"]),
+        "valid_loss": float(best["valid_loss"]),
+        "train_seconds": round(state["train_seconds"], 2),
+        "feature_seconds": round(state.get("feature_seconds", 0.0), 2),
+        "features": int(features["train"].shape[1]),
+        "processes": 1,
+        "parameters": int(sum(p.numel() for p in model.parameters())),
+        "trained_parameters": int(sum(p.numel() for p in classifier.parameters())),
+        "temperature": config["temperature"],
+    }
+    (run_dir / "metrics.json").write_text(json.dumps(metrics, indent=2))
+    shutil.rmtree(run_dir / CHECKPOINT_DIR, ignore_errors=True)
+    return run_dir

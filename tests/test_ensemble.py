@@ -1,0 +1,133 @@
+"""`cxrfast ensemble`: run bundles averaged into one bundle that every other command takes as a model."""
+
+import json
+import os
+import shutil
+
+import numpy as np
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from cxr_fast.archs import create_model
+from cxr_fast.bundle import load_run, predict_logits, softmax
+from cxr_fast.cli import app
+from cxr_fast.config import resolve_config
+from cxr_fast.data.io import read_image
+from cxr_fast.data.manifest import read_manifest
+from cxr_fast.ensemble import AveragedEnsemble, build_ensemble
+from cxr_fast.errors import CxrFastError
+from cxr_fast.seen import read_seen
+from cxr_fast.train import train
+
+
+@pytest.fixture(scope="module")
+def ensemble_dir(tiny_runs, tmp_path_factory):
+    return build_ensemble(tiny_runs, tmp_path_factory.mktemp("ens") / "ensemble", progress=False)
+
+
+@pytest.fixture(scope="module")
+def mixed_dir(tiny_data, tiny_runs, tmp_path_factory):
+    """A frozen-feature run at 64 px (ImageNet normalisation) averaged with a 48-px run (the data's own)."""
+    root = tmp_path_factory.mktemp("mixed")
+    cfg = resolve_config(arch="frozen_lite", size=64, bs=8, class_weights=True,
+                         arch_kwargs={"backbones": ["tf_efficientnet_lite0"], "sizes": [48, 64]})
+    frozen = train(tiny_data, cfg, out=root / "frozen", quiet=True)
+    return build_ensemble([frozen, tiny_runs[0]], root / "ensemble", progress=False)
+
+
+def test_probabilities_are_the_mean_of_the_members_calibrated_ones(ensemble_dir, tiny_runs, tiny_data):
+    ensemble = load_run(ensemble_dir)
+    assert ensemble.temperature == 1.0 and ensemble.size == 48
+    test = read_manifest(tiny_data).query("split == 'test'")
+    members = [load_run(r) for r in tiny_runs]
+    expected = np.mean([softmax(predict_logits(m, test, progress=False), m.temperature) for m in members], axis=0)
+    np.testing.assert_allclose(softmax(predict_logits(ensemble, test, progress=False)), expected, atol=1e-6)
+
+    metrics = json.loads((ensemble_dir / "metrics.json").read_text())
+    valid = read_manifest(tiny_data).query("split == 'valid'")
+    predicted = predict_logits(ensemble, valid, progress=False).argmax(1)
+    truth = valid["label"].map(ensemble.classes.index).to_numpy()
+    assert metrics["valid_balanced_accuracy"] == pytest.approx(
+        np.mean([np.mean(predicted[truth == k] == k) for k in np.unique(truth)]))
+    assert set(metrics["members"]) == {r.name for r in tiny_runs}
+    assert len(read_seen(ensemble_dir)) == sum(len(read_seen(r)) for r in tiny_runs)
+
+
+def test_each_member_gets_the_image_in_its_own_normalisation_and_size():
+    members = [create_model("cxresnet_tiny", n_in=1, n_classes=3) for _ in range(2)]
+    specs = [{"size": 64, "mean": [0.5], "std": [0.25], "temperature": 1.0, "model": {"n_classes": 3}},
+             {"size": 32, "mean": [0.2], "std": [0.1], "temperature": 2.0, "model": {"n_classes": 3}}]
+    ensemble = AveragedEnsemble(members, specs, mean=[0.5], std=[0.25]).eval()
+    pixels = torch.rand(1, 1, 64, 64)  # an image in [0, 1], normalised the ensemble's way below
+    x = (pixels - 0.5) / 0.25
+    torch.testing.assert_close(ensemble.member_input(x, 0), x)
+    second = ensemble.member_input(x, 1)
+    assert second.shape == (1, 1, 32, 32)
+    resized = torch.nn.functional.interpolate(pixels, size=(32, 32), mode="bilinear", align_corners=False)
+    torch.testing.assert_close(second, (resized - 0.2) / 0.1, atol=1e-5, rtol=1e-5)
+    with torch.no_grad():
+        probs = ensemble(x).exp()
+        expected = (members[0](x).softmax(1) + (members[1](second) / 2.0).softmax(1)) / 2
+    torch.testing.assert_close(probs, expected)
+
+
+def test_members_must_agree_on_classes_channels_and_manifest(tiny_runs, tmp_path):
+    with pytest.raises(CxrFastError, match="at least two run folders"):
+        build_ensemble(tiny_runs[:1], tmp_path / "one")
+    for key, value, message in (("data", "/elsewhere/manifest", "the test split must be unseen"),
+                                ("classes", ["A", "B", "C"], "its classes"),
+                                ("n_in", 3, "its n_in")):
+        other = shutil.copytree(tiny_runs[1], tmp_path / key)
+        config = json.loads((other / "config.json").read_text())
+        config[key] = value
+        (other / "config.json").write_text(json.dumps(config))
+        with pytest.raises(CxrFastError, match=message):
+            build_ensemble([tiny_runs[0], other], tmp_path / f"ens-{key}")
+        assert not (tmp_path / f"ens-{key}").exists()
+
+
+def test_an_existing_folder_is_never_overwritten(ensemble_dir, tiny_runs):
+    before = (ensemble_dir / "config.json").read_text()
+    result = CliRunner().invoke(app, ["ensemble", *map(str, tiny_runs), "--out", str(ensemble_dir)])
+    assert result.exit_code == 1 and "already exists" in result.output
+    assert (ensemble_dir / "config.json").read_text() == before
+
+
+def test_cli_reports_the_valid_score_of_the_average_and_its_members(tiny_runs, tmp_path):
+    result = CliRunner().invoke(app, ["ensemble", *map(str, tiny_runs), "--out", str(tmp_path / "ens")])
+    assert result.exit_code == 0, result.output
+    assert "valid balanced accuracy" in result.output and tiny_runs[0].name in result.output
+
+
+def test_evaluate_interpret_and_predict_take_a_mixed_ensemble_as_one_model(mixed_dir, tiny_data, tmp_path):
+    from cxr_fast.evaluate import evaluate
+    from cxr_fast.interpret import interpret
+    from cxr_fast.predict import predict
+
+    ensemble = load_run(mixed_dir)
+    assert ensemble.size == 64 and ensemble.config["mean"] != load_run(ensemble.config["members"][1]).config["mean"]
+    n_test = int((read_manifest(tiny_data)["split"] == "test").sum())
+    assert evaluate(mixed_dir).metrics["n"] == n_test
+    images = read_manifest(tiny_data).sort_values("path")["path"].tolist()[:3]
+    results, _ = predict(mixed_dir, images, progress=False)
+    assert len(results) == 3 and np.allclose(results.filter(like="p_").sum(1), 1.0)
+
+    result = interpret(mixed_dir, n=1, audit_n=2, window=16, stride=16, progress=False)
+    assert (result.out_dir / "gallery.html").is_file()
+    refused = CliRunner().invoke(app, ["interpret", str(mixed_dir), "--methods", "occlusion,gradcam", "--force"])
+    assert refused.exit_code == 1 and "Grad-CAM needs one spatial feature map" in refused.output
+
+
+def test_onnx_export_of_a_mixed_ensemble_matches_pytorch(mixed_dir, tiny_data, tmp_path):
+    if os.environ.get("CI") != "true":  # CI installs the onnx extra and must run this; a user may not have it
+        pytest.importorskip("onnxruntime")
+    from cxr_fast.export import OnnxRunner, export_onnx
+    from cxr_fast.predict import TorchRunner, model_image, model_input
+
+    export_onnx(mixed_dir, tmp_path / "onnx")
+    onnx_runner, torch_runner = OnnxRunner(tmp_path / "onnx"), TorchRunner(mixed_dir)
+    paths = read_manifest(tiny_data).sort_values("path")["path"].tolist()[:3]
+    batch = np.stack([model_input(model_image(read_image(p), 64), 1, torch_runner.mean, torch_runner.std)
+                      for p in paths])
+    np.testing.assert_allclose(onnx_runner.logits(batch), torch_runner.logits(batch), atol=1e-4)

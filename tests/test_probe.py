@@ -1,0 +1,163 @@
+"""Frozen ImageNet features (`frozen_lite`) with a fitted logistic-regression head, trained by `cxrfast train`."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file
+from typer.testing import CliRunner
+
+from cxr_fast.archs import create_model
+from cxr_fast.archs.frozen import load_packaged_weights
+from cxr_fast.archs.weights import efficientnet_lite_body
+from cxr_fast.bundle import load_run, predict_logits
+from cxr_fast.cli import app
+from cxr_fast.config import resolve_config
+from cxr_fast.data.manifest import read_manifest
+from cxr_fast.errors import CxrFastError
+from cxr_fast.probe import STRENGTHS, fit_regression, fold_into_head
+from cxr_fast.train import TrainingInterrupted, train
+
+# One backbone at two small sizes: the real recipe's code path at a fraction of its cost.
+SMALL = {"backbones": ["tf_efficientnet_lite0"], "sizes": [48, 64]}
+
+
+def small_recipe(tmp_path, **extra):
+    recipe = tmp_path / "frozen.yaml"
+    recipe.write_text(json.dumps({"arch": "frozen_lite", "arch_kwargs": SMALL, "size": 64, "bs": 8,
+                                  "class_weights": True, **extra}))
+    return recipe
+
+
+def test_features_are_the_pooled_block_outputs_of_timms_own_forward():
+    model = create_model("frozen_lite", n_in=1, n_classes=3, **SMALL).eval()
+    net = model.body.backbones[0]
+    taps = []
+    hooks = [block.register_forward_hook(lambda m, i, out: taps.append(out.mean((2, 3))))
+             for block in list(net.blocks)[-3:]]
+    x = torch.randn(2, 1, 64, 64)
+    with torch.no_grad():
+        final = net(x).mean((2, 3))  # the hooks record the last three blocks' outputs meanwhile
+    for hook in hooks:
+        hook.remove()
+    expected = torch.cat([*taps, final], dim=1)
+    with torch.no_grad():
+        features = model.features(x)
+    d = model.body.member_dims[0]
+    assert features.shape == (2, 2 * d) == (2, model.body.out_channels)
+    torch.testing.assert_close(features[:, d:], expected)  # the 64-px member: the image as given
+
+
+def test_backbones_stay_frozen_and_in_eval_mode_while_the_head_trains():
+    model = create_model("frozen_lite", n_in=1, n_classes=3, **SMALL)
+    model.train()
+    assert not model.body.training and not any(m.training for m in model.body.modules())
+    assert model.head.training
+    assert not any(p.requires_grad for p in model.body.parameters())
+    before = {k: v.clone() for k, v in model.body.state_dict().items()}
+    opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1)
+    model(torch.randn(4, 1, 64, 64)).logsumexp(1).sum().backward()
+    opt.step()
+    after = model.body.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)  # batch-norm statistics included
+
+
+def test_packaged_imagenet_weights_load_into_every_backbone():
+    model = create_model("frozen_lite", n_in=1, n_classes=3,
+                         backbones=["tf_efficientnet_lite0", "tf_efficientnet_lite1"], sizes=[64])
+    load_packaged_weights(model.body)
+    for name, net in zip(model.body.backbone_names, model.body.backbones, strict=True):
+        reference = efficientnet_lite_body(name, int(name[-1]), 1).state_dict()
+        assert all(torch.equal(v, reference[k]) for k, v in net.state_dict().items())
+
+
+def test_unknown_backbone_is_a_one_line_error():
+    with pytest.raises(CxrFastError, match="backbones must be among tf_efficientnet_lite0"):
+        create_model("frozen_lite", backbones=["resnet18"])
+
+
+@pytest.mark.parametrize("n_classes", [3, 2])
+def test_folded_head_gives_sklearns_probabilities_on_raw_features(n_classes):
+    rng = np.random.default_rng(0)
+    y = {s: rng.integers(0, n_classes, size=n) for s, n in (("train", 60), ("valid", 30))}
+    # informative, differently scaled and offset features: the scaler does real work
+    x = {s: rng.normal(size=(len(v), 8)) * [1, 5, 0.1, 2, 1, 1, 3, 1] + 10 + v[:, None] for s, v in y.items()}
+    fit, scaler, history = fit_regression(x, y, class_weights=True, quiet=True)
+    assert list(history["C"]) == list(STRENGTHS)
+    assert history["valid_balanced_accuracy"].max() == pytest.approx(
+        history.loc[history["C"] == fit.C, "valid_balanced_accuracy"].iloc[0])
+    model = create_model("cxresnet_tiny", n_in=1, n_classes=n_classes)
+    model.head.classifier = torch.nn.Linear(8, n_classes).double()
+    fold_into_head(model, fit, scaler)
+    probs = model.classifier(torch.from_numpy(x["valid"])).softmax(1).detach().numpy()
+    np.testing.assert_allclose(probs, fit.predict_proba(scaler.transform(x["valid"])), atol=1e-9)
+
+
+def test_train_frozen_lite_writes_a_bundle_that_reproduces_its_valid_score(tiny_data, tmp_path):
+    result = CliRunner().invoke(app, ["train", "--data", str(tiny_data), "--recipe", str(small_recipe(tmp_path)),
+                                      "--out", str(tmp_path / "run")])
+    assert result.exit_code == 0, result.output
+    assert "chosen C" in result.output
+    run_dir = tmp_path / "run"
+    for name in ("model.safetensors", "config.json", "recipe.yaml", "history.csv", "curves.png", "metrics.json",
+                 "seen_images.safetensors"):
+        assert (run_dir / name).is_file(), name
+    assert not (run_dir / "checkpoint").exists()
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    assert metrics["best_C"] in STRENGTHS and metrics["trained_parameters"] == 3 * (metrics["features"] + 1)
+
+    run = load_run(run_dir)
+    assert run.config["weights_source"] == "efficientnet-lite0" and run.size == 64
+    valid = read_manifest(tiny_data).query("split == 'valid'")
+    predicted = predict_logits(run, valid, progress=False).argmax(1)
+    truth = valid["label"].map(run.classes.index).to_numpy()
+    recalls = [np.mean(predicted[truth == k] == k) for k in np.unique(truth)]
+    assert np.mean(recalls) == pytest.approx(metrics["valid_balanced_accuracy"])
+    # the networks were read, never trained: the bundle holds the packaged ImageNet weights
+    reference = efficientnet_lite_body("tf_efficientnet_lite0", 0, 1).state_dict()
+    stored = load_file(str(run_dir / "model.safetensors"))
+    assert all(torch.equal(stored[f"body.backbones.0.{k}"], v) for k, v in reference.items())
+
+
+def test_interrupted_fit_resumes_from_the_saved_features(tiny_data, tmp_path, monkeypatch):
+    import cxr_fast.probe as probe
+
+    cfg = resolve_config(small_recipe(tmp_path))
+    fresh = train(tiny_data, cfg, out=tmp_path / "fresh", quiet=True)
+
+    real_fit = probe.fit_regression
+    def killed(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(probe, "fit_regression", killed)
+    with pytest.raises(TrainingInterrupted, match="after 2 of 2 feature blocks"):
+        train(tiny_data, cfg, out=tmp_path / "killed", quiet=True)
+    saved = sorted(p.name for p in (tmp_path / "killed" / "checkpoint").iterdir())
+    assert saved == ["features-0-48.safetensors", "features-0-64.safetensors", "state.json"]
+    with pytest.raises(CxrFastError, match="add --resume"):
+        train(tiny_data, cfg, out=tmp_path / "killed", quiet=True)
+
+    monkeypatch.setattr(probe, "fit_regression", real_fit)
+    monkeypatch.setattr(probe, "_member_features", lambda *a, **k: pytest.fail("features computed again"))
+    resumed = train(tiny_data, out=tmp_path / "killed", resume=True, quiet=True)
+    assert all(torch.equal(v, load_file(str(resumed / "model.safetensors"))[k])
+               for k, v in load_file(str(fresh / "model.safetensors")).items())
+
+
+def test_weights_option_is_refused_for_frozen_features(tiny_data, tmp_path):
+    cfg = resolve_config(small_recipe(tmp_path), weights="efficientnet-lite0")
+    with pytest.raises(CxrFastError, match="packaged ImageNet weights; drop --weights"):
+        train(tiny_data, cfg, out=tmp_path / "run", quiet=True)
+    assert not (tmp_path / "run").exists()
+
+
+def test_regression_needs_every_class_in_the_train_split(tiny_data, tmp_path):
+    from cxr_fast.probe import fit_frozen
+
+    manifest = read_manifest(tiny_data)
+    manifest = manifest[~((manifest["split"] == "train") & (manifest["label"] == "Normal"))]
+    state = {"config": {}, "data": str(tiny_data), "train_seconds": 0.0}
+    with pytest.raises(CxrFastError, match="no Normal image in the train split"):
+        fit_frozen(manifest, resolve_config(small_recipe(tmp_path)), state, None, tmp_path / "run", quiet=True)
+    assert not (tmp_path / "run").exists()
