@@ -6,7 +6,9 @@ is scored once by models that never saw it or its patient.
 
 Every --fold names one prepared fold (`cxrfast data prepare --folds K --fold F`) and the runs trained on it, in
 the same order for every fold. A CSV file in place of a run gives probabilities already computed, one
-`NAME|CLASS` column per class, rows keyed by `path` (as `docs/bench/frozen_probe.py` writes them).
+`NAME|CLASS` column per class, rows keyed by `path` (as `docs/bench/frozen_probe.py` writes them). With
+`--no-average` the runs are scored as they are, e.g. a recipe's runs beside the `cxrfast ensemble` bundles made
+from them, and the paired gain is of the last model over the first.
 """
 
 import argparse
@@ -32,6 +34,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--fold", nargs="+", action="append", required=True, metavar="DATA RUN")
     parser.add_argument("--split", default="test", choices=["valid", "test"], help="score this split")
+    parser.add_argument("--no-average", action="store_true",
+                        help="score the models as given (e.g. an ensemble bundle among them); the paired gain is then "
+                             "of the last model over the first")
     args = parser.parse_args()
     keep_freed_memory()
     labels, probs_by_model, names = [], None, None
@@ -57,22 +62,26 @@ def main() -> None:
             store.append(probs)
     y = np.concatenate(labels)
     pooled = {name: np.concatenate(store) for name, store in zip(names, probs_by_model, strict=True)}
-    pooled[" + ".join(names)] = np.mean(list(pooled.values()), axis=0)
+    if not args.no_average:
+        pooled[" + ".join(names)] = np.mean(list(pooled.values()), axis=0)
+    sizes = np.cumsum([0] + [len(y_fold) for y_fold in labels])
     print(f"{len(y)} {args.split} images from {len(args.fold)} fold(s); classes {', '.join(classes)}")
     for name, probs in pooled.items():
         metrics = classification_metrics(y, probs, classes)
         low, high = bootstrap_ci(y, probs, "balanced_accuracy", n_boot=1000)
         recalls = " / ".join(f"{metrics['per_class'][c]['recall']:.2f}" for c in classes)
+        per_fold = " / ".join(f"{balanced_accuracy_score(y[a:b], probs[a:b].argmax(1)):.3f}"
+                              for a, b in zip(sizes, sizes[1:]))
         print(f"{name:40s} balanced acc. {metrics['balanced_accuracy']:.3f} ({low:.3f}–{high:.3f}); "
-              f"recall {recalls}; accuracy {metrics['accuracy']:.3f}")
+              f"recall {recalls}; accuracy {metrics['accuracy']:.3f}; per fold {per_fold}")
     # the project's bootstrap resamples whole rows: both models' probabilities side by side keep the pairs
-    first, combined = pooled[names[0]], pooled[" + ".join(names)]
+    first, combined = pooled[names[0]], pooled[list(pooled)[-1]]
     k = len(classes)
     low, high = bootstrap_ci(
         y, np.hstack([combined, first]), n_boot=2000,
         metric=lambda y, p: balanced_accuracy_score(y, p[:, :k].argmax(1)) - balanced_accuracy_score(y, p[:, k:].argmax(1)),
     )
-    print(f"gain of the average over {names[0]}: 95 % paired bootstrap interval {low:+.3f} to {high:+.3f}")
+    print(f"gain of {list(pooled)[-1]} over {names[0]}: 95 % paired bootstrap interval {low:+.3f} to {high:+.3f}")
 
 
 if __name__ == "__main__":
