@@ -131,3 +131,11 @@ def test_onnx_export_of_a_mixed_ensemble_matches_pytorch(mixed_dir, tiny_data, t
     batch = np.stack([model_input(model_image(read_image(p), 64), 1, torch_runner.mean, torch_runner.std)
                       for p in paths])
     np.testing.assert_allclose(onnx_runner.logits(batch), torch_runner.logits(batch), atol=1e-4)
+
+
+def test_compare_puts_an_ensemble_beside_its_members(ensemble_dir, tiny_runs, tmp_path):
+    from cxr_fast.compare import compare_runs
+
+    result = compare_runs([*tiny_runs, ensemble_dir], out=tmp_path / "cmp", n_boot=50)
+    assert list(result.table["arch"]) == ["cxresnet_tiny", "cxresnet_tiny", "ensemble"]
+    assert result.table["params"].iloc[2] == result.table["params"].iloc[0] + result.table["params"].iloc[1]

@@ -1,8 +1,8 @@
 """End to end on ~890 real chest X-rays (../shared/data/cxr-dev): prepare → train → evaluate.
 
 Skipped on a user's machine without the shared data; required in CI (CI=true). Small images and few epochs keep
-it to a few minutes on 2 CPU cores; the floors are far above chance (1/3) so a broken pipeline cannot pass. Frozen ImageNet features (lite0, 128 px)
-and their ensemble with the trained network run here too.
+it to a few minutes on 2 CPU cores; the floors are far above chance (1/3) so a broken pipeline cannot pass.
+Frozen ImageNet features (lite0, 128 px) and their ensemble with the trained network run here too.
 """
 
 import pytest
