@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import shutil
 import time
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -39,6 +40,9 @@ from cxr_fast.preprocess import load_input
 # chose 0.003-0.03 for 11,536 features and ~530 training images (docs/benchmarks.md).
 STRENGTHS = (0.001, 0.003, 0.01, 0.03, 0.1, 0.3, 1.0)
 FITTED_SPLITS = ("train", "valid")
+# Options that steer gradient descent: a recipe or flag that sets one for a fitted head is told it has no effect.
+GRADIENT_OPTIONS = ("epochs", "freeze_epochs", "lr_mult", "lr", "wd", "pct_start", "label_smoothing", "mixup",
+                    "augment", "channels_last")
 
 
 def is_frozen_arch(arch: str) -> bool:
@@ -57,6 +61,11 @@ def fit_frozen(manifest: pd.DataFrame, cfg: TrainConfig, state: dict, run_dir: P
     if cfg.weights != "none":
         raise CxrFastError(f"{cfg.arch}: its backbones always start from their packaged ImageNet weights; "
                            f"drop --weights {cfg.weights}")
+    ignored = [name for name in GRADIENT_OPTIONS if getattr(cfg, name) != getattr(TrainConfig(), name)]
+    if ignored:
+        warnings.warn(f"{cfg.arch} fits a regression on frozen features: {', '.join(ignored)} "
+                      f"{'does' if len(ignored) == 1 else 'do'} not apply and {'is' if len(ignored) == 1 else 'are'} "
+                      "ignored", stacklevel=2)
     classes = sorted(manifest["label"].unique().tolist())
     model = create_model(cfg.arch, n_in=cfg.n_in, n_classes=len(classes), **cfg.arch_kwargs)
     load_packaged_weights(model.body)

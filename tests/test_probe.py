@@ -161,3 +161,9 @@ def test_regression_needs_every_class_in_the_train_split(tiny_data, tmp_path):
     with pytest.raises(CxrFastError, match="no Normal image in the train split"):
         fit_frozen(manifest, resolve_config(small_recipe(tmp_path)), state, None, tmp_path / "run", quiet=True)
     assert not (tmp_path / "run").exists()
+
+
+def test_options_of_gradient_descent_are_named_as_ignored(tiny_data, tmp_path):
+    cfg = resolve_config(small_recipe(tmp_path), epochs=9, lr=0.1)
+    with pytest.warns(UserWarning, match="epochs, lr do not apply and are ignored"):
+        train(tiny_data, cfg, out=tmp_path / "run", quiet=True)
