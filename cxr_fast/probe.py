@@ -63,9 +63,8 @@ def fit_frozen(manifest: pd.DataFrame, cfg: TrainConfig, state: dict, run_dir: P
                            f"drop --weights {cfg.weights}")
     ignored = [name for name in GRADIENT_OPTIONS if getattr(cfg, name) != getattr(TrainConfig(), name)]
     if ignored:
-        warnings.warn(f"{cfg.arch} fits a regression on frozen features: {', '.join(ignored)} "
-                      f"{'does' if len(ignored) == 1 else 'do'} not apply and {'is' if len(ignored) == 1 else 'are'} "
-                      "ignored", stacklevel=2)
+        warnings.warn(f"{cfg.arch} fits a regression on frozen features, so these options do not apply and are "
+                      f"ignored: {', '.join(ignored)}", stacklevel=2)
     classes = sorted(manifest["label"].unique().tolist())
     model = create_model(cfg.arch, n_in=cfg.n_in, n_classes=len(classes), **cfg.arch_kwargs)
     load_packaged_weights(model.body)

@@ -165,5 +165,5 @@ def test_regression_needs_every_class_in_the_train_split(tiny_data, tmp_path):
 
 def test_options_of_gradient_descent_are_named_as_ignored(tiny_data, tmp_path):
     cfg = resolve_config(small_recipe(tmp_path), epochs=9, lr=0.1)
-    with pytest.warns(UserWarning, match="epochs, lr do not apply and are ignored"):
+    with pytest.warns(UserWarning, match="do not apply and are ignored: epochs, lr"):
         train(tiny_data, cfg, out=tmp_path / "run", quiet=True)
