@@ -73,7 +73,8 @@ class AveragedEnsemble(nn.Module):
 
 
 def ensemble_from_config(cfg: dict[str, Any]) -> AveragedEnsemble:
-    """The exact ensemble of `ensemble_config`'s output, members randomly initialised (load the state dict next)."""
+    """The exact ensemble a bundle's model config describes, members randomly initialised (load the state dict
+    next)."""
     from cxr_fast.archs import model_from_config
 
     try:
@@ -138,7 +139,7 @@ def build_ensemble(runs: Sequence[str | Path], out: str | Path | None = None, pr
                "train_seconds": sum(r.metrics.get("train_seconds") or 0.0 for r in loaded),
                "parameters": int(sum(p.numel() for p in model.parameters())),
                "temperature": 1.0}
-    metrics.update(_score_valid(load_run(run_dir), loaded, progress))
+    metrics.update(_score_valid(load_run(run_dir), progress))
     (run_dir / "metrics.json").write_text(json.dumps(metrics, indent=2))
     return run_dir
 
@@ -155,8 +156,8 @@ def _merge_seen(member_dirs: list[Path], run_dir: Path) -> None:
     save_file({k: torch.cat([p[k] for p in parts]) for k in parts[0]}, str(run_dir / SEEN_FILE))
 
 
-def _score_valid(ensemble, members, progress: bool) -> dict[str, Any]:
-    """Valid balanced accuracy of the average (and per member) when the training manifest is at hand."""
+def _score_valid(ensemble, progress: bool) -> dict[str, Any]:
+    """Valid balanced accuracy and accuracy of the average when the training manifest is at hand."""
     from cxr_fast.bundle import predict_logits
     from cxr_fast.data.manifest import read_manifest
 
@@ -168,10 +169,9 @@ def _score_valid(ensemble, members, progress: bool) -> dict[str, Any]:
     if valid.empty:
         return {"valid_balanced_accuracy": None}
     y = valid["label"].map({c: i for i, c in enumerate(ensemble.classes)}).to_numpy()
-    logits = predict_logits(ensemble, valid, progress=progress)
-    probs = torch.from_numpy(logits).softmax(1).numpy()
-    return {"valid_balanced_accuracy": float(balanced_accuracy_score(y, probs.argmax(1))),
-            "valid_accuracy": float((probs.argmax(1) == y).mean())}
+    predicted = predict_logits(ensemble, valid, progress=progress).argmax(1)
+    return {"valid_balanced_accuracy": float(balanced_accuracy_score(y, predicted)),
+            "valid_accuracy": float((predicted == y).mean())}
 
 
 __all__ = ["ENSEMBLE_ARCH", "AveragedEnsemble", "build_ensemble", "ensemble_from_config"]

@@ -30,7 +30,7 @@ from sklearn.preprocessing import StandardScaler
 
 from cxr_fast.archs import create_model
 from cxr_fast.archs.frozen import PACKAGED_BACKBONES, VARIANTS, FrozenFeatures, load_packaged_weights
-from cxr_fast.archs.weights import EFFICIENTNET_LITE_MEAN, EFFICIENTNET_LITE_STD, channel_stats
+from cxr_fast.archs.weights import EFFICIENTNET_LITE_MEAN, EFFICIENTNET_LITE_STD, Stats, channel_stats
 from cxr_fast.config import TrainConfig
 from cxr_fast.data.manifest import image_column
 from cxr_fast.errors import CxrFastError
@@ -87,7 +87,7 @@ def fit_frozen(manifest: pd.DataFrame, cfg: TrainConfig, state: dict, run_dir: P
     _write_state(state, checkpoint)
 
     try:
-        features = split_features(model.body, manifest, cfg, checkpoint, state, quiet)
+        features = split_features(model.body, manifest, cfg, model.pretrained_stats, checkpoint, state, quiet)
         started = time.perf_counter()
         fit, scaler, history = fit_regression(features, y, cfg.class_weights, quiet)
     except KeyboardInterrupt:
@@ -106,8 +106,8 @@ def _write_state(state: dict, checkpoint: Path) -> None:
     tmp.replace(checkpoint / "state.json")
 
 
-def split_features(body: FrozenFeatures, manifest: pd.DataFrame, cfg: TrainConfig, checkpoint: Path, state: dict,
-                   quiet: bool = False) -> dict[str, np.ndarray]:
+def split_features(body: FrozenFeatures, manifest: pd.DataFrame, cfg: TrainConfig, stats: Stats, checkpoint: Path,
+                   state: dict, quiet: bool = False) -> dict[str, np.ndarray]:
     """{split: [N, D]} for the train and valid images, one (backbone, size) pair at a time, each pair's block saved
     in `checkpoint` and reused if already there; the seconds spent are added to `state`, saved with them."""
     from cxr_fast.train import _save_tensors
@@ -124,7 +124,7 @@ def split_features(body: FrozenFeatures, manifest: pd.DataFrame, cfg: TrainConfi
                 started = time.perf_counter()
                 if images is None:
                     task = bar.add_task("reading images", total=sum(map(len, files.values())))
-                    images = {s: _read_images(fs, cfg, bar, task) for s, fs in files.items()}
+                    images = {s: _read_images(fs, cfg, stats, bar, task) for s, fs in files.items()}
                 name = f"{body.backbone_names[backbone]} at {size} px"
                 task = bar.add_task(f"features: {name}", total=sum(map(len, files.values())))
                 block = {s: _member_features(body, backbone, size, images[s], cfg.bs, bar, task) for s in images}
@@ -138,8 +138,7 @@ def split_features(body: FrozenFeatures, manifest: pd.DataFrame, cfg: TrainConfi
     return {s: torch.cat(blocks[s], dim=1).numpy().astype(np.float64) for s in FITTED_SPLITS}
 
 
-def _read_images(files: list[str], cfg: TrainConfig, bar: Progress, task) -> torch.Tensor:
-    stats = channel_stats(EFFICIENTNET_LITE_MEAN, EFFICIENTNET_LITE_STD, cfg.n_in)
+def _read_images(files: list[str], cfg: TrainConfig, stats: Stats, bar: Progress, task) -> torch.Tensor:
     out = []
     for f in files:
         out.append(load_input(f, cfg.size, cfg.n_in, stats.mean, stats.std))
