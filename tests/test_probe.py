@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file
+from sklearn.linear_model import LogisticRegression
 from typer.testing import CliRunner
 
 from cxr_fast.archs import create_model
@@ -92,6 +93,21 @@ def test_folded_head_gives_sklearns_probabilities_on_raw_features(n_classes):
     fold_into_head(model, fit, scaler)
     probs = model.classifier(torch.from_numpy(x["valid"])).softmax(1).detach().numpy()
     np.testing.assert_allclose(probs, fit.predict_proba(scaler.transform(x["valid"])), atol=1e-9)
+
+
+def test_regression_fitted_in_the_training_rows_span_matches_a_direct_fit():
+    # more features than training rows, as with frozen_lite: the fit runs in the rows' span and must give the
+    # model a direct fit in all dimensions converges to
+    rng = np.random.default_rng(1)
+    y = {s: rng.integers(0, 3, size=n) for s, n in (("train", 40), ("valid", 25))}
+    x = {s: rng.normal(size=(len(v), 300)) + 0.5 * v[:, None] * (np.arange(300) < 20) for s, v in y.items()}
+    fit, scaler, _ = fit_regression(x, y, class_weights=True, quiet=True)
+    assert fit.coef_.shape == (3, 300)
+    direct = LogisticRegression(C=fit.C, class_weight="balanced", tol=1e-10, max_iter=20000)
+    direct.fit(scaler.transform(x["train"]), y["train"])
+    np.testing.assert_allclose(fit.coef_, direct.coef_, atol=1e-3)  # coefficients are ~0.1: a wrong lift fails
+    np.testing.assert_allclose(fit.predict_proba(scaler.transform(x["valid"])),
+                               direct.predict_proba(scaler.transform(x["valid"])), atol=1e-3)
 
 
 def test_train_frozen_lite_writes_a_bundle_that_reproduces_its_valid_score(tiny_data, tmp_path):
