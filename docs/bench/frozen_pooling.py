@@ -1,0 +1,146 @@
+"""Would frozen_lite do better with other summaries of its feature maps, or refitted on train + valid? Two steps:
+
+    .venv/bin/python docs/bench/frozen_pooling.py features D/fold0 --out FEATS.npz
+    .venv/bin/python docs/bench/frozen_pooling.py score FEATS.npz --fold D/fold0 RUN0 … --fold D/fold4 RUN4 \
+        --variant mean grid2 --split valid
+
+`features` runs the shipped `frozen_lite` body (lite0/1/2 at 224 and 288 px, last three blocks and final map) over
+every image of a prepared fold once (the folds of one collection share their images) and keeps several summaries
+of each map: the spatial mean (what `frozen_lite` ships), maximum, generalised mean (p = 3), the means of a 2 x 2
+grid and of three horizontal bands. `score` fits, per fold, the shipped regression (`cxr_fast.probe.fit_regression`)
+on a variant's features, temperature-scales it on valid, averages it with the fine-tuned run's calibrated
+probabilities (as `cxrfast ensemble` does), and pools the folds. `--refit` also refits the regression on train +
+valid at the strength chosen on valid (valid scores then mean nothing). Choose on valid; test checks the choice.
+"""
+
+import argparse
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from sklearn.linear_model import LogisticRegression
+from sklearn.metrics import balanced_accuracy_score
+from sklearn.preprocessing import StandardScaler
+
+from cxr_fast.archs import create_model
+from cxr_fast.archs.frozen import load_packaged_weights
+from cxr_fast.archs.weights import EFFICIENTNET_LITE_MEAN, EFFICIENTNET_LITE_STD, channel_stats
+from cxr_fast.bundle import load_run, predict_logits, softmax
+from cxr_fast.calibration import apply_temperature, fit_temperature
+from cxr_fast.data.manifest import image_column, read_manifest
+from cxr_fast.memory import keep_freed_memory
+from cxr_fast.metrics import bootstrap_ci
+from cxr_fast.preprocess import load_input
+
+SUMMARIES = {  # [B, C, H, W] -> [B, C, k]
+    "mean": lambda x: x.mean((2, 3))[..., None],
+    "max": lambda x: x.amax((2, 3))[..., None],
+    "gem3": lambda x: x.clamp(min=1e-6).pow(3).mean((2, 3)).pow(1 / 3)[..., None],
+    "grid2": lambda x: F.adaptive_avg_pool2d(x, 2).flatten(2),
+    "bands3": lambda x: F.adaptive_avg_pool2d(x, (3, 1)).flatten(2),
+}
+VARIANTS = {"mean": ["mean"], "mean+max": ["mean", "max"], "mean+gem3": ["mean", "gem3"], "grid2": ["grid2"],
+            "mean+bands3": ["mean", "bands3"]}
+
+
+@torch.no_grad()
+def features(fold: Path, out: Path) -> None:
+    """Every summary of every (backbone, size) pair's tapped maps, in the order `FrozenFeatures` concatenates them."""
+    manifest = read_manifest(fold)
+    body = create_model("frozen_lite", n_in=1, n_classes=3).body
+    load_packaged_weights(body)
+    stats = channel_stats(EFFICIENTNET_LITE_MEAN, EFFICIENTNET_LITE_STD, 1)
+    images = torch.stack([load_input(f, 288, 1, stats.mean, stats.std) for f in image_column(manifest)])
+    kept: dict[str, list[np.ndarray]] = {name: [] for name in SUMMARIES}
+    for b, size in body.members():
+        net, parts = body.backbones[b], []
+        for start in range(0, len(images), 32):
+            x = images[start:start + 32]
+            if size != x.shape[-1]:  # as FrozenFeatures.member_features resizes
+                x = F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False)
+            x = net.bn1(net.conv_stem(x.contiguous(memory_format=torch.channels_last)))
+            maps = []
+            for i, block in enumerate(net.blocks):
+                x = block(x)
+                if i >= len(net.blocks) - body.taps:
+                    maps.append(x)
+            maps.append(net.bn2(net.conv_head(x)))
+            parts.append({name: torch.cat([summary(m) for m in maps], 1) for name, summary in SUMMARIES.items()})
+        for name in SUMMARIES:
+            kept[name].append(torch.cat([p[name] for p in parts]).numpy())
+        print(f"{body.backbone_names[b]} at {size} px done", flush=True)
+    np.savez(out, paths=np.array(manifest["path"].tolist(), dtype=str), **{k: np.concatenate(v, 1) for k, v in kept.items()})
+
+
+def score(feats: Path, folds: list[list[str]], variants: list[str], split: str, refit: bool) -> None:
+    from cxr_fast.probe import fit_regression
+
+    stored = np.load(feats)
+    row_of = {p: i for i, p in enumerate(stored["paths"])}
+    recipe: dict[str, list[np.ndarray]] = {"y": [], "probs": []}
+    cached_runs = {}
+    for name in variants:
+        x_all = np.hstack([stored[s].reshape(len(row_of), -1) for s in VARIANTS[name]]).astype(np.float64)
+        probe, refitted, strengths = [], [], []
+        for data, run_dir in folds:
+            manifest = read_manifest(Path(data))
+            if run_dir not in cached_runs:
+                cached_runs[run_dir] = load_run(Path(run_dir))
+            run = cached_runs[run_dir]
+            sel = {s: manifest[manifest["split"] == s].reset_index(drop=True) for s in ("train", "valid", split)}
+            x = {s: x_all[[row_of[p] for p in d["path"]]] for s, d in sel.items()}
+            y = {s: d["label"].map(run.classes.index).to_numpy() for s, d in sel.items()}
+            fit, scaler, _ = fit_regression({s: x[s] for s in ("train", "valid")}, {s: y[s] for s in ("train", "valid")},
+                                            class_weights=True, quiet=True)
+            strengths.append(fit.C)
+            temperature = fit_temperature(fit.decision_function(scaler.transform(x["valid"])), y["valid"])
+            probe.append(apply_temperature(fit.decision_function(scaler.transform(x[split])), temperature))
+            if refit:  # the same strength and temperature, fitted on a third more images
+                both = np.vstack([x["train"], x["valid"]])
+                scaler2 = StandardScaler().fit(both)
+                fit2 = LogisticRegression(C=fit.C, class_weight="balanced", tol=1e-6, max_iter=3000)
+                fit2.fit(scaler2.transform(both), np.r_[y["train"], y["valid"]])
+                refitted.append(apply_temperature(fit2.decision_function(scaler2.transform(x[split])), temperature))
+            if len(recipe["y"]) < len(folds):
+                recipe["y"].append(y[split])
+                recipe["probs"].append(softmax(predict_logits(run, sel[split], progress=False), run.temperature))
+        y = np.concatenate(recipe["y"])
+        sizes = np.cumsum([0] + [len(v) for v in recipe["y"]])
+        fine_tuned = np.concatenate(recipe["probs"])
+        rows = {"fine-tuned run": fine_tuned, name: np.concatenate(probe)}
+        rows[f"{name} + fine-tuned"] = (rows[name] + fine_tuned) / 2
+        if refit:
+            rows[f"{name} refitted"] = np.concatenate(refitted)
+            rows[f"{name} refitted + fine-tuned"] = (rows[f"{name} refitted"] + fine_tuned) / 2
+        print(f"{name}: strengths chosen per fold {strengths}")
+        for label, probs in rows.items():
+            low, high = bootstrap_ci(y, probs, "balanced_accuracy", n_boot=1000)
+            per_fold = " / ".join(f"{balanced_accuracy_score(y[a:b], probs[a:b].argmax(1)):.3f}"
+                                  for a, b in zip(sizes, sizes[1:]))
+            print(f"  {split} {label:32s} {balanced_accuracy_score(y, probs.argmax(1)):.3f} ({low:.3f}–{high:.3f}); "
+                  f"per fold {per_fold}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    commands = parser.add_subparsers(dest="command", required=True)
+    extract = commands.add_parser("features")
+    extract.add_argument("fold", type=Path)
+    extract.add_argument("--out", type=Path, required=True)
+    scoring = commands.add_parser("score")
+    scoring.add_argument("feats", type=Path)
+    scoring.add_argument("--fold", nargs=2, action="append", required=True, metavar=("DATA", "RUN"))
+    scoring.add_argument("--variant", nargs="+", default=["mean"], choices=list(VARIANTS))
+    scoring.add_argument("--split", default="valid", choices=["valid", "test"])
+    scoring.add_argument("--refit", action="store_true", help="also refit on train + valid (score it on test)")
+    args = parser.parse_args()
+    keep_freed_memory()
+    if args.command == "features":
+        features(args.fold, args.out)
+    else:
+        score(args.feats, args.fold, args.variant, args.split, args.refit)
+
+
+if __name__ == "__main__":
+    main()
