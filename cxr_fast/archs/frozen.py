@@ -65,20 +65,25 @@ class FrozenFeatures(nn.Module):
         """(backbone index, size) in the order their features are concatenated."""
         return [(b, size) for b in range(len(self.backbones)) for size in self.sizes]
 
-    def member_features(self, x: torch.Tensor, backbone: int, size: int) -> torch.Tensor:
-        """[B, d]: one backbone's pooled features of `x` resized to `size`."""
+    def member_maps(self, x: torch.Tensor, backbone: int, size: int) -> list[torch.Tensor]:
+        """One backbone's tapped feature maps of `x` resized to `size`: the last `taps` blocks' outputs, then the
+        final map."""
         net = self.backbones[backbone]
         if tuple(x.shape[-2:]) != (size, size):
             # plain bilinear: ONNX cannot export the antialiased resize, and a shrink by less than 2x barely aliases
             x = F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False)
         x = net.bn1(net.conv_stem(x.contiguous(memory_format=torch.channels_last)))
-        pooled = []
+        maps = []
         for i, block in enumerate(net.blocks):
             x = block(x)
             if i >= len(net.blocks) - self.taps:
-                pooled.append(x.mean((2, 3)))
-        pooled.append(net.bn2(net.conv_head(x)).mean((2, 3)))  # what timm's forward_features ends with
-        return torch.cat(pooled, dim=1)
+                maps.append(x)
+        maps.append(net.bn2(net.conv_head(x)))  # what timm's forward_features ends with
+        return maps
+
+    def member_features(self, x: torch.Tensor, backbone: int, size: int) -> torch.Tensor:
+        """[B, d]: the spatial means of `member_maps`."""
+        return torch.cat([fmap.mean((2, 3)) for fmap in self.member_maps(x, backbone, size)], dim=1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         features = torch.cat([self.member_features(x, b, size) for b, size in self.members()], dim=1)

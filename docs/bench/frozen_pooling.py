@@ -54,18 +54,9 @@ def features(fold: Path, out: Path) -> None:
     images = torch.stack([load_input(f, 288, 1, stats.mean, stats.std) for f in image_column(manifest)])
     kept: dict[str, list[np.ndarray]] = {name: [] for name in SUMMARIES}
     for b, size in body.members():
-        net, parts = body.backbones[b], []
+        parts = []
         for start in range(0, len(images), 32):
-            x = images[start:start + 32]
-            if size != x.shape[-1]:  # as FrozenFeatures.member_features resizes
-                x = F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False)
-            x = net.bn1(net.conv_stem(x.contiguous(memory_format=torch.channels_last)))
-            maps = []
-            for i, block in enumerate(net.blocks):
-                x = block(x)
-                if i >= len(net.blocks) - body.taps:
-                    maps.append(x)
-            maps.append(net.bn2(net.conv_head(x)))
+            maps = body.member_maps(images[start:start + 32], b, size)
             parts.append({name: torch.cat([summary(m) for m in maps], 1) for name, summary in SUMMARIES.items()})
         for name in SUMMARIES:
             kept[name].append(torch.cat([p[name] for p in parts]).numpy())
@@ -78,36 +69,33 @@ def score(feats: Path, folds: list[list[str]], variants: list[str], split: str, 
 
     stored = np.load(feats)
     row_of = {p: i for i, p in enumerate(stored["paths"])}
-    recipe: dict[str, list[np.ndarray]] = {"y": [], "probs": []}
-    cached_runs = {}
+    # per fold: its splits, their labels, and the fine-tuned run's calibrated probabilities on `split`
+    selections, labels, fine_tuned = [], [], []
+    for data, run_dir in folds:
+        manifest, run = read_manifest(Path(data)), load_run(Path(run_dir))
+        sel = {s: manifest[manifest["split"] == s].reset_index(drop=True) for s in ("train", "valid", split)}
+        selections.append(sel)
+        labels.append({s: d["label"].map(run.classes.index).to_numpy() for s, d in sel.items()})
+        fine_tuned.append(softmax(predict_logits(run, sel[split], progress=False), run.temperature))
+    y = np.concatenate([fold_labels[split] for fold_labels in labels])
+    sizes = np.cumsum([0] + [len(fold_labels[split]) for fold_labels in labels])
+    fine_tuned = np.concatenate(fine_tuned)
     for name in variants:
         x_all = np.hstack([stored[s].reshape(len(row_of), -1) for s in VARIANTS[name]]).astype(np.float64)
         probe, refitted, strengths = [], [], []
-        for data, run_dir in folds:
-            manifest = read_manifest(Path(data))
-            if run_dir not in cached_runs:
-                cached_runs[run_dir] = load_run(Path(run_dir))
-            run = cached_runs[run_dir]
-            sel = {s: manifest[manifest["split"] == s].reset_index(drop=True) for s in ("train", "valid", split)}
+        for sel, y_fold in zip(selections, labels, strict=True):
             x = {s: x_all[[row_of[p] for p in d["path"]]] for s, d in sel.items()}
-            y = {s: d["label"].map(run.classes.index).to_numpy() for s, d in sel.items()}
-            fit, scaler, _ = fit_regression({s: x[s] for s in ("train", "valid")}, {s: y[s] for s in ("train", "valid")},
+            fit, scaler, _ = fit_regression({s: x[s] for s in ("train", "valid")}, {s: y_fold[s] for s in ("train", "valid")},
                                             class_weights=True, quiet=True)
             strengths.append(fit.C)
-            temperature = fit_temperature(fit.decision_function(scaler.transform(x["valid"])), y["valid"])
+            temperature = fit_temperature(fit.decision_function(scaler.transform(x["valid"])), y_fold["valid"])
             probe.append(apply_temperature(fit.decision_function(scaler.transform(x[split])), temperature))
             if refit:  # the same strength and temperature, fitted on a third more images
                 both = np.vstack([x["train"], x["valid"]])
                 scaler2 = StandardScaler().fit(both)
                 fit2 = LogisticRegression(C=fit.C, class_weight="balanced", tol=1e-6, max_iter=3000)
-                fit2.fit(scaler2.transform(both), np.r_[y["train"], y["valid"]])
+                fit2.fit(scaler2.transform(both), np.r_[y_fold["train"], y_fold["valid"]])
                 refitted.append(apply_temperature(fit2.decision_function(scaler2.transform(x[split])), temperature))
-            if len(recipe["y"]) < len(folds):
-                recipe["y"].append(y[split])
-                recipe["probs"].append(softmax(predict_logits(run, sel[split], progress=False), run.temperature))
-        y = np.concatenate(recipe["y"])
-        sizes = np.cumsum([0] + [len(v) for v in recipe["y"]])
-        fine_tuned = np.concatenate(recipe["probs"])
         rows = {"fine-tuned run": fine_tuned, name: np.concatenate(probe)}
         rows[f"{name} + fine-tuned"] = (rows[name] + fine_tuned) / 2
         if refit:
