@@ -76,7 +76,13 @@ def _within(value: Any, kind: type, allowed) -> bool:
     return (kind is float or float(value).is_integer()) and bool(allowed(value))
 
 
-RECIPES_DIR = Path(__file__).resolve().parents[1] / "recipes"
+def _recipes_dir() -> Path:
+    """The shipped recipes: packaged as cxr_fast/recipes in a wheel, the checkout's recipes/ otherwise."""
+    packaged = Path(__file__).resolve().parent / "recipes"
+    return packaged if packaged.is_dir() else Path(__file__).resolve().parents[1] / "recipes"
+
+
+RECIPES_DIR = _recipes_dir()
 
 
 def find_recipe(name: str | Path) -> Path:
@@ -91,7 +97,8 @@ def find_recipe(name: str | Path) -> Path:
 def load_recipe(path: str | Path) -> dict[str, Any]:
     path = find_recipe(path)
     if not path.is_file():
-        raise CxrFastError(f"{path}: recipe file not found")
+        shipped = ", ".join(sorted(p.stem for p in RECIPES_DIR.glob("*.yaml")))
+        raise CxrFastError(f"{path}: recipe file not found (shipped recipes: {shipped})")
     try:
         data = yaml.safe_load(path.read_text()) or {}
     except yaml.YAMLError as e:

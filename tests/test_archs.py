@@ -85,6 +85,8 @@ def test_unknown_arch_suggests_close_names():
     assert "\n" not in message and "resnt18" in message and "resnet18" in message
     with pytest.raises(CxrFastError, match="convnet"):
         create_model("convnett")
+    with pytest.raises(CxrFastError, match="not a cxr_fast or timm architecture .list them with `cxrfast models`"):
+        create_model("qqqqzz")
 
 
 def test_unknown_arguments_are_named():

@@ -36,7 +36,7 @@ def test_project_recipes_are_valid():
 
 def test_recipe_by_name():
     assert resolve_config("demo").arch == load_recipe("demo")["arch"]
-    with pytest.raises(CxrFastError, match="not found"):
+    with pytest.raises(CxrFastError, match="no-such-recipe: recipe file not found .shipped recipes: .*demo"):
         resolve_config("no-such-recipe")
 
 

@@ -146,7 +146,7 @@ def _resolve_name(name: str) -> str:
     hint = (
         f"close matches: {', '.join(close)}"
         if close
-        else "not a cxr_fast or timm architecture (see list_models())"
+        else "not a cxr_fast or timm architecture (list them with `cxrfast models` or list_models())"
     )
     raise CxrFastError(f"unknown architecture {name!r} — {hint}")
 
