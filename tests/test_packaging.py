@@ -6,6 +6,8 @@ import sys
 import zipfile
 from pathlib import Path
 
+from cxr_fast.config import load_recipe
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -35,10 +37,4 @@ def test_a_wheel_install_has_every_subpackage_and_finds_the_shipped_recipes(tmp_
         cwd=tmp_path, env={"PYTHONPATH": str(site), "PATH": ""}, check=True, capture_output=True, text=True,
     ).stdout.split()
     assert Path(found[0]) == site / "cxr_fast" / "recipes" / "demo.yaml"
-    assert found[1] == load_demo_arch()
-
-
-def load_demo_arch() -> str:
-    from cxr_fast.config import load_recipe
-
-    return load_recipe(ROOT / "recipes" / "demo.yaml")["arch"]
+    assert found[1] == load_recipe(ROOT / "recipes" / "demo.yaml")["arch"]
