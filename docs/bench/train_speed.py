@@ -92,7 +92,9 @@ def main():
         # The Learner exactly as cxr_fast configures it (optimizer, loss, metrics), fed the same tensors.
         learn, _ = build_learner(subset, cfg)
         ds = TensorDataset(x, y)
-        learn.dls = DataLoaders.from_dsets(ds, ds, bs=a.bs, shuffle=True, drop_last=True)
+        # num_workers as cxr_fast's own loaders use it: fastai's default here is one worker process per core,
+        # which on 2 cores competes with training (it made this method look 0.66x the plain loop, session 13)
+        learn.dls = DataLoaders.from_dsets(ds, ds, bs=a.bs, shuffle=True, drop_last=True, num_workers=cfg.num_workers)
         return learner_fit(learn, a.epochs)
 
     def full_pipeline():
