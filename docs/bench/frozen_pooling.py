@@ -11,6 +11,10 @@ grid and of three horizontal bands. `score` fits, per fold, the shipped regressi
 on a variant's features, temperature-scales it on valid, averages it with the fine-tuned run's calibrated
 probabilities (as `cxrfast ensemble` does), and pools the folds. `--refit` also refits the regression on train +
 valid at the strength chosen on valid (valid scores then mean nothing). Choose on valid; test checks the choice.
+
+`features --clahe` equalises each film with contrast-limited adaptive histogram equalisation (scikit-image's
+`equalize_adapthist` at its defaults, before the resize; `pip install scikit-image`, not a cxr_fast dependency).
+`score` given several FEATS files puts their features side by side (e.g. raw and CLAHE films together).
 """
 
 import argparse
@@ -28,10 +32,11 @@ from cxr_fast.archs.frozen import load_packaged_weights
 from cxr_fast.archs.weights import EFFICIENTNET_LITE_MEAN, EFFICIENTNET_LITE_STD, channel_stats
 from cxr_fast.bundle import load_run, predict_logits, softmax
 from cxr_fast.calibration import apply_temperature, fit_temperature
+from cxr_fast.data.io import read_image
 from cxr_fast.data.manifest import image_column, read_manifest
 from cxr_fast.memory import keep_freed_memory
 from cxr_fast.metrics import bootstrap_ci
-from cxr_fast.preprocess import load_input
+from cxr_fast.preprocess import load_input, normalize, resize_square, to_tensor
 
 SUMMARIES = {  # [B, C, H, W] -> [B, C, k]
     "mean": lambda x: x.mean((2, 3))[..., None],
@@ -45,13 +50,24 @@ VARIANTS = {"mean": ["mean"], "mean+max": ["mean", "max"], "mean+gem3": ["mean",
 
 
 @torch.no_grad()
-def features(fold: Path, out: Path) -> None:
+def features(fold: Path, out: Path, clahe: bool = False) -> None:
     """Every summary of every (backbone, size) pair's tapped maps, in the order `FrozenFeatures` concatenates them."""
     manifest = read_manifest(fold)
     body = create_model("frozen_lite", n_in=1, n_classes=3).body
     load_packaged_weights(body)
     stats = channel_stats(EFFICIENTNET_LITE_MEAN, EFFICIENTNET_LITE_STD, 1)
-    images = torch.stack([load_input(f, 288, 1, stats.mean, stats.std) for f in image_column(manifest)])
+    if clahe:
+        from PIL import Image
+        from skimage.exposure import equalize_adapthist
+
+        def equalised(path):
+            film = equalize_adapthist(np.asarray(read_image(path), dtype=np.uint8))  # floats in [0, 1]
+            return normalize(to_tensor(resize_square(Image.fromarray((film * 255).round().astype(np.uint8)), 288), 1),
+                             stats.mean, stats.std)
+
+        images = torch.stack([equalised(f) for f in image_column(manifest)])
+    else:
+        images = torch.stack([load_input(f, 288, 1, stats.mean, stats.std) for f in image_column(manifest)])
     kept: dict[str, list[np.ndarray]] = {name: [] for name in SUMMARIES}
     for b, size in body.members():
         parts = []
@@ -64,11 +80,14 @@ def features(fold: Path, out: Path) -> None:
     np.savez(out, paths=np.array(manifest["path"].tolist(), dtype=str), **{k: np.concatenate(v, 1) for k, v in kept.items()})
 
 
-def score(feats: Path, folds: list[list[str]], variants: list[str], split: str, refit: bool) -> None:
+def score(feats: list[Path], folds: list[list[str]], variants: list[str], split: str, refit: bool) -> None:
     from cxr_fast.probe import fit_regression
 
-    stored = np.load(feats)
-    row_of = {p: i for i, p in enumerate(stored["paths"])}
+    stored = [np.load(f) for f in feats]
+    row_of = {p: i for i, p in enumerate(stored[0]["paths"])}
+    for other, path in zip(stored[1:], feats[1:]):
+        if not np.array_equal(other["paths"], stored[0]["paths"]):
+            raise SystemExit(f"{path}: not the films of {feats[0]}, in the same order")
     # per fold: its splits, their labels, and the fine-tuned run's calibrated probabilities on `split`
     selections, labels, fine_tuned = [], [], []
     for data, run_dir in folds:
@@ -81,7 +100,7 @@ def score(feats: Path, folds: list[list[str]], variants: list[str], split: str, 
     sizes = np.cumsum([0] + [len(fold_labels[split]) for fold_labels in labels])
     fine_tuned = np.concatenate(fine_tuned)
     for name in variants:
-        x_all = np.hstack([stored[s].reshape(len(row_of), -1) for s in VARIANTS[name]]).astype(np.float64)
+        x_all = np.hstack([file[s].reshape(len(row_of), -1) for file in stored for s in VARIANTS[name]]).astype(np.float64)
         probe, refitted, strengths = [], [], []
         for sel, y_fold in zip(selections, labels, strict=True):
             x = {s: x_all[[row_of[p] for p in d["path"]]] for s, d in sel.items()}
@@ -116,8 +135,9 @@ def main() -> None:
     extract = commands.add_parser("features")
     extract.add_argument("fold", type=Path)
     extract.add_argument("--out", type=Path, required=True)
+    extract.add_argument("--clahe", action="store_true", help="equalise each film first (needs scikit-image)")
     scoring = commands.add_parser("score")
-    scoring.add_argument("feats", type=Path)
+    scoring.add_argument("feats", type=Path, nargs="+")
     scoring.add_argument("--fold", nargs=2, action="append", required=True, metavar=("DATA", "RUN"))
     scoring.add_argument("--variant", nargs="+", default=["mean"], choices=list(VARIANTS))
     scoring.add_argument("--split", default="valid", choices=["valid", "test"])
@@ -125,7 +145,7 @@ def main() -> None:
     args = parser.parse_args()
     keep_freed_memory()
     if args.command == "features":
-        features(args.fold, args.out)
+        features(args.fold, args.out, args.clahe)
     else:
         score(args.feats, args.fold, args.variant, args.split, args.refit)
 
