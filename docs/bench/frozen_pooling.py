@@ -7,7 +7,8 @@
 `features` runs the shipped `frozen_lite` body (lite0/1/2 at 224 and 288 px, last three blocks and final map) over
 every image of a prepared fold once (the folds of one collection share their images) and keeps several summaries
 of each map: the spatial mean (what `frozen_lite` ships), maximum, generalised mean (p = 3), the means of a 2 x 2
-grid and of three horizontal bands. `score` fits, per fold, the shipped regression (`cxr_fast.probe.fit_regression`)
+grid and of three horizontal bands, and the means inside and outside the lung field that `cxr_fast.lungs` estimates
+(each map cell weighted by its share of the field). `score` fits, per fold, the shipped regression (`cxr_fast.probe.fit_regression`)
 on a variant's features, temperature-scales it on valid, averages it with the fine-tuned run's calibrated
 probabilities (as `cxrfast ensemble` does), and pools the folds. `--refit` also refits the regression on train +
 valid at the strength chosen on valid (valid scores then mean nothing). Choose on valid; test checks the choice.
@@ -23,6 +24,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
+from PIL import Image
 from sklearn.linear_model import LogisticRegression
 from sklearn.metrics import balanced_accuracy_score
 from sklearn.preprocessing import StandardScaler
@@ -34,19 +36,29 @@ from cxr_fast.bundle import load_run, predict_logits, softmax
 from cxr_fast.calibration import apply_temperature, fit_temperature
 from cxr_fast.data.io import read_image
 from cxr_fast.data.manifest import image_column, read_manifest
+from cxr_fast.lungs import estimate_lung_field
 from cxr_fast.memory import keep_freed_memory
 from cxr_fast.metrics import bootstrap_ci
-from cxr_fast.preprocess import load_input, normalize, resize_square, to_tensor
+from cxr_fast.preprocess import normalize, resize_square, to_tensor
 
-SUMMARIES = {  # [B, C, H, W] -> [B, C, k]
-    "mean": lambda x: x.mean((2, 3))[..., None],
-    "max": lambda x: x.amax((2, 3))[..., None],
-    "gem3": lambda x: x.clamp(min=1e-6).pow(3).mean((2, 3)).pow(1 / 3)[..., None],
-    "grid2": lambda x: F.adaptive_avg_pool2d(x, 2).flatten(2),
-    "bands3": lambda x: F.adaptive_avg_pool2d(x, (3, 1)).flatten(2),
+
+def weighted_mean(x: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """[B, C, H, W] map, [B, 1, H, W] weights -> [B, C]; the plain mean where the weights are all zero."""
+    total = weights.sum((2, 3))
+    return torch.where(total > 0, (x * weights).sum((2, 3)) / total.clamp(min=1e-6), x.mean((2, 3)))
+
+
+SUMMARIES = {  # ([B, C, H, W] map, [B, 1, H, W] share of each cell inside the lung field) -> [B, C, k]
+    "mean": lambda x, lung: x.mean((2, 3))[..., None],
+    "max": lambda x, lung: x.amax((2, 3))[..., None],
+    "gem3": lambda x, lung: x.clamp(min=1e-6).pow(3).mean((2, 3)).pow(1 / 3)[..., None],
+    "grid2": lambda x, lung: F.adaptive_avg_pool2d(x, 2).flatten(2),
+    "bands3": lambda x, lung: F.adaptive_avg_pool2d(x, (3, 1)).flatten(2),
+    "lung": lambda x, lung: weighted_mean(x, lung)[..., None],
+    "outside": lambda x, lung: weighted_mean(x, 1 - lung)[..., None],
 }
 VARIANTS = {"mean": ["mean"], "mean+max": ["mean", "max"], "mean+gem3": ["mean", "gem3"], "grid2": ["grid2"],
-            "mean+bands3": ["mean", "bands3"]}
+            "mean+bands3": ["mean", "bands3"], "mean+lung": ["mean", "lung"], "lung+outside": ["lung", "outside"]}
 
 
 @torch.no_grad()
@@ -57,23 +69,28 @@ def features(fold: Path, out: Path, clahe: bool = False) -> None:
     load_packaged_weights(body)
     stats = channel_stats(EFFICIENTNET_LITE_MEAN, EFFICIENTNET_LITE_STD, 1)
     if clahe:
-        from PIL import Image
         from skimage.exposure import equalize_adapthist
 
-        def equalised(path):
-            film = equalize_adapthist(np.asarray(read_image(path), dtype=np.uint8))  # floats in [0, 1]
-            return normalize(to_tensor(resize_square(Image.fromarray((film * 255).round().astype(np.uint8)), 288), 1),
-                             stats.mean, stats.std)
+    def film(path):  # what the body sees, before normalisation: as `load_input` reads it, or equalised first
+        image = read_image(path)
+        if clahe:
+            equalised = equalize_adapthist(np.asarray(image, dtype=np.uint8))  # floats in [0, 1]
+            image = Image.fromarray((equalised * 255).round().astype(np.uint8))
+        return resize_square(image, 288)
 
-        images = torch.stack([equalised(f) for f in image_column(manifest)])
-    else:
-        images = torch.stack([load_input(f, 288, 1, stats.mean, stats.std) for f in image_column(manifest)])
+    paths = image_column(manifest)
+    images = torch.stack([normalize(to_tensor(film(f), 1), stats.mean, stats.std) for f in paths])
+    # the lung field is always estimated on the unequalised film, as the shortcut audit does
+    lungs = torch.stack([torch.from_numpy(estimate_lung_field(np.asarray(resize_square(read_image(f), 288))))
+                         for f in paths]).float()[:, None]
     kept: dict[str, list[np.ndarray]] = {name: [] for name in SUMMARIES}
     for b, size in body.members():
         parts = []
         for start in range(0, len(images), 32):
             maps = body.member_maps(images[start:start + 32], b, size)
-            parts.append({name: torch.cat([summary(m) for m in maps], 1) for name, summary in SUMMARIES.items()})
+            lung = lungs[start:start + 32]
+            parts.append({name: torch.cat([summary(m, F.adaptive_avg_pool2d(lung, m.shape[-2:])) for m in maps], 1)
+                          for name, summary in SUMMARIES.items()})
         for name in SUMMARIES:
             kept[name].append(torch.cat([p[name] for p in parts]).numpy())
         print(f"{body.backbone_names[b]} at {size} px done", flush=True)
