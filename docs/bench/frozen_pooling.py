@@ -68,21 +68,17 @@ def features(fold: Path, out: Path, clahe: bool = False) -> None:
     body = create_model("frozen_lite", n_in=1, n_classes=3).body
     load_packaged_weights(body)
     stats = channel_stats(EFFICIENTNET_LITE_MEAN, EFFICIENTNET_LITE_STD, 1)
-    if clahe:
+    films = [resize_square(read_image(f), 288) for f in image_column(manifest)]  # as `load_input` reads them
+    # the lung field is always estimated on the unequalised film, as the shortcut audit does
+    lungs = torch.stack([torch.from_numpy(estimate_lung_field(np.asarray(f))) for f in films]).float()[:, None]
+    if clahe:  # equalised at the file's own size, then resized
         from skimage.exposure import equalize_adapthist
 
-    def film(path):  # what the body sees, before normalisation: as `load_input` reads it, or equalised first
-        image = read_image(path)
-        if clahe:
-            equalised = equalize_adapthist(np.asarray(image, dtype=np.uint8))  # floats in [0, 1]
-            image = Image.fromarray((equalised * 255).round().astype(np.uint8))
-        return resize_square(image, 288)
-
-    paths = image_column(manifest)
-    images = torch.stack([normalize(to_tensor(film(f), 1), stats.mean, stats.std) for f in paths])
-    # the lung field is always estimated on the unequalised film, as the shortcut audit does
-    lungs = torch.stack([torch.from_numpy(estimate_lung_field(np.asarray(resize_square(read_image(f), 288))))
-                         for f in paths]).float()[:, None]
+        films = []
+        for path in image_column(manifest):
+            equalised = equalize_adapthist(np.asarray(read_image(path), dtype=np.uint8))  # floats in [0, 1]
+            films.append(resize_square(Image.fromarray((equalised * 255).round().astype(np.uint8)), 288))
+    images = torch.stack([normalize(to_tensor(f, 1), stats.mean, stats.std) for f in films])
     kept: dict[str, list[np.ndarray]] = {name: [] for name in SUMMARIES}
     for b, size in body.members():
         parts = []
