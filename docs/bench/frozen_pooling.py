@@ -16,6 +16,9 @@ valid at the strength chosen on valid (valid scores then mean nothing). Choose o
 `features --clahe` equalises each film with contrast-limited adaptive histogram equalisation (scikit-image's
 `equalize_adapthist` at its defaults, before the resize; `pip install scikit-image`, not a cxr_fast dependency).
 `score` given several FEATS files puts their features side by side (e.g. raw and CLAHE films together).
+`score --classifier` fits another classifier in the shipped regression's place: shrinkage LDA (`lda`), one regression
+per (network, size) pair with their probabilities averaged (`per-member`), or the regression with its strength
+chosen by valid log-loss (`logloss`).
 """
 
 import argparse
@@ -93,7 +96,8 @@ def features(fold: Path, out: Path, clahe: bool = False) -> None:
     np.savez(out, paths=np.array(manifest["path"].tolist(), dtype=str), **{k: np.concatenate(v, 1) for k, v in kept.items()})
 
 
-def score(feats: list[Path], folds: list[list[str]], variants: list[str], split: str, refit: bool) -> None:
+def score(feats: list[Path], folds: list[list[str]], variants: list[str], split: str, refit: bool,
+          classifier: str = "logistic") -> None:
     from cxr_fast.probe import fit_regression
 
     stored = [np.load(f) for f in feats]
@@ -117,12 +121,22 @@ def score(feats: list[Path], folds: list[list[str]], variants: list[str], split:
         probe, refitted, strengths = [], [], []
         for sel, y_fold in zip(selections, labels, strict=True):
             x = {s: x_all[[row_of[p] for p in d["path"]]] for s, d in sel.items()}
-            fit, scaler, _ = fit_regression({s: x[s] for s in ("train", "valid")}, {s: y_fold[s] for s in ("train", "valid")},
-                                            class_weights=True, quiet=True)
-            strengths.append(fit.C)
-            temperature = fit_temperature(fit.decision_function(scaler.transform(x["valid"])), y_fold["valid"])
-            probe.append(apply_temperature(fit.decision_function(scaler.transform(x[split])), temperature))
+            if classifier == "per-member":  # columns of each (network, size) pair, in `FrozenFeatures` order
+                if VARIANTS[name] != ["mean"]:
+                    raise SystemExit("--classifier per-member takes the mean variant only")
+                bounds = np.cumsum([0] + member_widths(x_all.shape[1]))
+                members = [{s: v[:, a:b] for s, v in x.items()} for a, b in zip(bounds, bounds[1:])]
+                fitted = [fit_classifier("logistic", m, y_fold, split) for m in members]
+                strengths.append([c for c, _ in fitted])
+                probe.append(np.mean([probs for _, probs in fitted], axis=0))
+            else:
+                c, probs = fit_classifier(classifier, x, y_fold, split)
+                strengths.append(c)
+                probe.append(probs)
             if refit:  # the same strength and temperature, fitted on a third more images
+                fit, scaler, _ = fit_regression({s: x[s] for s in ("train", "valid")},
+                                                {s: y_fold[s] for s in ("train", "valid")}, class_weights=True, quiet=True)
+                temperature = fit_temperature(fit.decision_function(scaler.transform(x["valid"])), y_fold["valid"])
                 both = np.vstack([x["train"], x["valid"]])
                 scaler2 = StandardScaler().fit(both)
                 fit2 = LogisticRegression(C=fit.C, class_weight="balanced", tol=1e-6, max_iter=3000)
@@ -142,6 +156,54 @@ def score(feats: list[Path], folds: list[list[str]], variants: list[str], split:
                   f"per fold {per_fold}")
 
 
+def member_widths(n_features: int) -> list[int]:
+    """Feature count of each (network, size) pair of the shipped body, in the order it concatenates them."""
+    body = create_model("frozen_lite", n_in=1, n_classes=3).body
+    with torch.no_grad():
+        probe_image = torch.zeros(1, 1, 64, 64)
+        widths = [sum(m.shape[1] for m in body.member_maps(probe_image, b, 64)) for b, _ in body.members()]
+    if sum(widths) != n_features:
+        raise SystemExit(f"features have {n_features} columns per summary, the shipped body {sum(widths)}")
+    return widths
+
+
+def fit_classifier(classifier: str, x: dict[str, np.ndarray], y: dict[str, np.ndarray], split: str):
+    """(strength chosen or None, calibrated probabilities on `split`) of one classifier fitted on train, its strength
+    (if any) and temperature chosen on valid."""
+    from sklearn.discriminant_analysis import LinearDiscriminantAnalysis
+    from sklearn.metrics import log_loss
+
+    from cxr_fast.probe import STRENGTHS, fit_regression
+
+    train_valid = ("train", "valid")
+    if classifier == "logistic":  # as shipped: the strength with the best valid balanced accuracy
+        fit, scaler, _ = fit_regression({s: x[s] for s in train_valid}, {s: y[s] for s in train_valid},
+                                        class_weights=True, quiet=True)
+        logits = {s: fit.decision_function(scaler.transform(x[s])) for s in ("valid", split)}
+        strength = fit.C
+    else:  # standardised, in the span of the training rows, as `fit_regression` fits
+        scaler = StandardScaler().fit(x["train"])
+        basis = np.linalg.svd(scaler.transform(x["train"]), full_matrices=False)[2]
+        xs = {s: scaler.transform(v) @ basis.T for s, v in x.items()}
+        if classifier == "lda":  # Ledoit-Wolf shrinkage: no strength to choose
+            n_classes = int(y["train"].max()) + 1
+            fit = LinearDiscriminantAnalysis(solver="lsqr", shrinkage="auto", priors=np.full(n_classes, 1 / n_classes))
+            fit.fit(xs["train"], y["train"])
+            strength = None
+        else:  # "logloss": the shipped regression, its strength chosen by valid log-loss
+            best = None
+            for c in STRENGTHS:
+                fit = LogisticRegression(C=c, class_weight="balanced", tol=1e-6, max_iter=3000).fit(xs["train"], y["train"])
+                loss = log_loss(y["valid"], fit.predict_proba(xs["valid"]), labels=fit.classes_)
+                if best is None or loss < best[0]:
+                    best = (loss, fit)
+            fit = best[1]
+            strength = fit.C
+        logits = {s: fit.decision_function(xs[s]) for s in ("valid", split)}
+    temperature = fit_temperature(logits["valid"], y["valid"])
+    return strength, apply_temperature(logits[split], temperature)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     commands = parser.add_subparsers(dest="command", required=True)
@@ -155,12 +217,15 @@ def main() -> None:
     scoring.add_argument("--variant", nargs="+", default=["mean"], choices=list(VARIANTS))
     scoring.add_argument("--split", default="valid", choices=["valid", "test"])
     scoring.add_argument("--refit", action="store_true", help="also refit on train + valid (score it on test)")
+    scoring.add_argument("--classifier", default="logistic", choices=["logistic", "lda", "per-member", "logloss"],
+                         help="the shipped regression; shrinkage LDA; one regression per (network, size), averaged; "
+                              "the regression with its strength chosen by valid log-loss")
     args = parser.parse_args()
     keep_freed_memory()
     if args.command == "features":
         features(args.fold, args.out, args.clahe)
     else:
-        score(args.feats, args.fold, args.variant, args.split, args.refit)
+        score(args.feats, args.fold, args.variant, args.split, args.refit, args.classifier)
 
 
 if __name__ == "__main__":
