@@ -13,11 +13,10 @@ import numpy as np
 import pandas as pd
 import torch
 from rich.progress import Progress
-from safetensors.torch import load_file
 
 from cxr_fast.archs import model_from_config
 from cxr_fast.data.manifest import image_column
-from cxr_fast.errors import CxrFastError, read_json
+from cxr_fast.errors import CxrFastError, read_json, read_tensors
 from cxr_fast.preprocess import load_input
 
 
@@ -52,9 +51,19 @@ class Run:
         return load_input(path, self.size, self.n_in, self.config["mean"], self.config["std"])
 
 
+def state_dict_problem(e: BaseException) -> str:
+    """The informative line of torch's load_state_dict error (its first line is only "Error(s) in loading …")."""
+    lines = [line.strip() for line in str(e).splitlines() if line.strip()]
+    detail = lines[1] if len(lines) > 1 and lines[0].startswith("Error(s) in loading") else (lines or [type(e).__name__])[0]
+    return detail if len(detail) <= 200 else detail[:197] + "…"
+
+
 def load_run(path: str | Path) -> Run:
     path = Path(path)
     config_path, weights_path = path / "config.json", path / "model.safetensors"
+    if not config_path.is_file() and (path / "checkpoint" / "state.json").is_file():
+        raise CxrFastError(f"{path}: an interrupted training run, not a finished bundle; continue it with "
+                           f"`cxrfast train --data DATA --out {path} --resume`")
     for needed in (config_path, weights_path):
         if not needed.is_file():
             raise CxrFastError(f"{path}: not a cxr_fast run bundle ({needed.name} missing)")
@@ -62,10 +71,11 @@ def load_run(path: str | Path) -> Run:
     if "model" not in config or "classes" not in config:
         raise CxrFastError(f"{config_path}: not a cxr_fast run config (no 'model' or 'classes')")
     model = model_from_config(config["model"])
+    tensors = read_tensors(weights_path, "weights file")
     try:
-        model.load_state_dict(load_file(str(weights_path)), strict=True)
+        model.load_state_dict(tensors, strict=True)
     except (RuntimeError, OSError) as e:
-        raise CxrFastError(f"{weights_path}: weights do not fit {config['model'].get('arch')} ({str(e).splitlines()[0]})") from None
+        raise CxrFastError(f"{weights_path}: weights do not fit {config['model'].get('arch')} ({state_dict_problem(e)})") from None
     model.eval()
     metrics_path = path / "metrics.json"
     metrics = read_json(metrics_path) if metrics_path.is_file() else {}

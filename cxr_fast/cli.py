@@ -50,6 +50,9 @@ def user_errors(fn):
         except CxrFastError as e:
             err_console.print(f"[bold red]error:[/] {e}", highlight=False, soft_wrap=True)
             raise typer.Exit(1) from None
+        except KeyboardInterrupt:  # say so, rather than exit silently (training reports its own, fuller message)
+            err_console.print("[bold yellow]interrupted[/]", highlight=False)
+            raise typer.Exit(130) from None
 
     return wrapper
 
@@ -120,7 +123,8 @@ def models(
     for name, source in found:
         table.add_row(name, source)
     console.print(table)
-    console.print(f"{len(found)} architectures")
+    console.print(f"{len(found)} architectures; `cxrfast train` takes those whose features are a map (cxr_fast's own and "
+                  "timm's convolutional networks) and refuses token-sequence models such as vision transformers")
 
 
 @app.command("train")
@@ -149,9 +153,15 @@ def train(
     from cxr_fast.train import train as train_run
 
     cfg = None
+    options = dict(arch=arch, epochs=epochs, size=size, bs=bs, lr=lr, weights=weights, n_in=n_in,
+                   class_weights=class_weights, seed=seed)
     if not resume:
-        cfg = resolve_config(recipe, arch=arch, epochs=epochs, size=size, bs=bs, lr=lr, weights=weights, n_in=n_in,
-                             class_weights=class_weights, seed=seed)
+        cfg = resolve_config(recipe, **options)
+    else:  # the checkpoint holds the run's settings; say so rather than silently drop what was typed
+        ignored = [f"--{k.replace('_', '-')}" for k, v in {**options, "recipe": recipe}.items() if v is not None]
+        if ignored:
+            err_console.print(f"[yellow]--resume continues with the run's own settings; ignored: {', '.join(ignored)}[/]",
+                              highlight=False, soft_wrap=True)
     if distributed and not ddp.is_distributed():
         run_dir = ddp.launch_training(nproc or ddp.default_nproc(), data, cfg, out=out, resume=resume)
     else:  # one process, or one of torchrun's (train() reads its environment)

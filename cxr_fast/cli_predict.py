@@ -40,7 +40,7 @@ def register(app: typer.Typer, user_errors=None, console=None, err_console=None)
         if not results.empty:
             prob_columns = [c for c in results.columns if c.startswith("p_")]
             table = Table("file", "predicted", *[c[2:] for c in prob_columns], *(["heatmap"] if heatmap else []),
-                          title=f"{len(results)} images — research tool, not a diagnosis")
+                          title=f"{len(results)} image{'s' if len(results) != 1 else ''} — research tool, not a diagnosis")
             for row in results.head(MAX_ROWS_SHOWN).to_dict("records"):
                 table.add_row(Path(row["path"]).name, row["predicted"], *[f"{row[c]:.3f}" for c in prob_columns],
                               *([row["heatmap"]] if heatmap else []))

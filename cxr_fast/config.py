@@ -64,7 +64,7 @@ LIMITS: dict[str, tuple[type, Any, str]] = {
     "mixup": (float, lambda v: v >= 0, "a number ≥ 0"),
     "num_workers": (int, lambda v: v >= 0, "a whole number ≥ 0"),
     "stats_sample": (int, lambda v: v >= 1, "a whole number ≥ 1"),
-    "seed": (int, lambda v: True, "a whole number"),
+    "seed": (int, lambda v: 0 <= v < 2**32, "a whole number from 0 to 2³² − 1"),  # numpy's and torch's range
 }
 
 

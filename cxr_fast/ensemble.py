@@ -21,10 +21,10 @@ from typing import Any
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from safetensors.torch import load_file, save_file
 from sklearn.metrics import balanced_accuracy_score
 
-from cxr_fast.errors import CxrFastError
+from cxr_fast.errors import CxrFastError, read_tensors
+from cxr_fast.outputs import write_tensors
 
 ENSEMBLE_ARCH = "ensemble"
 MIN_PROBABILITY = 1e-12  # keeps log(mean probability) finite when every member is certain
@@ -97,6 +97,11 @@ def build_ensemble(runs: Sequence[str | Path], out: str | Path | None = None, pr
 
     if len(runs) < 2:
         raise CxrFastError("an ensemble needs at least two run folders")
+    seen: dict[Path, str | Path] = {}
+    for r in runs:  # the same run twice would only weight it double
+        if Path(r).resolve() in seen:
+            raise CxrFastError(f"{r}: given twice (as {seen[Path(r).resolve()]}); an ensemble averages different runs")
+        seen[Path(r).resolve()] = r
     loaded = [load_run(r) for r in runs]
     first = loaded[0]
     for run in loaded[1:]:
@@ -115,7 +120,7 @@ def build_ensemble(runs: Sequence[str | Path], out: str | Path | None = None, pr
                  "n_in": first.n_in, "n_classes": len(first.classes), "weights": "+".join(r.name for r in loaded),
                  "pretrained_stats": None}
     run_dir = new_run_dir(out, ENSEMBLE_ARCH)
-    save_file({k: v.detach().contiguous() for k, v in model.state_dict().items()}, str(run_dir / "model.safetensors"))
+    write_tensors({k: v.detach() for k, v in model.state_dict().items()}, run_dir / "model.safetensors")
     config = {
         "format": "cxr_fast-run/1",
         "model": json.loads(json.dumps(model_cfg)),
@@ -135,13 +140,20 @@ def build_ensemble(runs: Sequence[str | Path], out: str | Path | None = None, pr
     }
     (run_dir / "config.json").write_text(json.dumps(config, indent=2))
     _merge_seen([r.path for r in loaded], run_dir)
-    metrics = {"members": {r.name: r.metrics.get("valid_balanced_accuracy") for r in loaded},
+    labels = member_labels(loaded)
+    metrics = {"members": {label: r.metrics.get("valid_balanced_accuracy") for label, r in zip(labels, loaded, strict=True)},
                "train_seconds": sum(r.metrics.get("train_seconds") or 0.0 for r in loaded),
                "parameters": int(sum(p.numel() for p in model.parameters())),
                "temperature": 1.0}
     metrics.update(_score_valid(load_run(run_dir), progress))
     (run_dir / "metrics.json").write_text(json.dumps(metrics, indent=2))
     return run_dir
+
+
+def member_labels(runs) -> list[str]:
+    """Each member's folder name, or its path as given where two members share a name (runs/a and other/a)."""
+    names = [r.name for r in runs]
+    return [r.name if names.count(r.name) == 1 else str(r.path) for r in runs]
 
 
 def _merge_seen(member_dirs: list[Path], run_dir: Path) -> None:
@@ -152,8 +164,8 @@ def _merge_seen(member_dirs: list[Path], run_dir: Path) -> None:
     paths = [d / SEEN_FILE for d in member_dirs]
     if not all(p.is_file() for p in paths):
         return
-    parts = [load_file(str(p)) for p in paths]
-    save_file({k: torch.cat([p[k] for p in parts]) for k in parts[0]}, str(run_dir / SEEN_FILE))
+    parts = [read_tensors(p, "list of seen images") for p in paths]
+    write_tensors({k: torch.cat([p[k] for p in parts]) for k in parts[0]}, run_dir / SEEN_FILE)
 
 
 def _score_valid(ensemble, progress: bool) -> dict[str, Any]:

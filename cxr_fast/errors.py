@@ -1,4 +1,4 @@
-"""The one exception type that library code raises for a user's mistake, and a JSON reader that raises it.
+"""The one exception type that library code raises for a user's mistake, and JSON and tensor readers that raise it.
 
 The CLI turns it into a single line on stderr and exit code 1; anything else is a bug and keeps its traceback.
 """
@@ -18,3 +18,17 @@ def read_json(path: Path) -> Any:
         return json.loads(path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise CxrFastError(f"{path}: not valid JSON ({e})") from None
+
+
+def read_tensors(path: Path, what: str = "safetensors file") -> dict:
+    """A safetensors file from a run, checkpoint or cache folder; a missing or damaged one is the user's to fix
+    (restore it, or start again), not a traceback."""
+    from safetensors.torch import load_file
+
+    if not path.is_file():
+        raise CxrFastError(f"{path}: {what} missing")
+    try:
+        return load_file(str(path))
+    except Exception as e:  # safetensors raises its own SafetensorError for a truncated or garbled file
+        reason = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+        raise CxrFastError(f"{path}: not a readable {what} ({reason})") from None

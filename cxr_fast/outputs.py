@@ -1,4 +1,4 @@
-"""Writing result folders without losing the old ones on failure."""
+"""Writing result folders and tensor files without losing the old ones on failure."""
 
 from __future__ import annotations
 
@@ -31,3 +31,14 @@ def replacing_folder(out_dir: Path, *, force: bool, what: str) -> Iterator[Path]
     if out_dir.exists():
         shutil.rmtree(out_dir)
     partial.rename(out_dir)
+
+
+def write_tensors(tensors: dict, path: Path) -> None:
+    """A safetensors file, written then renamed, so a kill during the write leaves the previous file whole, never
+    half of a new one. Written as bytes, so it gets the usual permissions (safetensors' own writer makes files only
+    their owner can read, which locks colleagues out of a shared model folder)."""
+    from safetensors.torch import save
+
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_bytes(save({k: v.contiguous() for k, v in tensors.items()}))
+    tmp.replace(path)

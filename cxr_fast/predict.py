@@ -253,7 +253,7 @@ def predict(run_dir: str | Path, inputs: Sequence[str | Path], heatmap: bool = F
         pending.clear()
 
     with Progress(transient=True, disable=not progress) as bar:
-        task = bar.add_task(f"predicting {len(files)} images", total=len(files))
+        task = bar.add_task(f"predicting {len(files)} image{'s' if len(files) != 1 else ''}", total=len(files))
         for file in files:
             try:
                 pixels = model_image(read_image(file), size)

@@ -23,7 +23,6 @@ import pandas as pd
 import torch
 import yaml
 from rich.progress import Progress
-from safetensors.torch import load_file
 from sklearn.linear_model import LogisticRegression
 from sklearn.metrics import balanced_accuracy_score, log_loss
 from sklearn.preprocessing import StandardScaler
@@ -33,7 +32,8 @@ from cxr_fast.archs.frozen import PACKAGED_BACKBONES, VARIANTS, FrozenFeatures, 
 from cxr_fast.archs.weights import EFFICIENTNET_LITE_MEAN, EFFICIENTNET_LITE_STD, Stats, channel_stats
 from cxr_fast.config import TrainConfig
 from cxr_fast.data.manifest import image_column
-from cxr_fast.errors import CxrFastError
+from cxr_fast.errors import CxrFastError, read_tensors
+from cxr_fast.outputs import write_tensors
 from cxr_fast.preprocess import load_input
 
 # Inverse regularisation strengths tried, strongest first: on a tie the simpler model wins. The 5-fold benchmark
@@ -110,8 +110,6 @@ def split_features(body: FrozenFeatures, manifest: pd.DataFrame, cfg: TrainConfi
                    state: dict, quiet: bool = False) -> dict[str, np.ndarray]:
     """{split: [N, D]} for the train and valid images, one (backbone, size) pair at a time, each pair's block saved
     in `checkpoint` and reused if already there; the seconds spent are added to `state`, saved with them."""
-    from cxr_fast.train import _save_tensors
-
     files = {s: image_column(manifest[manifest["split"] == s]).tolist() for s in FITTED_SPLITS}
     images: dict[str, torch.Tensor] | None = None  # read only when a block must be computed
     blocks: dict[str, list[torch.Tensor]] = {s: [] for s in FITTED_SPLITS}
@@ -119,7 +117,7 @@ def split_features(body: FrozenFeatures, manifest: pd.DataFrame, cfg: TrainConfi
         for backbone, size in body.members():
             path = checkpoint / f"features-{backbone}-{size}.safetensors"
             if path.is_file():
-                block = load_file(str(path))
+                block = read_tensors(path, "feature block (delete it to compute it again)")
             else:
                 started = time.perf_counter()
                 if images is None:
@@ -128,7 +126,7 @@ def split_features(body: FrozenFeatures, manifest: pd.DataFrame, cfg: TrainConfi
                 name = f"{body.backbone_names[backbone]} at {size} px"
                 task = bar.add_task(f"features: {name}", total=sum(map(len, files.values())))
                 block = {s: _member_features(body, backbone, size, images[s], cfg.bs, bar, task) for s in images}
-                _save_tensors(block, path)
+                write_tensors(block, path)
                 seconds = time.perf_counter() - started
                 state["train_seconds"] += seconds
                 state["feature_seconds"] = state.get("feature_seconds", 0.0) + seconds
@@ -210,9 +208,9 @@ def _write_bundle(run_dir: Path, model, cfg: TrainConfig, state: dict, manifest:
     from cxr_fast.calibration import fit_temperature
     from cxr_fast.plots import plot_strength_search
     from cxr_fast.seen import write_seen
-    from cxr_fast.train import CHECKPOINT_DIR, _cpu_state, _save_tensors, run_config
+    from cxr_fast.train import CHECKPOINT_DIR, _cpu_state, run_config
 
-    _save_tensors(_cpu_state(model), run_dir / "model.safetensors")
+    write_tensors(_cpu_state(model), run_dir / "model.safetensors")
     config = run_config(model, cfg, state)
     config["weights_source"] = model.weights_source
     # The valid logits from the kept features, exactly as the bundle's linear layer computes them.

@@ -18,13 +18,13 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import torch
-from safetensors.torch import load_file, save_file
 
 from cxr_fast.data.cache import FINGERPRINT_DECODE_SIDE
 from cxr_fast.data.dedup import HASH_SIDE, Fingerprint, near_pairs, perceptual_hash, thumbnail_of
 from cxr_fast.data.io import read_image
 from cxr_fast.data.manifest import image_column, read_manifest
-from cxr_fast.errors import CxrFastError
+from cxr_fast.errors import CxrFastError, read_tensors
+from cxr_fast.outputs import write_tensors
 
 SEEN_FILE = "seen_images.safetensors"
 SEEN_SPLITS = ("train", "valid")  # valid images choose the kept epoch and the temperature: seen too
@@ -51,11 +51,11 @@ def write_seen(run_dir: Path, manifest: pd.DataFrame) -> int:
     def as_bytes(values: list[bytes], width: int) -> torch.Tensor:
         return torch.from_numpy(np.frombuffer(b"".join(values), dtype=np.uint8).reshape(len(values), width).copy())
 
-    save_file({
+    write_tensors({
         "sha256": as_bytes([bytes.fromhex(f.sha256) for f in fingerprints], 32),
         "phash": as_bytes([bytes.fromhex(f.phash) for f in fingerprints], 32),
         "thumbnail": as_bytes([f.thumbnail for f in fingerprints], HASH_SIDE * HASH_SIDE),
-    }, str(run_dir / SEEN_FILE))
+    }, run_dir / SEEN_FILE)
     return len(fingerprints)
 
 
@@ -64,8 +64,8 @@ def read_seen(run_dir: Path) -> list[Fingerprint] | None:
     path = run_dir / SEEN_FILE
     if not path.is_file():
         return None
+    tensors = read_tensors(path, "list of seen images")
     try:
-        tensors = load_file(str(path))
         rows = zip(tensors["sha256"].numpy(), tensors["phash"].numpy(), tensors["thumbnail"].numpy(), strict=True)
         return [Fingerprint(sha256=s.tobytes().hex(), phash=p.tobytes().hex(), thumbnail=t.tobytes()) for s, p, t in rows]
     except (KeyError, ValueError, OSError) as e:

@@ -11,6 +11,7 @@ While training, `checkpoint/` holds the last epoch's weights and optimizer state
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import platform
 import shutil
@@ -31,15 +32,17 @@ from fastai.learner import Learner
 from fastai.losses import CrossEntropyLossFlat
 from fastai.metrics import AccumMetric
 from fastai.torch_core import set_seed
-from safetensors.torch import load_file, save_file
+from rich.console import Console
 from sklearn.metrics import balanced_accuracy_score
 
 from cxr_fast import distributed
 from cxr_fast.archs import create_model, model_config, splitter
+from cxr_fast.archs.weights import parse_weights
 from cxr_fast.config import TrainConfig, resolve_config
-from cxr_fast.data.block import build_dataloaders
-from cxr_fast.data.manifest import read_manifest
-from cxr_fast.errors import CxrFastError, read_json
+from cxr_fast.data.block import build_dataloaders, check_classes
+from cxr_fast.data.manifest import manifest_digest, read_manifest
+from cxr_fast.errors import CxrFastError, read_json, read_tensors
+from cxr_fast.outputs import write_tensors
 from cxr_fast.probe import is_frozen_arch
 
 CHECKPOINT_DIR = "checkpoint"
@@ -67,6 +70,33 @@ def accuracy_metric() -> AccumMetric:
 # ---------------------------------------------------------------------------------------------- run folders
 
 
+def check_new_out(out: str | Path | None) -> None:
+    """Refuse an --out that cannot become a new run folder, before any slow work: a file, a folder under a file,
+    a folder that already holds something."""
+    if out is None:
+        return
+    out = Path(out)
+    existing = next(p for p in (out, *out.parents) if p.exists())
+    if not existing.is_dir():
+        raise CxrFastError(f"{existing}: exists and is not a folder (choose another --out)")
+    if out.exists() and any(out.iterdir()):
+        if (out / CHECKPOINT_DIR / "state.json").exists():
+            raise CxrFastError(f"{out}: an interrupted run is here; add --resume to continue it")
+        raise CxrFastError(f"{out}: already exists; a new run never overwrites an old one (choose another --out)")
+
+
+def check_same_data(run_dir: Path, state: dict, data: str | Path) -> None:
+    """A resumed run must go on with the manifest it started on: other rows would mix training and test images
+    while config.json still named the first manifest."""
+    started_on = state.get("data")
+    if started_on and Path(data).resolve() != Path(started_on):
+        raise CxrFastError(f"{run_dir}: this run started on {started_on}; resume it with --data {started_on}")
+    recorded = state.get("manifest_sha256")  # runs interrupted before this check was added have none
+    if recorded and manifest_digest(data) != recorded:
+        raise CxrFastError(f"{run_dir}: the manifest in {data} changed since this run started; "
+                           "start a new run (a different --out) to train on it")
+
+
 def new_run_dir(out: str | Path | None, arch: str, root: Path = Path("models")) -> Path:
     """A fresh folder: an explicit --out must not exist yet; the default name carries a timestamp."""
     if out is None:
@@ -77,22 +107,12 @@ def new_run_dir(out: str | Path | None, arch: str, root: Path = Path("models")) 
             n += 1
             out = root / f"{arch.replace('/', '_')}-{stamp}-{n}"
     out = Path(out)
-    if out.exists() and any(out.iterdir()):
-        if (out / CHECKPOINT_DIR / "state.json").exists():
-            raise CxrFastError(f"{out}: an interrupted run is here; add --resume to continue it")
-        raise CxrFastError(f"{out}: already exists; a new run never overwrites an old one (choose another --out)")
+    check_new_out(out)
     out.mkdir(parents=True, exist_ok=True)
     return out
 
 
 # ---------------------------------------------------------------------------------------------- checkpoints
-
-
-def _save_tensors(tensors: dict[str, torch.Tensor], path: Path) -> None:
-    """Write-then-rename, so a kill during the write leaves the previous file whole, never half of a new one."""
-    tmp = path.with_name(path.name + ".tmp")
-    save_file(tensors, str(tmp))
-    tmp.replace(path)
 
 
 def _save_optimizer(opt, path: Path) -> dict:
@@ -106,7 +126,7 @@ def _save_optimizer(opt, path: Path) -> dict:
             else:
                 kept[k] = v
         rest.append(kept)
-    _save_tensors(tensors, path)
+    write_tensors(tensors, path)
     hypers = [{k: _plain(v) for k, v in h.items()} for h in opt.state_dict()["hypers"]]
     return {"state": [{k: _plain(v) for k, v in r.items()} for r in rest], "hypers": hypers}
 
@@ -119,7 +139,7 @@ def _plain(value):
 
 
 def _load_optimizer(opt, path: Path, meta: dict) -> None:
-    tensors = load_file(str(path))
+    tensors = read_tensors(path, "checkpoint file")
     states = [dict(s) for s in meta["state"]]
     for key, v in tensors.items():
         i, k = key.split(".", 1)
@@ -156,11 +176,11 @@ class RunRecorder(Callback):
         score = row.get("valid_balanced_accuracy", float("nan"))
         if self.state["best"] is None or score > self.state["best"]["valid_balanced_accuracy"]:
             self.state["best"] = row
-            _save_tensors(_cpu_state(self.learn.model), self.run_dir / "model.safetensors")
+            write_tensors(_cpu_state(self.learn.model), self.run_dir / "model.safetensors")
 
         ckpt = self.run_dir / CHECKPOINT_DIR
         ckpt.mkdir(exist_ok=True)
-        _save_tensors(_cpu_state(self.learn.model), ckpt / "model.safetensors")
+        write_tensors(_cpu_state(self.learn.model), ckpt / "model.safetensors")
         self.state["optimizer"] = _save_optimizer(self.learn.opt, ckpt / "optimizer.safetensors")
         self.state["epochs_done"] = row["epoch"] + 1
         # state.json last: it names the epoch the files above hold, so it must never run ahead of them
@@ -272,6 +292,7 @@ def train(
 
 def _train(data, cfg, *, out, resume, extra_cbs, quiet) -> Path:
     manifest = read_manifest(data)
+    check_classes(manifest, data)
     if resume:
         if out is None:
             raise CxrFastError("--resume needs --out pointing at the interrupted run")
@@ -283,11 +304,15 @@ def _train(data, cfg, *, out, resume, extra_cbs, quiet) -> Path:
             raise CxrFastError(f"{run_dir}: no checkpoint to resume (expected {state_path})")
         state = read_json(state_path)
         cfg = TrainConfig(**state["config"])
+        check_same_data(run_dir, state, data)
     else:
         cfg = cfg or resolve_config()
+        # a weights file by its whole path: the run records where it started from, and resumes from any folder
+        cfg = dataclasses.replace(cfg, weights=parse_weights(cfg.weights).source)
+        check_new_out(out)
         run_dir = None  # made only once the model and data are known to be good, so a typo leaves nothing behind
         state = {"config": cfg.to_dict(), "history": [], "best": None, "epochs_done": 0, "lr": None,
-                 "train_seconds": 0.0, "data": str(Path(data).resolve())}
+                 "train_seconds": 0.0, "data": str(Path(data).resolve()), "manifest_sha256": manifest_digest(data)}
 
     if is_frozen_arch(cfg.arch):  # nothing to descend: features once, then a regression (cxr_fast.probe)
         from cxr_fast.probe import fit_frozen
@@ -300,17 +325,33 @@ def _train(data, cfg, *, out, resume, extra_cbs, quiet) -> Path:
         run_dir = Path(distributed.on_main(lambda: str(new_run_dir(out, cfg.arch))))
     state["stats"] = {"mean": spec.mean, "std": spec.std}
     state["classes"] = spec.classes
+    report = learn.model.load_report
+    if report is not None and not resume:  # how much of a weights file was used: the user must not have to guess
+        state["weights_loaded"] = report.summary()
+        if not quiet and distributed.is_main():
+            Console(stderr=True).print(f"weights: {state['weights_loaded']}", highlight=False, soft_wrap=True)
     if quiet:
         learn.remove_cb(ProgressCallback)
         learn.logger = lambda *args, **kwargs: None
 
     if state["lr"] is None:  # lr_find runs on rank 0 alone, and every rank trains with its suggestion
+        if cfg.lr == "auto" and not quiet and distributed.is_main():
+            Console(stderr=True).print("finding a learning rate (fastai's lr_find) …", highlight=False)
         state["lr"] = distributed.on_main(
             lambda: float(learn.lr_find(show_plot=False).valley) if cfg.lr == "auto" else float(cfg.lr))
+        if cfg.lr == "auto" and not quiet and distributed.is_main():
+            Console(stderr=True).print(f"lr_find suggests {state['lr']:.3g} (its 'valley'); training with it",
+                                       highlight=False)
     lr = state["lr"]
 
     if resume:
-        learn.model.load_state_dict(load_file(str(run_dir / CHECKPOINT_DIR / "model.safetensors")))
+        checkpoint = run_dir / CHECKPOINT_DIR / "model.safetensors"
+        try:
+            learn.model.load_state_dict(read_tensors(checkpoint, "checkpoint file"))
+        except RuntimeError as e:
+            from cxr_fast.bundle import state_dict_problem
+
+            raise CxrFastError(f"{checkpoint}: does not fit the run's {cfg.arch} ({state_dict_problem(e)})") from None
     distributed.to_data_parallel(learn)
 
     try:
@@ -383,6 +424,7 @@ def run_config(model: torch.nn.Module, cfg: TrainConfig, state: dict) -> dict:
         "mean": state["stats"]["mean"],
         "std": state["stats"]["std"],
         "weights_source": cfg.weights,
+        **({"weights_loaded": state["weights_loaded"]} if "weights_loaded" in state else {}),
         "seed": cfg.seed,
         "lr": state["lr"],
         "data": state["data"],

@@ -96,6 +96,22 @@ def test_unknown_arguments_are_named():
         create_model("resnet18", no_such_option=1)
 
 
+@pytest.mark.parametrize("arch, kwargs, named", [
+    ("cxresnet", {"width": -1}, "width must be a number > 0"),
+    ("cxresnet", {"width": 0}, "width must be a number > 0"),
+    ("cxresnet_tiny", {"width": "half"}, "width must be a number > 0"),
+    ("convnet", {"dropout": 1.5}, r"dropout must be a number in \[0, 1\)"),
+    ("cxresnet", {"depths": [1, 0, 1, 1]}, "depths must be a list of whole numbers ≥ 1"),
+    ("convnet", {"hidden": 2.5}, "hidden must be a whole number ≥ 1, or null"),
+    ("convnet", {"layers": ["relu", "no_such_layer"]}, "unknown layer .no_such_layer."),
+    ("convnet", {"layers": 5}, "convnet: bad arguments"),  # left to the builder, still one line
+])
+def test_bad_argument_values_are_one_line_errors(arch, kwargs, named):
+    with pytest.raises(CxrFastError, match=named) as e:
+        create_model(arch, **kwargs)
+    assert "\n" not in str(e.value)
+
+
 def test_token_models_are_refused_with_a_reason():
     with pytest.raises(CxrFastError, match="token"):
         create_model("vit_tiny_patch16_224", n_in=3)

@@ -88,3 +88,33 @@ def test_ctrl_c_during_training_says_how_to_resume_and_exits_130(tmp_path, monke
     assert result.exit_code == 130
     assert "after 2 of 6 epochs" in result.output
     assert f"--out {tmp_path / 'run'} --resume" in result.output.replace("\n", "")
+
+
+def test_resume_names_the_flags_it_ignores(tmp_path, monkeypatch):
+    import cxr_fast.train
+
+    monkeypatch.setattr(cxr_fast.train, "train", lambda data, cfg, **kwargs: kwargs["out"])
+    monkeypatch.setattr("cxr_fast.cli._print_run_summary", lambda run_dir: None)
+    result = invoke("train", "--data", tmp_path, "--out", tmp_path / "run", "--resume", "--epochs", 9, "--size", 96)
+    assert result.exit_code == 0, result.output
+    assert "ignored: --epochs, --size" in result.output.replace("\n", "")
+
+
+def test_ctrl_c_outside_training_says_interrupted_and_exits_130(tmp_path, monkeypatch):
+    import cxr_fast.train
+
+    def interrupted(data, cfg, **kwargs):
+        raise KeyboardInterrupt  # e.g. while the model is built, before any epoch
+
+    monkeypatch.setattr(cxr_fast.train, "train", interrupted)
+    result = invoke("train", "--data", tmp_path, "--arch", "cxresnet_tiny")
+    assert result.exit_code == 130 and "interrupted" in result.output
+
+
+def test_lr_auto_says_what_it_found(tiny_data, tmp_path):
+    out = tmp_path / "run"
+    result = invoke("train", "--data", tiny_data, "--arch", "cxresnet_tiny", "--size", 48, "--epochs", 1,
+                    "--bs", 16, "--lr", "auto", "--out", out)
+    assert result.exit_code == 0, result.output
+    found = json.loads((out / "config.json").read_text())["lr"]
+    assert f"lr_find suggests {found:.3g}" in result.output

@@ -46,7 +46,7 @@ def test_recipe_name_is_found_beside_a_folder_of_that_name(tmp_path, monkeypatch
     assert resolve_config("demo").arch == load_recipe("demo")["arch"]
 
 
-@pytest.mark.parametrize("bad", [{"lr_mult": 0}, {"mixup": -0.1}, {"label_smoothing": 1.0}])
+@pytest.mark.parametrize("bad", [{"lr_mult": 0}, {"mixup": -0.1}, {"label_smoothing": 1.0}, {"seed": -1}])
 def test_out_of_range_regularisation_options_are_one_line_errors(bad):
     with pytest.raises(CxrFastError, match=next(iter(bad))) as e:
         resolve_config(**bad)

@@ -139,3 +139,22 @@ def test_compare_puts_an_ensemble_beside_its_members(ensemble_dir, tiny_runs, tm
     result = compare_runs([*tiny_runs, ensemble_dir], out=tmp_path / "cmp", n_boot=50)
     assert list(result.table["arch"]) == ["cxresnet_tiny", "cxresnet_tiny", "ensemble"]
     assert result.table["params"].iloc[2] == result.table["params"].iloc[0] + result.table["params"].iloc[1]
+
+
+def test_the_same_run_twice_is_refused_and_members_with_one_name_keep_both_scores(tiny_runs, tmp_path):
+    with pytest.raises(CxrFastError, match="given twice"):
+        build_ensemble([tiny_runs[0], tiny_runs[0].parent / ".." / tiny_runs[0].parent.name / tiny_runs[0].name],
+                       tmp_path / "twice", progress=False)
+    assert not (tmp_path / "twice").exists()
+    namesake = shutil.copytree(tiny_runs[1], tmp_path / "elsewhere" / tiny_runs[0].name)  # runs/seed0, elsewhere/seed0
+    ensemble = build_ensemble([tiny_runs[0], namesake], tmp_path / "ens", progress=False)
+    members = json.loads((ensemble / "metrics.json").read_text())["members"]
+    assert members == {str(tiny_runs[0]): load_run(tiny_runs[0]).metrics["valid_balanced_accuracy"],
+                       str(namesake): load_run(namesake).metrics["valid_balanced_accuracy"]}
+
+
+def test_an_out_that_is_a_file_is_refused(tiny_runs, tmp_path):
+    (tmp_path / "afile").write_text("keep me")
+    with pytest.raises(CxrFastError, match="afile: exists and is not a folder"):
+        build_ensemble(tiny_runs, tmp_path / "afile", progress=False)
+    assert (tmp_path / "afile").read_text() == "keep me"

@@ -296,3 +296,114 @@ def test_mixup_blends_training_images_in_pairs(tiny_data, tmp_path, alpha):
     assert not torch.allclose(probe.fed, probe.raw)
     # every fed image is a blend of two raw ones, so it stays inside the batch's range pixel by pixel
     assert (probe.fed <= probe.raw.max(0).values + 1e-5).all() and (probe.fed >= probe.raw.min(0).values - 1e-5).all()
+
+
+def _killed_run(tiny_data, out):
+    """A run killed after its first of three epochs: a checkpoint for --resume."""
+    with pytest.raises(SimulatedKill):
+        train(tiny_data, resolve_config(epochs=3, **TINY), out=out, quiet=True, extra_cbs=[KillAfterEpoch(0)])
+    return out
+
+
+def test_resume_refuses_other_data_or_a_changed_manifest(tiny_data, tmp_path):
+    # another manifest would train on images the first one keeps for valid and test, under the first one's name
+    out = _killed_run(tiny_data, tmp_path / "run")
+    other = tmp_path / "other"
+    shutil.copytree(tiny_data, other)
+    with pytest.raises(CxrFastError, match=f"this run started on {tiny_data}; resume it with --data {tiny_data}") as e:
+        train(other, out=out, resume=True, quiet=True)
+    assert "\n" not in str(e.value)
+    manifest = tiny_data / "manifest.csv"
+    original = manifest.read_bytes()
+    try:
+        manifest.write_bytes(original.replace(b",train,", b",valid,", 1))  # one training image moved to valid
+        with pytest.raises(CxrFastError, match="manifest in .* changed since this run started"):
+            train(tiny_data, out=out, resume=True, quiet=True)
+    finally:
+        manifest.write_bytes(original)
+    train(tiny_data, out=out, resume=True, quiet=True)  # the same data resumes
+    assert list(pd.read_csv(out / "history.csv")["epoch"]) == [0, 1, 2]
+
+
+@pytest.mark.parametrize("damage", ["missing", "truncated"])
+def test_a_damaged_checkpoint_is_a_one_line_error_naming_the_file(tiny_data, tmp_path, damage):
+    out = _killed_run(tiny_data, tmp_path / "run")
+    for name in ("optimizer.safetensors", "model.safetensors"):
+        path = out / "checkpoint" / name
+        kept = path.read_bytes()
+        path.unlink() if damage == "missing" else path.write_bytes(kept[:300])
+        expected = "checkpoint file missing" if damage == "missing" else "not a readable checkpoint file"
+        with pytest.raises(CxrFastError, match=f"{path}: {expected}") as e:
+            train(tiny_data, out=out, resume=True, quiet=True)
+        assert "\n" not in str(e.value)
+        path.write_bytes(kept)
+
+
+def test_a_damaged_bundle_weights_file_is_a_one_line_error(tiny_runs, tmp_path):
+    run = shutil.copytree(tiny_runs[0], tmp_path / "run")
+    weights = run / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:300])  # e.g. a copy cut short
+    with pytest.raises(CxrFastError, match=f"{weights}: not a readable weights file") as e:
+        load_run(run)
+    assert "\n" not in str(e.value)
+
+
+def test_an_interrupted_run_is_named_as_such_where_a_bundle_is_expected(tiny_data, tmp_path):
+    out = _killed_run(tiny_data, tmp_path / "run")
+    with pytest.raises(CxrFastError, match="an interrupted training run, not a finished bundle; continue it with"):
+        load_run(out)
+
+
+def test_an_out_that_is_a_file_is_refused_before_any_work(tiny_data, tmp_path):
+    afile = tmp_path / "afile"
+    afile.write_text("keep me")
+    for out in (afile, afile / "run"):
+        with pytest.raises(CxrFastError, match=f"{afile}: exists and is not a folder"):
+            train(tiny_data, resolve_config(epochs=1, **TINY), out=out, quiet=True)
+    assert afile.read_text() == "keep me"
+
+
+def test_a_class_missing_from_the_train_split_is_refused_and_rare_classes_warned(tiny_data, tmp_path):
+    table = read_manifest(tiny_data)
+    no_normal = tmp_path / "no-normal.csv"
+    table[~((table["split"] == "train") & (table["label"] == "Normal"))].to_csv(no_normal, index=False)
+    with pytest.raises(CxrFastError, match="no Normal image in the train split"):
+        train(no_normal, resolve_config(epochs=1, **TINY), out=tmp_path / "a", quiet=True)
+    assert not (tmp_path / "a").exists()
+
+    typo = table.copy()
+    first_train = typo.index[typo["split"] == "train"][0]
+    typo.loc[first_train, "label"] = "Covid"  # a hand-edited label: a fourth class with one image
+    typo.loc[typo["split"] == "valid", "label"] = typo.loc[typo["split"] == "valid", "label"].replace("Pneumonia", "Normal")
+    typo_path = tmp_path / "typo.csv"
+    typo.to_csv(typo_path, index=False)
+    from cxr_fast.data.block import check_classes
+
+    with pytest.warns(UserWarning) as caught:
+        check_classes(read_manifest(typo_path), typo_path)
+    messages = " | ".join(str(w.message) for w in caught)
+    assert "only a few training images for Covid (1); a mistyped label?" in messages
+    assert "no Covid, Pneumonia image in the valid split" in messages
+
+
+def test_bundle_files_are_readable_like_the_rest_of_the_folder(tiny_runs):
+    # safetensors' own writer makes owner-only files: a colleague could read config.json but not the model
+    modes = {p.name: p.stat().st_mode & 0o777 for p in tiny_runs[0].iterdir() if p.is_file()}
+    assert modes["model.safetensors"] == modes["config.json"] == modes["seen_images.safetensors"]
+
+
+def test_a_weights_file_load_is_reported_and_recorded(tiny_data, tmp_path, monkeypatch, capsys):
+    from cxr_fast.archs import create_model
+    from cxr_fast.outputs import write_tensors
+
+    state = create_model("cxresnet_tiny").state_dict()
+    (tmp_path / "w").mkdir()
+    write_tensors({k: v for k, v in state.items() if not k.startswith("head.")}, tmp_path / "w" / "body.safetensors")
+    monkeypatch.chdir(tmp_path)  # a relative --weights path, as users type it
+    cfg = resolve_config(epochs=1, freeze_epochs=0, weights="w/body.safetensors", **TINY)
+    run = train(tiny_data, cfg, out=tmp_path / "run")
+    config = json.loads((run / "config.json").read_text())
+    assert config["weights_source"] == str(tmp_path / "w" / "body.safetensors")
+    n_body = sum(not k.startswith("head.") for k in state)
+    assert config["weights_loaded"].startswith(f"{tmp_path / 'w' / 'body.safetensors'}: {n_body} of {n_body} tensors loaded")
+    assert "tensors loaded" in capsys.readouterr().err

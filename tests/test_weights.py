@@ -70,7 +70,7 @@ def test_shape_mismatch_is_one_line_naming_file_and_tensor(tmp_path):
         create_model("cxresnet_tiny", n_classes=4, weights=str(path))
     message = str(err.value)
     assert "\n" not in message
-    assert message.startswith("three_classes.safetensors:") and "shape mismatch" in message
+    assert message.startswith(f"{path}:") and "shape mismatch" in message  # the whole path: runs start anywhere
     assert "head.classifier.weight [3,128] vs [4,128]" in message
 
 
@@ -78,7 +78,7 @@ def test_a_file_for_another_architecture_matches_nothing(tmp_path):
     path = tmp_path / "convnet.safetensors"
     save_file(create_model("convnet").state_dict(), str(path))
     with pytest.raises(
-        CxrFastError, match=r"convnet.safetensors: \d+ of \d+ tensors match model cxresnet_tiny"
+        CxrFastError, match=r"convnet.safetensors: \d+ of \d+ weight tensors match model cxresnet_tiny"
     ):
         create_model("cxresnet_tiny", weights=str(path))
 
@@ -117,9 +117,35 @@ def test_three_channel_file_is_summed_into_a_one_channel_model(tmp_path):
         assert torch.allclose(gray(x), rgb(x.repeat(1, 3, 1, 1)), atol=1e-5)
 
 
+def test_a_file_matching_only_batch_norm_step_counters_is_refused(tmp_path):
+    # num_batches_tracked fits any network with batch norm: a file holding nothing else loads no weights at all
+    counters = {k: v for k, v in create_model("cxresnet_tiny").state_dict().items() if k.endswith("num_batches_tracked")}
+    path = tmp_path / "counters.safetensors"
+    save_file(counters, str(path))
+    with pytest.raises(CxrFastError, match=rf"counters.safetensors: 0 of {len(counters)} weight tensors match"):
+        create_model("cxresnet_tiny", weights=str(path))
+
+
+def test_a_partial_load_is_reported_and_recorded_with_the_whole_path(tmp_path, monkeypatch):
+    state = create_model("cxresnet_tiny").state_dict()
+    path = tmp_path / "part.safetensors"
+    save_file({k: v for k, v in state.items() if k.startswith("body.stem")}, str(path))
+    monkeypatch.chdir(tmp_path)
+    model = create_model("cxresnet_tiny", weights="part.safetensors")
+    n_stem = sum(k.startswith("body.stem") for k in state)
+    assert model.weights_source == str(path)
+    assert model.load_report.summary().startswith(f"{path}: {n_stem} of {n_stem} tensors loaded "
+                                                  f"({len(state) - n_stem} model tensors left at their initial values")
+
+
 def test_weights_argument_errors(tmp_path):
     with pytest.raises(CxrFastError, match="no such file"):
         create_model("convnet", weights=str(tmp_path / "missing.safetensors"))
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "model.safetensors").write_bytes(b"")
+    with pytest.raises(CxrFastError, match=rf"is a folder, not a weights file; did you mean {run / 'model.safetensors'}"):
+        create_model("convnet", weights=str(run))
     (tmp_path / "notes.txt").write_text("hello")
     with pytest.raises(CxrFastError, match="unknown weights format"):
         create_model("convnet", weights=str(tmp_path / "notes.txt"))

@@ -12,6 +12,7 @@ import difflib
 import fnmatch
 import inspect
 import json
+import math
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -114,7 +115,10 @@ def create_model(
             )
         builder, variant = LOCAL_ARCHS[arch]
         arch_kwargs = _resolve_local_kwargs(arch, builder, variant, arch_kwargs)
-        body, head = builder(n_in, n_classes, **arch_kwargs)
+        try:
+            body, head = builder(n_in, n_classes, **arch_kwargs)
+        except (TypeError, ValueError) as e:  # a value of the right kind that the layers still cannot take
+            raise CxrFastError(f"{arch}: bad arguments {arch_kwargs} ({str(e).splitlines()[0]})") from None
         stats = None
     else:
         body, stats = _timm_body(arch, n_in, spec, arch_kwargs)
@@ -167,7 +171,31 @@ def _resolve_local_kwargs(
     unknown = sorted(set(given) - set(params))
     if unknown:
         raise CxrFastError(f"{arch}: unknown argument {', '.join(unknown)} (it takes {', '.join(params)})")
+    problems = [f"{name} must be {rule} (got {value!r})" for name, value in given.items()
+                if name in LOCAL_ARG_RULES and not LOCAL_ARG_RULES[name][0](value)
+                for rule in [LOCAL_ARG_RULES[name][1]]]
+    if problems:
+        raise CxrFastError(f"{arch}: " + "; ".join(problems))
     return _json_values(arch, {**params, **variant, **given})
+
+
+def _number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _counts(value: Any) -> bool:
+    return isinstance(value, list) and bool(value) and all(_number(v) and v >= 1 and float(v).is_integer() for v in value)
+
+
+# The ConvNet and CXResnet builders' arguments a recipe is most likely to set: checked here so that a bad value is
+# one line naming the rule, not a traceback from deep inside a layer (or, for width ≤ 0, a one-channel network).
+LOCAL_ARG_RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
+    "width": (lambda v: _number(v) and v > 0, "a number > 0 (a multiplier on every width)"),
+    "widths": (_counts, "a list of whole numbers ≥ 1"),
+    "depths": (_counts, "a list of whole numbers ≥ 1"),
+    "hidden": (lambda v: v is None or (_number(v) and v >= 1 and float(v).is_integer()), "a whole number ≥ 1, or null"),
+    "dropout": (lambda v: _number(v) and 0 <= v < 1, "a number in [0, 1)"),
+}
 
 
 def _timm_body(
@@ -184,10 +212,10 @@ def _timm_body(
             body = timm.create_model(
                 arch, pretrained=False, num_classes=0, global_pool="", in_chans=n_in, **timm_kwargs
             )
-    except TypeError as e:
+    except (TypeError, ValueError) as e:
         if not timm_kwargs:
             raise
-        raise CxrFastError(f"{arch}: timm rejected the arguments {timm_kwargs} ({e})") from e
+        raise CxrFastError(f"{arch}: timm rejected the arguments {timm_kwargs} ({str(e).splitlines()[0]})") from None
     if spec.kind == "none":
         return body, None
     if spec.kind == "efficientnet-lite":

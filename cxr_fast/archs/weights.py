@@ -39,7 +39,7 @@ from urllib.parse import urlparse
 import torch
 import torch.nn as nn
 
-from cxr_fast.errors import CxrFastError
+from cxr_fast.errors import CxrFastError, read_tensors
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -109,9 +109,12 @@ def parse_weights(weights: str | os.PathLike | None) -> WeightSpec:
         if text.lower() in (f"efficientnet-lite{n}", f"efficientnet_lite{n}"):
             return WeightSpec("efficientnet-lite", version=n)
     path = Path(text).expanduser()
+    if path.is_dir():
+        hint = f"; did you mean {path / 'model.safetensors'}?" if (path / "model.safetensors").is_file() else ""
+        raise CxrFastError(f"--weights {text}: is a folder, not a weights file{hint}")
     if not path.is_file():
         raise CxrFastError(f"--weights {text}: no such file (choose {WEIGHTS_HELP})")
-    return WeightSpec("path", path=path)
+    return WeightSpec("path", path=path.resolve())  # the bundle must say where they came from from anywhere
 
 
 # ---------------------------------------------------------------- local files
@@ -132,7 +135,7 @@ class LoadReport:
     def summary(self) -> str:
         adapted = f", input channels adapted for {', '.join(self.adapted)}" if self.adapted else ""
         return (
-            f"{Path(self.source).name}: {len(self.matched)} of {self.n_file_tensors} tensors loaded "
+            f"{self.source}: {len(self.matched)} of {self.n_file_tensors} tensors loaded "
             f"({len(self.missing)} model tensors left at their initial values, "
             f"{len(self.unexpected)} file tensors unused{adapted})"
         )
@@ -144,15 +147,12 @@ def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     if not path.is_file():
         raise CxrFastError(f"{path}: weights file not found")
     if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
-
-        try:
-            state = load_file(str(path), device="cpu")
-        except Exception as e:  # safetensors raises its own SafetensorError for corrupt headers
-            raise CxrFastError(f"{path}: not a readable safetensors file ({first_line(e)})") from e
+        state = read_tensors(path)
     elif path.suffix in _TORCH_SUFFIXES:
         try:
-            state = torch.load(path, map_location="cpu", weights_only=True)
+            with warnings.catch_warnings():  # torch warns about the pickle protocol before refusing: the refusal says it all
+                warnings.simplefilter("ignore", UserWarning)
+                state = torch.load(path, map_location="cpu", weights_only=True)
         except pickle.UnpicklingError as e:
             raise CxrFastError(
                 f"{path}: refused to load — it holds Python objects, not just tensors "
@@ -273,7 +273,9 @@ def load_state_into(
     report.matched.sort(key=position.__getitem__)
     report.shape_mismatched.sort(key=lambda mismatch: position[mismatch[0]])
     what = f"model {arch}" if arch else "the model"
-    if report.shape_mismatched or not report.matched:
+    # batch norm's step counters match any network with batch norm: they alone are not weights
+    learned = [k for k in report.matched if not k.endswith("num_batches_tracked")]
+    if report.shape_mismatched or not learned:
         detail = ""
         if report.shape_mismatched:
             key, got, want = report.shape_mismatched[0]
@@ -283,9 +285,7 @@ def load_state_into(
             )
         elif report.unexpected:
             detail = f" (e.g. file has {report.unexpected[0]}, model has {next(iter(target))})"
-        raise CxrFastError(
-            f"{Path(source).name}: {len(report.matched)} of {len(state)} tensors match {what}{detail}"
-        )
+        raise CxrFastError(f"{source}: {len(learned)} of {len(state)} weight tensors match {what}{detail}")
     model.load_state_dict(to_load, strict=False)
     return report
 

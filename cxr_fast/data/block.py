@@ -6,8 +6,10 @@ networks, their normalisation statistics; otherwise statistics are computed from
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -78,6 +80,31 @@ class DataSpec:
     classes: list[str]
     mean: list[float]
     std: list[float]
+
+
+RARE_CLASS = 5  # fewer training images than this: more likely a mistyped label than a class to learn
+
+
+def check_classes(manifest: pd.DataFrame, where: str | Path) -> None:
+    """Refuse a manifest whose train split lacks a class (the model would have an output it can never learn);
+    warn about a class with only a few training images (often a typo in a label) and one the valid split lacks
+    (each epoch's balanced accuracy then averages over the other classes only)."""
+    classes = sorted(manifest["label"].unique().tolist())
+    if len(classes) < 2:
+        raise CxrFastError(f"{where}: manifest has only the class {classes[0]!r}; a classifier needs two or more")
+    in_train = manifest.loc[manifest["split"] == "train", "label"].value_counts()
+    lacking = [c for c in classes if in_train.get(c, 0) == 0]
+    if lacking:
+        raise CxrFastError(f"{where}: no {', '.join(lacking)} image in the train split; a model cannot learn a class "
+                           "it never sees (fix the labels, or prepare the split again)")
+    rare = [f"{c} ({in_train[c]})" for c in classes if in_train[c] < RARE_CLASS]
+    if rare:
+        warnings.warn(f"{where}: only a few training images for {', '.join(rare)}; a mistyped label?", stacklevel=2)
+    in_valid = set(manifest.loc[manifest["split"] == "valid", "label"])
+    absent = [c for c in classes if c not in in_valid]
+    if absent and in_valid:
+        warnings.warn(f"{where}: no {', '.join(absent)} image in the valid split; balanced accuracy each epoch "
+                      "averages over the other classes only", stacklevel=2)
 
 
 def build_dataloaders(

@@ -26,6 +26,7 @@ Manifest columns (``OUT/manifest.csv``):
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import time
@@ -500,6 +501,13 @@ def _merge_meta(manifest: pd.DataFrame, src: Path) -> pd.DataFrame:
 
 
 # --- reading and printing ------------------------------------------------------------------------------
+
+
+def manifest_digest(dir_or_csv: str | os.PathLike) -> str:
+    """SHA-256 of the manifest file's bytes: a resumed run checks it still trains on the same rows."""
+    location = Path(dir_or_csv)
+    csv_path = location / MANIFEST_NAME if location.is_dir() else location
+    return hashlib.sha256(csv_path.read_bytes()).hexdigest()
 
 
 def read_manifest(dir_or_csv: str | os.PathLike) -> pd.DataFrame:
