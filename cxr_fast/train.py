@@ -189,6 +189,27 @@ class RunRecorder(Callback):
         tmp.replace(ckpt / "state.json")
 
 
+class EpochNumbering(Callback):
+    """The printed table numbers epochs as history.csv does: on from the frozen phase's, not from 0 again, and with
+    no empty rows for the epochs a resumed run skips."""
+
+    order = 49  # after_epoch runs before the Recorder's (50), which prints the row
+
+    def __init__(self, epoch_offset: int, epochs_done: int):
+        self.epoch_offset, self.epochs_done, self.hidden_logger = epoch_offset, epochs_done, None
+
+    def before_epoch(self):
+        if self.hidden_logger is not None:
+            self.learn.logger, self.hidden_logger = self.hidden_logger, None
+
+    after_fit = before_epoch
+
+    def after_epoch(self):
+        self.learn.recorder.log[0] = self.epoch_offset + self.epoch
+        if self.epoch_offset + self.epoch < self.epochs_done:  # skipped: finished before the interruption
+            self.hidden_logger, self.learn.logger = self.learn.logger, lambda *args, **kwargs: None
+
+
 def _cpu_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     if isinstance(model, torch.nn.parallel.DistributedDataParallel):  # data-parallel training wraps the model
         model = model.module
@@ -390,7 +411,7 @@ def _fit_phases(learn, cfg: TrainConfig, state: dict, run_dir: Path, lr: float, 
         else:
             learn.unfreeze()
         recorder = [RunRecorder(run_dir, state, offset, phase)] if distributed.is_main() else []  # rank 0 writes
-        cbs = recorder + list(extra_cbs or [])
+        cbs = recorder + [EpochNumbering(offset, done)] + list(extra_cbs or [])
         if phase == "frozen":
             learn.fit_one_cycle(n_epochs, lr, pct_start=0.99, cbs=cbs, start_epoch=start_epoch)
         elif phase == "unfrozen":

@@ -407,3 +407,25 @@ def test_a_weights_file_load_is_reported_and_recorded(tiny_data, tmp_path, monke
     n_body = sum(not k.startswith("head.") for k in state)
     assert config["weights_loaded"].startswith(f"{tmp_path / 'w' / 'body.safetensors'}: {n_body} of {n_body} tensors loaded")
     assert "tensors loaded" in capsys.readouterr().err
+
+
+def _printed_epochs(text: str) -> list[int]:
+    """Epoch numbers of the rows fastai's progress table printed (an epoch, then six-decimal losses)."""
+    import re
+
+    return [int(n) for n in re.findall(r"(?<![\d./])(\d+) +\d+\.\d{6} ", text)]
+
+
+def test_the_printed_table_numbers_epochs_as_history_does(tiny_data, tmp_path, capsys):
+    from cxr_fast.archs import create_model
+    from cxr_fast.outputs import write_tensors
+
+    write_tensors(create_model("cxresnet_tiny").state_dict(), tmp_path / "start.safetensors")
+    cfg = resolve_config(epochs=2, freeze_epochs=1, weights=str(tmp_path / "start.safetensors"), **TINY)
+    run = train(tiny_data, cfg, out=tmp_path / "tuned")
+    assert _printed_epochs(capsys.readouterr().out) == list(pd.read_csv(run / "history.csv")["epoch"]) == [0, 1, 2]
+
+    out = _killed_run(tiny_data, tmp_path / "resumed")
+    capsys.readouterr()
+    train(tiny_data, out=out, resume=True)
+    assert _printed_epochs(capsys.readouterr().out) == [1, 2]  # no rows for the epoch finished before the kill
