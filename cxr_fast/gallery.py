@@ -120,6 +120,8 @@ def write_gallery(path: Path, title: str, verdicts: Sequence[tuple[str, bool]], 
 
 
 def _fmt(value) -> str:
+    if value is None or (isinstance(value, float) and value != value):  # nothing to measure (NaN): a dash, as reports show it
+        return "—"
     if isinstance(value, float):
         return f"{value:.3f}"
     return str(value)

@@ -45,10 +45,12 @@ class Interpretation:
 
 
 def top_losses(run: Run, items: pd.DataFrame, k: int, probs: np.ndarray) -> tuple[pd.DataFrame, list]:
-    """fastai's ClassificationInterpretation on the bundle's model: the k worst images and confused pairs.
+    """fastai's ClassificationInterpretation on the bundle's model: the k wrong predictions with the highest loss,
+    and the confused pairs. Correct predictions are left out even when their loss is high (on a small split fastai's
+    top k would include them), as the gallery shows them as "what the model got most wrong".
 
-    fastai 2.8 keeps only the losses, so the probabilities of the true and predicted class come from
-    `probs` (the same model's uncalibrated softmax, rows in `items` order, which is also fastai's order).
+    fastai 2.8 keeps only the losses (of the uncalibrated model), so the probabilities of the true and predicted
+    class come from `probs`: the calibrated ones every other table shows, rows in `items` order (fastai's too).
     """
     import fastai.callback.progress  # noqa: F401  (patches Learner.no_bar)
     from fastai.interpret import ClassificationInterpretation
@@ -63,26 +65,30 @@ def top_losses(run: Run, items: pd.DataFrame, k: int, probs: np.ndarray) -> tupl
     with learn.no_bar(), learn.no_logging():
         interp = ClassificationInterpretation.from_learner(learn)
         confused = interp.most_confused(min_val=1)
-    losses, idx = interp.top_losses(k=min(k, len(items)))
+    losses, idx = interp.top_losses(k=len(items))
     y = items["label"].map({c: i for i, c in enumerate(run.classes)}).to_numpy()
     rows = []
     for loss, i in zip(losses.tolist(), idx.tolist()):
         true, pred = int(y[i]), int(probs[i].argmax())
+        if pred == true:
+            continue
+        if len(rows) == k:
+            break
         rows.append({"index": i, "path": items["path"].iloc[i], "label": run.classes[true],
                      "predicted": run.classes[pred], "p_true": float(probs[i, true]),
                      "p_predicted": float(probs[i, pred]), "loss": float(loss)})
-    return pd.DataFrame(rows), confused
+    return pd.DataFrame(rows, columns=["index", "path", "label", "predicted", "p_true", "p_predicted", "loss"]), confused
 
 
 def audit_sample(probs: np.ndarray, y: np.ndarray, n: int, seed: int = 0) -> list[int]:
     """Up to n correct predictions, spread evenly over the true classes and interleaved (class A, B, C, A, …)
-    so that any prefix of the list, such as the gallery's first few, shows every class."""
+    so that any prefix of the list, such as the gallery's first few, shows every class; a class with too few
+    correct predictions leaves its share to the others."""
     rng = np.random.default_rng(seed)
     pred = probs.argmax(1)
-    classes = np.unique(y)
-    per_class = [rng.permutation(np.flatnonzero((y == c) & (pred == c)))[: max(1, n // len(classes))].tolist()
-                 for c in classes]
-    return [i for round_ in itertools.zip_longest(*per_class) for i in round_ if i is not None]
+    per_class = [rng.permutation(np.flatnonzero((y == c) & (pred == c))).tolist() for c in np.unique(y)]
+    interleaved = [i for round_ in itertools.zip_longest(*per_class) for i in round_ if i is not None]
+    return interleaved[:n]
 
 
 def lung_mask_for(row: pd.Series, image: np.ndarray, size: int) -> tuple[np.ndarray, str]:
@@ -151,11 +157,17 @@ def interpret(run_dir: str | Path, data: str | Path | None = None, split: str = 
     unknown = sorted(set(methods) - set(METHODS))
     if unknown or "occlusion" not in methods:
         raise CxrFastError(f"--methods takes occlusion plus any of {METHODS[1:]}, got {list(methods)}")
+    bad = [f"--{name} must be a whole number ≥ {least} (got {value})"  # before the slow prediction step
+           for name, value, least in (("n", n, 1), ("audit-n", audit_n, 0), ("window", window, 1), ("stride", stride, 1))
+           if value is not None and value < least]
+    if bad:
+        raise CxrFastError("; ".join(bad))
     run = load_run(run_dir)
     if "gradcam" in methods and not attribution.has_feature_map(run.model):
         raise CxrFastError(f"{run.path}: Grad-CAM needs one spatial feature map, and this model has none (an "
                            "ensemble, or frozen features pooled to one vector); use occlusion or integrated_gradients")
     fill = baseline_value(run, baseline)
+    default_window, default_stride = attribution.default_window(run.size, run.size)  # recorded when none is given
     # another source's images less those the model learned from, as evaluate uses them
     items, name, _, _, seen_summary = select_unseen_items(run, data, split)
     out_dir = run.path / "interpret" / name
@@ -165,7 +177,7 @@ def interpret(run_dir: str | Path, data: str | Path | None = None, split: str = 
     logits = predict_logits(run, items, progress=progress)
     probs = softmax(logits, run.temperature)
     y = items["label"].map({c: i for i, c in enumerate(run.classes)}).to_numpy()
-    losses, confused = top_losses(run, items, n, softmax(logits))
+    losses, confused = top_losses(run, items, n, probs)
 
     # The audit sample: the top losses plus correct predictions of every class; each image attributed once.
     correct_sample = audit_sample(probs, y, audit_n)
@@ -182,7 +194,7 @@ def interpret(run_dir: str | Path, data: str | Path | None = None, split: str = 
             pred, true = int(probs[i].argmax()), int(y[i])
             maps = attribute(run, x, pred, true, methods, window, stride, fill)
             lungs, lung_source = lung_mask_for(row, image, run.size)
-            box = marker_box_for(row, run.size, margin=(window or attribution.default_window(run.size, run.size)[0]) // 2)
+            box = marker_box_for(row, run.size, margin=(window or default_window) // 2)
             shares = audit.attribution_shares(next(iter(maps.values())), lungs, marker_box=box)
             rows.append({"path": row["path"], "label": run.classes[true], "predicted": run.classes[pred],
                          "p_predicted": float(probs[i, pred]), "correct": pred == true, "lungs": lung_source,
@@ -209,10 +221,23 @@ def interpret(run_dir: str | Path, data: str | Path | None = None, split: str = 
     with replacing_folder(out_dir, force=force, what="an interpretation") as work:
         write_interpretation(work, run, name, per_image, losses, summary, verdicts, confused, deletion,
                              image_files, figures_loss, figures_correct,
-                             {"methods": list(methods), "window": window, "stride": stride, "baseline": baseline,
+                             {"methods": list(methods), "window": window or default_window, "stride": stride or default_stride,
+                              "baseline": baseline,
                               **({"seen_images": seen_summary} if seen_summary else {})})
     report = json.loads((out_dir / "audit.json").read_text())
     return Interpretation(out_dir=out_dir, audit=report, top_losses=losses, verdicts=verdicts)
+
+
+def _nan_to_none(value):
+    if isinstance(value, dict):
+        return {k: _nan_to_none(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_nan_to_none(v) for v in value]
+    if isinstance(value, (float, np.floating)):
+        return None if np.isnan(value) else float(value)
+    if isinstance(value, np.integer):
+        return int(value)
+    return value
 
 
 def write_interpretation(work: Path, run: Run, name: str, per_image, losses, summary, verdicts, confused, deletion,
@@ -225,10 +250,11 @@ def write_interpretation(work: Path, run: Run, name: str, per_image, losses, sum
     per_image.to_csv(work / "audit_images.csv", index=False)
     losses.to_csv(work / "top_losses.csv", index=False)
     report = {"run": run.name, "data": name, "images_audited": len(per_image), "summary": summary,
-              "verdicts": verdicts, "most_confused": [list(map(str, c)) for c in confused],
+              "verdicts": verdicts, "most_confused": [[str(a), str(b), int(count)] for a, b, count in confused],
               "deletion": {k: (v.tolist() if isinstance(v, np.ndarray) else v) for k, v in deletion.items()},
               **settings}
-    (work / "audit.json").write_text(json.dumps(report, indent=2, default=float))
+    # null, not NaN, for a share with nothing to measure (no text marker, say): NaN is not JSON to strict readers
+    (work / "audit.json").write_text(json.dumps(_nan_to_none(report), indent=2, default=float, allow_nan=False))
     gallery.write_gallery(
         work / "gallery.html", f"Interpretation of {run.name} on {name}",
         [(v, "likely shortcut" in v) for v in verdicts],

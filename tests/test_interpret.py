@@ -2,6 +2,7 @@
 
 import json
 
+import numpy as np
 import pandas as pd
 import pytest
 
@@ -77,3 +78,51 @@ def test_audit_flags_a_planted_shortcut_and_passes_a_clean_model(tmp_path):
     assert cheat_overall["mean_share_marker"] > 0.5, cheat_overall  # the marker box holds most of the evidence
     assert not any("likely shortcut" in v for v in clean.verdicts), clean.verdicts
     assert clean_overall["lung_preference"] > cheat_overall["lung_preference"]
+
+
+def test_bad_counts_and_windows_are_refused_before_any_prediction(tiny_runs, monkeypatch):
+    import cxr_fast.interpret
+
+    monkeypatch.setattr(cxr_fast.interpret, "predict_logits", lambda *a, **k: pytest.fail("predicted first"))
+    with pytest.raises(CxrFastError, match="--n must be a whole number ≥ 1 .got 0.; --window must be a whole number ≥ 1"):
+        interpret(tiny_runs[0], n=0, window=0, progress=False)
+    with pytest.raises(CxrFastError, match="--audit-n must be a whole number ≥ 0 .got -1."):
+        interpret(tiny_runs[0], audit_n=-1, progress=False)
+
+
+def test_audit_sample_gives_n_correct_predictions_with_shortfalls_filled():
+    from cxr_fast.interpret import audit_sample
+
+    y = np.array([0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 2, 2])
+    pred = np.array([0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 2, 0])  # class 2 has one correct prediction
+    probs = np.eye(3)[pred]
+    sample = audit_sample(probs, y, 6)
+    assert len(sample) == 6 and all(pred[i] == y[i] for i in sample)
+    assert {int(y[i]) for i in sample[:3]} == {0, 1, 2}  # the first round shows every class
+    assert audit_sample(probs, y, 0) == []
+    assert len(audit_sample(probs, y, 100)) == 11  # every correct prediction, no more
+
+
+def test_top_losses_are_wrong_predictions_only(tiny_runs, tiny_data):
+    from cxr_fast.bundle import load_run, predict_logits, softmax
+    from cxr_fast.interpret import top_losses
+
+    run = load_run(tiny_runs[0])
+    manifest = read_manifest(tiny_data)
+    items = manifest[manifest["split"] != "train"].reset_index(drop=True)
+    probs = softmax(predict_logits(run, items, progress=False), run.temperature)
+    wrong = int((probs.argmax(1) != items["label"].map(run.classes.index).to_numpy()).sum())
+    assert 0 < wrong < len(items)  # both kinds present, so leaving out the correct ones is tested
+    losses, _ = top_losses(run, items, len(items), probs)
+    assert len(losses) == wrong and (losses["label"] != losses["predicted"]).all()
+    assert losses["loss"].is_monotonic_decreasing
+
+
+def test_audit_json_is_strict_json_with_counts_and_the_window_used(tiny_runs):
+    result = interpret(tiny_runs[1], n=2, audit_n=3, progress=False)  # no window given: the default is recorded
+    text = (result.out_dir / "audit.json").read_text()
+    report = json.loads(text, parse_constant=lambda name: pytest.fail(f"audit.json holds {name}"))
+    assert report["summary"]["overall"]["mean_share_marker"] is None  # the phantoms here carry no text marker
+    assert all(isinstance(count, int) for _, _, count in report["most_confused"])
+    assert report["window"] == 6 and report["stride"] == 3  # 48 px / 8, half of that
+    assert ">nan<" not in (result.out_dir / "gallery.html").read_text()  # table cells; base64 images may hold "nan"
