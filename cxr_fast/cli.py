@@ -267,14 +267,27 @@ def compare(
     if archs or recipes:
         if data is None:
             raise CxrFastError("--archs/--recipes need --data (the manifest to train on)")
+        if runs:
+            raise CxrFastError("give existing runs, or --archs/--recipes to train new ones, not both")
         try:
             seed_list = [int(s) for s in seeds.split(",")]
         except ValueError:
             raise CxrFastError(f"--seeds must be integers like 0,1,2, got {seeds!r}") from None
+        names = [*_names(archs), *_names(recipes)]
+        repeated = sorted({x for x in names if names.count(x) > 1} | {str(s) for s in seed_list if seed_list.count(s) > 1})
+        if repeated:  # found now, not after the first run has trained into the folder the repeat would need
+            raise CxrFastError(f"given twice: {', '.join(repeated)}; each architecture, recipe and seed trains once")
         result = compare_archs(data, _names(archs), recipe=recipe, recipes=_names(recipes), seeds=seed_list,
                                out=out, epochs=epochs, size=size,
                                nproc=(nproc or ddp.default_nproc()) if distributed else None)
     else:
+        # these steer training: with existing runs they would be dropped, and the table would not be what was asked
+        training_only = [flag for flag, value in (("--data", data), ("--recipe", recipe), ("--epochs", epochs),
+                                                  ("--size", size)) if value is not None] + (["--seeds"] if seeds != "0" else [])
+        if training_only:
+            raise CxrFastError(f"{', '.join(training_only)} apply to --archs/--recipes, which train new runs; existing "
+                               "runs are compared on their own test split (for another dataset, evaluate each run with "
+                               "`cxrfast evaluate RUN --data D`)")
         result = compare_runs(runs or [], out=out)
     # One column per architecture and a row per figure: fits an 80-column terminal for a handful of models.
     rows = list(result.summary.itertuples())

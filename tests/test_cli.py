@@ -118,3 +118,18 @@ def test_lr_auto_says_what_it_found(tiny_data, tmp_path):
     assert result.exit_code == 0, result.output
     found = json.loads((out / "config.json").read_text())["lr"]
     assert f"lr_find suggests {found:.3g}" in result.output
+
+
+def test_compare_refuses_training_options_with_existing_runs_and_repeats_before_training(tiny_runs, tiny_data, tmp_path,
+                                                                                        monkeypatch):
+    result = invoke("compare", *tiny_runs, "--data", tiny_data, "--epochs", 5, "--out", tmp_path / "c1")
+    assert result.exit_code == 1 and "--data, --epochs apply to --archs/--recipes" in result.output.replace("\n", "")
+    assert not (tmp_path / "c1").exists()
+    import cxr_fast.compare
+
+    monkeypatch.setattr(cxr_fast.compare, "compare_archs", lambda *a, **k: pytest.fail("trained before refusing"))
+    for repeat in (("--archs", "cxresnet_tiny,cxresnet_tiny"), ("--archs", "cxresnet_tiny", "--seeds", "0,0")):
+        result = invoke("compare", "--data", tiny_data, *repeat, "--out", tmp_path / "c2")
+        assert result.exit_code == 1 and "given twice" in result.output
+    result = invoke("compare", *tiny_runs, "--data", tiny_data, "--archs", "cxresnet_tiny", "--out", tmp_path / "c3")
+    assert result.exit_code == 1 and "not both" in result.output
