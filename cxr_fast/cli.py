@@ -224,7 +224,7 @@ def evaluate(
 
     result = run_evaluation(run, data, split, tta=tta, force=force)
     m = result.metrics
-    table = Table("metric", "value", title=f"{m['run']} on {m['data']} ({m['n']} images)")
+    table = Table("metric", "value", title=f"{m['run']} on {m['data']} ({m['n']} images{', with TTA' if tta else ''})")
     lo, hi = m["balanced_accuracy_ci"]
     table.add_row("balanced accuracy", f"{m['balanced_accuracy']:.3f}  (95 % CI {lo:.3f}–{hi:.3f})")
     table.add_row("accuracy", f"{m['accuracy']:.3f}")
@@ -233,7 +233,8 @@ def evaluate(
         table.add_row("macro ROC AUC", f"{m['macro_roc_auc']:.3f}")
     table.add_row("ECE raw → calibrated", f"{m['ece']:.3f} → {m['ece_calibrated']:.3f}")
     for name, v in m["per_class"].items():
-        table.add_row(f"  {name}", f"P {v['precision']:.2f}  R {v['recall']:.2f}  F1 {v['f1']:.2f}  n {v['support']}")
+        recall = "—" if v["recall"] is None else f"{v['recall']:.2f}"  # no images of the class: no recall
+        table.add_row(f"  {name}", f"P {v['precision']:.2f}  R {recall}  F1 {v['f1']:.2f}  n {v['support']}")
     console.print(table)
     if "seen_images" in m and (seen := seen_warning(m["seen_images"])):
         err_console.print(f"[bold yellow]warning:[/] {seen}")

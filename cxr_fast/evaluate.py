@@ -8,6 +8,7 @@ hospital's X-rays can fall below chance on another's.
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -46,6 +47,9 @@ def select_items(run: Run, data: str | Path | None, split: str) -> tuple[pd.Data
     manifest_dir = source if source.is_dir() else source.parent
     external = manifest_dir.resolve() != (train_manifest if train_manifest.is_dir() else train_manifest.parent).resolve()
     if external:
+        if split != "test":  # test is the default; any other value would be silently dropped
+            raise CxrFastError(f"--split {split} applies to the training manifest; with --data every image of "
+                               f"{source} is evaluated (leave --split out)")
         items, split_name = manifest, "all"  # another source: every image is a test image
     else:
         if split not in {"train", "valid", "test"}:
@@ -53,6 +57,11 @@ def select_items(run: Run, data: str | Path | None, split: str) -> tuple[pd.Data
         items, split_name = manifest[manifest["split"] == split], split
         if items.empty:
             raise CxrFastError(f"{source}: the manifest has no '{split}' images")
+        if split != "test":
+            why = ("the model learned from these images" if split == "train" else
+                   "the kept epoch and the temperature were chosen on these images")
+            warnings.warn(f"scores on the {split} split are optimistic: {why}; the test split is the fair one",
+                          stacklevel=2)
     unknown = sorted(set(items["label"]) - set(run.classes))
     if unknown:
         raise CxrFastError(f"{source}: labels {unknown} are not classes of this model {run.classes}")

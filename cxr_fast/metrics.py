@@ -193,7 +193,8 @@ def classification_metrics(y_true, probs, classes: Sequence[str]) -> dict:
     for k, name in enumerate(classes):
         per_class[name] = {
             "precision": float(conf["precision"][0, k]),
-            "recall": float(conf["recall"][0, k]),
+            # no cases, no recall: None, as balanced accuracy leaves the class out (not 0, which it would count)
+            "recall": float(conf["recall"][0, k]) if conf["support"][0, k] > 0 else None,
             "f1": float(conf["f1"][0, k]),
             "support": int(conf["support"][0, k]),
             "roc_auc": _none_if_nan(rank["roc_auc"][0, k]),

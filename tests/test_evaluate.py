@@ -8,6 +8,7 @@ import pandas as pd
 import pytest
 from PIL import Image
 
+from cxr_fast.bundle import load_run
 from cxr_fast.compare import compare_runs
 from cxr_fast.data.manifest import prepare, read_manifest
 from cxr_fast.errors import CxrFastError
@@ -126,3 +127,18 @@ def test_compare_trains_each_architecture_under_one_budget(tiny_data, tmp_path):
     assert len(result.mcnemar) == 1
     with pytest.raises(CxrFastError, match="--archs or --recipes"):
         compare_archs(tiny_data, out=tmp_path / "cmp2")
+
+
+def test_split_with_external_data_is_refused_and_a_fitted_split_is_flagged_as_optimistic(tiny_runs, tiny_data, tmp_path):
+    from cxr_fast.evaluate import select_items
+
+    run = load_run(tiny_runs[0])
+    other = tmp_path / "other"
+    shutil.copytree(tiny_data, other)
+    with pytest.raises(CxrFastError, match="--split valid applies to the training manifest; with --data every image"):
+        select_items(run, other, "valid")
+    assert len(select_items(run, other, "test")[0]) == len(read_manifest(other))  # the default: every image
+    with pytest.warns(UserWarning, match="valid split are optimistic: the kept epoch and the temperature were chosen"):
+        select_items(run, None, "valid")
+    with pytest.warns(UserWarning, match="train split are optimistic: the model learned from these images"):
+        select_items(run, None, "train")

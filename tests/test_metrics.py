@@ -115,7 +115,10 @@ def test_class_without_cases_is_left_out_of_means():
     pneumonia = m["per_class"]["Pneumonia"]
     assert pneumonia["support"] == 0
     assert pneumonia["roc_auc"] is None and pneumonia["average_precision"] is None
+    assert pneumonia["recall"] is None  # undefined, and left out of balanced accuracy: not a 0 shown beside it
     assert m["balanced_accuracy"] == pytest.approx(np.mean([np.mean(pred[y == k] == k) for k in (0, 1)]))
+    assert m["balanced_accuracy"] == pytest.approx(np.mean([v["recall"] for v in m["per_class"].values()
+                                                            if v["recall"] is not None]))
     assert m["macro_roc_auc"] == pytest.approx(
         np.mean([skm.roc_auc_score(y == k, probs[:, k]) for k in (0, 1)])
     )
