@@ -16,8 +16,10 @@ heatmap never blocks the page or the other requests from being accepted.
 from __future__ import annotations
 
 import base64
+import errno
 import html
 import json
+import socket
 import tempfile
 import threading
 from contextlib import aclosing
@@ -170,12 +172,29 @@ def serve(run_dir: str | Path, host: str = "127.0.0.1", port: int = 8000, runtim
     if not 0 < port < 65536:
         raise CxrFastError(f"--port must be between 1 and 65535, got {port}")
     app = create_app(run_dir, runtime)
+    listener = _listen(host, port)  # bound here, so a busy port is an error before anything says "serving"
     if on_ready is not None:
         on_ready(f"http://{'[' + host + ']' if ':' in host else host}:{port}/", host in LOOPBACK)
+    with listener:
+        uvicorn.Server(uvicorn.Config(app, log_level="warning")).run(sockets=[listener])
+
+
+def _listen(host: str, port: int) -> socket.socket:
+    """A listening socket on host:port, or a one-line error (uvicorn would log the failure and exit with code 3)."""
     try:
-        uvicorn.run(app, host=host, port=port, log_level="warning")
+        family, kind, proto, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
+        listener = socket.socket(family, kind, proto)
     except OSError as e:
         raise CxrFastError(f"cannot listen on {host}:{port} ({e.strerror or e})") from None
+    try:
+        listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn does: a restart need not wait
+        listener.bind(address)
+        listener.listen(128)
+    except OSError as e:
+        listener.close()
+        hint = "; is another server using it? choose another --port" if e.errno == errno.EADDRINUSE else ""
+        raise CxrFastError(f"cannot listen on {host}:{port} ({e.strerror or e}){hint}") from None
+    return listener
 
 
 # ---------------------------------------------------------------------------------------------- page

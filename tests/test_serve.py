@@ -108,6 +108,42 @@ def test_serve_binds_to_loopback_by_default():
     assert inspect.signature(serve).parameters["host"].default == "127.0.0.1"
 
 
+def test_a_busy_port_is_a_one_line_error_before_serving_is_announced(run):
+    from cxr_fast.errors import CxrFastError
+
+    announced = []
+    with socket.socket() as other_server:
+        other_server.bind(("127.0.0.1", 0))
+        other_server.listen(1)
+        port = other_server.getsockname()[1]
+        with pytest.raises(CxrFastError, match=f"cannot listen on 127.0.0.1:{port} .*another server") as e:
+            serve(run, port=port, on_ready=lambda url, loopback: announced.append(url))
+    assert "\n" not in str(e.value) and announced == []
+
+
+def test_the_serve_command_answers_on_its_port(run, image):
+    import subprocess
+    import sys
+    import urllib.request
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    server = subprocess.Popen([sys.executable, "-m", "cxr_fast.cli", "serve", str(run), "--port", str(port)],
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        deadline, page = time.monotonic() + 120, None
+        while page is None and time.monotonic() < deadline and server.poll() is None:
+            try:
+                page = urllib.request.urlopen(f"http://127.0.0.1:{port}/", timeout=5).read().decode()
+            except OSError:
+                time.sleep(0.5)
+        assert page is not None and "not a diagnosis" in page.lower(), server.poll()
+    finally:
+        server.terminate()
+        server.wait(30)
+
+
 # ---------------------------------------------------------------------------------------------- browser
 
 
