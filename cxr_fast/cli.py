@@ -240,6 +240,8 @@ def evaluate(
         err_console.print(f"[bold yellow]warning:[/] {seen}")
     if result.shift and result.shift["out_of_distribution"]:
         err_console.print(f"[bold yellow]warning:[/] {shift_warning(result.shift)}")
+    if "skipped" in m.get("shift", {}):
+        err_console.print(f"[bold yellow]warning:[/] distribution-shift check skipped: {m['shift']['skipped']}")
     console.print(f"report: [bold]{result.out_dir / 'report.html'}[/]")
 
 
@@ -331,8 +333,12 @@ def interpret(
     result = run_interpretation(run, data, split, n=n, audit_n=audit_n,
                                 methods=tuple(m.strip() for m in methods.split(",") if m.strip()),
                                 window=window, stride=stride, baseline=baseline, force=force)
+    from cxr_fast.evaluate import seen_warning
+
     for line in result.verdicts:
         console.print(f"[bold]audit:[/] {line}")
+    if "seen_images" in result.audit and (seen := seen_warning(result.audit["seen_images"])):
+        err_console.print(f"[bold yellow]warning:[/] {seen}")
     console.print(f"gallery: [bold]{result.out_dir / 'gallery.html'}[/]")
 
 

@@ -219,8 +219,9 @@ def evaluate(run_dir: str | Path, data: str | Path | None = None, split: str = "
     if external:
         try:
             shift = metrics["shift"] = shift_check(run, items)
-        except CxrFastError as e:  # e.g. a bundle shared without its training images
-            metrics["shift"] = {"skipped": str(e)}
+        except CxrFastError:  # e.g. a bundle shared without its training images
+            metrics["shift"] = {"skipped": f"the training images are not at hand to compare with "
+                                           f"(their manifest was {run.config.get('data')})"}
 
     with replacing_folder(out_dir, force=force, what="an evaluation") as work:
         probs = softmax(logits, run.temperature)

@@ -62,6 +62,10 @@ def test_external_evaluation_leaves_out_identical_files_and_near_copies(tiny_run
     assert "images this model trained on" in (result.out_dir / "report.html").read_text()
 
 
+def _squeezed(text: str) -> str:
+    return "".join(text.split())
+
+
 def test_moved_training_data_evaluates_only_its_unseen_images(tiny_runs, tiny_data, tmp_path):
     # The same manifest in another folder counts as another source; the check keeps it from scoring the
     # training images, so the figures are the test split's.
@@ -70,15 +74,36 @@ def test_moved_training_data_evaluates_only_its_unseen_images(tiny_runs, tiny_da
     test = evaluate(run, n_boot=100, progress=False)
     external = evaluate(run, data=moved, n_boot=100, progress=False)
     assert external.metrics["n"] == test.metrics["n"]
+    # shared without its training images: the shift check cannot run, and says why without wrong advice
+    config = json.loads((run / "config.json").read_text())
+    (run / "config.json").write_text(json.dumps({**config, "data": str(tmp_path / "gone")}))
+    from typer.testing import CliRunner
+
+    from cxr_fast.cli import app
+
+    said = CliRunner().invoke(app, ["evaluate", str(run), "--data", str(moved), "--force"])
+    assert said.exit_code == 0, said.output
+    assert _squeezed(f"distribution-shift check skipped: the training images are not at hand to compare with (their "
+                     f"manifest was {tmp_path / 'gone'})") in _squeezed(said.output)
     assert external.metrics["balanced_accuracy"] == test.metrics["balanced_accuracy"]
 
 
 def test_interpret_on_another_source_leaves_out_seen_images_too(tiny_runs, tiny_data, tmp_path):
+    from typer.testing import CliRunner
+
+    from cxr_fast.cli import app
+
     manifest = read_manifest(tiny_data)
     moved = shutil.copytree(tiny_data, tmp_path / "moved")
     run = _fresh_copy(tiny_runs[0], tmp_path)
-    result = interpret(run, data=moved, n=2, audit_n=4, window=8, stride=4, progress=False)
+    said = CliRunner().invoke(app, ["interpret", str(run), "--data", str(moved), "--n", "2", "--audit-n", "4",
+                                    "--window", "8", "--stride", "4"])
+    assert said.exit_code == 0, said.output
+    result = interpret(run, data=moved, n=2, audit_n=4, window=8, stride=4, progress=False, force=True)
     assert result.audit["seen_images"]["left_out"] == len(_seen_rows(manifest))
+    # said on the console, as evaluate says it (compared without whitespace: the console wraps long lines)
+    assert _squeezed(f"{len(_seen_rows(manifest))} of {len(manifest)} images are images this model trained on") in \
+        _squeezed(said.output)
     audited = pd.read_csv(result.out_dir / "audit_images.csv")["path"]
     assert set(audited) <= set(manifest.loc[manifest["split"] == "test", "path"])
 
