@@ -8,6 +8,8 @@ hospital's X-rays can fall below chance on another's.
 
 from __future__ import annotations
 
+import hashlib
+import json
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -69,6 +71,26 @@ def select_items(run: Run, data: str | Path | None, split: str) -> tuple[pd.Data
     if missing:
         raise CxrFastError(f"{source}: {len(missing)} listed images no longer exist, e.g. {missing[0]}")
     return items.reset_index(drop=True), f"{manifest_dir.name}-{split_name}", external
+
+
+def manifest_folder(run: Run, data: str | Path | None) -> str:
+    """The folder of the manifest being evaluated, resolved: what an output folder records it was made from."""
+    source = Path(data) if data is not None else Path(run.config["data"])
+    return str((source if source.is_dir() else source.parent).resolve())
+
+
+def output_folder(parent: Path, name: str, manifest: str, record: str) -> Path:
+    """`parent/name`, unless that folder holds results from another manifest whose folder has the same name
+    (data/x and other/x): then `parent/name-<6 hex digits of this manifest's path>`, so that neither a refusal nor
+    --force touches the other dataset's results. `record` is the JSON file that notes the manifest."""
+    out = parent / name
+    try:
+        held = json.loads((out / record).read_text()).get("manifest")
+    except (OSError, ValueError, AttributeError):  # no results yet, or ones from before manifests were recorded
+        held = None
+    if held is not None and held != manifest:
+        out = parent / f"{name}-{hashlib.sha1(manifest.encode()).hexdigest()[:6]}"
+    return out
 
 
 def drop_seen(run: Run, items: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame, dict]:
@@ -205,14 +227,15 @@ def evaluate(run_dir: str | Path, data: str | Path | None = None, split: str = "
     run = load_run(run_dir)
     items, name, external, left_out, seen_summary = select_unseen_items(run, data, split)
     # TTA figures go beside the plain ones, not over them: both are worth keeping, and serve shows the plain one.
-    out_dir = run.path / "eval" / (f"{name}-tta" if tta else name)
+    manifest = manifest_folder(run, data)
+    out_dir = output_folder(run.path / "eval", f"{name}-tta" if tta else name, manifest, "metrics.json")
     if out_dir.exists() and not force:  # checked before the slow part; replacing_folder checks again
         raise CxrFastError(f"{out_dir}: an evaluation is already there; add --force to redo it")
 
     logits = predict_logits(run, items, progress=progress, tta=tta)
     y = items["label"].map({c: i for i, c in enumerate(run.classes)}).to_numpy()
     metrics = compute_metrics(y, logits, run.classes, run.temperature, n_boot=n_boot)
-    metrics.update({"run": run.name, "data": name, "external": external, "tta": tta})
+    metrics.update({"run": run.name, "data": name, "manifest": manifest, "external": external, "tta": tta})
     if seen_summary is not None:
         metrics["seen_images"] = seen_summary
     shift = None

@@ -142,3 +142,17 @@ def test_split_with_external_data_is_refused_and_a_fitted_split_is_flagged_as_op
         select_items(run, None, "valid")
     with pytest.warns(UserWarning, match="train split are optimistic: the model learned from these images"):
         select_items(run, None, "train")
+
+
+def test_two_datasets_in_folders_of_one_name_get_their_own_results(tiny_runs, tiny_data, tmp_path):
+    run = shutil.copytree(tiny_runs[0], tmp_path / "run")
+    first = shutil.copytree(tiny_data, tmp_path / "a" / "ext")
+    second = shutil.copytree(tiny_data, tmp_path / "b" / "ext")
+    one = evaluate(run, data=first, n_boot=50, progress=False)
+    kept = (one.out_dir / "metrics.json").read_text()
+    two = evaluate(run, data=second, n_boot=50, progress=False)  # no --force needed, and nothing replaced
+    assert one.out_dir.name == "ext-all" and two.out_dir.name.startswith("ext-all-") and two.out_dir != one.out_dir
+    assert (one.out_dir / "metrics.json").read_text() == kept
+    assert json.loads((two.out_dir / "metrics.json").read_text())["manifest"] == str(second.resolve())
+    with pytest.raises(CxrFastError, match="add --force"):  # the same dataset again is still refused
+        evaluate(run, data=second, n_boot=50, progress=False)
