@@ -7,6 +7,7 @@ McNemar's test compares each pair of models on the cases where exactly one of th
 from __future__ import annotations
 
 import itertools
+import json
 import time
 from dataclasses import dataclass
 from datetime import datetime
@@ -14,6 +15,7 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import yaml
 
 from cxr_fast.bundle import load_run, predict_logits, softmax
 from cxr_fast.data.manifest import read_manifest
@@ -45,6 +47,7 @@ def score_run(run_dir: Path, split: str = "test", n_boot: int = 1000) -> tuple[d
     row = {
         "run": run.name,
         "arch": run.config["model"]["arch"],
+        "setting": training_setting(run),
         "seed": run.config.get("seed"),
         "balanced_accuracy": m["balanced_accuracy"],
         "ci_low": m["balanced_accuracy_ci"][0],
@@ -59,6 +62,25 @@ def score_run(run_dir: Path, split: str = "test", n_boot: int = 1000) -> tuple[d
         "data": str(Path(run.config["data"]).resolve()),
     }
     return row, softmax(logits).argmax(1), y
+
+
+def training_setting(run) -> str:
+    """Everything a run was trained with except its seed, as text: runs that share it are seeds of one setting."""
+    recipe_path = run.path / "recipe.yaml"
+    recipe = yaml.safe_load(recipe_path.read_text()) if recipe_path.is_file() else None
+    if isinstance(recipe, dict):
+        recipe.pop("seed", None)
+    return json.dumps({"model": run.config["model"], "size": run.config.get("size"), "recipe": recipe},
+                      sort_keys=True, default=str)
+
+
+def setting_labels(table: pd.DataFrame) -> pd.Series:
+    """A column name per training setting: the architecture, or, where one architecture was trained in several
+    settings (other epochs, rates, sizes…), the architecture and the first run of each setting."""
+    settings_per_arch = table.groupby("arch")["setting"].nunique()
+    first_run = table.groupby("setting")["run"].first()
+    return pd.Series([arch if settings_per_arch[arch] == 1 else f"{arch} ({first_run[setting]})"
+                      for arch, setting in zip(table["arch"], table["setting"], strict=True)], index=table.index)
 
 
 def compare_runs(run_dirs: list[str | Path], *, out: str | Path | None = None, split: str = "test",
@@ -89,8 +111,8 @@ def compare_runs(run_dirs: list[str | Path], *, out: str | Path | None = None, s
 
 
 def summarise(table: pd.DataFrame) -> pd.DataFrame:
-    """Mean ± sd across seeds per architecture."""
-    g = table.groupby("arch", sort=False)
+    """Mean ± sd across seeds per training setting (an architecture, unless it was trained in several settings)."""
+    g = table.assign(arch=setting_labels(table)).groupby("arch", sort=False)
     summary = g.agg(runs=("run", "count"), balanced_accuracy=("balanced_accuracy", "mean"),
                     balanced_accuracy_sd=("balanced_accuracy", "std"), ci_low=("ci_low", "mean"),
                     ci_high=("ci_high", "mean"), macro_f1=("macro_f1", "mean"), macro_roc_auc=("macro_roc_auc", "mean"),

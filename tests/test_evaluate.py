@@ -115,6 +115,18 @@ def test_compare_two_runs_gives_table_csv_and_mcnemar(tiny_runs, tmp_path):
     assert not (tmp_path / "cmp3").exists()
 
 
+def test_compare_keeps_one_architecture_trained_two_ways_apart(tiny_runs, tiny_data, tmp_path):
+    from cxr_fast.config import resolve_config
+    from cxr_fast.train import train
+    from tests.conftest import TINY
+
+    longer = train(tiny_data, resolve_config(epochs=3, seed=0, **TINY), out=tmp_path / "longer", quiet=True)
+    result = compare_runs([*tiny_runs, longer], out=tmp_path / "cmp", n_boot=50)
+    labels = dict(zip(result.summary["arch"], result.summary["runs"], strict=True))
+    # the two seeds of the 2-epoch recipe are one setting; the 3-epoch run is another, not a third "seed"
+    assert labels == {f"cxresnet_tiny ({tiny_runs[0].name})": 2, "cxresnet_tiny (longer)": 1}
+
+
 def test_compare_trains_each_architecture_under_one_budget(tiny_data, tmp_path):
     from cxr_fast.compare import compare_archs
 
