@@ -26,6 +26,15 @@ def _signed_limit(maps: Sequence[np.ndarray]) -> float:
     return limit if limit > 0 else 1.0
 
 
+METHOD_UNITS = {"occlusion": "occlusion (logit change)", "integrated gradients": "integrated gradients (logit)",
+                "Grad-CAM": "Grad-CAM (class activation, relative)"}
+
+
+def method_of(map_name: str) -> str:
+    """'occlusion → Normal (true)' → 'occlusion'; a name without an arrow is an occlusion map (predict's)."""
+    return map_name.split(" → ")[0] if " → " in map_name else "occlusion"
+
+
 def attribution_figure(image: np.ndarray, maps: Mapping[str, np.ndarray], title: str,
                        lung_mask: np.ndarray | None = None, marker_box=None) -> Figure:
     """The X-ray, then each attribution map blended over it with a signed colour bar (red = evidence for the
@@ -35,12 +44,22 @@ def attribution_figure(image: np.ndarray, maps: Mapping[str, np.ndarray], title:
     axes = np.atleast_1d(axes)
     axes[0].imshow(image, cmap="gray", vmin=0, vmax=255)
     axes[0].set_title("X-ray", fontsize=9)
-    limit = _signed_limit(list(maps.values()))
-    im = None
-    for ax, (name, attr) in zip(axes[1:], maps.items()):
-        ax.imshow(image, cmap="gray", vmin=0, vmax=255)
-        im = ax.imshow(attr, cmap="bwr", vmin=-limit, vmax=limit, alpha=0.55)
-        ax.set_title(name, fontsize=9)
+    # Each method on its own scale and colour bar: their units differ (Grad-CAM's values can be ten times
+    # occlusion's), and one shared scale would wash out every map but the largest.
+    by_method: dict[str, list[int]] = {}
+    for i, name in enumerate(maps):
+        by_method.setdefault(method_of(name), []).append(i)
+    attrs = list(maps.values())
+    for method, indices in by_method.items():
+        limit = _signed_limit([attrs[i] for i in indices])
+        im = None
+        for i in indices:
+            ax, name = axes[1 + i], list(maps)[i]
+            ax.imshow(image, cmap="gray", vmin=0, vmax=255)
+            im = ax.imshow(attrs[i], cmap="bwr", vmin=-limit, vmax=limit, alpha=0.55)
+            ax.set_title(name if np.any(attrs[i]) else f"{name}\n(all zero: no signal)", fontsize=9)
+        bar = fig.colorbar(im, ax=[axes[1 + i] for i in indices], fraction=0.025, pad=0.02)
+        bar.set_label(METHOD_UNITS.get(method, "attribution"), fontsize=8)
     for ax in axes:
         if lung_mask is not None and lung_mask.any():
             ax.contour(lung_mask.astype(float), levels=[0.5], colors="lime", linewidths=0.7)
@@ -49,9 +68,6 @@ def attribution_figure(image: np.ndarray, maps: Mapping[str, np.ndarray], title:
             ax.add_patch(Rectangle((x0 - 0.5, y0 - 0.5), x1 - x0, y1 - y0, fill=False, ec="yellow", lw=1))
         ax.set_xticks([])
         ax.set_yticks([])
-    if im is not None:
-        bar = fig.colorbar(im, ax=list(axes), fraction=0.025, pad=0.02)
-        bar.set_label("occlusion attribution (logit change)", fontsize=8)
     fig.suptitle(title, fontsize=10)
     return fig
 

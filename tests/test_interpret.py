@@ -126,3 +126,22 @@ def test_audit_json_is_strict_json_with_counts_and_the_window_used(tiny_runs):
     assert all(isinstance(count, int) for _, _, count in report["most_confused"])
     assert report["window"] == 6 and report["stride"] == 3  # 48 px / 8, half of that
     assert ">nan<" not in (result.out_dir / "gallery.html").read_text()  # table cells; base64 images may hold "nan"
+
+
+def test_each_attribution_method_gets_its_own_scale_and_colour_bar():
+    from cxr_fast.gallery import attribution_figure
+
+    image = np.full((32, 32), 128, dtype=np.uint8)
+    small = np.zeros((32, 32))
+    small[8:16, 8:16] = 0.002  # occlusion's logit changes
+    large = np.zeros((32, 32))
+    large[16:24, 16:24] = 0.03  # Grad-CAM's values, ten times larger
+    fig = attribution_figure(image, {"occlusion → Normal": small, "occlusion → Pneumonia (true)": -small,
+                                     "Grad-CAM → Normal": large, "Grad-CAM → COVID-19": np.zeros((32, 32))}, "t")
+    panels = [ax for ax in fig.axes if ax.get_title() and ax.get_title() != "X-ray"]
+    limits = {ax.get_title().split("\n")[0]: ax.images[-1].get_clim()[1] for ax in panels}
+    assert limits["occlusion → Normal"] == limits["occlusion → Pneumonia (true)"] == pytest.approx(0.002)
+    assert limits["Grad-CAM → Normal"] == pytest.approx(0.03)  # not washing the occlusion maps out
+    bars = sorted(ax.get_ylabel() for ax in fig.axes if ax.get_ylabel())
+    assert bars == ["Grad-CAM (class activation, relative)", "occlusion (logit change)"]
+    assert any("no signal" in ax.get_title() for ax in panels)  # an all-zero map says so
