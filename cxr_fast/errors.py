@@ -30,5 +30,10 @@ def read_tensors(path: Path, what: str = "safetensors file") -> dict:
     try:
         return load_file(str(path))
     except Exception as e:  # safetensors raises its own SafetensorError for a truncated or garbled file
-        reason = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
-        raise CxrFastError(f"{path}: not a readable {what} ({reason})") from None
+        raise CxrFastError(f"{path}: not a readable {what} ({first_line(e)})") from None
+
+
+def first_line(e: BaseException) -> str:
+    """An exception's message cut to one line, for a one-line error."""
+    text = str(e).strip().splitlines()
+    return text[0][:200] if text else type(e).__name__

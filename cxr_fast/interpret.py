@@ -229,21 +229,10 @@ def interpret(run_dir: str | Path, data: str | Path | None = None, split: str = 
     return Interpretation(out_dir=out_dir, audit=report, top_losses=losses, verdicts=verdicts)
 
 
-def _nan_to_none(value):
-    if isinstance(value, dict):
-        return {k: _nan_to_none(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_nan_to_none(v) for v in value]
-    if isinstance(value, (float, np.floating)):
-        return None if np.isnan(value) else float(value)
-    if isinstance(value, np.integer):
-        return int(value)
-    return value
-
-
 def write_interpretation(work: Path, run: Run, name: str, per_image, losses, summary, verdicts, confused, deletion,
                          image_files, figures_loss, figures_correct, settings: dict) -> None:
     from cxr_fast import gallery
+    from cxr_fast.report import to_jsonable
 
     (work / "images").mkdir()
     for filename, png in image_files:
@@ -255,7 +244,7 @@ def write_interpretation(work: Path, run: Run, name: str, per_image, losses, sum
               "deletion": {k: (v.tolist() if isinstance(v, np.ndarray) else v) for k, v in deletion.items()},
               **settings}
     # null, not NaN, for a share with nothing to measure (no text marker, say): NaN is not JSON to strict readers
-    (work / "audit.json").write_text(json.dumps(_nan_to_none(report), indent=2, default=float, allow_nan=False))
+    (work / "audit.json").write_text(json.dumps(to_jsonable(report), indent=2, allow_nan=False))
     gallery.write_gallery(
         work / "gallery.html", f"Interpretation of {run.name} on {name}",
         [(v, "likely shortcut" in v) for v in verdicts],

@@ -31,12 +31,11 @@ from cxr_fast.archs.weights import (
     WeightSpec,
     channel_stats,
     efficientnet_lite_body,
-    first_line,
     load_weights_file,
     parse_weights,
     timm_hub_body,
 )
-from cxr_fast.errors import CxrFastError
+from cxr_fast.errors import CxrFastError, first_line
 
 Builder = Callable[..., tuple[nn.Module, nn.Sequential]]
 

@@ -39,7 +39,7 @@ from urllib.parse import urlparse
 import torch
 import torch.nn as nn
 
-from cxr_fast.errors import CxrFastError, read_tensors
+from cxr_fast.errors import CxrFastError, first_line, read_tensors
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -179,11 +179,6 @@ def _unwrap_checkpoint(state: object) -> object:
         if isinstance(state, Mapping) and isinstance(state.get(key), Mapping):
             return state[key]
     return state
-
-
-def first_line(e: BaseException) -> str:
-    text = str(e).strip().splitlines()
-    return text[0][:200] if text else type(e).__name__
 
 
 def _unsupported_global(e: BaseException) -> str:

@@ -503,11 +503,15 @@ def _merge_meta(manifest: pd.DataFrame, src: Path) -> pd.DataFrame:
 # --- reading and printing ------------------------------------------------------------------------------
 
 
+def manifest_csv(dir_or_csv: str | os.PathLike) -> Path:
+    """The manifest file of a prepared folder, or the CSV itself."""
+    location = Path(dir_or_csv)
+    return location / MANIFEST_NAME if location.is_dir() else location
+
+
 def manifest_digest(dir_or_csv: str | os.PathLike) -> str:
     """SHA-256 of the manifest file's bytes: a resumed run checks it still trains on the same rows."""
-    location = Path(dir_or_csv)
-    csv_path = location / MANIFEST_NAME if location.is_dir() else location
-    return hashlib.sha256(csv_path.read_bytes()).hexdigest()
+    return hashlib.sha256(manifest_csv(dir_or_csv).read_bytes()).hexdigest()
 
 
 def read_manifest(dir_or_csv: str | os.PathLike) -> pd.DataFrame:
@@ -516,8 +520,7 @@ def read_manifest(dir_or_csv: str | os.PathLike) -> pd.DataFrame:
     Returns a DataFrame with the columns as written (strings; ``width``/``height`` as int; empty optional
     values as ""). Raises `CxrFastError` for a missing file, missing columns or unknown split names.
     """
-    location = Path(dir_or_csv)
-    csv_path = location / MANIFEST_NAME if location.is_dir() else location
+    csv_path = manifest_csv(dir_or_csv)
     if not csv_path.is_file():
         raise CxrFastError(f"{csv_path}: manifest not found (make one with `cxrfast data prepare`)")
     try:
