@@ -15,6 +15,7 @@ import dataclasses
 import json
 import platform
 import shutil
+import sys
 import time
 import warnings
 from datetime import datetime
@@ -210,6 +211,26 @@ class EpochNumbering(Callback):
             self.hidden_logger, self.learn.logger = self.learn.logger, lambda *args, **kwargs: None
 
 
+class EpochLines(Callback):
+    """Where stdout is not a terminal (a log file, nohup, CI), the epoch table as plain lines, one per epoch, instead
+    of fastprogress's bars: their carriage-return redraws put hundreds of partial bars into a log before each row."""
+
+    order = ProgressCallback.order
+
+    def before_fit(self):
+        self.old_logger, self.learn.logger = self.learn.logger, self._write
+        names = list(self.recorder.metric_names)
+        self.widths = [max(len(name), 9) for name in names]  # room for a six-decimal loss under a short name
+        self._write(names)
+
+    def after_fit(self):
+        self.learn.logger = self.old_logger
+
+    def _write(self, row):
+        cells = [f"{v:.6f}" if isinstance(v, float) else str(v) for v in row]
+        print("  ".join(c.ljust(w) for c, w in zip(cells, self.widths)).rstrip(), flush=True)
+
+
 def _cpu_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     if isinstance(model, torch.nn.parallel.DistributedDataParallel):  # data-parallel training wraps the model
         model = model.module
@@ -354,6 +375,9 @@ def _train(data, cfg, *, out, resume, extra_cbs, quiet) -> Path:
     if quiet:
         learn.remove_cb(ProgressCallback)
         learn.logger = lambda *args, **kwargs: None
+    elif not sys.stdout.isatty():
+        learn.remove_cb(ProgressCallback)
+        learn.add_cb(EpochLines())
 
     if state["lr"] is None:  # lr_find runs on rank 0 alone, and every rank trains with its suggestion
         if cfg.lr == "auto" and not quiet and distributed.is_main():

@@ -429,3 +429,37 @@ def test_the_printed_table_numbers_epochs_as_history_does(tiny_data, tmp_path, c
     capsys.readouterr()
     train(tiny_data, out=out, resume=True)
     assert _printed_epochs(capsys.readouterr().out) == [1, 2]  # no rows for the epoch finished before the kill
+
+
+def test_a_log_gets_one_plain_line_per_epoch_not_progress_bars(tiny_data, tmp_path, capsys):
+    # under capsys stdout is not a terminal, as in a log file or CI: fastprogress's redraws would fill it with \r
+    run = train(tiny_data, resolve_config(epochs=3, **TINY), out=tmp_path / "run")
+    out = capsys.readouterr().out
+    assert "\r" not in out and "|" not in out  # no bar was drawn
+    lines = [line for line in out.splitlines() if line.strip()]
+    assert lines[0].split() == ["epoch", "train_loss", "train_accuracy", "train_balanced_accuracy", "valid_loss",
+                                "valid_accuracy", "valid_balanced_accuracy", "time"]
+    rows = [line.split() for line in lines[1:]]
+    history = pd.read_csv(run / "history.csv")
+    assert [int(r[0]) for r in rows] == list(history["epoch"]) == [0, 1, 2]
+    assert [float(r[4]) for r in rows] == pytest.approx(list(history["valid_loss"]), abs=1e-6)
+
+
+class _CallbackSpy(Callback):
+    def __init__(self, seen: list):
+        self.seen = seen
+
+    def before_fit(self):
+        self.seen.append({type(cb) for cb in self.learn.cbs})
+
+
+def test_a_terminal_keeps_fastais_progress_bar(tiny_data, tmp_path, monkeypatch):
+    from fastai.callback.progress import ProgressCallback
+
+    from cxr_fast.train import EpochLines
+
+    monkeypatch.setattr("sys.stdout.isatty", lambda: True)
+    seen = []
+    train(tiny_data, resolve_config(epochs=1, **TINY), out=tmp_path / "run",
+          extra_cbs=[_CallbackSpy(seen)])
+    assert ProgressCallback in seen[0] and EpochLines not in seen[0]
