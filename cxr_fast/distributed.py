@@ -207,11 +207,7 @@ def to_data_parallel(learn):
     """
     if not is_distributed():
         return learn
-    from fastai.callback.progress import ProgressCallback
-
-    learn.add_cb(fastai_pieces().DataParallelTrainer())
-    if not is_main():
-        learn.remove_cb(ProgressCallback)  # one progress bar: rank 0's
+    learn.add_cb(fastai_pieces().DataParallelTrainer())  # cxr_fast.train leaves the progress display to rank 0
     return learn
 
 

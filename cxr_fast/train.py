@@ -372,7 +372,7 @@ def _train(data, cfg, *, out, resume, extra_cbs, quiet) -> Path:
         state["weights_loaded"] = report.summary()
         if not quiet and distributed.is_main():
             Console(stderr=True).print(f"weights: {state['weights_loaded']}", highlight=False, soft_wrap=True)
-    if quiet:
+    if quiet or not distributed.is_main():  # data-parallel: one table and one bar, rank 0's
         learn.remove_cb(ProgressCallback)
         learn.logger = lambda *args, **kwargs: None
     elif not sys.stdout.isatty():

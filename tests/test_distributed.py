@@ -103,7 +103,7 @@ def resumed_run(odd_data, tmp_path_factory):
     killed_state = json.loads((out / "checkpoint" / "state.json").read_text())
     killed_files = {p.name for p in out.iterdir()}
     (records / "resumed").mkdir()
-    run = distributed.launch_training(2, odd_data, out=out, resume=True, quiet=True,
+    run = distributed.launch_training(2, odd_data, out=out, resume=True,  # not quiet: who shows progress is tested
                                       extra_cbs=[RecordRank(records / "resumed")])
     return run, records, killed_state, killed_files
 
@@ -125,6 +125,10 @@ def test_one_complete_bundle_written_by_rank_0_only(resumed_run):
     assert load_run(run).config["model"]["arch"] == "cxresnet_tiny"
     for rank0, rank1 in (_records(records, 0), _records(records / "resumed", 1)):
         assert "RunRecorder" in rank0["callbacks"] and "RunRecorder" not in rank1["callbacks"]
+    # one epoch table, rank 0's: as plain lines, since the workers' stdout is not a terminal
+    rank0, rank1 = _records(records / "resumed", 1)
+    assert "EpochLines" in rank0["callbacks"] and "ProgressCallback" not in rank0["callbacks"]
+    assert not {"EpochLines", "ProgressCallback"} & set(rank1["callbacks"])
 
 
 def test_each_process_trains_on_its_own_half(resumed_run, odd_data):
