@@ -35,6 +35,7 @@ from fastai.metrics import AccumMetric
 from fastai.torch_core import set_seed
 from rich.console import Console
 from sklearn.metrics import balanced_accuracy_score
+from torch.cuda import is_available as gpu_available
 
 from cxr_fast import distributed
 from cxr_fast.archs import create_model, model_config, splitter
@@ -302,7 +303,7 @@ def build_learner(manifest: pd.DataFrame, cfg: TrainConfig, stats=None):
     if cfg.mixup > 0:
         learn.add_cb(MixUp(cfg.mixup))
     learn.recorder.train_metrics = True  # train accuracy too, for the study's accuracy/loss-by-epoch figure
-    if torch.cuda.is_available():
+    if gpu_available():  # fastai's fp16 training with loss scaling; CPUs keep fp32, which they compute natively
         learn.to_fp16()
     return learn, spec
 

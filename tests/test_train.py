@@ -463,3 +463,15 @@ def test_a_terminal_keeps_fastais_progress_bar(tiny_data, tmp_path, monkeypatch)
     train(tiny_data, resolve_config(epochs=1, **TINY), out=tmp_path / "run",
           extra_cbs=[_CallbackSpy(seen)])
     assert ProgressCallback in seen[0] and EpochLines not in seen[0]
+
+
+def test_mixed_precision_on_a_gpu_only(tiny_data, monkeypatch):
+    # no GPU here: what is checked is the decision, that a GPU gets fastai's fp16 training and a CPU does not
+    from fastai.callback.fp16 import MixedPrecision
+
+    manifest = read_manifest(tiny_data)
+    learn, _ = build_learner(manifest, resolve_config(**TINY))
+    assert not any(isinstance(cb, MixedPrecision) for cb in learn.cbs)
+    monkeypatch.setattr("cxr_fast.train.gpu_available", lambda: True)  # train.py's decision alone sees a GPU
+    learn, _ = build_learner(manifest, resolve_config(**TINY))
+    assert any(isinstance(cb, MixedPrecision) for cb in learn.cbs)
