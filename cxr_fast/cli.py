@@ -13,6 +13,7 @@ from typing import Annotated
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Column, Table
 
 from cxr_fast.errors import CxrFastError
@@ -48,7 +49,7 @@ def user_errors(fn):
         try:
             return fn(*args, **kwargs)
         except CxrFastError as e:
-            err_console.print(f"[bold red]error:[/] {e}", highlight=False, soft_wrap=True)
+            err_console.print(f"[bold red]error:[/] {escape(str(e))}", highlight=False, soft_wrap=True)
             raise typer.Exit(1) from None
         except KeyboardInterrupt:  # say so, rather than exit silently (training reports its own, fuller message)
             err_console.print("[bold yellow]interrupted[/]", highlight=False)
@@ -85,7 +86,7 @@ def data_prepare(
                      splits=splits, cache_size=size, patient_pattern=patient_pattern, folds=folds,
                      fold=fold or 0, force=force)
     print_summary(report, console)
-    console.print(f"manifest: [bold]{Path(out) / 'manifest.csv'}[/]")
+    console.print(f"manifest: [bold]{escape(str(Path(out) / 'manifest.csv'))}[/]")
 
 
 @data_app.command("synth")
@@ -104,7 +105,7 @@ def data_synth(
 
     meta = synthesize(out, n_per_class=n_per_class, size=size, shortcut_rate=shortcut_rate, seed=seed,
                       lesion_contrast=lesion_contrast, force=force)
-    console.print(f"wrote {len(meta)} phantoms to [bold]{out}[/] ({int(meta['marker'].sum())} with a shortcut marker)")
+    console.print(f"wrote {len(meta)} phantoms to [bold]{escape(str(out))}[/] ({int(meta['marker'].sum())} with a shortcut marker)")
 
 
 # ---------------------------------------------------------------------------------------------- models
@@ -170,7 +171,7 @@ def train(
         except TrainingInterrupted as stop:
             hint = (f"; continue with: cxrfast train --data {data} --out {stop.run_dir} --resume"
                     if stop.epochs_done else "")
-            err_console.print(f"[bold yellow]{stop}[/]{hint}", highlight=False, soft_wrap=True)
+            err_console.print(f"[bold yellow]{escape(str(stop))}[/]{escape(hint)}", highlight=False, soft_wrap=True)
             raise typer.Exit(130) from None  # the shell's code for Ctrl-C
     if ddp.is_main():
         _print_run_summary(run_dir)
@@ -191,11 +192,11 @@ def ensemble(
     metrics = json.loads((run_dir / "metrics.json").read_text())
     scores = [f"{name} {score:.3f}" for name, score in metrics["members"].items() if score is not None]
     if metrics["valid_balanced_accuracy"] is None:
-        console.print(f"ensemble [bold]{run_dir}[/] ({len(metrics['members'])} members); its training manifest is not "
+        console.print(f"ensemble [bold]{escape(str(run_dir))}[/] ({len(metrics['members'])} members); its training manifest is not "
                       "at hand, so the valid split was not scored")
     else:
-        console.print(f"ensemble [bold]{run_dir}[/]: valid balanced accuracy {metrics['valid_balanced_accuracy']:.3f}"
-                      + (f" (members: {', '.join(scores)})" if scores else ""))
+        console.print(f"ensemble [bold]{escape(str(run_dir))}[/]: valid balanced accuracy "
+                      f"{metrics['valid_balanced_accuracy']:.3f}" + (f" (members: {escape(', '.join(scores))})" if scores else ""))
 
 
 def _print_run_summary(run_dir: Path) -> None:
@@ -204,7 +205,7 @@ def _print_run_summary(run_dir: Path) -> None:
     metrics = json.loads((run_dir / "metrics.json").read_text())
     kept = f"chosen C {metrics['best_C']:g}" if "best_C" in metrics else f"best epoch {metrics['best_epoch']}"
     console.print(
-        f"run [bold]{run_dir}[/]: {kept}, valid balanced accuracy "
+        f"run [bold]{escape(str(run_dir))}[/]: {kept}, valid balanced accuracy "
         f"{metrics['valid_balanced_accuracy']:.3f}, {metrics['train_seconds']:.0f} s"
     )
 
@@ -224,7 +225,7 @@ def evaluate(
 
     result = run_evaluation(run, data, split, tta=tta, force=force)
     m = result.metrics
-    table = Table("metric", "value", title=f"{m['run']} on {m['data']} ({m['n']} images{', with TTA' if tta else ''})")
+    table = Table("metric", "value", title=escape(f"{m['run']} on {m['data']}") + f" ({m['n']} images{', with TTA' if tta else ''})")
     lo, hi = m["balanced_accuracy_ci"]
     table.add_row("balanced accuracy", f"{m['balanced_accuracy']:.3f}  (95 % CI {lo:.3f}–{hi:.3f})")
     table.add_row("accuracy", f"{m['accuracy']:.3f}")
@@ -234,15 +235,15 @@ def evaluate(
     table.add_row("ECE raw → calibrated", f"{m['ece']:.3f} → {m['ece_calibrated']:.3f}")
     for name, v in m["per_class"].items():
         recall = "—" if v["recall"] is None else f"{v['recall']:.2f}"  # no images of the class: no recall
-        table.add_row(f"  {name}", f"P {v['precision']:.2f}  R {recall}  F1 {v['f1']:.2f}  n {v['support']}")
+        table.add_row(f"  {escape(name)}", f"P {v['precision']:.2f}  R {recall}  F1 {v['f1']:.2f}  n {v['support']}")
     console.print(table)
     if "seen_images" in m and (seen := seen_warning(m["seen_images"])):
-        err_console.print(f"[bold yellow]warning:[/] {seen}")
+        err_console.print(f"[bold yellow]warning:[/] {escape(seen)}")
     if result.shift and result.shift["out_of_distribution"]:
-        err_console.print(f"[bold yellow]warning:[/] {shift_warning(result.shift)}")
+        err_console.print(f"[bold yellow]warning:[/] {escape(shift_warning(result.shift))}")
     if "skipped" in m.get("shift", {}):
-        err_console.print(f"[bold yellow]warning:[/] distribution-shift check skipped: {m['shift']['skipped']}")
-    console.print(f"report: [bold]{result.out_dir / 'report.html'}[/]")
+        err_console.print(f"[bold yellow]warning:[/] distribution-shift check skipped: {escape(m['shift']['skipped'])}")
+    console.print(f"report: [bold]{escape(str(result.out_dir / 'report.html'))}[/]")
 
 
 @app.command("compare")
@@ -294,7 +295,7 @@ def compare(
         result = compare_runs(runs or [], out=out)
     # One column per architecture and a row per figure: fits an 80-column terminal for a handful of models.
     rows = list(result.summary.itertuples())
-    table = Table("", *(Column(r.arch, overflow="fold") for r in rows), title="test split")
+    table = Table("", *(Column(escape(r.arch), overflow="fold") for r in rows), title="test split")
     for label, cell in [
         ("runs", lambda r: str(r.runs)),
         ("balanced acc.", lambda r: f"{r.balanced_accuracy:.3f}" + (f" ± {r.balanced_accuracy_sd:.3f}" if r.runs > 1 else "")),
@@ -309,8 +310,8 @@ def compare(
         table.add_row(label, *(cell(r) for r in rows))
     console.print(table)
     for t in result.mcnemar.itertuples():
-        console.print(f"McNemar {t.model_a} vs {t.model_b}: p = {t.p_value:.3g}")
-    console.print(f"report: [bold]{result.out_dir / 'report.html'}[/]")
+        console.print(f"McNemar {escape(t.model_a)} vs {escape(t.model_b)}: p = {t.p_value:.3g}")
+    console.print(f"report: [bold]{escape(str(result.out_dir / 'report.html'))}[/]")
 
 
 @app.command("interpret")
@@ -336,10 +337,10 @@ def interpret(
     from cxr_fast.evaluate import seen_warning
 
     for line in result.verdicts:
-        console.print(f"[bold]audit:[/] {line}")
+        console.print(f"[bold]audit:[/] {escape(line)}")
     if "seen_images" in result.audit and (seen := seen_warning(result.audit["seen_images"])):
-        err_console.print(f"[bold yellow]warning:[/] {seen}")
-    console.print(f"gallery: [bold]{result.out_dir / 'gallery.html'}[/]")
+        err_console.print(f"[bold yellow]warning:[/] {escape(seen)}")
+    console.print(f"gallery: [bold]{escape(str(result.out_dir / 'gallery.html'))}[/]")
 
 
 @app.command("demo")

@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
+from rich.markup import escape
 from rich.table import Table
 
 MAX_ROWS_SHOWN = 30  # a folder of thousands of files belongs in --out, not on the terminal
@@ -42,15 +43,15 @@ def register(app: typer.Typer, user_errors=None, console=None, err_console=None)
             table = Table("file", "predicted", *[c[2:] for c in prob_columns], *(["heatmap"] if heatmap else []),
                           title=f"{len(results)} image{'s' if len(results) != 1 else ''} — research tool, not a diagnosis")
             for row in results.head(MAX_ROWS_SHOWN).to_dict("records"):
-                table.add_row(Path(row["path"]).name, row["predicted"], *[f"{row[c]:.3f}" for c in prob_columns],
-                              *([row["heatmap"]] if heatmap else []))
+                table.add_row(escape(Path(row["path"]).name), escape(row["predicted"]),
+                              *[f"{row[c]:.3f}" for c in prob_columns], *([escape(row["heatmap"])] if heatmap else []))
             console.print(table)
             if len(results) > MAX_ROWS_SHOWN:
                 console.print(f"… and {len(results) - MAX_ROWS_SHOWN} more" + ("" if out else "; use --out to keep them all"))
         for path, reason in skipped:
-            err_console.print(f"[bold yellow]skipped:[/] {path}: {reason}", highlight=False, soft_wrap=True)
+            err_console.print(f"[bold yellow]skipped:[/] {escape(f'{path}: {reason}')}", highlight=False, soft_wrap=True)
         if out is not None:
-            console.print(f"results: [bold]{out}[/]")
+            console.print(f"results: [bold]{escape(str(out))}[/]")
         if results.empty:
             raise CxrFastError("no image could be predicted")
 
@@ -72,9 +73,10 @@ def register(app: typer.Typer, user_errors=None, console=None, err_console=None)
             raise CxrFastError(f"--format {fmt!r} is not supported; the one export format is onnx")
         onnx_path = export_onnx(run, out, force=force)
         spec = json.loads((onnx_path.parent / PREPROCESSING_FILE).read_text())
-        console.print(f"ONNX model: [bold]{onnx_path}[/] (opset {spec['opset']}, input {spec['input']['shape']}; "
+        console.print(f"ONNX model: [bold]{escape(str(onnx_path))}[/] (opset {spec['opset']}, "
+                      f"input {escape(str(spec['input']['shape']))}; "
                       f"max logit difference from PyTorch {spec['max_abs_logit_difference']:.1e})")
-        console.print(f"preprocessing: [bold]{onnx_path.parent / PREPROCESSING_FILE}[/]")
+        console.print(f"preprocessing: [bold]{escape(str(onnx_path.parent / PREPROCESSING_FILE))}[/]")
 
     @app.command("serve")
     @user_errors
@@ -88,9 +90,9 @@ def register(app: typer.Typer, user_errors=None, console=None, err_console=None)
         from cxr_fast.serve import serve as run_server
 
         def ready(url: str, loopback: bool):
-            console.print(f"serving [bold]{run}[/] at [bold]{url}[/] (Ctrl+C to stop)")
+            console.print(f"serving [bold]{escape(str(run))}[/] at [bold]{escape(url)}[/] (Ctrl+C to stop)")
             if not loopback:
-                err_console.print(f"[bold yellow]warning:[/] listening on {host}: anyone who can reach this "
+                err_console.print(f"[bold yellow]warning:[/] listening on {escape(host)}: anyone who can reach this "
                                   "computer can upload images; there is no login.")
 
         run_server(run, host=host, port=port, runtime=runtime, on_ready=ready)

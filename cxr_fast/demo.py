@@ -14,6 +14,7 @@ import shutil
 from pathlib import Path
 
 from rich.console import Console
+from rich.markup import escape
 
 from cxr_fast.errors import CxrFastError
 
@@ -48,9 +49,9 @@ def run_demo(out: str | Path, *, n_per_class: int = 80, shortcut_rate: float = D
     console.rule("5/5 interpret: top losses, occlusion maps, shortcut audit")
     interpretation = interpret(run_dir, n=12, audit_n=45)
     for line in interpretation.verdicts:
-        console.print(f"[bold]audit:[/] {line}")
+        console.print(f"[bold]audit:[/] {escape(line)}")
     path = write_demo_report(out, run_dir, evaluation, interpretation, shortcut_rate)
-    console.print(f"report: [bold]{path}[/]")
+    console.print(f"report: [bold]{escape(str(path))}[/]")
     return path
 
 

@@ -34,6 +34,7 @@ from fastai.losses import CrossEntropyLossFlat
 from fastai.metrics import AccumMetric
 from fastai.torch_core import set_seed
 from rich.console import Console
+from rich.markup import escape
 from sklearn.metrics import balanced_accuracy_score
 from torch.cuda import is_available as gpu_available
 
@@ -372,7 +373,7 @@ def _train(data, cfg, *, out, resume, extra_cbs, quiet) -> Path:
     if report is not None and not resume:  # how much of a weights file was used: the user must not have to guess
         state["weights_loaded"] = report.summary()
         if not quiet and distributed.is_main():
-            Console(stderr=True).print(f"weights: {state['weights_loaded']}", highlight=False, soft_wrap=True)
+            Console(stderr=True).print(f"weights: {escape(state['weights_loaded'])}", highlight=False, soft_wrap=True)
     if quiet or not distributed.is_main():  # data-parallel: one table and one bar, rank 0's
         learn.remove_cb(ProgressCallback)
         learn.logger = lambda *args, **kwargs: None

@@ -76,6 +76,17 @@ def test_user_errors_are_one_line_with_exit_code_1(tiny_data, tmp_path):
     assert result.exit_code == 1 and "not a cxr_fast run bundle" in result.output
 
 
+def test_square_brackets_in_names_and_messages_are_printed_as_they_are(tmp_path):
+    # rich reads "[left]" as a markup tag and drops it: a path or an install hint like cxr_fast[onnx] lost its text
+    result = invoke("evaluate", tmp_path / "film[left]")
+    assert result.exit_code == 1 and "film[left]" in result.output
+    src = tmp_path / "src[b]"
+    assert invoke("data", "synth", src, "--n-per-class", 4, "--size", 64).exit_code == 0
+    result = invoke("data", "prepare", src, "--out", tmp_path / "out[x]", "--size", 0)
+    assert result.exit_code == 0, result.output
+    assert "out[x]/manifest.csv" in result.output.replace("\n", "")
+
+
 def test_ctrl_c_during_training_says_how_to_resume_and_exits_130(tmp_path, monkeypatch):
     import cxr_fast.train
     from cxr_fast.train import TrainingInterrupted

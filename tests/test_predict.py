@@ -183,3 +183,11 @@ def test_cli_predict_prints_results_and_skipped_files(run, tmp_path, good_images
 
     result = runner.invoke(cli_app(), ["predict", str(run), str(bad)])
     assert result.exit_code == 1 and "no image could be predicted" in result.output
+
+    # names are the user's text, not rich markup
+    shutil.copy(good_images[0], tmp_path / "film[left].png")
+    (tmp_path / "ok[red].png").write_text("not an image")
+    result = runner.invoke(cli_app(), ["predict", str(run), str(tmp_path / "film[left].png"),
+                                       str(tmp_path / "ok[red].png"), "--out", str(tmp_path / "r[1].csv")])
+    assert result.exit_code == 0, result.output
+    assert "film[left].png" in result.output and "ok[red].png" in result.output and "r[1].csv" in result.output

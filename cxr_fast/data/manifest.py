@@ -38,6 +38,7 @@ from pathlib import Path
 
 import pandas as pd
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import (
     BarColumn,
     MofNCompleteColumn,
@@ -564,14 +565,15 @@ def print_summary(report: PrepareReport, console: Console | None = None) -> None
         # A line of its own: inside the table title, a long manifest path made rich wrap it mid-phrase.
         test = report.arguments["fold"]
         console.print(f"cross-validation: fold {test} of 0–{folds - 1} is test, fold {(test + 1) % folds} is valid")
-    table = Table(title=f"{report.n_images} images in {report.manifest_path}")
+    # file names, labels and messages are the user's text: escaped, or rich reads "[left]" in a name as markup
+    table = Table(title=f"{report.n_images} images in {escape(str(report.manifest_path))}")
     table.add_column("label")
     for split in SPLITS:
         table.add_column(split, justify="right")
     table.add_column("total", justify="right")
     for label in report.labels:
         per_split = [report.counts[split].get(label, 0) for split in SPLITS]
-        table.add_row(label, *map(str, per_split), str(sum(per_split)))
+        table.add_row(escape(label), *map(str, per_split), str(sum(per_split)))
     totals = [sum(report.counts[split].values()) for split in SPLITS]
     shares = [f"{n} ({n / max(1, sum(totals)):.0%})" for n in totals]
     table.add_row("[bold]total", *shares, f"[bold]{sum(totals)}")
@@ -581,7 +583,7 @@ def print_summary(report: PrepareReport, console: Console | None = None) -> None
     if by_reason:
         excluded = Table(
             title=f"{len(report.excluded)} of {report.n_files} files excluded "
-            f"(details in {report.report_path})"
+            f"(details in {escape(str(report.report_path))})"
         )
         excluded.add_column("reason")
         excluded.add_column("files", justify="right")
@@ -591,7 +593,7 @@ def print_summary(report: PrepareReport, console: Console | None = None) -> None
             example = next(item for item in report.excluded if item.reason == reason)
             meaning = EXCLUSION_REASONS.get(reason, "")
             detail = "" if example.detail == meaning else f": {example.detail}"
-            excluded.add_row(reason, str(count), meaning, f"{example.path}{detail}")
+            excluded.add_row(reason, str(count), meaning, escape(f"{example.path}{detail}"))
         console.print(excluded)
     else:
         console.print(f"All {report.n_files} files were usable.")
@@ -603,10 +605,10 @@ def print_summary(report: PrepareReport, console: Console | None = None) -> None
         )
     for conflict in report.conflicts[:10]:
         console.print(
-            f"[yellow]label conflict[/] {', '.join(conflict['labels'])}: {', '.join(conflict['files'])}"
+            f"[yellow]label conflict[/] {escape(', '.join(conflict['labels']))}: {escape(', '.join(conflict['files']))}"
         )
     if len(report.conflicts) > 10:
-        console.print(f"... and {len(report.conflicts) - 10} more label conflicts (see {report.report_path})")
+        console.print(f"... and {len(report.conflicts) - 10} more label conflicts (see {escape(str(report.report_path))})")
     if report.patients:
         found = report.patients
         console.print(
@@ -615,11 +617,11 @@ def print_summary(report: PrepareReport, console: Console | None = None) -> None
             f"{found['n_unmatched']} images had no patient id."
         )
     for warning in report.warnings:
-        console.print(f"[yellow]warning:[/] {warning}")
+        console.print(f"[yellow]warning:[/] {escape(warning)}")
     if report.unused_map_keys:
-        console.print(f"[yellow]label map entries matching no folder:[/] {', '.join(report.unused_map_keys)}")
+        console.print(f"[yellow]label map entries matching no folder:[/] {escape(', '.join(report.unused_map_keys))}")
     if report.cache_dir:
-        console.print(f"Image cache: {report.cache_dir}")
+        console.print(f"Image cache: {escape(str(report.cache_dir))}")
     console.print(f"Took {report.seconds:.1f} s.")
 
 
