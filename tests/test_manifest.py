@@ -248,6 +248,15 @@ def test_output_inside_source_is_not_read_back(tmp_path):
     assert report.n_files == 9 and report.excluded == []
 
 
+def test_earlier_outputs_inside_source_are_not_read_as_classes(tmp_path):
+    # cross-validation folds prepared into the source folder: fold1 must not read fold0's cached copies as a class
+    src = make_dataset(tmp_path / "src", per_class=4)
+    quiet(src, src / "fold0", cache_size=64, folds=3, fold=0)
+    report = quiet(src, src / "fold1", cache_size=64, folds=3, fold=1)
+    assert report.n_files == 12 and report.excluded == [] and report.conflicts == []
+    assert sorted(report.labels) == ["COVID-19", "Normal", "Pneumonia"]
+
+
 def test_bad_sources_and_arguments(tmp_path):
     with pytest.raises(CxrFastError, match="source folder not found"):
         quiet(tmp_path / "missing", tmp_path / "out")

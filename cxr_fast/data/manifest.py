@@ -61,7 +61,7 @@ from cxr_fast.data.patients import (
     patient_summary,
     patient_warnings,
 )
-from cxr_fast.data.sources import class_folders, find_images
+from cxr_fast.data.sources import PREPARED_MARKER, class_folders, find_images
 from cxr_fast.data.split import (
     DEFAULT_FRACTIONS,
     SPLITS,
@@ -73,7 +73,7 @@ from cxr_fast.data.split import (
 from cxr_fast.errors import CxrFastError
 
 MANIFEST_NAME = "manifest.csv"
-REPORT_NAME = "prepare_report.json"
+REPORT_NAME = PREPARED_MARKER
 META_NAME = "_meta.csv"
 MANIFEST_COLUMNS = ("path", "label", "source_label", "split", "group", "sha256", "width", "height")
 OPTIONAL_COLUMNS = ("patient", "cache_path", "mask", "marker_box")

@@ -21,6 +21,10 @@ from pathlib import Path
 
 from cxr_fast.errors import CxrFastError
 
+# `cxrfast data prepare` writes this file into every output folder. A folder holding one is an earlier prepare's
+# output (manifest and cached copies), never a class of X-rays, even when it sits inside the source folder.
+PREPARED_MARKER = "prepare_report.json"
+
 SPLIT_FOLDER_NAMES = frozenset({"train", "training", "valid", "val", "validation", "test", "testing"})
 
 
@@ -79,6 +83,7 @@ def _walk(root: Path, skip: Iterable[str | os.PathLike]) -> Iterator[tuple[Path,
             name
             for name in subfolders
             if not is_hidden(name) and (folder_path / name).resolve() not in skipped
+            and not (folder_path / name / PREPARED_MARKER).is_file()
         )
         relative_folders = folder_path.relative_to(root).parts
         label = next((part for part in relative_folders if not is_split_folder(part)), None)
