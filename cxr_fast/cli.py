@@ -98,7 +98,7 @@ def data_synth(
     shortcut_rate: Annotated[float, typer.Option(help="Share of images carrying a corner marker that gives away the class.")] = 0.0,
     lesion_contrast: Annotated[float, typer.Option(help="Strength of the class signal in the lungs (1 = default).")] = 1.0,
     seed: Annotated[int, typer.Option(help="Random seed: same seed, same images.")] = 0,
-    force: Annotated[bool, typer.Option(help="Write into a non-empty folder.")] = False,
+    force: Annotated[bool, typer.Option(help="Write into a non-empty folder: earlier phantoms and masks are replaced, other files kept.")] = False,
 ):
     """Write synthetic chest X-ray phantoms with ground-truth lung and lesion masks (the default dataset)."""
     from cxr_fast.data.synth import synthesize

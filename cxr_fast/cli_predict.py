@@ -50,10 +50,10 @@ def register(app: typer.Typer, user_errors=None, console=None, err_console=None)
                 console.print(f"… and {len(results) - MAX_ROWS_SHOWN} more" + ("" if out else "; use --out to keep them all"))
         for path, reason in skipped:
             err_console.print(f"[bold yellow]skipped:[/] {escape(f'{path}: {reason}')}", highlight=False, soft_wrap=True)
+        if results.empty:  # nothing was written: earlier results in --out stay as they were
+            raise CxrFastError("no image could be predicted")
         if out is not None:
             console.print(f"results: [bold]{escape(str(out))}[/]")
-        if results.empty:
-            raise CxrFastError("no image could be predicted")
 
     @app.command("export")
     @user_errors

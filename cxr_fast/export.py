@@ -20,7 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
-from cxr_fast.errors import CxrFastError, read_json
+from cxr_fast.errors import CxrFastError, first_line, read_json
 
 ONNX_FILE = "model.onnx"
 PREPROCESSING_FILE = "preprocessing.json"
@@ -28,6 +28,7 @@ OPSET = 17  # supported by every onnxruntime since 1.11 (2022) and by the TorchS
 INPUT_NAME, OUTPUT_NAME = "image", "logits"
 EXPORT_TOLERANCE = 1e-4  # largest logit difference from PyTorch accepted for a fresh export
 FORMAT = "cxr_fast-onnx/1"
+SPEC_KEYS = ("run", "arch", "classes", "temperature", "size", "n_in", "mean", "std")  # what OnnxRunner reads
 
 
 def file_sha256(path: Path) -> str:
@@ -68,11 +69,13 @@ def export_onnx(run_dir: str | Path, out: str | Path | None = None, *, force: bo
     An existing export is refused unless `force`. The exported model must reproduce PyTorch's logits on a random
     batch to `EXPORT_TOLERANCE`, else nothing is kept.
     """
+    import importlib.util
     import warnings
 
     import torch
 
     from cxr_fast.bundle import load_run
+    from cxr_fast.outputs import check_folder_path
 
     run = load_run(run_dir)
     folder = Path(out) if out is not None else run.path
@@ -80,6 +83,10 @@ def export_onnx(run_dir: str | Path, out: str | Path | None = None, *, force: bo
     existing = [p for p in (onnx_path, spec_path) if p.exists()]
     if existing and not force:
         raise CxrFastError(f"{existing[0]}: an export is already there; add --force to replace it")
+    check_folder_path(folder, "--out")
+    for module, role in (("onnx", "writes the export"), ("onnxruntime", "checks it")):
+        if importlib.util.find_spec(module) is None:
+            raise CxrFastError(f"the {module} package ({role}) is not installed: pip install 'cxr_fast[onnx]'")
     folder.mkdir(parents=True, exist_ok=True)
 
     example = torch.randn(2, run.n_in, run.size, run.size, generator=torch.Generator().manual_seed(0))
@@ -122,7 +129,10 @@ def _session(path: Path, threads: int | None = None):
     options.log_severity_level = 3  # errors only: its warnings about unused initialisers are noise here
     if threads:
         options.intra_op_num_threads = threads
-    return ort.InferenceSession(str(path), sess_options=options, providers=["CPUExecutionProvider"])
+    try:
+        return ort.InferenceSession(str(path), sess_options=options, providers=["CPUExecutionProvider"])
+    except Exception as e:  # onnxruntime raises its own exception types for damaged or foreign files
+        raise CxrFastError(f"{path}: ONNX Runtime cannot load it ({first_line(e)})") from None
 
 
 class OnnxRunner:
@@ -140,12 +150,21 @@ class OnnxRunner:
             if not needed.is_file():
                 raise CxrFastError(f"{self.path}: no ONNX export ({needed.name} missing); run `cxrfast export {self.path}`")
         spec = read_json(spec_path)
-        if spec.get("format") != FORMAT:
-            raise CxrFastError(f"{spec_path}: not a cxr_fast ONNX export (format {spec.get('format')!r})")
+        if not isinstance(spec, dict) or spec.get("format") != FORMAT:
+            found = spec.get("format") if isinstance(spec, dict) else type(spec).__name__
+            raise CxrFastError(f"{spec_path}: not a cxr_fast ONNX export (format {found!r})")
+        missing = [k for k in SPEC_KEYS if k not in spec]
+        if missing:
+            raise CxrFastError(f"{spec_path}: lacks {', '.join(missing)}; re-export with `cxrfast export RUN --force`")
         weights = self.path / "model.safetensors"
         if weights.is_file() and spec.get("weights_sha256") != file_sha256(weights):
             raise CxrFastError(f"{onnx_path}: exported from other weights than {weights.name}; "
                                f"re-export with `cxrfast export {self.path} --force`")
+        # The pair must belong together: a model.onnx copied from another export, or an export interrupted
+        # between its two files, would otherwise run with the wrong classes, size or temperature.
+        if "onnx_sha256" in spec and spec["onnx_sha256"] != file_sha256(onnx_path):
+            raise CxrFastError(f"{onnx_path}: not the model {PREPROCESSING_FILE} was written for (changed or "
+                               f"copied since); re-export with `cxrfast export RUN --force`")
         self.spec = spec
         self.session = _session(onnx_path, threads)
 

@@ -10,6 +10,15 @@ from pathlib import Path
 from cxr_fast.errors import CxrFastError
 
 
+def check_folder_path(folder: str | Path, flag: str) -> None:
+    """Refuse, before any slow work, a folder path that runs into a file (the path itself, or a folder on the way to
+    it): creating it would fail only after the work was done, with a traceback instead of a reason."""
+    folder = Path(folder)
+    existing = next(p for p in (folder, *folder.parents) if p.exists())
+    if not existing.is_dir():
+        raise CxrFastError(f"{existing}: exists and is not a folder (choose another {flag})")
+
+
 @contextmanager
 def replacing_folder(out_dir: Path, *, force: bool, what: str) -> Iterator[Path]:
     """Yield a fresh sibling folder to write into; only when the block succeeds does it replace `out_dir`.

@@ -25,6 +25,7 @@ from PIL import Image
 
 from cxr_fast.data.io import IMAGE_SUFFIXES, ImageReadError, is_dicom, read_image
 from cxr_fast.errors import CxrFastError
+from cxr_fast.outputs import check_folder_path
 
 RUNTIMES = ("torch", "onnx")
 OUT_SUFFIXES = (".csv", ".json")
@@ -188,26 +189,34 @@ def heatmap_folder(out: Path | None) -> Path:
     return out.parent / f"{out.stem}_heatmaps" if out is not None else Path("heatmaps")
 
 
-def check_out(out: Path | None, force: bool) -> None:
+def check_out(out: Path | None, force: bool, heatmap: bool = False) -> None:
+    """Refuse an --out the results (or heatmaps) could not be written to, before any prediction is made."""
+    if heatmap:
+        check_folder_path(heatmap_folder(out), "--out (its heatmaps go beside it)")
     if out is None:
         return
     if out.suffix.lower() not in OUT_SUFFIXES:
         raise CxrFastError(f"{out}: --out must end in .csv or .json")
+    if out.is_dir():
+        raise CxrFastError(f"{out}: is a folder; --out names the results file")
     if out.exists() and not force:
         raise CxrFastError(f"{out}: already exists; add --force to replace it")
+    check_folder_path(out.parent, "--out")
 
 
 def write_results(out: Path, results: pd.DataFrame, skipped: list[tuple[Path, str]], runner) -> None:
     """CSV: one row per input, skipped ones with an empty prediction and the reason in `error`.
     JSON: {"model", "predictions", "skipped"}."""
     out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f".{out.name}.partial")  # written whole, then renamed: a replaced file is never half-written
     if out.suffix.lower() == ".json":
         document = {"model": model_summary(runner), "predictions": results.to_dict("records"),
                     "skipped": [{"path": str(p), "reason": r} for p, r in skipped]}
-        out.write_text(json.dumps(document, indent=2))
+        tmp.write_text(json.dumps(document, indent=2))
     else:
         errors = pd.DataFrame({"path": [str(p) for p, _ in skipped], "error": [r for _, r in skipped]})
-        pd.concat([results.assign(error=""), errors], ignore_index=True).to_csv(out, index=False)
+        pd.concat([results.assign(error=""), errors], ignore_index=True).to_csv(tmp, index=False)
+    tmp.replace(out)
 
 
 def model_summary(runner) -> dict:
@@ -230,7 +239,7 @@ def predict(run_dir: str | Path, inputs: Sequence[str | Path], heatmap: bool = F
     if not inputs:
         raise CxrFastError("give at least one image file or folder to predict")
     out = Path(out) if out is not None else None
-    check_out(out, force)
+    check_out(out, force, heatmap)
     runner = runner if runner is not None else load_runner(run_dir, runtime)
     files, skipped = find_images(inputs)
     classes, size = runner.classes, runner.size
@@ -269,6 +278,6 @@ def predict(run_dir: str | Path, inputs: Sequence[str | Path], heatmap: bool = F
 
     columns = ["path", "predicted", *[f"p_{c}" for c in classes], *(["heatmap"] if heatmap else [])]
     results = pd.DataFrame(rows, columns=columns)
-    if out is not None:
+    if out is not None and not results.empty:  # a run that predicted nothing must not replace earlier results
         write_results(out, results, skipped, runner)
     return results, skipped

@@ -45,7 +45,7 @@ from cxr_fast.config import TrainConfig, resolve_config
 from cxr_fast.data.block import build_dataloaders, check_classes
 from cxr_fast.data.manifest import manifest_digest, read_manifest
 from cxr_fast.errors import CxrFastError, read_json, read_tensors
-from cxr_fast.outputs import write_tensors
+from cxr_fast.outputs import check_folder_path, write_tensors
 from cxr_fast.probe import is_frozen_arch
 
 CHECKPOINT_DIR = "checkpoint"
@@ -79,9 +79,7 @@ def check_new_out(out: str | Path | None) -> None:
     if out is None:
         return
     out = Path(out)
-    existing = next(p for p in (out, *out.parents) if p.exists())
-    if not existing.is_dir():
-        raise CxrFastError(f"{existing}: exists and is not a folder (choose another --out)")
+    check_folder_path(out, "--out")
     if out.exists() and any(out.iterdir()):
         if (out / CHECKPOINT_DIR / "state.json").exists():
             raise CxrFastError(f"{out}: an interrupted run is here; add --resume to continue it")

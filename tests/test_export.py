@@ -117,3 +117,30 @@ def test_export_command_takes_format_onnx_and_refuses_others(run, tmp_path):
     assert result.exit_code == 1
     assert "--format 'tflite' is not supported" in result.output
     assert not (tmp_path / "other").exists()
+
+
+def test_a_damaged_or_mismatched_export_is_a_one_line_error(run, tmp_path, tiny_runs):
+    (tmp_path / "afile").write_text("")
+    with pytest.raises(CxrFastError, match="afile: exists and is not a folder"):
+        export_onnx(run, tmp_path / "afile")
+    export_onnx(run, tmp_path / "a")
+    export_onnx(shutil.copytree(tiny_runs[1], tmp_path / "other"), tmp_path / "b")
+    spec_path, onnx_path = tmp_path / "a" / "preprocessing.json", tmp_path / "a" / "model.onnx"
+    original = onnx_path.read_bytes()
+
+    shutil.copy(tmp_path / "b" / "model.onnx", onnx_path)  # another run's network beside this run's classes
+    with pytest.raises(CxrFastError, match="not the model preprocessing.json was written for"):
+        OnnxRunner(tmp_path / "a")
+    onnx_path.write_bytes(original[:1000])  # cut short
+    with pytest.raises(CxrFastError, match="not the model"):
+        OnnxRunner(tmp_path / "a")
+    spec = json.loads(spec_path.read_text())
+    del spec["onnx_sha256"]  # exports made before the digest was checked: the damage is still one line
+    spec_path.write_text(json.dumps(spec))
+    with pytest.raises(CxrFastError, match="ONNX Runtime cannot load it") as e:
+        OnnxRunner(tmp_path / "a")
+    assert "\n" not in str(e.value)
+    del spec["classes"]
+    spec_path.write_text(json.dumps(spec))
+    with pytest.raises(CxrFastError, match="lacks classes"):
+        OnnxRunner(tmp_path / "a")

@@ -174,6 +174,13 @@ def reason_for(path) -> str:
     return caught.value.reason
 
 
+def test_a_dicom_cut_short_in_its_pixel_data_is_truncated(tmp_path):
+    write_dicom(tmp_path / "m2.dcm", dicom_phantom(), **WINDOWED)
+    data = (tmp_path / "m2.dcm").read_bytes()
+    (tmp_path / "cut.dcm").write_bytes(data[: len(data) - 2000])  # the header is whole, the pixels are not
+    assert reason_for(tmp_path / "cut.dcm") == "truncated"
+
+
 def huge_png_header(width: int, height: int) -> bytes:
     """A tiny PNG whose header claims width x height pixels (a decompression bomb's calling card)."""
 

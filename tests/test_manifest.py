@@ -278,6 +278,9 @@ def test_bad_sources_and_arguments(tmp_path):
         quiet(src, tmp_path / "out", splits=(0.5, 0.2, 0.2))
     with pytest.raises(CxrFastError, match="neither a file"):
         quiet(src, tmp_path / "out", label_map="nonsense")
+    (tmp_path / "afile").write_text("")
+    with pytest.raises(CxrFastError, match="afile: exists and is not a folder"):
+        quiet(src, tmp_path / "afile" / "sub")
 
 
 def test_synthetic_meta_adds_masks_and_marker_boxes(tmp_path):

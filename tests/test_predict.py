@@ -153,6 +153,32 @@ def test_results_files_and_refusing_to_overwrite(run, tmp_path, good_images):
         predict(run, good_images[:1], out=tmp_path / "r.xlsx", progress=False)
 
 
+def test_unusable_out_paths_are_refused_before_predicting(run, tmp_path, good_images, monkeypatch):
+    import cxr_fast.predict
+
+    def no_work(*args, **kwargs):
+        raise AssertionError("the model was loaded before --out was checked")
+
+    monkeypatch.setattr(cxr_fast.predict, "load_runner", no_work)
+    (tmp_path / "folder.csv").mkdir()
+    (tmp_path / "afile").write_text("")
+    (tmp_path / "h_heatmaps").write_text("")
+    for out, heatmap, problem in [(tmp_path / "folder.csv", False, "is a folder"),
+                                  (tmp_path / "afile" / "r.csv", False, "afile: exists and is not a folder"),
+                                  (tmp_path / "h.csv", True, "h_heatmaps: exists and is not a folder")]:
+        with pytest.raises(CxrFastError, match=problem):
+            predict(run, good_images[:1], out=out, heatmap=heatmap, force=True, progress=False)
+
+
+def test_a_run_that_predicts_nothing_keeps_the_earlier_results(run, tmp_path, good_images):
+    out = tmp_path / "r.csv"
+    predict(run, good_images[:3], out=out, progress=False)
+    before = out.read_bytes()
+    results, skipped = predict(run, [tmp_path / "missing.png"], out=out, force=True, progress=False)
+    assert results.empty and len(skipped) == 1
+    assert out.read_bytes() == before
+
+
 def test_user_mistakes_are_one_line_errors(run, good_images):
     with pytest.raises(CxrFastError, match="--runtime"):
         predict(run, good_images[:1], runtime="tensorflow", progress=False)

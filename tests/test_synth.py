@@ -128,10 +128,20 @@ def test_refuses_non_empty_folder_unless_forced(tmp_path):
     assert (tmp_path / "notes.txt").read_text() == "mine"
 
 
-@pytest.mark.parametrize("bad", [dict(n_per_class=0), dict(size=8), dict(shortcut_rate=1.5), dict(seed=-1)])
-def test_bad_arguments_are_user_errors(tmp_path, bad):
-    with pytest.raises(CxrFastError):
+@pytest.mark.parametrize("bad, flag", [(dict(n_per_class=0), "--n-per-class"), (dict(size=8), "--size"),
+                                       (dict(size=48), "--size must be at least 64"),  # prepare refuses < 64 px
+                                       (dict(shortcut_rate=1.5), "--shortcut-rate"), (dict(seed=-1), "--seed"),
+                                       (dict(lesion_contrast=-1), "--lesion-contrast")])
+def test_bad_arguments_are_user_errors_naming_the_option(tmp_path, bad, flag):
+    with pytest.raises(CxrFastError, match=flag):
         synthesize(tmp_path / "out", progress=False, **bad)
+    assert not (tmp_path / "out").exists()
+
+
+def test_an_output_under_a_file_is_refused(tmp_path):
+    (tmp_path / "afile").write_text("")
+    with pytest.raises(CxrFastError, match="afile: exists and is not a folder"):
+        synthesize(tmp_path / "afile" / "sub", n_per_class=1, size=64, progress=False)
 
 
 def test_classes_separable_by_lung_patterns_not_by_brightness():

@@ -302,7 +302,9 @@ def _read_dicom(path: Path) -> Image.Image:
         pixels = dataset.pixel_array
     except Exception as error:  # noqa: BLE001
         text = str(error)
-        if "expected" in text.lower() and "length" in text.lower() or "truncat" in text.lower():
+        lowered = text.lower()
+        # pydicom 2 says "expected length", pydicom 3 "less than expected (N vs M bytes)"
+        if "expected" in lowered and ("length" in lowered or "less than" in lowered) or "truncat" in lowered:
             raise ImageReadError(path, "truncated", f"DICOM pixel data is truncated ({text})") from None
         raise ImageReadError(
             path,

@@ -71,6 +71,7 @@ from cxr_fast.data.split import (
     split_items,
 )
 from cxr_fast.errors import CxrFastError
+from cxr_fast.outputs import check_folder_path
 
 MANIFEST_NAME = "manifest.csv"
 REPORT_NAME = PREPARED_MARKER
@@ -431,8 +432,7 @@ def _check_arguments(src: Path, out: Path, seed: int, cache_size: int, force: bo
         raise CxrFastError(f"{src}: source folder not found")
     if not src.is_dir():
         raise CxrFastError(f"{src}: source is not a folder (expected {src}/<class>/<image>)")
-    if out.exists() and not out.is_dir():
-        raise CxrFastError(f"{out}: output exists and is not a folder")
+    check_folder_path(out, "--out")
     if (out / MANIFEST_NAME).exists() and not force:
         raise CxrFastError(f"{out / MANIFEST_NAME} already exists; use --force to replace it")
     if not isinstance(seed, int) or seed < 0:

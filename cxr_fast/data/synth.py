@@ -25,7 +25,9 @@ from PIL import Image, ImageDraw, ImageFont
 from rich.progress import track
 
 from cxr_fast import CLASSES
+from cxr_fast.data.io import MIN_SIDE
 from cxr_fast.errors import CxrFastError
+from cxr_fast.outputs import check_folder_path
 
 CLASS_NAMES = CLASSES
 # Text and corner of each class's shortcut marker; corners are chosen to lie outside the body outline.
@@ -266,15 +268,18 @@ def synthesize(
     in which case phantoms from an earlier run are deleted and replaced.
     """
     out = Path(out)
-    if n_per_class < 1 or size < 32 or not 0.0 <= shortcut_rate <= 1.0 or seed < 0 or lesion_contrast < 0:
-        raise CxrFastError(
-            f"{out}: need n_per_class >= 1, size >= 32, 0 <= shortcut_rate <= 1, seed >= 0 "
-            "and lesion_contrast >= 0"
-        )
-    if out.exists() and not out.is_dir():
-        raise CxrFastError(f"{out}: is a file, not a folder")
+    # one message per mistake, in the CLI's words (--size etc.; the Python names differ only by "_")
+    for wrong, rule in [(n_per_class < 1, "--n-per-class must be at least 1"),
+                        # smaller images would all be refused by `data prepare` (cxr_fast.data.io.MIN_SIDE)
+                        (size < MIN_SIDE, f"--size must be at least {MIN_SIDE} (pixels)"),
+                        (not 0.0 <= shortcut_rate <= 1.0, "--shortcut-rate must be between 0 and 1"),
+                        (seed < 0, "--seed must be 0 or more"),
+                        (lesion_contrast < 0, "--lesion-contrast must be 0 or more")]:
+        if wrong:
+            raise CxrFastError(f"{out}: {rule}")
+    check_folder_path(out, "output folder")
     if out.exists() and any(out.iterdir()) and not force:
-        raise CxrFastError(f"{out}: folder is not empty; choose another or pass force=True to overwrite it")
+        raise CxrFastError(f"{out}: folder is not empty; choose another or add --force to replace its phantoms")
     for label in CLASSES:  # with force: stale phantoms of a larger earlier run must not linger
         for old in [*(out / label).glob(f"{label}_*.png"), *(out / "_masks" / label).glob(f"{label}_*.png")]:
             old.unlink()
