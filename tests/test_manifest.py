@@ -130,6 +130,9 @@ def test_label_map_unmapped_and_ignore_unmapped(tmp_path):
         quiet(src, tmp_path / "out", label_map=label_map)
     assert not (tmp_path / "out" / "manifest.csv").exists()
 
+    with pytest.raises(CxrFastError, match=r"'Pneumonai' matches no folder: a typo\?"):
+        quiet(src, tmp_path / "out", label_map=label_map + ",Pneumonai=Pneumonia")
+
     report = quiet(src, tmp_path / "out", label_map=label_map + ",Typo=Normal", ignore_unmapped=True)
     assert report.exclusions_by_reason() == {"unmapped-label": 4}
     assert report.labels == ["COVID-19", "Normal"]
@@ -271,6 +274,7 @@ def test_bad_sources_and_arguments(tmp_path):
     (tmp_path / "junk" / "Normal" / "a.png").write_text("text")
     with pytest.raises(CxrFastError, match="none of the 1 files is a usable image"):
         quiet(tmp_path / "junk", tmp_path / "out")
+    assert not (tmp_path / "out").exists()  # a failed prepare leaves no half-made dataset folder behind
     src = make_dataset(tmp_path / "src", per_class=1)
     with pytest.raises(CxrFastError, match="cache size"):
         quiet(src, tmp_path / "out", cache_size=10)

@@ -26,9 +26,11 @@ Manifest columns (``OUT/manifest.csv``):
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
+import shutil
 import time
 from collections import Counter, defaultdict
 from collections.abc import Mapping, Sequence
@@ -174,6 +176,26 @@ def default_workers() -> int:
 # --- prepare -------------------------------------------------------------------------------------------
 
 
+def _removed_on_failure(prepare_fn):
+    """A failed prepare removes the --out folder it created, cached copies and all, instead of leaving a folder
+    that looks like a dataset; an --out that existed before is left as it was (its old manifest is only ever
+    replaced whole, at the end)."""
+
+    @functools.wraps(prepare_fn)
+    def wrapper(src, out, *args, **kwargs):
+        out_dir = Path(out)
+        created = not out_dir.exists()
+        try:
+            return prepare_fn(src, out, *args, **kwargs)
+        except BaseException:
+            if created:
+                shutil.rmtree(out_dir, ignore_errors=True)
+            raise
+
+    return wrapper
+
+
+@_removed_on_failure
 def prepare(
     src: str | os.PathLike,
     out: str | os.PathLike,
@@ -237,16 +259,17 @@ def prepare(
     excluded: list[Exclusion] = []
     source_labels = sorted({item.source_label for item in items if item.has_class})
     unmapped = [name for name in source_labels if map_label(name, mapping) is None]
-    if unmapped and not ignore_unmapped:
-        counts = Counter(item.source_label for item in items)
-        listed = ", ".join(f"{name!r} ({counts[name]} files)" for name in unmapped)
-        raise CxrFastError(
-            f"{src_dir}: the label map does not cover folder(s) {listed}; add them to the map or pass "
-            "--ignore-unmapped to leave them out"
-        )
     unused_keys = sorted(
         key for key in (mapping or {}) if not any(map_label(name, {key: "x"}) for name in source_labels)
     )
+    if unmapped and not ignore_unmapped:
+        counts = Counter(item.source_label for item in items)
+        listed = ", ".join(f"{name!r} ({counts[name]} files)" for name in unmapped)
+        typo = f" (the map's {', '.join(map(repr, unused_keys))} matches no folder: a typo?)" if unused_keys else ""
+        raise CxrFastError(
+            f"{src_dir}: the label map does not cover folder(s) {listed}{typo}; add them to the map or pass "
+            "--ignore-unmapped to leave them out"
+        )
     candidates = []
     for item in items:
         relpath = item.path.relative_to(src_dir).as_posix()
