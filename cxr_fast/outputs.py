@@ -42,6 +42,13 @@ def replacing_folder(out_dir: Path, *, force: bool, what: str) -> Iterator[Path]
     partial.rename(out_dir)
 
 
+def write_text(path: Path, text: str) -> None:
+    """A text file written whole, then renamed over `path`: a replaced file is never left half-written."""
+    partial = path.with_name(f".{path.name}.partial")
+    partial.write_text(text, encoding="utf-8")
+    partial.replace(path)
+
+
 def write_tensors(tensors: dict, path: Path) -> None:
     """A safetensors file, written then renamed, so a kill during the write leaves the previous file whole, never
     half of a new one. Written as bytes, so it gets the usual permissions (safetensors' own writer makes files only

@@ -25,7 +25,7 @@ from PIL import Image
 
 from cxr_fast.data.io import IMAGE_SUFFIXES, ImageReadError, is_dicom, read_image
 from cxr_fast.errors import CxrFastError
-from cxr_fast.outputs import check_folder_path
+from cxr_fast.outputs import check_folder_path, write_text
 
 RUNTIMES = ("torch", "onnx")
 OUT_SUFFIXES = (".csv", ".json")
@@ -208,15 +208,13 @@ def write_results(out: Path, results: pd.DataFrame, skipped: list[tuple[Path, st
     """CSV: one row per input, skipped ones with an empty prediction and the reason in `error`.
     JSON: {"model", "predictions", "skipped"}."""
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.partial")  # written whole, then renamed: a replaced file is never half-written
     if out.suffix.lower() == ".json":
         document = {"model": model_summary(runner), "predictions": results.to_dict("records"),
                     "skipped": [{"path": str(p), "reason": r} for p, r in skipped]}
-        tmp.write_text(json.dumps(document, indent=2))
+        write_text(out, json.dumps(document, indent=2))
     else:
         errors = pd.DataFrame({"path": [str(p) for p, _ in skipped], "error": [r for _, r in skipped]})
-        pd.concat([results.assign(error=""), errors], ignore_index=True).to_csv(tmp, index=False)
-    tmp.replace(out)
+        write_text(out, pd.concat([results.assign(error=""), errors], ignore_index=True).to_csv(index=False))
 
 
 def model_summary(runner) -> dict:

@@ -117,7 +117,7 @@ def create_model(
         try:
             body, head = builder(n_in, n_classes, **arch_kwargs)
         except (TypeError, ValueError) as e:  # a value of the right kind that the layers still cannot take
-            raise CxrFastError(f"{arch}: bad arguments {arch_kwargs} ({str(e).splitlines()[0]})") from None
+            raise CxrFastError(f"{arch}: bad arguments {arch_kwargs} ({first_line(e)})") from None
         stats = None
     else:
         body, stats = _timm_body(arch, n_in, spec, arch_kwargs)
@@ -214,7 +214,7 @@ def _timm_body(
     except (TypeError, ValueError) as e:
         if not timm_kwargs:
             raise
-        raise CxrFastError(f"{arch}: timm rejected the arguments {timm_kwargs} ({str(e).splitlines()[0]})") from None
+        raise CxrFastError(f"{arch}: timm rejected the arguments {timm_kwargs} ({first_line(e)})") from None
     if spec.kind == "none":
         return body, None
     if spec.kind == "efficientnet-lite":

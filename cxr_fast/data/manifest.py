@@ -73,7 +73,7 @@ from cxr_fast.data.split import (
     split_items,
 )
 from cxr_fast.errors import CxrFastError
-from cxr_fast.outputs import check_folder_path
+from cxr_fast.outputs import check_folder_path, write_text
 
 MANIFEST_NAME = "manifest.csv"
 REPORT_NAME = PREPARED_MARKER
@@ -367,7 +367,7 @@ def prepare(
     manifest = manifest[columns]
     manifest_path = out_dir / MANIFEST_NAME
     report_path = out_dir / REPORT_NAME
-    _atomic_write_text(manifest_path, manifest.to_csv(index=False, lineterminator="\n"))
+    write_text(manifest_path, manifest.to_csv(index=False, lineterminator="\n"))
 
     counts = {
         split: {
@@ -411,7 +411,7 @@ def prepare(
     )
     report_data = report.to_dict()
     report_data.pop("seconds")  # keeps the report identical between identical runs
-    _atomic_write_text(report_path, json.dumps(report_data, indent=2) + "\n")
+    write_text(report_path, json.dumps(report_data, indent=2) + "\n")
     return report
 
 
@@ -492,12 +492,6 @@ def _stored_path(value: str, out_dir: Path) -> str:
         return ""
     path = Path(os.path.abspath(value))
     return path.relative_to(out_dir).as_posix() if path.is_relative_to(out_dir) else str(path)
-
-
-def _atomic_write_text(path: Path, text: str) -> None:
-    partial = path.with_name(f".{path.name}.partial")
-    partial.write_text(text, encoding="utf-8")
-    os.replace(partial, path)
 
 
 def _reason_summary(excluded: list[Exclusion]) -> str:
