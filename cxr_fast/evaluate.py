@@ -137,6 +137,12 @@ def seen_warning(summary: dict) -> str | None:
             "these figures and listed in seen_images.csv.")
 
 
+def write_seen_images(folder: Path, left_out: pd.DataFrame | None) -> None:
+    """seen_images.csv, the images left out as ones the model learned from; no file when none were."""
+    if left_out is not None and len(left_out):
+        left_out[["path", "label", "match"]].to_csv(folder / "seen_images.csv", index=False)
+
+
 @torch.no_grad()
 def penultimate_features(run: Run, files: list[str], bs: int = 32) -> np.ndarray:
     from cxr_fast.bundle import iter_batches
@@ -253,8 +259,7 @@ def evaluate(run_dir: str | Path, data: str | Path | None = None, split: str = "
         for k, c in enumerate(run.classes):
             predictions[f"p_{c}"] = probs[:, k]
         predictions.to_csv(work / "predictions.csv", index=False)
-        if left_out is not None and len(left_out):
-            left_out[["path", "label", "match"]].to_csv(work / "seen_images.csv", index=False)
+        write_seen_images(work, left_out)
         write_metrics_json(work / "metrics.json", metrics)
 
         figures = evaluation_figures(y, logits, run.classes, run.temperature, metrics)

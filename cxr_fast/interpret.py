@@ -28,7 +28,7 @@ from cxr_fast.bundle import Run, load_run, predict_logits, softmax
 from cxr_fast.data.io import read_image
 from cxr_fast.data.manifest import image_column
 from cxr_fast.errors import CxrFastError
-from cxr_fast.evaluate import manifest_folder, output_folder, select_unseen_items
+from cxr_fast.evaluate import manifest_folder, output_folder, select_unseen_items, write_seen_images
 from cxr_fast.lungs import estimate_lung_field
 from cxr_fast.outputs import replacing_folder
 from cxr_fast.preprocess import resize_square
@@ -169,7 +169,7 @@ def interpret(run_dir: str | Path, data: str | Path | None = None, split: str = 
     fill = baseline_value(run, baseline)
     default_window, default_stride = attribution.default_window(run.size, run.size)  # recorded when none is given
     # another source's images less those the model learned from, as evaluate uses them
-    items, name, _, _, seen_summary = select_unseen_items(run, data, split)
+    items, name, _, left_out, seen_summary = select_unseen_items(run, data, split)
     manifest = manifest_folder(run, data)
     out_dir = output_folder(run.path / "interpret", name, manifest, "audit.json")
     if out_dir.exists() and not force:  # checked before the slow part; replacing_folder checks again
@@ -225,6 +225,7 @@ def interpret(run_dir: str | Path, data: str | Path | None = None, split: str = 
                              {"methods": list(methods), "window": window or default_window, "stride": stride or default_stride,
                               "baseline": baseline, "manifest": manifest,
                               **({"seen_images": seen_summary} if seen_summary else {})})
+        write_seen_images(work, left_out)
     report = json.loads((out_dir / "audit.json").read_text())
     return Interpretation(out_dir=out_dir, audit=report, top_losses=losses, verdicts=verdicts)
 

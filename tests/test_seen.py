@@ -101,6 +101,8 @@ def test_interpret_on_another_source_leaves_out_seen_images_too(tiny_runs, tiny_
     assert said.exit_code == 0, said.output
     result = interpret(run, data=moved, n=2, audit_n=4, window=8, stride=4, progress=False, force=True)
     assert result.audit["seen_images"]["left_out"] == len(_seen_rows(manifest))
+    # listed where the console says they are, as evaluate lists them
+    assert len(pd.read_csv(result.out_dir / "seen_images.csv")) == len(_seen_rows(manifest))
     # said on the console, as evaluate says it (compared without whitespace: the console wraps long lines)
     assert _squeezed(f"{len(_seen_rows(manifest))} of {len(manifest)} images are images this model trained on") in \
         _squeezed(said.output)
