@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import html
 import json
+import math
 import shutil
 from pathlib import Path
 
@@ -31,6 +32,13 @@ def run_demo(out: str | Path, *, n_per_class: int = 80, shortcut_rate: float = D
     from cxr_fast.train import train
 
     console = console or Console()
+    cfg = resolve_config("demo", epochs=epochs)
+    # The train split (60 % of each of the 3 classes) must fill one batch: fastai drops an incomplete last batch,
+    # so fewer images would leave an epoch with no step. Checked before anything is written.
+    least = math.ceil(math.ceil(cfg.bs / 3) / 0.6)
+    if n_per_class < least:
+        raise CxrFastError(f"--n-per-class must be at least {least} (got {n_per_class}): the demo trains in batches "
+                           f"of {cfg.bs} on 60 % of the phantoms")
     out = Path(out)
     if out.exists() and any(out.iterdir()):
         if not force:
@@ -42,7 +50,6 @@ def run_demo(out: str | Path, *, n_per_class: int = 80, shortcut_rate: float = D
     report = prepare(out / "phantoms", out / "data", cache_size=0)
     print_summary(report, console)
     console.rule("3/5 train (recipes/demo.yaml)")
-    cfg = resolve_config("demo", epochs=epochs)
     run_dir = train(out / "data", cfg, out=out / "models" / "demo")
     console.rule("4/5 evaluate on the test split")
     evaluation = evaluate(run_dir)

@@ -1,0 +1,33 @@
+"""`cxrfast demo`, the README's main command: the whole pipeline on phantoms, small enough for the suite."""
+
+import io
+
+import pytest
+from rich.console import Console
+
+from cxr_fast.demo import run_demo
+from cxr_fast.errors import CxrFastError
+
+
+def test_demo_runs_prepare_train_evaluate_interpret_and_writes_its_report(tmp_path):
+    out = tmp_path / "demo"
+    said = io.StringIO()
+    report = run_demo(out, n_per_class=19, epochs=1, console=Console(file=said, width=200))
+    assert report == out / "report.html" and report.is_file()
+    page = report.read_text()
+    assert "balanced accuracy" in page and "Shortcut audit" in page
+    run = out / "models" / "demo"
+    assert {"model.safetensors", "config.json", "history.csv", "curves.png", "metrics.json"} <= {
+        p.name for p in run.iterdir()}
+    assert (run / "eval" / "data-test" / "report.html").is_file()
+    assert (run / "interpret" / "data-test" / "gallery.html").is_file()
+    # every link in the report leads to a file the demo wrote
+    for target in ("eval/data-test/report.html", "interpret/data-test/gallery.html", "curves.png"):
+        assert f"models/demo/{target}" in page
+    assert "report:" in said.getvalue() and "audit:" in said.getvalue()
+
+
+def test_demo_refuses_too_few_phantoms_before_writing_anything(tmp_path):
+    with pytest.raises(CxrFastError, match=r"--n-per-class must be at least 19 \(got 12\)"):
+        run_demo(tmp_path / "demo", n_per_class=12, epochs=1, console=Console(file=io.StringIO()))
+    assert not (tmp_path / "demo").exists()
