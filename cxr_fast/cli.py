@@ -37,8 +37,15 @@ data_app = typer.Typer(help="Prepare X-ray folders into checked split manifests;
                        no_args_is_help=True)
 app.add_typer(data_app, name="data")
 
-console = Console()
-err_console = Console(stderr=True)
+
+def _console(stderr: bool = False) -> Console:
+    console = Console(stderr=stderr)
+    console.soft_wrap = not console.is_terminal  # a log file gets whole lines, which grep can find; a terminal wraps
+    return console
+
+
+console = _console()
+err_console = _console(stderr=True)
 
 
 def user_errors(fn):
@@ -69,7 +76,7 @@ def data_prepare(
     label_map: Annotated[str | None, typer.Option(help="YAML/JSON file, inline 'A=B,C=D', or preset 'mendeley'.")] = None,
     ignore_unmapped: Annotated[bool, typer.Option(help="Exclude folders the label map does not name instead of failing.")] = False,
     seed: Annotated[int, typer.Option(help="Seed of the stratified split.")] = 0,
-    splits: Annotated[str, typer.Option(help="Train,valid,test fractions (or percentages: 60,20,20).")] = "0.6,0.2,0.2",
+    splits: Annotated[str | None, typer.Option(help="Train,valid,test fractions: 0.6,0.2,0.2 unless given (percentages work too: 60,20,20).")] = None,
     size: Annotated[int, typer.Option("--size", help="Longest side of the cached working copies (0: no cache). About 2× the training size.")] = 512,
     patient_pattern: Annotated[str | None, typer.Option(help="Keep each patient's images in one split: 'dicom' (PatientID in DICOM headers), 'nih' (file names like 00000061_012.png) or a regular expression whose first group is the patient id in the file name.")] = None,
     folds: Annotated[int | None, typer.Option(help="Cross-validation: cut the images into this many equal parts (instead of --splits); --fold's part is the test split, the next part valid, the rest train.")] = None,

@@ -60,6 +60,9 @@ def test_train_then_evaluate_through_the_cli(tiny_data, tmp_path):
                     "--bs", 16, "--out", out)
     assert result.exit_code == 0, result.output
     assert json.loads((out / "config.json").read_text())["model"]["arch"] == "cxresnet_tiny"
+    # output that is not a terminal (a log) is not wrapped: the closing line is whole, for grep
+    closing = [line for line in result.output.splitlines() if line.startswith(f"run {out}: ")]
+    assert len(closing) == 1 and "valid balanced accuracy" in closing[0] and closing[0].endswith(" s")
     result = invoke("evaluate", out)
     assert result.exit_code == 0, result.output
     assert "balanced accuracy" in result.output and (out / "eval" / "data-test" / "report.html").is_file()

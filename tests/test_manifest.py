@@ -229,8 +229,9 @@ def test_cross_validation_folds_test_each_image_once(tmp_path):
     tested = [path for table in tables for path in table.loc[table["split"] == "test", "path"]]
     assert sorted(tested) == sorted(tables[0]["path"])
     assert all(Counter(table["split"]) == {"train": 9, "valid": 9, "test": 9} for table in tables)
-    with pytest.raises(CxrFastError, match="not both"):
-        quiet(src, tmp_path / "bad", folds=5, fold=0, splits=(0.8, 0.1, 0.1))
+    for splits in ((0.8, 0.1, 0.1), "60,20,20"):  # the default's values too: the folds would override them
+        with pytest.raises(CxrFastError, match="not both"):
+            quiet(src, tmp_path / "bad", folds=5, fold=0, splits=splits)
     with pytest.raises(CxrFastError, match="between 0 and 2"):
         quiet(src, tmp_path / "bad", folds=3, fold=3)
 

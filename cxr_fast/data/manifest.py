@@ -203,7 +203,7 @@ def prepare(
     label_map: str | os.PathLike | Mapping[str, str] | None = None,
     ignore_unmapped: bool = False,
     seed: int = 0,
-    splits: Sequence[float] | str = DEFAULT_FRACTIONS,
+    splits: Sequence[float] | str | None = None,
     cache_size: int = 512,
     force: bool = False,
     progress: bool = True,
@@ -219,7 +219,7 @@ def prepare(
 
     ``label_map``: folder → label, as a file path, inline "Folder=Label,...", preset name or dict; None
     uses folder names as labels. Folders the map does not cover are an error unless ``ignore_unmapped``.
-    ``splits``: train/valid/test fractions (or "0.6,0.2,0.2"). ``cache_size``: longest side of the cached
+    ``splits``: train/valid/test fractions (or "0.6,0.2,0.2"; None: 0.6, 0.2, 0.2). ``cache_size``: longest side of the cached
     working copies (0: no cache). ``workers``: decoding threads (default: one per core, at most 8).
     ``patient_pattern``: ``dicom`` (PatientID in DICOM headers), ``nih`` or a regular expression that finds the
     patient id in each file name (its first group, else the whole match); each patient's images then share a
@@ -231,12 +231,13 @@ def prepare(
     started = time.perf_counter()
     src_dir = Path(os.path.abspath(src))
     out_dir = Path(os.path.abspath(out))
-    fractions = parse_fractions(splits)
     if folds is not None:
         check_folds(folds, fold)
-        if fractions != DEFAULT_FRACTIONS:
+        if splits is not None:  # even the default's values: the folds would silently override them
             raise CxrFastError("give split fractions or folds, not both: folds decide the split's sizes")
         fractions = (1 - 2 / folds, 1 / folds, 1 / folds)
+    else:
+        fractions = parse_fractions(DEFAULT_FRACTIONS if splits is None else splits)
     mapping = parse_label_map(label_map)
     if patient_pattern and patient_pattern != DICOM_PRESET:
         compile_patient_pattern(patient_pattern)  # a bad regex fails now, not after decoding every file
