@@ -17,6 +17,8 @@ from pathlib import Path
 from rich.console import Console
 from rich.markup import escape
 
+from cxr_fast import CLASSES
+from cxr_fast.data.split import DEFAULT_FRACTIONS
 from cxr_fast.errors import CxrFastError
 
 DEMO_SHORTCUT_RATE = 0.5
@@ -33,12 +35,13 @@ def run_demo(out: str | Path, *, n_per_class: int = 80, shortcut_rate: float = D
 
     console = console or Console()
     cfg = resolve_config("demo", epochs=epochs)
-    # The train split (60 % of each of the 3 classes) must fill one batch: fastai drops an incomplete last batch,
-    # so fewer images would leave an epoch with no step. Checked before anything is written.
-    least = math.ceil(math.ceil(cfg.bs / 3) / 0.6)
+    # The train split (prepare's default share of each class) must fill one batch: fastai drops an incomplete last
+    # batch, so fewer images would leave an epoch with no step. Checked before anything is written.
+    train_share = DEFAULT_FRACTIONS[0]
+    least = math.ceil(math.ceil(cfg.bs / len(CLASSES)) / train_share)
     if n_per_class < least:
         raise CxrFastError(f"--n-per-class must be at least {least} (got {n_per_class}): the demo trains in batches "
-                           f"of {cfg.bs} on 60 % of the phantoms")
+                           f"of {cfg.bs} on {train_share:.0%} of the phantoms")
     out = Path(out)
     if out.exists() and any(out.iterdir()):
         if not force:
