@@ -74,6 +74,7 @@ def test_tiny_classes_fill_train_first():
         ((0.7, 0.2, 0.2), "add up to 1"),
         ((1.2, -0.1, -0.1), "negative"),
         ((0.0, 0.5, 0.5), "train fraction"),
+        ("100,0,0", "valid fraction"),
         ("0.6;0.2;0.2", "three numbers"),
     ],
 )

@@ -50,6 +50,9 @@ def parse_fractions(fractions: Sequence[float] | str) -> tuple[float, float, flo
         raise CxrFastError(f"split fractions {fractions!r}: must add up to 1 (they add up to {total:g})")
     if values[0] <= 0:
         raise CxrFastError(f"split fractions {fractions!r}: the train fraction must be above 0")
+    if values[1] <= 0:  # test may be 0 (a separate collection tests the model); valid may not
+        raise CxrFastError(f"split fractions {fractions!r}: the valid fraction must be above 0 (training keeps "
+                           f"the epoch and fits the temperature on valid)")
     return values[0], values[1], values[2]
 
 
