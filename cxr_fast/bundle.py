@@ -58,10 +58,13 @@ def state_dict_problem(e: BaseException) -> str:
     return detail if len(detail) <= 200 else detail[:197] + "…"
 
 
-def load_run(path: str | Path) -> Run:
+def load_run(path: str | Path, *, finishing: bool = False) -> Run:
+    """The run bundle in `path`. A folder still holding a training checkpoint is refused: its config.json and
+    weights may be there while its temperature, metrics or seen images are not yet (`finishing`: the trainer
+    itself, writing them)."""
     path = Path(path)
     config_path, weights_path = path / "config.json", path / "model.safetensors"
-    if not config_path.is_file() and (path / "checkpoint" / "state.json").is_file():
+    if not finishing and (path / "checkpoint" / "state.json").is_file():
         raise CxrFastError(f"{path}: an interrupted training run, not a finished bundle; continue it with "
                            f"`cxrfast train --data DATA --out {path} --resume`")
     for needed in (config_path, weights_path):

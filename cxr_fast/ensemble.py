@@ -13,6 +13,7 @@ average back; its own temperature is 1.
 from __future__ import annotations
 
 import json
+import shutil
 from collections.abc import Sequence
 from datetime import datetime
 from pathlib import Path
@@ -24,7 +25,7 @@ import torch.nn.functional as F
 from sklearn.metrics import balanced_accuracy_score
 
 from cxr_fast.errors import CxrFastError, read_tensors
-from cxr_fast.outputs import write_tensors
+from cxr_fast.outputs import write_tensors, write_text
 
 ENSEMBLE_ARCH = "ensemble"
 MIN_PROBABILITY = 1e-12  # keeps log(mean probability) finite when every member is certain
@@ -93,7 +94,7 @@ def build_ensemble(runs: Sequence[str | Path], out: str | Path | None = None, pr
     scores are copied from their bundles.
     """
     from cxr_fast.bundle import load_run
-    from cxr_fast.train import library_versions, new_run_dir
+    from cxr_fast.train import new_run_dir
 
     if len(runs) < 2:
         raise CxrFastError("an ensemble needs at least two run folders")
@@ -120,6 +121,21 @@ def build_ensemble(runs: Sequence[str | Path], out: str | Path | None = None, pr
                  "n_in": first.n_in, "n_classes": len(first.classes), "weights": "+".join(r.name for r in loaded),
                  "pretrained_stats": None}
     run_dir = new_run_dir(out, ENSEMBLE_ARCH)
+    try:
+        _write_bundle(run_dir, model, model_cfg, loaded, progress)
+    except BaseException:  # Ctrl-C or a failure: no half-built bundle is left to be taken for a finished one
+        shutil.rmtree(run_dir, ignore_errors=True)
+        raise
+    return run_dir
+
+
+def _write_bundle(run_dir: Path, model: AveragedEnsemble, model_cfg: dict, loaded: list, progress: bool) -> None:
+    """config.json is written last: a folder without it is not a bundle, so a build killed part-way is never loaded
+    as a finished one."""
+    from cxr_fast.bundle import Run
+    from cxr_fast.train import library_versions
+
+    first, lead = loaded[0], max(loaded, key=lambda r: r.size)
     write_tensors({k: v.detach() for k, v in model.state_dict().items()}, run_dir / "model.safetensors")
     config = {
         "format": "cxr_fast-run/1",
@@ -138,16 +154,15 @@ def build_ensemble(runs: Sequence[str | Path], out: str | Path | None = None, pr
         "versions": library_versions(),
         "created": datetime.now().isoformat(timespec="seconds"),
     }
-    (run_dir / "config.json").write_text(json.dumps(config, indent=2))
     _merge_seen([r.path for r in loaded], run_dir)
     labels = member_labels(loaded)
     metrics = {"members": {label: r.metrics.get("valid_balanced_accuracy") for label, r in zip(labels, loaded, strict=True)},
                "train_seconds": sum(r.metrics.get("train_seconds") or 0.0 for r in loaded),
                "parameters": int(sum(p.numel() for p in model.parameters())),
                "temperature": 1.0}
-    metrics.update(_score_valid(load_run(run_dir), progress))
-    (run_dir / "metrics.json").write_text(json.dumps(metrics, indent=2))
-    return run_dir
+    metrics.update(_score_valid(Run(path=run_dir, model=model, config=config), progress))
+    write_text(run_dir / "metrics.json", json.dumps(metrics, indent=2))
+    write_text(run_dir / "config.json", json.dumps(config, indent=2))
 
 
 def member_labels(runs) -> list[str]:

@@ -5,8 +5,9 @@ A run bundle (`models/<run>/`) holds everything later steps need and nothing tha
 classes, channels, size, normalisation, weights source, temperature, seed, library versions), `recipe.yaml`
 (the resolved training config), `history.csv`, `curves.png` and `metrics.json`.
 
-While training, `checkpoint/` holds the last epoch's weights and optimizer state (safetensors + JSON) so that
-`resume=True` continues a killed run with the same one-cycle schedule and an unbroken history.
+While training, `checkpoint/` holds the last epoch's weights and optimizer state and the best epoch's weights
+(safetensors + JSON) so that `resume=True` continues a killed run with the same one-cycle schedule and an unbroken
+history. The checkpoint is removed last, once the bundle is whole: a folder that still has one is not a bundle.
 """
 
 from __future__ import annotations
@@ -174,13 +175,15 @@ class RunRecorder(Callback):
         self.state["history"].append(row)
         pd.DataFrame(self.state["history"]).to_csv(self.run_dir / "history.csv", index=False)
 
+        ckpt = self.run_dir / CHECKPOINT_DIR
+        ckpt.mkdir(exist_ok=True)
         score = row.get("valid_balanced_accuracy", float("nan"))
         if self.state["best"] is None or score > self.state["best"]["valid_balanced_accuracy"]:
             self.state["best"] = row
-            write_tensors(_cpu_state(self.learn.model), self.run_dir / "model.safetensors")
+            # One file per best epoch, named by it: a kill before state.json below leaves the previous best's
+            # file, which the previous state.json names, as it was.
+            write_tensors(_cpu_state(self.learn.model), best_weights_path(self.run_dir, row["epoch"]))
 
-        ckpt = self.run_dir / CHECKPOINT_DIR
-        ckpt.mkdir(exist_ok=True)
         write_tensors(_cpu_state(self.learn.model), ckpt / "model.safetensors")
         self.state["optimizer"] = _save_optimizer(self.learn.opt, ckpt / "optimizer.safetensors")
         self.state["epochs_done"] = row["epoch"] + 1
@@ -188,6 +191,15 @@ class RunRecorder(Callback):
         tmp = ckpt / "state.json.tmp"
         tmp.write_text(json.dumps(self.state, indent=1))
         tmp.replace(ckpt / "state.json")
+        kept = best_weights_path(self.run_dir, self.state["best"]["epoch"])
+        for older in ckpt.glob("best-epoch*.safetensors"):
+            if older != kept:
+                older.unlink()
+
+
+def best_weights_path(run_dir: Path, epoch: int) -> Path:
+    """Where training keeps the best epoch's weights until the bundle is written."""
+    return run_dir / CHECKPOINT_DIR / f"best-epoch{epoch}.safetensors"
 
 
 class EpochNumbering(Callback):
@@ -362,7 +374,10 @@ def _train(data, cfg, *, out, resume, extra_cbs, quiet) -> Path:
         return fit_frozen(manifest, cfg, state, Path(out) if resume else None, out, quiet)
 
     stats = (state["stats"]["mean"], state["stats"]["std"]) if resume else None
-    learn, spec = build_learner(manifest, distributed.per_process_config(cfg), stats)
+    # A resumed run's checkpoint holds every tensor: it must not need its starting weights again (a weights file
+    # since moved, `hub` while offline), so the network is built empty and the checkpoint loaded into it below.
+    build_cfg = dataclasses.replace(cfg, weights="none") if resume else cfg
+    learn, spec = build_learner(manifest, distributed.per_process_config(build_cfg), stats)
     if run_dir is None:
         run_dir = Path(distributed.on_main(lambda: str(new_run_dir(out, cfg.arch))))
     state["stats"] = {"mean": spec.mean, "std": spec.std}
@@ -487,12 +502,15 @@ def finish_bundle(run_dir: Path, learn: Learner, cfg: TrainConfig, state: dict) 
     from cxr_fast.seen import write_seen
 
     model = learn.model
+    best = best_weights_path(run_dir, state["best"]["epoch"])
+    if best.exists():  # gone only if an earlier, interrupted finish already moved it
+        best.replace(run_dir / "model.safetensors")
     config = run_config(model, cfg, state)
     (run_dir / "config.json").write_text(json.dumps(config, indent=2))
     (run_dir / "recipe.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
 
     # Temperature scaling on the valid split, with the best weights, so predicted probabilities can be trusted.
-    run = load_run(run_dir)
+    run = load_run(run_dir, finishing=True)
     manifest = read_manifest(state["data"])
     valid = manifest[manifest["split"] == "valid"]
     logits = predict_logits(run, valid, progress=False)

@@ -158,3 +158,17 @@ def test_an_out_that_is_a_file_is_refused(tiny_runs, tmp_path):
     with pytest.raises(CxrFastError, match="afile: exists and is not a folder"):
         build_ensemble(tiny_runs, tmp_path / "afile", progress=False)
     assert (tmp_path / "afile").read_text() == "keep me"
+
+
+def test_an_interrupted_build_leaves_no_folder_to_be_taken_for_a_bundle(tiny_runs, tmp_path, monkeypatch):
+    import cxr_fast.ensemble
+
+    def interrupt(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(cxr_fast.ensemble, "_score_valid", interrupt)  # Ctrl-C while the valid split is scored
+    with pytest.raises(KeyboardInterrupt):
+        build_ensemble(tiny_runs, tmp_path / "ens", progress=False)
+    assert not (tmp_path / "ens").exists()  # so the same command can simply be run again
+    monkeypatch.undo()
+    assert load_run(build_ensemble(tiny_runs, tmp_path / "ens", progress=False)).metrics["valid_balanced_accuracy"]

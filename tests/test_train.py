@@ -354,6 +354,60 @@ def test_an_interrupted_run_is_named_as_such_where_a_bundle_is_expected(tiny_dat
         load_run(out)
 
 
+
+def test_a_run_that_fails_while_writing_its_bundle_is_not_loaded_and_resume_finishes_it(tiny_data, tmp_path,
+                                                                                       monkeypatch):
+    # config.json and the weights are written before the temperature, seen images and metrics: a failure between
+    # them must not leave a folder that evaluate and predict take for a finished, calibrated run.
+    import cxr_fast.seen
+
+    def fail(*args, **kwargs):
+        raise OSError("disk full")
+
+    out = tmp_path / "run"
+    with monkeypatch.context() as patched:
+        patched.setattr(cxr_fast.seen, "write_seen", fail)
+        with pytest.raises(OSError, match="disk full"):
+            train(tiny_data, resolve_config(epochs=2, **TINY), out=out, quiet=True)
+    assert (out / "config.json").is_file() and (out / "model.safetensors").is_file()
+    with pytest.raises(CxrFastError, match="an interrupted training run, not a finished bundle"):
+        load_run(out)
+    train(tiny_data, out=out, resume=True, quiet=True)
+    run = load_run(out)
+    assert run.metrics["epochs"] == 2 and not (out / "checkpoint").exists()
+
+
+def test_the_bundle_keeps_the_best_epoch_whose_state_was_saved(tiny_data, tmp_path):
+    # A kill after an improved epoch's weights but before its state.json must not leave the bundle with that
+    # epoch's weights under the previous best's metrics: the best weights live in the checkpoint, one file per epoch.
+    out = _killed_run(tiny_data, tmp_path / "run")
+    assert [p.name for p in (out / "checkpoint").glob("best-epoch*")] == ["best-epoch0.safetensors"]
+    assert not (out / "model.safetensors").exists()
+    train(tiny_data, out=out, resume=True, quiet=True)
+    best = json.loads((out / "metrics.json").read_text())["best_epoch"]
+    history = pd.read_csv(out / "history.csv")
+    assert best == history.loc[history["valid_balanced_accuracy"].idxmax(), "epoch"]
+
+
+def test_resume_does_not_need_the_starting_weights_again(tiny_data, tmp_path):
+    from safetensors.torch import save_file
+
+    from cxr_fast.archs import create_model
+
+    start = tmp_path / "start.safetensors"
+    save_file(create_model("cxresnet_tiny", n_in=1, n_classes=3).state_dict(), str(start))
+    out = tmp_path / "run"
+    with pytest.raises(SimulatedKill):
+        train(tiny_data, resolve_config(epochs=2, weights=str(start), **TINY), out=out, quiet=True,
+              extra_cbs=[KillAfterEpoch(0)])
+    start.unlink()  # moved or deleted since: the checkpoint holds every tensor
+    train(tiny_data, out=out, resume=True, quiet=True)
+    config = json.loads((out / "config.json").read_text())
+    assert config["weights_source"] == str(start) and "80 of 80 tensors loaded" in config["weights_loaded"]
+    epochs = list(pd.read_csv(out / "history.csv")["epoch"])
+    assert len(epochs) >= 2 and epochs == list(range(json.loads((out / "metrics.json").read_text())["epochs"]))
+
+
 def test_an_out_that_is_a_file_is_refused_before_any_work(tiny_data, tmp_path):
     afile = tmp_path / "afile"
     afile.write_text("keep me")
