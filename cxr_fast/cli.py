@@ -284,10 +284,6 @@ def compare(
             seed_list = [int(s) for s in seeds.split(",")]
         except ValueError:
             raise CxrFastError(f"--seeds must be integers like 0,1,2, got {seeds!r}") from None
-        names = [*_names(archs), *_names(recipes)]
-        repeated = sorted({x for x in names if names.count(x) > 1} | {str(s) for s in seed_list if seed_list.count(s) > 1})
-        if repeated:  # found now, not after the first run has trained into the folder the repeat would need
-            raise CxrFastError(f"given twice: {', '.join(repeated)}; each architecture, recipe and seed trains once")
         result = compare_archs(data, _names(archs), recipe=recipe, recipes=_names(recipes), seeds=seed_list,
                                out=out, epochs=epochs, size=size,
                                nproc=(nproc or ddp.default_nproc()) if distributed else None)

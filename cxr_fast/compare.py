@@ -17,7 +17,7 @@ import numpy as np
 import pandas as pd
 import yaml
 
-from cxr_fast.bundle import load_run, predict_logits, softmax
+from cxr_fast.bundle import Run, load_run, predict_logits, softmax
 from cxr_fast.data.manifest import read_manifest
 from cxr_fast.errors import CxrFastError
 from cxr_fast.evaluate import compute_metrics
@@ -32,9 +32,8 @@ class Comparison:
     mcnemar: pd.DataFrame
 
 
-def score_run(run_dir: Path, split: str = "test", n_boot: int = 1000) -> tuple[dict, np.ndarray, np.ndarray]:
+def score_run(run: Run, split: str = "test", n_boot: int = 1000) -> tuple[dict, np.ndarray, np.ndarray]:
     """Metrics row, predictions and labels of one run on its own manifest's split."""
-    run = load_run(run_dir)
     manifest = read_manifest(run.config["data"])
     items = manifest[manifest["split"] == split].reset_index(drop=True)
     if items.empty:
@@ -91,20 +90,23 @@ def compare_runs(run_dirs: list[str | Path], *, out: str | Path | None = None, s
     repeated = sorted({str(r) for r, seen in zip(run_dirs, resolved) if resolved.count(seen) > 1})
     if repeated:
         raise CxrFastError(f"{', '.join(repeated)}: the same run is given twice; compare needs distinct runs")
-    scored = [score_run(Path(r), split, n_boot) for r in run_dirs]
-    table = pd.DataFrame([s[0] for s in scored])
-    if table["data"].nunique() != 1:
+    # Everything that can be refused is checked before the runs are scored, which takes minutes.
+    out_dir = Path(out) if out else Path("models") / f"compare-{datetime.now():%Y%m%d-%H%M%S}"
+    if out_dir.exists() and any(out_dir.iterdir()):
+        raise CxrFastError(f"{out_dir}: already exists; choose another --out")
+    runs = [load_run(r) for r in run_dirs]
+    manifests = sorted({str(Path(run.config["data"]).resolve()) for run in runs})
+    if len(manifests) != 1:
         raise CxrFastError("runs were trained on different manifests; compare needs one shared test split: "
-                           + ", ".join(sorted(table["data"].unique())))
+                           + ", ".join(manifests))
+    scored = [score_run(run, split, n_boot) for run in runs]
+    table = pd.DataFrame([s[0] for s in scored])
     y = scored[0][2]
     tests = []
     for (i, a), (j, b) in itertools.combinations(enumerate(scored), 2):
         result = mcnemar(y, a[1], b[1])
         tests.append({"model_a": table["run"][i], "model_b": table["run"][j], **result})
     summary = summarise(table)
-    out_dir = Path(out) if out else Path("models") / f"compare-{datetime.now():%Y%m%d-%H%M%S}"
-    if out_dir.exists() and any(out_dir.iterdir()):
-        raise CxrFastError(f"{out_dir}: already exists; choose another --out")
     comparison = Comparison(out_dir, table, summary, pd.DataFrame(tests))
     write_comparison(comparison)
     return comparison
@@ -168,10 +170,18 @@ def compare_archs(data: str | Path, archs: list[str] = (), *, recipe: str | Path
         raise CxrFastError(f"{out_dir}: already exists; choose another --out")
     if not archs and not recipes:
         raise CxrFastError("compare needs --archs or --recipes to train")
-    configs = [resolve_config(recipe, arch=a, seed=s, **overrides) for a in archs for s in seeds]  # fail early
-    configs += [resolve_config(r, seed=s, **overrides) for r in recipes for s in seeds]
+    # Every run's folder, and every recipe error, is known before the first run trains. Runs of a recipe are named
+    # by the recipe, since two recipes may train one architecture.
+    jobs = [(f"{cfg.arch}-seed{s}", cfg) for a in archs for s in seeds
+            for cfg in [resolve_config(recipe, arch=a, seed=s, **overrides)]]
+    jobs += [(f"{Path(r).stem}-seed{s}", resolve_config(r, seed=s, **overrides)) for r in recipes for s in seeds]
+    names = [name for name, _ in jobs]
+    repeated = sorted({name for name in names if names.count(name) > 1})
+    if repeated:
+        raise CxrFastError(f"given twice: {', '.join(repeated)} (two runs would share one folder); each "
+                           "architecture, recipe and seed trains once")
     if nproc is not None:  # a batch size the processes cannot share fails now, not after the first runs
-        for cfg in configs:
+        for _, cfg in jobs:
             distributed.per_process_config(cfg, nproc)
-    runs = [train_one(cfg, out_dir / "runs" / f"{cfg.arch}-seed{cfg.seed}") for cfg in configs]
+    runs = [train_one(cfg, out_dir / "runs" / name) for name, cfg in jobs]
     return compare_runs(runs, out=out_dir / "report")

@@ -139,9 +139,9 @@ def test_compare_refuses_training_options_with_existing_runs_and_repeats_before_
     result = invoke("compare", *tiny_runs, "--data", tiny_data, "--epochs", 5, "--out", tmp_path / "c1")
     assert result.exit_code == 1 and "--data, --epochs apply to --archs/--recipes" in result.output.replace("\n", "")
     assert not (tmp_path / "c1").exists()
-    import cxr_fast.compare
+    import cxr_fast.train
 
-    monkeypatch.setattr(cxr_fast.compare, "compare_archs", lambda *a, **k: pytest.fail("trained before refusing"))
+    monkeypatch.setattr(cxr_fast.train, "train", lambda *a, **k: pytest.fail("trained before refusing"))
     for repeat in (("--archs", "cxresnet_tiny,cxresnet_tiny"), ("--archs", "cxresnet_tiny", "--seeds", "0,0")):
         result = invoke("compare", "--data", tiny_data, *repeat, "--out", tmp_path / "c2")
         assert result.exit_code == 1 and "given twice" in result.output

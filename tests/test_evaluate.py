@@ -141,6 +141,38 @@ def test_compare_trains_each_architecture_under_one_budget(tiny_data, tmp_path):
         compare_archs(tiny_data, out=tmp_path / "cmp2")
 
 
+
+def test_compare_names_a_recipe_s_runs_by_the_recipe_so_two_recipes_of_one_arch_do_not_collide(tiny_data, tmp_path,
+                                                                                               monkeypatch):
+    import cxr_fast.compare
+    import cxr_fast.train
+
+    trained = []
+    monkeypatch.setattr(cxr_fast.train, "train", lambda data, cfg, out, quiet: trained.append((out.name, cfg.arch)) or out)
+    monkeypatch.setattr(cxr_fast.compare, "compare_runs", lambda runs, out: runs)
+    cxr_fast.compare.compare_archs(tiny_data, recipes=["demo", "cxresnet"], out=tmp_path / "cmp")
+    assert trained == [("demo-seed0", "cxresnet"), ("cxresnet-seed0", "cxresnet")]  # both recipes train cxresnet
+    with pytest.raises(CxrFastError, match="given twice: demo-seed0 .two runs would share one folder"):
+        cxr_fast.compare.compare_archs(tiny_data, recipes=["demo", "recipes/demo.yaml"], out=tmp_path / "cmp2")
+    assert len(trained) == 2  # refused before training
+
+
+def test_compare_refuses_runs_of_different_manifests_before_scoring_them(tiny_runs, tmp_path, monkeypatch):
+    import cxr_fast.compare
+
+    other = shutil.copytree(tiny_runs[1], tmp_path / "other")
+    config = json.loads((other / "config.json").read_text())
+    config["data"] = str(tmp_path / "elsewhere")
+    (other / "config.json").write_text(json.dumps(config))
+    monkeypatch.setattr(cxr_fast.compare, "score_run", lambda *a, **k: pytest.fail("scored before refusing"))
+    with pytest.raises(CxrFastError, match="trained on different manifests"):
+        cxr_fast.compare.compare_runs([tiny_runs[0], other], out=tmp_path / "cmp")
+    (tmp_path / "cmp").mkdir()
+    (tmp_path / "cmp" / "report.html").write_text("earlier")
+    with pytest.raises(CxrFastError, match="already exists"):
+        cxr_fast.compare.compare_runs(tiny_runs, out=tmp_path / "cmp")
+
+
 def test_split_with_external_data_is_refused_and_a_fitted_split_is_flagged_as_optimistic(tiny_runs, tiny_data, tmp_path):
     from cxr_fast.evaluate import select_items
 
