@@ -352,7 +352,7 @@ def demo(
     out: Annotated[Path, typer.Option(help="Folder for everything the demo makes.")] = Path("demo"),
     n_per_class: Annotated[int, typer.Option(help="Phantoms per class.")] = 80,
     epochs: Annotated[int | None, typer.Option(help="Override the demo recipe's epochs.")] = None,
-    force: Annotated[bool, typer.Option(help="Replace an existing demo folder.")] = False,
+    force: Annotated[bool, typer.Option(help="Replace an earlier demo's folder (only one holding nothing but phantoms/, data/, models/ and report.html).")] = False,
 ):
     """The whole pipeline on synthetic phantoms: synth → prepare → train → evaluate → interpret → report."""
     from cxr_fast.demo import run_demo

@@ -20,8 +20,10 @@ from rich.markup import escape
 from cxr_fast import CLASSES
 from cxr_fast.data.split import DEFAULT_FRACTIONS
 from cxr_fast.errors import CxrFastError
+from cxr_fast.outputs import check_folder_path
 
 DEMO_SHORTCUT_RATE = 0.5
+DEMO_ENTRIES = {"phantoms", "data", "models", "report.html"}  # all a demo writes in its folder
 
 
 def run_demo(out: str | Path, *, n_per_class: int = 80, shortcut_rate: float = DEMO_SHORTCUT_RATE,
@@ -43,9 +45,15 @@ def run_demo(out: str | Path, *, n_per_class: int = 80, shortcut_rate: float = D
         raise CxrFastError(f"--n-per-class must be at least {least} (got {n_per_class}): the demo trains in batches "
                            f"of {cfg.bs} on {train_share:.0%} of the phantoms")
     out = Path(out)
+    check_folder_path(out, "--out")
     if out.exists() and any(out.iterdir()):
         if not force:
             raise CxrFastError(f"{out}: already exists; choose another --out or add --force to replace it")
+        # --force deletes the folder: only one that an earlier demo wrote, never a mistyped home or data folder
+        foreign = sorted(p.name for p in out.iterdir() if p.name not in DEMO_ENTRIES)
+        if foreign or not (out / "phantoms").is_dir():
+            held = f"it holds {', '.join(foreign[:3])}" if foreign else "it has no phantoms/ folder"
+            raise CxrFastError(f"{out}: not a demo folder ({held}); --force replaces only an earlier demo's folder")
         shutil.rmtree(out)
     console.rule("1/5 synthetic phantoms")
     synthesize(out / "phantoms", n_per_class=n_per_class, size=256, shortcut_rate=shortcut_rate, seed=0)

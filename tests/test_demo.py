@@ -31,3 +31,33 @@ def test_demo_refuses_too_few_phantoms_before_writing_anything(tmp_path):
     with pytest.raises(CxrFastError, match=r"--n-per-class must be at least 19 \(got 12\)"):
         run_demo(tmp_path / "demo", n_per_class=12, epochs=1, console=Console(file=io.StringIO()))
     assert not (tmp_path / "demo").exists()
+
+
+def test_force_replaces_an_earlier_demo_but_no_other_folder(tmp_path, monkeypatch):
+    import cxr_fast.data.synth
+
+    quiet = Console(file=io.StringIO())
+    precious = tmp_path / "home"
+    (precious / "phantoms").mkdir(parents=True)  # even with a phantoms/ folder among other things
+    (precious / "thesis.docx").write_text("years of work")
+    with pytest.raises(CxrFastError, match=r"home: not a demo folder \(it holds thesis.docx\)"):
+        run_demo(precious, n_per_class=19, force=True, console=quiet)
+    assert (precious / "thesis.docx").read_text() == "years of work"
+    (tmp_path / "afile").write_text("keep")
+    with pytest.raises(CxrFastError, match="afile: exists and is not a folder"):
+        run_demo(tmp_path / "afile", n_per_class=19, force=True, console=quiet)
+
+    class Replaced(Exception):
+        pass
+
+    def stop(*args, **kwargs):
+        raise Replaced
+
+    earlier = tmp_path / "demo"
+    for name in ("phantoms", "data", "models"):
+        (earlier / name).mkdir(parents=True)
+    (earlier / "report.html").write_text("old")
+    monkeypatch.setattr(cxr_fast.data.synth, "synthesize", stop)  # stop once the old demo is cleared
+    with pytest.raises(Replaced):
+        run_demo(earlier, n_per_class=19, force=True, console=quiet)
+    assert not earlier.exists()
