@@ -117,19 +117,23 @@ def marker_box_for(row: pd.Series, size: int, margin: int = 0):
 BASELINES = ("black", "mean")
 
 
-def baseline_value(run: Run, baseline: str) -> float:
-    """The occluding value in the model's normalised units.
+def baseline_value(run: Run, baseline: str) -> torch.Tensor:
+    """The occluding value in the model's normalised units, per channel ([n_in, 1, 1]).
 
     "black" (default) blacks a patch out: an X-ray's background is black, so occluding empty air changes
     nothing, and a bright text marker or lesion vanishes. "mean" paints the dataset's mean gray, Captum's usual
     zero baseline, which also credits empty dark corners (a gray patch there is itself something new)."""
     if baseline not in BASELINES:
         raise CxrFastError(f"--baseline must be one of {BASELINES}, got {baseline!r}")
-    return 0.0 if baseline == "mean" else -run.config["mean"][0] / run.config["std"][0]
+    if baseline == "mean":
+        return torch.zeros(run.n_in, 1, 1)
+    from cxr_fast.predict import black_baseline  # one definition for the gallery, predict and serve
+
+    return torch.from_numpy(black_baseline(run.config["mean"], run.config["std"]))
 
 
 def attribute(run: Run, x: torch.Tensor, pred: int, true: int, methods, window, stride,
-              baseline: float = 0.0) -> dict[str, np.ndarray]:
+              baseline: float | torch.Tensor = 0.0) -> dict[str, np.ndarray]:
     """Maps by name for the predicted and (when different) the true class."""
     maps = {}
     all_classes = attribution.occlusion_maps(run.model, x, window=window, stride=stride, baseline=baseline)
@@ -167,7 +171,9 @@ def interpret(run_dir: str | Path, data: str | Path | None = None, split: str = 
         raise CxrFastError(f"{run.path}: Grad-CAM needs one spatial feature map, and this model has none (an "
                            "ensemble, or frozen features pooled to one vector); use occlusion or integrated_gradients")
     fill = baseline_value(run, baseline)
-    default_window, default_stride = attribution.default_window(run.size, run.size)  # recorded when none is given
+    # The window and stride used, as occlusion_maps picks them when not given, so that audit.json records them.
+    window = window or attribution.default_window(run.size, run.size)[0]
+    stride = stride or max(1, window // 2)
     # another source's images less those the model learned from, as evaluate uses them
     items, name, _, left_out, seen_summary = select_unseen_items(run, data, split)
     manifest = manifest_folder(run, data)
@@ -183,6 +189,9 @@ def interpret(run_dir: str | Path, data: str | Path | None = None, split: str = 
     # The audit sample: the top losses plus correct predictions of every class; each image attributed once.
     correct_sample = audit_sample(probs, y, audit_n)
     order = list(dict.fromkeys(losses["index"].tolist() + correct_sample))
+    if not order:
+        raise CxrFastError(f"nothing to interpret: the model gets all {len(items)} images right and --audit-n 0 "
+                           "asks for no correct ones")
     files = image_column(items).tolist()
     loss_set = set(losses["index"])
     rows, figures_loss, figures_correct, image_files = [], [], [], []
@@ -195,7 +204,7 @@ def interpret(run_dir: str | Path, data: str | Path | None = None, split: str = 
             pred, true = int(probs[i].argmax()), int(y[i])
             maps = attribute(run, x, pred, true, methods, window, stride, fill)
             lungs, lung_source = lung_mask_for(row, image, run.size)
-            box = marker_box_for(row, run.size, margin=(window or default_window) // 2)
+            box = marker_box_for(row, run.size, margin=window // 2)
             shares = audit.attribution_shares(next(iter(maps.values())), lungs, marker_box=box)
             rows.append({"path": row["path"], "label": run.classes[true], "predicted": run.classes[pred],
                          "p_predicted": float(probs[i, pred]), "correct": pred == true, "lungs": lung_source,
@@ -222,7 +231,7 @@ def interpret(run_dir: str | Path, data: str | Path | None = None, split: str = 
     with replacing_folder(out_dir, force=force, what="an interpretation") as work:
         write_interpretation(work, run, name, per_image, losses, summary, verdicts, confused, deletion,
                              image_files, figures_loss, figures_correct,
-                             {"methods": list(methods), "window": window or default_window, "stride": stride or default_stride,
+                             {"methods": list(methods), "window": window, "stride": stride,
                               "baseline": baseline, "manifest": manifest,
                               **({"seen_images": seen_summary} if seen_summary else {})})
         write_seen_images(work, left_out)
@@ -269,7 +278,7 @@ def summary_rows(summary: dict) -> list[dict]:
     return [{"predicted": name, **{k: stats.get(k) for k in SUMMARY_COLUMNS}} for name, stats in groups]
 
 
-def deletion_check(run: Run, items, probs, y, indices, window, stride, fill: float) -> dict:
+def deletion_check(run: Run, items, probs, y, indices, window, stride, fill: torch.Tensor) -> dict:
     curves = []
     for i in indices:
         x = run.load_input(image_column(items.iloc[[i]]).iloc[0])

@@ -102,10 +102,10 @@ def calibrated(logits: np.ndarray, temperature: float) -> np.ndarray:
     return e / e.sum(axis=1, keepdims=True)
 
 
-def black_baseline(runner) -> np.ndarray:
+def black_baseline(mean, std) -> np.ndarray:
     """Black in the model's normalised units, per channel ([n_in, 1, 1]): an X-ray's background, so occluding
-    empty air changes nothing (see `cxr_fast.interpret.baseline_value`)."""
-    return np.array([-m / s for m, s in zip(runner.mean, runner.std)], dtype=np.float32).reshape(-1, 1, 1)
+    empty air changes nothing (see `cxr_fast.interpret.baseline_value`, which uses it too)."""
+    return np.array([-m / s for m, s in zip(mean, std, strict=True)], dtype=np.float32).reshape(-1, 1, 1)
 
 
 def occlusion_map(runner, x: np.ndarray, target: int) -> np.ndarray:
@@ -115,7 +115,7 @@ def occlusion_map(runner, x: np.ndarray, target: int) -> np.ndarray:
     from cxr_fast.attribution import occlusion_maps
 
     maps = occlusion_maps(runner.torch_module(), torch.from_numpy(np.ascontiguousarray(x)),
-                          baseline=torch.from_numpy(black_baseline(runner)), targets=[target])
+                          baseline=torch.from_numpy(black_baseline(runner.mean, runner.std)), targets=[target])
     return maps[0].numpy()
 
 

@@ -145,3 +145,42 @@ def test_each_attribution_method_gets_its_own_scale_and_colour_bar():
     bars = sorted(ax.get_ylabel() for ax in fig.axes if ax.get_ylabel())
     assert bars == ["Grad-CAM (class activation, relative)", "occlusion (logit change)"]
     assert any("no signal" in ax.get_title() for ax in panels)  # an all-zero map says so
+
+
+def test_the_stride_recorded_is_the_one_used_when_only_the_window_is_given(tiny_runs, tmp_path):
+    import shutil
+
+    run = shutil.copytree(tiny_runs[1], tmp_path / "run")
+    report = interpret(run, n=1, audit_n=1, window=10, force=True, progress=False).audit
+    assert report["window"] == 10 and report["stride"] == 5  # occlusion_maps moves a given window by half of it
+
+
+def test_black_is_black_in_every_channel_of_a_three_channel_model(tmp_path):
+    # interpret, predict and serve occlude with the value a black image normalises to, channel by channel
+    import torch
+    from PIL import Image
+
+    from cxr_fast.bundle import Run
+    from cxr_fast.interpret import baseline_value
+    from cxr_fast.predict import black_baseline
+
+    mean, std = [0.485, 0.456, 0.406], [0.229, 0.224, 0.225]  # ImageNet's: three different channels
+    run = Run(path=tmp_path, model=torch.nn.Identity(), config={"mean": mean, "std": std, "n_in": 3, "size": 16})
+    Image.new("L", (64, 64), 0).save(tmp_path / "black.png")
+    black = run.load_input(tmp_path / "black.png")
+    fill = baseline_value(run, "black")
+    torch.testing.assert_close(torch.broadcast_to(fill, black.shape), black)
+    np.testing.assert_array_equal(fill.numpy(), black_baseline(mean, std))
+    assert baseline_value(run, "mean").abs().sum() == 0
+
+
+def test_nothing_to_interpret_is_a_one_line_error(tiny_runs, tmp_path, monkeypatch):
+    import shutil
+
+    import cxr_fast.interpret
+
+    run = shutil.copytree(tiny_runs[0], tmp_path / "run")
+    # a model that gets every image right has no top losses; with --audit-n 0 nothing is left to attribute
+    monkeypatch.setattr(cxr_fast.interpret, "top_losses", lambda *a, **k: (pd.DataFrame({"index": []}), []))
+    with pytest.raises(CxrFastError, match="nothing to interpret: the model gets all .* images right"):
+        interpret(run, n=1, audit_n=0, force=True, progress=False)
