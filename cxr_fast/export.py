@@ -91,14 +91,18 @@ def export_onnx(run_dir: str | Path, out: str | Path | None = None, *, force: bo
 
     example = torch.randn(2, run.n_in, run.size, run.size, generator=torch.Generator().manual_seed(0))
     tmp_path = onnx_path.with_name(onnx_path.name + ".partial")
-    with warnings.catch_warnings():
-        # Deprecation notice of the TorchScript exporter, and tracer notes about shapes that are fixed anyway
-        # (the input size is part of the model's contract).
-        warnings.simplefilter("ignore")
-        torch.onnx.export(run.model, (example,), str(tmp_path), dynamo=False, opset_version=opset,
-                          input_names=[INPUT_NAME], output_names=[OUTPUT_NAME],
-                          dynamic_axes={INPUT_NAME: {0: "batch"}, OUTPUT_NAME: {0: "batch"}})
     try:
+        with warnings.catch_warnings():
+            # Deprecation notice of the TorchScript exporter, and tracer notes about shapes that are fixed anyway
+            # (the input size is part of the model's contract).
+            warnings.simplefilter("ignore")
+            try:
+                torch.onnx.export(run.model, (example,), str(tmp_path), dynamo=False, opset_version=opset,
+                                  input_names=[INPUT_NAME], output_names=[OUTPUT_NAME],
+                                  dynamic_axes={INPUT_NAME: {0: "batch"}, OUTPUT_NAME: {0: "batch"}})
+            except Exception as e:  # noqa: BLE001 - the exporter raises many types for an operator it cannot map
+                raise CxrFastError(f"{run.path}: torch.onnx cannot export {run.config['model'].get('arch')} at "
+                                   f"opset {opset} ({first_line(e)})") from None
         with torch.no_grad():
             expected = run.model(example).float().numpy()
         got = _session(tmp_path).run(None, {INPUT_NAME: example.numpy()})[0]

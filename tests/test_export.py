@@ -144,3 +144,17 @@ def test_a_damaged_or_mismatched_export_is_a_one_line_error(run, tmp_path, tiny_
     spec_path.write_text(json.dumps(spec))
     with pytest.raises(CxrFastError, match="lacks classes"):
         OnnxRunner(tmp_path / "a")
+
+
+def test_an_export_torch_cannot_make_is_a_one_line_error_and_leaves_no_file(run, tmp_path, monkeypatch):
+    import torch
+
+    def fails_halfway(model, args, f, **kwargs):
+        open(f, "wb").write(b"half an onnx file")
+        raise RuntimeError("Exporting the operator 'aten::fancy' to ONNX opset version 17 is not supported.\nmore")
+
+    monkeypatch.setattr(torch.onnx, "export", fails_halfway)
+    with pytest.raises(CxrFastError, match=r"torch.onnx cannot export .* \(Exporting the operator 'aten::fancy'") as e:
+        export_onnx(run, out=tmp_path / "export")
+    assert "\n" not in str(e.value)
+    assert list((tmp_path / "export").iterdir()) == []
