@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import base64
 import html
-import io
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
@@ -16,7 +15,7 @@ import numpy as np  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
 from matplotlib.patches import Rectangle  # noqa: E402
 
-from cxr_fast.report import DISCLAIMER  # noqa: E402
+from cxr_fast.report import DISCLAIMER, format_value  # noqa: E402
 
 
 def _signed_limit(maps: Sequence[np.ndarray]) -> float:
@@ -86,13 +85,6 @@ def deletion_figure(curves: Mapping[str, np.ndarray | float]) -> Figure:
     return fig
 
 
-def png_bytes(fig: Figure) -> bytes:
-    buffer = io.BytesIO()
-    fig.savefig(buffer, format="png", bbox_inches="tight")
-    plt.close(fig)
-    return buffer.getvalue()
-
-
 def _data_uri(png: bytes) -> str:
     return "data:image/png;base64," + base64.b64encode(png).decode("ascii")
 
@@ -122,7 +114,7 @@ def write_gallery(path: Path, title: str, verdicts: Sequence[tuple[str, bool]], 
             continue
         cols = list(rows[0])
         head = "".join(f"<th>{html.escape(str(c))}</th>" for c in cols)
-        body = "".join("<tr>" + "".join(f"<td>{html.escape(_fmt(r[c]))}</td>" for c in cols) + "</tr>" for r in rows)
+        body = "".join("<tr>" + "".join(f"<td>{html.escape(format_value(r[c]))}</td>" for c in cols) + "</tr>" for r in rows)
         parts.append(f"<h2>{html.escape(heading)}</h2><div style='overflow-x:auto'><table><tr>{head}</tr>{body}</table></div>")
     for heading, text, images in sections:
         parts.append(f"<h2>{html.escape(heading)}</h2><p>{html.escape(text)}</p><div class='grid'>")
@@ -135,9 +127,3 @@ def write_gallery(path: Path, title: str, verdicts: Sequence[tuple[str, bool]], 
     return path
 
 
-def _fmt(value) -> str:
-    if value is None or (isinstance(value, float) and value != value):  # nothing to measure (NaN): a dash, as reports show it
-        return "—"
-    if isinstance(value, float):
-        return f"{value:.3f}"
-    return str(value)

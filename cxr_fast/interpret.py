@@ -95,8 +95,8 @@ def lung_mask_for(row: pd.Series, image: np.ndarray, size: int) -> tuple[np.ndar
     """Ground-truth lungs (synthetic masks: 1 lung, 2 lesion) at the model's size, else the automatic estimate."""
     mask_path = row.get("mask")
     if isinstance(mask_path, str) and mask_path and Path(mask_path).is_file():
-        mask = Image.open(mask_path).resize((size, size), Image.Resampling.NEAREST)
-        return np.asarray(mask) > 0, "ground truth"
+        with Image.open(mask_path) as mask:
+            return np.asarray(mask.resize((size, size), Image.Resampling.NEAREST)) > 0, "ground truth"
     return estimate_lung_field(image), "estimated"
 
 
@@ -157,6 +157,7 @@ def interpret(run_dir: str | Path, data: str | Path | None = None, split: str = 
     from rich.progress import Progress
 
     from cxr_fast import gallery
+    from cxr_fast.report import png_bytes
 
     unknown = sorted(set(methods) - set(METHODS))
     if unknown or "occlusion" not in methods:
@@ -214,7 +215,7 @@ def interpret(run_dir: str | Path, data: str | Path | None = None, split: str = 
                        f"{shares['share_inside']:.0%} of evidence inside the lungs")
             if i in loss_set or len(figures_correct) < n:
                 fig = gallery.attribution_figure(image, maps, caption, lungs, box)
-                png = gallery.png_bytes(fig)
+                png = png_bytes(fig)
                 target = figures_loss if i in loss_set else figures_correct
                 target.append((caption, png))
                 image_files.append((f"{len(image_files) + 1:03d}_{Path(row['path']).stem}.png", png))
@@ -242,7 +243,7 @@ def interpret(run_dir: str | Path, data: str | Path | None = None, split: str = 
 def write_interpretation(work: Path, run: Run, name: str, per_image, losses, summary, verdicts, confused, deletion,
                          image_files, figures_loss, figures_correct, settings: dict) -> None:
     from cxr_fast import gallery
-    from cxr_fast.report import to_jsonable
+    from cxr_fast.report import png_bytes, to_jsonable
 
     (work / "images").mkdir()
     for filename, png in image_files:
@@ -262,7 +263,7 @@ def write_interpretation(work: Path, run: Run, name: str, per_image, losses, sum
           "class. Red: evidence for the class; blue: against. Green: lung fields; yellow: a text marker.", figures_loss),
          ("Correct predictions", "A class-stratified sample of correct predictions.", figures_correct),
          ("Faithfulness", "Removing the most-attributed pixels first should lower the probability faster than "
-          "removing random pixels.", [("deletion curves", gallery.png_bytes(gallery.deletion_figure(deletion)))])],
+          "removing random pixels.", [("deletion curves", png_bytes(gallery.deletion_figure(deletion)))])],
         tables=[("Shortcut audit per class", summary_rows(summary)), ("Top losses", losses.drop(columns=["index"]).to_dict("records")),
                 ("Most confused", [{"true": a, "predicted": b, "count": c} for a, b, c in confused])],
     )

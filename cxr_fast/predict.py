@@ -122,8 +122,9 @@ def occlusion_map(runner, x: np.ndarray, target: int) -> np.ndarray:
 def heatmap_png(pixels: np.ndarray, attr: np.ndarray, title: str, label: str) -> bytes:
     """The X-ray beside the map blended over it, with a signed colour bar (interpret's gallery figure)."""
     from cxr_fast import gallery
+    from cxr_fast.report import png_bytes
 
-    return gallery.png_bytes(gallery.attribution_figure(pixels, {label: attr}, title))
+    return png_bytes(gallery.attribution_figure(pixels, {label: attr}, title))
 
 
 def overlay_png(pixels: np.ndarray, attr: np.ndarray) -> bytes:

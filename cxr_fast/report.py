@@ -1,6 +1,7 @@
 """Write a report as a self-contained HTML page and a Markdown file, with the figures as PNG files.
 
-`write_report` is shared by `evaluate`, `compare` and `interpret`: give it a metrics dict (from
+`write_report` is shared by `evaluate` and `compare` (interpret's gallery, `cxr_fast.gallery`, has its own layout
+and uses this module's cell formatting and figure encoding): give it a metrics dict (from
 `cxr_fast.metrics.classification_metrics`, optionally extended with calibration numbers and intervals) to
 get summary cards and a per-class table, and any number of `Section`s for everything else.
 
@@ -190,9 +191,13 @@ def figure_filename(name: str) -> str:
     return f"{slug}.png"
 
 
-def _png_bytes(figure) -> bytes:
+def png_bytes(figure) -> bytes:
+    """The figure as PNG bytes; the figure is closed, as pyplot would otherwise keep every one in memory."""
+    import matplotlib.pyplot as plt
+
     buffer = io.BytesIO()
     figure.savefig(buffer, format="png", bbox_inches="tight")
+    plt.close(figure)
     return buffer.getvalue()
 
 
@@ -256,7 +261,7 @@ def write_report(
         filename = figure_filename(name)
         if filename in files.values():
             raise CxrFastError(f"{out_dir}: two figures would both be written to {filename}; rename one")
-        pngs[name] = _png_bytes(figure)
+        pngs[name] = png_bytes(figure)
         (out_dir / filename).write_bytes(pngs[name])
         files[name] = filename
 
