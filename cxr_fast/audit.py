@@ -26,7 +26,8 @@ Verdict thresholds (per predicted class, on the class's pooled means):
   window, so a model that looks only at the lungs still shows some evidence just outside their edge; 2
   leaves room for that.
 - Independently, a text marker (when its box is known) taking ≥ 15 % of the evidence is flagged as a
-  likely shortcut: a marker box covers about 1 % of the image, so that is ≥ 15× an even spread.
+  likely shortcut. A marker box covers about 1 % of the image; `interpret` grows it by half an occlusion
+  window, to the map's resolution, so that it covers about 4 %, and 15 % is still about 4× an even spread.
 """
 
 from __future__ import annotations
@@ -55,10 +56,8 @@ __all__ = [
 
 SHORTCUT_PREFERENCE = 1.0  # lung_preference below this: evidence denser outside the lungs → likely shortcut
 INSIDE_PREFERENCE = 2.0  # lung_preference at or above this: evidence concentrates in the lungs
-MARKER_SHARE = 0.15  # share of evidence in a text-marker box at or above this → likely shortcut
+MARKER_SHARE = 0.15  # share of evidence in a text-marker box (grown to ≈ 4 % of the image) at or above this → likely shortcut
 MIN_POSITIVE_FRACTION = 0.1  # below this share of the map's absolute mass, an image has no evidence to locate
-# (interpret grows the box by half an occlusion window, to the map's resolution: it then covers ≈ 4 % of the
-# image, so 15 % is still ≈ 4× what an even spread would put there)
 
 
 def _to_numpy(a) -> np.ndarray:

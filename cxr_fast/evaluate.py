@@ -150,8 +150,9 @@ def penultimate_features(run: Run, files: list[str], bs: int = 32) -> np.ndarray
     return torch.cat([run.model.features(b) for b in iter_batches(run, files, bs)]).numpy()
 
 
-def domain_auc(a: np.ndarray, b: np.ndarray, seed: int = 0) -> float:
-    """Cross-validated AUC of a logistic regression telling rows of `a` from rows of `b` (0.5 = alike)."""
+def domain_auc(a: np.ndarray, b: np.ndarray) -> float:
+    """Cross-validated AUC of a logistic regression telling rows of `a` from rows of `b` (0.5 = alike); unshuffled
+    folds and a deterministic solver, so the same rows always give the same figure."""
     x = StandardScaler().fit_transform(np.concatenate([a, b]))
     y = np.r_[np.zeros(len(a)), np.ones(len(b))]
     folds = int(min(5, len(a), len(b)))
@@ -178,8 +179,8 @@ def shift_check(run: Run, items: pd.DataFrame, sample: int = 200, seed: int = 0)
     rng = np.random.default_rng(seed)
     train_files = image_column(train).to_numpy()[rng.permutation(len(train))[:sample]].tolist()
     new_files = image_column(items).to_numpy()[rng.permutation(len(items))[:sample]].tolist()
-    stats_auc = domain_auc(image_statistics(run, train_files), image_statistics(run, new_files), seed)
-    feature_auc = domain_auc(penultimate_features(run, train_files), penultimate_features(run, new_files), seed)
+    stats_auc = domain_auc(image_statistics(run, train_files), image_statistics(run, new_files))
+    feature_auc = domain_auc(penultimate_features(run, train_files), penultimate_features(run, new_files))
     score = float(np.nanmax([stats_auc, feature_auc]))
     return {"image_stats_auc": stats_auc, "feature_auc": feature_auc, "score": score,
             "out_of_distribution": bool(score >= SHIFT_WARN_AUC), "threshold": SHIFT_WARN_AUC}
@@ -263,11 +264,11 @@ def evaluate(run_dir: str | Path, data: str | Path | None = None, split: str = "
         write_metrics_json(work / "metrics.json", metrics)
 
         figures = evaluation_figures(y, logits, run.classes, run.temperature, metrics)
-        warnings = [shift_warning(shift)] if shift and shift["out_of_distribution"] else []
+        cautions = [shift_warning(shift)] if shift and shift["out_of_distribution"] else []  # the report's banners
         if seen_summary is not None and (seen := seen_warning(seen_summary)):
-            warnings.insert(0, seen)
+            cautions.insert(0, seen)
         if external and shift is None:
-            warnings.append(f"Distribution-shift check skipped: {metrics['shift']['skipped']}")
+            cautions.append(f"Distribution-shift check skipped: {metrics['shift']['skipped']}")
         sections = [
             Section("Curves", text="One-vs-rest ROC and precision-recall curves per class.",
                     figures=["roc_curves", "pr_curves"]),
@@ -277,7 +278,7 @@ def evaluate(run_dir: str | Path, data: str | Path | None = None, split: str = "
                 "do not change; probabilities in predictions.csv are calibrated."), figures=["reliability"]),
             Section("Confusion matrices", figures=["confusion_matrix"]),
         ]
-        write_report(work, f"Evaluation of {run.name} on {name}", sections, figures, metrics, warnings=warnings,
+        write_report(work, f"Evaluation of {run.name} on {name}", sections, figures, metrics, warnings=cautions,
                      meta={"model": run.config["model"]["arch"], "run": str(run.path), "images": len(items),
                            "test-time augmentation": "yes" if tta else "no"})
     plt.close("all")

@@ -227,7 +227,7 @@ def interpret(run_dir: str | Path, data: str | Path | None = None, split: str = 
     verdicts = audit.verdict(summary).splitlines()
 
     # Faithfulness: deletion curves for a few correctly predicted images (of every class), averaged.
-    deletion = deletion_check(run, items, probs, y, (correct_sample or order)[:8], window, stride, fill)
+    deletion = deletion_check(run, items, probs, (correct_sample or order)[:8], window, stride, fill)
 
     with replacing_folder(out_dir, force=force, what="an interpretation") as work:
         write_interpretation(work, run, name, per_image, losses, summary, verdicts, confused, deletion,
@@ -279,7 +279,7 @@ def summary_rows(summary: dict) -> list[dict]:
     return [{"predicted": name, **{k: stats.get(k) for k in SUMMARY_COLUMNS}} for name, stats in groups]
 
 
-def deletion_check(run: Run, items, probs, y, indices, window, stride, fill: torch.Tensor) -> dict:
+def deletion_check(run: Run, items, probs, indices, window, stride, fill: torch.Tensor) -> dict:
     curves = []
     for i in indices:
         x = run.load_input(image_column(items.iloc[[i]]).iloc[0])

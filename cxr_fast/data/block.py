@@ -53,7 +53,7 @@ class SquishResize(Transform):
         return type(img)(resize_square(img, self.size))
 
 
-def train_transforms(size: int) -> list:
+def train_transforms() -> list:
     """Augmentations that keep a chest X-ray plausible.
 
     No horizontal flip: the heart sits on the patient's left, and flipping also moves side markers, so a flip
@@ -139,7 +139,7 @@ def build_dataloaders(
     image_cls = CXRImageBW if n_in == 1 else CXRImageRGB
     batch_tfms = []  # ImageBlock already adds IntToFloatTensor (uint8 → [0, 1]) before these
     if augment:
-        batch_tfms += train_transforms(size)
+        batch_tfms += train_transforms()
     batch_tfms.append(Normalize.from_stats(mean, std))
     block = DataBlock(
         blocks=(ImageBlock(cls=image_cls), CategoryBlock(vocab=classes)),
