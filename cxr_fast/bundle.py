@@ -120,8 +120,3 @@ def predict_logits(run: Run, items: pd.DataFrame | list[str], bs: int = 32, prog
     return torch.cat(out).numpy()
 
 
-def softmax(logits: np.ndarray, temperature: float = 1.0) -> np.ndarray:
-    z = logits / temperature
-    z = z - z.max(axis=1, keepdims=True)
-    e = np.exp(z)
-    return e / e.sum(axis=1, keepdims=True)

@@ -22,19 +22,15 @@ from cxr_fast.metrics import check_labels_scores
 _LOG_T_BOUNDS = (np.log(0.01), np.log(100.0))
 
 
-def softmax(logits) -> np.ndarray:
-    """Row-wise softmax, stable for large logits."""
-    logits = np.asarray(logits, dtype=np.float64)
+def softmax(logits, temperature: float = 1.0) -> np.ndarray:
+    """Row-wise softmax(logits / temperature) [N, K] in float64, stable for large logits: the calibrated
+    probabilities of every command (evaluate, compare, interpret, predict, serve), with the run's temperature."""
+    if not (np.isfinite(temperature) and temperature > 0):
+        raise CxrFastError(f"calibration: temperature must be a positive number, got {temperature}")
+    logits = np.asarray(logits, dtype=np.float64) / temperature
     shifted = logits - logits.max(axis=1, keepdims=True)
     exp = np.exp(shifted)
     return exp / exp.sum(axis=1, keepdims=True)
-
-
-def apply_temperature(logits, temperature: float) -> np.ndarray:
-    """Calibrated probabilities softmax(logits / T) [N, K]."""
-    if not (np.isfinite(temperature) and temperature > 0):
-        raise CxrFastError(f"calibration: temperature must be a positive number, got {temperature}")
-    return softmax(np.asarray(logits, dtype=np.float64) / temperature)
 
 
 def nll(probs, y_true) -> float:

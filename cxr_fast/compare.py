@@ -17,7 +17,8 @@ import numpy as np
 import pandas as pd
 import yaml
 
-from cxr_fast.bundle import Run, load_run, predict_logits, softmax
+from cxr_fast.bundle import Run, load_run, predict_logits
+from cxr_fast.calibration import softmax
 from cxr_fast.data.manifest import read_manifest
 from cxr_fast.errors import CxrFastError
 from cxr_fast.evaluate import compute_metrics

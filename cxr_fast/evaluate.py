@@ -22,8 +22,8 @@ from sklearn.metrics import roc_auc_score
 from sklearn.model_selection import cross_val_predict
 from sklearn.preprocessing import StandardScaler
 
-from cxr_fast.bundle import Run, load_run, predict_logits, softmax
-from cxr_fast.calibration import expected_calibration_error, nll, reliability_bins
+from cxr_fast.bundle import Run, load_run, predict_logits
+from cxr_fast.calibration import expected_calibration_error, nll, reliability_bins, softmax
 from cxr_fast.data.manifest import image_column, read_manifest
 from cxr_fast.errors import CxrFastError
 from cxr_fast.metrics import bootstrap_ci, classification_metrics, pr_curves, roc_curves

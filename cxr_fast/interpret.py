@@ -24,7 +24,8 @@ import torch
 from PIL import Image
 
 from cxr_fast import attribution, audit
-from cxr_fast.bundle import Run, load_run, predict_logits, softmax
+from cxr_fast.bundle import Run, load_run, predict_logits
+from cxr_fast.calibration import softmax
 from cxr_fast.data.io import read_image
 from cxr_fast.data.manifest import image_column
 from cxr_fast.errors import CxrFastError

@@ -23,6 +23,7 @@ import numpy as np
 import pandas as pd
 from PIL import Image
 
+from cxr_fast.calibration import softmax
 from cxr_fast.data.io import IMAGE_SUFFIXES, ImageReadError, is_dicom, read_image
 from cxr_fast.errors import CxrFastError
 from cxr_fast.outputs import check_folder_path, write_text
@@ -93,13 +94,6 @@ def model_input(pixels: np.ndarray, n_in: int, mean: Sequence[float], std: Seque
     m = np.asarray(mean, dtype=np.float32).reshape(-1, 1, 1)
     s = np.asarray(std, dtype=np.float32).reshape(-1, 1, 1)
     return (np.broadcast_to(x, (n_in, *x.shape)) - m) / s
-
-
-def calibrated(logits: np.ndarray, temperature: float) -> np.ndarray:
-    """softmax(logits / temperature), as `cxr_fast.bundle.softmax` (repeated here to keep torch out)."""
-    z = logits.astype(np.float64) / temperature
-    e = np.exp(z - z.max(axis=1, keepdims=True))
-    return e / e.sum(axis=1, keepdims=True)
 
 
 def black_baseline(mean, std) -> np.ndarray:
@@ -247,7 +241,7 @@ def predict(run_dir: str | Path, inputs: Sequence[str | Path], heatmap: bool = F
     rows, pending = [], []
 
     def flush():
-        probs = calibrated(runner.logits(np.stack([x for _, _, x in pending])), runner.temperature)
+        probs = softmax(runner.logits(np.stack([x for _, _, x in pending])), runner.temperature)
         for (file, pixels, x), p in zip(pending, probs):
             k = int(p.argmax())
             row = {"path": str(file), "predicted": classes[k], **{f"p_{c}": float(v) for c, v in zip(classes, p)}}

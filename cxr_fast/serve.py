@@ -27,9 +27,10 @@ from pathlib import Path
 
 import numpy as np
 
+from cxr_fast.calibration import softmax
 from cxr_fast.data.io import IMAGE_SUFFIXES, ImageReadError, read_image
 from cxr_fast.errors import CxrFastError
-from cxr_fast.predict import calibrated, load_runner, model_image, model_input, occlusion_map, overlay_png
+from cxr_fast.predict import load_runner, model_image, model_input, occlusion_map, overlay_png
 
 MAX_UPLOAD_BYTES = 20 * 1024 * 1024  # a radiograph is a few MB even as uncompressed DICOM
 LOOPBACK = ("127.0.0.1", "localhost", "::1")
@@ -66,7 +67,7 @@ def predict_upload(runner, path: Path, heatmap: bool = True) -> dict:
     it (PNGs in base64)."""
     pixels = model_image(read_image(path), runner.size)
     x = model_input(pixels, runner.n_in, runner.mean, runner.std)
-    probs = calibrated(runner.logits(x[None]), runner.temperature)[0]
+    probs = softmax(runner.logits(x[None]), runner.temperature)[0]
     k = int(probs.argmax())
     overlay = overlay_png(pixels, occlusion_map(runner, x, k)) if heatmap else None
     return {"probabilities": {c: float(p) for c, p in zip(runner.classes, probs)},

@@ -4,7 +4,6 @@ import numpy as np
 import pytest
 
 from cxr_fast.calibration import (
-    apply_temperature,
     expected_calibration_error,
     fit_temperature,
     nll,
@@ -45,7 +44,7 @@ def test_temperature_scaling_repairs_an_over_confident_model():
     assert 4.0 < temperature < 6.0  # it should undo the factor of five
 
     raw = softmax(over_confident[test])
-    scaled = apply_temperature(over_confident[test], temperature)
+    scaled = softmax(over_confident[test], temperature)
     assert nll(scaled, y[test]) < 0.8 * nll(raw, y[test])
     assert expected_calibration_error(scaled, y[test]) < 0.5 * expected_calibration_error(raw, y[test])
     assert expected_calibration_error(scaled, y[test]) < 0.04
@@ -61,22 +60,22 @@ def test_a_calibrated_model_keeps_a_temperature_near_one():
 def test_fitted_temperature_minimises_nll():
     logits, y = calibrated_logits(500, seed=3)
     temperature = fit_temperature(2 * logits, y)
-    best = nll(apply_temperature(2 * logits, temperature), y)
+    best = nll(softmax(2 * logits, temperature), y)
     for other in (0.8 * temperature, 0.95 * temperature, 1.05 * temperature, 1.25 * temperature):
-        assert best <= nll(apply_temperature(2 * logits, other), y)
+        assert best <= nll(softmax(2 * logits, other), y)
 
 
-def test_apply_temperature_is_softmax_of_scaled_logits():
+def test_softmax_with_a_temperature_is_softmax_of_scaled_logits():
     logits = np.array(
         [[2.0, 0.0, -1.0], [1000.0, 999.0, 0.0]]
     )  # the second row would overflow a naive softmax
-    probs = apply_temperature(logits, 2.0)
+    probs = softmax(logits, 2.0)
     expected_first = np.exp([1.0, 0.0, -0.5]) / np.exp([1.0, 0.0, -0.5]).sum()
     np.testing.assert_allclose(probs[0], expected_first)
     np.testing.assert_allclose(probs.sum(axis=1), 1.0)
     assert np.all(np.isfinite(probs))
     with pytest.raises(CxrFastError, match="positive"):
-        apply_temperature(logits, 0.0)
+        softmax(logits, 0.0)
 
 
 def test_nll_by_hand():

@@ -10,7 +10,8 @@ import torch
 from typer.testing import CliRunner
 
 from cxr_fast.archs import create_model
-from cxr_fast.bundle import load_run, predict_logits, softmax
+from cxr_fast.bundle import load_run, predict_logits
+from cxr_fast.calibration import softmax
 from cxr_fast.cli import app
 from cxr_fast.config import resolve_config
 from cxr_fast.data.io import read_image

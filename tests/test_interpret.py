@@ -104,7 +104,8 @@ def test_audit_sample_gives_n_correct_predictions_with_shortfalls_filled():
 
 
 def test_top_losses_are_wrong_predictions_only(tiny_runs, tiny_data):
-    from cxr_fast.bundle import load_run, predict_logits, softmax
+    from cxr_fast.bundle import load_run, predict_logits
+    from cxr_fast.calibration import softmax
     from cxr_fast.interpret import top_losses
 
     run = load_run(tiny_runs[0])

@@ -10,7 +10,7 @@ import pytest
 from matplotlib.figure import Figure
 
 from cxr_fast import plots
-from cxr_fast.calibration import apply_temperature, fit_temperature, reliability_bins, softmax
+from cxr_fast.calibration import fit_temperature, reliability_bins, softmax
 from cxr_fast.errors import CxrFastError
 from cxr_fast.metrics import bootstrap_ci, classification_metrics, pr_curves, roc_curves
 from cxr_fast.report import DISCLAIMER, Section, figure_filename, write_metrics_json, write_report
@@ -29,7 +29,7 @@ def evaluation():
     logits[np.arange(n), y] += 2.0
     logits *= 3  # over-confident
     temperature = fit_temperature(logits[:120], y[:120])
-    probs, calibrated = softmax(logits[120:]), apply_temperature(logits[120:], temperature)
+    probs, calibrated = softmax(logits[120:]), softmax(logits[120:], temperature)
     y = y[120:]
 
     metrics = classification_metrics(y, probs, CLASSES)

@@ -13,7 +13,8 @@ from pathlib import Path
 import numpy as np
 from sklearn.metrics import balanced_accuracy_score
 
-from cxr_fast.bundle import load_run, predict_logits, softmax
+from cxr_fast.bundle import load_run, predict_logits
+from cxr_fast.calibration import softmax
 from cxr_fast.data.manifest import read_manifest
 
 

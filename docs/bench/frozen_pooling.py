@@ -35,8 +35,8 @@ from sklearn.preprocessing import StandardScaler
 from cxr_fast.archs import create_model
 from cxr_fast.archs.frozen import load_packaged_weights
 from cxr_fast.archs.weights import EFFICIENTNET_LITE_MEAN, EFFICIENTNET_LITE_STD, channel_stats
-from cxr_fast.bundle import load_run, predict_logits, softmax
-from cxr_fast.calibration import apply_temperature, fit_temperature
+from cxr_fast.bundle import load_run, predict_logits
+from cxr_fast.calibration import fit_temperature, softmax
 from cxr_fast.data.io import read_image
 from cxr_fast.data.manifest import image_column, read_manifest
 from cxr_fast.lungs import estimate_lung_field
@@ -141,7 +141,7 @@ def score(feats: list[Path], folds: list[list[str]], variants: list[str], split:
                 scaler2 = StandardScaler().fit(both)
                 fit2 = LogisticRegression(C=fit.C, class_weight="balanced", tol=1e-6, max_iter=3000)
                 fit2.fit(scaler2.transform(both), np.r_[y_fold["train"], y_fold["valid"]])
-                refitted.append(apply_temperature(fit2.decision_function(scaler2.transform(x[split])), temperature))
+                refitted.append(softmax(fit2.decision_function(scaler2.transform(x[split])), temperature))
         rows = {"fine-tuned run": fine_tuned, name: np.concatenate(probe)}
         rows[f"{name} + fine-tuned"] = (rows[name] + fine_tuned) / 2
         if refit:
@@ -201,7 +201,7 @@ def fit_classifier(classifier: str, x: dict[str, np.ndarray], y: dict[str, np.nd
             strength = fit.C
         logits = {s: fit.decision_function(xs[s]) for s in ("valid", split)}
     temperature = fit_temperature(logits["valid"], y["valid"])
-    return strength, apply_temperature(logits[split], temperature)
+    return strength, softmax(logits[split], temperature)
 
 
 def main() -> None:

@@ -18,7 +18,8 @@ import numpy as np
 import pandas as pd
 from sklearn.metrics import balanced_accuracy_score
 
-from cxr_fast.bundle import load_run, predict_logits, softmax
+from cxr_fast.bundle import load_run, predict_logits
+from cxr_fast.calibration import softmax
 from cxr_fast.data.manifest import read_manifest
 from cxr_fast.memory import keep_freed_memory
 from cxr_fast.metrics import bootstrap_ci, classification_metrics

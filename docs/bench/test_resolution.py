@@ -11,7 +11,8 @@ import argparse
 
 import numpy as np
 
-from cxr_fast.bundle import load_run, predict_logits, softmax
+from cxr_fast.bundle import load_run, predict_logits
+from cxr_fast.calibration import softmax
 from cxr_fast.data.manifest import read_manifest
 from cxr_fast.metrics import classification_metrics
 

@@ -19,7 +19,8 @@ from safetensors.torch import load_file, save_file
 from sklearn.metrics import balanced_accuracy_score
 from torch.optim.swa_utils import update_bn
 
-from cxr_fast.bundle import iter_batches, load_run, predict_logits, softmax
+from cxr_fast.bundle import iter_batches, load_run, predict_logits
+from cxr_fast.calibration import softmax
 from cxr_fast.config import resolve_config
 from cxr_fast.data.manifest import image_column, read_manifest
 from cxr_fast.memory import keep_freed_memory
