@@ -265,3 +265,12 @@ def test_efficientnet_lite_on_the_pytorch_padded_arch_warns():
     with pytest.warns(UserWarning, match="tf_efficientnet_lite0"):
         model = create_model("efficientnet_lite0", n_in=1, weights="efficientnet-lite0")
     assert model.arch == "efficientnet_lite0" and model.pretrained_stats == weights.Stats([0.5], [0.5])
+
+
+def test_a_damaged_packaged_checkpoint_is_a_one_line_error_naming_it(tmp_path, monkeypatch):
+    damaged = tmp_path / "efficientnet_lite0.pth"
+    damaged.write_bytes(weights.efficientnet_lite_checkpoint(0).read_bytes()[:1000])  # an install cut short
+    monkeypatch.setattr(weights, "efficientnet_lite_checkpoint", lambda n: damaged)
+    with pytest.raises(CxrFastError, match=f"{damaged}: not a readable PyTorch weights file") as e:
+        create_model("tf_efficientnet_lite0", n_in=1, n_classes=3, weights="efficientnet-lite0")
+    assert "\n" not in str(e.value)

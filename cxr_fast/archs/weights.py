@@ -421,7 +421,7 @@ def efficientnet_lite_state_dict(n: int, arch: str | None = None) -> OrderedDict
 
     arch = arch or f"tf_efficientnet_lite{n}"
     checkpoint = efficientnet_lite_checkpoint(n)
-    source = torch.load(checkpoint, map_location="cpu", weights_only=True)
+    source = read_state_dict(checkpoint)  # a damaged install is a one-line error naming the file
     with torch.device("meta"):  # only names and shapes are needed
         target = timm.create_model(arch, pretrained=False).state_dict()
     return map_by_order(source, target, label=f"{checkpoint.name} -> {arch}")
