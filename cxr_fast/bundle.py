@@ -15,7 +15,7 @@ import torch
 from rich.progress import Progress
 
 from cxr_fast.archs import model_from_config
-from cxr_fast.data.manifest import image_column
+from cxr_fast.data.manifest import image_column, manifest_digest, read_manifest
 from cxr_fast.errors import CxrFastError, read_json, read_tensors
 from cxr_fast.preprocess import load_input
 
@@ -83,6 +83,19 @@ def load_run(path: str | Path, *, finishing: bool = False) -> Run:
     metrics_path = path / "metrics.json"
     metrics = read_json(metrics_path) if metrics_path.is_file() else {}
     return Run(path=path, model=model, config=config, metrics=metrics)
+
+
+def read_training_manifest(run: Run) -> pd.DataFrame:
+    """The manifest the run was trained on, refused if it changed since: prepared again into the same folder (another
+    seed, more images), its valid and test splits may hold images the model learned from, and every score on them
+    would be inflated without a sign."""
+    data = run.config["data"]
+    recorded = run.config.get("manifest_sha256")  # bundles written before this check have none
+    if recorded and manifest_digest(data) != recorded:
+        raise CxrFastError(f"{data}: the manifest changed since {run.name} was trained on it (prepared again?); its "
+                           "test split may now hold images the model learned from. Train again on it, or evaluate "
+                           "on a copy of the new data as another collection (--data)")
+    return read_manifest(data)
 
 
 def iter_batches(run: Run, files: list[str], bs: int):

@@ -17,9 +17,8 @@ import numpy as np
 import pandas as pd
 import yaml
 
-from cxr_fast.bundle import Run, load_run, predict_logits
+from cxr_fast.bundle import Run, load_run, predict_logits, read_training_manifest
 from cxr_fast.calibration import softmax
-from cxr_fast.data.manifest import read_manifest
 from cxr_fast.errors import CxrFastError
 from cxr_fast.evaluate import compute_metrics
 from cxr_fast.metrics import mcnemar
@@ -35,7 +34,7 @@ class Comparison:
 
 def score_run(run: Run, split: str = "test", n_boot: int = 1000) -> tuple[dict, np.ndarray, np.ndarray]:
     """Metrics row, predictions and labels of one run on its own manifest's split."""
-    manifest = read_manifest(run.config["data"])
+    manifest = read_training_manifest(run)
     items = manifest[manifest["split"] == split].reset_index(drop=True)
     if items.empty:
         raise CxrFastError(f"{run.config['data']}: no '{split}' images to compare on")

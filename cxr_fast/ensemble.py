@@ -106,9 +106,12 @@ def build_ensemble(runs: Sequence[str | Path], out: str | Path | None = None, pr
     loaded = [load_run(r) for r in runs]
     first = loaded[0]
     for run in loaded[1:]:
-        for key in ("classes", "n_in", "data"):
+        for key in ("classes", "n_in", "data", "manifest_sha256"):
+            if key == "manifest_sha256" and None in (run.config.get(key), first.config.get(key)):
+                continue  # a bundle from before the digest was recorded
             if run.config.get(key) != first.config.get(key):
-                why = " (the test split must be unseen by every member)" if key == "data" else ""
+                why = {"data": " (the test split must be unseen by every member)",
+                       "manifest_sha256": " (trained on different versions of that manifest)"}.get(key, "")
                 raise CxrFastError(f"{run.path}: its {key} {run.config.get(key)!r} differ from {first.path}'s "
                                    f"{first.config.get(key)!r}{why}")
     # The ensemble reads images at its largest member's size, in that member's normalisation.
@@ -150,6 +153,7 @@ def _write_bundle(run_dir: Path, model: AveragedEnsemble, model_cfg: dict, loade
         "seed": None,
         "lr": None,
         "data": first.config.get("data"),
+        "manifest_sha256": next((r.config["manifest_sha256"] for r in loaded if r.config.get("manifest_sha256")), None),
         "temperature": 1.0,  # the members' temperatures are applied inside the model
         "versions": library_versions(),
         "created": datetime.now().isoformat(timespec="seconds"),

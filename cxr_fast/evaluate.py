@@ -22,7 +22,7 @@ from sklearn.metrics import roc_auc_score
 from sklearn.model_selection import cross_val_predict
 from sklearn.preprocessing import StandardScaler
 
-from cxr_fast.bundle import Run, load_run, predict_logits
+from cxr_fast.bundle import Run, load_run, predict_logits, read_training_manifest
 from cxr_fast.calibration import expected_calibration_error, nll, reliability_bins, softmax
 from cxr_fast.data.manifest import image_column, read_manifest
 from cxr_fast.errors import CxrFastError
@@ -45,9 +45,9 @@ def select_items(run: Run, data: str | Path | None, split: str) -> tuple[pd.Data
     """The manifest rows to evaluate, a name for the output folder, and whether the data is external."""
     train_manifest = Path(run.config["data"])
     source = Path(data) if data is not None else train_manifest
-    manifest = read_manifest(source)
     manifest_dir = source if source.is_dir() else source.parent
     external = manifest_dir.resolve() != (train_manifest if train_manifest.is_dir() else train_manifest.parent).resolve()
+    manifest = read_manifest(source) if external else read_training_manifest(run)
     if external:
         if split != "test":  # test is the default; any other value would be silently dropped
             raise CxrFastError(f"--split {split} applies to the training manifest; with --data every image of "
@@ -60,10 +60,7 @@ def select_items(run: Run, data: str | Path | None, split: str) -> tuple[pd.Data
         if items.empty:
             raise CxrFastError(f"{source}: the manifest has no '{split}' images")
         if split != "test":
-            why = ("the model learned from these images" if split == "train" else
-                   "the kept epoch and the temperature were chosen on these images")
-            warnings.warn(f"scores on the {split} split are optimistic: {why}; the test split is the fair one",
-                          stacklevel=2)
+            warnings.warn(optimistic_note(split), stacklevel=2)
     unknown = sorted(set(items["label"]) - set(run.classes))
     if unknown:
         raise CxrFastError(f"{source}: labels {unknown} are not classes of this model {run.classes}")
@@ -71,6 +68,13 @@ def select_items(run: Run, data: str | Path | None, split: str) -> tuple[pd.Data
     if missing:
         raise CxrFastError(f"{source}: {len(missing)} listed images no longer exist, e.g. {missing[0]}")
     return items.reset_index(drop=True), f"{manifest_dir.name}-{split_name}", external
+
+
+def optimistic_note(split: str) -> str:
+    """Why scores on the train or valid split flatter the model: said on the console and in the report."""
+    why = ("the model learned from these images" if split == "train" else
+           "the kept epoch and the temperature were chosen on these images")
+    return f"scores on the {split} split are optimistic: {why}; the test split is the fair one"
 
 
 def manifest_folder(run: Run, data: str | Path | None) -> str:
@@ -269,6 +273,8 @@ def evaluate(run_dir: str | Path, data: str | Path | None = None, split: str = "
             cautions.insert(0, seen)
         if external and shift is None:
             cautions.append(f"Distribution-shift check skipped: {metrics['shift']['skipped']}")
+        if not external and split != "test":
+            cautions.insert(0, optimistic_note(split).capitalize() + ".")
         sections = [
             Section("Curves", text="One-vs-rest ROC and precision-recall curves per class.",
                     figures=["roc_curves", "pr_curves"]),

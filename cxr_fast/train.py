@@ -488,6 +488,7 @@ def run_config(model: torch.nn.Module, cfg: TrainConfig, state: dict) -> dict:
         "seed": cfg.seed,
         "lr": state["lr"],
         "data": state["data"],
+        "manifest_sha256": state.get("manifest_sha256"),  # evaluate refuses the manifest if it changes later
         "temperature": 1.0,
         "versions": library_versions(),
         "created": datetime.now().isoformat(timespec="seconds"),

@@ -173,3 +173,12 @@ def test_an_interrupted_build_leaves_no_folder_to_be_taken_for_a_bundle(tiny_run
     assert not (tmp_path / "ens").exists()  # so the same command can simply be run again
     monkeypatch.undo()
     assert load_run(build_ensemble(tiny_runs, tmp_path / "ens", progress=False)).metrics["valid_balanced_accuracy"]
+
+
+def test_members_trained_on_different_versions_of_a_manifest_are_refused(tiny_runs, ensemble_dir, tmp_path):
+    assert load_run(ensemble_dir).config["manifest_sha256"] == load_run(tiny_runs[0]).config["manifest_sha256"]
+    other = shutil.copytree(tiny_runs[1], tmp_path / "other")
+    config = json.loads((other / "config.json").read_text())
+    (other / "config.json").write_text(json.dumps({**config, "manifest_sha256": "0" * 64}))
+    with pytest.raises(CxrFastError, match="trained on different versions of that manifest"):
+        build_ensemble([tiny_runs[0], other], tmp_path / "ens", progress=False)

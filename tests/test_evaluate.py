@@ -200,3 +200,36 @@ def test_two_datasets_in_folders_of_one_name_get_their_own_results(tiny_runs, ti
     assert json.loads((two.out_dir / "metrics.json").read_text())["manifest"] == str(second.resolve())
     with pytest.raises(CxrFastError, match="add --force"):  # the same dataset again is still refused
         evaluate(run, data=second, n_boot=50, progress=False)
+
+
+
+def test_a_manifest_prepared_again_since_training_is_refused(tiny_runs, tmp_path):
+    # Preparing again into the run's data folder (another seed, more images) reshuffles the splits: the "test"
+    # images would then include ones the model learned from, and every score would be silently inflated.
+    from cxr_fast.interpret import interpret
+
+    data = shutil.copytree(load_run(tiny_runs[0]).config["data"], tmp_path / "data")
+    runs = []
+    for name, original in (("run", tiny_runs[0]), ("other", tiny_runs[1])):
+        run = shutil.copytree(original, tmp_path / name)
+        config = json.loads((run / "config.json").read_text())
+        assert config["manifest_sha256"]
+        (run / "config.json").write_text(json.dumps({**config, "data": str(data)}))
+        runs.append(run)
+    evaluate(runs[0])  # the manifest as trained on
+    manifest = data / "manifest.csv"
+    manifest.write_bytes(manifest.read_bytes().replace(b",train,", b",test,", 1))  # a training image now "test"
+    for score in (lambda: evaluate(runs[0], force=True), lambda: compare_runs(runs, out=tmp_path / "c"),
+                  lambda: interpret(runs[0], n=1, audit_n=1, progress=False)):
+        with pytest.raises(CxrFastError, match=f"{data}: the manifest changed since run was trained on it") as e:
+            score()
+        assert "\n" not in str(e.value)
+
+
+def test_the_report_of_a_fitted_split_says_it_is_optimistic(tiny_runs, tmp_path):
+    run = shutil.copytree(tiny_runs[0], tmp_path / "run")
+    with pytest.warns(UserWarning, match="optimistic"):
+        result = evaluate(run, split="valid", n_boot=50, progress=False)
+    assert "Scores on the valid split are optimistic" in (result.out_dir / "report.html").read_text()
+    plain = evaluate(run, n_boot=50, progress=False)
+    assert "optimistic" not in (plain.out_dir / "report.html").read_text()
