@@ -6,6 +6,7 @@ lacks either, or whose weights do not fit the architecture, is refused with a on
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -58,12 +59,54 @@ def state_dict_problem(e: BaseException) -> str:
     return detail if len(detail) <= 200 else detail[:197] + "…"
 
 
+RUN_FORMAT = "cxr_fast-run/1"
+
+
+def config_problem(config) -> str | None:
+    """What makes a run's config.json unusable, or None. Checked on loading, so an edited or damaged file is one
+    line naming it, not a traceback (or wrong figures) after every image has been predicted."""
+    if not isinstance(config, dict) or not isinstance(config.get("model"), dict):
+        return "not a cxr_fast run config (no 'model')"
+    if config.get("format", RUN_FORMAT) != RUN_FORMAT:
+        return f"format {config['format']!r} is not {RUN_FORMAT!r}, the one this cxr_fast reads"
+    missing = [key for key in ("classes", "n_in", "size", "mean", "std", "data") if key not in config]
+    if missing:
+        return f"lacks {', '.join(missing)}"
+    classes, n_in, size = config["classes"], config["n_in"], config["size"]
+    if not (isinstance(classes, list) and len(classes) >= 2 and all(isinstance(c, str) and c for c in classes)):
+        return f"classes must be a list of two or more names, got {classes!r}"
+    if config["model"].get("n_classes", len(classes)) != len(classes):
+        return f"{len(classes)} classes, but the model has {config['model']['n_classes']} outputs"
+    if not (isinstance(n_in, int) and n_in in (1, 3)) or config["model"].get("n_in", n_in) != n_in:
+        return f"n_in must be 1 or 3 and match the model's ({config['model'].get('n_in')}), got {n_in!r}"
+    if not (isinstance(size, int) and size >= 16):
+        return f"size must be a whole number of pixels ≥ 16, got {size!r}"
+    for key in ("mean", "std"):
+        values = config[key]
+        if not (isinstance(values, list) and len(values) == n_in and all(_is_number(v) for v in values)):
+            return f"{key} must be {n_in} number{'s' if n_in > 1 else ''}, got {values!r}"
+    if not all(v > 0 for v in config["std"]):
+        return f"std must be positive, got {config['std']!r}"
+    temperature = config.get("temperature", 1.0)
+    if not (_is_number(temperature) and temperature > 0):
+        return f"temperature must be a positive number, got {temperature!r}"
+    return None
+
+
+def _is_number(value) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+
+
 def load_run(path: str | Path, *, finishing: bool = False) -> Run:
     """The run bundle in `path`. A folder still holding a training checkpoint is refused: its config.json and
     weights may be there while its temperature, metrics or seen images are not yet (`finishing`: the trainer
     itself, writing them)."""
     path = Path(path)
     config_path, weights_path = path / "config.json", path / "model.safetensors"
+    if not path.exists():
+        raise CxrFastError(f"{path}: no such run folder")
+    if not path.is_dir():
+        raise CxrFastError(f"{path}: a file, not a run folder (give the folder that holds config.json)")
     if not finishing and (path / "checkpoint" / "state.json").is_file():
         raise CxrFastError(f"{path}: an interrupted training run, not a finished bundle; continue it with "
                            f"`cxrfast train --data DATA --out {path} --resume`")
@@ -71,9 +114,13 @@ def load_run(path: str | Path, *, finishing: bool = False) -> Run:
         if not needed.is_file():
             raise CxrFastError(f"{path}: not a cxr_fast run bundle ({needed.name} missing)")
     config = read_json(config_path)
-    if "model" not in config or "classes" not in config:
-        raise CxrFastError(f"{config_path}: not a cxr_fast run config (no 'model' or 'classes')")
-    model = model_from_config(config["model"])
+    problem = config_problem(config)
+    if problem:
+        raise CxrFastError(f"{config_path}: {problem}")
+    try:
+        model = model_from_config(config["model"])
+    except CxrFastError as e:
+        raise CxrFastError(f"{config_path}: {e}") from None
     tensors = read_tensors(weights_path, "weights file")
     try:
         model.load_state_dict(tensors, strict=True)

@@ -78,7 +78,7 @@ def test_members_must_agree_on_classes_channels_and_manifest(tiny_runs, tmp_path
         build_ensemble(tiny_runs[:1], tmp_path / "one")
     for key, value, message in (("data", "/elsewhere/manifest", "the test split must be unseen"),
                                 ("classes", ["A", "B", "C"], "its classes"),
-                                ("n_in", 3, "its n_in")):
+                                ("n_in", 3, "n_in")):  # caught on loading: the model itself has 1 channel
         other = shutil.copytree(tiny_runs[1], tmp_path / key)
         config = json.loads((other / "config.json").read_text())
         config[key] = value

@@ -216,7 +216,7 @@ def test_a_manifest_prepared_again_since_training_is_refused(tiny_runs, tmp_path
         assert config["manifest_sha256"]
         (run / "config.json").write_text(json.dumps({**config, "data": str(data)}))
         runs.append(run)
-    evaluate(runs[0])  # the manifest as trained on
+    evaluate(runs[0], force=True)  # the manifest as trained on
     manifest = data / "manifest.csv"
     manifest.write_bytes(manifest.read_bytes().replace(b",train,", b",test,", 1))  # a training image now "test"
     for score in (lambda: evaluate(runs[0], force=True), lambda: compare_runs(runs, out=tmp_path / "c"),
@@ -229,7 +229,7 @@ def test_a_manifest_prepared_again_since_training_is_refused(tiny_runs, tmp_path
 def test_the_report_of_a_fitted_split_says_it_is_optimistic(tiny_runs, tmp_path):
     run = shutil.copytree(tiny_runs[0], tmp_path / "run")
     with pytest.warns(UserWarning, match="optimistic"):
-        result = evaluate(run, split="valid", n_boot=50, progress=False)
+        result = evaluate(run, split="valid", n_boot=50, force=True, progress=False)
     assert "Scores on the valid split are optimistic" in (result.out_dir / "report.html").read_text()
-    plain = evaluate(run, n_boot=50, progress=False)
+    plain = evaluate(run, n_boot=50, force=True, progress=False)
     assert "optimistic" not in (plain.out_dir / "report.html").read_text()

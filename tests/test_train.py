@@ -529,3 +529,32 @@ def test_mixed_precision_on_a_gpu_only(tiny_data, monkeypatch):
     monkeypatch.setattr("cxr_fast.train.gpu_available", lambda: True)  # train.py's decision alone sees a GPU
     learn, _ = build_learner(manifest, resolve_config(**TINY))
     assert any(isinstance(cb, MixedPrecision) for cb in learn.cbs)
+
+
+@pytest.mark.parametrize("edit, problem", [
+    (lambda c: c.pop("size"), "lacks size"),
+    (lambda c: c.pop("mean"), "lacks mean"),
+    (lambda c: c.update(temperature="abc"), "temperature must be a positive number, got 'abc'"),
+    (lambda c: c.update(temperature=-1), "temperature must be a positive number, got -1"),
+    (lambda c: c.update(size=0), "size must be a whole number of pixels ≥ 16, got 0"),
+    (lambda c: c.update(n_in=3), "n_in must be 1 or 3 and match the model's .1., got 3"),
+    (lambda c: c.update(std=[0]), r"std must be positive, got \[0\]"),
+    (lambda c: c.update(classes=["A", "B", "C", "D"]), "4 classes, but the model has 3 outputs"),
+    (lambda c: c.update(format="other/9"), "format 'other/9' is not 'cxr_fast-run/1'"),
+    (lambda c: c["model"].update(arch="convnet"), "convnet: unknown argument"),
+])
+def test_an_edited_config_is_refused_on_loading_naming_the_file(tiny_runs, tmp_path, edit, problem):
+    run = shutil.copytree(tiny_runs[0], tmp_path / "run")
+    config = json.loads((run / "config.json").read_text())
+    edit(config)
+    (run / "config.json").write_text(json.dumps(config))
+    with pytest.raises(CxrFastError, match=f"{run / 'config.json'}: {problem}") as e:
+        load_run(run)
+    assert "\n" not in str(e.value)
+
+
+def test_a_missing_run_folder_or_a_file_is_named_as_such(tiny_runs, tmp_path):
+    with pytest.raises(CxrFastError, match="nope: no such run folder"):
+        load_run(tmp_path / "nope")
+    with pytest.raises(CxrFastError, match="config.json: a file, not a run folder"):
+        load_run(tiny_runs[0] / "config.json")
