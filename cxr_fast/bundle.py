@@ -132,6 +132,12 @@ def load_run(path: str | Path, *, finishing: bool = False) -> Run:
     return Run(path=path, model=model, config=config, metrics=metrics)
 
 
+def run_labels(runs: list[Run]) -> list[str]:
+    """Each run's folder name, or its path as given where two runs share a name (runs/a and other/a)."""
+    names = [r.name for r in runs]
+    return [r.name if names.count(r.name) == 1 else str(r.path) for r in runs]
+
+
 def read_training_manifest(run: Run) -> pd.DataFrame:
     """The manifest the run was trained on, refused if it changed since: prepared again into the same folder (another
     seed, more images), its valid and test splits may hold images the model learned from, and every score on them

@@ -17,11 +17,12 @@ import numpy as np
 import pandas as pd
 import yaml
 
-from cxr_fast.bundle import Run, load_run, predict_logits, read_training_manifest
+from cxr_fast.bundle import Run, load_run, predict_logits, read_training_manifest, run_labels
 from cxr_fast.calibration import softmax
 from cxr_fast.errors import CxrFastError
 from cxr_fast.evaluate import compute_metrics
 from cxr_fast.metrics import mcnemar
+from cxr_fast.outputs import check_folder_path, replacing_folder
 
 
 @dataclass
@@ -92,8 +93,7 @@ def compare_runs(run_dirs: list[str | Path], *, out: str | Path | None = None, s
         raise CxrFastError(f"{', '.join(repeated)}: the same run is given twice; compare needs distinct runs")
     # Everything that can be refused is checked before the runs are scored, which takes minutes.
     out_dir = Path(out) if out else Path("models") / f"compare-{datetime.now():%Y%m%d-%H%M%S}"
-    if out_dir.exists() and any(out_dir.iterdir()):
-        raise CxrFastError(f"{out_dir}: already exists; choose another --out")
+    check_new_folder(out_dir)
     runs = [load_run(r) for r in run_dirs]
     manifests = sorted({str(Path(run.config["data"]).resolve()) for run in runs})
     if len(manifests) != 1:
@@ -101,6 +101,8 @@ def compare_runs(run_dirs: list[str | Path], *, out: str | Path | None = None, s
                            + ", ".join(manifests))
     scored = [score_run(run, split, n_boot) for run in runs]
     table = pd.DataFrame([s[0] for s in scored])
+    table["run"] = run_labels(runs)  # two runs of one folder name (a/cxr, b/cxr) keep apart in every table
+    table["seed"] = table["seed"].astype("Int64")  # an ensemble has none: a whole number or blank, not 0.0 / NaN
     y = scored[0][2]
     tests = []
     for (i, a), (j, b) in itertools.combinations(enumerate(scored), 2):
@@ -108,8 +110,17 @@ def compare_runs(run_dirs: list[str | Path], *, out: str | Path | None = None, s
         tests.append({"model_a": table["run"][i], "model_b": table["run"][j], **result})
     summary = summarise(table)
     comparison = Comparison(out_dir, table, summary, pd.DataFrame(tests))
-    write_comparison(comparison)
+    # Written aside and renamed into place: a compare stopped part-way leaves no half-written --out to block a rerun.
+    with replacing_folder(out_dir, force=True, what="a comparison") as work:  # out_dir is absent or empty here
+        write_comparison(comparison, work)
     return comparison
+
+
+def check_new_folder(out_dir: Path) -> None:
+    """Refuse, before minutes of work, an --out that is a file, lies under one, or already holds something."""
+    check_folder_path(out_dir, "--out")
+    if out_dir.exists() and any(out_dir.iterdir()):
+        raise CxrFastError(f"{out_dir}: already exists; choose another --out")
 
 
 def summarise(table: pd.DataFrame) -> pd.DataFrame:
@@ -124,24 +135,23 @@ def summarise(table: pd.DataFrame) -> pd.DataFrame:
     return summary.sort_values("balanced_accuracy", ascending=False).reset_index(drop=True)
 
 
-def write_comparison(c: Comparison) -> None:
+def write_comparison(c: Comparison, folder: Path) -> None:
     import matplotlib.pyplot as plt
 
     from cxr_fast.plots import plot_comparison
     from cxr_fast.report import Section, write_report
 
-    c.out_dir.mkdir(parents=True, exist_ok=True)
-    c.table.to_csv(c.out_dir / "runs.csv", index=False)
-    c.summary.to_csv(c.out_dir / "comparison.csv", index=False)
-    c.mcnemar.to_csv(c.out_dir / "mcnemar.csv", index=False)
+    c.table.to_csv(folder / "runs.csv", index=False)
+    c.summary.to_csv(folder / "comparison.csv", index=False)
+    c.mcnemar.to_csv(folder / "mcnemar.csv", index=False)
     figure = plot_comparison(c.summary.rename(columns={"arch": "name"}))
     shown = c.summary[["arch", "runs", "balanced_accuracy", "balanced_accuracy_sd", "ci_low", "ci_high", "macro_f1",
                        "macro_roc_auc", "ece", "params", "train_seconds", "images_per_s"]]
-    write_report(c.out_dir, "Architecture comparison", [
+    write_report(folder, "Architecture comparison", [
         Section("Summary", text="Balanced accuracy on the shared test split: mean ± sd across seeds, with the mean "
                 "95 % bootstrap interval. ECE after temperature scaling. Training time on this machine's CPU.",
                 table=shown, figures=["comparison"]),
-        Section("Runs", table=c.table.drop(columns=["data"])),
+        Section("Runs", table=c.table.drop(columns=["data", "setting"])),  # setting: the recipe as JSON, for runs.csv
         Section("McNemar tests", text="Pairwise on the same test images: a small p-value means the two models' "
                 "error rates differ.", table=c.mcnemar),
     ], {"comparison": figure})
@@ -166,8 +176,7 @@ def compare_archs(data: str | Path, archs: list[str] = (), *, recipe: str | Path
         return distributed.launch_training(nproc, data, cfg, out=run_out, quiet=quiet)
 
     out_dir = Path(out) if out else Path("models") / f"compare-{datetime.now():%Y%m%d-%H%M%S}"
-    if out_dir.exists() and any(out_dir.iterdir()):
-        raise CxrFastError(f"{out_dir}: already exists; choose another --out")
+    check_new_folder(out_dir)
     if not archs and not recipes:
         raise CxrFastError("compare needs --archs or --recipes to train")
     # Every run's folder, and every recipe error, is known before the first run trains. Runs of a recipe are named

@@ -135,7 +135,7 @@ def build_ensemble(runs: Sequence[str | Path], out: str | Path | None = None, pr
 def _write_bundle(run_dir: Path, model: AveragedEnsemble, model_cfg: dict, loaded: list, progress: bool) -> None:
     """config.json is written last: a folder without it is not a bundle, so a build killed part-way is never loaded
     as a finished one."""
-    from cxr_fast.bundle import Run
+    from cxr_fast.bundle import Run, run_labels
     from cxr_fast.train import library_versions
 
     first, lead = loaded[0], max(loaded, key=lambda r: r.size)
@@ -159,7 +159,7 @@ def _write_bundle(run_dir: Path, model: AveragedEnsemble, model_cfg: dict, loade
         "created": datetime.now().isoformat(timespec="seconds"),
     }
     _merge_seen([r.path for r in loaded], run_dir)
-    labels = member_labels(loaded)
+    labels = run_labels(loaded)
     metrics = {"members": {label: r.metrics.get("valid_balanced_accuracy") for label, r in zip(labels, loaded, strict=True)},
                "train_seconds": sum(r.metrics.get("train_seconds") or 0.0 for r in loaded),
                "parameters": int(sum(p.numel() for p in model.parameters())),
@@ -167,12 +167,6 @@ def _write_bundle(run_dir: Path, model: AveragedEnsemble, model_cfg: dict, loade
     metrics.update(_score_valid(Run(path=run_dir, model=model, config=config), progress))
     write_text(run_dir / "metrics.json", json.dumps(metrics, indent=2))
     write_text(run_dir / "config.json", json.dumps(config, indent=2))
-
-
-def member_labels(runs) -> list[str]:
-    """Each member's folder name, or its path as given where two members share a name (runs/a and other/a)."""
-    names = [r.name for r in runs]
-    return [r.name if names.count(r.name) == 1 else str(r.path) for r in runs]
 
 
 def _merge_seen(member_dirs: list[Path], run_dir: Path) -> None:

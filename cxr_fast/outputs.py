@@ -37,9 +37,14 @@ def replacing_folder(out_dir: Path, *, force: bool, what: str) -> Iterator[Path]
     except BaseException:
         shutil.rmtree(partial, ignore_errors=True)
         raise
+    # The old results are moved aside before the new ones take their name and deleted only after: a kill at any
+    # point leaves one of them whole (in `out_dir`, or in `.NAME.old` beside it).
+    old = out_dir.with_name(f".{out_dir.name}.old")
+    shutil.rmtree(old, ignore_errors=True)
     if out_dir.exists():
-        shutil.rmtree(out_dir)
+        out_dir.rename(old)
     partial.rename(out_dir)
+    shutil.rmtree(old, ignore_errors=True)
 
 
 def write_text(path: Path, text: str) -> None:

@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 
 from cxr_fast.errors import CxrFastError
 
@@ -53,7 +54,7 @@ class _SummarySection(Section):
 
 
 def _is_missing(value) -> bool:
-    return value is None or (isinstance(value, (float, np.floating)) and math.isnan(value))
+    return value is None or value is pd.NA or (isinstance(value, (float, np.floating)) and math.isnan(value))
 
 
 def format_value(value, digits: int = 3) -> str:

@@ -233,3 +233,31 @@ def test_the_report_of_a_fitted_split_says_it_is_optimistic(tiny_runs, tmp_path)
     assert "Scores on the valid split are optimistic" in (result.out_dir / "report.html").read_text()
     plain = evaluate(run, n_boot=50, force=True, progress=False)
     assert "optimistic" not in (plain.out_dir / "report.html").read_text()
+
+
+def test_a_stopped_compare_leaves_no_half_written_out_and_a_file_as_out_is_refused(tiny_runs, tmp_path, monkeypatch):
+    import cxr_fast.report
+
+    def interrupt(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(cxr_fast.report, "write_report", interrupt)  # Ctrl-C after the CSV files, before the page
+    with pytest.raises(KeyboardInterrupt):
+        compare_runs(tiny_runs, out=tmp_path / "cmp", n_boot=20)
+    assert not (tmp_path / "cmp").exists() and not list(tmp_path.glob(".cmp*"))
+    monkeypatch.undo()
+    assert (compare_runs(tiny_runs, out=tmp_path / "cmp", n_boot=20).out_dir / "report.html").is_file()
+    (tmp_path / "afile").write_text("keep")
+    for out in (tmp_path / "afile", tmp_path / "afile" / "sub"):
+        with pytest.raises(CxrFastError, match="afile: exists and is not a folder"):
+            compare_runs(tiny_runs, out=out, n_boot=20)
+
+
+def test_compare_tells_apart_runs_of_one_folder_name(tiny_runs, tmp_path):
+    namesake = shutil.copytree(tiny_runs[1], tmp_path / "elsewhere" / tiny_runs[0].name)
+    result = compare_runs([tiny_runs[0], namesake], out=tmp_path / "cmp", n_boot=20)
+    assert list(result.table["run"]) == [str(tiny_runs[0]), str(namesake)]
+    assert (result.mcnemar["model_a"] != result.mcnemar["model_b"]).all()
+    assert str(result.table["seed"].dtype) == "Int64"
+    runs_table = (tmp_path / "cmp" / "report.md").read_text()
+    assert '{"' not in runs_table  # the recipe's JSON stays in runs.csv

@@ -1,3 +1,5 @@
+from pathlib import Path
+
 import pytest
 
 from cxr_fast.errors import CxrFastError
@@ -21,3 +23,26 @@ def test_old_results_survive_a_failed_redo(tmp_path):
     with replacing_folder(out, force=True, what="an evaluation") as work:
         (work / "metrics.json").write_text("new")
     assert (out / "metrics.json").read_text() == "new"
+
+
+def test_a_kill_while_old_results_are_replaced_leaves_them_whole_beside_the_folder(tmp_path, monkeypatch):
+    # The old folder is moved aside, not deleted, before the new one takes its name: a kill between the two steps
+    # leaves the old results whole in .NAME.old (deleting them first could leave neither).
+    out = tmp_path / "eval"
+    out.mkdir()
+    (out / "report.html").write_text("old")
+    real_rename = Path.rename
+
+    def killed_at_the_second_rename(self, target):
+        if self.name.endswith(".partial"):
+            raise KeyboardInterrupt
+        return real_rename(self, target)
+
+    monkeypatch.setattr(Path, "rename", killed_at_the_second_rename)
+    with pytest.raises(KeyboardInterrupt), replacing_folder(out, force=True, what="an evaluation") as work:
+        (work / "report.html").write_text("new")
+    assert (tmp_path / ".eval.old" / "report.html").read_text() == "old"
+    monkeypatch.undo()
+    with replacing_folder(out, force=True, what="an evaluation") as work:
+        (work / "report.html").write_text("new")
+    assert (out / "report.html").read_text() == "new" and not (tmp_path / ".eval.old").exists()
