@@ -96,6 +96,8 @@ def build_ensemble(runs: Sequence[str | Path], out: str | Path | None = None, pr
     from cxr_fast.bundle import load_run
     from cxr_fast.train import new_run_dir
 
+    if isinstance(runs, str | Path):  # a string would be taken letter by letter
+        raise CxrFastError(f"an ensemble takes a list of run folders, got the single path {str(runs)!r}")
     if len(runs) < 2:
         raise CxrFastError("an ensemble needs at least two run folders")
     seen: dict[Path, str | Path] = {}
@@ -104,6 +106,14 @@ def build_ensemble(runs: Sequence[str | Path], out: str | Path | None = None, pr
             raise CxrFastError(f"{r}: given twice (as {seen[Path(r).resolve()]}); an ensemble averages different runs")
         seen[Path(r).resolve()] = r
     loaded = [load_run(r) for r in runs]
+    within: dict[Path, Path] = {}  # a member of an ensemble given as a member, and the ensemble it is in
+    for run in loaded:
+        for member in run.config.get("members") or []:
+            within[Path(member).resolve()] = run.path
+    for run in loaded:
+        if run.path.resolve() in within:
+            raise CxrFastError(f"{run.path}: already a member of {within[run.path.resolve()]}; it would be weighted "
+                               "twice (give that ensemble's members instead)")
     first = loaded[0]
     for run in loaded[1:]:
         for key in ("classes", "n_in", "data", "manifest_sha256"):

@@ -84,6 +84,9 @@ def check_new_out(out: str | Path | None) -> None:
     if out.exists() and any(out.iterdir()):
         if (out / CHECKPOINT_DIR / "state.json").exists():
             raise CxrFastError(f"{out}: an interrupted run is here; add --resume to continue it")
+        if (out / "model.safetensors").exists() and not (out / "config.json").exists():
+            raise CxrFastError(f"{out}: holds an unfinished bundle (weights without config.json: a build that was "
+                               "killed?); delete the folder or choose another --out")
         raise CxrFastError(f"{out}: already exists; a new run never overwrites an old one (choose another --out)")
 
 

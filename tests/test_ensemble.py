@@ -182,3 +182,22 @@ def test_members_trained_on_different_versions_of_a_manifest_are_refused(tiny_ru
     (other / "config.json").write_text(json.dumps({**config, "manifest_sha256": "0" * 64}))
     with pytest.raises(CxrFastError, match="trained on different versions of that manifest"):
         build_ensemble([tiny_runs[0], other], tmp_path / "ens", progress=False)
+
+
+def test_a_run_inside_an_ensemble_given_beside_it_is_refused(ensemble_dir, tiny_runs, tmp_path):
+    with pytest.raises(CxrFastError, match=f"{tiny_runs[0]}: already a member of {ensemble_dir}; it would be weighted twice"):
+        build_ensemble([ensemble_dir, tiny_runs[0]], tmp_path / "ens", progress=False)
+    assert not (tmp_path / "ens").exists()
+
+
+def test_one_path_instead_of_a_list_and_a_killed_build_s_leftovers_are_named(tiny_runs, tmp_path):
+    from cxr_fast.compare import compare_runs
+
+    for build in (build_ensemble, compare_runs):
+        with pytest.raises(CxrFastError, match="takes a list of run folders, got the single path"):
+            build(str(tiny_runs[0]))
+    killed = tmp_path / "ens"  # what a SIGKILL part-way through an ensemble leaves
+    killed.mkdir()
+    shutil.copy(tiny_runs[0] / "model.safetensors", killed)
+    with pytest.raises(CxrFastError, match="holds an unfinished bundle .weights without config.json"):
+        build_ensemble(tiny_runs, killed, progress=False)
