@@ -170,8 +170,9 @@ def train(
         if ignored:
             err_console.print(f"[yellow]--resume continues with the run's own settings; ignored: {', '.join(ignored)}[/]",
                               highlight=False, soft_wrap=True)
-    if distributed and not ddp.is_distributed():
-        run_dir = ddp.launch_training(nproc or ddp.default_nproc(), data, cfg, out=out, resume=resume)
+    processes = _processes(distributed, nproc)
+    if processes and not ddp.is_distributed():
+        run_dir = ddp.launch_training(processes, data, cfg, out=out, resume=resume)
     else:  # one process, or one of torchrun's (train() reads its environment)
         try:
             run_dir = train_run(data, cfg, out=out, resume=resume)
@@ -182,6 +183,18 @@ def train(
             raise typer.Exit(130) from None  # the shell's code for Ctrl-C
     if ddp.is_main():
         _print_run_summary(run_dir)
+
+
+def _processes(distributed: bool, nproc: int | None) -> int | None:
+    """The number of training processes to launch, or None for one: --nproc only counts with --distributed, and 0
+    must not quietly mean the default."""
+    from cxr_fast import distributed as ddp
+
+    if nproc is not None and not distributed:
+        raise CxrFastError("--nproc applies with --distributed; add it, or leave --nproc out")
+    if nproc is not None and nproc < 1:
+        raise CxrFastError(f"--nproc must be at least 1, got {nproc}")
+    return (nproc or ddp.default_nproc()) if distributed else None
 
 
 @app.command("ensemble")
@@ -261,7 +274,7 @@ def compare(
     archs: Annotated[str | None, typer.Option(help="Comma-separated architectures to train and compare.")] = None,
     recipe: Annotated[Path | None, typer.Option(help="Recipe shared by all architectures.")] = None,
     recipes: Annotated[str | None, typer.Option(help="Comma-separated recipes (names in recipes/ or files), each trained as it says.")] = None,
-    seeds: Annotated[str, typer.Option(help="Comma-separated seeds, e.g. 0,1,2.")] = "0",
+    seeds: Annotated[str | None, typer.Option(help="Comma-separated seeds, e.g. 0,1,2 (default 0).")] = None,
     epochs: Annotated[int | None, typer.Option(help="Epoch budget for every architecture.")] = None,
     size: Annotated[int | None, typer.Option(help="Image size for every architecture.")] = None,
     out: Annotated[Path | None, typer.Option(help="Output folder (default models/compare-<time>).")] = None,
@@ -269,10 +282,9 @@ def compare(
     nproc: Annotated[int | None, typer.Option(help="With --distributed: processes per run (default: one per GPU, else 2).")] = None,
 ):
     """Compare architectures on one test split: balanced accuracy with CI, F1, AUC, ECE, size, speed, McNemar."""
-    from cxr_fast import distributed as ddp
     from cxr_fast.compare import compare_archs, compare_runs
 
-    if (distributed or nproc) and not (archs or recipes):
+    if (distributed or nproc is not None) and not (archs or recipes):
         raise CxrFastError("--distributed/--nproc apply to training: give --archs or --recipes with --data")
 
     if archs or recipes:
@@ -281,16 +293,16 @@ def compare(
         if runs:
             raise CxrFastError("give existing runs, or --archs/--recipes to train new ones, not both")
         try:
-            seed_list = [int(s) for s in seeds.split(",")]
+            seed_list = [int(s) for s in (seeds or "0").split(",")]
         except ValueError:
             raise CxrFastError(f"--seeds must be integers like 0,1,2, got {seeds!r}") from None
         result = compare_archs(data, _names(archs), recipe=recipe, recipes=_names(recipes), seeds=seed_list,
                                out=out, epochs=epochs, size=size,
-                               nproc=(nproc or ddp.default_nproc()) if distributed else None)
+                               nproc=_processes(distributed, nproc))
     else:
         # these steer training: with existing runs they would be dropped, and the table would not be what was asked
         training_only = [flag for flag, value in (("--data", data), ("--recipe", recipe), ("--epochs", epochs),
-                                                  ("--size", size)) if value is not None] + (["--seeds"] if seeds != "0" else [])
+                                                  ("--size", size), ("--seeds", seeds)) if value is not None]
         if training_only:
             raise CxrFastError(f"{', '.join(training_only)} apply to --archs/--recipes, which train new runs; existing "
                                "runs are compared on their own test split (for another dataset, evaluate each run with "

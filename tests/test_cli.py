@@ -147,3 +147,19 @@ def test_compare_refuses_training_options_with_existing_runs_and_repeats_before_
         assert result.exit_code == 1 and "given twice" in result.output
     result = invoke("compare", *tiny_runs, "--data", tiny_data, "--archs", "cxresnet_tiny", "--out", tmp_path / "c3")
     assert result.exit_code == 1 and "not both" in result.output
+
+
+def test_process_and_seed_options_are_refused_where_they_would_be_dropped(tiny_runs, tiny_data, tmp_path, monkeypatch):
+    import cxr_fast.train
+
+    monkeypatch.setattr(cxr_fast.train, "train", lambda *a, **k: pytest.fail("trained before refusing"))
+    for args, said in (
+        (("train", "--data", tiny_data, "--arch", "cxresnet_tiny", "--nproc", 2), "--nproc applies with --distributed"),
+        (("compare", "--data", tiny_data, "--archs", "cxresnet_tiny", "--nproc", 2), "--nproc applies with --distributed"),
+        (("compare", "--data", tiny_data, "--archs", "cxresnet_tiny", "--distributed", "--nproc", 0),
+         "--nproc must be at least 1, got 0"),
+        (("compare", *tiny_runs, "--seeds", "0"), "--seeds apply to --archs/--recipes"),
+    ):
+        result = invoke(*args, "--out", tmp_path / "out")
+        assert result.exit_code == 1 and said in result.output.replace("\n", ""), result.output
+    assert not (tmp_path / "out").exists()
