@@ -239,6 +239,10 @@ def test_too_large_is_refused_from_the_header(tmp_path, monkeypatch):
     (tmp_path / "big.png").write_bytes(huge_png_header(9_000, 9_000))
     assert reason_for(tmp_path / "bomb.png") == "too-large"
     assert reason_for(tmp_path / "big.png") == "too-large"
+    # and worded alike, whichever limit caught them
+    for name, claimed in (("bomb.png", "900 megapixels"), ("big.png", "9000x9000 pixels")):
+        with pytest.raises(ImageReadError, match=f"{name}: header claims {claimed}, more than the 64 megapixel limit"):
+            read_image(tmp_path / name)
     Image.fromarray(smooth_image(9, 100, 100)).save(tmp_path / "ok.png")
     monkeypatch.setattr(io, "MAX_PIXELS", 5_000)
     assert reason_for(tmp_path / "ok.png") == "too-large"
