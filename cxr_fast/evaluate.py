@@ -199,6 +199,9 @@ def shift_warning(shift: dict) -> str:
 
 def compute_metrics(y: np.ndarray, logits: np.ndarray, classes: list[str], temperature: float,
                     n_boot: int = 1000, seed: int = 0) -> dict:
+    """Every figure of an evaluation from labels `y` [N] and raw `logits` [N, K]: accuracy, balanced accuracy,
+    per-class precision/recall/F1, ROC and PR AUCs, with `n_boot` bootstrap 95 % intervals, and ECE and NLL before
+    and after dividing the logits by `temperature`."""
     probs = softmax(logits)
     calibrated = softmax(logits, temperature)
     metrics = classification_metrics(y, probs, classes)
@@ -231,6 +234,10 @@ def evaluation_figures(y, logits, classes, temperature, metrics) -> dict:
 
 def evaluate(run_dir: str | Path, data: str | Path | None = None, split: str = "test", *, tta: bool = False,
              n_boot: int = 1000, force: bool = False, progress: bool = True) -> Evaluation:
+    """`cxrfast evaluate`: score the run in `run_dir` on its manifest's `split`, or on every image of another
+    prepared collection `data` less those the model learned from, and write report.html, metrics.json and
+    predictions.csv into RUN/eval/<data>-<split>/ (replaced only with `force`). `tta` averages each prediction over
+    the image and three small crops."""
     import matplotlib.pyplot as plt
 
     from cxr_fast.report import Section, write_metrics_json, write_report

@@ -155,6 +155,10 @@ def _np(t) -> np.ndarray:
 def interpret(run_dir: str | Path, data: str | Path | None = None, split: str = "test", *, n: int = 16,
               audit_n: int = 48, methods=("occlusion",), window: int | None = None, stride: int | None = None,
               baseline: str = "black", force: bool = False, progress: bool = True) -> Interpretation:
+    """`cxrfast interpret`: fastai's top losses (the `n` wrong predictions with the highest loss) and `audit_n`
+    correct ones of every class, each with an occlusion map (`window`/`stride` in pixels, default 1/8 of the size
+    and half that), a shortcut audit of where the evidence lies (lungs, borders, text markers), a deletion check of
+    the maps' faithfulness, and gallery.html, audit.json and top_losses.csv in RUN/interpret/<data>-<split>/."""
     from rich.progress import Progress
 
     from cxr_fast import gallery

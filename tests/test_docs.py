@@ -119,3 +119,12 @@ def test_every_name_the_docs_import_exists():
                 exec(compile(ast.Module([node], type_ignores=[]), page, "exec"), {})  # noqa: S102
                 checked += 1
     assert checked >= 4  # the examples are still found (using-a-model.md, scaling-out.md)
+
+
+def test_the_api_reference_documents_the_function_behind_every_command(site):
+    page = (site / "api" / "index.html").read_text(encoding="utf-8")
+    for function in ("cxr_fast.data.manifest.prepare", "cxr_fast.train.train", "cxr_fast.ensemble.build_ensemble",
+                     "cxr_fast.evaluate.evaluate", "cxr_fast.compare.compare_runs", "cxr_fast.compare.compare_archs",
+                     "cxr_fast.interpret.interpret", "cxr_fast.predict.predict", "cxr_fast.export.export_onnx",
+                     "cxr_fast.serve.serve"):
+        assert f'id="{function}"' in page, f"{function} is missing from docs/api.md's page"
