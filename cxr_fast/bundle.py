@@ -16,7 +16,7 @@ import torch
 from rich.progress import Progress
 
 from cxr_fast.archs import model_from_config
-from cxr_fast.data.manifest import image_column, manifest_digest, read_manifest
+from cxr_fast.data.manifest import image_column, manifest_csv, manifest_digest, read_manifest
 from cxr_fast.errors import CxrFastError, read_json, read_tensors
 from cxr_fast.preprocess import load_input
 
@@ -73,13 +73,14 @@ def config_problem(config) -> str | None:
     if missing:
         return f"lacks {', '.join(missing)}"
     classes, n_in, size = config["classes"], config["n_in"], config["size"]
-    if not (isinstance(classes, list) and len(classes) >= 2 and all(isinstance(c, str) and c for c in classes)):
-        return f"classes must be a list of two or more names, got {classes!r}"
+    if not (isinstance(classes, list) and len(classes) >= 2 and all(isinstance(c, str) and c for c in classes)
+            and len(set(classes)) == len(classes)):
+        return f"classes must be a list of two or more different names, got {classes!r}"
     if config["model"].get("n_classes", len(classes)) != len(classes):
         return f"{len(classes)} classes, but the model has {config['model']['n_classes']} outputs"
-    if not (isinstance(n_in, int) and n_in in (1, 3)) or config["model"].get("n_in", n_in) != n_in:
+    if not (_is_whole(n_in) and n_in in (1, 3)) or config["model"].get("n_in", n_in) != n_in:
         return f"n_in must be 1 or 3 and match the model's ({config['model'].get('n_in')}), got {n_in!r}"
-    if not (isinstance(size, int) and size >= 16):
+    if not (_is_whole(size) and size >= 16):
         return f"size must be a whole number of pixels ≥ 16, got {size!r}"
     for key in ("mean", "std"):
         values = config[key]
@@ -95,6 +96,10 @@ def config_problem(config) -> str | None:
 
 def _is_number(value) -> bool:
     return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _is_whole(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
 
 
 def load_run(path: str | Path, *, finishing: bool = False) -> Run:
@@ -138,17 +143,22 @@ def run_labels(runs: list[Run]) -> list[str]:
     return [r.name if names.count(r.name) == 1 else str(r.path) for r in runs]
 
 
-def read_training_manifest(run: Run) -> pd.DataFrame:
-    """The manifest the run was trained on, refused if it changed since: prepared again into the same folder (another
-    seed, more images), its valid and test splits may hold images the model learned from, and every score on them
-    would be inflated without a sign."""
+def check_training_manifest(run: Run) -> None:
+    """Refuse the manifest the run was trained on if its split changed since: prepared again into the same folder
+    (another seed, more images), its valid and test splits may hold images the model learned from, and every score
+    on them would be inflated without a sign. Nothing to check when the manifest is gone (read_manifest says so)."""
     data = run.config["data"]
     recorded = run.config.get("manifest_sha256")  # bundles written before this check have none
-    if recorded and manifest_digest(data) != recorded:
+    if recorded and manifest_csv(data).is_file() and manifest_digest(data) != recorded:
         raise CxrFastError(f"{data}: the manifest changed since {run.name} was trained on it (prepared again?); its "
                            "test split may now hold images the model learned from. Train again on it, or evaluate "
                            "on a copy of the new data as another collection (--data)")
-    return read_manifest(data)
+
+
+def read_training_manifest(run: Run) -> pd.DataFrame:
+    """The manifest the run was trained on, after `check_training_manifest`."""
+    check_training_manifest(run)
+    return read_manifest(run.config["data"])
 
 
 def iter_batches(run: Run, files: list[str], bs: int):

@@ -11,11 +11,11 @@ Confidence is the top-label probability (the probability of the predicted class)
 from __future__ import annotations
 
 import numpy as np
-from scipy.optimize import minimize_scalar
-from scipy.special import logsumexp
 
 from cxr_fast.errors import CxrFastError
-from cxr_fast.metrics import check_labels_scores
+
+# scipy and cxr_fast.metrics (sklearn) are imported inside the functions that use them: predict and serve import
+# `softmax` from here and would otherwise take over a second longer to start.
 
 # Search range for T. Below 0.01 or above 100 the model is either separable on the valid split or its
 # logits carry no information; a clipped T is still the best available in that range.
@@ -35,11 +35,15 @@ def softmax(logits, temperature: float = 1.0) -> np.ndarray:
 
 def nll(probs, y_true) -> float:
     """Mean negative log-likelihood of the true class; probabilities are clipped at 1e-12 to stay finite."""
+    from cxr_fast.metrics import check_labels_scores
+
     y, probs = check_labels_scores(y_true, probs, "probabilities", caller="calibration")
     return float(-np.mean(np.log(np.clip(probs[np.arange(len(y)), y], 1e-12, None))))
 
 
 def _logits_nll(logits: np.ndarray, y: np.ndarray, temperature: float) -> float:
+    from scipy.special import logsumexp
+
     # log softmax computed directly from logits: exact even where a probability underflows to 0.
     scaled = logits / temperature
     return float(np.mean(logsumexp(scaled, axis=1) - scaled[np.arange(len(y)), y]))
@@ -51,6 +55,10 @@ def fit_temperature(logits, y_true) -> float:
     Fit it on the validation split, never the test split. The NLL is unimodal in log T (it is convex in
     1/T), so a bounded scalar search over log T finds the minimum without needing a start value.
     """
+    from scipy.optimize import minimize_scalar
+
+    from cxr_fast.metrics import check_labels_scores
+
     y, logits = check_labels_scores(y_true, logits, "logits", caller="calibration")
     result = minimize_scalar(
         lambda log_t: _logits_nll(logits, y, float(np.exp(log_t))),
@@ -72,6 +80,8 @@ def reliability_bins(probs, y_true, n_bins: int = 15) -> dict:
     Returns {edges [n_bins + 1], centers [n_bins], confidence [n_bins] (mean top-label probability),
     accuracy [n_bins], count [n_bins] (int), ece (float)}; confidence and accuracy are NaN in empty bins.
     """
+    from cxr_fast.metrics import check_labels_scores
+
     y, probs = check_labels_scores(y_true, probs, "probabilities", caller="calibration")
     if int(n_bins) < 1:
         raise CxrFastError(f"calibration: n_bins must be at least 1, got {n_bins}")

@@ -17,12 +17,19 @@ import numpy as np
 import pandas as pd
 import yaml
 
-from cxr_fast.bundle import Run, load_run, predict_logits, read_training_manifest, run_labels
+from cxr_fast.bundle import (
+    Run,
+    check_training_manifest,
+    load_run,
+    predict_logits,
+    read_training_manifest,
+    run_labels,
+)
 from cxr_fast.calibration import softmax
 from cxr_fast.errors import CxrFastError
 from cxr_fast.evaluate import compute_metrics
 from cxr_fast.metrics import mcnemar
-from cxr_fast.outputs import check_folder_path, replacing_folder
+from cxr_fast.outputs import PARTIAL_INSIDE, check_folder_path, new_folder
 
 
 @dataclass
@@ -103,6 +110,8 @@ def compare_runs(run_dirs: list[str | Path], *, out: str | Path | None = None, s
     if len(manifests) != 1:
         raise CxrFastError("runs were trained on different manifests; compare needs one shared test split: "
                            + ", ".join(manifests))
+    for run in runs:
+        check_training_manifest(run)
     scored = [score_run(run, split, n_boot) for run in runs]
     table = pd.DataFrame([s[0] for s in scored])
     table["run"] = run_labels(runs)  # two runs of one folder name (a/cxr, b/cxr) keep apart in every table
@@ -114,8 +123,7 @@ def compare_runs(run_dirs: list[str | Path], *, out: str | Path | None = None, s
         tests.append({"model_a": table["run"][i], "model_b": table["run"][j], **result})
     summary = summarise(table)
     comparison = Comparison(out_dir, table, summary, pd.DataFrame(tests))
-    # Written aside and renamed into place: a compare stopped part-way leaves no half-written --out to block a rerun.
-    with replacing_folder(out_dir, force=True, what="a comparison") as work:  # out_dir is absent or empty here
+    with new_folder(out_dir) as work:  # a compare stopped part-way leaves no half-written --out to block a rerun
         write_comparison(comparison, work)
     return comparison
 
@@ -123,7 +131,7 @@ def compare_runs(run_dirs: list[str | Path], *, out: str | Path | None = None, s
 def check_new_folder(out_dir: Path) -> None:
     """Refuse, before minutes of work, an --out that is a file, lies under one, or already holds something."""
     check_folder_path(out_dir, "--out")
-    if out_dir.exists() and any(out_dir.iterdir()):
+    if out_dir.exists() and any(p.name != PARTIAL_INSIDE for p in out_dir.iterdir()):
         raise CxrFastError(f"{out_dir}: already exists; choose another --out")
 
 

@@ -50,7 +50,7 @@ def run_demo(out: str | Path, *, n_per_class: int = 80, shortcut_rate: float = D
         if not force:
             raise CxrFastError(f"{out}: already exists; choose another --out or add --force to replace it")
         # --force deletes the folder: only one that an earlier demo wrote, never a mistyped home or data folder
-        foreign = sorted(p.name for p in out.iterdir() if p.name not in DEMO_ENTRIES)
+        foreign = sorted(p.name for p in out.iterdir() if p.name not in DEMO_ENTRIES and not p.name.startswith("."))
         if foreign or not (out / "phantoms").is_dir():
             held = f"it holds {', '.join(foreign[:3])}" if foreign else "it has no phantoms/ folder"
             raise CxrFastError(f"{out}: not a demo folder ({held}); --force replaces only an earlier demo's folder")

@@ -93,7 +93,7 @@ def build_ensemble(runs: Sequence[str | Path], out: str | Path | None = None, pr
     of them). When that manifest is at hand, the average is scored on its valid split; the members' own valid
     scores are copied from their bundles.
     """
-    from cxr_fast.bundle import load_run
+    from cxr_fast.bundle import check_training_manifest, load_run
     from cxr_fast.train import new_run_dir
 
     if isinstance(runs, str | Path):  # a string would be taken letter by letter
@@ -124,6 +124,8 @@ def build_ensemble(runs: Sequence[str | Path], out: str | Path | None = None, pr
                        "manifest_sha256": " (trained on different versions of that manifest)"}.get(key, "")
                 raise CxrFastError(f"{run.path}: its {key} {run.config.get(key)!r} differ from {first.path}'s "
                                    f"{first.config.get(key)!r}{why}")
+    for run in loaded:  # before the folder is made: a valid score on a changed manifest would be inflated
+        check_training_manifest(run)
     # The ensemble reads images at its largest member's size, in that member's normalisation.
     lead = max(loaded, key=lambda r: r.size)
     specs = [{"name": r.name, "model": r.config["model"], "size": r.size, "mean": r.config["mean"],

@@ -24,7 +24,7 @@ from sklearn.preprocessing import StandardScaler
 
 from cxr_fast.bundle import Run, load_run, predict_logits, read_training_manifest
 from cxr_fast.calibration import expected_calibration_error, nll, reliability_bins, softmax
-from cxr_fast.data.manifest import image_column, read_manifest
+from cxr_fast.data.manifest import image_column, manifest_csv, read_manifest
 from cxr_fast.errors import CxrFastError
 from cxr_fast.metrics import bootstrap_ci, classification_metrics, pr_curves, roc_curves
 from cxr_fast.outputs import replacing_folder
@@ -46,7 +46,8 @@ def select_items(run: Run, data: str | Path | None, split: str) -> tuple[pd.Data
     train_manifest = Path(run.config["data"])
     source = Path(data) if data is not None else train_manifest
     manifest_dir = source if source.is_dir() else source.parent
-    external = manifest_dir.resolve() != (train_manifest if train_manifest.is_dir() else train_manifest.parent).resolve()
+    # another manifest file, even one in the training manifest's folder, is another collection
+    external = manifest_csv(source).resolve() != manifest_csv(train_manifest).resolve()
     manifest = read_manifest(source) if external else read_training_manifest(run)
     if external:
         if split != "test":  # test is the default; any other value would be silently dropped

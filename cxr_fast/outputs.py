@@ -26,7 +26,10 @@ def replacing_folder(out_dir: Path, *, force: bool, what: str) -> Iterator[Path]
     Without `force` an existing `out_dir` is an error. With it, the old results stay untouched until the new
     ones are complete, so a crash or Ctrl-C halfway never leaves the user with neither.
     """
-    out_dir = Path(out_dir)
+    out_dir = Path(out_dir).absolute()  # "." has no name to put beside
+    old = out_dir.with_name(f".{out_dir.name}.old")
+    if old.exists() and not out_dir.exists():  # a replacement killed between its two renames: the old results back
+        old.rename(out_dir)
     if out_dir.exists() and not force:
         raise CxrFastError(f"{out_dir}: {what} is already there; add --force to redo it")
     partial = out_dir.with_name(f".{out_dir.name}.partial")
@@ -38,13 +41,38 @@ def replacing_folder(out_dir: Path, *, force: bool, what: str) -> Iterator[Path]
         shutil.rmtree(partial, ignore_errors=True)
         raise
     # The old results are moved aside before the new ones take their name and deleted only after: a kill at any
-    # point leaves one of them whole (in `out_dir`, or in `.NAME.old` beside it).
-    old = out_dir.with_name(f".{out_dir.name}.old")
+    # point leaves one of them whole (in `out_dir`, or in `.NAME.old` beside it, put back by the next call).
     shutil.rmtree(old, ignore_errors=True)
     if out_dir.exists():
         out_dir.rename(old)
     partial.rename(out_dir)
     shutil.rmtree(old, ignore_errors=True)
+
+
+@contextmanager
+def new_folder(out_dir: Path) -> Iterator[Path]:
+    """Yield a folder to write into that becomes `out_dir` only when the block succeeds, so a crash or Ctrl-C halfway
+    leaves no half-written `out_dir` to block the rerun. `out_dir` must be absent or empty; an empty one (the current
+    folder, a mount point) is kept and filled, not replaced."""
+    out_dir = Path(out_dir).absolute()
+    existed = out_dir.exists()
+    partial = out_dir / PARTIAL_INSIDE if existed else out_dir.with_name(f".{out_dir.name}.partial")
+    shutil.rmtree(partial, ignore_errors=True)
+    partial.mkdir(parents=True)
+    try:
+        yield partial
+    except BaseException:
+        shutil.rmtree(partial, ignore_errors=True)
+        raise
+    if existed:
+        for child in partial.iterdir():
+            child.rename(out_dir / child.name)
+        partial.rmdir()
+    else:
+        partial.rename(out_dir)
+
+
+PARTIAL_INSIDE = ".partial"  # new_folder's work folder inside an existing --out; a killed run's one does not count
 
 
 def write_text(path: Path, text: str) -> None:

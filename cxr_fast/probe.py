@@ -237,5 +237,7 @@ def _write_bundle(run_dir: Path, model, cfg: TrainConfig, state: dict, manifest:
         "temperature": config["temperature"],
     }
     (run_dir / "metrics.json").write_text(json.dumps(metrics, indent=2))
+    # state.json first: a kill part-way through the removal must not leave a finished bundle that looks interrupted
+    (run_dir / CHECKPOINT_DIR / "state.json").unlink(missing_ok=True)
     shutil.rmtree(run_dir / CHECKPOINT_DIR, ignore_errors=True)
     return run_dir

@@ -385,6 +385,8 @@ def _train(data, cfg, *, out, resume, extra_cbs, quiet) -> Path:
         run_dir = Path(distributed.on_main(lambda: str(new_run_dir(out, cfg.arch))))
     state["stats"] = {"mean": spec.mean, "std": spec.std}
     state["classes"] = spec.classes
+    if not resume:  # as first built, with its starting weights: a resumed run's network is built without them
+        state["model_config"] = model_config(learn.model)
     report = learn.model.load_report
     if report is not None and not resume:  # how much of a weights file was used: the user must not have to guess
         state["weights_loaded"] = report.summary()
@@ -480,7 +482,7 @@ def run_config(model: torch.nn.Module, cfg: TrainConfig, state: dict) -> dict:
     """A bundle's config.json (temperature 1 until calibration): everything `cxr_fast.bundle.load_run` needs."""
     return {
         "format": "cxr_fast-run/1",
-        "model": model_config(model),
+        "model": state.get("model_config") or model_config(model),
         "classes": state["classes"],
         "n_in": cfg.n_in,
         "size": cfg.size,
@@ -540,6 +542,8 @@ def finish_bundle(run_dir: Path, learn: Learner, cfg: TrainConfig, state: dict) 
         "temperature": config["temperature"],
     }
     (run_dir / "metrics.json").write_text(json.dumps(metrics, indent=2))
+    # state.json first: a kill part-way through the removal must not leave a finished bundle that looks interrupted
+    (run_dir / CHECKPOINT_DIR / "state.json").unlink(missing_ok=True)
     shutil.rmtree(run_dir / CHECKPOINT_DIR, ignore_errors=True)
     return run_dir
 

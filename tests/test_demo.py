@@ -57,6 +57,7 @@ def test_force_replaces_an_earlier_demo_but_no_other_folder(tmp_path, monkeypatc
     for name in ("phantoms", "data", "models"):
         (earlier / name).mkdir(parents=True)
     (earlier / "report.html").write_text("old")
+    (earlier / ".DS_Store").write_text("")  # a file browser's; not the user's work
     monkeypatch.setattr(cxr_fast.data.synth, "synthesize", stop)  # stop once the old demo is cleared
     with pytest.raises(Replaced):
         run_demo(earlier, n_per_class=19, force=True, console=quiet)

@@ -201,3 +201,18 @@ def test_one_path_instead_of_a_list_and_a_killed_build_s_leftovers_are_named(tin
     shutil.copy(tiny_runs[0] / "model.safetensors", killed)
     with pytest.raises(CxrFastError, match="holds an unfinished bundle .weights without config.json"):
         build_ensemble(tiny_runs, killed, progress=False)
+
+
+def test_an_ensemble_of_runs_whose_manifest_was_prepared_again_is_refused_before_any_folder(tiny_runs, tmp_path):
+    data = shutil.copytree(load_run(tiny_runs[0]).config["data"], tmp_path / "data")
+    members = []
+    for run in tiny_runs:
+        copy = shutil.copytree(run, tmp_path / run.name)
+        config = json.loads((copy / "config.json").read_text())
+        (copy / "config.json").write_text(json.dumps({**config, "data": str(data)}))
+        members.append(copy)
+    manifest = data / "manifest.csv"
+    manifest.write_bytes(manifest.read_bytes().replace(b",train,", b",valid,", 1))
+    with pytest.raises(CxrFastError, match="the manifest changed since"):
+        build_ensemble(members, tmp_path / "ens", progress=False)
+    assert not (tmp_path / "ens").exists()

@@ -261,3 +261,40 @@ def test_compare_tells_apart_runs_of_one_folder_name(tiny_runs, tmp_path):
     assert str(result.table["seed"].dtype) == "Int64"
     runs_table = (tmp_path / "cmp" / "report.md").read_text()
     assert '{"' not in runs_table  # the recipe's JSON stays in runs.csv
+
+
+
+def test_compare_fills_an_existing_empty_out_such_as_the_current_folder(tiny_runs, tmp_path, monkeypatch):
+    here = tmp_path / "here"
+    here.mkdir()
+    monkeypatch.chdir(here)
+    compare_runs(tiny_runs, out=".", n_boot=20)
+    assert (here / "report.html").is_file() and (here / "runs.csv").is_file()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["here"]  # nothing left beside it
+
+
+
+def test_another_manifest_file_in_the_training_folder_is_another_collection(tiny_runs, tmp_path):
+    run = shutil.copytree(tiny_runs[0], tmp_path / "run")
+    config = json.loads((run / "config.json").read_text())
+    data = shutil.copytree(config["data"], tmp_path / "data")
+    (run / "config.json").write_text(json.dumps({**config, "data": str(data)}))
+    shutil.copy(data / "manifest.csv", data / "other.csv")  # --data may name a manifest file: not the one trained on
+    result = evaluate(run, data=data / "other.csv", n_boot=20, progress=False)
+    assert result.out_dir.name == "data-all"  # every image of it less those seen, not the training test split
+
+
+def test_the_manifest_check_looks_at_the_split_only_and_a_missing_manifest_is_one_line(tiny_runs, tmp_path):
+    run = shutil.copytree(tiny_runs[0], tmp_path / "run")
+    config = json.loads((run / "config.json").read_text())
+    data = shutil.copytree(config["data"], tmp_path / "data")
+    (run / "config.json").write_text(json.dumps({**config, "data": str(data)}))
+    # rewritten with rows reordered, a column added (prepare again with an image cache) and CRLF line ends: the
+    # split is the same, so it is still the manifest the run was trained on
+    manifest = pd.read_csv(data / "manifest.csv", dtype=str, keep_default_na=False)
+    manifest.iloc[::-1].assign(note="x").to_csv(data / "manifest.csv", index=False, lineterminator="\r\n")
+    evaluate(run, n_boot=20, progress=False)
+    shutil.rmtree(data)  # moved or deleted since training
+    with pytest.raises(CxrFastError, match=f"{data}: manifest not found") as e:
+        evaluate(run, n_boot=20, force=True, progress=False)
+    assert "\n" not in str(e.value)

@@ -43,6 +43,10 @@ def test_a_kill_while_old_results_are_replaced_leaves_them_whole_beside_the_fold
         (work / "report.html").write_text("new")
     assert (tmp_path / ".eval.old" / "report.html").read_text() == "old"
     monkeypatch.undo()
+    with pytest.raises(CxrFastError, match="already there"):  # the next call puts the old results back first
+        with replacing_folder(out, force=False, what="an evaluation"):
+            pass
+    assert (out / "report.html").read_text() == "old"
     with replacing_folder(out, force=True, what="an evaluation") as work:
         (work / "report.html").write_text("new")
     assert (out / "report.html").read_text() == "new" and not (tmp_path / ".eval.old").exists()

@@ -404,6 +404,7 @@ def test_resume_does_not_need_the_starting_weights_again(tiny_data, tmp_path):
     train(tiny_data, out=out, resume=True, quiet=True)
     config = json.loads((out / "config.json").read_text())
     assert config["weights_source"] == str(start) and "80 of 80 tensors loaded" in config["weights_loaded"]
+    assert config["model"]["weights"] == str(start)  # as first built: compare counts it as the same setting
     epochs = list(pd.read_csv(out / "history.csv")["epoch"])
     assert len(epochs) >= 2 and epochs == list(range(json.loads((out / "metrics.json").read_text())["epochs"]))
 
@@ -538,6 +539,8 @@ def test_mixed_precision_on_a_gpu_only(tiny_data, monkeypatch):
     (lambda c: c.update(temperature=-1), "temperature must be a positive number, got -1"),
     (lambda c: c.update(size=0), "size must be a whole number of pixels ≥ 16, got 0"),
     (lambda c: c.update(n_in=3), "n_in must be 1 or 3 and match the model's .1., got 3"),
+    (lambda c: c.update(n_in=True), "n_in must be 1 or 3 and match the model's .1., got True"),
+    (lambda c: c.update(classes=["A", "A", "B"]), "classes must be a list of two or more different names"),
     (lambda c: c.update(std=[0]), r"std must be positive, got \[0\]"),
     (lambda c: c.update(classes=["A", "B", "C", "D"]), "4 classes, but the model has 3 outputs"),
     (lambda c: c.update(format="other/9"), "format 'other/9' is not 'cxr_fast-run/1'"),

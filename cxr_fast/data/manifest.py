@@ -529,8 +529,18 @@ def manifest_csv(dir_or_csv: str | os.PathLike) -> Path:
 
 
 def manifest_digest(dir_or_csv: str | os.PathLike) -> str:
-    """SHA-256 of the manifest file's bytes: a resumed run checks it still trains on the same rows."""
-    return hashlib.sha256(manifest_csv(dir_or_csv).read_bytes()).hexdigest()
+    """SHA-256 of what defines the split: each image's path, label and split, sorted. A resumed run checks that it
+    still trains on the same rows, and evaluate that the test split is still the one held out. Other columns (an
+    image cache added by preparing again), row order and line endings do not count."""
+    csv_path = manifest_csv(dir_or_csv)
+    if not csv_path.is_file():
+        raise CxrFastError(f"{csv_path}: manifest not found")
+    try:
+        rows = pd.read_csv(csv_path, dtype=str, keep_default_na=False, usecols=["path", "label", "split"])
+    except (ValueError, pd.errors.ParserError) as e:
+        raise CxrFastError(f"{csv_path}: not a readable manifest ({str(e).splitlines()[0]})") from None
+    text = rows.sort_values(["path", "label", "split"]).to_csv(index=False, lineterminator="\n")
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()
 
 
 def read_manifest(dir_or_csv: str | os.PathLike) -> pd.DataFrame:

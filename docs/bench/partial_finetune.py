@@ -44,7 +44,7 @@ class KeepEarlyBlocksFrozen(Callback):
               flush=True)
 
 
-def strong_transforms(size: int) -> list:
+def strong_transforms() -> list:
     """The shipped augmentation (cxr_fast.data.block.train_transforms), widened: zoom out as well as in and
     further, larger rotations and warps, stronger lighting changes, applied to every image. Still no flip."""
     return aug_transforms(do_flip=False, max_rotate=12.0, min_zoom=0.9, max_zoom=1.25, max_lighting=0.4,
