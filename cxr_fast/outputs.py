@@ -20,6 +20,18 @@ def check_folder_path(folder: str | Path, flag: str) -> None:
 
 
 @contextmanager
+def _scratch(folder: Path) -> Iterator[Path]:
+    """`folder`, made fresh, and removed again if the block fails or is interrupted."""
+    shutil.rmtree(folder, ignore_errors=True)
+    folder.mkdir(parents=True)
+    try:
+        yield folder
+    except BaseException:
+        shutil.rmtree(folder, ignore_errors=True)
+        raise
+
+
+@contextmanager
 def replacing_folder(out_dir: Path, *, force: bool, what: str) -> Iterator[Path]:
     """Yield a fresh sibling folder to write into; only when the block succeeds does it replace `out_dir`.
 
@@ -33,13 +45,8 @@ def replacing_folder(out_dir: Path, *, force: bool, what: str) -> Iterator[Path]
     if out_dir.exists() and not force:
         raise CxrFastError(f"{out_dir}: {what} is already there; add --force to redo it")
     partial = out_dir.with_name(f".{out_dir.name}.partial")
-    shutil.rmtree(partial, ignore_errors=True)
-    partial.mkdir(parents=True)
-    try:
+    with _scratch(partial):
         yield partial
-    except BaseException:
-        shutil.rmtree(partial, ignore_errors=True)
-        raise
     # The old results are moved aside before the new ones take their name and deleted only after: a kill at any
     # point leaves one of them whole (in `out_dir`, or in `.NAME.old` beside it, put back by the next call).
     shutil.rmtree(old, ignore_errors=True)
@@ -57,13 +64,8 @@ def new_folder(out_dir: Path) -> Iterator[Path]:
     out_dir = Path(out_dir).absolute()
     existed = out_dir.exists()
     partial = out_dir / PARTIAL_INSIDE if existed else out_dir.with_name(f".{out_dir.name}.partial")
-    shutil.rmtree(partial, ignore_errors=True)
-    partial.mkdir(parents=True)
-    try:
+    with _scratch(partial):
         yield partial
-    except BaseException:
-        shutil.rmtree(partial, ignore_errors=True)
-        raise
     if existed:
         for child in partial.iterdir():
             child.rename(out_dir / child.name)
