@@ -193,8 +193,8 @@ def compare_archs(data: str | Path, archs: list[str] = (), *, recipe: str | Path
         raise CxrFastError("compare needs --archs or --recipes to train")
     # Every run's folder, and every recipe error, is known before the first run trains. Runs of a recipe are named
     # by the recipe, since two recipes may train one architecture.
-    jobs = [(f"{cfg.arch}-seed{s}", cfg) for a in archs for s in seeds
-            for cfg in [resolve_config(recipe, arch=a, seed=s, **overrides)]]
+    configs = [resolve_config(recipe, arch=a, seed=s, **overrides) for a in archs for s in seeds]
+    jobs = [(f"{cfg.arch}-seed{cfg.seed}", cfg) for cfg in configs]
     jobs += [(f"{Path(r).stem}-seed{s}", resolve_config(r, seed=s, **overrides)) for r in recipes for s in seeds]
     names = [name for name, _ in jobs]
     repeated = sorted({name for name in names if names.count(name) > 1})
