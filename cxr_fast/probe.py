@@ -208,7 +208,7 @@ def _write_bundle(run_dir: Path, model, cfg: TrainConfig, state: dict, manifest:
     from cxr_fast.calibration import fit_temperature
     from cxr_fast.plots import plot_strength_search
     from cxr_fast.seen import write_seen
-    from cxr_fast.train import CHECKPOINT_DIR, _cpu_state, run_config
+    from cxr_fast.train import _cpu_state, remove_checkpoint, run_config
 
     write_tensors(_cpu_state(model), run_dir / "model.safetensors")
     config = run_config(model, cfg, state)
@@ -237,7 +237,5 @@ def _write_bundle(run_dir: Path, model, cfg: TrainConfig, state: dict, manifest:
         "temperature": config["temperature"],
     }
     (run_dir / "metrics.json").write_text(json.dumps(metrics, indent=2))
-    # state.json first: a kill part-way through the removal must not leave a finished bundle that looks interrupted
-    (run_dir / CHECKPOINT_DIR / "state.json").unlink(missing_ok=True)
-    shutil.rmtree(run_dir / CHECKPOINT_DIR, ignore_errors=True)
+    remove_checkpoint(run_dir)
     return run_dir

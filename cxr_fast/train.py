@@ -542,10 +542,15 @@ def finish_bundle(run_dir: Path, learn: Learner, cfg: TrainConfig, state: dict) 
         "temperature": config["temperature"],
     }
     (run_dir / "metrics.json").write_text(json.dumps(metrics, indent=2))
-    # state.json first: a kill part-way through the removal must not leave a finished bundle that looks interrupted
+    remove_checkpoint(run_dir)
+    return run_dir
+
+
+def remove_checkpoint(run_dir: Path) -> None:
+    """The last step of writing a bundle. state.json goes first: a kill part-way through the removal must not leave
+    a finished bundle that looks interrupted (`load_run` refuses a folder that still has one)."""
     (run_dir / CHECKPOINT_DIR / "state.json").unlink(missing_ok=True)
     shutil.rmtree(run_dir / CHECKPOINT_DIR, ignore_errors=True)
-    return run_dir
 
 
 __all__ = ["TrainConfig", "TrainingInterrupted", "balanced_accuracy", "build_learner", "new_run_dir", "train"]
