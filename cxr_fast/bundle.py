@@ -6,7 +6,6 @@ lacks either, or whose weights do not fit the architecture, is refused with a on
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -16,6 +15,7 @@ import torch
 from rich.progress import Progress
 
 from cxr_fast.archs import model_from_config
+from cxr_fast.config import contract_problem
 from cxr_fast.data.manifest import image_column, manifest_csv, manifest_digest, read_manifest
 from cxr_fast.errors import CxrFastError, read_json, read_tensors
 from cxr_fast.preprocess import load_input
@@ -72,34 +72,15 @@ def config_problem(config) -> str | None:
     missing = [key for key in ("classes", "n_in", "size", "mean", "std", "data") if key not in config]
     if missing:
         return f"lacks {', '.join(missing)}"
-    classes, n_in, size = config["classes"], config["n_in"], config["size"]
-    if not (isinstance(classes, list) and len(classes) >= 2 and all(isinstance(c, str) and c for c in classes)
-            and len(set(classes)) == len(classes)):
-        return f"classes must be a list of two or more different names, got {classes!r}"
-    if config["model"].get("n_classes", len(classes)) != len(classes):
-        return f"{len(classes)} classes, but the model has {config['model']['n_classes']} outputs"
-    if not (_is_whole(n_in) and n_in in (1, 3)) or config["model"].get("n_in", n_in) != n_in:
-        return f"n_in must be 1 or 3 and match the model's ({config['model'].get('n_in')}), got {n_in!r}"
-    if not (_is_whole(size) and size >= 16):
-        return f"size must be a whole number of pixels ≥ 16, got {size!r}"
-    for key in ("mean", "std"):
-        values = config[key]
-        if not (isinstance(values, list) and len(values) == n_in and all(_is_number(v) for v in values)):
-            return f"{key} must be {n_in} number{'s' if n_in > 1 else ''}, got {values!r}"
-    if not all(v > 0 for v in config["std"]):
-        return f"std must be positive, got {config['std']!r}"
-    temperature = config.get("temperature", 1.0)
-    if not (_is_number(temperature) and temperature > 0):
-        return f"temperature must be a positive number, got {temperature!r}"
+    model = config["model"]
+    if model.get("n_in", config["n_in"]) != config["n_in"]:
+        return f"n_in {config['n_in']!r} does not match the model's ({model['n_in']!r})"
+    problem = contract_problem(config)
+    if problem:
+        return problem
+    if model.get("n_classes", len(config["classes"])) != len(config["classes"]):
+        return f"{len(config['classes'])} classes, but the model has {model['n_classes']} outputs"
     return None
-
-
-def _is_number(value) -> bool:
-    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
-
-
-def _is_whole(value) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
 
 
 def load_run(path: str | Path, *, finishing: bool = False) -> Run:

@@ -143,3 +143,35 @@ def resolve_config(recipe: str | Path | None = None, **overrides: Any) -> TrainC
         if kind is int:
             setattr(cfg, name, int(getattr(cfg, name)))  # a recipe's "epochs: 4.0" must not reach range()
     return cfg
+
+
+def contract_problem(spec: dict) -> str | None:
+    """What is wrong with the input/output contract a run's config.json or an export's preprocessing.json states
+    (classes, channels, size, normalisation, temperature), or None. Both are checked on loading, so a damaged or
+    hand-edited file is one line naming it, not a traceback, or wrong figures, after every image was predicted."""
+    classes, n_in, size = spec["classes"], spec["n_in"], spec["size"]
+    if not (isinstance(classes, list) and len(classes) >= 2 and all(isinstance(c, str) and c for c in classes)
+            and len(set(classes)) == len(classes)):
+        return f"classes must be a list of two or more different names, got {classes!r}"
+    if not (_is_whole(n_in) and n_in in (1, 3)):
+        return f"n_in must be 1 or 3, got {n_in!r}"
+    if not (_is_whole(size) and size >= 16):
+        return f"size must be a whole number of pixels ≥ 16, got {size!r}"
+    for key in ("mean", "std"):
+        values = spec[key]
+        if not (isinstance(values, list) and len(values) == n_in and all(_is_number(v) for v in values)):
+            return f"{key} must be {n_in} number{'s' if n_in > 1 else ''}, got {values!r}"
+    if not all(v > 0 for v in spec["std"]):
+        return f"std must be positive, got {spec['std']!r}"
+    temperature = spec.get("temperature", 1.0)
+    if not (_is_number(temperature) and temperature > 0):
+        return f"temperature must be a positive number, got {temperature!r}"
+    return None
+
+
+def _is_number(value) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _is_whole(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)

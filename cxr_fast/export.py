@@ -20,6 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
+from cxr_fast.config import contract_problem
 from cxr_fast.errors import CxrFastError, first_line, read_json
 
 ONNX_FILE = "model.onnx"
@@ -160,6 +161,9 @@ class OnnxRunner:
         missing = [k for k in SPEC_KEYS if k not in spec]
         if missing:
             raise CxrFastError(f"{spec_path}: lacks {', '.join(missing)}; re-export with `cxrfast export RUN --force`")
+        problem = contract_problem(spec)
+        if problem:
+            raise CxrFastError(f"{spec_path}: {problem}")
         weights = self.path / "model.safetensors"
         if weights.is_file() and spec.get("weights_sha256") != file_sha256(weights):
             raise CxrFastError(f"{onnx_path}: exported from other weights than {weights.name}; "
@@ -171,6 +175,15 @@ class OnnxRunner:
                                f"copied since); re-export with `cxrfast export RUN --force`")
         self.spec = spec
         self.session = _session(onnx_path, threads)
+        # The network's own shapes against the spec: an edited size, n_in or class list would otherwise fail
+        # inside ONNX Runtime on the first image, or label K outputs with other names.
+        (given,), (made,) = self.session.get_inputs(), self.session.get_outputs()
+        expected = {"input": [self.n_in, self.size, self.size], "output": [len(self.classes)]}
+        for role, node in (("input", given), ("output", made)):
+            fixed = list(node.shape[1:])
+            if fixed != expected[role]:
+                raise CxrFastError(f"{spec_path}: the model's {role} is {fixed} per image, but this file says "
+                                   f"{expected[role]}; re-export with `cxrfast export RUN --force`")
 
     name = property(lambda self: self.spec["run"])
     arch = property(lambda self: self.spec["arch"])

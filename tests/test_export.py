@@ -146,6 +146,27 @@ def test_a_damaged_or_mismatched_export_is_a_one_line_error(run, tmp_path, tiny_
         OnnxRunner(tmp_path / "a")
 
 
+def test_an_edited_preprocessing_file_is_a_one_line_error(run, tmp_path):
+    """preprocessing.json gets config.json's checks, and must agree with the network's own shapes: an edited size,
+    channel count or class list would otherwise fail inside ONNX Runtime or put other names on the outputs."""
+    export_onnx(run, tmp_path / "a")
+    spec_path = tmp_path / "a" / "preprocessing.json"
+    original = json.loads(spec_path.read_text())
+    edits = [({"temperature": "1.2"}, "temperature must be a positive number"),
+             ({"std": [0.0] * original["n_in"]}, "std must be positive"),
+             ({"mean": [0.5] * (original["n_in"] + 1)}, "mean must be"),
+             ({"size": original["size"] * 2}, r"the model's input is \[.*\] per image, but this file says"),
+             ({"classes": original["classes"] + ["Other"]}, "the model's output is"),
+             ({"classes": original["classes"][:1] * 2}, "classes must be a list of two or more different names")]
+    for edit, message in edits:
+        spec_path.write_text(json.dumps({**original, **edit}))
+        with pytest.raises(CxrFastError, match=message) as e:
+            OnnxRunner(tmp_path / "a")
+        assert str(e.value).startswith(str(spec_path)) and "\n" not in str(e.value)
+    spec_path.write_text(json.dumps(original))
+    assert OnnxRunner(tmp_path / "a").classes == original["classes"]
+
+
 def test_an_export_torch_cannot_make_is_a_one_line_error_and_leaves_no_file(run, tmp_path, monkeypatch):
     import torch
 
