@@ -26,6 +26,7 @@ from cxr_fast.bundle import (
     run_labels,
 )
 from cxr_fast.calibration import softmax
+from cxr_fast.config import find_recipe
 from cxr_fast.errors import CxrFastError
 from cxr_fast.evaluate import compute_metrics
 from cxr_fast.metrics import mcnemar
@@ -170,6 +171,13 @@ def write_comparison(c: Comparison, folder: Path) -> None:
     plt.close("all")
 
 
+def recipe_run_name(recipe: str | Path, recipes: list[str | Path]) -> str:
+    """The recipe's file name, or FOLDER-NAME where other recipe files of that name are compared too."""
+    path = find_recipe(recipe).resolve()
+    namesakes = {p for p in (find_recipe(r).resolve() for r in recipes) if p.stem == path.stem}
+    return path.stem if len(namesakes) == 1 else f"{path.parent.name}-{path.stem}"
+
+
 def compare_archs(data: str | Path, archs: list[str] = (), *, recipe: str | Path | None = None,
                   recipes: list[str | Path] = (), seeds=(0,), out: str | Path | None = None, quiet: bool = False,
                   nproc: int | None = None, **overrides) -> Comparison:
@@ -195,7 +203,8 @@ def compare_archs(data: str | Path, archs: list[str] = (), *, recipe: str | Path
     # by the recipe, since two recipes may train one architecture.
     configs = [resolve_config(recipe, arch=a, seed=s, **overrides) for a in archs for s in seeds]
     jobs = [(f"{cfg.arch}-seed{cfg.seed}", cfg) for cfg in configs]
-    jobs += [(f"{Path(r).stem}-seed{s}", resolve_config(r, seed=s, **overrides)) for r in recipes for s in seeds]
+    jobs += [(f"{recipe_run_name(r, recipes)}-seed{s}", resolve_config(r, seed=s, **overrides))
+             for r in recipes for s in seeds]
     names = [name for name, _ in jobs]
     repeated = sorted({name for name in names if names.count(name) > 1})
     if repeated:

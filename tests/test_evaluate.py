@@ -10,6 +10,7 @@ from PIL import Image
 
 from cxr_fast.bundle import load_run
 from cxr_fast.compare import compare_runs
+from cxr_fast.config import find_recipe
 from cxr_fast.data.manifest import prepare, read_manifest
 from cxr_fast.errors import CxrFastError
 from cxr_fast.evaluate import domain_auc, evaluate
@@ -155,6 +156,12 @@ def test_compare_names_a_recipe_s_runs_by_the_recipe_so_two_recipes_of_one_arch_
     with pytest.raises(CxrFastError, match="given twice: demo-seed0 .two runs would share one folder"):
         cxr_fast.compare.compare_archs(tiny_data, recipes=["demo", "recipes/demo.yaml"], out=tmp_path / "cmp2")
     assert len(trained) == 2  # refused before training
+    for folder in ("a", "b"):  # two recipe files of one name: each run named by its folder too
+        (tmp_path / folder).mkdir()
+        shutil.copy(find_recipe("demo"), tmp_path / folder / "lite.yaml")
+    cxr_fast.compare.compare_archs(tiny_data, recipes=[tmp_path / "a" / "lite.yaml", tmp_path / "b" / "lite.yaml"],
+                                   out=tmp_path / "cmp3")
+    assert [name for name, _ in trained[2:]] == ["a-lite-seed0", "b-lite-seed0"]
 
 
 def test_compare_refuses_runs_of_different_manifests_before_scoring_them(tiny_runs, tmp_path, monkeypatch):
