@@ -250,3 +250,30 @@ def test_too_large_is_refused_from_the_header(tmp_path, monkeypatch):
 
 def test_missing_file(tmp_path):
     assert reason_for(tmp_path / "missing.png") == "unreadable"
+
+
+def write_png_16bit(path, pixels: np.ndarray, color_type: int) -> None:
+    """A 16-bit PNG of any colour type (Pillow writes 16 bits only for grayscale)."""
+    height, width = pixels.shape[:2]
+    raw = b"".join(b"\0" + pixels[y].astype(">u2").tobytes() for y in range(height))
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
+
+    header = struct.pack(">IIBBBBB", width, height, 16, color_type, 0, 0, 0)
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(raw))
+                     + chunk(b"IEND", b""))
+
+
+def test_a_16bit_colour_png_of_low_bit_data_is_refused_not_read_as_a_black_sheet(tmp_path):
+    # Pillow reads 16-bit RGB and gray+alpha PNGs as 8 bits, keeping the high byte: 12-bit values become 16 levels.
+    twelve_bit = smooth_image(3).astype(np.uint16) * 16
+    write_png_16bit(tmp_path / "rgb.png", np.dstack([twelve_bit] * 3), color_type=2)
+    write_png_16bit(tmp_path / "la.png", np.dstack([twelve_bit, np.full_like(twelve_bit, 65535)]), color_type=4)
+    for name in ("rgb.png", "la.png"):
+        with pytest.raises(ImageReadError, match="16-bit colour PNG whose values fill only the low bits") as e:
+            read_image(tmp_path / name)
+        assert e.value.reason == "unreadable"
+    write_png_16bit(tmp_path / "full.png", np.dstack([twelve_bit * 16] * 3), color_type=2)  # all 16 bits used
+    image = read_image(tmp_path / "full.png")
+    assert np.corrcoef(np.asarray(image, float).ravel(), twelve_bit.ravel())[0, 1] > 0.999

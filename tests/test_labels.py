@@ -95,3 +95,11 @@ def test_map_label_prefers_exact_then_unambiguous_case_insensitive():
     ambiguous = {"covid": "A", "COVID": "B"}
     assert map_label("Covid", ambiguous) is None
     assert map_label("covid", ambiguous) == "A"
+
+
+def test_a_folder_name_in_another_unicode_form_or_with_spaces_still_matches():
+    import unicodedata
+
+    decomposed = unicodedata.normalize("NFD", "Neumonía")  # as macOS writes folder names
+    assert map_label(decomposed, {"Neumonía": "Pneumonia"}) == "Pneumonia"
+    assert map_label("Pneumonia ", {"pneumonia": "Pneumonia"}) == "Pneumonia"

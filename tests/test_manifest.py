@@ -384,3 +384,62 @@ def test_cache_is_reused_and_refreshed_for_another_size(tmp_path):
     assert sorted((tmp_path / "out" / "cache").rglob("*.png")) == cached
     assert all(Image.open(path).size == (64, 64) for path in cached)
     assert not list((tmp_path / "out" / "cache").rglob(".*"))  # no partial files left behind
+
+
+def test_an_out_folder_inside_the_source_that_holds_data_is_refused(tmp_path):
+    # --out SRC/Pneumonia would leave that class out of this run and, through its report, every later one
+    src = make_dataset(tmp_path / "src", per_class=3)
+    with pytest.raises(CxrFastError, match="Pneumonia: --out lies inside .* already holds 'Pneumonia_00.png' and 2 "
+                                           "more, which would be left out of the data"):
+        quiet(src, src / "Pneumonia")
+    assert not (src / "Pneumonia" / "prepare_report.json").exists()
+    quiet(src, src / "prepared")  # a new folder inside SRC is fine, and so is preparing it again
+    assert quiet(src, src / "prepared", force=True).n_files == 9
+
+
+def test_a_source_prepared_into_itself_can_be_prepared_elsewhere(tmp_path):
+    src = make_dataset(tmp_path / "src", per_class=3)
+    quiet(src, src, cache_size=64)
+    report = quiet(src, tmp_path / "out", cache_size=64)  # SRC/cache is not a class of near copies
+    assert report.n_files == 9 and report.excluded == [] and sorted(report.labels) == list(CLASSES)
+
+
+def test_a_file_name_that_is_not_utf8_is_excluded_not_a_crash(tmp_path):
+    src = make_dataset(tmp_path / "src", per_class=3)
+    textured_image(99).save(bytes(src / "Normal") + b"/caf\xe9.png")  # a Latin-1 name from an old zip
+    report = quiet(src, tmp_path / "out")
+    assert [(e.path, e.reason) for e in report.excluded] == [("Normal/caf\\xe9.png", "unreadable")]
+    assert "not valid UTF-8" in report.excluded[0].detail
+    assert len(read_manifest(tmp_path / "out")) == 9
+
+
+def test_class_folders_that_differ_only_in_case_space_or_unicode_form_are_refused(tmp_path):
+    import unicodedata
+
+    for pair in (("Normal", "normal"), ("Pneumonia", "Pneumonia "), ("Neumonía", unicodedata.normalize("NFD", "Neumonía"))):
+        src = make_dataset(tmp_path / f"src{len(pair[1])}", per_class=3)
+        (src / "train" / pair[0]).mkdir(parents=True)
+        (src / "test" / pair[1]).mkdir(parents=True)
+        textured_image(501).save(src / "train" / pair[0] / "a.png")
+        textured_image(502).save(src / "test" / pair[1] / "b.png")
+        with pytest.raises(CxrFastError, match="differ only in case, spaces or Unicode form"):
+            quiet(src, tmp_path / "out")
+    # a label map names the class once: both folders become it
+    label_map = {name: name for name in CLASSES} | {"Neumonía": "Pneumonia"}
+    report = quiet(src, tmp_path / "out", label_map=label_map)
+    assert report.n_files == 11 and not report.excluded
+
+
+def test_an_out_folder_that_cannot_be_written_fails_before_decoding(tmp_path, monkeypatch):
+    src = make_dataset(tmp_path / "src", per_class=3)
+    monkeypatch.setattr(manifest.os, "access", lambda path, mode: False)  # as on a read-only mount
+    with pytest.raises(CxrFastError, match="out: --out cannot be written"):
+        quiet(src, tmp_path / "out")
+    monkeypatch.undo()
+
+    def full_disk(*args):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(manifest.image_cache, "store", full_disk)  # the disk fills up during the run
+    with pytest.raises(CxrFastError, match="cannot write the image cache .No space left on device"):
+        quiet(src, tmp_path / "out")

@@ -85,3 +85,34 @@ def test_missing_or_file_root(tmp_path):
     touch(tmp_path, "file.png")
     with pytest.raises(CxrFastError, match="not a folder"):
         find_images(tmp_path / "file.png")
+
+
+def test_linked_class_folders_are_read_and_a_link_loop_is_not_followed(tmp_path):
+    src = tmp_path / "src"
+    touch(src, "Normal/a.png")
+    touch(tmp_path / "elsewhere", "Viral/v.png", "more/m.png")
+    (src / "Viral").symlink_to(tmp_path / "elsewhere" / "Viral")  # a whole class kept on another disk
+    (src / "Normal" / "more").symlink_to(tmp_path / "elsewhere" / "more")
+    (src / "Normal" / "loop").symlink_to(src)  # would walk for ever
+    assert found(src) == [("Normal/a.png", "Normal"), ("Normal/more/m.png", "Normal"), ("Viral/v.png", "Viral")]
+
+
+def test_a_folder_that_cannot_be_listed_is_an_error_not_left_out(tmp_path, monkeypatch):
+    import os
+
+    touch(tmp_path, "Normal/a.png", "Pneumonia/p.png")
+    real_scandir = os.scandir
+
+    def scandir(path="."):
+        if str(path).endswith("Pneumonia"):
+            raise PermissionError(13, "Permission denied", str(path))
+        return real_scandir(path)
+
+    monkeypatch.setattr(os, "scandir", scandir)
+    with pytest.raises(CxrFastError, match="Pneumonia: cannot list this folder .Permission denied"):
+        find_images(tmp_path)
+
+
+def test_a_source_folder_that_was_a_prepare_output_reads_only_its_images(tmp_path):
+    touch(tmp_path, "Normal/a.png", "cache/ab/cd.png", "manifest.csv", "prepare_report.json")
+    assert found(tmp_path) == [("Normal/a.png", "Normal")]

@@ -76,6 +76,8 @@ def test_tiny_classes_fill_train_first():
         ((0.0, 0.5, 0.5), "train fraction"),
         ("100,0,0", "valid fraction"),
         ("0.6;0.2;0.2", "three numbers"),
+        ("nan,nan,nan", "finite"),  # NaN passed every comparison: all images went to train
+        ("inf,0.2,0.2", "finite"),
     ],
 )
 def test_bad_fractions(fractions, message):

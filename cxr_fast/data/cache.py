@@ -22,6 +22,7 @@ from PIL import Image
 
 from cxr_fast.data.dedup import Fingerprint, fingerprint
 from cxr_fast.data.io import ImageReadError, read_image_with_size, shrink_to
+from cxr_fast.errors import CxrFastError
 
 CACHE_DIRNAME = "cache"
 PNG_COMPRESS_LEVEL = 1
@@ -105,20 +106,25 @@ def examine_file(task: tuple[str, str | None, int]) -> Examined:
     """Decode one file completely, fingerprint it and, when ``cache_dir`` is given, store its cached copy.
 
     ``task`` is ``(path, cache_dir or None, cache_size)``: one argument, for ``Executor.map``.
-    Never raises: any failure comes back as ``reason`` and ``detail``.
+    A failure of the file comes back as ``reason`` and ``detail``. A cache that cannot be written (a full disk, a
+    read-only folder) raises `CxrFastError`: that is no fault of the image, and must stop the run instead of
+    excluding every image after it as unreadable.
     """
     path, cache_dir, cache_size = task
     try:
         decode_side = cache_size if cache_size > 0 else FINGERPRINT_DECODE_SIDE
         image, (width, height) = read_image_with_size(path, max_side=decode_side)
         identity = fingerprint(path, image)
-        cached = ""
-        if cache_dir is not None:
-            cached = str(store(image, cache_dir, identity.sha256, cache_size, (width, height)))
-        return Examined(fingerprint=identity, width=width, height=height, cache_path=cached)
     except ImageReadError as error:
         return Examined(reason=error.reason, detail=error.explanation)
     except MemoryError:
         return Examined(reason="too-large", detail="not enough memory to decode the image")
     except Exception as error:  # noqa: BLE001 - one odd file (vanished, unreadable) must not stop a whole run
         return Examined(reason="unreadable", detail=f"{type(error).__name__}: {error}")
+    cached = ""
+    if cache_dir is not None:
+        try:
+            cached = str(store(image, cache_dir, identity.sha256, cache_size, (width, height)))
+        except OSError as error:
+            raise CxrFastError(f"{cache_dir}: cannot write the image cache ({error.strerror or error})") from None
+    return Examined(fingerprint=identity, width=width, height=height, cache_path=cached)

@@ -37,6 +37,7 @@ MIN_SIDE = 64
 MAX_PIXELS = 64_000_000
 ORIENTATION_TAG = 0x0112
 
+MIN_GREY_LEVELS = 64  # an 8-bit reading of a 16-bit colour PNG with fewer levels than this lost its data
 REASONS = ("empty", "not-an-image", "truncated", "unreadable", "too-small", "too-large")
 
 
@@ -166,6 +167,7 @@ def _read_with_pil(path: Path, max_side: int | None) -> tuple[Image.Image, tuple
     try:
         with _open_with_pil(path) as image:
             _check_min_side(path, image.size)
+            sixteen_bit_colour = _is_16_bit_colour_png(image)  # before getexif, which empties image.tile
             width, height = image.size
             # EXIF orientations 5-8 turn the picture by 90 degrees: width and height swap.
             if image.getexif().get(ORIENTATION_TAG, 1) in (5, 6, 7, 8):
@@ -178,11 +180,29 @@ def _read_with_pil(path: Path, max_side: int | None) -> tuple[Image.Image, tuple
             # exif_transpose always returns a new image, detached from the file the with-block closes.
             image = ImageOps.exif_transpose(image)
             gray = _to_gray8(image)
+            if sixteen_bit_colour:
+                _check_high_byte_levels(path, gray)
     except ImageReadError:
         raise
     except Exception as error:  # noqa: BLE001 - PIL raises many types for damaged files
         raise _classify_pil_error(path, error) from None
     return gray, (width, height)
+
+
+def _is_16_bit_colour_png(image: Image.Image) -> bool:
+    raw_mode = image.tile[0][3] if image.format == "PNG" and image.tile else None
+    return isinstance(raw_mode, str) and raw_mode.endswith(";16B") and not raw_mode.startswith("I")
+
+
+def _check_high_byte_levels(path: Path, gray: Image.Image) -> None:
+    """Pillow reads a 16-bit RGB or gray+alpha PNG as 8 bits, keeping each sample's high byte. That is fine for
+    data filling 16 bits, but 10- or 12-bit detector values come out as a nearly black sheet of 4-16 grey levels,
+    which is no X-ray to train on and no longer matches its own 8-bit copy as a duplicate."""
+    low, high = gray.getextrema()
+    if high - low < MIN_GREY_LEVELS:
+        raise ImageReadError(path, "unreadable",
+                             f"16-bit colour PNG whose values fill only the low bits: Pillow keeps the high byte, "
+                             f"{high - low + 1} grey levels; save it as 16-bit grayscale or 8-bit")
 
 
 def _check_min_side(path: Path, size: tuple[int, int]) -> None:

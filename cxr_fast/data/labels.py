@@ -11,6 +11,7 @@ translates folder names into labels. It can be given three ways, whichever is ha
 from __future__ import annotations
 
 import json
+import unicodedata
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -65,15 +66,20 @@ def parse_label_map(spec: str | Path | Mapping[str, str] | None) -> dict[str, st
 def map_label(source_label: str, label_map: Mapping[str, str] | None) -> str | None:
     """The label for a folder name, or None when the map does not cover it.
 
-    An exact match wins; otherwise a case-insensitive one is accepted when it is unambiguous, because
-    folder case is easily lost between filesystems ("covid" vs "COVID").
+    An exact match wins; otherwise one ignoring case, surrounding spaces and Unicode form is accepted when it is
+    unambiguous, because folder case is easily lost between filesystems ("covid" vs "COVID").
     """
     if label_map is None:
         return source_label
     if source_label in label_map:
         return label_map[source_label]
-    folded = [label for key, label in label_map.items() if key.casefold() == source_label.casefold()]
+    folded = [label for key, label in label_map.items() if loose_name(key) == loose_name(source_label)]
     return folded[0] if len(set(folded)) == 1 else None
+
+
+def loose_name(name: str) -> str:
+    # Unicode form too: macOS writes "Neumonía" decomposed (NFD), a map typed elsewhere holds it composed (NFC).
+    return unicodedata.normalize("NFC", name).strip().casefold()
 
 
 def _parse_inline(text: str) -> dict[str, str]:

@@ -53,7 +53,7 @@ from rich.table import Table
 
 from cxr_fast.data import cache as image_cache
 from cxr_fast.data.dedup import DEFAULT_MIN_CORRELATION, DEFAULT_THRESHOLD, group_duplicates
-from cxr_fast.data.labels import map_label, parse_label_map
+from cxr_fast.data.labels import loose_name, map_label, parse_label_map
 from cxr_fast.data.patients import (
     DICOM_PRESET,
     compile_patient_pattern,
@@ -63,7 +63,7 @@ from cxr_fast.data.patients import (
     patient_summary,
     patient_warnings,
 )
-from cxr_fast.data.sources import PREPARED_MARKER, class_folders, find_images
+from cxr_fast.data.sources import MANIFEST_NAME, PREPARED_MARKER, class_folders, find_images, is_hidden
 from cxr_fast.data.split import (
     DEFAULT_FRACTIONS,
     SPLITS,
@@ -75,7 +75,6 @@ from cxr_fast.data.split import (
 from cxr_fast.errors import CxrFastError
 from cxr_fast.outputs import check_folder_path, write_text
 
-MANIFEST_NAME = "manifest.csv"
 REPORT_NAME = PREPARED_MARKER
 META_NAME = "_meta.csv"
 MANIFEST_COLUMNS = ("path", "label", "source_label", "split", "group", "sha256", "width", "height")
@@ -274,6 +273,10 @@ def prepare(
     candidates = []
     for item in items:
         relpath = item.path.relative_to(src_dir).as_posix()
+        if not _is_utf8(relpath):  # e.g. a Latin-1 name from an old zip: no CSV or JSON could hold it
+            printable = relpath.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+            excluded.append(Exclusion(printable, "unreadable", "file or folder name is not valid UTF-8; rename it"))
+            continue
         if not item.has_class:
             excluded.append(Exclusion(relpath, "no-class-folder", EXCLUSION_REASONS["no-class-folder"]))
             continue
@@ -284,6 +287,8 @@ def prepare(
             )
             continue
         candidates.append((item, relpath, label))
+
+    _check_distinct_labels(src_dir, [label for _, _, label in candidates])
 
     # 3. Decode, fingerprint and cache every candidate.
     cache_dir = out_dir / image_cache.CACHE_DIRNAME if cache_size > 0 else None
@@ -459,10 +464,53 @@ def _check_arguments(src: Path, out: Path, seed: int, cache_size: int, force: bo
     check_folder_path(out, "--out")
     if (out / MANIFEST_NAME).exists() and not force:
         raise CxrFastError(f"{out / MANIFEST_NAME} already exists; use --force to replace it")
+    _check_out_inside_src(src, out)
+    _check_writable(out)
     if not isinstance(seed, int) or seed < 0:
         raise CxrFastError(f"seed must be a whole number >= 0, got {seed!r}")
     if not isinstance(cache_size, int) or (cache_size != 0 and cache_size < 64):
         raise CxrFastError(f"cache size must be 0 (no cache) or at least 64 pixels, got {cache_size!r}")
+
+
+def _check_out_inside_src(src: Path, out: Path) -> None:
+    """An --out folder inside SRC is left out of the data, so it must not hold any: `--out SRC/Pneumonia` would
+    otherwise drop that class, in this run and (through the report it leaves there) every later one."""
+    if out == src or not out.is_relative_to(src) or not out.is_dir():
+        return
+    ours = {MANIFEST_NAME, PREPARED_MARKER, image_cache.CACHE_DIRNAME}
+    others = sorted(entry.name for entry in out.iterdir() if entry.name not in ours and not is_hidden(entry.name))
+    if others:
+        raise CxrFastError(f"{out}: --out lies inside {src} and already holds {others[0]!r}"
+                           f"{f' and {len(others) - 1} more' if len(others) > 1 else ''}, which would be left out "
+                           "of the data; give a new or empty folder")
+
+
+def _check_writable(out: Path) -> None:
+    """A folder that cannot be written fails now, not after every image has been decoded."""
+    existing = next(folder for folder in (out, *out.parents) if folder.exists())
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise CxrFastError(f"{out}: --out cannot be written ({existing} is read-only or not yours)")
+
+
+def _is_utf8(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def _check_distinct_labels(src: Path, labels: list[str]) -> None:
+    """Folders named "Normal" and "normal", "Pneumonia " with a space, or one name in two Unicode forms would be
+    two classes that print alike, and the model would learn to tell them apart."""
+    by_key = defaultdict(set)
+    for label in labels:
+        by_key[loose_name(label)].add(label)
+    alike = [sorted(names) for names in by_key.values() if len(names) > 1]
+    if alike:
+        shown = " and ".join(repr(name) for name in alike[0])
+        raise CxrFastError(f"{src}: class folders {shown} differ only in case, spaces or Unicode form and would be "
+                           "two classes; rename them alike, or give a --label-map mapping each to one label")
 
 
 def _progress_bar(console: Console, enabled: bool):

@@ -19,11 +19,13 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+from cxr_fast.data.cache import CACHE_DIRNAME
 from cxr_fast.errors import CxrFastError
 
 # `cxrfast data prepare` writes this file into every output folder. A folder holding one is an earlier prepare's
 # output (manifest and cached copies), never a class of X-rays, even when it sits inside the source folder.
 PREPARED_MARKER = "prepare_report.json"
+MANIFEST_NAME = "manifest.csv"  # with the marker and the cache folder, what prepare writes into its --out
 
 SPLIT_FOLDER_NAMES = frozenset({"train", "training", "valid", "val", "validation", "test", "testing"})
 
@@ -76,13 +78,19 @@ def _walk(root: Path, skip: Iterable[str | os.PathLike]) -> Iterator[tuple[Path,
     if not root.is_dir():
         raise CxrFastError(f"{root}: not a folder (expected ROOT/<class>/<image> folders)")
     skipped = {Path(p).resolve() for p in skip}
-    for folder, subfolders, files in os.walk(root):
+    # followlinks: a class folder may be a link to images kept elsewhere. A link back to a folder above it would
+    # loop for ever, so such links are not followed.
+    for folder, subfolders, files in os.walk(root, onerror=_unreadable_folder, followlinks=True):
         folder_path = Path(folder)
+        above = {folder_path.resolve(), *folder_path.resolve().parents}
+        if (folder_path / PREPARED_MARKER).is_file():  # ROOT itself was an earlier prepare's --out
+            subfolders[:] = [name for name in subfolders if name != CACHE_DIRNAME]
+            files = [name for name in files if name not in (PREPARED_MARKER, MANIFEST_NAME)]
         # Pruning in place stops os.walk from descending; sorting makes the walk order deterministic.
         subfolders[:] = sorted(
             name
             for name in subfolders
-            if not is_hidden(name) and (folder_path / name).resolve() not in skipped
+            if not is_hidden(name) and (folder_path / name).resolve() not in skipped | above
             and not (folder_path / name / PREPARED_MARKER).is_file()
         )
         relative_folders = folder_path.relative_to(root).parts
@@ -92,3 +100,8 @@ def _walk(root: Path, skip: Iterable[str | os.PathLike]) -> Iterator[tuple[Path,
             if not is_hidden(name) and not (skipped and (folder_path / name).resolve() in skipped)
         ]
         yield folder_path, label, kept
+
+
+def _unreadable_folder(error: OSError) -> None:
+    # os.walk would otherwise leave out a folder it may not list, and every image in it, without a word.
+    raise CxrFastError(f"{error.filename}: cannot list this folder ({error.strerror or error})")

@@ -16,6 +16,7 @@ next valid and the rest train.
 
 from __future__ import annotations
 
+import math
 import zlib
 from collections import Counter, defaultdict
 from collections.abc import Sequence
@@ -41,6 +42,8 @@ def parse_fractions(fractions: Sequence[float] | str) -> tuple[float, float, flo
         values = [float(value) for value in fractions]
     if len(values) != 3:
         raise CxrFastError(f"split fractions {fractions!r}: expected three numbers (train, valid, test)")
+    if not all(math.isfinite(value) for value in values):
+        raise CxrFastError(f"split fractions {fractions!r}: must be finite numbers")
     if any(value < 0 for value in values):
         raise CxrFastError(f"split fractions {fractions!r}: must not be negative")
     total = sum(values)
