@@ -277,3 +277,31 @@ def test_a_16bit_colour_png_of_low_bit_data_is_refused_not_read_as_a_black_sheet
     write_png_16bit(tmp_path / "full.png", np.dstack([twelve_bit * 16] * 3), color_type=2)  # all 16 bits used
     image = read_image(tmp_path / "full.png")
     assert np.corrcoef(np.asarray(image, float).ravel(), twelve_bit.ravel())[0, 1] > 0.999
+
+
+def test_the_suffix_dcm_does_not_hide_a_png_and_still_finds_a_dicom_without_preamble(tmp_path):
+    Image.fromarray(smooth_image(5)).save(tmp_path / "named.dcm", format="PNG")  # exported under the wrong name
+    assert not is_dicom(tmp_path / "named.dcm")
+    np.testing.assert_array_equal(np.asarray(read_image(tmp_path / "named.dcm")), smooth_image(5))
+    write_dicom(tmp_path / "m2.dcm", dicom_phantom(), **WINDOWED)
+    (tmp_path / "old.dcm").write_bytes((tmp_path / "m2.dcm").read_bytes()[132:])  # no preamble, no 'DICM'
+    assert is_dicom(tmp_path / "old.dcm")
+    np.testing.assert_array_equal(np.asarray(read_image(tmp_path / "old.dcm")), np.asarray(read_image(tmp_path / "m2.dcm")))
+
+
+def test_the_decoder_plugin_hint_is_given_only_for_compressed_dicom(tmp_path):
+    write_dicom(tmp_path / "plain.dcm", dicom_phantom())
+    import pydicom
+
+    dataset = pydicom.dcmread(tmp_path / "plain.dcm")
+    del dataset.PhotometricInterpretation  # damaged, not compressed: a plugin would not help
+    dataset.save_as(tmp_path / "damaged.dcm")
+    with pytest.raises(ImageReadError, match="cannot decode DICOM pixel data") as e:
+        read_image(tmp_path / "damaged.dcm")
+    assert "pylibjpeg" not in str(e.value)
+    dataset = pydicom.dcmread(tmp_path / "plain.dcm")
+    dataset.file_meta.TransferSyntaxUID = pydicom.uid.JPEGLSLossless  # claims a codec no plugin here decodes
+    dataset.PixelData = pydicom.encaps.encapsulate([b"\x00" * 64])
+    dataset.save_as(tmp_path / "jpegls.dcm")
+    with pytest.raises(ImageReadError, match="need a plugin such as pylibjpeg"):
+        read_image(tmp_path / "jpegls.dcm")

@@ -443,3 +443,16 @@ def test_an_out_folder_that_cannot_be_written_fails_before_decoding(tmp_path, mo
     monkeypatch.setattr(manifest.image_cache, "store", full_disk)  # the disk fills up during the run
     with pytest.raises(CxrFastError, match="cannot write the image cache .No space left on device"):
         quiet(src, tmp_path / "out")
+
+
+def test_class_folders_named_like_split_folders_are_warned_about(tmp_path):
+    src = tmp_path / "src"
+    for s, split in enumerate(("train_set", "Test-Images")):  # the classes are one level deeper, under near-miss names
+        for c, label in enumerate(CLASSES):
+            (src / split / label).mkdir(parents=True)
+            for i in range(2):
+                textured_image(1000 + 100 * s + 10 * c + i).save(src / split / label / f"{i}.png")
+    report = quiet(src, tmp_path / "out")
+    assert sorted(report.labels) == ["Test-Images", "train_set"]
+    assert any(w.startswith("class folder(s) 'Test-Images', 'train_set' look like split folders") for w in report.warnings)
+    assert not any("look like split" in w for w in quiet(make_dataset(tmp_path / "plain"), tmp_path / "o2").warnings)

@@ -53,9 +53,23 @@ class ImageReadError(CxrFastError):
 
 
 def is_dicom(path: str | os.PathLike) -> bool:
-    """True for a .dcm/.dicom suffix or the 'DICM' magic at byte 128 (DICOM files often have no suffix)."""
+    """True for the 'DICM' magic at byte 128 (DICOM files often have no suffix), or a .dcm/.dicom suffix on a file
+    that does not start like a PNG, JPEG, TIFF or BMP (a DICOM without preamble, from an older archive)."""
     path = Path(path)
-    return path.suffix.lower() in DICOM_SUFFIXES or _has_dicom_magic(path)
+    if _has_dicom_magic(path):
+        return True
+    return path.suffix.lower() in DICOM_SUFFIXES and not _starts_like_pil_image(path)
+
+
+PIL_SIGNATURES = (b"\x89PNG", b"\xff\xd8\xff", b"II*\x00", b"MM\x00*", b"BM")  # PNG, JPEG, TIFF (2 orders), BMP
+
+
+def _starts_like_pil_image(path: Path) -> bool:
+    try:
+        with open(path, "rb") as f:
+            return f.read(4).startswith(PIL_SIGNATURES)
+    except OSError:
+        return False
 
 
 def _has_dicom_magic(path: Path) -> bool:
@@ -329,11 +343,11 @@ def _read_dicom(path: Path) -> Image.Image:
         # pydicom 2 says "expected length", pydicom 3 "less than expected (N vs M bytes)"
         if "expected" in lowered and ("length" in lowered or "less than" in lowered) or "truncat" in lowered:
             raise ImageReadError(path, "truncated", f"DICOM pixel data is truncated ({text})") from None
+        syntax = getattr(getattr(dataset, "file_meta", None), "TransferSyntaxUID", None)
+        plugin = ("; compressed transfer syntaxes need a plugin such as pylibjpeg or python-gdcm"
+                  if getattr(syntax, "is_compressed", False) else "")
         raise ImageReadError(
-            path,
-            "unreadable",
-            f"cannot decode DICOM pixel data ({type(error).__name__}: {text}); compressed transfer syntaxes "
-            "need a plugin such as pylibjpeg or python-gdcm",
+            path, "unreadable", f"cannot decode DICOM pixel data ({type(error).__name__}: {text}){plugin}"
         ) from None
 
     frames = int(getattr(dataset, "NumberOfFrames", 1) or 1)

@@ -30,6 +30,7 @@ import functools
 import hashlib
 import json
 import os
+import re
 import shutil
 import time
 from collections import Counter, defaultdict
@@ -63,7 +64,14 @@ from cxr_fast.data.patients import (
     patient_summary,
     patient_warnings,
 )
-from cxr_fast.data.sources import MANIFEST_NAME, PREPARED_MARKER, class_folders, find_images, is_hidden
+from cxr_fast.data.sources import (
+    MANIFEST_NAME,
+    PREPARED_MARKER,
+    SPLIT_FOLDER_NAMES,
+    class_folders,
+    find_images,
+    is_hidden,
+)
 from cxr_fast.data.split import (
     DEFAULT_FRACTIONS,
     SPLITS,
@@ -712,6 +720,10 @@ def _class_warnings(src_dir: Path, skip, mapping, items, manifest: pd.DataFrame,
         found = files_per_folder[folder]
         why = "it is empty" if not found else f"none of its {found} files is usable (see {REPORT_NAME})"
         warnings.append(f"class folder '{folder}' is left out: {why}")
+    split_like = sorted(folder for folder in used if SPLIT_FOLDER_NAMES & set(re.split(r"[^a-z]+", folder.casefold())))
+    if split_like:  # e.g. train_set/COVID/…: the classes would be train_set against test_set
+        warnings.append(f"class folder(s) {', '.join(map(repr, split_like))} look like split folders; if the classes "
+                        "are the folders inside, rename these train, valid or test (their images are then pooled)")
     for label in sorted(manifest["label"].unique()):
         of_label = manifest.loc[manifest["label"] == label, "split"]
         # One line per class, not per split: a patient id shared by every image can empty two splits of each class.
