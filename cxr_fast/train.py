@@ -447,13 +447,14 @@ def _fit_phases(learn, cfg: TrainConfig, state: dict, run_dir: Path, lr: float, 
             offset += n_epochs
             continue
         start_epoch = max(done - offset, 0)
-        if resume and start_epoch > 0:
-            learn.create_opt()
-            _load_optimizer(learn.opt, run_dir / CHECKPOINT_DIR / "optimizer.safetensors", state["optimizer"])
         if phase == "frozen":
             learn.freeze()
         else:
             learn.unfreeze()
+        if resume and start_epoch > 0:
+            # After freeze/unfreeze, whose freeze_to clears the optimizer's state: loaded before, Adam's moments
+            # were wiped and the resumed epochs started from zero momentum.
+            _load_optimizer(learn.opt, run_dir / CHECKPOINT_DIR / "optimizer.safetensors", state["optimizer"])
         recorder = [RunRecorder(run_dir, state, offset, phase)] if distributed.is_main() else []  # rank 0 writes
         cbs = recorder + [EpochNumbering(offset, done)] + list(extra_cbs or [])
         if phase == "frozen":

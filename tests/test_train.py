@@ -9,6 +9,7 @@ import pytest
 import torch
 import yaml
 from fastai.callback.core import Callback
+from safetensors.torch import load_file
 
 from cxr_fast.bundle import load_run, predict_logits
 from cxr_fast.config import resolve_config
@@ -89,6 +90,48 @@ def test_resume_after_a_kill_finishes_with_full_history(tiny_data, tmp_path):
     load_run(out)
     with pytest.raises(CxrFastError, match="this run finished"):
         train(tiny_data, out=out, resume=True, quiet=True)
+
+
+class OptimizerAtFirstBatch(Callback):
+    """The optimizer's tensors when the first batch after a resume is about to be trained on."""
+
+    def before_batch(self):
+        if not hasattr(self, "tensors"):
+            self.tensors = {f"{i}.{k}": v.clone() for i, state in enumerate(self.learn.opt.state_dict()["state"])
+                            for k, v in state.items() if isinstance(v, torch.Tensor)}
+
+
+class KillAfterEpochs(Callback):
+    order = 60  # after the checkpoint is written
+
+    def __init__(self, n_epochs):
+        self.n_epochs, self.seen = n_epochs, 0  # counted across the phases of fine-tuning, unlike self.epoch
+
+    def after_epoch(self):
+        self.seen += 1
+        if self.seen == self.n_epochs:
+            raise SimulatedKill("simulated kill")
+
+
+@pytest.mark.parametrize("fine_tune", [False, True])
+def test_resume_continues_with_the_optimizer_state_of_the_checkpoint(tiny_data, tmp_path, fine_tune):
+    # fastai's freeze/unfreeze clear the optimizer's state: Adam's moments must be loaded after them, in the
+    # from-scratch phase and in the unfrozen phase of fine-tuning (killed after its first epoch here) alike
+    from cxr_fast.archs import create_model
+    from cxr_fast.outputs import write_tensors
+
+    write_tensors(create_model("cxresnet_tiny").state_dict(), tmp_path / "start.safetensors")
+    weights = dict(weights=str(tmp_path / "start.safetensors"), freeze_epochs=1) if fine_tune else {}
+    with pytest.raises(SimulatedKill):
+        train(tiny_data, resolve_config(epochs=3, **weights, **TINY), out=tmp_path / "run", quiet=True,
+              extra_cbs=[KillAfterEpochs(2)])
+    saved = load_file(str(tmp_path / "run" / "checkpoint" / "optimizer.safetensors"))
+    assert any("avg" in key for key in saved)  # Adam's moments are in the checkpoint
+    probe = OptimizerAtFirstBatch()
+    train(tiny_data, out=tmp_path / "run", resume=True, quiet=True, extra_cbs=[probe])
+    assert probe.tensors.keys() == saved.keys()
+    for key, value in saved.items():
+        torch.testing.assert_close(probe.tensors[key], value, rtol=0, atol=0, msg=key)
 
 
 class CtrlC(Callback):
