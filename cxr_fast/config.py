@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -115,11 +116,24 @@ def load_recipe(path: str | Path) -> dict[str, Any]:
 def resolve_config(recipe: str | Path | None = None, **overrides: Any) -> TrainConfig:
     """Defaults, then the recipe, then every override that is not None (an unset CLI flag keeps the recipe's)."""
     values: dict[str, Any] = load_recipe(recipe) if recipe else {}
+    new_arch, recipe_arch = overrides.get("arch"), values.get("arch", TrainConfig.arch)
+    if (values.get("arch_kwargs") and overrides.get("arch_kwargs") is None and isinstance(new_arch, str)
+            and isinstance(recipe_arch, str) and new_arch.lower() != recipe_arch.lower()):
+        # A recipe's arch_kwargs are written for its own arch: another would be built half-width, or refuse them.
+        warnings.warn(f"{find_recipe(recipe).name}'s arch_kwargs {values.pop('arch_kwargs')} are for {recipe_arch}; "
+                      f"{new_arch} is built with its own defaults", stacklevel=2)
     values.update({k: v for k, v in overrides.items() if v is not None})
     try:
         cfg = TrainConfig(**values)
     except TypeError as e:
         raise CxrFastError(f"bad training option: {e}") from None
+    for name, (kind, _, _) in LIMITS.items():
+        # YAML 1.1 reads 1e-4 (no dot) as text, though it reads 1.0e-4 as a number: both are meant as numbers
+        if kind is float and isinstance(getattr(cfg, name), str):
+            try:
+                setattr(cfg, name, float(getattr(cfg, name)))
+            except ValueError:
+                pass  # reported below with the option's rule
     if isinstance(cfg.lr, str) and cfg.lr != "auto":
         try:
             cfg.lr = float(cfg.lr)

@@ -45,7 +45,7 @@ from cxr_fast.archs.weights import parse_weights
 from cxr_fast.config import TrainConfig, resolve_config
 from cxr_fast.data.block import build_dataloaders, check_classes
 from cxr_fast.data.manifest import manifest_digest, read_manifest
-from cxr_fast.errors import CxrFastError, read_json, read_tensors
+from cxr_fast.errors import CxrFastError, first_line, read_json, read_tensors
 from cxr_fast.outputs import check_folder_path, write_tensors
 from cxr_fast.probe import is_frozen_arch
 
@@ -322,6 +322,21 @@ def build_learner(manifest: pd.DataFrame, cfg: TrainConfig, stats=None):
     return learn, spec
 
 
+def check_input_size(model: torch.nn.Module, cfg: TrainConfig) -> None:
+    """One image of the training size through the network before a run folder exists: a network that pools more
+    often than the size allows fails here in one line, not with a traceback after the data has loaded."""
+    was_training = model.training
+    parameter = next(model.parameters())
+    try:
+        with torch.no_grad():
+            model.eval()(torch.zeros(1, cfg.n_in, cfg.size, cfg.size, device=parameter.device, dtype=parameter.dtype))
+    except RuntimeError as e:
+        raise CxrFastError(f"{cfg.arch} cannot take {cfg.size}-pixel images ({first_line(e)}); "
+                           "give a larger --size or a shallower network") from None
+    finally:
+        model.train(was_training)
+
+
 def _phases(cfg: TrainConfig) -> list[tuple[str, int]]:
     """(phase, epochs): one-cycle from scratch, or a frozen head phase then unfrozen one from pretrained."""
     if cfg.pretrained and cfg.freeze_epochs > 0:
@@ -381,6 +396,7 @@ def _train(data, cfg, *, out, resume, extra_cbs, quiet) -> Path:
     # since moved, `hub` while offline), so the network is built empty and the checkpoint loaded into it below.
     build_cfg = dataclasses.replace(cfg, weights="none") if resume else cfg
     learn, spec = build_learner(manifest, distributed.per_process_config(build_cfg), stats)
+    check_input_size(learn.model, cfg)
     if run_dir is None:
         run_dir = Path(distributed.on_main(lambda: str(new_run_dir(out, cfg.arch))))
     state["stats"] = {"mean": spec.mean, "std": spec.std}

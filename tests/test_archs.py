@@ -67,10 +67,13 @@ def test_config_keeps_non_default_arguments():
     assert [p.shape for p in rebuilt.parameters()] == [p.shape for p in model.parameters()]
 
 
-def test_none_arguments_keep_the_variant_defaults():
-    model = create_model("cxresnet_tiny", width=None, depths=None)
-    assert model.arch_kwargs["width"] == 0.25
-    assert model.body.out_channels == 128
+def test_none_is_a_value_not_the_default():
+    # a recipe's `hidden: null` means no hidden layer; it was dropped, and the 64-unit default built instead
+    model = create_model("convnet", hidden=None)
+    assert model.arch_kwargs["hidden"] is None and not hasattr(model.head, "hidden")
+    assert model_from_config(json.loads(json.dumps(model_config(model)))).arch_kwargs["hidden"] is None
+    with pytest.raises(CxrFastError, match=r"width must be a number > 0 .* \(got None\)"):
+        create_model("cxresnet_tiny", width=None)
 
 
 def test_model_config_needs_the_architecture():

@@ -73,3 +73,27 @@ def test_whole_numbers_written_as_floats_become_ints():
         resolve_config(epochs=2.5)
     with pytest.raises(CxrFastError, match=r"epochs must be .* \(got inf\); lr_mult must be .* \(got nan\)"):
         resolve_config(epochs=float("inf"), lr_mult=float("nan"))
+
+
+def test_exponent_notation_in_a_recipe_is_a_number_for_every_option(tmp_path):
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("lr: 3e-3\nwd: 1e-4\nlr_mult: 1e1\n")  # YAML 1.1 reads these as text
+    cfg = resolve_config(recipe)
+    assert (cfg.lr, cfg.wd, cfg.lr_mult) == (pytest.approx(3e-3), pytest.approx(1e-4), pytest.approx(10.0))
+    recipe.write_text("wd: tiny\n")
+    with pytest.raises(CxrFastError, match="wd must be a number ≥ 0 .got 'tiny'"):
+        resolve_config(recipe)
+
+
+def test_another_arch_than_the_recipe_s_drops_its_arch_kwargs_with_a_warning(tmp_path):
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("arch: cxresnet\narch_kwargs: {width: 0.5}\nepochs: 3\n")
+    with pytest.warns(UserWarning, match=r"r.yaml's arch_kwargs \{'width': 0.5\} are for cxresnet; convnet is built"):
+        cfg = resolve_config(recipe, arch="convnet")
+    assert (cfg.arch, cfg.arch_kwargs, cfg.epochs) == ("convnet", {}, 3)
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the recipe's own arch, in any case, keeps them silently
+        assert resolve_config(recipe, arch="CXResnet").arch_kwargs == {"width": 0.5}
+        assert resolve_config(recipe, arch="convnet", arch_kwargs={"hidden": 8}).arch_kwargs == {"hidden": 8}

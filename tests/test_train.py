@@ -189,6 +189,15 @@ def test_batch_larger_than_the_training_split_is_a_one_line_error_that_leaves_no
     assert not (tmp_path / "run").exists()
 
 
+def test_a_size_too_small_for_the_network_is_a_one_line_error_that_leaves_nothing(tiny_data, tmp_path):
+    # seven 2x2 poolings need 128 px; at 48 px the third batch norm met a 0-pixel map, a traceback mid-training
+    cfg = resolve_config(epochs=1, **{**TINY, "arch": "convnet"}, arch_kwargs={"widths": [4] * 7})
+    with pytest.raises(CxrFastError, match="convnet cannot take 48-pixel images .* give a larger --size") as e:
+        train(tiny_data, cfg, out=tmp_path / "run", quiet=True)
+    assert "\n" not in str(e.value)
+    assert not (tmp_path / "run").exists()
+
+
 def test_a_single_class_manifest_is_refused_before_training(tiny_data, tmp_path):
     table = read_manifest(tiny_data)
     one_class = tmp_path / "one" / "manifest.csv"

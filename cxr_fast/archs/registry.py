@@ -100,10 +100,10 @@ def create_model(
     """Build `name` (a cxr_fast architecture or any timm name) for `n_in` channels and `n_classes` classes.
 
     `weights`: none | hub | PATH | efficientnet-lite0/1/2 (see `cxr_fast.archs.weights`). Keyword arguments
-    go to the architecture's builder (or to ``timm.create_model``); None values are dropped so an unset
-    command-line flag keeps the architecture's default.
+    go to the architecture's builder (or to ``timm.create_model``) as given: None is a value (``hidden=None``: no
+    hidden layer), not "the default".
     """
-    arch_kwargs = _json_values(name, {k: v for k, v in arch_kwargs.items() if v is not None})
+    arch_kwargs = _json_values(name, arch_kwargs)
     spec = weights if isinstance(weights, WeightSpec) else parse_weights(weights)
     arch = _resolve_name(name)
     if arch in LOCAL_ARCHS:
