@@ -17,6 +17,7 @@ import json
 import platform
 import shutil
 import sys
+import tempfile
 import time
 import warnings
 from datetime import datetime
@@ -30,6 +31,7 @@ import yaml
 from fastai.callback.core import Callback
 from fastai.callback.mixup import MixUp
 from fastai.callback.progress import ProgressCallback
+from fastai.callback.schedule import LRFinder
 from fastai.learner import Learner
 from fastai.losses import CrossEntropyLossFlat
 from fastai.metrics import AccumMetric
@@ -233,13 +235,18 @@ class EpochLines(Callback):
     order = ProgressCallback.order
 
     def before_fit(self):
+        # lr_find's sweep is a fit too, with logging off: its steps printed as rows would look like epochs
+        self.active = not any(isinstance(cb, LRFinder) for cb in self.learn.cbs)
+        if not self.active:
+            return
         self.old_logger, self.learn.logger = self.learn.logger, self._write
         names = list(self.recorder.metric_names)
         self.widths = [max(len(name), 9) for name in names]  # room for a six-decimal loss under a short name
         self._write(names)
 
     def after_fit(self):
-        self.learn.logger = self.old_logger
+        if self.active:
+            self.learn.logger = self.old_logger
 
     def _write(self, row):
         cells = [f"{v:.6f}" if isinstance(v, float) else str(v) for v in row]
@@ -418,8 +425,7 @@ def _train(data, cfg, *, out, resume, extra_cbs, quiet) -> Path:
     if state["lr"] is None:  # lr_find runs on rank 0 alone, and every rank trains with its suggestion
         if cfg.lr == "auto" and not quiet and distributed.is_main():
             Console(stderr=True).print("finding a learning rate (fastai's lr_find) …", highlight=False)
-        state["lr"] = distributed.on_main(
-            lambda: float(learn.lr_find(show_plot=False).valley) if cfg.lr == "auto" else float(cfg.lr))
+        state["lr"] = distributed.on_main(lambda: find_lr(learn) if cfg.lr == "auto" else float(cfg.lr))
         if cfg.lr == "auto" and not quiet and distributed.is_main():
             Console(stderr=True).print(f"lr_find suggests {state['lr']:.3g} (its 'valley'); training with it",
                                        highlight=False)
@@ -442,6 +448,18 @@ def _train(data, cfg, *, out, resume, extra_cbs, quiet) -> Path:
             shutil.rmtree(run_dir, ignore_errors=True)  # nothing finished: leave no folder to block a fresh start
         raise TrainingInterrupted(run_dir, state["epochs_done"], sum(n for _, n in _phases(cfg))) from None
     return finish_bundle(run_dir, learn, cfg, state) if distributed.is_main() else run_dir
+
+
+def find_lr(learn: Learner) -> float:
+    """fastai's lr_find 'valley'. lr_find saves the model to LEARNER.PATH/models to restore it afterwards, which
+    would be a ./models folder (and, after a kill, a pickle left in it): a temporary folder is used instead."""
+    path, model_dir = learn.path, learn.model_dir
+    with tempfile.TemporaryDirectory(prefix="cxrfast-lr_find-") as scratch:
+        learn.path, learn.model_dir = Path(scratch), "."
+        try:
+            return float(learn.lr_find(show_plot=False).valley)
+        finally:
+            learn.path, learn.model_dir = path, model_dir
 
 
 class TrainingInterrupted(Exception):

@@ -1,6 +1,7 @@
 """The CLI is thin: check that commands reach the library, exit codes, and one-line errors."""
 
 import json
+import re
 
 import pytest
 from typer.testing import CliRunner
@@ -125,13 +126,18 @@ def test_ctrl_c_outside_training_says_interrupted_and_exits_130(tmp_path, monkey
     assert result.exit_code == 130 and "interrupted" in result.output
 
 
-def test_lr_auto_says_what_it_found(tiny_data, tmp_path):
+def test_lr_auto_says_what_it_found(tiny_data, tmp_path, monkeypatch):
     out = tmp_path / "run"
+    (tmp_path / "cwd").mkdir()
+    monkeypatch.chdir(tmp_path / "cwd")
     result = invoke("train", "--data", tiny_data, "--arch", "cxresnet_tiny", "--size", 48, "--epochs", 1,
                     "--bs", 16, "--lr", "auto", "--out", out)
     assert result.exit_code == 0, result.output
     found = json.loads((out / "config.json").read_text())["lr"]
     assert f"lr_find suggests {found:.3g}" in result.output
+    # the log (not a terminal here) shows the one epoch, not lr_find's steps as rows that look like epochs
+    assert re.findall(r"(?m)^(\d+) +\d+\.\d{6} ", result.output) == ["0"]
+    assert not list((tmp_path / "cwd").iterdir())  # lr_find's saved model went to a temporary folder, not ./models
 
 
 def test_compare_refuses_training_options_with_existing_runs_and_repeats_before_training(tiny_runs, tiny_data, tmp_path,
