@@ -274,3 +274,35 @@ def test_a_damaged_packaged_checkpoint_is_a_one_line_error_naming_it(tmp_path, m
     with pytest.raises(CxrFastError, match=f"{damaged}: not a readable PyTorch weights file") as e:
         create_model("tf_efficientnet_lite0", n_in=1, n_classes=3, weights="efficientnet-lite0")
     assert "\n" not in str(e.value)
+
+
+def test_a_fastai_vision_learner_checkpoint_loads_its_body(tmp_path):
+    """learn.save's file: the timm body under "0.model.", fastai's own head under "1.", beside the optimizer."""
+    body = timm.create_model("resnet18", num_classes=0, global_pool="", in_chans=1).eval()
+    fastai_head = {"1.2.weight": torch.randn(512), "1.4.weight": torch.randn(3, 512)}
+    state = {**{f"0.model.{k}": v for k, v in body.state_dict().items()}, **fastai_head}
+    torch.save({"model": state, "opt": {"state": {}}}, tmp_path / "learn.pth")
+    model = create_model("resnet18", n_in=1, weights=str(tmp_path / "learn.pth")).eval()
+    assert sorted(model.load_report.unexpected) == sorted(fastai_head)
+    x = torch.randn(1, 1, 64, 64)
+    with torch.no_grad():
+        assert torch.equal(model.body(x), body(x))
+
+
+def test_a_larger_architecture_s_file_is_refused_though_its_names_and_shapes_fit(tmp_path):
+    # resnet34's file holds every resnet18 tensor by name and shape, and 98 more: it is not resnet18's start
+    save_file(timm.create_model("resnet34", num_classes=0).state_dict(), str(tmp_path / "r34.safetensors"))
+    with pytest.raises(CxrFastError, match=r"r34.safetensors: \d+ of the file's \d+ weight tensors have no place in "
+                                           r"model resnet18 .e\.g\. layer1\.2\..*a larger or another architecture"):
+        create_model("resnet18", weights=str(tmp_path / "r34.safetensors"))
+
+
+def test_a_run_bundle_s_weights_bring_the_normalisation_they_were_trained_with(tmp_path):
+    run = tmp_path / "run"
+    run.mkdir()
+    save_file(create_model("resnet18", n_in=1).state_dict(), str(run / "model.safetensors"))
+    (run / "config.json").write_text(json.dumps({"model": {"arch": "resnet18"}, "mean": [0.354], "std": [0.245]}))
+    continued = create_model("resnet18", n_in=1, weights=str(run / "model.safetensors"))
+    assert continued.pretrained_stats == weights.Stats([0.354], [0.245])  # not timm's ImageNet statistics
+    three = create_model("resnet18", n_in=3, weights=str(run / "model.safetensors"))  # other channels: timm's
+    assert three.pretrained_stats == weights.Stats(list(weights.IMAGENET_MEAN), list(weights.IMAGENET_STD))

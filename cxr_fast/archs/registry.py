@@ -33,6 +33,7 @@ from cxr_fast.archs.weights import (
     efficientnet_lite_body,
     load_weights_file,
     parse_weights,
+    run_bundle_stats,
     timm_hub_body,
 )
 from cxr_fast.errors import CxrFastError, first_line
@@ -122,6 +123,8 @@ def create_model(
     else:
         body, stats = _timm_body(arch, n_in, spec, arch_kwargs)
         head = classifier_head(_feature_channels(body, n_in, arch), n_classes)
+    if spec.kind == "path":  # a run bundle's weights come with the normalisation they were trained with
+        stats = run_bundle_stats(spec.path, n_in) or stats
     model = CXRModel(
         body,
         head,

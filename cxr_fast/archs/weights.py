@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import contextlib
 import importlib
+import json
 import os
 import pickle
 import socket
@@ -59,8 +60,12 @@ WEIGHTS_HELP = (
     "none | hub | PATH (.safetensors/.pth) | efficientnet-lite0 | efficientnet-lite1 | efficientnet-lite2"
 )
 
-# Prefixes that wrappers add to parameter names: DataParallel/DDP, Lightning/fastai checkpoints, torch.compile.
-_WRAPPER_PREFIXES = ("module.", "model.", "_orig_mod.")
+# Prefixes that wrappers add to parameter names: DataParallel/DDP, Lightning/fastai checkpoints, torch.compile, and
+# fastai's vision_learner around a timm model (its body is "0.model.", its own head "1.", which has no place here).
+_WRAPPER_PREFIXES = ("module.", "model.", "_orig_mod.", "0.model.")
+# More of a file's learned tensors than this left unused means a larger or another architecture: resnet34's file
+# fits resnet18's every name and shape, and would start it from a network it is not.
+MAX_UNUSED_SHARE = 0.25
 _TORCH_SUFFIXES = (".pth", ".pt", ".bin", ".ckpt")
 
 
@@ -270,6 +275,11 @@ def load_state_into(
     what = f"model {arch}" if arch else "the model"
     # batch norm's step counters match any network with batch norm: they alone are not weights
     learned = [k for k in report.matched if not k.endswith("num_batches_tracked")]
+    unused = [k for k in report.unexpected if not k.endswith("num_batches_tracked")]
+    file_learned = len(learned) + len(unused) + len(report.shape_mismatched)
+    if learned and not report.shape_mismatched and len(unused) > MAX_UNUSED_SHARE * file_learned:
+        raise CxrFastError(f"{source}: {len(unused)} of the file's {file_learned} weight tensors have no place in "
+                           f"{what} (e.g. {unused[0]}): the file holds a larger or another architecture")
     if report.shape_mismatched or not learned:
         detail = ""
         if report.shape_mismatched:
@@ -287,6 +297,18 @@ def load_state_into(
 
 def _differs_only_in_input_channels(got: torch.Size, want: torch.Size) -> bool:
     return len(got) == len(want) == 4 and got[0] == want[0] and got[2:] == want[2:]
+
+
+def run_bundle_stats(path: Path, n_in: int) -> Stats | None:
+    """The normalisation a cxr_fast run bundle's weights were trained with, when `path` is a bundle's weights file:
+    trained on from there with other statistics, the network would see inputs shifted from those it learned on."""
+    try:
+        config = json.loads((path.parent / "config.json").read_text())
+    except (OSError, ValueError):
+        return None
+    mean, std = (config.get("mean"), config.get("std")) if isinstance(config, dict) else (None, None)
+    fits = all(isinstance(v, list) and len(v) == n_in and all(isinstance(x, int | float) for x in v) for v in (mean, std))
+    return Stats([float(m) for m in mean], [float(s) for s in std]) if fits and "model" in config else None
 
 
 def load_weights_file(model: nn.Module, path: str | os.PathLike, arch: str | None = None) -> LoadReport:
