@@ -107,7 +107,8 @@ def test_unknown_arguments_are_named():
     ("cxresnet", {"depths": [1, 0, 1, 1]}, "depths must be a list of whole numbers ≥ 1"),
     ("convnet", {"hidden": 2.5}, "hidden must be a whole number ≥ 1, or null"),
     ("convnet", {"layers": ["relu", "no_such_layer"]}, "unknown layer .no_such_layer."),
-    ("convnet", {"layers": 5}, "convnet: bad arguments"),  # left to the builder, still one line
+    ("convnet", {"layers": 5}, "convnet: layers must be a list of layer names"),
+    ("convnet", {"layers": "relu"}, "convnet: layers must be a list"),  # was read letter by letter: "unknown layer 'r'"
 ])
 def test_bad_argument_values_are_one_line_errors(arch, kwargs, named):
     with pytest.raises(CxrFastError, match=named) as e:
@@ -126,6 +127,8 @@ def test_list_models_filters_local_then_timm():
     assert everything[: len(LOCAL_ARCHS)] == [(name, "local") for name in LOCAL_ARCHS]
     assert ("resnet18", "timm") in everything and len(names) == len(set(names))
     assert list_models("cxresnet*") == [(n, "local") for n in LOCAL_ARCHS if n.startswith("cxresnet")]
+    assert list_models("CXResnet*") == list_models("cxresnet*")  # as --arch CXResnet trains cxresnet
+    assert list_models("ResNet18") == [("resnet18", "timm")]
     resnets = list_models("resnet1*")
     assert ("resnet18", "timm") in resnets and all(
         src == "timm" and n.startswith("resnet1") for n, src in resnets

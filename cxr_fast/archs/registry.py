@@ -197,7 +197,14 @@ LOCAL_ARG_RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "depths": (_counts, "a list of whole numbers ≥ 1"),
     "hidden": (lambda v: v is None or (_number(v) and v >= 1 and float(v).is_integer()), "a whole number ≥ 1, or null"),
     "dropout": (lambda v: _number(v) and 0 <= v < 1, "a number in [0, 1)"),
+    "layers": (lambda v: isinstance(v, list | tuple) and all(_layer_spec(x) for x in v),
+               "a list of layer names, or [name, {arguments}] pairs"),
 }
+
+
+def _layer_spec(value: Any) -> bool:
+    return isinstance(value, str) or (isinstance(value, list | tuple) and len(value) == 2
+                                      and isinstance(value[0], str) and isinstance(value[1], dict))
 
 
 def _timm_body(
@@ -266,8 +273,9 @@ def list_models(pattern: str | None = None) -> list[tuple[str, str]]:
     """(name, source) for every architecture matching the fnmatch-style `pattern`; source is "local" or "timm"."""
     import timm
 
-    local = [(n, "local") for n in LOCAL_ARCHS if pattern is None or fnmatch.fnmatch(n, pattern)]
-    return local + [(n, "timm") for n in timm.list_models(pattern or "*")]
+    pattern = pattern.lower() if pattern else "*"  # as names are matched by train: --arch CXResnet works
+    local = [(n, "local") for n in LOCAL_ARCHS if fnmatch.fnmatchcase(n.lower(), pattern)]
+    return local + [(n, "timm") for n in timm.list_models(pattern)]
 
 
 # ---------------------------------------------------------------- run bundles
