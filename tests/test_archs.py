@@ -11,6 +11,8 @@ from cxr_fast.archs import (
     ConvNet,
     CXResnet,
     LayerStack,
+    classifier_head,
+    conv_stack,
     create_model,
     list_models,
     make_layer,
@@ -182,3 +184,39 @@ def test_param_groups_split_body_from_head():
 def test_scratch_models_use_data_statistics():
     model = create_model("resnet18")
     assert model.pretrained_stats is None and model.weights_source == "none"
+
+
+def test_register_arch_adds_a_builder_the_whole_api_takes(tiny_data, tmp_path, monkeypatch):
+    from cxr_fast.archs import register_arch, registry
+    from cxr_fast.bundle import load_run
+    from cxr_fast.config import resolve_config
+    from cxr_fast.train import train
+    from tests.conftest import TINY
+
+    monkeypatch.setattr(registry, "LOCAL_ARCHS", dict(registry.LOCAL_ARCHS))  # the registration ends with the test
+
+    def build_tinynet(n_in, n_classes, width=16):
+        body = nn.Sequential(conv_stack(n_in, width, ["relu", "maxpool"]), conv_stack(width, 2 * width, ["relu"]))
+        return body, classifier_head(2 * width, n_classes)
+
+    register_arch("tinynet_wide", build_tinynet, width=8)
+    assert ("tinynet_wide", "local") in list_models("tinynet*")
+    run = train(tiny_data, resolve_config(epochs=1, **{**TINY, "arch": "tinynet_wide"}), out=tmp_path / "run", quiet=True)
+    assert json.loads((run / "config.json").read_text())["model"]["arch_kwargs"] == {"width": 8}
+    assert load_run(run).model.body[1].conv.out_channels == 16
+
+    def takes_anything(n_in, n_classes, **kwargs):
+        return build_tinynet(n_in, n_classes)
+
+    def needs_depth(n_in, n_classes, depth):
+        return build_tinynet(n_in, n_classes)
+
+    for name, builder, variant, problem in [
+        ("tinynet_wide", build_tinynet, {}, "already a cxr_fast architecture"),
+        ("TinyNet", build_tinynet, {}, "lower-case"),
+        ("anything", takes_anything, {}, r"\*kwargs cannot be recorded"),
+        ("deep", needs_depth, {}, "argument 'depth' needs a default"),
+        ("tinynet2", build_tinynet, {"hight": 3}, "takes no argument hight"),
+    ]:
+        with pytest.raises(CxrFastError, match=problem):
+            register_arch(name, builder, **variant)

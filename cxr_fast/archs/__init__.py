@@ -11,6 +11,7 @@ from cxr_fast.archs.registry import (
     model_config,
     model_from_config,
     param_groups,
+    register_arch,
     splitter,
 )
 from cxr_fast.archs.weights import (
@@ -43,5 +44,6 @@ __all__ = [
     "model_from_config",
     "param_groups",
     "read_state_dict",
+    "register_arch",
     "splitter",
 ]

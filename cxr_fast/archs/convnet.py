@@ -54,7 +54,7 @@ def build_convnet(
     return body, classifier_head(body.out_channels, n_classes, hidden=hidden, dropout=dropout)
 
 
-# Registered variants: name -> arguments for `build_convnet` (the registry reads this table).
+# Registered variants: name -> arguments for `build_convnet` (read once, when the registry is imported).
 VARIANTS: dict[str, dict] = {
     "convnet": {},  # the study's network
 }

@@ -84,7 +84,7 @@ def build_cxresnet(
     return body, classifier_head(body.out_channels, n_classes, hidden=hidden, dropout=dropout)
 
 
-# Registered variants: name -> arguments for `build_cxresnet` (the registry reads this table).
+# Registered variants: name -> arguments for `build_cxresnet` (read once, when the registry is imported).
 VARIANTS: dict[str, dict] = {
     "cxresnet": dict(depths=(1, 1, 1, 1)),  # the study's widths, one residual block per stage
     "cxresnet_tiny": dict(width=0.25, depths=(1, 1, 1, 1)),  # seconds per epoch on a CPU: tests and demos

@@ -48,6 +48,34 @@ LOCAL_ARCHS: dict[str, tuple[Builder, dict[str, Any]]] = {
 }
 
 
+def register_arch(name: str, builder: Builder, **variant: Any) -> None:
+    """Add an architecture to the registry: `builder(n_in, n_classes, **arguments)` returns ``(body, head)``, the
+    body a module giving a feature map [B, C, H, W] and the head one taking it to logits (`classifier_head(C,
+    n_classes)` is cxr_fast's). `variant`: this name's own argument values, over the builder's defaults.
+
+    Every argument after the first two needs a default and must be named (no ``*args``/``**kwargs``): a run bundle
+    records them all, and rebuilds the model from them. The registration lasts for this Python process: to use
+    the architecture from the command line, add it to this module's `LOCAL_ARCHS` (docs: Training → Adding an
+    architecture)."""
+    if not (isinstance(name, str) and name and name == name.lower()):
+        raise CxrFastError(f"architecture name must be lower-case text, got {name!r}")
+    if name in LOCAL_ARCHS:
+        raise CxrFastError(f"{name}: already a cxr_fast architecture")
+    parameters = list(inspect.signature(builder).parameters.values())
+    if len(parameters) < 2:
+        raise CxrFastError(f"{name}: the builder must take (n_in, n_classes, ...)")
+    for parameter in parameters[2:]:
+        if parameter.kind in (parameter.VAR_POSITIONAL, parameter.VAR_KEYWORD):
+            raise CxrFastError(f"{name}: the builder's *{parameter.name} cannot be recorded in a run bundle; name "
+                               "each argument")
+        if parameter.default is parameter.empty:
+            raise CxrFastError(f"{name}: the builder's argument {parameter.name!r} needs a default")
+    unknown = sorted(set(variant) - {p.name for p in parameters[2:]})
+    if unknown:
+        raise CxrFastError(f"{name}: the builder takes no argument {', '.join(unknown)}")
+    LOCAL_ARCHS[name] = (builder, _json_values(name, variant))
+
+
 class CXRModel(nn.Module):
     """Uniform wrapper: ``forward(x) = head(body(x))`` for every architecture.
 
