@@ -96,6 +96,8 @@ def load_run(path: str | Path, *, finishing: bool = False) -> Run:
     if not finishing and (path / "checkpoint" / "state.json").is_file():
         raise CxrFastError(f"{path}: an interrupted training run, not a finished bundle; continue it with "
                            f"`cxrfast train --data DATA --out {path} --resume`")
+    if not config_path.is_file() and (path / "model.onnx").is_file() and (path / "preprocessing.json").is_file():
+        raise CxrFastError(f"{path}: an ONNX export, not a run bundle; predict and serve run it with --runtime onnx")
     for needed in (config_path, weights_path):
         if not needed.is_file():
             raise CxrFastError(f"{path}: not a cxr_fast run bundle ({needed.name} missing)")

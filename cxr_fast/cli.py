@@ -16,6 +16,7 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Column, Table
 
+from cxr_fast.config import TrainConfig
 from cxr_fast.errors import CxrFastError
 from cxr_fast.memory import keep_freed_memory
 
@@ -25,6 +26,8 @@ warnings.filterwarnings("ignore", message=".*torch.jit.script.*", category=Futur
 warnings.formatwarning = lambda message, category, *args, **kwargs: f"warning: {message}\n"
 # Each command is one process doing one job: reusing freed memory makes training ~1.4x faster on a CPU (memory.py).
 keep_freed_memory()
+
+DEFAULTS = TrainConfig()  # shown in train's --help: an option left out takes the recipe's value, else this
 
 app = typer.Typer(
     name="cxrfast",
@@ -139,17 +142,17 @@ def models(
 @user_errors
 def train(
     data: Annotated[Path, typer.Option(help="Folder with manifest.csv (from `cxrfast data prepare`).")],
-    arch: Annotated[str | None, typer.Option(help="Architecture: convnet, cxresnet, frozen_lite (frozen ImageNet features + a fitted regression), or any timm name.")] = None,
+    arch: Annotated[str | None, typer.Option(help=f"Architecture: convnet, cxresnet, frozen_lite (frozen ImageNet features + a fitted regression), or any timm name (default {DEFAULTS.arch}, or the recipe's).")] = None,
     recipe: Annotated[Path | None, typer.Option(help="YAML recipe; flags given here override it.")] = None,
-    epochs: Annotated[int | None, typer.Option(help="Epochs (after the frozen epochs when fine-tuning).")] = None,
-    size: Annotated[int | None, typer.Option(help="Training image side in pixels.")] = None,
-    bs: Annotated[int | None, typer.Option(help="Batch size.")] = None,
-    lr: Annotated[str | None, typer.Option(help="Peak learning rate, or 'auto' (lr_find).")] = None,
-    weights: Annotated[str | None, typer.Option(help="none | hub | PATH | efficientnet-lite0/1/2.")] = None,
-    n_in: Annotated[int | None, typer.Option(help="Input channels, 1 or 3.")] = None,
+    epochs: Annotated[int | None, typer.Option(help=f"Epochs, after the frozen epochs when fine-tuning (default {DEFAULTS.epochs}, or the recipe's).")] = None,
+    size: Annotated[int | None, typer.Option(help=f"Training image side in pixels (default {DEFAULTS.size}, or the recipe's).")] = None,
+    bs: Annotated[int | None, typer.Option(help=f"Batch size (default {DEFAULTS.bs}, or the recipe's).")] = None,
+    lr: Annotated[str | None, typer.Option(help=f"Peak learning rate, or 'auto' (lr_find) (default {DEFAULTS.lr:g}, or the recipe's).")] = None,
+    weights: Annotated[str | None, typer.Option(help=f"none | hub | PATH | efficientnet-lite0/1/2 (default {DEFAULTS.weights}, or the recipe's).")] = None,
+    n_in: Annotated[int | None, typer.Option(help=f"Input channels, 1 or 3 (default {DEFAULTS.n_in}, or the recipe's).")] = None,
     class_weights: Annotated[bool | None, typer.Option(help="Weight the loss by inverse class frequency.")] = None,
-    seed: Annotated[int | None, typer.Option(help="Random seed.")] = None,
-    out: Annotated[Path | None, typer.Option(help="Run folder (default models/<arch>-<time>).")] = None,
+    seed: Annotated[int | None, typer.Option(help=f"Random seed (default {DEFAULTS.seed}, or the recipe's).")] = None,
+    out: Annotated[Path | None, typer.Option(help="Run folder (default models/<arch>-<date>-<time>).")] = None,
     resume: Annotated[bool, typer.Option(help="Continue the interrupted run in --out.")] = False,
     distributed: Annotated[bool, typer.Option(help="Data-parallel over --nproc processes on this machine (under torchrun: over its processes).")] = False,
     nproc: Annotated[int | None, typer.Option(help="With --distributed: processes to start (default: one per GPU, else 2).")] = None,
@@ -157,7 +160,7 @@ def train(
     """Train a classifier with a one-cycle schedule and write a run bundle (safetensors + JSON)."""
     from cxr_fast import distributed as ddp
     from cxr_fast.config import resolve_config
-    from cxr_fast.train import TrainingInterrupted
+    from cxr_fast.train import TrainingInterrupted, run_summary
     from cxr_fast.train import train as train_run
 
     cfg = None
@@ -182,7 +185,7 @@ def train(
             err_console.print(f"[bold yellow]{escape(str(stop))}[/]{escape(hint)}", highlight=False, soft_wrap=True)
             raise typer.Exit(130) from None  # the shell's code for Ctrl-C
     if ddp.is_main():
-        _print_run_summary(run_dir)
+        console.print(run_summary(run_dir))
 
 
 def _processes(distributed: bool, nproc: int | None) -> int | None:
@@ -219,17 +222,6 @@ def ensemble(
                       f"{metrics['valid_balanced_accuracy']:.3f}" + (f" (members: {escape(', '.join(scores))})" if scores else ""))
 
 
-def _print_run_summary(run_dir: Path) -> None:
-    import json
-
-    metrics = json.loads((run_dir / "metrics.json").read_text())
-    kept = f"chosen C {metrics['best_C']:g}" if "best_C" in metrics else f"best epoch {metrics['best_epoch']}"
-    console.print(
-        f"run [bold]{escape(str(run_dir))}[/]: {kept}, valid balanced accuracy "
-        f"{metrics['valid_balanced_accuracy']:.3f}, {metrics['train_seconds']:.0f} s"
-    )
-
-
 @app.command("evaluate")
 @user_errors
 def evaluate(
@@ -241,21 +233,11 @@ def evaluate(
 ):
     """Metrics with 95 % CIs, calibration, ROC/PR curves, confusion matrix and an HTML report."""
     from cxr_fast.evaluate import evaluate as run_evaluation
-    from cxr_fast.evaluate import seen_warning, shift_warning
+    from cxr_fast.evaluate import metrics_table, seen_warning, shift_warning
 
     result = run_evaluation(run, data, split, tta=tta, force=force)
     m = result.metrics
-    table = Table("metric", "value", title=escape(f"{m['run']} on {m['data']}") + f" ({m['n']} images{', with TTA' if tta else ''})")
-    lo, hi = m["balanced_accuracy_ci"]
-    table.add_row("balanced accuracy", f"{m['balanced_accuracy']:.3f}  (95 % CI {lo:.3f}–{hi:.3f})")
-    table.add_row("accuracy", f"{m['accuracy']:.3f}")
-    table.add_row("macro F1", f"{m['macro_f1']:.3f}")
-    if m["macro_roc_auc"] is not None:
-        table.add_row("macro ROC AUC", f"{m['macro_roc_auc']:.3f}")
-    table.add_row("ECE raw → calibrated", f"{m['ece']:.3f} → {m['ece_calibrated']:.3f}")
-    for name, v in m["per_class"].items():
-        recall = "—" if v["recall"] is None else f"{v['recall']:.2f}"  # no images of the class: no recall
-        table.add_row(f"  {escape(name)}", f"P {v['precision']:.2f}  R {recall}  F1 {v['f1']:.2f}  n {v['support']}")
+    table = metrics_table(m, tta)
     console.print(table)
     if "seen_images" in m and (seen := seen_warning(m["seen_images"])):
         err_console.print(f"[bold yellow]warning:[/] {escape(seen)}")

@@ -8,6 +8,7 @@ newcomer sees the shortcut audit at work: it should report evidence taken from o
 
 from __future__ import annotations
 
+import base64
 import html
 import json
 import math
@@ -31,9 +32,9 @@ def run_demo(out: str | Path, *, n_per_class: int = 80, shortcut_rate: float = D
     from cxr_fast.config import resolve_config
     from cxr_fast.data.manifest import prepare, print_summary
     from cxr_fast.data.synth import synthesize
-    from cxr_fast.evaluate import evaluate
+    from cxr_fast.evaluate import evaluate, metrics_table
     from cxr_fast.interpret import interpret
-    from cxr_fast.train import train
+    from cxr_fast.train import run_summary, train
 
     console = console or Console()
     cfg = resolve_config("demo", epochs=epochs)
@@ -62,8 +63,10 @@ def run_demo(out: str | Path, *, n_per_class: int = 80, shortcut_rate: float = D
     print_summary(report, console)
     console.rule("3/5 train (recipes/demo.yaml)")
     run_dir = train(out / "data", cfg, out=out / "models" / "demo")
+    console.print(run_summary(run_dir))
     console.rule("4/5 evaluate on the test split")
     evaluation = evaluate(run_dir)
+    console.print(metrics_table(evaluation.metrics))
     console.rule("5/5 interpret: top losses, occlusion maps, shortcut audit")
     interpretation = interpret(run_dir, n=12, audit_n=45)
     for line in interpretation.verdicts:
@@ -81,6 +84,7 @@ def write_demo_report(out: Path, run_dir: Path, evaluation, interpretation, shor
     rel = lambda p: html.escape(str(Path(p).relative_to(out)))  # noqa: E731
     verdicts = "".join(f"<li>{html.escape(v)}</li>" for v in interpretation.verdicts)
     lo, hi = m["balanced_accuracy_ci"]
+    curves = base64.b64encode((run_dir / "curves.png").read_bytes()).decode()  # embedded: the page travels alone
     page = f"""<!doctype html><html><head><meta charset="utf-8">
 <meta name="viewport" content="width=device-width, initial-scale=1"><title>cxr_fast demo</title>
 <style>body{{font-family:system-ui,sans-serif;max-width:860px;margin:auto;padding:12px}}img{{width:100%}}</style></head>
@@ -95,7 +99,7 @@ macro F1 {m['macro_f1']:.3f}</li>
 <p><a href="{rel(evaluation.out_dir / 'report.html')}">Full evaluation report</a></p>
 <h2>Shortcut audit</h2><ul>{verdicts}</ul>
 <p><a href="{rel(interpretation.out_dir / 'gallery.html')}">Occlusion gallery and audit</a></p>
-<h2>Training curves</h2><img src="{rel(run_dir / 'curves.png')}" alt="training curves">
+<h2>Training curves</h2><img src="data:image/png;base64,{curves}" alt="training curves">
 </body></html>"""
     path = out / "report.html"
     path.write_text(page, encoding="utf-8")

@@ -131,6 +131,25 @@ def select_unseen_items(run: Run, data: str | Path | None, split: str):
     return items, name, external, left_out, summary
 
 
+def metrics_table(m: dict, tta: bool = False):
+    """The console's table of an evaluation's metrics (`cxrfast evaluate` and the demo print it)."""
+    from rich.markup import escape
+    from rich.table import Table
+
+    table = Table("metric", "value", title=escape(f"{m['run']} on {m['data']}") + f" ({m['n']} images{', with TTA' if tta else ''})")
+    lo, hi = m["balanced_accuracy_ci"]
+    table.add_row("balanced accuracy", f"{m['balanced_accuracy']:.3f}  (95 % CI {lo:.3f}–{hi:.3f})")
+    table.add_row("accuracy", f"{m['accuracy']:.3f}")
+    table.add_row("macro F1", f"{m['macro_f1']:.3f}")
+    if m["macro_roc_auc"] is not None:
+        table.add_row("macro ROC AUC", f"{m['macro_roc_auc']:.3f}")
+    table.add_row("ECE raw → calibrated", f"{m['ece']:.3f} → {m['ece_calibrated']:.3f}")
+    for name, v in m["per_class"].items():
+        recall = "—" if v["recall"] is None else f"{v['recall']:.2f}"  # no images of the class: no recall
+        table.add_row(f"  {escape(name)}", f"P {v['precision']:.2f}  R {recall}  F1 {v['f1']:.2f}  n {v['support']}")
+    return table
+
+
 def seen_warning(summary: dict) -> str | None:
     """One sentence for the console and the report, or None when there is nothing to say."""
     if not summary["checked"]:

@@ -158,7 +158,8 @@ def interpret(run_dir: str | Path, data: str | Path | None = None, split: str = 
     """`cxrfast interpret`: fastai's top losses (the `n` wrong predictions with the highest loss) and `audit_n`
     correct ones of every class, each with an occlusion map (`window`/`stride` in pixels, default 1/8 of the size
     and half that), a shortcut audit of where the evidence lies (lungs, borders, text markers), a deletion check of
-    the maps' faithfulness, and gallery.html, audit.json and top_losses.csv in RUN/interpret/<data>-<split>/."""
+    the maps' faithfulness, and gallery.html, audit.json and top_losses.csv in RUN/interpret/<data>-<split>/
+    (<data>-<split>-mean with ``baseline="mean"``)."""
     from rich.progress import Progress
 
     from cxr_fast import gallery
@@ -183,7 +184,9 @@ def interpret(run_dir: str | Path, data: str | Path | None = None, split: str = 
     # another source's images less those the model learned from, as evaluate uses them
     items, name, _, left_out, seen_summary = select_unseen_items(run, data, split)
     manifest = manifest_folder(run, data)
-    out_dir = output_folder(run.path / "interpret", name, manifest, "audit.json")
+    # A mean-gray baseline's maps sit beside the black ones, so the two can be compared (as evaluate's -tta does)
+    out_dir = output_folder(run.path / "interpret", name if baseline == "black" else f"{name}-{baseline}", manifest,
+                            "audit.json")
     if out_dir.exists() and not force:  # checked before the slow part; replacing_folder checks again
         raise CxrFastError(f"{out_dir}: an interpretation is already there; add --force to redo it")
 

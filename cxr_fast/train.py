@@ -581,6 +581,14 @@ def finish_bundle(run_dir: Path, learn: Learner, cfg: TrainConfig, state: dict) 
     return run_dir
 
 
+def run_summary(run_dir: Path) -> str:
+    """One console line on a finished run: what was kept, its valid balanced accuracy and its training time."""
+    metrics = read_json(run_dir / "metrics.json")
+    kept = f"chosen C {metrics['best_C']:g}" if "best_C" in metrics else f"best epoch {metrics['best_epoch']}"
+    return (f"run [bold]{escape(str(run_dir))}[/]: {kept}, valid balanced accuracy "
+            f"{metrics['valid_balanced_accuracy']:.3f}, {metrics['train_seconds']:.0f} s")
+
+
 def remove_checkpoint(run_dir: Path) -> None:
     """The last step of writing a bundle. state.json goes first: a kill part-way through the removal must not leave
     a finished bundle that looks interrupted (`load_run` refuses a folder that still has one)."""

@@ -104,7 +104,8 @@ def gallery_images(interpret_dir: Path) -> dict[str, Path]:
 
 
 def draw_deletion(interpret_dir: Path, target: Path) -> None:
-    from cxr_fast.gallery import deletion_figure, png_bytes
+    from cxr_fast.gallery import deletion_figure
+    from cxr_fast.report import png_bytes
 
     report = json.loads((interpret_dir / "audit.json").read_text(encoding="utf-8"))
     curves = {k: np.asarray(v) if isinstance(v, list) else v for k, v in report["deletion"].items()}

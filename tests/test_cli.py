@@ -109,7 +109,7 @@ def test_resume_names_the_flags_it_ignores(tmp_path, monkeypatch):
     import cxr_fast.train
 
     monkeypatch.setattr(cxr_fast.train, "train", lambda data, cfg, **kwargs: kwargs["out"])
-    monkeypatch.setattr("cxr_fast.cli._print_run_summary", lambda run_dir: None)
+    monkeypatch.setattr(cxr_fast.train, "run_summary", lambda run_dir: "")
     result = invoke("train", "--data", tmp_path, "--out", tmp_path / "run", "--resume", "--epochs", 9, "--size", 96)
     assert result.exit_code == 0, result.output
     assert "ignored: --epochs, --size" in result.output.replace("\n", "")

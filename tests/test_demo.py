@@ -1,6 +1,9 @@
 """`cxrfast demo`, the README's main command: the whole pipeline on phantoms, small enough for the suite."""
 
 import io
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 from rich.console import Console
@@ -21,10 +24,20 @@ def test_demo_runs_prepare_train_evaluate_interpret_and_writes_its_report(tmp_pa
         p.name for p in run.iterdir()}
     assert (run / "eval" / "data-test" / "report.html").is_file()
     assert (run / "interpret" / "data-test" / "gallery.html").is_file()
-    # every link in the report leads to a file the demo wrote
-    for target in ("eval/data-test/report.html", "interpret/data-test/gallery.html", "curves.png"):
+    # every link in the report leads to a file the demo wrote; the curves travel inside the page
+    for target in ("eval/data-test/report.html", "interpret/data-test/gallery.html"):
         assert f"models/demo/{target}" in page
-    assert "report:" in said.getvalue() and "audit:" in said.getvalue()
+    assert '<img src="data:image/png;base64,' in page and "curves.png" not in page
+    printed = said.getvalue()
+    assert "report:" in printed and "audit:" in printed
+    # the newcomer sees the run and its test results on the console, as train and evaluate print them
+    assert "best epoch" in printed and "balanced accuracy" in printed and "95 % CI" in printed
+
+    # docs/make_figures.py turns this demo into the documentation's pictures (it broke once, unnoticed)
+    figures = subprocess.run([sys.executable, "docs/make_figures.py", str(out), "--out", str(tmp_path / "img")],
+                             capture_output=True, text=True, timeout=300, cwd=Path(__file__).resolve().parents[1])
+    assert figures.returncode == 0, figures.stderr
+    assert {"training-curves.png", "confusion-matrix.png", "deletion.png"} <= {p.name for p in (tmp_path / "img").iterdir()}
 
 
 def test_demo_refuses_too_few_phantoms_before_writing_anything(tmp_path):

@@ -105,6 +105,12 @@ def test_onnx_prediction_does_not_import_torch(run, images):
     assert done.stdout.strip() == "[]"  # nor sklearn and scipy's optimiser, each of which costs a second
 
 
+def test_an_export_folder_given_to_the_torch_runtime_says_to_add_runtime_onnx(run, images, tmp_path):
+    export_onnx(run, tmp_path / "deploy")
+    with pytest.raises(CxrFastError, match="deploy: an ONNX export, not a run bundle; .* --runtime onnx"):
+        predict(tmp_path / "deploy", images[:1], progress=False)
+
+
 def test_export_command_takes_format_onnx_and_refuses_others(run, tmp_path):
     from typer.testing import CliRunner
 

@@ -36,6 +36,16 @@ def test_interpret_writes_gallery_audit_and_top_losses(tiny_runs):
         interpret(tiny_runs[0], n=3, progress=False)
 
 
+def test_a_mean_baseline_s_interpretation_sits_beside_the_black_one(tiny_runs, tmp_path):
+    import shutil
+
+    run = shutil.copytree(tiny_runs[1], tmp_path / "run")
+    black = interpret(run, n=1, audit_n=1, progress=False).out_dir
+    mean = interpret(run, n=1, audit_n=1, baseline="mean", progress=False).out_dir
+    assert mean == black.with_name(black.name + "-mean") and (black / "audit.json").is_file()
+    assert json.loads((mean / "audit.json").read_text())["baseline"] == "mean"
+
+
 def test_interpret_errors_are_one_line(tiny_runs, tiny_data, tmp_path):
     with pytest.raises(CxrFastError, match="methods"):
         interpret(tiny_runs[0], methods=("lime",), progress=False)
