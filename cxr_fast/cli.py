@@ -153,23 +153,29 @@ def train(
     class_weights: Annotated[bool | None, typer.Option(help="Weight the loss by inverse class frequency.")] = None,
     seed: Annotated[int | None, typer.Option(help=f"Random seed (default {DEFAULTS.seed}, or the recipe's).")] = None,
     out: Annotated[Path | None, typer.Option(help="Run folder (default models/<arch>-<date>-<time>).")] = None,
+    set_: Annotated[list[str] | None, typer.Option("--set", help="Any other recipe option as KEY=VALUE, e.g. --set wd=1e-4 --set freeze_epochs=2 (repeat it).")] = None,
     resume: Annotated[bool, typer.Option(help="Continue the interrupted run in --out.")] = False,
     distributed: Annotated[bool, typer.Option(help="Data-parallel over --nproc processes on this machine (under torchrun: over its processes).")] = False,
     nproc: Annotated[int | None, typer.Option(help="With --distributed: processes to start (default: one per GPU, else 2).")] = None,
 ):
     """Train a classifier with a one-cycle schedule and write a run bundle (safetensors + JSON)."""
     from cxr_fast import distributed as ddp
-    from cxr_fast.config import resolve_config
+    from cxr_fast.config import parse_settings, resolve_config
     from cxr_fast.train import TrainingInterrupted, run_summary
     from cxr_fast.train import train as train_run
 
     cfg = None
     options = dict(arch=arch, epochs=epochs, size=size, bs=bs, lr=lr, weights=weights, n_in=n_in,
                    class_weights=class_weights, seed=seed)
+    settings = parse_settings(set_)
+    both = sorted(key for key in settings if options.get(key) is not None)
+    if both:
+        raise CxrFastError(f"{', '.join(both)} given both as a flag and with --set; give each once")
     if not resume:
-        cfg = resolve_config(recipe, **options)
+        cfg = resolve_config(recipe, **{**settings, **{k: v for k, v in options.items() if v is not None}})
     else:  # the checkpoint holds the run's settings; say so rather than silently drop what was typed
-        ignored = [f"--{k.replace('_', '-')}" for k, v in {**options, "recipe": recipe}.items() if v is not None]
+        ignored = [f"--{k.replace('_', '-')}" for k, v in {**options, "recipe": recipe, "set": set_}.items()
+                   if v not in (None, [])]
         if ignored:
             err_console.print(f"[yellow]--resume continues with the run's own settings; ignored: {', '.join(ignored)}[/]",
                               highlight=False, soft_wrap=True)

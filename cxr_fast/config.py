@@ -113,6 +113,27 @@ def load_recipe(path: str | Path) -> dict[str, Any]:
     return data
 
 
+def parse_settings(items: list[str] | None) -> dict[str, Any]:
+    """`--set KEY=VALUE` options as recipe values: VALUE is read as YAML (`wd=1e-4`, `augment=false`,
+    `arch_kwargs={width: 0.5}`), so any recipe option can be set from the command line."""
+    known = {f.name for f in dataclasses.fields(TrainConfig)}
+    settings: dict[str, Any] = {}
+    for item in items or []:
+        key, sep, text = item.partition("=")
+        key = key.strip().replace("-", "_")
+        if not sep or not key:
+            raise CxrFastError(f"--set {item!r}: expected KEY=VALUE, e.g. --set wd=1e-4")
+        if key not in known:
+            raise CxrFastError(f"--set {item!r}: no option {key!r}; known: {', '.join(sorted(known))}")
+        if key in settings:
+            raise CxrFastError(f"--set {key} given twice")
+        try:
+            settings[key] = yaml.safe_load(text)
+        except yaml.YAMLError as e:
+            raise CxrFastError(f"--set {item!r}: not a valid value ({str(e).splitlines()[0]})") from None
+    return settings
+
+
 def resolve_config(recipe: str | Path | None = None, **overrides: Any) -> TrainConfig:
     """Defaults, then the recipe, then every override that is not None (an unset CLI flag keeps the recipe's)."""
     values: dict[str, Any] = load_recipe(recipe) if recipe else {}

@@ -115,6 +115,26 @@ def test_resume_names_the_flags_it_ignores(tmp_path, monkeypatch):
     assert "ignored: --epochs, --size" in result.output.replace("\n", "")
 
 
+def test_set_gives_any_recipe_option_on_the_command_line(tmp_path, monkeypatch):
+    import cxr_fast.train
+
+    trained = []
+    monkeypatch.setattr(cxr_fast.train, "train", lambda data, cfg, **kwargs: trained.append(cfg) or kwargs["out"])
+    monkeypatch.setattr(cxr_fast.train, "run_summary", lambda run_dir: "")
+    result = invoke("train", "--data", tmp_path, "--recipe", "demo", "--epochs", 2, "--set", "wd=1e-4",
+                    "--set", "freeze-epochs=0", "--set", "arch_kwargs={width: 0.25}", "--set", "augment=false")
+    assert result.exit_code == 0, result.output
+    cfg = trained[0]
+    assert (cfg.wd, cfg.freeze_epochs, cfg.arch_kwargs, cfg.augment, cfg.epochs) == (1e-4, 0, {"width": 0.25}, False, 2)
+    for args, message in [(("--set", "wd"), "expected KEY=VALUE"),
+                          (("--set", "wdd=0.1"), "no option 'wdd'"),
+                          (("--set", "wd=-1"), "wd must be a number ≥ 0"),
+                          (("--set", "epochs=3", "--epochs", 4), "epochs given both as a flag and with --set")]:
+        result = invoke("train", "--data", tmp_path, *args)
+        assert result.exit_code == 1 and message in result.output.replace("\n", ""), result.output
+    assert len(trained) == 1
+
+
 def test_ctrl_c_outside_training_says_interrupted_and_exits_130(tmp_path, monkeypatch):
     import cxr_fast.train
 
