@@ -172,10 +172,17 @@ def write_comparison(c: Comparison, folder: Path) -> None:
 
 
 def recipe_run_name(recipe: str | Path, recipes: list[str | Path]) -> str:
-    """The recipe's file name, or FOLDER-NAME where other recipe files of that name are compared too."""
+    """The recipe's file name without its suffix; where other recipe files of that name are compared too, as many
+    of its folders before it as tell them apart (a/lite, b/lite → a-lite, b-lite), or its whole name (lite.yaml
+    beside lite.yml)."""
     path = find_recipe(recipe).resolve()
-    namesakes = {p for p in (find_recipe(r).resolve() for r in recipes) if p.stem == path.stem}
-    return path.stem if len(namesakes) == 1 else f"{path.parent.name}-{path.stem}"
+    others = {p for p in (find_recipe(r).resolve() for r in recipes) if p.stem == path.stem} - {path}
+    parts = path.with_suffix("").parts
+    for n in range(1, len(parts) + 1):
+        name = "-".join(parts[-n:]).lstrip("/-")
+        if all("-".join(other.with_suffix("").parts[-n:]).lstrip("/-") != name for other in others):
+            return name
+    return path.name
 
 
 def compare_archs(data: str | Path, archs: list[str] = (), *, recipe: str | Path | None = None,

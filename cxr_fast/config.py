@@ -188,25 +188,25 @@ def contract_problem(spec: dict) -> str | None:
     if not (isinstance(classes, list) and len(classes) >= 2 and all(isinstance(c, str) and c for c in classes)
             and len(set(classes)) == len(classes)):
         return f"classes must be a list of two or more different names, got {classes!r}"
-    if not (_is_whole(n_in) and n_in in (1, 3)):
+    if not (is_whole(n_in) and n_in in (1, 3)):
         return f"n_in must be 1 or 3, got {n_in!r}"
-    if not (_is_whole(size) and size >= 16):
+    if not (is_whole(size) and size >= 16):
         return f"size must be a whole number of pixels ≥ 16, got {size!r}"
     for key in ("mean", "std"):
         values = spec[key]
-        if not (isinstance(values, list) and len(values) == n_in and all(_is_number(v) for v in values)):
+        if not (isinstance(values, list) and len(values) == n_in and all(is_number(v) for v in values)):
             return f"{key} must be {n_in} number{'s' if n_in > 1 else ''}, got {values!r}"
     if not all(v > 0 for v in spec["std"]):
         return f"std must be positive, got {spec['std']!r}"
     temperature = spec.get("temperature", 1.0)
-    if not (_is_number(temperature) and temperature > 0):
+    if not (is_number(temperature) and temperature > 0):
         return f"temperature must be a positive number, got {temperature!r}"
     return None
 
 
-def _is_number(value) -> bool:
+def is_number(value) -> bool:
     return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
 
 
-def _is_whole(value) -> bool:
+def is_whole(value) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)

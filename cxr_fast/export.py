@@ -177,7 +177,11 @@ class OnnxRunner:
         self.session = _session(onnx_path, threads)
         # The network's own shapes against the spec: an edited size, n_in or class list would otherwise fail
         # inside ONNX Runtime on the first image, or label K outputs with other names.
-        (given,), (made,) = self.session.get_inputs(), self.session.get_outputs()
+        inputs, outputs = self.session.get_inputs(), self.session.get_outputs()
+        if len(inputs) != 1 or len(outputs) != 1:
+            raise CxrFastError(f"{onnx_path}: a model of {len(inputs)} inputs and {len(outputs)} outputs; a cxr_fast "
+                               "export has one of each")
+        (given,), (made,) = inputs, outputs
         expected = {"input": [self.n_in, self.size, self.size], "output": [len(self.classes)]}
         for role, node in (("input", given), ("output", made)):
             fixed = list(node.shape[1:])

@@ -337,9 +337,11 @@ def check_input_size(model: torch.nn.Module, cfg: TrainConfig) -> None:
     try:
         with torch.no_grad():
             model.eval()(torch.zeros(1, cfg.n_in, cfg.size, cfg.size, device=parameter.device, dtype=parameter.dtype))
-    except RuntimeError as e:
-        raise CxrFastError(f"{cfg.arch} cannot take {cfg.size}-pixel images ({first_line(e)}); "
-                           "give a larger --size or a shallower network") from None
+    except (RuntimeError, AssertionError, ValueError) as e:  # timm's fixed-size models assert, or raise ValueError
+        problem = first_line(e)
+        too_small = any(word in problem.lower() for word in ("size", "small", "kernel"))
+        advice = "; give a larger --size or a shallower network" if too_small else ""
+        raise CxrFastError(f"{cfg.arch} fails on a {cfg.size}-pixel, {cfg.n_in}-channel image ({problem}){advice}") from None
     finally:
         model.train(was_training)
 

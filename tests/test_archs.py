@@ -214,6 +214,9 @@ def test_register_arch_adds_a_builder_the_whole_api_takes(tiny_data, tmp_path, m
     for name, builder, variant, problem in [
         ("tinynet_wide", build_tinynet, {}, "already a cxr_fast architecture"),
         ("TinyNet", build_tinynet, {}, "lower-case"),
+        ("my/net", build_tinynet, {}, "lower-case letters, digits and _"),
+        ("resnet18", build_tinynet, {}, "already a timm architecture"),
+        ("keyword_only", lambda *, n_in, n_classes: None, {}, r"must take \(n_in, n_classes"),
         ("anything", takes_anything, {}, r"\*kwargs cannot be recorded"),
         ("deep", needs_depth, {}, "argument 'depth' needs a default"),
         ("tinynet2", build_tinynet, {"hight": 3}, "takes no argument hight"),

@@ -162,6 +162,16 @@ def test_compare_names_a_recipe_s_runs_by_the_recipe_so_two_recipes_of_one_arch_
     cxr_fast.compare.compare_archs(tiny_data, recipes=[tmp_path / "a" / "lite.yaml", tmp_path / "b" / "lite.yaml"],
                                    out=tmp_path / "cmp3")
     assert [name for name, _ in trained[2:]] == ["a-lite-seed0", "b-lite-seed0"]
+    for folder in ("x/recipes", "y/recipes"):  # two folders of one name: as many folders as tell them apart
+        (tmp_path / folder).mkdir(parents=True)
+        shutil.copy(find_recipe("demo"), tmp_path / folder / "lite.yaml")
+    cxr_fast.compare.compare_archs(tiny_data, recipes=[tmp_path / "x/recipes/lite.yaml", tmp_path / "y/recipes/lite.yaml"],
+                                   out=tmp_path / "cmp4")
+    assert [name for name, _ in trained[4:]] == ["x-recipes-lite-seed0", "y-recipes-lite-seed0"]
+    shutil.copy(find_recipe("demo"), tmp_path / "x" / "recipes" / "lite.yml")  # one folder, one stem: whole names
+    cxr_fast.compare.compare_archs(tiny_data, recipes=[tmp_path / "x/recipes/lite.yaml", tmp_path / "x/recipes/lite.yml"],
+                                   out=tmp_path / "cmp5")
+    assert [name for name, _ in trained[6:]] == ["lite.yaml-seed0", "lite.yml-seed0"]
 
 
 def test_compare_refuses_runs_of_different_manifests_before_scoring_them(tiny_runs, tmp_path, monkeypatch):

@@ -395,6 +395,8 @@ def test_an_out_folder_inside_the_source_that_holds_data_is_refused(tmp_path):
     assert not (src / "Pneumonia" / "prepare_report.json").exists()
     quiet(src, src / "prepared")  # a new folder inside SRC is fine, and so is preparing it again
     assert quiet(src, src / "prepared", force=True).n_files == 9
+    quiet(src, src / "cv" / "fold0", folds=3, fold=0)  # a folder holding only earlier prepares' outputs is fine too
+    assert quiet(src, src / "cv", folds=3, fold=1).n_files == 9
 
 
 def test_a_source_prepared_into_itself_can_be_prepared_elsewhere(tmp_path):
@@ -411,6 +413,13 @@ def test_a_file_name_that_is_not_utf8_is_excluded_not_a_crash(tmp_path):
     assert [(e.path, e.reason) for e in report.excluded] == [("Normal/caf\\xe9.png", "unreadable")]
     assert "not valid UTF-8" in report.excluded[0].detail
     assert len(read_manifest(tmp_path / "out")) == 9
+    (src / "Normal" / "caf\udce9.png").unlink()
+    (src / "Viral\udced").mkdir()  # a whole class folder of such a name: its warning is printable too
+    textured_image(98).save(bytes(src / "Viral") + b"\xed/a.png")
+    report = quiet(src, tmp_path / "out2")
+    assert "class folder 'Viral\\xed' is left out: none of its 1 files is usable" in report.warnings[0]
+    with open(tmp_path / "log.txt", "w", encoding="utf-8") as log:
+        print_summary(report, Console(file=log))
 
 
 def test_class_folders_that_differ_only_in_case_space_or_unicode_form_are_refused(tmp_path):

@@ -97,6 +97,16 @@ def test_linked_class_folders_are_read_and_a_link_loop_is_not_followed(tmp_path)
     assert found(src) == [("Normal/a.png", "Normal"), ("Normal/more/m.png", "Normal"), ("Viral/v.png", "Viral")]
 
 
+def test_sibling_folders_linking_to_each_other_are_walked_once(tmp_path):
+    # a -> c and c -> a are not above one another, yet walked as links they nest until the OS gives up; two links
+    # to one folder double the paths at every level
+    touch(tmp_path, "COVID/a/x.png", "COVID/c/y.png", "lost+found/z.png")
+    (tmp_path / "COVID" / "a" / "toc1").symlink_to(tmp_path / "COVID" / "c")
+    (tmp_path / "COVID" / "a" / "toc2").symlink_to(tmp_path / "COVID" / "c")
+    (tmp_path / "COVID" / "c" / "toa").symlink_to(tmp_path / "COVID" / "a")
+    assert found(tmp_path) == [("COVID/a/x.png", "COVID"), ("COVID/c/y.png", "COVID")]  # nor lost+found, a disk's own
+
+
 def test_a_folder_that_cannot_be_listed_is_an_error_not_left_out(tmp_path, monkeypatch):
     import os
 

@@ -113,18 +113,20 @@ class KillAfterEpochs(Callback):
             raise SimulatedKill("simulated kill")
 
 
-@pytest.mark.parametrize("fine_tune", [False, True])
-def test_resume_continues_with_the_optimizer_state_of_the_checkpoint(tiny_data, tmp_path, fine_tune):
+@pytest.mark.parametrize("freeze_epochs", [None, 1, 2])
+def test_resume_continues_with_the_optimizer_state_of_the_checkpoint(tiny_data, tmp_path, freeze_epochs):
     # fastai's freeze/unfreeze clear the optimizer's state: Adam's moments must be loaded after them, in the
-    # from-scratch phase and in the unfrozen phase of fine-tuning (killed after its first epoch here) alike
+    # from-scratch phase, the unfrozen phase of fine-tuning and its frozen phase alike (each killed inside it)
     from cxr_fast.archs import create_model
     from cxr_fast.outputs import write_tensors
 
     write_tensors(create_model("cxresnet_tiny").state_dict(), tmp_path / "start.safetensors")
-    weights = dict(weights=str(tmp_path / "start.safetensors"), freeze_epochs=1) if fine_tune else {}
+    weights = {} if freeze_epochs is None else dict(weights=str(tmp_path / "start.safetensors"),
+                                                    freeze_epochs=freeze_epochs)
+    kill_after = 1 if freeze_epochs == 2 else 2
     with pytest.raises(SimulatedKill):
         train(tiny_data, resolve_config(epochs=3, **weights, **TINY), out=tmp_path / "run", quiet=True,
-              extra_cbs=[KillAfterEpochs(2)])
+              extra_cbs=[KillAfterEpochs(kill_after)])
     saved = load_file(str(tmp_path / "run" / "checkpoint" / "optimizer.safetensors"))
     assert any("avg" in key for key in saved)  # Adam's moments are in the checkpoint
     probe = OptimizerAtFirstBatch()
@@ -192,7 +194,7 @@ def test_batch_larger_than_the_training_split_is_a_one_line_error_that_leaves_no
 def test_a_size_too_small_for_the_network_is_a_one_line_error_that_leaves_nothing(tiny_data, tmp_path):
     # seven 2x2 poolings need 128 px; at 48 px the third batch norm met a 0-pixel map, a traceback mid-training
     cfg = resolve_config(epochs=1, **{**TINY, "arch": "convnet"}, arch_kwargs={"widths": [4] * 7})
-    with pytest.raises(CxrFastError, match="convnet cannot take 48-pixel images .* give a larger --size") as e:
+    with pytest.raises(CxrFastError, match="convnet fails on a 48-pixel, 1-channel image .* give a larger --size") as e:
         train(tiny_data, cfg, out=tmp_path / "run", quiet=True)
     assert "\n" not in str(e.value)
     assert not (tmp_path / "run").exists()

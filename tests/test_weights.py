@@ -297,6 +297,15 @@ def test_a_larger_architecture_s_file_is_refused_though_its_names_and_shapes_fit
         create_model("resnet18", weights=str(tmp_path / "r34.safetensors"))
 
 
+def test_an_ema_or_teacher_copy_beside_the_weights_is_no_reason_to_refuse_them(tmp_path):
+    student = timm.create_model("resnet18", num_classes=0, global_pool="").state_dict()
+    state = {**{f"model.{k}": v for k, v in student.items()}, **{f"model_ema.module.{k}": v.clone() for k, v in student.items()},
+             **{f"teacher.{k}": v for k, v in timm.create_model("resnet34", num_classes=0).state_dict().items()}}
+    save_file(state, str(tmp_path / "lightning.safetensors"))
+    model = create_model("resnet18", weights=str(tmp_path / "lightning.safetensors"))
+    assert len(model.load_report.matched) == len(student)
+
+
 def test_a_run_bundle_s_weights_bring_the_normalisation_they_were_trained_with(tmp_path):
     run = tmp_path / "run"
     run.mkdir()
@@ -306,3 +315,5 @@ def test_a_run_bundle_s_weights_bring_the_normalisation_they_were_trained_with(t
     assert continued.pretrained_stats == weights.Stats([0.354], [0.245])  # not timm's ImageNet statistics
     three = create_model("resnet18", n_in=3, weights=str(run / "model.safetensors"))  # other channels: timm's
     assert three.pretrained_stats == weights.Stats(list(weights.IMAGENET_MEAN), list(weights.IMAGENET_STD))
+    (run / "other.safetensors").write_bytes((run / "model.safetensors").read_bytes())  # not the bundle's own file
+    assert create_model("resnet18", weights=str(run / "other.safetensors")).pretrained_stats != continued.pretrained_stats

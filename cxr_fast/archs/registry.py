@@ -12,7 +12,7 @@ import difflib
 import fnmatch
 import inspect
 import json
-import math
+import re
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -36,6 +36,7 @@ from cxr_fast.archs.weights import (
     run_bundle_stats,
     timm_hub_body,
 )
+from cxr_fast.config import is_number
 from cxr_fast.errors import CxrFastError, first_line
 
 Builder = Callable[..., tuple[nn.Module, nn.Sequential]]
@@ -57,12 +58,15 @@ def register_arch(name: str, builder: Builder, **variant: Any) -> None:
     records them all, and rebuilds the model from them. The registration lasts for this Python process: to use
     the architecture from the command line, add it to this module's `LOCAL_ARCHS` (docs: Training → Adding an
     architecture)."""
-    if not (isinstance(name, str) and name and name == name.lower()):
-        raise CxrFastError(f"architecture name must be lower-case text, got {name!r}")
-    if name in LOCAL_ARCHS:
-        raise CxrFastError(f"{name}: already a cxr_fast architecture")
+    import timm
+
+    if not (isinstance(name, str) and re.fullmatch(r"[a-z][a-z0-9_]*", name)):  # it names run folders too
+        raise CxrFastError(f"architecture name must be lower-case letters, digits and _, got {name!r}")
+    if name in LOCAL_ARCHS or timm.is_model(name):  # a timm bundle of that name would be rebuilt by the builder
+        raise CxrFastError(f"{name}: already a {'cxr_fast' if name in LOCAL_ARCHS else 'timm'} architecture")
     parameters = list(inspect.signature(builder).parameters.values())
-    if len(parameters) < 2:
+    positional = (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
+    if len(parameters) < 2 or any(p.kind not in positional for p in parameters[:2]):
         raise CxrFastError(f"{name}: the builder must take (n_in, n_classes, ...)")
     for parameter in parameters[2:]:
         if parameter.kind in (parameter.VAR_POSITIONAL, parameter.VAR_KEYWORD):
@@ -209,22 +213,18 @@ def _resolve_local_kwargs(
     return _json_values(arch, {**params, **variant, **given})
 
 
-def _number(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-
-
 def _counts(value: Any) -> bool:
-    return isinstance(value, list) and bool(value) and all(_number(v) and v >= 1 and float(v).is_integer() for v in value)
+    return isinstance(value, list) and bool(value) and all(is_number(v) and v >= 1 and float(v).is_integer() for v in value)
 
 
 # The ConvNet and CXResnet builders' arguments a recipe is most likely to set: checked here so that a bad value is
 # one line naming the rule, not a traceback from deep inside a layer (or, for width ≤ 0, a one-channel network).
 LOCAL_ARG_RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
-    "width": (lambda v: _number(v) and v > 0, "a number > 0 (a multiplier on every width)"),
+    "width": (lambda v: is_number(v) and v > 0, "a number > 0 (a multiplier on every width)"),
     "widths": (_counts, "a list of whole numbers ≥ 1"),
     "depths": (_counts, "a list of whole numbers ≥ 1"),
-    "hidden": (lambda v: v is None or (_number(v) and v >= 1 and float(v).is_integer()), "a whole number ≥ 1, or null"),
-    "dropout": (lambda v: _number(v) and 0 <= v < 1, "a number in [0, 1)"),
+    "hidden": (lambda v: v is None or (is_number(v) and v >= 1 and float(v).is_integer()), "a whole number ≥ 1, or null"),
+    "dropout": (lambda v: is_number(v) and 0 <= v < 1, "a number in [0, 1)"),
     "layers": (lambda v: isinstance(v, list | tuple) and all(_layer_spec(x) for x in v),
                "a list of layer names, or [name, {arguments}] pairs"),
 }

@@ -63,8 +63,9 @@ WEIGHTS_HELP = (
 # Prefixes that wrappers add to parameter names: DataParallel/DDP, Lightning/fastai checkpoints, torch.compile, and
 # fastai's vision_learner around a timm model (its body is "0.model.", its own head "1.", which has no place here).
 _WRAPPER_PREFIXES = ("module.", "model.", "_orig_mod.", "0.model.")
-# More of a file's learned tensors than this left unused means a larger or another architecture: resnet34's file
-# fits resnet18's every name and shape, and would start it from a network it is not.
+# More of a file's learned tensors than this left unused, under the model's own module names, means a larger or
+# another architecture: resnet34's file fits resnet18's every name and shape, and would start it from a network it
+# is not.
 MAX_UNUSED_SHARE = 0.25
 _TORCH_SUFFIXES = (".pth", ".pt", ".bin", ".ckpt")
 
@@ -275,7 +276,11 @@ def load_state_into(
     what = f"model {arch}" if arch else "the model"
     # batch norm's step counters match any network with batch norm: they alone are not weights
     learned = [k for k in report.matched if not k.endswith("num_batches_tracked")]
-    unused = [k for k in report.unexpected if not k.endswith("num_batches_tracked")]
+    # Unused tensors count only under the model's own top-level modules (layer1.2.* of resnet34 in resnet18): an
+    # EMA or teacher copy, a classifier or fastai's head beside the weights say nothing against the file.
+    own_modules = {_canonical(k).split(".")[0] for k in target}
+    unused = [k for k in report.unexpected
+              if _canonical(k).split(".")[0] in own_modules and not k.endswith("num_batches_tracked")]
     file_learned = len(learned) + len(unused) + len(report.shape_mismatched)
     if learned and not report.shape_mismatched and len(unused) > MAX_UNUSED_SHARE * file_learned:
         raise CxrFastError(f"{source}: {len(unused)} of the file's {file_learned} weight tensors have no place in "
@@ -302,6 +307,8 @@ def _differs_only_in_input_channels(got: torch.Size, want: torch.Size) -> bool:
 def run_bundle_stats(path: Path, n_in: int) -> Stats | None:
     """The normalisation a cxr_fast run bundle's weights were trained with, when `path` is a bundle's weights file:
     trained on from there with other statistics, the network would see inputs shifted from those it learned on."""
+    if path.name != "model.safetensors":
+        return None
     try:
         config = json.loads((path.parent / "config.json").read_text())
     except (OSError, ValueError):

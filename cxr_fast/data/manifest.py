@@ -282,8 +282,8 @@ def prepare(
     for item in items:
         relpath = item.path.relative_to(src_dir).as_posix()
         if not _is_utf8(relpath):  # e.g. a Latin-1 name from an old zip: no CSV or JSON could hold it
-            printable = relpath.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
-            excluded.append(Exclusion(printable, "unreadable", "file or folder name is not valid UTF-8; rename it"))
+            excluded.append(Exclusion(printable(relpath), "unreadable", "file or folder name is not valid UTF-8; "
+                                                                         "rename it"))
             continue
         if not item.has_class:
             excluded.append(Exclusion(relpath, "no-class-folder", EXCLUSION_REASONS["no-class-folder"]))
@@ -483,10 +483,13 @@ def _check_arguments(src: Path, out: Path, seed: int, cache_size: int, force: bo
 def _check_out_inside_src(src: Path, out: Path) -> None:
     """An --out folder inside SRC is left out of the data, so it must not hold any: `--out SRC/Pneumonia` would
     otherwise drop that class, in this run and (through the report it leaves there) every later one."""
+    src, out = src.resolve(), out.resolve()  # a linked SRC given by its real path is the same folder
     if out == src or not out.is_relative_to(src) or not out.is_dir():
         return
     ours = {MANIFEST_NAME, PREPARED_MARKER, image_cache.CACHE_DIRNAME}
-    others = sorted(entry.name for entry in out.iterdir() if entry.name not in ours and not is_hidden(entry.name))
+    # an earlier prepare's output inside it (another fold) is never data either way
+    others = sorted(entry.name for entry in out.iterdir() if entry.name not in ours and not is_hidden(entry.name)
+                    and not (entry / PREPARED_MARKER).is_file())
     if others:
         raise CxrFastError(f"{out}: --out lies inside {src} and already holds {others[0]!r}"
                            f"{f' and {len(others) - 1} more' if len(others) > 1 else ''}, which would be left out "
@@ -498,6 +501,11 @@ def _check_writable(out: Path) -> None:
     existing = next(folder for folder in (out, *out.parents) if folder.exists())
     if not os.access(existing, os.W_OK | os.X_OK):
         raise CxrFastError(f"{out}: --out cannot be written ({existing} is read-only or not yours)")
+
+
+def printable(name: str) -> str:
+    """A file name as text any file or console takes: bytes that are not UTF-8 written as \\x escapes."""
+    return name.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
 
 
 def _is_utf8(text: str) -> bool:
@@ -719,7 +727,7 @@ def _class_warnings(src_dir: Path, skip, mapping, items, manifest: pd.DataFrame,
             continue
         found = files_per_folder[folder]
         why = "it is empty" if not found else f"none of its {found} files is usable (see {REPORT_NAME})"
-        warnings.append(f"class folder '{folder}' is left out: {why}")
+        warnings.append(f"class folder '{printable(folder)}' is left out: {why}")
     split_like = sorted(folder for folder in used if SPLIT_FOLDER_NAMES & set(re.split(r"[^a-z]+", folder.casefold())))
     if split_like:  # e.g. train_set/COVID/…: the classes would be train_set against test_set
         warnings.append(f"class folder(s) {', '.join(map(repr, split_like))} look like split folders; if the classes "

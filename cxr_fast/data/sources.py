@@ -27,6 +27,9 @@ from cxr_fast.errors import CxrFastError
 PREPARED_MARKER = "prepare_report.json"
 MANIFEST_NAME = "manifest.csv"  # with the marker and the cache folder, what prepare writes into its --out
 
+# Folders file systems make for themselves, never X-rays, and often not listable by a user (ext4's lost+found).
+SYSTEM_FOLDERS = frozenset({"lost+found", "System Volume Information", "$RECYCLE.BIN"})
+
 SPLIT_FOLDER_NAMES = frozenset({"train", "training", "valid", "val", "validation", "test", "testing"})
 
 
@@ -78,21 +81,25 @@ def _walk(root: Path, skip: Iterable[str | os.PathLike]) -> Iterator[tuple[Path,
     if not root.is_dir():
         raise CxrFastError(f"{root}: not a folder (expected ROOT/<class>/<image> folders)")
     skipped = {Path(p).resolve() for p in skip}
-    # followlinks: a class folder may be a link to images kept elsewhere. A link back to a folder above it would
-    # loop for ever, so such links are not followed.
+    # followlinks: a class folder may be a link to images kept elsewhere. A link to a folder already walked or
+    # chosen for walking (one above it, a sibling linking back) is not followed, so links cannot loop.
+    visited = {root.resolve()}
     for folder, subfolders, files in os.walk(root, onerror=_unreadable_folder, followlinks=True):
         folder_path = Path(folder)
-        above = {folder_path.resolve(), *folder_path.resolve().parents}
         if (folder_path / PREPARED_MARKER).is_file():  # ROOT itself was an earlier prepare's --out
             subfolders[:] = [name for name in subfolders if name != CACHE_DIRNAME]
             files = [name for name in files if name not in (PREPARED_MARKER, MANIFEST_NAME)]
         # Pruning in place stops os.walk from descending; sorting makes the walk order deterministic.
-        subfolders[:] = sorted(
-            name
-            for name in subfolders
-            if not is_hidden(name) and (folder_path / name).resolve() not in skipped | above
-            and not (folder_path / name / PREPARED_MARKER).is_file()
-        )
+        kept_folders = []
+        for name in sorted(subfolders):
+            path = folder_path / name
+            real = path.resolve()
+            if (is_hidden(name) or name in SYSTEM_FOLDERS or real in skipped or (path / PREPARED_MARKER).is_file()
+                    or (path.is_symlink() and real in visited)):
+                continue
+            visited.add(real)
+            kept_folders.append(name)
+        subfolders[:] = kept_folders
         relative_folders = folder_path.relative_to(root).parts
         label = next((part for part in relative_folders if not is_split_folder(part)), None)
         kept = [
@@ -104,4 +111,5 @@ def _walk(root: Path, skip: Iterable[str | os.PathLike]) -> Iterator[tuple[Path,
 
 def _unreadable_folder(error: OSError) -> None:
     # os.walk would otherwise leave out a folder it may not list, and every image in it, without a word.
-    raise CxrFastError(f"{error.filename}: cannot list this folder ({error.strerror or error})")
+    raise CxrFastError(f"{error.filename}: cannot list this folder ({error.strerror or error}); make it readable, "
+                       "or move it out of the source folder")
