@@ -27,7 +27,7 @@ from cxr_fast.calibration import expected_calibration_error, nll, reliability_bi
 from cxr_fast.data.manifest import image_column, manifest_csv, read_manifest
 from cxr_fast.errors import CxrFastError
 from cxr_fast.metrics import bootstrap_ci, classification_metrics, pr_curves, roc_curves
-from cxr_fast.outputs import replacing_folder
+from cxr_fast.outputs import replacing_folder, settle_replacement
 from cxr_fast.seen import match_seen, seen_fingerprints
 
 SHIFT_WARN_AUC = 0.8  # a domain classifier this good at telling new images from training images means a shift
@@ -267,6 +267,7 @@ def evaluate(run_dir: str | Path, data: str | Path | None = None, split: str = "
     # TTA figures go beside the plain ones, not over them: both are worth keeping, and serve shows the plain one.
     manifest = manifest_folder(run, data)
     out_dir = output_folder(run.path / "eval", f"{name}-tta" if tta else name, manifest, "metrics.json")
+    settle_replacement(out_dir)  # a replacement killed halfway: its results, new or old, are there again
     if out_dir.exists() and not force:  # checked before the slow part; replacing_folder checks again
         raise CxrFastError(f"{out_dir}: an evaluation is already there; add --force to redo it")
 

@@ -39,21 +39,30 @@ def replacing_folder(out_dir: Path, *, force: bool, what: str) -> Iterator[Path]
     ones are complete, so a crash or Ctrl-C halfway never leaves the user with neither.
     """
     out_dir = Path(out_dir).absolute()  # "." has no name to put beside
-    old = out_dir.with_name(f".{out_dir.name}.old")
-    if old.exists() and not out_dir.exists():  # a replacement killed between its two renames: the old results back
-        old.rename(out_dir)
+    settle_replacement(out_dir)
     if out_dir.exists() and not force:
         raise CxrFastError(f"{out_dir}: {what} is already there; add --force to redo it")
-    partial = out_dir.with_name(f".{out_dir.name}.partial")
+    old, partial = out_dir.with_name(f".{out_dir.name}.old"), out_dir.with_name(f".{out_dir.name}.partial")
     with _scratch(partial):
         yield partial
     # The old results are moved aside before the new ones take their name and deleted only after: a kill at any
-    # point leaves one of them whole (in `out_dir`, or in `.NAME.old` beside it, put back by the next call).
+    # point leaves one of them whole (in `out_dir`, or beside it, where the next call's settle_replacement looks).
     shutil.rmtree(old, ignore_errors=True)
     if out_dir.exists():
         out_dir.rename(old)
     partial.rename(out_dir)
     shutil.rmtree(old, ignore_errors=True)
+
+
+def settle_replacement(out_dir: Path) -> None:
+    """Finish a `replacing_folder` that a kill stopped between its two renames (`.NAME.old` there, `out_dir` not): the
+    new results in `.NAME.partial`, complete since only complete ones reach the renames, take the name; without
+    them the old results come back. Called before anything checks whether `out_dir` exists."""
+    out_dir = Path(out_dir).absolute()
+    old, partial = out_dir.with_name(f".{out_dir.name}.old"), out_dir.with_name(f".{out_dir.name}.partial")
+    if old.exists() and not out_dir.exists():
+        (partial if partial.exists() else old).rename(out_dir)
+        shutil.rmtree(old, ignore_errors=True)
 
 
 @contextmanager

@@ -3,7 +3,7 @@ from pathlib import Path
 import pytest
 
 from cxr_fast.errors import CxrFastError
-from cxr_fast.outputs import replacing_folder
+from cxr_fast.outputs import replacing_folder, settle_replacement
 
 
 def test_old_results_survive_a_failed_redo(tmp_path):
@@ -43,10 +43,14 @@ def test_a_kill_while_old_results_are_replaced_leaves_them_whole_beside_the_fold
         (work / "report.html").write_text("new")
     assert (tmp_path / ".eval.old" / "report.html").read_text() == "old"
     monkeypatch.undo()
-    with pytest.raises(CxrFastError, match="already there"):  # the next call puts the old results back first
-        with replacing_folder(out, force=False, what="an evaluation"):
+    with pytest.raises(CxrFastError, match="already there"):  # the next call first finishes the replacement: the
+        with replacing_folder(out, force=False, what="an evaluation"):  # new results were complete
             pass
-    assert (out / "report.html").read_text() == "old"
-    with replacing_folder(out, force=True, what="an evaluation") as work:
-        (work / "report.html").write_text("new")
     assert (out / "report.html").read_text() == "new" and not (tmp_path / ".eval.old").exists()
+
+
+def test_a_replacement_killed_before_its_new_results_exist_gives_the_old_ones_back(tmp_path):
+    (tmp_path / ".eval.old").mkdir()  # moved aside, and then the process was killed with no .partial left
+    (tmp_path / ".eval.old" / "report.html").write_text("old")
+    settle_replacement(tmp_path / "eval")
+    assert (tmp_path / "eval" / "report.html").read_text() == "old" and not (tmp_path / ".eval.old").exists()
