@@ -189,17 +189,27 @@ class RunRecorder(Callback):
             # file, which the previous state.json names, as it was.
             write_tensors(_cpu_state(self.learn.model), best_weights_path(self.run_dir, row["epoch"]))
 
-        write_tensors(_cpu_state(self.learn.model), ckpt / "model.safetensors")
-        self.state["optimizer"] = _save_optimizer(self.learn.opt, ckpt / "optimizer.safetensors")
+        # This epoch's files under names of their own, never over the last epoch's: a kill before state.json below
+        # leaves the files the previous state.json names as they were (written over, they would pair this epoch's
+        # weights with the last epoch's schedule, and --resume would train an epoch twice).
+        weights, optimizer = checkpoint_paths(self.run_dir, row["epoch"])
+        write_tensors(_cpu_state(self.learn.model), weights)
+        self.state["optimizer"] = _save_optimizer(self.learn.opt, optimizer)
         self.state["epochs_done"] = row["epoch"] + 1
         # state.json last: it names the epoch the files above hold, so it must never run ahead of them
         tmp = ckpt / "state.json.tmp"
         tmp.write_text(json.dumps(self.state, indent=1))
         tmp.replace(ckpt / "state.json")
-        kept = best_weights_path(self.run_dir, self.state["best"]["epoch"])
-        for older in ckpt.glob("best-epoch*.safetensors"):
-            if older != kept:
+        kept = {best_weights_path(self.run_dir, self.state["best"]["epoch"]), weights, optimizer}
+        for older in ckpt.glob("*-epoch*.safetensors"):
+            if older not in kept:
                 older.unlink()
+
+
+def checkpoint_paths(run_dir: Path, epoch: int) -> tuple[Path, Path]:
+    """The model's and the optimizer's state after `epoch`, as the checkpoint keeps them for --resume."""
+    folder = run_dir / CHECKPOINT_DIR
+    return folder / f"model-epoch{epoch}.safetensors", folder / f"optimizer-epoch{epoch}.safetensors"
 
 
 def best_weights_path(run_dir: Path, epoch: int) -> Path:
@@ -434,7 +444,7 @@ def _train(data, cfg, *, out, resume, extra_cbs, quiet) -> Path:
     lr = state["lr"]
 
     if resume:
-        checkpoint = run_dir / CHECKPOINT_DIR / "model.safetensors"
+        checkpoint = checkpoint_paths(run_dir, state["epochs_done"] - 1)[0]
         try:
             learn.model.load_state_dict(read_tensors(checkpoint, "checkpoint file"))
         except RuntimeError as e:
@@ -490,7 +500,7 @@ def _fit_phases(learn, cfg: TrainConfig, state: dict, run_dir: Path, lr: float, 
         if resume and start_epoch > 0:
             # After freeze/unfreeze, whose freeze_to clears the optimizer's state: loaded before, Adam's moments
             # were wiped and the resumed epochs started from zero momentum.
-            _load_optimizer(learn.opt, run_dir / CHECKPOINT_DIR / "optimizer.safetensors", state["optimizer"])
+            _load_optimizer(learn.opt, checkpoint_paths(run_dir, done - 1)[1], state["optimizer"])
         recorder = [RunRecorder(run_dir, state, offset, phase)] if distributed.is_main() else []  # rank 0 writes
         cbs = recorder + [EpochNumbering(offset, done)] + list(extra_cbs or [])
         if phase == "frozen":

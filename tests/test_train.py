@@ -2,6 +2,7 @@
 
 import json
 import shutil
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -127,13 +128,43 @@ def test_resume_continues_with_the_optimizer_state_of_the_checkpoint(tiny_data, 
     with pytest.raises(SimulatedKill):
         train(tiny_data, resolve_config(epochs=3, **weights, **TINY), out=tmp_path / "run", quiet=True,
               extra_cbs=[KillAfterEpochs(kill_after)])
-    saved = load_file(str(tmp_path / "run" / "checkpoint" / "optimizer.safetensors"))
+    saved = load_file(str(tmp_path / "run" / "checkpoint" / f"optimizer-epoch{kill_after - 1}.safetensors"))
     assert any("avg" in key for key in saved)  # Adam's moments are in the checkpoint
     probe = OptimizerAtFirstBatch()
     train(tiny_data, out=tmp_path / "run", resume=True, quiet=True, extra_cbs=[probe])
     assert probe.tensors.keys() == saved.keys()
     for key, value in saved.items():
         torch.testing.assert_close(probe.tensors[key], value, rtol=0, atol=0, msg=key)
+
+
+class WeightsAtFirstBatch(Callback):
+    def before_batch(self):
+        if not hasattr(self, "weights"):
+            self.weights = {k: v.clone() for k, v in self.learn.model.state_dict().items()}
+
+
+def test_a_kill_before_state_json_resumes_from_the_epoch_it_names(tiny_data, tmp_path, monkeypatch):
+    # the epoch's weights and optimizer state are written before state.json, which names the epoch they hold: a
+    # kill in between must leave the previous epoch's files as state.json still names them
+    real_replace, calls = Path.replace, []
+
+    def killed_before_the_second_state(self, target):
+        calls.append(Path(target).name)
+        if calls.count("state.json") == 2 and Path(target).name == "state.json":
+            raise SimulatedKill("killed before state.json of epoch 1")
+        return real_replace(self, target)
+
+    monkeypatch.setattr(Path, "replace", killed_before_the_second_state)
+    with pytest.raises(SimulatedKill):
+        train(tiny_data, resolve_config(epochs=3, **TINY), out=tmp_path / "run", quiet=True)
+    monkeypatch.undo()
+    assert json.loads((tmp_path / "run" / "checkpoint" / "state.json").read_text())["epochs_done"] == 1
+    epoch0 = load_file(str(tmp_path / "run" / "checkpoint" / "model-epoch0.safetensors"))
+    probe = WeightsAtFirstBatch()
+    train(tiny_data, out=tmp_path / "run", resume=True, quiet=True, extra_cbs=[probe])
+    for key, value in epoch0.items():
+        torch.testing.assert_close(probe.weights[key], value, rtol=0, atol=0, msg=key)
+    assert list(pd.read_csv(tmp_path / "run" / "history.csv")["epoch"]) == [0, 1, 2]
 
 
 class CtrlC(Callback):
@@ -382,7 +413,7 @@ def test_resume_refuses_other_data_or_a_changed_manifest(tiny_data, tmp_path):
 @pytest.mark.parametrize("damage", ["missing", "truncated"])
 def test_a_damaged_checkpoint_is_a_one_line_error_naming_the_file(tiny_data, tmp_path, damage):
     out = _killed_run(tiny_data, tmp_path / "run")
-    for name in ("optimizer.safetensors", "model.safetensors"):
+    for name in ("optimizer-epoch0.safetensors", "model-epoch0.safetensors"):
         path = out / "checkpoint" / name
         kept = path.read_bytes()
         path.unlink() if damage == "missing" else path.write_bytes(kept[:300])
