@@ -61,9 +61,9 @@ def user_errors(fn):
         except CxrFastError as e:
             err_console.print(f"[bold red]error:[/] {escape(str(e))}", highlight=False, soft_wrap=True)
             raise typer.Exit(1) from None
-        except KeyboardInterrupt:  # say so, rather than exit silently (training reports its own, fuller message)
-            err_console.print("[bold yellow]interrupted[/]", highlight=False)
-            raise typer.Exit(130) from None
+        except KeyboardInterrupt as e:  # say so, rather than exit silently; training says what it kept, and how on
+            err_console.print(f"[bold yellow]{escape(str(e) or 'interrupted')}[/]", highlight=False, soft_wrap=True)
+            raise typer.Exit(130) from None  # the shell's code for Ctrl-C
 
     return wrapper
 
@@ -161,7 +161,7 @@ def train(
     """Train a classifier with a one-cycle schedule and write a run bundle (safetensors + JSON)."""
     from cxr_fast import distributed as ddp
     from cxr_fast.config import parse_settings, resolve_config
-    from cxr_fast.train import TrainingInterrupted, run_summary
+    from cxr_fast.train import run_summary
     from cxr_fast.train import train as train_run
 
     cfg = None
@@ -183,13 +183,7 @@ def train(
     if processes and not ddp.is_distributed():
         run_dir = ddp.launch_training(processes, data, cfg, out=out, resume=resume)
     else:  # one process, or one of torchrun's (train() reads its environment)
-        try:
-            run_dir = train_run(data, cfg, out=out, resume=resume)
-        except TrainingInterrupted as stop:
-            hint = (f"; continue with: cxrfast train --data {data} --out {stop.run_dir} --resume"
-                    if stop.epochs_done else "")
-            err_console.print(f"[bold yellow]{escape(str(stop))}[/]{escape(hint)}", highlight=False, soft_wrap=True)
-            raise typer.Exit(130) from None  # the shell's code for Ctrl-C
+        run_dir = train_run(data, cfg, out=out, resume=resume)  # Ctrl-C: user_errors prints how to resume
     if ddp.is_main():
         console.print(run_summary(run_dir))
 

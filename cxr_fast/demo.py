@@ -30,11 +30,6 @@ DEMO_ENTRIES = {"phantoms", "data", "models", "report.html"}  # all a demo write
 def run_demo(out: str | Path, *, n_per_class: int = 80, shortcut_rate: float = DEMO_SHORTCUT_RATE,
              epochs: int | None = None, force: bool = False, console: Console | None = None) -> Path:
     from cxr_fast.config import resolve_config
-    from cxr_fast.data.manifest import prepare, print_summary
-    from cxr_fast.data.synth import synthesize
-    from cxr_fast.evaluate import evaluate, metrics_table
-    from cxr_fast.interpret import interpret
-    from cxr_fast.train import run_summary, train
 
     console = console or Console()
     cfg = resolve_config("demo", epochs=epochs)
@@ -45,17 +40,43 @@ def run_demo(out: str | Path, *, n_per_class: int = 80, shortcut_rate: float = D
     if n_per_class < least:
         raise CxrFastError(f"--n-per-class must be at least {least} (got {n_per_class}): the demo trains in batches "
                            f"of {cfg.bs} on {train_share:.0%} of the phantoms")
-    out = Path(out)
+    out = Path(out).absolute()
     check_folder_path(out, "--out")
+    earlier = out.with_name(f".{out.name}.old")  # an earlier demo, kept until the new one is complete
+    if earlier.exists() and not (out / "report.html").is_file():  # a replacement killed halfway: the old one back
+        shutil.rmtree(out, ignore_errors=True)
+        earlier.rename(out)
     if out.exists() and any(out.iterdir()):
         if not force:
             raise CxrFastError(f"{out}: already exists; choose another --out or add --force to replace it")
-        # --force deletes the folder: only one that an earlier demo wrote, never a mistyped home or data folder
+        # --force replaces the folder: only one that an earlier demo wrote, never a mistyped home or data folder
         foreign = sorted(p.name for p in out.iterdir() if p.name not in DEMO_ENTRIES and not p.name.startswith("."))
         if foreign or not (out / "phantoms").is_dir():
             held = f"it holds {', '.join(foreign[:3])}" if foreign else "it has no phantoms/ folder"
             raise CxrFastError(f"{out}: not a demo folder ({held}); --force replaces only an earlier demo's folder")
-        shutil.rmtree(out)
+        shutil.rmtree(earlier, ignore_errors=True)
+        out.rename(earlier)
+    try:
+        path = _run_steps(out, cfg, n_per_class, shortcut_rate, console)
+    except BaseException as e:  # Ctrl-C or a failure: the earlier demo comes back whole, the half-made one goes
+        if not earlier.exists():
+            raise
+        shutil.rmtree(out, ignore_errors=True)
+        earlier.rename(out)
+        if isinstance(e, KeyboardInterrupt):  # training's own message would name a run folder that is gone now
+            raise KeyboardInterrupt(f"demo interrupted; the earlier demo in {out} is as it was") from None
+        raise
+    shutil.rmtree(earlier, ignore_errors=True)
+    return path
+
+
+def _run_steps(out: Path, cfg, n_per_class: int, shortcut_rate: float, console: Console) -> Path:
+    from cxr_fast.data.manifest import prepare, print_summary
+    from cxr_fast.data.synth import synthesize
+    from cxr_fast.evaluate import evaluate, metrics_table
+    from cxr_fast.interpret import interpret
+    from cxr_fast.train import run_summary, train
+
     console.rule("1/5 synthetic phantoms")
     synthesize(out / "phantoms", n_per_class=n_per_class, size=256, shortcut_rate=shortcut_rate, seed=0)
     console.rule("2/5 prepare: checks, duplicates, split manifest")

@@ -94,7 +94,8 @@ def fit_frozen(manifest: pd.DataFrame, cfg: TrainConfig, state: dict, run_dir: P
         blocks = len(list(checkpoint.glob("features-*.safetensors")))
         if blocks == 0 and not resume:
             shutil.rmtree(run_dir, ignore_errors=True)  # nothing finished: leave no folder to block a fresh start
-        raise TrainingInterrupted(run_dir, blocks, len(model.body.members()), "feature blocks") from None
+        raise TrainingInterrupted(run_dir, blocks, len(model.body.members()), "feature blocks",
+                                  data=state["data"]) from None
     fold_into_head(model, fit, scaler)
     state["train_seconds"] += time.perf_counter() - started
     return _write_bundle(run_dir, model, cfg, state, manifest, history, features, y)

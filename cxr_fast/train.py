@@ -458,7 +458,7 @@ def _train(data, cfg, *, out, resume, extra_cbs, quiet) -> Path:
     except KeyboardInterrupt:
         if not resume and state["epochs_done"] == 0 and distributed.is_main():
             shutil.rmtree(run_dir, ignore_errors=True)  # nothing finished: leave no folder to block a fresh start
-        raise TrainingInterrupted(run_dir, state["epochs_done"], sum(n for _, n in _phases(cfg))) from None
+        raise TrainingInterrupted(run_dir, state["epochs_done"], sum(n for _, n in _phases(cfg)), data=data) from None
     return finish_bundle(run_dir, learn, cfg, state) if distributed.is_main() else run_dir
 
 
@@ -474,13 +474,16 @@ def find_lr(learn: Learner) -> float:
             learn.path, learn.model_dir = path, model_dir
 
 
-class TrainingInterrupted(Exception):
-    """Ctrl-C during training: the finished epochs are saved and `--resume` continues from the last of them."""
+class TrainingInterrupted(KeyboardInterrupt):
+    """Ctrl-C during training: the finished epochs are saved and `--resume` continues from the last of them. A
+    KeyboardInterrupt still, so that every command (compare and demo train too) reports it as one."""
 
-    def __init__(self, run_dir: Path, epochs_done: int, epochs_planned: int, unit: str = "epochs"):
+    def __init__(self, run_dir: Path, epochs_done: int, epochs_planned: int, unit: str = "epochs", data=None):
         self.run_dir, self.epochs_done, self.epochs_planned = run_dir, epochs_done, epochs_planned
         held = f"{run_dir} holds them" if epochs_done else "nothing was kept"
-        super().__init__(f"training interrupted after {epochs_done} of {epochs_planned} {unit}; {held}")
+        resume = (f"; continue with: cxrfast train --data {data} --out {run_dir} --resume"
+                  if epochs_done and data is not None else "")
+        super().__init__(f"training interrupted after {epochs_done} of {epochs_planned} {unit}; {held}{resume}")
 
 
 def _fit_phases(learn, cfg: TrainConfig, state: dict, run_dir: Path, lr: float, resume: bool, extra_cbs) -> None:

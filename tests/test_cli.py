@@ -96,13 +96,17 @@ def test_ctrl_c_during_training_says_how_to_resume_and_exits_130(tmp_path, monke
     from cxr_fast.train import TrainingInterrupted
 
     def interrupted(data, cfg, **kwargs):
-        raise TrainingInterrupted(tmp_path / "run", 2, 6)
+        raise TrainingInterrupted(tmp_path / "run", 2, 6, data=data)
 
     monkeypatch.setattr(cxr_fast.train, "train", interrupted)
     result = invoke("train", "--data", tmp_path / "data", "--arch", "cxresnet_tiny")
     assert result.exit_code == 130
     assert "after 2 of 6 epochs" in result.output
-    assert f"--out {tmp_path / 'run'} --resume" in result.output.replace("\n", "")
+    assert f"--data {tmp_path / 'data'} --out {tmp_path / 'run'} --resume" in result.output.replace("\n", "")
+    # the same, one line and 130, when compare is training (it printed a traceback and exited 1)
+    result = invoke("compare", "--data", tmp_path / "data", "--archs", "cxresnet_tiny", "--out", tmp_path / "cmp")
+    assert result.exit_code == 130 and "Traceback" not in result.output, result.output
+    assert "after 2 of 6 epochs" in result.output
 
 
 def test_resume_names_the_flags_it_ignores(tmp_path, monkeypatch):

@@ -71,7 +71,22 @@ def test_force_replaces_an_earlier_demo_but_no_other_folder(tmp_path, monkeypatc
         (earlier / name).mkdir(parents=True)
     (earlier / "report.html").write_text("old")
     (earlier / ".DS_Store").write_text("")  # a file browser's; not the user's work
-    monkeypatch.setattr(cxr_fast.data.synth, "synthesize", stop)  # stop once the old demo is cleared
+    monkeypatch.setattr(cxr_fast.data.synth, "synthesize", stop)  # a failure once the old demo is set aside
     with pytest.raises(Replaced):
         run_demo(earlier, n_per_class=19, force=True, console=quiet)
-    assert not earlier.exists()
+    assert (earlier / "report.html").read_text() == "old"  # kept until a new demo is complete
+
+    def ctrl_c(out, **kwargs):
+        (out / "Normal").mkdir(parents=True)  # half a new demo
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(cxr_fast.data.synth, "synthesize", ctrl_c)
+    with pytest.raises(KeyboardInterrupt, match="the earlier demo in .* is as it was"):
+        run_demo(earlier, n_per_class=19, force=True, console=quiet)
+    assert (earlier / "report.html").read_text() == "old" and not (earlier / "phantoms" / "Normal").exists()
+    # killed outright halfway: the earlier demo waits beside the half-made one, and the next call puts it back
+    earlier.rename(tmp_path / ".demo.old")
+    (earlier / "phantoms").mkdir(parents=True)
+    with pytest.raises(CxrFastError, match="already exists"):
+        run_demo(earlier, n_per_class=19, console=quiet)
+    assert (earlier / "report.html").read_text() == "old" and not (tmp_path / ".demo.old").exists()
