@@ -6,6 +6,7 @@ stderr and exit code 1; anything else is a bug and keeps its traceback.
 
 from __future__ import annotations
 
+import errno
 import functools
 import warnings
 from pathlib import Path
@@ -51,6 +52,9 @@ console = _console()
 err_console = _console(stderr=True)
 
 
+STORAGE_ERRORS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM}
+
+
 def user_errors(fn):
     """Turn a CxrFastError into `error: <message>` and exit code 1."""
 
@@ -60,6 +64,14 @@ def user_errors(fn):
             return fn(*args, **kwargs)
         except CxrFastError as e:
             err_console.print(f"[bold red]error:[/] {escape(str(e))}", highlight=False, soft_wrap=True)
+            raise typer.Exit(1) from None
+        except OSError as e:
+            if e.errno not in STORAGE_ERRORS:
+                raise
+            # a full disk, a read-only or forbidden folder: the file and the cause, not a traceback
+            where = f"{e.filename}: " if e.filename else ""
+            err_console.print(f"[bold red]error:[/] {escape(where + (e.strerror or str(e)))}", highlight=False,
+                              soft_wrap=True)
             raise typer.Exit(1) from None
         except KeyboardInterrupt as e:  # say so, rather than exit silently; training says what it kept, and how on
             err_console.print(f"[bold yellow]{escape(str(e) or 'interrupted')}[/]", highlight=False, soft_wrap=True)

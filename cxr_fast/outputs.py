@@ -89,7 +89,7 @@ PARTIAL_INSIDE = ".partial"  # new_folder's work folder inside an existing --out
 def write_text(path: Path, text: str) -> None:
     """A text file written whole, then renamed over `path`: a replaced file is never left half-written."""
     partial = path.with_name(f".{path.name}.partial")
-    partial.write_text(text, encoding="utf-8")
+    _written(partial, path, lambda: partial.write_text(text, encoding="utf-8"))
     partial.replace(path)
 
 
@@ -100,5 +100,17 @@ def write_tensors(tensors: dict, path: Path) -> None:
     from safetensors.torch import save
 
     tmp = path.with_name(path.name + ".tmp")
-    tmp.write_bytes(save({k: v.contiguous() for k, v in tensors.items()}))
+    _written(tmp, path, lambda: tmp.write_bytes(save({k: v.contiguous() for k, v in tensors.items()})))
     tmp.replace(path)
+
+
+def _written(tmp: Path, path: Path, write) -> None:
+    """Run `write` into `tmp`, removing what it left when it fails (a full disk): a stray half file helps no one.
+    The error names `path`, which a failed write() alone does not."""
+    try:
+        write()
+    except BaseException as e:
+        tmp.unlink(missing_ok=True)
+        if isinstance(e, OSError) and e.filename is None:
+            e.filename = str(path)
+        raise

@@ -455,10 +455,12 @@ def _train(data, cfg, *, out, resume, extra_cbs, quiet) -> Path:
 
     try:
         _fit_phases(learn, cfg, state, run_dir, lr, resume, extra_cbs)
-    except KeyboardInterrupt:
+    except BaseException as e:
         if not resume and state["epochs_done"] == 0 and distributed.is_main():
             shutil.rmtree(run_dir, ignore_errors=True)  # nothing finished: leave no folder to block a fresh start
-        raise TrainingInterrupted(run_dir, state["epochs_done"], sum(n for _, n in _phases(cfg)), data=data) from None
+        if isinstance(e, KeyboardInterrupt):
+            raise TrainingInterrupted(run_dir, state["epochs_done"], sum(n for _, n in _phases(cfg)), data=data) from None
+        raise
     return finish_bundle(run_dir, learn, cfg, state) if distributed.is_main() else run_dir
 
 

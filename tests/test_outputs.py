@@ -54,3 +54,39 @@ def test_a_replacement_killed_before_its_new_results_exist_gives_the_old_ones_ba
     (tmp_path / ".eval.old" / "report.html").write_text("old")
     settle_replacement(tmp_path / "eval")
     assert (tmp_path / "eval" / "report.html").read_text() == "old" and not (tmp_path / ".eval.old").exists()
+
+
+def test_a_full_disk_leaves_no_half_file_and_names_the_file(tmp_path, monkeypatch):
+    import errno
+
+    import torch
+
+    from cxr_fast.outputs import write_tensors, write_text
+
+    def disk_full(self, data, *args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(Path, "write_bytes", disk_full)
+    monkeypatch.setattr(Path, "write_text", disk_full)
+    for write, path in ((lambda p: write_tensors({"w": torch.zeros(2)}, p), tmp_path / "w.safetensors"),
+                        (lambda p: write_text(p, "text"), tmp_path / "notes.txt")):
+        with pytest.raises(OSError) as e:
+            write(path)
+        assert e.value.filename == str(path) and list(tmp_path.iterdir()) == []
+
+
+def test_the_cli_says_a_full_disk_in_one_line(tmp_path, monkeypatch):
+    import errno
+
+    from typer.testing import CliRunner
+
+    import cxr_fast.data.synth
+    from cxr_fast.cli import app
+
+    def disk_full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device", str(tmp_path / "src" / "x.png"))
+
+    monkeypatch.setattr(cxr_fast.data.synth, "synthesize", disk_full)
+    result = CliRunner().invoke(app, ["data", "synth", str(tmp_path / "src")])
+    assert result.exit_code == 1 and "Traceback" not in result.output
+    assert f"error: {tmp_path / 'src' / 'x.png'}: No space left on device" in result.output.replace("\n", "")

@@ -231,6 +231,19 @@ def test_a_size_too_small_for_the_network_is_a_one_line_error_that_leaves_nothin
     assert not (tmp_path / "run").exists()
 
 
+class DiskFull(Callback):
+    def after_batch(self):
+        import errno
+
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+
+def test_a_run_failing_before_its_first_epoch_ends_leaves_no_folder_to_block_a_retry(tiny_data, tmp_path):
+    with pytest.raises(OSError):
+        train(tiny_data, resolve_config(epochs=1, **TINY), out=tmp_path / "run", quiet=True, extra_cbs=[DiskFull()])
+    assert not (tmp_path / "run").exists()  # a retry of the same command is not refused as "already exists"
+
+
 def test_a_single_class_manifest_is_refused_before_training(tiny_data, tmp_path):
     table = read_manifest(tiny_data)
     one_class = tmp_path / "one" / "manifest.csv"
