@@ -161,3 +161,33 @@ def test_classes_separable_by_lung_patterns_not_by_brightness():
     by_pattern = cross_val_score(RidgeClassifier(alpha=10.0), thumbs, labels, cv=5).mean()  # fast, linear
     assert by_pattern > 0.6  # chance is 1/3
     assert by_brightness < 0.55
+
+
+def test_a_stopped_synth_leaves_nothing_to_mistake_for_a_phantom_set(tmp_path, monkeypatch):
+    import cxr_fast.data.synth as synth
+    from cxr_fast.data.manifest import prepare
+
+    real, made = synth.make_phantom, []
+
+    def stopped_halfway(*args, **kwargs):
+        made.append(1)
+        if len(made) == 5:
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(synth, "make_phantom", stopped_halfway)
+    with pytest.raises(KeyboardInterrupt):
+        synthesize(tmp_path / "new", n_per_class=3, size=64, progress=False)
+    assert not (tmp_path / "new").exists() and list(tmp_path.iterdir()) == []  # a new set: whole or nothing
+    monkeypatch.undo()
+    synthesize(tmp_path / "old", n_per_class=3, size=64, shortcut_rate=1.0, progress=False)
+    made.clear()
+    monkeypatch.setattr(synth, "make_phantom", stopped_halfway)
+    with pytest.raises(KeyboardInterrupt):  # replacing a set in place, with --force
+        synthesize(tmp_path / "old", n_per_class=3, size=64, seed=1, force=True, progress=False)
+    assert not (tmp_path / "old" / "_meta.csv").exists()  # the old set's marker boxes would describe new images
+    with pytest.raises(CxrFastError, match="old: cxrfast data synth was stopped while writing here"):
+        prepare(tmp_path / "old", tmp_path / "data", progress=False)
+    monkeypatch.undo()
+    synthesize(tmp_path / "old", n_per_class=3, size=64, seed=1, force=True, progress=False)
+    assert prepare(tmp_path / "old", tmp_path / "data", progress=False).n_files == 9

@@ -80,6 +80,7 @@ from cxr_fast.data.split import (
     parse_fractions,
     split_items,
 )
+from cxr_fast.data.synth import UNFINISHED
 from cxr_fast.errors import CxrFastError
 from cxr_fast.outputs import check_folder_path, write_text
 
@@ -469,6 +470,8 @@ def _check_arguments(src: Path, out: Path, seed: int, cache_size: int, force: bo
         raise CxrFastError(f"{src}: source folder not found")
     if not src.is_dir():
         raise CxrFastError(f"{src}: source is not a folder (expected {src}/<class>/<image>)")
+    if (src / UNFINISHED).is_file():
+        raise CxrFastError(f"{src}: {(src / UNFINISHED).read_text().strip()}")
     check_folder_path(out, "--out")
     if (out / MANIFEST_NAME).exists() and not force:
         raise CxrFastError(f"{out / MANIFEST_NAME} already exists; use --force to replace it")

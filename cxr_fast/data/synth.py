@@ -27,7 +27,7 @@ from rich.progress import track
 from cxr_fast import CLASSES
 from cxr_fast.data.io import MIN_SIDE
 from cxr_fast.errors import CxrFastError
-from cxr_fast.outputs import check_folder_path
+from cxr_fast.outputs import check_folder_path, new_folder
 
 CLASS_NAMES = CLASSES
 # Text and corner of each class's shortcut marker; corners are chosen to lie outside the body outline.
@@ -278,11 +278,34 @@ def synthesize(
         if wrong:
             raise CxrFastError(f"{out}: {rule}")
     check_folder_path(out, "output folder")
-    if out.exists() and any(out.iterdir()) and not force:
+    filled = out.exists() and any(out.iterdir())
+    if filled and not force:
         raise CxrFastError(f"{out}: folder is not empty; choose another or add --force to replace its phantoms")
-    for label in CLASSES:  # with force: stale phantoms of a larger earlier run must not linger
+    if not filled:  # a new set appears whole or not at all: a kill halfway leaves no folder to mistake for one
+        with new_folder(out) as work:
+            return _write_phantoms(work, n_per_class, size, shortcut_rate, seed, lesion_contrast, progress)
+    # Replacing in place (the folder may hold other files): marked unfinished until _meta.csv is written last, and
+    # the old set's metadata removed first, so a kill halfway never pairs old marker boxes with new images.
+    unfinished = out / UNFINISHED
+    unfinished.write_text(UNFINISHED_TEXT)
+    for stale in (out / "_meta.csv", out / "_README.txt"):
+        stale.unlink(missing_ok=True)
+    for label in CLASSES:  # stale phantoms of a larger earlier run must not linger
         for old in [*(out / label).glob(f"{label}_*.png"), *(out / "_masks" / label).glob(f"{label}_*.png")]:
             old.unlink()
+    meta = _write_phantoms(out, n_per_class, size, shortcut_rate, seed, lesion_contrast, progress)
+    unfinished.unlink()
+    return meta
+
+
+# Left in a phantom folder while `synthesize --force` replaces its set; `data prepare` refuses such a folder.
+UNFINISHED = "_unfinished.txt"
+UNFINISHED_TEXT = "cxrfast data synth was stopped while writing here; run it again with --force.\n"
+
+
+def _write_phantoms(out: Path, n_per_class: int, size: int, shortcut_rate: float, seed: int, lesion_contrast: float,
+                    progress: bool) -> pd.DataFrame:
+    for label in CLASSES:
         (out / label).mkdir(parents=True, exist_ok=True)
         (out / "_masks" / label).mkdir(parents=True, exist_ok=True)
 
