@@ -81,9 +81,9 @@ def export_onnx(run_dir: str | Path, out: str | Path | None = None, *, force: bo
     run = load_run(run_dir)
     folder = Path(out) if out is not None else run.path
     onnx_path, spec_path = folder / ONNX_FILE, folder / PREPROCESSING_FILE
-    existing = [p for p in (onnx_path, spec_path) if p.exists()]
-    if existing and not force:
-        raise CxrFastError(f"{existing[0]}: an export is already there; add --force to replace it")
+    # Both files: an export. One alone: an export stopped between its two files, replaced without --force.
+    if onnx_path.exists() and spec_path.exists() and not force:
+        raise CxrFastError(f"{onnx_path}: an export is already there; add --force to replace it")
     check_folder_path(folder, "--out")
     for module, role in (("onnx", "writes the export"), ("onnxruntime", "checks it")):
         if importlib.util.find_spec(module) is None:
@@ -153,7 +153,9 @@ class OnnxRunner:
         onnx_path, spec_path = self.path / ONNX_FILE, self.path / PREPROCESSING_FILE
         for needed in (onnx_path, spec_path):
             if not needed.is_file():
-                raise CxrFastError(f"{self.path}: no ONNX export ({needed.name} missing); run `cxrfast export {self.path}`")
+                run = self.path if (self.path / "config.json").is_file() else "RUN"
+                make = f"cxrfast export {run}" + ("" if run == self.path else f" --out {self.path}")
+                raise CxrFastError(f"{self.path}: no ONNX export ({needed.name} missing); make it with `{make}`")
         spec = read_json(spec_path)
         if not isinstance(spec, dict) or spec.get("format") != FORMAT:
             found = spec.get("format") if isinstance(spec, dict) else type(spec).__name__

@@ -105,6 +105,18 @@ def test_onnx_prediction_does_not_import_torch(run, images):
     assert done.stdout.strip() == "[]"  # nor sklearn and scipy's optimiser, each of which costs a second
 
 
+def test_an_export_stopped_between_its_two_files_is_made_again_without_force(run, tmp_path):
+    export_onnx(run, tmp_path / "deploy")
+    (tmp_path / "deploy" / "preprocessing.json").unlink()  # killed after model.onnx, before preprocessing.json
+    with pytest.raises(CxrFastError, match=rf"preprocessing.json missing\); make it with `cxrfast export RUN --out "
+                                           rf"{tmp_path / 'deploy'}`"):
+        OnnxRunner(tmp_path / "deploy")
+    export_onnx(run, tmp_path / "deploy")  # an unfinished export is no export to protect
+    assert OnnxRunner(tmp_path / "deploy").classes
+    with pytest.raises(CxrFastError, match="an export is already there; add --force"):
+        export_onnx(run, tmp_path / "deploy")
+
+
 def test_an_export_folder_given_to_the_torch_runtime_says_to_add_runtime_onnx(run, images, tmp_path):
     export_onnx(run, tmp_path / "deploy")
     with pytest.raises(CxrFastError, match="deploy: an ONNX export, not a run bundle; .* --runtime onnx"):
