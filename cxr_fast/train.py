@@ -461,7 +461,12 @@ def _train(data, cfg, *, out, resume, extra_cbs, quiet) -> Path:
         if isinstance(e, KeyboardInterrupt):
             raise TrainingInterrupted(run_dir, state["epochs_done"], sum(n for _, n in _phases(cfg)), data=data) from None
         raise
-    return finish_bundle(run_dir, learn, cfg, state) if distributed.is_main() else run_dir
+    if not distributed.is_main():
+        return run_dir
+    try:
+        return finish_bundle(run_dir, learn, cfg, state)
+    except KeyboardInterrupt:  # the checkpoint is still there: --resume writes the bundle
+        raise TrainingInterrupted(run_dir, state["epochs_done"], sum(n for _, n in _phases(cfg)), data=data) from None
 
 
 def find_lr(learn: Learner) -> float:

@@ -167,6 +167,20 @@ def test_a_kill_before_state_json_resumes_from_the_epoch_it_names(tiny_data, tmp
     assert list(pd.read_csv(tmp_path / "run" / "history.csv")["epoch"]) == [0, 1, 2]
 
 
+def test_ctrl_c_while_the_bundle_is_written_says_how_to_resume(tiny_data, tmp_path, monkeypatch):
+    import cxr_fast.train
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(cxr_fast.train, "finish_bundle", interrupted)
+    with pytest.raises(TrainingInterrupted, match=f"after 1 of 1 epochs; .* --out {tmp_path / 'run'} --resume"):
+        train(tiny_data, resolve_config(epochs=1, **TINY), out=tmp_path / "run", quiet=True)
+    monkeypatch.undo()
+    train(tiny_data, out=tmp_path / "run", resume=True, quiet=True)
+    assert load_run(tmp_path / "run").config["classes"]
+
+
 class CtrlC(Callback):
     """Ctrl-C at the given event of the given epoch."""
 
