@@ -48,7 +48,7 @@ from cxr_fast.config import TrainConfig, resolve_config
 from cxr_fast.data.block import build_dataloaders, check_classes
 from cxr_fast.data.manifest import manifest_digest, read_manifest
 from cxr_fast.errors import CxrFastError, first_line, read_json, read_tensors
-from cxr_fast.outputs import check_folder_path, write_tensors
+from cxr_fast.outputs import check_folder_path, write_tensors, write_text
 from cxr_fast.probe import is_frozen_arch
 
 CHECKPOINT_DIR = "checkpoint"
@@ -192,14 +192,14 @@ class RunRecorder(Callback):
         # This epoch's files under names of their own, never over the last epoch's: a kill before state.json below
         # leaves the files the previous state.json names as they were (written over, they would pair this epoch's
         # weights with the last epoch's schedule, and --resume would train an epoch twice).
-        weights, optimizer = checkpoint_paths(self.run_dir, row["epoch"])
+        weights = ckpt / f"model-epoch{row['epoch']}.safetensors"
+        optimizer = ckpt / f"optimizer-epoch{row['epoch']}.safetensors"
         write_tensors(_cpu_state(self.learn.model), weights)
         self.state["optimizer"] = _save_optimizer(self.learn.opt, optimizer)
+        # state.json last: it names the epoch the files above hold, so it must never run ahead of them; and the
+        # epoch counts as done (for a Ctrl-C's message, or removing a failed run) only once state.json says so
+        write_text(ckpt / "state.json", json.dumps({**self.state, "epochs_done": row["epoch"] + 1}, indent=1))
         self.state["epochs_done"] = row["epoch"] + 1
-        # state.json last: it names the epoch the files above hold, so it must never run ahead of them
-        tmp = ckpt / "state.json.tmp"
-        tmp.write_text(json.dumps(self.state, indent=1))
-        tmp.replace(ckpt / "state.json")
         kept = {best_weights_path(self.run_dir, self.state["best"]["epoch"]), weights, optimizer}
         for older in ckpt.glob("*-epoch*.safetensors"):
             if older not in kept:
@@ -207,9 +207,12 @@ class RunRecorder(Callback):
 
 
 def checkpoint_paths(run_dir: Path, epoch: int) -> tuple[Path, Path]:
-    """The model's and the optimizer's state after `epoch`, as the checkpoint keeps them for --resume."""
+    """The model's and the optimizer's state after `epoch`, as the checkpoint keeps them for --resume. A run
+    interrupted by an earlier cxr_fast kept them as model.safetensors and optimizer.safetensors."""
     folder = run_dir / CHECKPOINT_DIR
-    return folder / f"model-epoch{epoch}.safetensors", folder / f"optimizer-epoch{epoch}.safetensors"
+    named = folder / f"model-epoch{epoch}.safetensors", folder / f"optimizer-epoch{epoch}.safetensors"
+    earlier = folder / "model.safetensors", folder / "optimizer.safetensors"
+    return earlier if not named[0].exists() and earlier[0].exists() else named
 
 
 def best_weights_path(run_dir: Path, epoch: int) -> Path:
@@ -416,6 +419,7 @@ def _train(data, cfg, *, out, resume, extra_cbs, quiet) -> Path:
     build_cfg = dataclasses.replace(cfg, weights="none") if resume else cfg
     learn, spec = build_learner(manifest, distributed.per_process_config(build_cfg), stats)
     check_input_size(learn.model, cfg)
+    had_folder = out is not None and Path(out).exists()  # an empty --out of the user's: emptied on failure, kept
     if run_dir is None:
         run_dir = Path(distributed.on_main(lambda: str(new_run_dir(out, cfg.arch))))
     state["stats"] = {"mean": spec.mean, "std": spec.std}
@@ -456,8 +460,8 @@ def _train(data, cfg, *, out, resume, extra_cbs, quiet) -> Path:
     try:
         _fit_phases(learn, cfg, state, run_dir, lr, resume, extra_cbs)
     except BaseException as e:
-        if not resume and state["epochs_done"] == 0 and distributed.is_main():
-            shutil.rmtree(run_dir, ignore_errors=True)  # nothing finished: leave no folder to block a fresh start
+        if not resume and not (run_dir / CHECKPOINT_DIR / "state.json").exists() and distributed.is_main():
+            _clear_run_folder(run_dir, keep=had_folder)  # nothing finished: leave nothing to block a fresh start
         if isinstance(e, KeyboardInterrupt):
             raise TrainingInterrupted(run_dir, state["epochs_done"], sum(n for _, n in _phases(cfg)), data=data) from None
         raise
@@ -467,6 +471,14 @@ def _train(data, cfg, *, out, resume, extra_cbs, quiet) -> Path:
         return finish_bundle(run_dir, learn, cfg, state)
     except KeyboardInterrupt:  # the checkpoint is still there: --resume writes the bundle
         raise TrainingInterrupted(run_dir, state["epochs_done"], sum(n for _, n in _phases(cfg)), data=data) from None
+
+
+def _clear_run_folder(run_dir: Path, keep: bool) -> None:
+    if not keep:
+        shutil.rmtree(run_dir, ignore_errors=True)
+        return
+    for child in run_dir.iterdir():
+        shutil.rmtree(child, ignore_errors=True) if child.is_dir() else child.unlink(missing_ok=True)
 
 
 def find_lr(learn: Learner) -> float:

@@ -252,10 +252,38 @@ class DiskFull(Callback):
         raise OSError(errno.ENOSPC, "No space left on device")
 
 
-def test_a_run_failing_before_its_first_epoch_ends_leaves_no_folder_to_block_a_retry(tiny_data, tmp_path):
+def test_a_run_failing_before_its_first_epoch_ends_leaves_no_folder_to_block_a_retry(tiny_data, tmp_path,
+                                                                                     monkeypatch):
+    import errno
+
+    import cxr_fast.train
+
     with pytest.raises(OSError):
         train(tiny_data, resolve_config(epochs=1, **TINY), out=tmp_path / "run", quiet=True, extra_cbs=[DiskFull()])
     assert not (tmp_path / "run").exists()  # a retry of the same command is not refused as "already exists"
+    (tmp_path / "mine").mkdir()  # an empty --out the user made: emptied, not removed
+    with pytest.raises(OSError):
+        train(tiny_data, resolve_config(epochs=1, **TINY), out=tmp_path / "mine", quiet=True, extra_cbs=[DiskFull()])
+    assert (tmp_path / "mine").is_dir() and not list((tmp_path / "mine").iterdir())
+    real_write_text = cxr_fast.train.write_text
+
+    def full_at_state_json(path, text):
+        if path.name == "state.json":  # the disk fills up as the first epoch's checkpoint is completed
+            raise OSError(errno.ENOSPC, "No space left on device", str(path))
+        real_write_text(path, text)
+
+    monkeypatch.setattr(cxr_fast.train, "write_text", full_at_state_json)
+    with pytest.raises(OSError):
+        train(tiny_data, resolve_config(epochs=1, **TINY), out=tmp_path / "run", quiet=True)
+    assert not (tmp_path / "run").exists()  # its weights were written, but no state.json: nothing to resume
+
+
+def test_a_run_interrupted_under_an_earlier_cxr_fast_resumes(tiny_data, tmp_path):
+    out = _killed_run(tiny_data, tmp_path / "run")
+    for kind in ("model", "optimizer"):  # the checkpoint's names before each epoch's files had names of their own
+        (out / "checkpoint" / f"{kind}-epoch0.safetensors").rename(out / "checkpoint" / f"{kind}.safetensors")
+    train(tiny_data, out=out, resume=True, quiet=True)
+    assert list(pd.read_csv(out / "history.csv")["epoch"]) == [0, 1, 2]
 
 
 def test_a_single_class_manifest_is_refused_before_training(tiny_data, tmp_path):
