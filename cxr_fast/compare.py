@@ -220,5 +220,13 @@ def compare_archs(data: str | Path, archs: list[str] = (), *, recipe: str | Path
     if nproc is not None:  # a batch size the processes cannot share fails now, not after the first runs
         for _, cfg in jobs:
             distributed.per_process_config(cfg, nproc)
-    runs = [train_one(cfg, out_dir / "runs" / name) for name, cfg in jobs]
+    runs = []
+    for name, cfg in jobs:
+        try:
+            runs.append(train_one(cfg, out_dir / "runs" / name))
+        except KeyboardInterrupt as stop:  # say how to finish the comparison, not only the one run
+            untrained = [n for n, _ in jobs[len(runs) + 1:]]
+            rest = f"; train {', '.join(untrained)} as well" if untrained else ""
+            raise KeyboardInterrupt(f"{stop}{rest}; then compare them: cxrfast compare {out_dir / 'runs'}/* --out "
+                                    f"{out_dir / 'report'}") from None
     return compare_runs(runs, out=out_dir / "report")

@@ -25,6 +25,7 @@ from cxr_fast.outputs import check_folder_path
 
 DEMO_SHORTCUT_RATE = 0.5
 DEMO_ENTRIES = {"phantoms", "data", "models", "report.html"}  # all a demo writes in its folder
+DEMO_LITTER = {".DS_Store", "Thumbs.db", ".phantoms.partial"}  # a file browser's, or a stopped demo's: not the user's
 
 
 def run_demo(out: str | Path, *, n_per_class: int = 80, shortcut_rate: float = DEMO_SHORTCUT_RATE,
@@ -46,14 +47,17 @@ def run_demo(out: str | Path, *, n_per_class: int = 80, shortcut_rate: float = D
     if earlier.exists() and not (out / "report.html").is_file():  # a replacement killed halfway: the old one back
         shutil.rmtree(out, ignore_errors=True)
         earlier.rename(out)
-    if out.exists() and any(out.iterdir()):
+    # a demo stopped in its first step holds only the phantoms' hidden work folder: no demo yet, nothing to replace
+    if out.exists() and any(p.name not in DEMO_LITTER for p in out.iterdir()):
         if not force:
             raise CxrFastError(f"{out}: already exists; choose another --out or add --force to replace it")
         # --force replaces the folder: only one that an earlier demo wrote, never a mistyped home or data folder
-        foreign = sorted(p.name for p in out.iterdir() if p.name not in DEMO_ENTRIES and not p.name.startswith("."))
+        foreign = sorted(p.name for p in out.iterdir() if p.name not in DEMO_ENTRIES | DEMO_LITTER)
         if foreign or not (out / "phantoms").is_dir():
             held = f"it holds {', '.join(foreign[:3])}" if foreign else "it has no phantoms/ folder"
             raise CxrFastError(f"{out}: not a demo folder ({held}); --force replaces only an earlier demo's folder")
+        if out == Path.cwd():
+            raise CxrFastError(f"{out}: the current folder; --force cannot set it aside, give --out a folder below it")
         shutil.rmtree(earlier, ignore_errors=True)
         out.rename(earlier)
     try:

@@ -89,12 +89,14 @@ def output_folder(parent: Path, name: str, manifest: str, record: str) -> Path:
     (data/x and other/x): then `parent/name-<6 hex digits of this manifest's path>`, so that neither a refusal nor
     --force touches the other dataset's results. `record` is the JSON file that notes the manifest."""
     out = parent / name
+    settle_replacement(out)  # a replacement killed halfway: its results, new or old, are there again to be read
     try:
         held = json.loads((out / record).read_text()).get("manifest")
     except (OSError, ValueError, AttributeError):  # no results yet, or ones from before manifests were recorded
         held = None
     if held is not None and held != manifest:
         out = parent / f"{name}-{hashlib.sha1(manifest.encode()).hexdigest()[:6]}"
+        settle_replacement(out)
     return out
 
 
@@ -267,7 +269,6 @@ def evaluate(run_dir: str | Path, data: str | Path | None = None, split: str = "
     # TTA figures go beside the plain ones, not over them: both are worth keeping, and serve shows the plain one.
     manifest = manifest_folder(run, data)
     out_dir = output_folder(run.path / "eval", f"{name}-tta" if tta else name, manifest, "metrics.json")
-    settle_replacement(out_dir)  # a replacement killed halfway: its results, new or old, are there again
     if out_dir.exists() and not force:  # checked before the slow part; replacing_folder checks again
         raise CxrFastError(f"{out_dir}: an evaluation is already there; add --force to redo it")
 

@@ -76,14 +76,17 @@ def export_onnx(run_dir: str | Path, out: str | Path | None = None, *, force: bo
     import torch
 
     from cxr_fast.bundle import load_run
-    from cxr_fast.outputs import check_folder_path
+    from cxr_fast.outputs import check_folder_path, write_text
 
     run = load_run(run_dir)
     folder = Path(out) if out is not None else run.path
     onnx_path, spec_path = folder / ONNX_FILE, folder / PREPROCESSING_FILE
-    # Both files: an export. One alone: an export stopped between its two files, replaced without --force.
-    if onnx_path.exists() and spec_path.exists() and not force:
-        raise CxrFastError(f"{onnx_path}: an export is already there; add --force to replace it")
+    # preprocessing.json is written first, model.onnx renamed into place last: a preprocessing.json of ours alone is
+    # an export stopped between the two, replaced without --force. Any other file of those names is protected.
+    unfinished = spec_path.is_file() and not onnx_path.exists() and _is_our_spec(spec_path)
+    existing = [p for p in (onnx_path, spec_path) if p.exists()]
+    if existing and not unfinished and not force:
+        raise CxrFastError(f"{existing[0]}: an export is already there; add --force to replace it")
     check_folder_path(folder, "--out")
     for module, role in (("onnx", "writes the export"), ("onnxruntime", "checks it")):
         if importlib.util.find_spec(module) is None:
@@ -111,18 +114,25 @@ def export_onnx(run_dir: str | Path, out: str | Path | None = None, *, force: bo
         if not difference <= EXPORT_TOLERANCE:
             raise CxrFastError(f"{run.path}: the ONNX export differs from PyTorch by {difference:.2e} in the logits "
                                f"(more than {EXPORT_TOLERANCE:g}); not kept")
+        spec = preprocessing_spec(run)
+        spec.update({"opset": opset, "torch_version": torch.__version__, "max_abs_logit_difference": difference,
+                     # Ties the export to the weights it came from: a retrained bundle makes it stale (OnnxRunner).
+                     "weights_sha256": file_sha256(run.path / "model.safetensors"),
+                     "onnx_sha256": file_sha256(tmp_path)})
+        onnx_path.unlink(missing_ok=True)  # a kill from here on leaves preprocessing.json alone: unfinished
+        write_text(spec_path, json.dumps(spec, indent=2))
     except BaseException:
         tmp_path.unlink(missing_ok=True)
         raise
     tmp_path.replace(onnx_path)
-
-    spec = preprocessing_spec(run)
-    spec.update({"opset": opset, "torch_version": torch.__version__, "max_abs_logit_difference": difference,
-                 # Ties the export to the weights it came from: a retrained bundle makes it stale (OnnxRunner).
-                 "weights_sha256": file_sha256(run.path / "model.safetensors"),
-                 "onnx_sha256": file_sha256(onnx_path)})
-    spec_path.write_text(json.dumps(spec, indent=2))
     return onnx_path
+
+
+def _is_our_spec(path: Path) -> bool:
+    try:
+        return json.loads(path.read_text()).get("format") == FORMAT
+    except (OSError, ValueError, AttributeError):
+        return False
 
 
 def _session(path: Path, threads: int | None = None):

@@ -31,7 +31,7 @@ from cxr_fast.data.manifest import image_column
 from cxr_fast.errors import CxrFastError
 from cxr_fast.evaluate import manifest_folder, output_folder, select_unseen_items, write_seen_images
 from cxr_fast.lungs import estimate_lung_field
-from cxr_fast.outputs import replacing_folder, settle_replacement
+from cxr_fast.outputs import replacing_folder
 from cxr_fast.preprocess import resize_square
 
 METHODS = ("occlusion", "integrated_gradients", "gradcam")
@@ -187,7 +187,6 @@ def interpret(run_dir: str | Path, data: str | Path | None = None, split: str = 
     # A mean-gray baseline's maps sit beside the black ones, so the two can be compared (as evaluate's -tta does)
     out_dir = output_folder(run.path / "interpret", name if baseline == "black" else f"{name}-{baseline}", manifest,
                             "audit.json")
-    settle_replacement(out_dir)  # a replacement killed halfway: its results, new or old, are there again
     if out_dir.exists() and not force:  # checked before the slow part; replacing_folder checks again
         raise CxrFastError(f"{out_dir}: an interpretation is already there; add --force to redo it")
 

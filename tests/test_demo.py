@@ -90,3 +90,11 @@ def test_force_replaces_an_earlier_demo_but_no_other_folder(tmp_path, monkeypatc
     with pytest.raises(CxrFastError, match="already exists"):
         run_demo(earlier, n_per_class=19, console=quiet)
     assert (earlier / "report.html").read_text() == "old" and not (tmp_path / ".demo.old").exists()
+    (earlier / ".git").mkdir()  # hidden, but the user's: --force would set it aside with the demo and delete it
+    with pytest.raises(CxrFastError, match=r"not a demo folder \(it holds .git\)"):
+        run_demo(earlier, n_per_class=19, force=True, console=quiet)
+    stopped = tmp_path / "stopped"
+    (stopped / ".phantoms.partial").mkdir(parents=True)  # a first demo killed while drawing its phantoms
+    monkeypatch.setattr(cxr_fast.data.synth, "synthesize", stop)
+    with pytest.raises(Replaced):  # run again without --force: there is no demo there yet
+        run_demo(stopped, n_per_class=19, console=quiet)

@@ -107,14 +107,18 @@ def test_onnx_prediction_does_not_import_torch(run, images):
 
 def test_an_export_stopped_between_its_two_files_is_made_again_without_force(run, tmp_path):
     export_onnx(run, tmp_path / "deploy")
-    (tmp_path / "deploy" / "preprocessing.json").unlink()  # killed after model.onnx, before preprocessing.json
-    with pytest.raises(CxrFastError, match=rf"preprocessing.json missing\); make it with `cxrfast export RUN --out "
+    (tmp_path / "deploy" / "model.onnx").unlink()  # killed after preprocessing.json, before model.onnx took its name
+    with pytest.raises(CxrFastError, match=rf"model.onnx missing\); make it with `cxrfast export RUN --out "
                                            rf"{tmp_path / 'deploy'}`"):
         OnnxRunner(tmp_path / "deploy")
     export_onnx(run, tmp_path / "deploy")  # an unfinished export is no export to protect
     assert OnnxRunner(tmp_path / "deploy").classes
     with pytest.raises(CxrFastError, match="an export is already there; add --force"):
         export_onnx(run, tmp_path / "deploy")
+    (tmp_path / "other").mkdir()
+    (tmp_path / "other" / "model.onnx").write_bytes(b"another tool's model")  # not ours to replace unasked
+    with pytest.raises(CxrFastError, match="an export is already there; add --force"):
+        export_onnx(run, tmp_path / "other")
 
 
 def test_an_export_folder_given_to_the_torch_runtime_says_to_add_runtime_onnx(run, images, tmp_path):

@@ -179,7 +179,12 @@ def test_a_stopped_synth_leaves_nothing_to_mistake_for_a_phantom_set(tmp_path, m
     with pytest.raises(KeyboardInterrupt):
         synthesize(tmp_path / "new", n_per_class=3, size=64, progress=False)
     assert not (tmp_path / "new").exists() and list(tmp_path.iterdir()) == []  # a new set: whole or nothing
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "empty" / ".partial").mkdir()  # the work folder a kill left in an existing empty folder
     monkeypatch.undo()
+    synthesize(tmp_path / "empty", n_per_class=1, size=64, progress=False)  # still empty to a rerun, and cleaned
+    assert sorted(p.name for p in (tmp_path / "empty").iterdir()) == [*sorted(CLASSES), "_README.txt", "_masks",
+                                                                       "_meta.csv"]
     synthesize(tmp_path / "old", n_per_class=3, size=64, shortcut_rate=1.0, progress=False)
     made.clear()
     monkeypatch.setattr(synth, "make_phantom", stopped_halfway)

@@ -27,7 +27,7 @@ from rich.progress import track
 from cxr_fast import CLASSES
 from cxr_fast.data.io import MIN_SIDE
 from cxr_fast.errors import CxrFastError
-from cxr_fast.outputs import check_folder_path, new_folder
+from cxr_fast.outputs import PARTIAL_INSIDE, check_folder_path, new_folder
 
 CLASS_NAMES = CLASSES
 # Text and corner of each class's shortcut marker; corners are chosen to lie outside the body outline.
@@ -278,7 +278,7 @@ def synthesize(
         if wrong:
             raise CxrFastError(f"{out}: {rule}")
     check_folder_path(out, "output folder")
-    filled = out.exists() and any(out.iterdir())
+    filled = out.exists() and any(p.name != PARTIAL_INSIDE for p in out.iterdir())  # a stopped run's work folder
     if filled and not force:
         raise CxrFastError(f"{out}: folder is not empty; choose another or add --force to replace its phantoms")
     if not filled:  # a new set appears whole or not at all: a kill halfway leaves no folder to mistake for one
