@@ -274,6 +274,7 @@ def compare(
     out: Annotated[Path | None, typer.Option(help="Output folder (default models/compare-<time>).")] = None,
     distributed: Annotated[bool, typer.Option(help="Train each run data-parallel over --nproc processes, one run after another.")] = False,
     nproc: Annotated[int | None, typer.Option(help="With --distributed: processes per run (default: one per GPU, else 2).")] = None,
+    resume: Annotated[bool, typer.Option(help="Continue an interrupted comparison in --out: keep its finished runs, resume the interrupted one.")] = False,
 ):
     """Compare architectures on one test split: balanced accuracy with CI, F1, AUC, ECE, size, speed, McNemar."""
     from cxr_fast.compare import compare_archs, compare_runs
@@ -292,11 +293,12 @@ def compare(
             raise CxrFastError(f"--seeds must be integers like 0,1,2, got {seeds!r}") from None
         result = compare_archs(data, _names(archs), recipe=recipe, recipes=_names(recipes), seeds=seed_list,
                                out=out, epochs=epochs, size=size,
-                               nproc=_processes(distributed, nproc))
+                               nproc=_processes(distributed, nproc), resume=resume)
     else:
         # these steer training: with existing runs they would be dropped, and the table would not be what was asked
         training_only = [flag for flag, value in (("--data", data), ("--recipe", recipe), ("--epochs", epochs),
-                                                  ("--size", size), ("--seeds", seeds)) if value is not None]
+                                                  ("--size", size), ("--seeds", seeds), ("--resume", resume or None))
+                         if value is not None]
         if training_only:
             raise CxrFastError(f"{', '.join(training_only)} apply to --archs/--recipes, which train new runs; existing "
                                "runs are compared on their own test split (for another dataset, evaluate each run with "

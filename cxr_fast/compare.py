@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import shutil
 import time
 from dataclasses import dataclass
 from datetime import datetime
@@ -187,23 +188,34 @@ def recipe_run_name(recipe: str | Path, recipes: list[str | Path]) -> str:
 
 def compare_archs(data: str | Path, archs: list[str] = (), *, recipe: str | Path | None = None,
                   recipes: list[str | Path] = (), seeds=(0,), out: str | Path | None = None, quiet: bool = False,
-                  nproc: int | None = None, **overrides) -> Comparison:
+                  nproc: int | None = None, resume: bool = False, **overrides) -> Comparison:
     """Train every architecture (one shared recipe) or every recipe (each its own architecture and weights)
     under the same split and seeds — and the same size and epochs when given — then compare the runs.
 
     With `nproc`, each run trains data-parallel over `nproc` processes on this machine (one run after another,
-    as `cxrfast train --distributed` does); the comparison itself runs in this one process."""
+    as `cxrfast train --distributed` does); the comparison itself runs in this one process. `resume` continues an
+    interrupted comparison in `out`: its finished runs are kept, an interrupted one resumes, the rest train."""
     from cxr_fast import distributed
     from cxr_fast.config import resolve_config
-    from cxr_fast.train import train
+    from cxr_fast.train import CHECKPOINT_DIR, train
 
     def train_one(cfg, run_out):
+        interrupted = resume and (run_out / CHECKPOINT_DIR / "state.json").is_file()
+        if resume and not interrupted and (run_out / "config.json").is_file():
+            check_same_settings(run_out, cfg)
+            return run_out
+        if resume and not interrupted and run_out.exists():
+            shutil.rmtree(run_out)  # killed before its first epoch ended: nothing of it to keep
+        cfg = None if interrupted else cfg  # a resumed run takes its settings from its checkpoint
         if nproc is None:
-            return train(data, cfg, out=run_out, quiet=quiet)
-        return distributed.launch_training(nproc, data, cfg, out=run_out, quiet=quiet)
+            return train(data, cfg, out=run_out, quiet=quiet, resume=interrupted)
+        return distributed.launch_training(nproc, data, cfg, out=run_out, quiet=quiet, resume=interrupted)
 
     out_dir = Path(out) if out else Path("models") / f"compare-{datetime.now():%Y%m%d-%H%M%S}"
-    check_new_folder(out_dir)
+    if not resume:
+        check_new_folder(out_dir)
+    elif out is None or not (out_dir / "runs").is_dir():
+        raise CxrFastError(f"{out_dir}: no interrupted comparison to resume (expected {out_dir / 'runs'})")
     if not archs and not recipes:
         raise CxrFastError("compare needs --archs or --recipes to train")
     # Every run's folder, and every recipe error, is known before the first run trains. Runs of a recipe are named
@@ -224,9 +236,18 @@ def compare_archs(data: str | Path, archs: list[str] = (), *, recipe: str | Path
     for name, cfg in jobs:
         try:
             runs.append(train_one(cfg, out_dir / "runs" / name))
-        except KeyboardInterrupt as stop:  # say how to finish the comparison, not only the one run
-            untrained = [n for n, _ in jobs[len(runs) + 1:]]
-            rest = f"; train {', '.join(untrained)} as well" if untrained else ""
-            raise KeyboardInterrupt(f"{stop}{rest}; then compare them: cxrfast compare {out_dir / 'runs'}/* --out "
-                                    f"{out_dir / 'report'}") from None
+        except KeyboardInterrupt:  # say how to finish the comparison, not only the one run
+            raise KeyboardInterrupt(f"compare interrupted while training {name} ({len(runs)} of {len(jobs)} runs "
+                                    f"finished); continue it with the same command and --resume") from None
     return compare_runs(runs, out=out_dir / "report")
+
+
+def check_same_settings(run_dir: Path, cfg) -> None:
+    """A finished run kept by `compare --resume` must have been trained as this comparison asks."""
+    trained = yaml.safe_load((run_dir / "recipe.yaml").read_text()) or {}
+    asked = cfg.to_dict()
+    differ = sorted(k for k in asked if k != "weights" and trained.get(k) != asked[k])  # weights: resolved paths
+    if differ:
+        shown = ", ".join(f"{k} {trained.get(k)!r}, not {asked[k]!r}" for k in differ[:3])
+        raise CxrFastError(f"{run_dir}: trained with other settings ({shown}); resume with the command that started "
+                           "this comparison, or give a new --out")

@@ -315,3 +315,41 @@ def test_the_manifest_check_looks_at_the_split_only_and_a_missing_manifest_is_on
     with pytest.raises(CxrFastError, match=f"{data}: manifest not found") as e:
         evaluate(run, n_boot=20, force=True, progress=False)
     assert "\n" not in str(e.value)
+
+
+def test_an_interrupted_compare_resumes_keeping_its_finished_runs(tiny_data, tmp_path, monkeypatch):
+    from fastai.callback.core import Callback
+
+    import cxr_fast.train
+    from cxr_fast.compare import compare_archs
+    from tests.conftest import TINY
+
+    class CtrlCAfterFirstEpoch(Callback):
+        order = 60  # after the checkpoint is written
+
+        def after_epoch(self):
+            raise KeyboardInterrupt
+
+    real_train, calls = cxr_fast.train.train, []
+
+    def second_run_interrupted(data, cfg, **kwargs):
+        calls.append(kwargs["out"].name)
+        if len(calls) == 2:
+            kwargs["extra_cbs"] = [CtrlCAfterFirstEpoch()]
+        return real_train(data, cfg, **kwargs)
+
+    monkeypatch.setattr(cxr_fast.train, "train", second_run_interrupted)
+    settings = dict(seeds=(0, 1), out=tmp_path / "cmp", epochs=2, size=TINY["size"], bs=TINY["bs"], lr=TINY["lr"],
+                    quiet=True)
+    with pytest.raises(KeyboardInterrupt, match="cxresnet_tiny-seed1 .1 of 2 runs finished.*--resume"):
+        compare_archs(tiny_data, ["cxresnet_tiny"], **settings)
+    first = tmp_path / "cmp" / "runs" / "cxresnet_tiny-seed0"
+    kept = (first / "model.safetensors").stat().st_mtime_ns
+    with pytest.raises(CxrFastError, match="trained with other settings .epochs 2, not 3"):
+        compare_archs(tiny_data, ["cxresnet_tiny"], **{**settings, "epochs": 3}, resume=True)
+    result = compare_archs(tiny_data, ["cxresnet_tiny"], **settings, resume=True)
+    assert (first / "model.safetensors").stat().st_mtime_ns == kept  # the finished run was not trained again
+    assert calls == ["cxresnet_tiny-seed0", "cxresnet_tiny-seed1", "cxresnet_tiny-seed1"]  # the other resumed
+    assert len(result.table) == 2 and (tmp_path / "cmp" / "report" / "report.html").is_file()
+    with pytest.raises(CxrFastError, match="no interrupted comparison to resume"):
+        compare_archs(tiny_data, ["cxresnet_tiny"], **{**settings, "out": tmp_path / "none"}, resume=True)
