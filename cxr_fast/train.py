@@ -471,6 +471,9 @@ def _train(data, cfg, *, out, resume, extra_cbs, quiet) -> Path:
         return finish_bundle(run_dir, learn, cfg, state)
     except KeyboardInterrupt:  # the checkpoint is still there: --resume writes the bundle
         raise TrainingInterrupted(run_dir, state["epochs_done"], sum(n for _, n in _phases(cfg)), data=data) from None
+    except OSError as e:  # a full disk, most likely: the training is not lost
+        raise CxrFastError(f"{run_dir}: the bundle could not be written ({e.strerror or e}); make room and finish it "
+                           f"with: cxrfast train --data {data} --out {run_dir} --resume") from None
 
 
 def _clear_run_folder(run_dir: Path, keep: bool) -> None:

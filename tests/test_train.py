@@ -177,6 +177,16 @@ def test_ctrl_c_while_the_bundle_is_written_says_how_to_resume(tiny_data, tmp_pa
     with pytest.raises(TrainingInterrupted, match=f"after 1 of 1 epochs; .* --out {tmp_path / 'run'} --resume"):
         train(tiny_data, resolve_config(epochs=1, **TINY), out=tmp_path / "run", quiet=True)
     monkeypatch.undo()
+    import errno
+
+    def disk_full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(cxr_fast.train, "finish_bundle", disk_full)
+    with pytest.raises(CxrFastError, match="the bundle could not be written .No space left on device.; make room and "
+                                           f"finish it with: .* --out {tmp_path / 'run'} --resume"):
+        train(tiny_data, out=tmp_path / "run", resume=True, quiet=True)
+    monkeypatch.undo()
     train(tiny_data, out=tmp_path / "run", resume=True, quiet=True)
     assert load_run(tmp_path / "run").config["classes"]
 
