@@ -1,7 +1,8 @@
 """`cxrfast`: thin Typer commands over the Python API.
 
-Every command calls one library function. A `CxrFastError` (a problem with the user's input) becomes one line on
-stderr and exit code 1; anything else is a bug and keeps its traceback.
+Every command calls one library function. A `CxrFastError` (a problem with the user's input) or a storage error (a
+full disk, a read-only folder) becomes one line on stderr and exit code 1, Ctrl-C one line and exit code 130;
+anything else is a bug and keeps its traceback.
 """
 
 from __future__ import annotations
@@ -162,7 +163,7 @@ def train(
     lr: Annotated[str | None, typer.Option(help=f"Peak learning rate, or 'auto' (lr_find) (default {DEFAULTS.lr:g}, or the recipe's).")] = None,
     weights: Annotated[str | None, typer.Option(help=f"none | hub | PATH | efficientnet-lite0/1/2 (default {DEFAULTS.weights}, or the recipe's).")] = None,
     n_in: Annotated[int | None, typer.Option(help=f"Input channels, 1 or 3 (default {DEFAULTS.n_in}, or the recipe's).")] = None,
-    class_weights: Annotated[bool | None, typer.Option(help="Weight the loss by inverse class frequency.")] = None,
+    class_weights: Annotated[bool | None, typer.Option(help="Weight the loss by inverse class frequency (default off, or the recipe's).")] = None,
     seed: Annotated[int | None, typer.Option(help=f"Random seed (default {DEFAULTS.seed}, or the recipe's).")] = None,
     out: Annotated[Path | None, typer.Option(help="Run folder (default models/<arch>-<date>-<time>).")] = None,
     set_: Annotated[list[str] | None, typer.Option("--set", help="Any other recipe option as KEY=VALUE, e.g. --set wd=1e-4 --set freeze_epochs=2 (repeat it).")] = None,

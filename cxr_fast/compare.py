@@ -238,7 +238,7 @@ def compare_archs(data: str | Path, archs: list[str] = (), *, recipe: str | Path
             runs.append(train_one(cfg, out_dir / "runs" / name))
         except KeyboardInterrupt:  # say how to finish the comparison, not only the one run
             raise KeyboardInterrupt(f"compare interrupted while training {name} ({len(runs)} of {len(jobs)} runs "
-                                    f"finished); continue it with the same command and --resume") from None
+                                    f"finished); continue it with the same command and --resume --out {out_dir}") from None
     return compare_runs(runs, out=out_dir / "report")
 
 

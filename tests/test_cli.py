@@ -107,7 +107,7 @@ def test_ctrl_c_during_training_says_how_to_resume_and_exits_130(tmp_path, monke
     result = invoke("compare", "--data", tmp_path / "data", "--archs", "cxresnet_tiny", "--out", tmp_path / "cmp")
     assert result.exit_code == 130 and "Traceback" not in result.output, result.output
     assert "compare interrupted while training cxresnet_tiny-seed0 (0 of 1 runs finished); continue it with the same " \
-           "command and --resume" in result.output.replace("\n", "")
+           f"command and --resume --out {tmp_path / 'cmp'}" in result.output.replace("\n", "")
 
 
 def test_resume_names_the_flags_it_ignores(tmp_path, monkeypatch):

@@ -105,6 +105,8 @@ def test_sibling_folders_linking_to_each_other_are_walked_once(tmp_path):
     (tmp_path / "COVID" / "a" / "toc2").symlink_to(tmp_path / "COVID" / "c")
     (tmp_path / "COVID" / "c" / "toa").symlink_to(tmp_path / "COVID" / "a")
     assert found(tmp_path) == [("COVID/a/x.png", "COVID"), ("COVID/c/y.png", "COVID")]  # nor lost+found, a disk's own
+    (tmp_path / "Alias").symlink_to(tmp_path / "COVID")  # sorts before its target: still known for a sibling
+    assert found(tmp_path) == [("COVID/a/x.png", "COVID"), ("COVID/c/y.png", "COVID")]
 
 
 def test_a_folder_that_cannot_be_listed_is_an_error_not_left_out(tmp_path, monkeypatch):

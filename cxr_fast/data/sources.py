@@ -90,14 +90,18 @@ def _walk(root: Path, skip: Iterable[str | os.PathLike]) -> Iterator[tuple[Path,
             subfolders[:] = [name for name in subfolders if name != CACHE_DIRNAME]
             files = [name for name in files if name not in (PREPARED_MARKER, MANIFEST_NAME)]
         # Pruning in place stops os.walk from descending; sorting makes the walk order deterministic.
+        candidates = [name for name in sorted(subfolders)
+                      if not (is_hidden(name) or name in SYSTEM_FOLDERS or (folder_path / name).resolve() in skipped
+                              or (folder_path / name / PREPARED_MARKER).is_file())]
+        # The real folders first, so that a link to a sibling is known for one whatever the names' order.
+        visited.update((folder_path / name).resolve() for name in candidates if not (folder_path / name).is_symlink())
         kept_folders = []
-        for name in sorted(subfolders):
+        for name in candidates:
             path = folder_path / name
-            real = path.resolve()
-            if (is_hidden(name) or name in SYSTEM_FOLDERS or real in skipped or (path / PREPARED_MARKER).is_file()
-                    or (path.is_symlink() and real in visited)):
-                continue
-            visited.add(real)
+            if path.is_symlink():
+                if path.resolve() in visited:
+                    continue
+                visited.add(path.resolve())
             kept_folders.append(name)
         subfolders[:] = kept_folders
         relative_folders = folder_path.relative_to(root).parts
