@@ -149,7 +149,7 @@ def test_compare_names_a_recipe_s_runs_by_the_recipe_so_two_recipes_of_one_arch_
     import cxr_fast.train
 
     trained = []
-    monkeypatch.setattr(cxr_fast.train, "train", lambda data, cfg, out, quiet: trained.append((out.name, cfg.arch)) or out)
+    monkeypatch.setattr(cxr_fast.train, "train", lambda data, cfg, out, quiet, resume: trained.append((out.name, cfg.arch)) or out)
     monkeypatch.setattr(cxr_fast.compare, "compare_runs", lambda runs, out: runs)
     cxr_fast.compare.compare_archs(tiny_data, recipes=["demo", "cxresnet"], out=tmp_path / "cmp")
     assert trained == [("demo-seed0", "cxresnet"), ("cxresnet-seed0", "cxresnet")]  # both recipes train cxresnet

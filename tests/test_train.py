@@ -517,7 +517,7 @@ def test_a_run_that_fails_while_writing_its_bundle_is_not_loaded_and_resume_fini
     out = tmp_path / "run"
     with monkeypatch.context() as patched:
         patched.setattr(cxr_fast.seen, "write_seen", fail)
-        with pytest.raises(OSError, match="disk full"):
+        with pytest.raises(CxrFastError, match=r"bundle could not be written \(disk full\); .* --resume"):
             train(tiny_data, resolve_config(epochs=2, **TINY), out=out, quiet=True)
     assert (out / "config.json").is_file() and (out / "model.safetensors").is_file()
     with pytest.raises(CxrFastError, match="an interrupted training run, not a finished bundle"):
