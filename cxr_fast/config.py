@@ -86,6 +86,9 @@ def _recipes_dir() -> Path:
 RECIPES_DIR = _recipes_dir()
 
 
+RECIPE_KEYS = frozenset(f.name for f in dataclasses.fields(TrainConfig))  # what a recipe or --set may set
+
+
 def find_recipe(name: str | Path) -> Path:
     """A recipe file, or the name of one in the project's recipes/ folder ("demo" → recipes/demo.yaml)."""
     path = Path(name)
@@ -106,25 +109,23 @@ def load_recipe(path: str | Path) -> dict[str, Any]:
         raise CxrFastError(f"{path}: not valid YAML ({str(e).splitlines()[0]})") from None
     if not isinstance(data, dict):
         raise CxrFastError(f"{path}: a recipe must be a mapping of option: value")
-    known = {f.name for f in dataclasses.fields(TrainConfig)}
-    unknown = sorted(set(data) - known)
+    unknown = sorted(set(data) - RECIPE_KEYS)
     if unknown:
-        raise CxrFastError(f"{path}: unknown recipe keys {unknown}; known keys: {sorted(known)}")
+        raise CxrFastError(f"{path}: unknown recipe keys {unknown}; known keys: {sorted(RECIPE_KEYS)}")
     return data
 
 
 def parse_settings(items: list[str] | None) -> dict[str, Any]:
     """`--set KEY=VALUE` options as recipe values: VALUE is read as YAML (`wd=1e-4`, `augment=false`,
     `arch_kwargs={width: 0.5}`), so any recipe option can be set from the command line."""
-    known = {f.name for f in dataclasses.fields(TrainConfig)}
     settings: dict[str, Any] = {}
     for item in items or []:
         key, sep, text = item.partition("=")
         key = key.strip().replace("-", "_")
         if not sep or not key:
             raise CxrFastError(f"--set {item!r}: expected KEY=VALUE, e.g. --set wd=1e-4")
-        if key not in known:
-            raise CxrFastError(f"--set {item!r}: no option {key!r}; known: {', '.join(sorted(known))}")
+        if key not in RECIPE_KEYS:
+            raise CxrFastError(f"--set {item!r}: no option {key!r}; known: {', '.join(sorted(RECIPE_KEYS))}")
         if key in settings:
             raise CxrFastError(f"--set {key} given twice")
         try:

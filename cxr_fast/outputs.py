@@ -42,7 +42,7 @@ def replacing_folder(out_dir: Path, *, force: bool, what: str) -> Iterator[Path]
     settle_replacement(out_dir)
     if out_dir.exists() and not force:
         raise CxrFastError(f"{out_dir}: {what} is already there; add --force to redo it")
-    old, partial = out_dir.with_name(f".{out_dir.name}.old"), out_dir.with_name(f".{out_dir.name}.partial")
+    old, partial = _beside(out_dir)
     with _scratch(partial):
         yield partial
     # The old results are moved aside before the new ones take their name and deleted only after: a kill at any
@@ -54,12 +54,17 @@ def replacing_folder(out_dir: Path, *, force: bool, what: str) -> Iterator[Path]
     shutil.rmtree(old, ignore_errors=True)
 
 
+def _beside(out_dir: Path) -> tuple[Path, Path]:
+    """`replacing_folder`'s two hidden siblings of `out_dir`: the old results set aside, and the new ones in the making."""
+    return out_dir.with_name(f".{out_dir.name}.old"), out_dir.with_name(f".{out_dir.name}.partial")
+
+
 def settle_replacement(out_dir: Path) -> None:
     """Finish a `replacing_folder` that a kill stopped between its two renames (`.NAME.old` there, `out_dir` not): the
     new results in `.NAME.partial`, complete since only complete ones reach the renames, take the name; without
     them the old results come back. Called before anything checks whether `out_dir` exists."""
     out_dir = Path(out_dir).absolute()
-    old, partial = out_dir.with_name(f".{out_dir.name}.old"), out_dir.with_name(f".{out_dir.name}.partial")
+    old, partial = _beside(out_dir)
     if old.exists() and not out_dir.exists():
         (partial if partial.exists() else old).rename(out_dir)
         shutil.rmtree(old, ignore_errors=True)

@@ -192,8 +192,7 @@ class RunRecorder(Callback):
         # This epoch's files under names of their own, never over the last epoch's: a kill before state.json below
         # leaves the files the previous state.json names as they were (written over, they would pair this epoch's
         # weights with the last epoch's schedule, and --resume would train an epoch twice).
-        weights = ckpt / f"model-epoch{row['epoch']}.safetensors"
-        optimizer = ckpt / f"optimizer-epoch{row['epoch']}.safetensors"
+        weights, optimizer = epoch_files(self.run_dir, row["epoch"])
         write_tensors(_cpu_state(self.learn.model), weights)
         self.state["optimizer"] = _save_optimizer(self.learn.opt, optimizer)
         # state.json last: it names the epoch the files above hold, so it must never run ahead of them; and the
@@ -206,12 +205,17 @@ class RunRecorder(Callback):
                 older.unlink()
 
 
-def checkpoint_paths(run_dir: Path, epoch: int) -> tuple[Path, Path]:
-    """The model's and the optimizer's state after `epoch`, as the checkpoint keeps them for --resume. A run
-    interrupted by an earlier cxr_fast kept them as model.safetensors and optimizer.safetensors."""
+def epoch_files(run_dir: Path, epoch: int) -> tuple[Path, Path]:
+    """Where the checkpoint keeps the model's and the optimizer's state after `epoch`."""
     folder = run_dir / CHECKPOINT_DIR
-    named = folder / f"model-epoch{epoch}.safetensors", folder / f"optimizer-epoch{epoch}.safetensors"
-    earlier = folder / "model.safetensors", folder / "optimizer.safetensors"
+    return folder / f"model-epoch{epoch}.safetensors", folder / f"optimizer-epoch{epoch}.safetensors"
+
+
+def checkpoint_paths(run_dir: Path, epoch: int) -> tuple[Path, Path]:
+    """The files --resume reads for `epoch`: `epoch_files`, or for a run interrupted by an earlier cxr_fast, which
+    kept them as model.safetensors and optimizer.safetensors, those."""
+    named = epoch_files(run_dir, epoch)
+    earlier = run_dir / CHECKPOINT_DIR / "model.safetensors", run_dir / CHECKPOINT_DIR / "optimizer.safetensors"
     return earlier if not named[0].exists() and earlier[0].exists() else named
 
 
