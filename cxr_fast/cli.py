@@ -7,7 +7,6 @@ anything else is a bug and keeps its traceback.
 
 from __future__ import annotations
 
-import errno
 import functools
 import warnings
 from pathlib import Path
@@ -19,7 +18,7 @@ from rich.markup import escape
 from rich.table import Column, Table
 
 from cxr_fast.config import TrainConfig
-from cxr_fast.errors import CxrFastError
+from cxr_fast.errors import CxrFastError, storage_problem
 from cxr_fast.memory import keep_freed_memory
 
 # fastai still calls torch.jit.script at import; torch's deprecation notice is noise to a user of this CLI.
@@ -53,7 +52,6 @@ console = _console()
 err_console = _console(stderr=True)
 
 
-STORAGE_ERRORS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM}
 
 
 def user_errors(fn):
@@ -67,12 +65,10 @@ def user_errors(fn):
             err_console.print(f"[bold red]error:[/] {escape(str(e))}", highlight=False, soft_wrap=True)
             raise typer.Exit(1) from None
         except OSError as e:
-            if e.errno not in STORAGE_ERRORS:
+            if storage_problem(e) is None:
                 raise
             # a full disk, a read-only or forbidden folder: the file and the cause, not a traceback
-            where = f"{e.filename}: " if e.filename else ""
-            err_console.print(f"[bold red]error:[/] {escape(where + (e.strerror or str(e)))}", highlight=False,
-                              soft_wrap=True)
+            err_console.print(f"[bold red]error:[/] {escape(storage_problem(e))}", highlight=False, soft_wrap=True)
             raise typer.Exit(1) from None
         except KeyboardInterrupt as e:  # say so, rather than exit silently; training says what it kept, and how on
             err_console.print(f"[bold yellow]{escape(str(e) or 'interrupted')}[/]", highlight=False, soft_wrap=True)

@@ -3,6 +3,7 @@
 The CLI turns it into a single line on stderr and exit code 1; anything else is a bug and keeps its traceback.
 """
 
+import errno
 import json
 from pathlib import Path
 from typing import Any
@@ -37,3 +38,14 @@ def first_line(e: BaseException) -> str:
     """An exception's message cut to one line, for a one-line error."""
     text = str(e).strip().splitlines()
     return text[0][:200] if text else type(e).__name__
+
+
+# A full disk, a read-only or forbidden folder: a reason the user can act on, unlike an OSError from a damaged image.
+STORAGE_ERRORS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM}
+
+
+def storage_problem(e: BaseException) -> str | None:
+    """'FILE: reason' for a storage error (the file when it is known), None for any other exception."""
+    if not isinstance(e, OSError) or e.errno not in STORAGE_ERRORS:
+        return None
+    return f"{e.filename}: {e.strerror or e}" if e.filename else (e.strerror or str(e))

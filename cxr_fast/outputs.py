@@ -20,14 +20,17 @@ def check_folder_path(folder: str | Path, flag: str) -> None:
 
 
 @contextmanager
-def _scratch(folder: Path) -> Iterator[Path]:
-    """`folder`, made fresh, and removed again if the block fails or is interrupted."""
+def _scratch(folder: Path, final: Path) -> Iterator[Path]:
+    """`folder`, made fresh, and removed again if the block fails or is interrupted. A storage error that names no
+    file (a full disk met inside PIL, pandas or matplotlib) is given `final`, the folder being written, to name."""
     shutil.rmtree(folder, ignore_errors=True)
     folder.mkdir(parents=True)
     try:
         yield folder
-    except BaseException:
+    except BaseException as e:
         shutil.rmtree(folder, ignore_errors=True)
+        if isinstance(e, OSError) and e.filename is None:
+            e.filename = str(final)
         raise
 
 
@@ -43,7 +46,7 @@ def replacing_folder(out_dir: Path, *, force: bool, what: str) -> Iterator[Path]
     if out_dir.exists() and not force:
         raise CxrFastError(f"{out_dir}: {what} is already there; add --force to redo it")
     old, partial = _beside(out_dir)
-    with _scratch(partial):
+    with _scratch(partial, out_dir):
         yield partial
     # The old results are moved aside before the new ones take their name and deleted only after: a kill at any
     # point leaves one of them whole (in `out_dir`, or beside it, where the next call's settle_replacement looks).
@@ -78,7 +81,7 @@ def new_folder(out_dir: Path) -> Iterator[Path]:
     out_dir = Path(out_dir).absolute()
     existed = out_dir.exists()
     partial = out_dir / PARTIAL_INSIDE if existed else out_dir.with_name(f".{out_dir.name}.partial")
-    with _scratch(partial):
+    with _scratch(partial, out_dir):
         yield partial
     if existed:
         for child in partial.iterdir():

@@ -54,7 +54,7 @@ def fit_frozen(manifest: pd.DataFrame, cfg: TrainConfig, state: dict, run_dir: P
     """Features, regression and bundle for `cfg.arch`; `run_dir` is None for a new run (made here, once the model
     is known to build) or the interrupted run's folder."""
     from cxr_fast import distributed
-    from cxr_fast.train import CHECKPOINT_DIR, TrainingInterrupted, new_run_dir
+    from cxr_fast.train import CHECKPOINT_DIR, TrainingInterrupted, new_run_dir, writing_bundle
 
     if distributed.world_size() > 1:
         raise CxrFastError(f"{cfg.arch} fits its head in one process: run it without --distributed")
@@ -98,7 +98,9 @@ def fit_frozen(manifest: pd.DataFrame, cfg: TrainConfig, state: dict, run_dir: P
                                   data=state["data"]) from None
     fold_into_head(model, fit, scaler)
     state["train_seconds"] += time.perf_counter() - started
-    return _write_bundle(run_dir, model, cfg, state, manifest, history, features, y)
+    with writing_bundle(run_dir, state["data"], len(model.body.members()), len(model.body.members()),
+                        "feature blocks"):
+        return _write_bundle(run_dir, model, cfg, state, manifest, history, features, y)
 
 
 def _write_state(state: dict, checkpoint: Path) -> None:

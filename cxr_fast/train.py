@@ -20,6 +20,8 @@ import sys
 import tempfile
 import time
 import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 from datetime import datetime
 from pathlib import Path
 
@@ -47,7 +49,7 @@ from cxr_fast.archs.weights import parse_weights
 from cxr_fast.config import TrainConfig, resolve_config
 from cxr_fast.data.block import build_dataloaders, check_classes
 from cxr_fast.data.manifest import manifest_digest, read_manifest
-from cxr_fast.errors import CxrFastError, first_line, read_json, read_tensors
+from cxr_fast.errors import CxrFastError, first_line, read_json, read_tensors, storage_problem
 from cxr_fast.outputs import check_folder_path, write_tensors, write_text
 from cxr_fast.probe import is_frozen_arch
 
@@ -398,6 +400,9 @@ def _train(data, cfg, *, out, resume, extra_cbs, quiet) -> Path:
         state_path = run_dir / CHECKPOINT_DIR / "state.json"
         if not state_path.exists() and (run_dir / "config.json").is_file():
             raise CxrFastError(f"{run_dir}: this run finished (its checkpoint is gone); nothing to resume")
+        if run_dir.is_dir() and not any(run_dir.iterdir()):  # a kill -9 before the first epoch ended
+            raise CxrFastError(f"{run_dir}: empty, so nothing to resume (a run stopped before its first epoch ended "
+                               "leaves nothing); start it again without --resume")
         if not state_path.exists():
             raise CxrFastError(f"{run_dir}: no checkpoint to resume (expected {state_path})")
         state = read_json(state_path)
@@ -468,15 +473,28 @@ def _train(data, cfg, *, out, resume, extra_cbs, quiet) -> Path:
             _clear_run_folder(run_dir, keep=had_folder)  # nothing finished: leave nothing to block a fresh start
         if isinstance(e, KeyboardInterrupt):
             raise TrainingInterrupted(run_dir, state["epochs_done"], sum(n for _, n in _phases(cfg)), data=data) from None
+        if storage_problem(e) and state["epochs_done"] and distributed.is_main():  # a full disk mid-run
+            raise CxrFastError(f"{storage_problem(e)}; training stopped after {state['epochs_done']} epochs, and "
+                               f"continues with: cxrfast train --data {data} --out {run_dir} --resume") from None
         raise
     if not distributed.is_main():
         return run_dir
-    try:
+    with writing_bundle(run_dir, data, state["epochs_done"], sum(n for _, n in _phases(cfg))):
         return finish_bundle(run_dir, learn, cfg, state)
-    except KeyboardInterrupt:  # the checkpoint is still there: --resume writes the bundle
-        raise TrainingInterrupted(run_dir, state["epochs_done"], sum(n for _, n in _phases(cfg)), data=data) from None
-    except OSError as e:  # a full disk, most likely: the training is not lost
-        raise CxrFastError(f"{run_dir}: the bundle could not be written ({e.strerror or e}); make room and finish it "
+
+
+@contextmanager
+def writing_bundle(run_dir: Path, data, done: int, planned: int, unit: str = "epochs") -> Iterator[None]:
+    """The training is over and its checkpoint still there, so a Ctrl-C or a full disk while the bundle is written
+    loses nothing: the message says how `--resume` writes it."""
+    try:
+        yield
+    except KeyboardInterrupt:
+        raise TrainingInterrupted(run_dir, done, planned, unit, data=data) from None
+    except OSError as e:
+        if storage_problem(e) is None:
+            raise
+        raise CxrFastError(f"{storage_problem(e)}; the bundle in {run_dir} was not finished; make room and finish it "
                            f"with: cxrfast train --data {data} --out {run_dir} --resume") from None
 
 

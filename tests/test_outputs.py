@@ -90,3 +90,18 @@ def test_the_cli_says_a_full_disk_in_one_line(tmp_path, monkeypatch):
     result = CliRunner().invoke(app, ["data", "synth", str(tmp_path / "src")])
     assert result.exit_code == 1 and "Traceback" not in result.output
     assert f"error: {tmp_path / 'src' / 'x.png'}: No space left on device" in result.output.replace("\n", "")
+
+
+def test_a_full_disk_met_inside_a_library_names_the_folder_being_written(tmp_path):
+    # PIL, pandas and matplotlib raise ENOSPC without a file name: the one-line error must still say where
+    import errno
+
+    from cxr_fast.outputs import new_folder
+
+    writers = {tmp_path / "eval": replacing_folder(tmp_path / "eval", force=False, what="an evaluation"),
+               tmp_path / "new": new_folder(tmp_path / "new")}
+    for out_dir, writer in writers.items():
+        with pytest.raises(OSError) as e, writer:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        assert e.value.filename == str(out_dir)
+    assert list(tmp_path.iterdir()) == []

@@ -183,3 +183,20 @@ def test_options_of_gradient_descent_are_named_as_ignored(tiny_data, tmp_path):
     cfg = resolve_config(small_recipe(tmp_path), epochs=9, lr=0.1)
     with pytest.warns(UserWarning, match="do not apply and are ignored: epochs, lr"):
         train(tiny_data, cfg, out=tmp_path / "run", quiet=True)
+
+
+def test_a_full_disk_while_the_bundle_is_written_says_how_to_finish_it(tiny_data, tmp_path, monkeypatch):
+    import errno
+
+    import cxr_fast.probe as probe
+
+    def disk_full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    cfg = resolve_config(small_recipe(tmp_path))
+    with monkeypatch.context() as patched:
+        patched.setattr(probe, "_write_bundle", disk_full)
+        with pytest.raises(CxrFastError, match=f"the bundle in {tmp_path / 'run'} was not finished; .* --resume"):
+            train(tiny_data, cfg, out=tmp_path / "run", quiet=True)
+    train(tiny_data, out=tmp_path / "run", resume=True, quiet=True)
+    assert (tmp_path / "run" / "metrics.json").is_file() and not (tmp_path / "run" / "checkpoint").exists()

@@ -183,8 +183,8 @@ def test_ctrl_c_while_the_bundle_is_written_says_how_to_resume(tiny_data, tmp_pa
         raise OSError(errno.ENOSPC, "No space left on device")
 
     monkeypatch.setattr(cxr_fast.train, "finish_bundle", disk_full)
-    with pytest.raises(CxrFastError, match="the bundle could not be written .No space left on device.; make room and "
-                                           f"finish it with: .* --out {tmp_path / 'run'} --resume"):
+    with pytest.raises(CxrFastError, match=f"No space left on device; the bundle in {tmp_path / 'run'} was not "
+                                           f"finished; make room and finish it with: .* --out {tmp_path / 'run'} --resume"):
         train(tiny_data, out=tmp_path / "run", resume=True, quiet=True)
     monkeypatch.undo()
     train(tiny_data, out=tmp_path / "run", resume=True, quiet=True)
@@ -509,15 +509,18 @@ def test_a_run_that_fails_while_writing_its_bundle_is_not_loaded_and_resume_fini
                                                                                        monkeypatch):
     # config.json and the weights are written before the temperature, seen images and metrics: a failure between
     # them must not leave a folder that evaluate and predict take for a finished, calibrated run.
+    import errno
+
     import cxr_fast.seen
 
     def fail(*args, **kwargs):
-        raise OSError("disk full")
+        raise OSError(errno.ENOSPC, "No space left on device")
 
     out = tmp_path / "run"
     with monkeypatch.context() as patched:
         patched.setattr(cxr_fast.seen, "write_seen", fail)
-        with pytest.raises(CxrFastError, match=r"bundle could not be written \(disk full\); .* --resume"):
+        with pytest.raises(CxrFastError, match=f"No space left on device; the bundle in {out} was not finished; .* "
+                                               "--resume"):
             train(tiny_data, resolve_config(epochs=2, **TINY), out=out, quiet=True)
     assert (out / "config.json").is_file() and (out / "model.safetensors").is_file()
     with pytest.raises(CxrFastError, match="an interrupted training run, not a finished bundle"):
@@ -711,3 +714,42 @@ def test_a_missing_run_folder_or_a_file_is_named_as_such(tiny_runs, tmp_path):
         load_run(tmp_path / "nope")
     with pytest.raises(CxrFastError, match="config.json: a file, not a run folder"):
         load_run(tiny_runs[0] / "config.json")
+
+
+class DiskFullAfterEpoch(Callback):
+    order = 60  # after the checkpoint is written
+
+    def after_epoch(self):
+        import errno
+
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+
+def test_a_full_disk_after_an_epoch_is_one_line_saying_how_to_resume(tiny_data, tmp_path):
+    out = tmp_path / "run"
+    with pytest.raises(CxrFastError, match=f"No space left on device; training stopped after 1 epochs, and continues "
+                                           f"with: cxrfast train --data {tiny_data} --out {out} --resume"):
+        train(tiny_data, resolve_config(epochs=2, **TINY), out=out, quiet=True, extra_cbs=[DiskFullAfterEpoch()])
+    train(tiny_data, out=out, resume=True, quiet=True)
+    assert list(pd.read_csv(out / "history.csv")["epoch"]) == [0, 1]
+
+
+def test_an_os_error_that_is_not_storage_keeps_its_traceback(tiny_data, tmp_path, monkeypatch):
+    # a truncated image is an OSError too: "make room" would send the user the wrong way
+    import cxr_fast.train
+
+    def truncated(*args, **kwargs):
+        raise OSError("image file is truncated")
+
+    monkeypatch.setattr(cxr_fast.train, "finish_bundle", truncated)
+    with pytest.raises(OSError, match="image file is truncated"):
+        train(tiny_data, resolve_config(epochs=1, **TINY), out=tmp_path / "run", quiet=True)
+
+
+def test_resume_of_a_run_killed_before_its_first_epoch_ended_says_to_start_again(tiny_data, tmp_path):
+    # kill -9 cannot be cleaned up after: it leaves the run's empty folder, which a plain rerun accepts
+    (tmp_path / "run").mkdir()
+    with pytest.raises(CxrFastError, match="empty, so nothing to resume .*; start it again without --resume"):
+        train(tiny_data, out=tmp_path / "run", resume=True, quiet=True)
+    train(tiny_data, resolve_config(epochs=1, **TINY), out=tmp_path / "run", quiet=True)
+    assert (tmp_path / "run" / "metrics.json").is_file()
