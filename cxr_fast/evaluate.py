@@ -25,6 +25,7 @@ from sklearn.preprocessing import StandardScaler
 from cxr_fast.bundle import Run, load_run, predict_logits, read_training_manifest
 from cxr_fast.calibration import expected_calibration_error, nll, reliability_bins, softmax
 from cxr_fast.data.manifest import image_column, manifest_csv, read_manifest
+from cxr_fast.ensemble import ENSEMBLE_ARCH
 from cxr_fast.errors import CxrFastError
 from cxr_fast.metrics import bootstrap_ci, classification_metrics, pr_curves, roc_curves
 from cxr_fast.outputs import replacing_folder, settle_replacement
@@ -145,7 +146,10 @@ def metrics_table(m: dict, tta: bool = False):
     table.add_row("macro F1", f"{m['macro_f1']:.3f}")
     if m["macro_roc_auc"] is not None:
         table.add_row("macro ROC AUC", f"{m['macro_roc_auc']:.3f}")
-    table.add_row("ECE raw → calibrated", f"{m['ece']:.3f} → {m['ece_calibrated']:.3f}")
+    if m["temperature"] == 1.0:  # an ensemble (its members are calibrated inside it): no rescaling, one figure
+        table.add_row("ECE", f"{m['ece']:.3f}")
+    else:
+        table.add_row("ECE raw → calibrated", f"{m['ece']:.3f} → {m['ece_calibrated']:.3f}")
     for name, v in m["per_class"].items():
         recall = "—" if v["recall"] is None else f"{v['recall']:.2f}"  # no images of the class: no recall
         table.add_row(f"  {escape(name)}", f"P {v['precision']:.2f}  R {recall}  F1 {v['f1']:.2f}  n {v['support']}")
@@ -219,6 +223,16 @@ def shift_warning(shift: dict) -> str:
             "Expect the model's accuracy here to differ from its test results.")
 
 
+def calibration_text(run: Run, metrics: dict) -> str:
+    if run.config["model"]["arch"] == ENSEMBLE_ARCH:
+        return (f"Each member's probabilities are calibrated by its own temperature (fitted on the valid split) before "
+                f"they are averaged; the average is not rescaled. Its expected calibration error is "
+                f"{metrics['ece']:.3f}; probabilities in predictions.csv are the average.")
+    return (f"Temperature scaling (T = {run.temperature:.2f}, fitted on the valid split) changes the expected "
+            f"calibration error from {metrics['ece']:.3f} to {metrics['ece_calibrated']:.3f}. Predicted classes "
+            "do not change; probabilities in predictions.csv are calibrated.")
+
+
 def compute_metrics(y: np.ndarray, logits: np.ndarray, classes: list[str], temperature: float,
                     n_boot: int = 1000, seed: int = 0) -> dict:
     """Every figure of an evaluation from labels `y` [N] and raw `logits` [N, K]: accuracy, balanced accuracy,
@@ -250,7 +264,9 @@ def evaluation_figures(y, logits, classes, temperature, metrics) -> dict:
         "confusion_matrix": plot_confusion_matrix(metrics["confusion_matrix"], classes),
         "roc_curves": plot_roc_curves(roc_curves(y, probs, classes)),
         "pr_curves": plot_pr_curves(pr_curves(y, probs, classes)),
-        "reliability": plot_reliability(reliability_bins(probs, y), reliability_bins(calibrated, y), temperature),
+        # T = 1 (an ensemble, calibrated member by member): nothing to show before and after
+        "reliability": (plot_reliability(reliability_bins(probs, y), title="Reliability") if temperature == 1.0 else
+                        plot_reliability(reliability_bins(probs, y), reliability_bins(calibrated, y), temperature)),
     }
 
 
@@ -307,10 +323,7 @@ def evaluate(run_dir: str | Path, data: str | Path | None = None, split: str = "
         sections = [
             Section("Curves", text="One-vs-rest ROC and precision-recall curves per class.",
                     figures=["roc_curves", "pr_curves"]),
-            Section("Calibration", text=(
-                f"Temperature scaling (T = {run.temperature:.2f}, fitted on the valid split) changes the expected "
-                f"calibration error from {metrics['ece']:.3f} to {metrics['ece_calibrated']:.3f}. Predicted classes "
-                "do not change; probabilities in predictions.csv are calibrated."), figures=["reliability"]),
+            Section("Calibration", text=calibration_text(run, metrics), figures=["reliability"]),
             Section("Confusion matrices", figures=["confusion_matrix"]),
         ]
         write_report(work, f"Evaluation of {run.name} on {name}", sections, figures, metrics, warnings=cautions,

@@ -69,13 +69,21 @@ def _safe_divide(numerator: np.ndarray, denominator: np.ndarray, empty: float) -
     return out
 
 
-def _resample_chunks(n_cases: int, n_boot: int, rng: np.random.Generator):
-    """Yield index matrices [b, n_cases] of resampled cases, at most _MAX_CHUNK_ELEMENTS at a time."""
-    per_chunk = max(1, _MAX_CHUNK_ELEMENTS // n_cases)
+def _resample_chunks(y: np.ndarray, n_boot: int, rng: np.random.Generator):
+    """Yield index matrices [b, N] of resampled cases, at most _MAX_CHUNK_ELEMENTS at a time.
+
+    Stratified by true class: each class's cases are drawn with replacement from that class alone, so every
+    resample has the test set's class counts. Unstratified, a class with one test image is missing from about
+    a third of the resamples, which then average recall or AUC over the other classes: a different quantity,
+    which pulled the interval of a rarely-found class far upwards. (pROC stratifies its AUC bootstrap too.)
+    """
+    members = [np.flatnonzero(y == k) for k in np.unique(y)]
+    per_chunk = max(1, _MAX_CHUNK_ELEMENTS // len(y))
     done = 0
     while done < n_boot:
         size = min(per_chunk, n_boot - done)
-        yield rng.integers(0, n_cases, size=(size, n_cases))
+        yield np.concatenate([cases[rng.integers(0, len(cases), size=(size, len(cases)))] for cases in members],
+                             axis=1)
         done += size
 
 
@@ -215,7 +223,8 @@ def classification_metrics(y_true, probs, classes: Sequence[str]) -> dict:
 def bootstrap_replicates(
     y_true, probs, metric: str | Callable[[np.ndarray, np.ndarray], float], n_boot: int = 1000, seed: int = 0
 ) -> np.ndarray:
-    """Values [n_boot] of `metric` on resamples of the cases (drawn with replacement, same size).
+    """Values [n_boot] of `metric` on resamples of the cases (drawn with replacement within each true class, so
+    every resample has the same class counts as the sample).
 
     `metric` is one of BOOTSTRAP_METRICS (vectorised) or a callable metric(y_true, probs) -> float, which
     is called once per resample. Resamples where the metric is undefined (e.g. no positives for any class'
@@ -227,14 +236,14 @@ def bootstrap_replicates(
     rng = np.random.default_rng(seed)
     chunks = []
     if callable(metric):
-        for idx in _resample_chunks(len(y), n_boot, rng):
+        for idx in _resample_chunks(y, n_boot, rng):
             chunks.append(np.array([metric(y[row], probs[row]) for row in idx], dtype=np.float64))
     elif metric in _CONFUSION_METRICS:
         pred = probs.argmax(axis=1)
-        for idx in _resample_chunks(len(y), n_boot, rng):
+        for idx in _resample_chunks(y, n_boot, rng):
             chunks.append(_confusion_summaries(_confusion_batch(y, pred, idx, probs.shape[1]))[metric])
     elif metric in _RANKING_METRICS:
-        for idx in _resample_chunks(len(y), n_boot, rng):
+        for idx in _resample_chunks(y, n_boot, rng):
             chunks.append(_ranking_summaries(y, probs, idx)[metric])
     else:
         raise CxrFastError(
@@ -291,7 +300,7 @@ def mcnemar(y_true, pred_a, pred_b) -> dict:
     if discordant < 25:
         p_value = min(1.0, 2.0 * stats.binom.cdf(min(b, c), discordant, 0.5))
         return {"b": b, "c": c, "statistic": float(min(b, c)), "p_value": float(p_value), "method": "exact"}
-    statistic = (abs(b - c) - 1) ** 2 / discordant
+    statistic = max(abs(b - c) - 1, 0) ** 2 / discordant  # the correction must not turn b = c into evidence
     p_value = stats.chi2.sf(statistic, df=1)
     return {"b": b, "c": c, "statistic": float(statistic), "p_value": float(p_value), "method": "chi2"}
 

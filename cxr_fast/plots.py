@@ -190,11 +190,12 @@ def _reliability_panel(ax, bins: Mapping, title: str) -> None:
 
 
 def plot_reliability(
-    raw: Mapping, calibrated: Mapping | None = None, temperature: float | None = None
+    raw: Mapping, calibrated: Mapping | None = None, temperature: float | None = None,
+    title: str = "Before temperature scaling",
 ) -> Figure:
     """Reliability diagram(s) from `calibration.reliability_bins`: before and, if given, after scaling."""
     fig, axes = _figure(5.0 if calibrated is None else 10.0, 5.0, ncols=1 if calibrated is None else 2)
-    _reliability_panel(axes[0], raw, "Before temperature scaling")
+    _reliability_panel(axes[0], raw, title)
     if calibrated is not None:
         after = "After temperature scaling" + (f" (T = {temperature:.2f})" if temperature is not None else "")
         _reliability_panel(axes[1], calibrated, after)

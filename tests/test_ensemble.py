@@ -109,7 +109,11 @@ def test_evaluate_interpret_and_predict_take_a_mixed_ensemble_as_one_model(mixed
     ensemble = load_run(mixed_dir)
     assert ensemble.size == 64 and ensemble.config["mean"] != load_run(ensemble.config["members"][1]).config["mean"]
     n_test = int((read_manifest(tiny_data)["split"] == "test").sum())
-    assert evaluate(mixed_dir).metrics["n"] == n_test
+    evaluation = evaluate(mixed_dir)
+    assert evaluation.metrics["n"] == n_test
+    # no temperature was fitted for the average: the report must not claim one was
+    report = (evaluation.out_dir / "report.md").read_text()
+    assert "calibrated by its own temperature" in report and "Temperature scaling (T = 1.00" not in report
     images = read_manifest(tiny_data).sort_values("path")["path"].tolist()[:3]
     results, _ = predict(mixed_dir, images, progress=False)
     assert len(results) == 3 and np.allclose(results.filter(like="p_").sum(1), 1.0)
