@@ -71,6 +71,11 @@ def default_window(height: int, width: int) -> tuple[int, int]:
     return window, max(1, window // 2)
 
 
+def check_window(size: int, window: int, stride: int) -> None:
+    """Refuse, before any slow work, a window or stride that occlusion cannot use on a `size`-pixel input."""
+    _window_starts(size, window, stride)
+
+
 def _window_starts(size: int, window: int, stride: int) -> list[int]:
     """Start offsets along one axis, exactly as Captum's ``Occlusion`` places them.
 

@@ -52,11 +52,13 @@ __all__ = [
     "SHORTCUT_PREFERENCE",
     "INSIDE_PREFERENCE",
     "MARKER_SHARE",
+    "MARKER_DENSITY",
 ]
 
 SHORTCUT_PREFERENCE = 1.0  # lung_preference below this: evidence denser outside the lungs → likely shortcut
 INSIDE_PREFERENCE = 2.0  # lung_preference at or above this: evidence concentrates in the lungs
 MARKER_SHARE = 0.15  # share of evidence in a text-marker box (grown to ≈ 4 % of the image) at or above this → likely shortcut
+MARKER_DENSITY = 4.0  # ... and at least this many times the box's share of the image (a large --window grows the box)
 MIN_POSITIVE_FRACTION = 0.1  # below this share of the map's absolute mass, an image has no evidence to locate
 
 
@@ -191,32 +193,36 @@ def _group_stats(rows: list[dict], correct: list[bool] | None) -> dict:
     # would decide the shares by noise, so such images are counted but left out of the shares.
     fraction = col("positive_fraction")
     usable = ~np.isnan(share_in) & ~(fraction < MIN_POSITIVE_FRACTION)
+    # An image without a lung field (the estimate failed: an empty mask) has no inside to measure: it is left out of
+    # the lung figures, not counted as evidence "outside the lungs", but its border and marker shares still count.
+    with_lungs = usable & (area_in > 0) & (area_in < 1)
 
-    def mean(v):
-        v = v[usable & ~np.isnan(v)]
+    def mean(v, rows_=usable):
+        v = v[rows_ & ~np.isnan(v)]
         return float(v.mean()) if v.size else math.nan
 
-    def median(v):
-        v = v[usable & ~np.isnan(v)]
+    def median(v, rows_=usable):
+        v = v[rows_ & ~np.isnan(v)]
         return float(np.median(v)) if v.size else math.nan
 
     pref = col("lung_preference")
     stats = {
         "n": len(rows),
         "n_with_evidence": int(usable.sum()),
-        "mean_share_inside": mean(share_in),
-        "mean_share_outside": mean(col("share_outside")),
-        "median_share_outside": median(col("share_outside")),
+        "n_with_lungs": int(with_lungs.sum()),
+        "mean_share_inside": mean(share_in, with_lungs),
+        "mean_share_outside": mean(col("share_outside"), with_lungs),
+        "median_share_outside": median(col("share_outside"), with_lungs),
         "mean_share_border": mean(col("share_border")),
         "mean_share_corners": mean(col("share_corners")),
-        "mean_area_inside": mean(area_in),
+        "mean_area_inside": mean(area_in, with_lungs),
         "mean_area_border": mean(col("area_border")),
         "n_with_marker": int(sum(bool(r.get("has_marker")) for r in rows)),
         "mean_share_marker": mean(col("share_marker")),
         "mean_area_marker": mean(col("area_marker")),
         # Share of images whose own evidence is denser outside the lungs than inside.
         "frac_images_outside_dense": (
-            float(np.mean(pref[usable] < SHORTCUT_PREFERENCE)) if usable.any() else math.nan
+            float(np.mean(pref[with_lungs] < SHORTCUT_PREFERENCE)) if with_lungs.any() else math.nan
         ),
     }
     # Pooled over the group (means of shares and areas), so one image with tiny lungs cannot dominate.
@@ -272,27 +278,34 @@ def _sentence(who: str, s: dict) -> str:
     if s["n"] == 0:
         return f"{who}: nothing to audit."
     missing = s["n"] - s["n_with_evidence"]
-    if math.isnan(s["mean_share_inside"]):
+    if s["n_with_evidence"] == 0:
         return (f"{who}: no positive evidence to audit in {missing} of {s['n']} — occluding any region makes the "
                 f"model more sure of them, so occlusion cannot show where their evidence lies (look at the "
                 f"negative areas of their heatmaps, or try --baseline mean).")
     if missing:
         who = f"{who} ({missing} of {s['n']} without positive evidence left out)"
-    outside, inside, area = s["mean_share_outside"], s["mean_share_inside"], s["mean_area_inside"]
-    pref = s["lung_preference"]
-    marker = (
-        s["n_with_marker"] > 0
-        and not math.isnan(s["mean_share_marker"])
-        and s["mean_share_marker"] >= MARKER_SHARE
-    )
     parts = []
-    if marker:
+    # Flagged only when the marker's evidence is dense, not just large: a large --window grows the audited box.
+    if (s["n_with_marker"] > 0 and not math.isnan(s["mean_share_marker"])
+            and s["mean_share_marker"] >= max(MARKER_SHARE, MARKER_DENSITY * s["mean_area_marker"])):
         parts.append(
             f"{who} with a text marker ({s['n_with_marker']} of {s['n']}) take {_pct(s['mean_share_marker'])} of "
             f"their evidence from the marker, which covers {_pct(s['mean_area_marker'])} of the image — likely "
             f"shortcut."
         )
-    if not math.isnan(pref) and pref < SHORTCUT_PREFERENCE:
+    outside, inside, area = s["mean_share_outside"], s["mean_share_inside"], s["mean_area_inside"]
+    pref = s["lung_preference"]
+    if math.isnan(pref):  # no image with a lung field to measure against: say so, never "no sign of a shortcut"
+        parts.append(
+            f"{who}: no lung field was found, so whether their evidence lies in the lungs is not audited; "
+            f"{_pct(s['mean_share_border'])} of it lies in the image border band and {_pct(s['mean_share_corners'])} "
+            f"in the corners."
+        )
+        return " ".join(parts)
+    no_lungs = s["n_with_evidence"] - s.get("n_with_lungs", s["n_with_evidence"])
+    if no_lungs:
+        who = f"{who} ({no_lungs} without a lung field left out)"
+    if pref < SHORTCUT_PREFERENCE:
         border = ""
         if not math.isnan(s["mean_share_border"]) and s["mean_share_border"] >= 0.5:
             border = f" ({_pct(s['mean_share_border'])} of all evidence lies in the image border band)"
@@ -300,13 +313,13 @@ def _sentence(who: str, s: dict) -> str:
             f"{who} take {_pct(outside)} of their evidence from outside the lungs{border}; the lungs cover "
             f"{_pct(area)} of the image but get only {_pct(inside)} — likely shortcut."
         )
-    elif not math.isnan(pref) and pref < INSIDE_PREFERENCE:
+    elif pref < INSIDE_PREFERENCE:
         parts.append(
             f"{who} take {_pct(outside)} of their evidence from outside the lungs, about what an even "
             f"spread would give ({_pct(1 - area)}) — diffuse evidence: no clear shortcut, but not clearly "
             f"based on the lungs either."
         )
-    elif marker:
+    elif parts:
         parts.append(f"Apart from that, {_pct(inside)} of their evidence lies inside the lungs.")
     else:
         parts.append(

@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import itertools
 import json
+import math
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -31,7 +33,7 @@ from cxr_fast.data.manifest import image_column
 from cxr_fast.errors import CxrFastError
 from cxr_fast.evaluate import manifest_folder, output_folder, select_unseen_items, write_seen_images
 from cxr_fast.lungs import estimate_lung_field
-from cxr_fast.outputs import replacing_folder
+from cxr_fast.outputs import replacing_folder, short_stem
 from cxr_fast.preprocess import resize_square
 
 METHODS = ("occlusion", "integrated_gradients", "gradcam")
@@ -98,7 +100,9 @@ def lung_mask_for(row: pd.Series, image: np.ndarray, size: int) -> tuple[np.ndar
     if isinstance(mask_path, str) and mask_path and Path(mask_path).is_file():
         with Image.open(mask_path) as mask:
             return np.asarray(mask.resize((size, size), Image.Resampling.NEAREST)) > 0, "ground truth"
-    return estimate_lung_field(image), "estimated"
+    lungs = estimate_lung_field(image)
+    # the audit leaves an image without a lung field out of its lung figures; the column says why
+    return lungs, "estimated" if lungs.any() else "not found"
 
 
 def marker_box_for(row: pd.Series, size: int, margin: int = 0):
@@ -113,6 +117,14 @@ def marker_box_for(row: pd.Series, size: int, margin: int = 0):
     sx, sy = size / float(row["width"]), size / float(row["height"])
     return (max(0, int(np.floor(x0 * sx)) - margin), max(0, int(np.floor(y0 * sy)) - margin),
             min(size, int(np.ceil(x1 * sx)) + margin), min(size, int(np.ceil(y1 * sy)) + margin))
+
+
+def lung_caption(shares: dict) -> str:
+    if math.isnan(shares["share_inside"]):
+        return "no positive evidence"
+    if not 0 < shares["area_inside"] < 1:
+        return "no lung field found"
+    return f"{shares['share_inside']:.0%} of evidence inside the lungs"
 
 
 BASELINES = ("black", "mean")
@@ -181,6 +193,11 @@ def interpret(run_dir: str | Path, data: str | Path | None = None, split: str = 
     # The window and stride used, as occlusion_maps picks them when not given, so that audit.json records them.
     window = window or attribution.default_window(run.size, run.size)[0]
     stride = stride or max(1, window // 2)
+    attribution.check_window(run.size, window, stride)  # before the slow prediction step, not on the first map
+    if window > run.size // 4:
+        warnings.warn(f"--window {window} is over a quarter of the {run.size}-pixel input: occlusion spreads each "
+                      "region's evidence about half a window around it, so the audit's lung figures are blurred",
+                      stacklevel=2)
     # another source's images less those the model learned from, as evaluate uses them
     items, name, _, left_out, seen_summary = select_unseen_items(run, data, split)
     manifest = manifest_folder(run, data)
@@ -213,20 +230,20 @@ def interpret(run_dir: str | Path, data: str | Path | None = None, split: str = 
             pred, true = int(probs[i].argmax()), int(y[i])
             maps = attribute(run, x, pred, true, methods, window, stride, fill)
             lungs, lung_source = lung_mask_for(row, image, run.size)
+            # the audit counts the marker's evidence at the map's resolution; the figure shows the marker itself
             box = marker_box_for(row, run.size, margin=window // 2)
             shares = audit.attribution_shares(next(iter(maps.values())), lungs, marker_box=box)
             rows.append({"path": row["path"], "label": run.classes[true], "predicted": run.classes[pred],
                          "p_predicted": float(probs[i, pred]), "correct": pred == true, "lungs": lung_source,
                          "top_loss": i in loss_set, **shares})
             caption = (f"{Path(row['path']).name}: true {run.classes[true]}, predicted {run.classes[pred]} "
-                       f"(p={probs[i, pred]:.2f}; p(true)={probs[i, true]:.2f}); "
-                       f"{shares['share_inside']:.0%} of evidence inside the lungs")
+                       f"(p={probs[i, pred]:.2f}; p(true)={probs[i, true]:.2f}); {lung_caption(shares)}")
             if i in loss_set or len(figures_correct) < n:
-                fig = gallery.attribution_figure(image, maps, caption, lungs, box)
+                fig = gallery.attribution_figure(image, maps, caption, lungs, marker_box_for(row, run.size))
                 png = png_bytes(fig)
                 target = figures_loss if i in loss_set else figures_correct
                 target.append((caption, png))
-                image_files.append((f"{len(image_files) + 1:03d}_{Path(row['path']).stem}.png", png))
+                image_files.append((f"{len(image_files) + 1:03d}_{short_stem(Path(row['path']).stem)}.png", png))
             bar.advance(task)
 
     per_image = pd.DataFrame(rows)

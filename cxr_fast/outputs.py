@@ -94,6 +94,12 @@ def new_folder(out_dir: Path) -> Iterator[Path]:
 PARTIAL_INSIDE = ".partial"  # new_folder's work folder inside an existing --out; a killed run's one does not count
 
 
+def short_stem(stem: str, max_bytes: int = 200) -> str:
+    """`stem` cut to `max_bytes` of UTF-8, so that an output name built from an input's name (plus a prefix or a
+    suffix) stays within the 255 bytes file systems allow."""
+    return stem.encode("utf-8")[:max_bytes].decode("utf-8", errors="ignore")
+
+
 def write_text(path: Path, text: str) -> None:
     """A text file written whole, then renamed over `path`: a replaced file is never left half-written."""
     partial = path.with_name(f".{path.name}.partial")

@@ -190,3 +190,32 @@ def test_maps_that_are_almost_all_negative_are_left_out_not_called_shortcuts():
     assert "shortcut" not in lines[0]
     assert "2 of 6 without" not in lines[-1] and "4 of 6 without positive evidence left out" in lines[-1]
     assert "no sign of a shortcut" in lines[-1]
+
+
+def test_without_a_lung_field_the_verdict_never_says_no_sign_of_a_shortcut():
+    # an empty lung mask (the estimate found none) once fell through to "mostly inside the lungs"
+    attr = np.zeros((H, W))
+    attr[:6, :6] = 1.0  # every bit of evidence in a corner
+    no_lungs = np.zeros((H, W), dtype=bool)
+    summary = audit_summary([attribution_shares(attr, no_lungs)] * 3, preds=[0] * 3)
+    text = verdict(summary)
+    assert "no sign of a shortcut" not in text and "no lung field was found" in text
+    assert "100 % in the corners" in text
+    # beside images with lungs, they are left out of the lung figures rather than counted as evidence outside
+    rows = _rows("inside") + [attribution_shares(attr, no_lungs)] * 2
+    stats = audit_summary(rows, preds=[1] * 8)["by_class"]["Normal"]
+    assert stats["n_with_lungs"] == 6 and stats["mean_share_inside"] == audit_summary(_rows("inside"))["overall"][
+        "mean_share_inside"]
+    assert "2 without a lung field left out" in verdict(audit_summary(rows, preds=[1] * 8))
+
+
+def test_a_marker_box_grown_by_a_large_window_is_flagged_only_for_dense_evidence():
+    # a box of 20 % of the image holding 20 % of an even map's evidence is no shortcut; 83 % of it is one
+    big_box = "0,0,20,16"  # 20 × 16 of 40 × 40 = 20 %
+    even = np.ones((H, W))
+    assert "text marker" not in verdict(audit_summary([attribution_shares(even, lungs_mask(), big_box)] * 3,
+                                                      preds=[0] * 3))
+    dense = even.copy()
+    dense[:16, :20] = 20.0
+    assert "text marker" in verdict(audit_summary([attribution_shares(dense, lungs_mask(), big_box)] * 3,
+                                                  preds=[0] * 3))

@@ -6,6 +6,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from cxr_fast.bundle import load_run
 from cxr_fast.config import resolve_config
 from cxr_fast.data.manifest import prepare, read_manifest
 from cxr_fast.data.synth import synthesize
@@ -98,6 +99,11 @@ def test_bad_counts_and_windows_are_refused_before_any_prediction(tiny_runs, mon
         interpret(tiny_runs[0], n=0, window=0, progress=False)
     with pytest.raises(CxrFastError, match="--audit-n must be a whole number ≥ 0 .got -1."):
         interpret(tiny_runs[0], audit_n=-1, progress=False)
+    # a window the input cannot hold, or a stride past the window, once failed only on the first map
+    with pytest.raises(CxrFastError, match="window 1000 is larger than the image side"):
+        interpret(tiny_runs[0], window=1000, progress=False)
+    with pytest.raises(CxrFastError, match="stride 12 is larger than the window 8"):
+        interpret(tiny_runs[0], window=8, stride=12, progress=False)
 
 
 def test_audit_sample_gives_n_correct_predictions_with_shortfalls_filled():
@@ -195,3 +201,10 @@ def test_nothing_to_interpret_is_a_one_line_error(tiny_runs, tmp_path, monkeypat
     monkeypatch.setattr(cxr_fast.interpret, "top_losses", lambda *a, **k: (pd.DataFrame({"index": []}), []))
     with pytest.raises(CxrFastError, match="nothing to interpret: the model gets all .* images right"):
         interpret(run, n=1, audit_n=0, force=True, progress=False)
+
+
+def test_a_window_over_a_quarter_of_the_input_warns_that_the_lung_figures_blur(tiny_runs, tmp_path):
+    size = load_run(tiny_runs[0]).size
+    with pytest.warns(UserWarning, match="over a quarter of the .* the audit's lung figures are blurred"):
+        interpret(tiny_runs[0], n=1, audit_n=1, window=size // 4 + 1, progress=False, force=True)
+

@@ -184,6 +184,7 @@ def test_user_mistakes_are_one_line_errors(run, good_images):
         predict(run, good_images[:1], runtime="tensorflow", progress=False)
     with pytest.raises(CxrFastError, match="at least one"):
         predict(run, [], progress=False)
+    (run / "eval").mkdir(exist_ok=True)  # a folder inside the bundle (made by evaluate), not a bundle itself
     with pytest.raises(CxrFastError, match="not a cxr_fast run bundle"):
         predict(run / "eval", good_images[:1], progress=False)
 
@@ -217,3 +218,18 @@ def test_cli_predict_prints_results_and_skipped_files(run, tmp_path, good_images
                                        str(tmp_path / "ok[red].png"), "--out", str(tmp_path / "r[1].csv")])
     assert result.exit_code == 0, result.output
     assert "film[left].png" in result.output and "ok[red].png" in result.output and "r[1].csv" in result.output
+
+
+def test_a_heatmap_of_an_image_whose_name_leaves_no_room_for_the_suffix_is_still_written(run, tmp_path, good_images):
+    # a 250-byte name is legal, but name + "_heatmap.png" is not: it crashed after the work, losing every result
+    import shutil
+
+    from cxr_fast.outputs import short_stem
+
+    long = tmp_path / ("é" * 120 + "x" * 6 + ".png")
+    shutil.copy(good_images[0], long)
+    results, _ = predict(run, [long, good_images[1]], heatmap=True, out=tmp_path / "r.csv", progress=False)
+    written = Path(results["heatmap"][0])
+    assert written.is_file() and written.name == short_stem(long.stem) + "_heatmap.png"
+    assert len(written.name.encode()) <= 255 and written.name.startswith("é" * 100)
+    assert short_stem("é" * 150) == "é" * 100  # cut on a character boundary: 200 bytes of two-byte characters
