@@ -17,8 +17,8 @@ from cxr_fast.errors import CxrFastError
 # scipy and cxr_fast.metrics (sklearn) are imported inside the functions that use them: predict and serve import
 # `softmax` from here and would otherwise take over a second longer to start.
 
-# Search range for T. Below 0.01 or above 100 the model is either separable on the valid split or its
-# logits carry no information; a clipped T is still the best available in that range.
+# Search range for T. Below 0.01 or above 100 the model is nearly separable on the valid split or its logits carry
+# no information; a clipped T is still the best available in that range.
 _LOG_T_BOUNDS = (np.log(0.01), np.log(100.0))
 
 
@@ -60,6 +60,10 @@ def fit_temperature(logits, y_true) -> float:
     from cxr_fast.metrics import check_labels_scores
 
     y, logits = check_labels_scores(y_true, logits, "logits", caller="calibration")
+    if (logits.argmax(axis=1) == y).all():
+        # Every case right: the NLL falls without end as T shrinks, so the fit would run to the lowest bound and
+        # make every later prediction, the wrong ones too, 100 % sure. Nothing here says how sure to be: keep T = 1.
+        return 1.0
     result = minimize_scalar(
         lambda log_t: _logits_nll(logits, y, float(np.exp(log_t))),
         bounds=_LOG_T_BOUNDS,
