@@ -35,6 +35,7 @@ def register(app: typer.Typer, user_errors=None, console=None, err_console=None)
     ):
         """Predict calibrated class probabilities for new X-rays; unreadable files are listed and skipped."""
         from cxr_fast.errors import CxrFastError
+        from cxr_fast.outputs import printable
         from cxr_fast.predict import predict as run_prediction
 
         results, skipped = run_prediction(run, inputs, heatmap=heatmap, out=out, runtime=runtime, force=force)
@@ -49,7 +50,8 @@ def register(app: typer.Typer, user_errors=None, console=None, err_console=None)
             if len(results) > MAX_ROWS_SHOWN:
                 console.print(f"… and {len(results) - MAX_ROWS_SHOWN} more" + ("" if out else "; use --out to keep them all"))
         for path, reason in skipped:
-            err_console.print(f"[bold yellow]skipped:[/] {escape(f'{path}: {reason}')}", highlight=False, soft_wrap=True)
+            err_console.print(f"[bold yellow]skipped:[/] {escape(f'{printable(path)}: {reason}')}", highlight=False,
+                              soft_wrap=True)
         if results.empty:  # nothing was written: earlier results in --out stay as they were
             raise CxrFastError("no image could be predicted")
         if out is not None:

@@ -161,10 +161,11 @@ class OnnxRunner:
     def __init__(self, folder: str | Path, threads: int | None = None):
         self.path = Path(folder)
         onnx_path, spec_path = self.path / ONNX_FILE, self.path / PREPROCESSING_FILE
+        # In a run folder the export is remade from it; a folder of its own (export --out DIR) needs --out again.
+        run = self.path if (self.path / "config.json").is_file() else "RUN"
+        make = f"cxrfast export {run}" + ("" if run == self.path else f" --out {self.path}")
         for needed in (onnx_path, spec_path):
             if not needed.is_file():
-                run = self.path if (self.path / "config.json").is_file() else "RUN"
-                make = f"cxrfast export {run}" + ("" if run == self.path else f" --out {self.path}")
                 raise CxrFastError(f"{self.path}: no ONNX export ({needed.name} missing); make it with `{make}`")
         spec = read_json(spec_path)
         if not isinstance(spec, dict) or spec.get("format") != FORMAT:
@@ -172,19 +173,19 @@ class OnnxRunner:
             raise CxrFastError(f"{spec_path}: not a cxr_fast ONNX export (format {found!r})")
         missing = [k for k in SPEC_KEYS if k not in spec]
         if missing:
-            raise CxrFastError(f"{spec_path}: lacks {', '.join(missing)}; re-export with `cxrfast export RUN --force`")
+            raise CxrFastError(f"{spec_path}: lacks {', '.join(missing)}; re-export with `{make} --force`")
         problem = contract_problem(spec)
         if problem:
             raise CxrFastError(f"{spec_path}: {problem}")
         weights = self.path / "model.safetensors"
         if weights.is_file() and spec.get("weights_sha256") != file_sha256(weights):
             raise CxrFastError(f"{onnx_path}: exported from other weights than {weights.name}; "
-                               f"re-export with `cxrfast export {self.path} --force`")
+                               f"re-export with `{make} --force`")
         # The pair must belong together: a model.onnx copied from another export, or an export interrupted
         # between its two files, would otherwise run with the wrong classes, size or temperature.
         if "onnx_sha256" in spec and spec["onnx_sha256"] != file_sha256(onnx_path):
             raise CxrFastError(f"{onnx_path}: not the model {PREPROCESSING_FILE} was written for (changed or "
-                               f"copied since); re-export with `cxrfast export RUN --force`")
+                               f"copied since); re-export with `{make} --force`")
         self.spec = spec
         self.session = _session(onnx_path, threads)
         # The network's own shapes against the spec: an edited size, n_in or class list would otherwise fail
@@ -199,7 +200,7 @@ class OnnxRunner:
             fixed = list(node.shape[1:])
             if fixed != expected[role]:
                 raise CxrFastError(f"{spec_path}: the model's {role} is {fixed} per image, but this file says "
-                                   f"{expected[role]}; re-export with `cxrfast export RUN --force`")
+                                   f"{expected[role]}; re-export with `{make} --force`")
 
     name = property(lambda self: self.spec["run"])
     arch = property(lambda self: self.spec["arch"])

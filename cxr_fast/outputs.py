@@ -94,6 +94,12 @@ def new_folder(out_dir: Path) -> Iterator[Path]:
 PARTIAL_INSIDE = ".partial"  # new_folder's work folder inside an existing --out; a killed run's one does not count
 
 
+def printable(name: str) -> str:
+    """A file name as text any file or console takes: bytes that are not UTF-8 (which Python keeps in a name as
+    surrogates, and a UTF-8 writer refuses) written as \\x escapes."""
+    return str(name).encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+
+
 def short_stem(stem: str, max_bytes: int = 200) -> str:
     """`stem` cut to `max_bytes` of UTF-8, so that an output name built from an input's name (plus a prefix or a
     suffix) stays within the 255 bytes file systems allow."""

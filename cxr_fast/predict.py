@@ -2,7 +2,9 @@
 
 Inputs are files or folders (walked recursively for image files). A file that cannot be read as an X-ray is
 listed with the reason and skipped; the others are still predicted. Probabilities are calibrated with the run's
-temperature, exactly as in `cxrfast evaluate`'s predictions.csv.
+temperature, as in `cxrfast evaluate`'s predictions.csv: exactly so for images no larger than the manifest's cache
+(`data prepare --size`), whose shrunk copies training and evaluation read; for larger ones predict reads the file
+itself, and the model's input differs by a few grey levels.
 
 Two runtimes give the same probabilities: "torch" runs the bundle's PyTorch model; "onnx" runs the export made by
 `cxrfast export` with ONNX Runtime and, without heatmaps, never imports torch (a much faster start).
@@ -26,7 +28,7 @@ from PIL import Image
 from cxr_fast.calibration import softmax
 from cxr_fast.data.io import IMAGE_SUFFIXES, ImageReadError, is_dicom, read_image
 from cxr_fast.errors import CxrFastError
-from cxr_fast.outputs import check_folder_path, short_stem, write_text
+from cxr_fast.outputs import check_folder_path, printable, short_stem, write_text
 
 RUNTIMES = ("torch", "onnx")
 OUT_SUFFIXES = (".csv", ".json")
@@ -138,24 +140,32 @@ def overlay_png(pixels: np.ndarray, attr: np.ndarray) -> bytes:
 def find_images(inputs: Sequence[str | Path]) -> tuple[list[Path], list[tuple[Path, str]]]:
     """Named files as given (the reader decides by content), plus the image files found in named folders.
 
-    In folders, a file counts as an image by its suffix (`IMAGE_SUFFIXES`), or, without a suffix, by the DICOM
-    preamble; other files (notes, spreadsheets) are passed over, and so is anything under a name starting with
-    "." or "_" (hidden files; the toolkit's own folders such as synthetic data's `_masks`). The same file named
-    twice is predicted once. Returns (files, skipped) where skipped lists (path, reason)."""
+    Folders are walked as `cxrfast data prepare` walks them (`cxr_fast.data.sources`: linked folders followed,
+    names starting with "." or "_" passed over, such as synthetic data's `_masks`). There a file counts as an image
+    by its suffix (`IMAGE_SUFFIXES`) or by the DICOM preamble whatever its name (PACS exports name files by UID or
+    `IMG.001`); other files (notes, spreadsheets) are passed over, and so are the heatmap folders predict itself
+    writes (`heatmaps`, `<name>_heatmaps`), whose figures are not X-rays. The same file named twice is predicted
+    once. Returns (files, skipped) where skipped lists (path, reason)."""
+    from cxr_fast.data.sources import find_images as walk_folder
+
     files, skipped = [], []
     for item in inputs:
         path = Path(item)
         if not path.is_dir():
             files.append(path)  # a missing file is reported by read_image, with the other unreadable ones
             continue
-        found = [f for f in sorted(path.rglob("*"))
-                 if f.is_file() and not any(part[0] in "._" for part in f.relative_to(path).parts)
-                 and (f.suffix.lower() in IMAGE_SUFFIXES or (f.suffix == "" and is_dicom(f)))]
+        found = [f.path for f in walk_folder(path)
+                 if not any(is_heatmap_folder(part) for part in f.path.relative_to(path).parts[:-1])
+                 and (f.path.suffix.lower() in IMAGE_SUFFIXES or is_dicom(f.path))]
         if not found:
             skipped.append((path, "no image files in this folder"))
         files += found
     unique = list({f.resolve(): f for f in files}.values())
     return unique, skipped
+
+
+def is_heatmap_folder(name: str) -> bool:
+    return name == "heatmaps" or name.endswith("_heatmaps")
 
 
 def unique_path(folder: Path, stem: str, suffix: str = ".png") -> Path:
@@ -205,10 +215,10 @@ def write_results(out: Path, results: pd.DataFrame, skipped: list[tuple[Path, st
     out.parent.mkdir(parents=True, exist_ok=True)
     if out.suffix.lower() == ".json":
         document = {"model": model_summary(runner), "predictions": results.to_dict("records"),
-                    "skipped": [{"path": str(p), "reason": r} for p, r in skipped]}
+                    "skipped": [{"path": printable(p), "reason": r} for p, r in skipped]}
         write_text(out, json.dumps(document, indent=2))
     else:
-        errors = pd.DataFrame({"path": [str(p) for p, _ in skipped], "error": [r for _, r in skipped]})
+        errors = pd.DataFrame({"path": [printable(p) for p, _ in skipped], "error": [r for _, r in skipped]})
         write_text(out, pd.concat([results.assign(error=""), errors], ignore_index=True).to_csv(index=False))
 
 
@@ -244,30 +254,35 @@ def predict(run_dir: str | Path, inputs: Sequence[str | Path], heatmap: bool = F
         probs = softmax(runner.logits(np.stack([x for _, _, x in pending])), runner.temperature)
         for (file, pixels, x), p in zip(pending, probs):
             k = int(p.argmax())
-            row = {"path": str(file), "predicted": classes[k], **{f"p_{c}": float(v) for c, v in zip(classes, p)}}
+            row = {"path": printable(file), "predicted": classes[k], **{f"p_{c}": float(v) for c, v in zip(classes, p)}}
             if heatmap:
                 attr = occlusion_map(runner, x, k)
-                title = f"{file.name}: predicted {classes[k]} (p={p[k]:.2f}) — research tool, not a diagnosis"
+                title = f"{printable(file.name)}: predicted {classes[k]} (p={p[k]:.2f}) — research tool, not a diagnosis"
                 png = heatmap_png(pixels, attr, title, f"occlusion → {classes[k]}")
-                row["heatmap"] = str(write_new_file(heatmaps_dir, f"{short_stem(file.stem)}_heatmap", png))
+                row["heatmap"] = printable(write_new_file(heatmaps_dir, f"{short_stem(file.stem)}_heatmap", png))
             rows.append(row)
             bar.advance(task)
         pending.clear()
 
     with Progress(transient=True, disable=not progress) as bar:
         task = bar.add_task(f"predicting {len(files)} image{'s' if len(files) != 1 else ''}", total=len(files))
-        for file in files:
-            try:
-                pixels = model_image(read_image(file), size)
-            except ImageReadError as e:
-                skipped.append((file, f"{e.reason}: {e.explanation}"))
-                bar.advance(task)
-                continue
-            pending.append((file, pixels, model_input(pixels, runner.n_in, runner.mean, runner.std)))
-            if len(pending) == bs:
+        try:
+            for file in files:
+                try:
+                    pixels = model_image(read_image(file), size)
+                except ImageReadError as e:
+                    skipped.append((file, f"{e.reason}: {e.explanation}"))
+                    bar.advance(task)
+                    continue
+                pending.append((file, pixels, model_input(pixels, runner.n_in, runner.mean, runner.std)))
+                if len(pending) == bs:
+                    flush()
+            if pending:
                 flush()
-        if pending:
-            flush()
+        except KeyboardInterrupt:  # say what became of the work: an earlier --out is untouched, heatmaps stay
+            kept = f"; the heatmaps made so far are in {heatmaps_dir}" if heatmap and rows else ""
+            untouched = f"; {out} was not written" if out is not None else ""
+            raise KeyboardInterrupt(f"interrupted after {len(rows)} of {len(files)} images{untouched}{kept}") from None
 
     columns = ["path", "predicted", *[f"p_{c}" for c in classes], *(["heatmap"] if heatmap else [])]
     results = pd.DataFrame(rows, columns=columns)

@@ -9,19 +9,20 @@ minute per image at 224 px on a CPU), so the page asks for the probabilities fir
 
 It binds to 127.0.0.1 by default: the page has no login, so only this computer can reach it. Uploads are read
 with the toolkit's reader: a file that is not a readable X-ray gets a 4xx answer with the reason, and one above
-`MAX_UPLOAD_BYTES` gets 413 before it is stored. Predictions run one at a time in a worker thread, so a slow
-heatmap never blocks the page or the other requests from being accepted.
+`MAX_UPLOAD_BYTES` gets 413 before it is stored. Predictions run in worker threads. Heatmaps take turns, one
+sweep at a time, and a heatmap whose page has moved on (a newer upload aborts the older request) is dropped when
+its turn comes instead of computed; probabilities never wait behind heatmaps.
 """
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import errno
 import html
 import json
 import socket
 import tempfile
-import threading
 from contextlib import aclosing
 from pathlib import Path
 
@@ -108,7 +109,7 @@ def create_app(run_dir: str | Path | None = None, runtime: str = "torch", *, run
     runner = runner if runner is not None else load_runner(run_dir, runtime)
     card = model_card(runner)
     page = render_page(card, max_upload_bytes)
-    lock = threading.Lock()  # one prediction at a time: the CPU is the bottleneck, and the runners share state
+    heatmap_turn = asyncio.Lock()  # one occlusion sweep at a time: each keeps the CPU busy for seconds to a minute
 
     def error(status: int, message: str) -> JSONResponse:
         return JSONResponse({"error": message}, status_code=status)
@@ -148,7 +149,14 @@ def create_app(run_dir: str | Path | None = None, runtime: str = "torch", *, run
         suffix = Path(filename).suffix.lower() if Path(filename).suffix.lower() in IMAGE_SUFFIXES else ""
         with_heatmap = request.query_params.get("heatmap", "1").lower() not in ("0", "false", "no")
         try:
-            result = await run_in_threadpool(_predict_bytes, runner, lock, data, suffix, with_heatmap)
+            if not with_heatmap:  # one forward pass: never queued behind a heatmap's hundreds
+                result = await run_in_threadpool(_predict_bytes, runner, data, suffix, False)
+            else:
+                async with heatmap_turn:
+                    # Abandoned sweeps once ran anyway, one after another, and later uploads waited minutes.
+                    if await request.is_disconnected():
+                        return error(499, "the client left before its heatmap's turn")
+                    result = await run_in_threadpool(_predict_bytes, runner, data, suffix, True)
         except ImageReadError as e:
             return error(422, f"{filename}: {e.explanation}")
         return JSONResponse({**result, "filename": filename, "model": card})
@@ -157,12 +165,13 @@ def create_app(run_dir: str | Path | None = None, runtime: str = "torch", *, run
                              Route("/api/predict", api_predict, methods=["POST"])])
 
 
-def _predict_bytes(runner, lock: threading.Lock, data: bytes, suffix: str, heatmap: bool) -> dict:
+def _predict_bytes(runner, data: bytes, suffix: str, heatmap: bool) -> dict:
+    # Runners may be called from several threads at once: the torch model stays in eval mode under no_grad, and an
+    # ONNX Runtime session's run() is thread-safe.
     with tempfile.TemporaryDirectory(prefix="cxrfast-upload-") as folder:
         path = Path(folder) / f"upload{suffix}"
         path.write_bytes(data)
-        with lock:
-            return predict_upload(runner, path, heatmap)
+        return predict_upload(runner, path, heatmap)
 
 
 def serve(run_dir: str | Path, host: str = "127.0.0.1", port: int = 8000, runtime: str = "torch",
@@ -268,9 +277,10 @@ const show = (id, text) => { document.getElementById(id).textContent = text; };
 function el(tag, cls, text) { const e = document.createElement(tag); if (cls) e.className = cls;
   if (text !== undefined) e.textContent = text; return e; }
 let current = 0;  // a newer upload makes the answers for older ones stale
-async function ask(file, heatmap) {
+let pending = new AbortController();  // ... and aborts their requests, so the server drops their heatmaps
+async function ask(file, heatmap, signal) {
   const body = new FormData(); body.append("file", file, file.name);
-  const response = await fetch("api/predict?heatmap=" + (heatmap ? "1" : "0"), { method: "POST", body });
+  const response = await fetch("api/predict?heatmap=" + (heatmap ? "1" : "0"), { method: "POST", body, signal });
   let answer = {};
   try { answer = await response.json(); } catch (e) { /* not JSON: keep the status below */ }
   if (!response.ok) throw new Error(answer.error || ("server answered " + response.status));
@@ -278,11 +288,12 @@ async function ask(file, heatmap) {
 }
 async function send(file) {
   const id = ++current;
+  pending.abort(); pending = new AbortController(); const signal = pending.signal;
   show("error", ""); document.getElementById("result").hidden = true;
   if (file.size > MAX_BYTES) { show("error", file.name + ": too large (at most {{MAX_MB}} MB)"); return; }
   show("status", "Analysing " + file.name + "…");
   let answer;
-  try { answer = await ask(file, false); } catch (e) { if (id === current) { show("status", ""); show("error", e.message); } return; }
+  try { answer = await ask(file, false, signal); } catch (e) { if (id === current) { show("status", ""); show("error", e.message); } return; }
   if (id !== current) return;
   show("status", "Result for " + file.name + ":");
   show("predicted", answer.predicted);
@@ -300,7 +311,7 @@ async function send(file) {
   heatmap.removeAttribute("src"); heatmap.hidden = true;
   show("heatmap-caption", "Computing the occlusion heatmap (it can take a minute on a CPU)…");
   document.getElementById("result").hidden = false;
-  try { answer = await ask(file, true); } catch (e) { if (id === current) show("heatmap-caption", "No heatmap: " + e.message); return; }
+  try { answer = await ask(file, true, signal); } catch (e) { if (id === current) show("heatmap-caption", "No heatmap: " + e.message); return; }
   if (id !== current) return;
   heatmap.src = "data:image/png;base64," + answer.heatmap_png_base64; heatmap.hidden = false;
   show("heatmap-caption", "Occlusion heatmap for " + answer.predicted +

@@ -305,3 +305,28 @@ def test_the_decoder_plugin_hint_is_given_only_for_compressed_dicom(tmp_path):
     dataset.save_as(tmp_path / "jpegls.dcm")
     with pytest.raises(ImageReadError, match="need a plugin such as pylibjpeg"):
         read_image(tmp_path / "jpegls.dcm")
+
+
+def test_a_multi_frame_dicom_is_read_from_its_first_frame_alone(tmp_path, monkeypatch):
+    # every frame was decoded before the first was kept: 300 frames cost 1.3 GB, past the megapixel limit
+    import pydicom
+    from pydicom.dataset import Dataset
+
+    from tests.conftest import write_dicom
+
+    frames = np.stack([np.full((64, 80), 400 * (k + 1), dtype=np.uint16) for k in range(3)])
+    frames[0, :, :40] = 4000  # the first frame alone has two halves
+    write_dicom(tmp_path / "series.dcm", frames, NumberOfFrames=3)
+    decoded = []
+    real = Dataset.pixel_array.fget
+
+    def counted(dataset):
+        pixels = real(dataset)
+        decoded.append(pixels.shape)
+        return pixels
+
+    monkeypatch.setattr(Dataset, "pixel_array", property(counted))
+    image = np.asarray(read_image(tmp_path / "series.dcm"))
+    assert image.shape == (64, 80) and image[:, :40].mean() > image[:, 40:].mean()
+    if int(pydicom.__version__.split(".")[0]) >= 3:
+        assert decoded == [(64, 80)]

@@ -233,3 +233,59 @@ def test_a_heatmap_of_an_image_whose_name_leaves_no_room_for_the_suffix_is_still
     assert written.is_file() and written.name == short_stem(long.stem) + "_heatmap.png"
     assert len(written.name.encode()) <= 255 and written.name.startswith("é" * 100)
     assert short_stem("é" * 150) == "é" * 100  # cut on a character boundary: 200 bytes of two-byte characters
+
+
+def test_folders_are_walked_as_prepare_walks_them(tmp_path, good_images):
+    # PACS exports name DICOMs by UID or IMG.001, class folders may be links, and predict's own heatmap figures
+    # are not X-rays: the first two were dropped without a word, the third predicted on every rerun
+    folder = tmp_path / "pacs"
+    folder.mkdir()
+    pixels = np.asarray(read_image(good_images[0])).astype(np.uint16) * 16
+    write_dicom(folder / "1.2.840.113619.2.55.3.6046", pixels)
+    write_dicom(folder / "IMG.001", pixels)
+    elsewhere = tmp_path / "kept-elsewhere"
+    elsewhere.mkdir()
+    shutil.copy(good_images[1], elsewhere / "b.png")
+    (folder / "linked").symlink_to(elsewhere, target_is_directory=True)
+    for heatmaps in ("heatmaps", "scan_heatmaps"):
+        (folder / heatmaps).mkdir()
+        shutil.copy(good_images[2], folder / heatmaps / "x_heatmap.png")
+    files, skipped = find_images([folder])
+    assert sorted(f.relative_to(folder).as_posix() for f in files) == [
+        "1.2.840.113619.2.55.3.6046", "IMG.001", "linked/b.png"]
+    assert skipped == []
+
+
+def test_a_file_name_that_is_not_utf8_is_predicted_and_written_escaped(run, tmp_path, good_images):
+    # a Latin-1 name from an old share: the results file crashed at the very end, losing every result
+    import os
+
+    folder = tmp_path / "share"
+    folder.mkdir()
+    shutil.copy(good_images[0], os.fsdecode(bytes(folder) + b"/caf\xe9.png"))
+    shutil.copy(good_images[1], folder / "ok.png")
+    for out in (tmp_path / "r.csv", tmp_path / "r.json"):
+        results, _ = predict(run, [folder], out=out, progress=False)
+        assert len(results) == 2
+    assert "caf\\xe9.png" in (tmp_path / "r.csv").read_text(encoding="utf-8")
+    document = json.loads((tmp_path / "r.json").read_text(encoding="utf-8"))  # strict JSON
+    assert sorted(Path(row["path"]).name for row in document["predictions"]) == ["caf\\xe9.png", "ok.png"]
+
+
+def test_ctrl_c_says_how_far_it_got_and_what_was_kept(run, tmp_path, good_images, monkeypatch):
+    import cxr_fast.predict
+
+    real_map, calls = cxr_fast.predict.occlusion_map, []
+
+    def interrupted_at_the_second(*args):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real_map(*args)
+
+    monkeypatch.setattr(cxr_fast.predict, "occlusion_map", interrupted_at_the_second)
+    out = tmp_path / "r.csv"
+    with pytest.raises(KeyboardInterrupt, match=f"after 1 of 3 images; {out} was not written; the heatmaps made so "
+                                                f"far are in {tmp_path / 'r_heatmaps'}"):
+        predict(run, good_images[:3], heatmap=True, out=out, bs=1, progress=False)
+    assert not out.exists() and len(list((tmp_path / "r_heatmaps").iterdir())) == 1

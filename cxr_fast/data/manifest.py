@@ -82,7 +82,7 @@ from cxr_fast.data.split import (
 )
 from cxr_fast.data.synth import UNFINISHED
 from cxr_fast.errors import CxrFastError
-from cxr_fast.outputs import check_folder_path, write_text
+from cxr_fast.outputs import check_folder_path, printable, write_text
 
 REPORT_NAME = PREPARED_MARKER
 META_NAME = "_meta.csv"
@@ -504,11 +504,6 @@ def _check_writable(out: Path) -> None:
     existing = next(folder for folder in (out, *out.parents) if folder.exists())
     if not os.access(existing, os.W_OK | os.X_OK):
         raise CxrFastError(f"{out}: --out cannot be written ({existing} is read-only or not yours)")
-
-
-def printable(name: str) -> str:
-    """A file name as text any file or console takes: bytes that are not UTF-8 written as \\x escapes."""
-    return name.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
 
 
 def _is_utf8(text: str) -> bool:
