@@ -59,6 +59,7 @@ SHORTCUT_PREFERENCE = 1.0  # lung_preference below this: evidence denser outside
 INSIDE_PREFERENCE = 2.0  # lung_preference at or above this: evidence concentrates in the lungs
 MARKER_SHARE = 0.15  # share of evidence in a text-marker box (grown to ≈ 4 % of the image) at or above this → likely shortcut
 MARKER_DENSITY = 4.0  # ... and at least this many times the box's share of the image (a large --window grows the box)
+MARKER_WATCH_DENSITY = 2.0  # below the flag, a marker share at least this many times its area → "possible shortcut"
 MIN_POSITIVE_FRACTION = 0.1  # below this share of the map's absolute mass, an image has no evidence to locate
 
 
@@ -285,14 +286,15 @@ def _sentence(who: str, s: dict) -> str:
     if missing:
         who = f"{who} ({missing} of {s['n']} without positive evidence left out)"
     parts = []
-    # Flagged only when the marker's evidence is dense, not just large: a large --window grows the audited box.
-    if (s["n_with_marker"] > 0 and not math.isnan(s["mean_share_marker"])
-            and s["mean_share_marker"] >= max(MARKER_SHARE, MARKER_DENSITY * s["mean_area_marker"])):
-        parts.append(
-            f"{who} with a text marker ({s['n_with_marker']} of {s['n']}) take {_pct(s['mean_share_marker'])} of "
-            f"their evidence from the marker, which covers {_pct(s['mean_area_marker'])} of the image — likely "
-            f"shortcut."
-        )
+    if s["n_with_marker"] > 0 and not math.isnan(s["mean_share_marker"]):
+        share, area = s["mean_share_marker"], s["mean_area_marker"]
+        where = (f"{who} with a text marker ({s['n_with_marker']} of {s['n']}) take {_pct(share)} of their evidence "
+                 f"from the marker and the half-window around it ({_pct(area)} of the image)")
+        # Flagged only when the marker's evidence is dense, not just large: a large --window grows the audited box.
+        if share >= max(MARKER_SHARE, MARKER_DENSITY * area):
+            parts.append(f"{where} — likely shortcut.")
+        elif share >= MARKER_WATCH_DENSITY * area:  # below the flag, but more than an even spread gives: said
+            parts.append(f"{where}, more than its share — possible shortcut: look at their heatmaps.")
     outside, inside, area = s["mean_share_outside"], s["mean_share_inside"], s["mean_area_inside"]
     pref = s["lung_preference"]
     if math.isnan(pref):  # no image with a lung field to measure against: say so, never "no sign of a shortcut"

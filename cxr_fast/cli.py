@@ -229,6 +229,11 @@ def ensemble(
     else:
         console.print(f"ensemble [bold]{escape(str(run_dir))}[/]: valid balanced accuracy "
                       f"{metrics['valid_balanced_accuracy']:.3f}" + (f" (members: {escape(', '.join(scores))})" if scores else ""))
+        best = max((score for score in metrics["members"].values() if score is not None), default=None)
+        if best is not None and metrics["valid_balanced_accuracy"] < best:  # averaging in a weak member costs
+            err_console.print(f"[bold yellow]warning:[/] the ensemble scores below its best member on valid "
+                              f"({metrics['valid_balanced_accuracy']:.3f} < {best:.3f}); leave out the weaker runs",
+                              highlight=False, soft_wrap=True)
 
 
 @app.command("evaluate")

@@ -160,14 +160,20 @@ def write_comparison(c: Comparison, folder: Path) -> None:
     c.mcnemar.to_csv(folder / "mcnemar.csv", index=False)
     figure = plot_comparison(c.summary.rename(columns={"arch": "name"}))
     shown = c.summary[["arch", "runs", "balanced_accuracy", "balanced_accuracy_sd", "ci_low", "ci_high", "macro_f1",
-                       "macro_roc_auc", "ece", "params", "train_seconds", "images_per_s"]]
+                       "macro_roc_auc", "ece", "params", "train_seconds", "images_per_s"]].copy()
+    shown.loc[shown["runs"] == 1, "balanced_accuracy_sd"] = None  # one run has no spread: "—", not 0.000
+    tests = c.mcnemar.copy()
+    # p rounded to 0.000 reads as impossible; the exact test's "statistic" is only min(b, c)
+    tests["p_value"] = ["< 0.001" if p < 0.001 else f"{p:.3f}" for p in tests["p_value"]]
+    tests.loc[tests["method"] == "exact", "statistic"] = None
     write_report(folder, "Architecture comparison", [
         Section("Summary", text="Balanced accuracy on the shared test split: mean ± sd across seeds, with the mean "
                 "95 % bootstrap interval. ECE after temperature scaling. Training time on this machine's CPU.",
                 table=shown, figures=["comparison"]),
         Section("Runs", table=c.table.drop(columns=["data", "setting"])),  # setting: the recipe as JSON, for runs.csv
-        Section("McNemar tests", text="Pairwise on the same test images: a small p-value means the two models' "
-                "error rates differ.", table=c.mcnemar),
+        Section("McNemar tests", text="Pairwise on the same test images: b counts the images the first model gets "
+                "right and the second wrong, c the reverse, and a small p-value means the two models' error rates "
+                "differ (exact binomial test below 25 such images, else chi-square).", table=tests),
     ], {"comparison": figure})
     plt.close("all")
 

@@ -102,6 +102,7 @@ def _run_steps(out: Path, cfg, n_per_class: int, shortcut_rate: float, console: 
 
 
 def write_demo_report(out: Path, run_dir: Path, evaluation, interpretation, shortcut_rate: float) -> Path:
+    from cxr_fast.evaluate import calibration_worse, marker_text
     from cxr_fast.report import DISCLAIMER
 
     m = evaluation.metrics
@@ -110,7 +111,13 @@ def write_demo_report(out: Path, run_dir: Path, evaluation, interpretation, shor
     verdicts = "".join(f"<li>{html.escape(v)}</li>" for v in interpretation.verdicts)
     lo, hi = m["balanced_accuracy_ci"]
     curves = base64.b64encode((run_dir / "curves.png").read_bytes()).decode()  # embedded: the page travels alone
-    page = f"""<!doctype html><html><head><meta charset="utf-8">
+    marker_line = f"<li>{html.escape(marker_text(m['by_marker']))}</li>" if "by_marker" in m else ""
+    calibration_line = html.escape(
+        f"expected calibration error {m['ece']:.3f} (the valid split gave too few mistakes to fit a temperature, so "
+        "none was applied)" if m["temperature"] == 1.0 else
+        f"expected calibration error {m['ece']:.3f} raw, {m['ece_calibrated']:.3f} after temperature scaling"
+        + (" (worse: see the full report)" if calibration_worse(m) else ""))
+    page = f"""<!doctype html><html lang="en"><head><meta charset="utf-8">
 <meta name="viewport" content="width=device-width, initial-scale=1"><title>cxr_fast demo</title>
 <style>body{{font-family:system-ui,sans-serif;max-width:860px;margin:auto;padding:12px}}img{{width:100%}}</style></head>
 <body><h1>cxr_fast demo</h1><p><em>{html.escape(DISCLAIMER)}</em></p>
@@ -120,7 +127,7 @@ gives the class away, were checked and split, then <code>{html.escape(run_dir.na
 <h2>Test results</h2><ul>
 <li>balanced accuracy {m['balanced_accuracy']:.3f} (95 % CI {lo:.3f}–{hi:.3f}), accuracy {m['accuracy']:.3f},
 macro F1 {m['macro_f1']:.3f}</li>
-<li>expected calibration error {m['ece']:.3f} raw, {m['ece_calibrated']:.3f} after temperature scaling</li></ul>
+{marker_line}<li>{calibration_line}</li></ul>
 <p><a href="{rel(evaluation.out_dir / 'report.html')}">Full evaluation report</a></p>
 <h2>Shortcut audit</h2><ul>{verdicts}</ul>
 <p><a href="{rel(interpretation.out_dir / 'gallery.html')}">Occlusion gallery and audit</a></p>

@@ -146,10 +146,11 @@ def metrics_table(m: dict, tta: bool = False):
     table.add_row("macro F1", f"{m['macro_f1']:.3f}")
     if m["macro_roc_auc"] is not None:
         table.add_row("macro ROC AUC", f"{m['macro_roc_auc']:.3f}")
-    if m["temperature"] == 1.0:  # an ensemble (its members are calibrated inside it): no rescaling, one figure
+    if m["temperature"] == 1.0:  # no rescaling (an ensemble's members are calibrated inside it): one figure
         table.add_row("ECE", f"{m['ece']:.3f}")
     else:
-        table.add_row("ECE raw → calibrated", f"{m['ece']:.3f} → {m['ece_calibrated']:.3f}")
+        worse = "  (worse: see the report)" if calibration_worse(m) else ""
+        table.add_row("ECE raw → calibrated", f"{m['ece']:.3f} → {m['ece_calibrated']:.3f}{worse}")
     for name, v in m["per_class"].items():
         recall = "—" if v["recall"] is None else f"{v['recall']:.2f}"  # no images of the class: no recall
         table.add_row(f"  {escape(name)}", f"P {v['precision']:.2f}  R {recall}  F1 {v['f1']:.2f}  n {v['support']}")
@@ -223,6 +224,42 @@ def shift_warning(shift: dict) -> str:
             "Expect the model's accuracy here to differ from its test results.")
 
 
+def accuracy_by_marker(items: pd.DataFrame, y: np.ndarray, logits: np.ndarray) -> dict | None:
+    """Accuracy on the images that carry a known text marker (synthetic data) and on those that do not; None when
+    no image is known to carry one. A model reading the marker scores better where it is, so the overall figure
+    overstates what it learned from the lungs."""
+    if "marker_box" not in items:
+        return None
+    marked = items["marker_box"].fillna("").astype(str).str.len().to_numpy() > 0
+    if not marked.any():
+        return None
+    correct = logits.argmax(1) == y
+    return {key: {"n": int(rows.sum()), "correct": int(correct[rows].sum()),
+                  "accuracy": float(correct[rows].mean()) if rows.any() else None}
+            for key, rows in (("with_marker", marked), ("without_marker", ~marked))}
+
+
+def marker_text(by_marker: dict) -> str:
+    def part(group: dict) -> str:
+        return "no image" if not group["n"] else f"{group['accuracy']:.2f} ({group['correct']} of {group['n']})"
+
+    return (f"Accuracy on the images carrying a text marker: {part(by_marker['with_marker'])}; on those without: "
+            f"{part(by_marker['without_marker'])}. A model that reads the marker does better where it is, so the "
+            f"images without it say more about what it learned from the lungs.")
+
+
+def calibration_worse(metrics: dict) -> str | None:
+    """A caution when temperature scaling raised the log-loss on these images, else None: T was fitted on the valid
+    split, and a small one, or one unlike these images, can mislead it."""
+    if metrics["temperature"] == 1.0 or metrics["nll_calibrated"] <= metrics["nll"]:
+        return None
+    sharper = "sharpens (T < 1)" if metrics["temperature"] < 1 else "softens (T > 1)"
+    return (f"Temperature scaling made the probabilities worse on these images: it {sharper} them, fitted on the "
+            f"valid split, and here the log-loss rises from {metrics['nll']:.3f} to {metrics['nll_calibrated']:.3f} "
+            f"(ECE {metrics['ece']:.3f} to {metrics['ece_calibrated']:.3f}). The calibrated probabilities "
+            f"(predictions.csv, predict, serve) are less trustworthy than the raw ones here.")
+
+
 def calibration_text(run: Run, metrics: dict) -> str:
     if run.config["model"]["arch"] == ENSEMBLE_ARCH:
         return (f"Each member's probabilities are calibrated by its own temperature (fitted on the valid split) before "
@@ -292,6 +329,8 @@ def evaluate(run_dir: str | Path, data: str | Path | None = None, split: str = "
     y = items["label"].map({c: i for i, c in enumerate(run.classes)}).to_numpy()
     metrics = compute_metrics(y, logits, run.classes, run.temperature, n_boot=n_boot)
     metrics.update({"run": run.name, "data": name, "manifest": manifest, "external": external, "tta": tta})
+    if (by_marker := accuracy_by_marker(items, y, logits)) is not None:
+        metrics["by_marker"] = by_marker
     if seen_summary is not None:
         metrics["seen_images"] = seen_summary
     shift = None
@@ -320,12 +359,16 @@ def evaluate(run_dir: str | Path, data: str | Path | None = None, split: str = "
             cautions.append(f"Distribution-shift check skipped: {metrics['shift']['skipped']}")
         if not external and split != "test":
             cautions.insert(0, optimistic_note(split).capitalize() + ".")
+        if (worse := calibration_worse(metrics)) is not None:
+            cautions.append(worse)
         sections = [
             Section("Curves", text="One-vs-rest ROC and precision-recall curves per class.",
                     figures=["roc_curves", "pr_curves"]),
             Section("Calibration", text=calibration_text(run, metrics), figures=["reliability"]),
             Section("Confusion matrices", figures=["confusion_matrix"]),
         ]
+        if "by_marker" in metrics:
+            sections.insert(0, Section("Images with and without a text marker", text=marker_text(metrics["by_marker"])))
         write_report(work, f"Evaluation of {run.name} on {name}", sections, figures, metrics, warnings=cautions,
                      meta={"model": run.config["model"]["arch"], "run": str(run.path), "images": len(items),
                            "test-time augmentation": "yes" if tta else "no"})

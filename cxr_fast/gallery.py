@@ -103,8 +103,8 @@ table { border-collapse: collapse; font-size: .9rem; } td, th { padding: 4px 8px
 def write_gallery(path: Path, title: str, verdicts: Sequence[tuple[str, bool]], sections: Sequence[tuple[str, str, list]],
                   tables: Sequence[tuple[str, list[dict]]] = ()) -> Path:
     """Self-contained gallery page: verdicts (text, is_warning), tables, then sections of (heading, text,
-    [(caption, png bytes)])."""
-    parts = [f"<!doctype html><html><head><meta charset='utf-8'><meta name='viewport' "
+    [(caption, png bytes)] or [(caption, png bytes, link to a full-size copy)])."""
+    parts = [f"<!doctype html><html lang='en'><head><meta charset='utf-8'><meta name='viewport' "
              f"content='width=device-width, initial-scale=1'><title>{html.escape(title)}</title><style>{CSS}</style>"
              f"</head><body><h1>{html.escape(title)}</h1><p class='disclaimer'>{html.escape(DISCLAIMER)}</p>"]
     for text, warn in verdicts:
@@ -118,9 +118,11 @@ def write_gallery(path: Path, title: str, verdicts: Sequence[tuple[str, bool]], 
         parts.append(f"<h2>{html.escape(heading)}</h2><div style='overflow-x:auto'><table><tr>{head}</tr>{body}</table></div>")
     for heading, text, images in sections:
         parts.append(f"<h2>{html.escape(heading)}</h2><p>{html.escape(text)}</p><div class='grid'>")
-        for caption, png in images:
-            parts.append(f"<figure><img src='{_data_uri(png)}' alt='{html.escape(caption)}'>"
-                         f"<figcaption>{html.escape(caption)}</figcaption></figure>")
+        for caption, png, *link in images:
+            img = f"<img src='{_data_uri(png)}' alt='{html.escape(caption)}'>"
+            if link:  # the grid shrinks a figure's text: a click opens it full size
+                img = f"<a href='{html.escape(link[0])}' title='open full size'>{img}</a>"
+            parts.append(f"<figure>{img}<figcaption>{html.escape(caption)}</figcaption></figure>")
         parts.append("</div>")
     parts.append("</body></html>")
     path.write_text("".join(parts), encoding="utf-8")

@@ -242,8 +242,9 @@ def interpret(run_dir: str | Path, data: str | Path | None = None, split: str = 
                 fig = gallery.attribution_figure(image, maps, caption, lungs, marker_box_for(row, run.size))
                 png = png_bytes(fig)
                 target = figures_loss if i in loss_set else figures_correct
-                target.append((caption, png))
-                image_files.append((f"{len(image_files) + 1:03d}_{short_stem(Path(row['path']).stem)}.png", png))
+                filename = f"{len(image_files) + 1:03d}_{short_stem(Path(row['path']).stem)}.png"
+                target.append((caption, png, f"images/{filename}"))  # the gallery links its full-size copy
+                image_files.append((filename, png))
             bar.advance(task)
 
     per_image = pd.DataFrame(rows)
@@ -283,13 +284,16 @@ def write_interpretation(work: Path, run: Run, name: str, per_image, losses, sum
     (work / "audit.json").write_text(json.dumps(to_jsonable(report), indent=2, allow_nan=False))
     gallery.write_gallery(
         work / "gallery.html", f"Interpretation of {run.name} on {name}",
-        [(v, "likely shortcut" in v) for v in verdicts],
+        [(v, "likely shortcut" in v or "possible shortcut" in v) for v in verdicts],
         [("Top losses", "The images the model got most wrong, with occlusion maps for the predicted and the true "
           "class. Red: evidence for the class; blue: against. Green: lung fields; yellow: a text marker.", figures_loss),
          ("Correct predictions", "A class-stratified sample of correct predictions.", figures_correct),
          ("Faithfulness", "Removing the most-attributed pixels first should lower the probability faster than "
           "removing random pixels.", [("deletion curves", png_bytes(gallery.deletion_figure(deletion)))])],
-        tables=[("Shortcut audit per class", summary_rows(summary)), ("Top losses", losses.drop(columns=["index"]).to_dict("records")),
+        tables=[("Shortcut audit per class", summary_rows(summary)),
+                # fastai's losses are of the network's own (uncalibrated) probabilities; p_true beside it is calibrated
+                ("Top losses", losses.drop(columns=["index"]).rename(columns={"loss": "loss (uncalibrated)"})
+                 .to_dict("records")),
                 ("Most confused", [{"true": a, "predicted": b, "count": c} for a, b, c in confused])],
     )
 

@@ -143,7 +143,9 @@ def summary_cards(metrics: Mapping) -> list[tuple[str, str, str]]:
     ):
         if key in metrics:
             cards.append((label, format_value(metrics[key]), _ci_text(metrics, key)))
-    if "ece" in metrics:
+    if "ece" in metrics and metrics.get("temperature") == 1.0:  # nothing rescaled (an ensemble): one figure
+        cards.append(("ECE", format_value(metrics["ece"]), ""))
+    elif "ece" in metrics:
         detail = ""
         if "ece_calibrated" in metrics:
             detail = f"calibrated {format_value(metrics['ece_calibrated'])}"

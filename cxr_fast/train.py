@@ -644,8 +644,13 @@ def run_summary(run_dir: Path) -> str:
     """One console line on a finished run: what was kept, its valid balanced accuracy and its training time."""
     metrics = read_json(run_dir / "metrics.json")
     kept = f"chosen C {metrics['best_C']:g}" if "best_C" in metrics else f"best epoch {metrics['best_epoch']}"
+    n_classes = len(read_json(run_dir / "config.json")["classes"])
+    # always guessing one class scores 1/K: a run there has learned nothing usable, however calibrated it looks
+    at_chance = metrics["valid_balanced_accuracy"] <= 1 / n_classes + 0.02
+    chance = (f"; [bold yellow]no better than chance[/] (1/{n_classes}): train longer, lower the learning rate or "
+              "check the data" if at_chance else "")
     return (f"run [bold]{escape(str(run_dir))}[/]: {kept}, valid balanced accuracy "
-            f"{metrics['valid_balanced_accuracy']:.3f}, {metrics['train_seconds']:.0f} s")
+            f"{metrics['valid_balanced_accuracy']:.3f}, {metrics['train_seconds']:.0f} s{chance}")
 
 
 def remove_checkpoint(run_dir: Path) -> None:

@@ -5,14 +5,16 @@ from pathlib import Path
 
 
 class PageParser(HTMLParser):
-    """Collects <img> attributes, <meta> tags and the visible text of a page."""
+    """Collects <img> attributes, <meta> tags, link targets and the visible text of a page."""
 
     def __init__(self):
         super().__init__()
-        self.images, self.metas, self.text = [], [], []
+        self.images, self.metas, self.links, self.text = [], [], [], []
 
     def handle_starttag(self, tag, attrs):
-        if tag == "img":
+        if tag == "a":
+            self.links.append(dict(attrs).get("href", ""))
+        elif tag == "img":
             self.images.append(dict(attrs))
         elif tag == "meta":
             self.metas.append(dict(attrs))

@@ -219,3 +219,13 @@ def test_a_marker_box_grown_by_a_large_window_is_flagged_only_for_dense_evidence
     dense[:16, :20] = 20.0
     assert "text marker" in verdict(audit_summary([attribution_shares(dense, lungs_mask(), big_box)] * 3,
                                                   preds=[0] * 3))
+
+
+def test_a_marker_below_the_flag_but_above_its_share_is_a_possible_shortcut():
+    # 12 % of the evidence on a marker box of 4 % is three times its share: no flag, but not "no clear shortcut"
+    box = "0,0,8,8"  # 64 of 1,600 pixels: 4 %
+    attr = np.where(lungs_mask(), 1.0, 0.1)  # the lungs' evidence is dense: no lung shortcut
+    attr[:8, :8] = 1.43  # 92 of 764: 12 %
+    text = verdict(audit_summary([attribution_shares(attr, lungs_mask(), box)] * 3, preds=[0] * 3))
+    assert "possible shortcut" in text and "likely shortcut" not in text
+    assert "from the marker and the half-window around it (4 % of the image)" in text

@@ -130,10 +130,13 @@ def test_bad_inputs_raise():
         fit_temperature(np.array([[np.nan, 0.0]]), np.array([0]))
 
 
-def test_a_valid_split_the_model_gets_all_right_keeps_the_probabilities_as_they_are():
+def test_a_valid_split_with_almost_no_mistakes_keeps_the_probabilities_as_they_are():
     # the NLL of a perfect split falls without end as T shrinks: the fit ran to T = 0.01, and then every test
     # prediction, the wrong ones too, read p = 1.00
     logits, y = calibrated_logits(200, seed=4)
     right = logits.argmax(axis=1) == y
     assert fit_temperature(logits[right], y[right]) == 1.0
-    assert fit_temperature(logits, y) != 1.0  # one mistake or more: fitted as before
+    # with two mistakes the fit still sharpens without ground: T stays 1 below five
+    two_wrong = np.flatnonzero(right).tolist() + np.flatnonzero(~right)[:2].tolist()
+    assert fit_temperature(logits[two_wrong], y[two_wrong]) == 1.0
+    assert (~right).sum() >= 5 and fit_temperature(logits, y) != 1.0  # enough mistakes: fitted as before

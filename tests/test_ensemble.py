@@ -220,3 +220,16 @@ def test_an_ensemble_of_runs_whose_manifest_was_prepared_again_is_refused_before
     with pytest.raises(CxrFastError, match="the manifest changed since"):
         build_ensemble(members, tmp_path / "ens", progress=False)
     assert not (tmp_path / "ens").exists()
+
+
+def test_the_command_warns_when_the_average_scores_below_its_best_member(tmp_path, monkeypatch):
+    import json
+
+    import cxr_fast.ensemble
+
+    (tmp_path / "ens").mkdir()
+    (tmp_path / "ens" / "metrics.json").write_text(json.dumps(
+        {"valid_balanced_accuracy": 0.938, "members": {"demo": 0.958, "run2": 0.333}}))
+    monkeypatch.setattr(cxr_fast.ensemble, "build_ensemble", lambda runs, out: tmp_path / "ens")
+    result = CliRunner().invoke(app, ["ensemble", "a", "b", "--out", str(tmp_path / "ens")])
+    assert result.exit_code == 0 and "below its best member on valid (0.938 < 0.958)" in result.output

@@ -126,6 +126,21 @@ def test_compare_keeps_one_architecture_trained_two_ways_apart(tiny_runs, tiny_d
     labels = dict(zip(result.summary["arch"], result.summary["runs"], strict=True))
     # the two seeds of the 2-epoch recipe are one setting; the 3-epoch run is another, not a third "seed"
     assert labels == {f"cxresnet_tiny ({tiny_runs[0].name})": 2, "cxresnet_tiny (longer)": 1}
+    # the report: one run has no spread ("—", not 0.000); p is never shown as 0.000; exact tests have no statistic
+    report = (tmp_path / "cmp" / "report.md").read_text()
+    single = next(line for line in report.splitlines() if line.startswith("| cxresnet_tiny (longer) |"))
+    assert single.split("|")[4].strip() == "—"
+    assert "0.000 |" not in next(line for line in report.splitlines() if "| exact |" in line)
+
+
+def test_compare_shows_a_tiny_p_value_as_below_a_thousandth(tiny_runs, tmp_path, monkeypatch):
+    import cxr_fast.compare
+
+    monkeypatch.setattr(cxr_fast.compare, "mcnemar", lambda *a: {"b": 24, "c": 0, "statistic": 0.0,
+                                                                    "p_value": 1.19e-07, "method": "exact"})
+    compare_runs(tiny_runs, out=tmp_path / "cmp", n_boot=20)
+    row = next(line for line in (tmp_path / "cmp" / "report.md").read_text().splitlines() if "| exact |" in line)
+    assert "< 0.001" in row and "0.000" not in row
 
 
 def test_compare_trains_each_architecture_under_one_budget(tiny_data, tmp_path):
@@ -353,3 +368,27 @@ def test_an_interrupted_compare_resumes_keeping_its_finished_runs(tiny_data, tmp
     assert len(result.table) == 2 and (tmp_path / "cmp" / "report" / "report.html").is_file()
     with pytest.raises(CxrFastError, match="no interrupted comparison to resume"):
         compare_archs(tiny_data, ["cxresnet_tiny"], **{**settings, "out": tmp_path / "none"}, resume=True)
+
+
+def test_accuracy_is_split_by_text_marker_where_markers_are_known():
+    # a model reading a planted marker scores better where it is: the headline figure alone overstates it
+    from cxr_fast.evaluate import accuracy_by_marker, marker_text
+
+    items = pd.DataFrame({"marker_box": ["1,1,5,5", "", "1,1,5,5", None, ""]})
+    y = np.array([0, 1, 2, 0, 1])
+    logits = np.eye(3)[[0, 0, 2, 0, 2]]  # right on both marked images, on one of three unmarked
+    split = accuracy_by_marker(items, y, logits)
+    assert split == {"with_marker": {"n": 2, "correct": 2, "accuracy": 1.0},
+                     "without_marker": {"n": 3, "correct": 1, "accuracy": pytest.approx(1 / 3)}}
+    assert "marker: 1.00 (2 of 2); on those without: 0.33 (1 of 3)" in marker_text(split)
+    assert accuracy_by_marker(pd.DataFrame({"marker_box": ["", ""]}), y[:2], logits[:2]) is None
+    assert accuracy_by_marker(pd.DataFrame({"path": ["a", "b"]}), y[:2], logits[:2]) is None
+
+
+def test_a_temperature_that_worsens_the_log_loss_here_is_a_caution():
+    from cxr_fast.evaluate import calibration_worse
+
+    base = {"temperature": 0.17, "ece": 0.092, "ece_calibrated": 0.127}
+    assert "sharpens (T < 1)" in calibration_worse({**base, "nll": 0.378, "nll_calibrated": 0.952})
+    assert calibration_worse({**base, "nll": 0.378, "nll_calibrated": 0.300}) is None
+    assert calibration_worse({**base, "temperature": 1.0, "nll": 0.3, "nll_calibrated": 0.4}) is None

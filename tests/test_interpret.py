@@ -13,7 +13,7 @@ from cxr_fast.data.synth import synthesize
 from cxr_fast.errors import CxrFastError
 from cxr_fast.interpret import interpret
 from cxr_fast.train import train
-from tests.pages import image_sources
+from tests.pages import image_sources, parse
 
 
 def test_interpret_writes_gallery_audit_and_top_losses(tiny_runs):
@@ -31,6 +31,9 @@ def test_interpret_writes_gallery_audit_and_top_losses(tiny_runs):
     pngs = sorted((out / "images").glob("*.png"))
     assert len(sources) == len(pngs) + 1  # every per-image figure, plus the deletion curves
     assert all(s.startswith("data:image/png;base64,") for s in sources)
+    # each figure links its full-size copy, which the grid would otherwise leave unreadable
+    assert sorted(parse(out / "gallery.html").links) == [f"images/{p.name}" for p in pngs]
+    assert 'lang=\'en\'' in (out / "gallery.html").read_text()
     deletion = audit["deletion"]
     assert len(deletion["attributed_curve"]) == len(deletion["fractions"])
     with pytest.raises(CxrFastError, match="--force"):

@@ -753,3 +753,13 @@ def test_resume_of_a_run_killed_before_its_first_epoch_ended_says_to_start_again
         train(tiny_data, out=tmp_path / "run", resume=True, quiet=True)
     train(tiny_data, resolve_config(epochs=1, **TINY), out=tmp_path / "run", quiet=True)
     assert (tmp_path / "run" / "metrics.json").is_file()
+
+
+def test_the_closing_line_says_when_a_run_is_no_better_than_chance(tmp_path):
+    from cxr_fast.train import run_summary
+
+    (tmp_path / "config.json").write_text(json.dumps({"classes": ["COVID-19", "Normal", "Pneumonia"]}))
+    for score, at_chance in ((0.333, True), (0.34, True), (0.6, False)):
+        (tmp_path / "metrics.json").write_text(json.dumps({"best_epoch": 0, "valid_balanced_accuracy": score,
+                                                          "train_seconds": 3.0}))
+        assert ("no better than chance[/] (1/3)" in run_summary(tmp_path)) == at_chance
