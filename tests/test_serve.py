@@ -221,12 +221,11 @@ def test_page_in_a_real_browser(server_url, image, tmp_path):
         driver.quit()
 
 
-def test_probabilities_do_not_wait_behind_heatmaps_and_abandoned_heatmaps_are_dropped(run, image, monkeypatch):
+def test_probabilities_do_not_wait_behind_heatmaps_and_abandoned_heatmaps_are_dropped(server_url, image, monkeypatch):
     # One lock once served everything in turn: a page's probabilities waited behind every earlier heatmap,
     # including those whose page had moved on (the client gone), which were all still computed.
     import http.client
-
-    import uvicorn
+    from urllib.parse import urlparse
 
     import cxr_fast.serve
 
@@ -237,15 +236,8 @@ def test_probabilities_do_not_wait_behind_heatmaps_and_abandoned_heatmaps_are_dr
         time.sleep(2.0)
         return real_map(*args)
 
-    monkeypatch.setattr(cxr_fast.serve, "occlusion_map", slow_map)
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    server = uvicorn.Server(uvicorn.Config(create_app(run), host="127.0.0.1", port=port, log_level="warning"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    while not server.started:
-        time.sleep(0.05)
+    monkeypatch.setattr(cxr_fast.serve, "occlusion_map", slow_map)  # looked up per request: the server takes it
+    port = urlparse(server_url).port
     boundary, data = "cxrfast", image.read_bytes()
     body = (f"--{boundary}\r\nContent-Disposition: form-data; name=\"file\"; filename=\"{image.name}\"\r\n"
             f"Content-Type: application/octet-stream\r\n\r\n").encode() + data + f"\r\n--{boundary}--\r\n".encode()
@@ -256,19 +248,15 @@ def test_probabilities_do_not_wait_behind_heatmaps_and_abandoned_heatmaps_are_dr
                            {"Content-Type": f"multipart/form-data; boundary={boundary}"})
         return connection
 
-    try:
-        first = request(1, 30)  # takes its turn: a 2-second sweep
-        time.sleep(0.3)
-        abandoned = request(1, 30)  # waits for the turn, and its page moves on
-        time.sleep(0.3)
-        abandoned.sock.shutdown(socket.SHUT_RDWR)
-        abandoned.close()
-        started = time.monotonic()
-        quick = request(0, 30).getresponse()
-        assert quick.status == 200 and time.monotonic() - started < 1.5  # not behind the 2-second sweep
-        assert first.getresponse().status == 200
-        time.sleep(1.0)  # the abandoned request's turn has come and gone
-        assert len(sweeps) == 1
-    finally:
-        server.should_exit = True
-        thread.join(10)
+    first = request(1, 30)  # takes its turn: a 2-second sweep
+    time.sleep(0.3)
+    abandoned = request(1, 30)  # waits for the turn, and its page moves on
+    time.sleep(0.3)
+    abandoned.sock.shutdown(socket.SHUT_RDWR)
+    abandoned.close()
+    started = time.monotonic()
+    quick = request(0, 30).getresponse()
+    assert quick.status == 200 and time.monotonic() - started < 1.5  # not behind the 2-second sweep
+    assert first.getresponse().status == 200
+    time.sleep(1.0)  # the abandoned request's turn has come and gone
+    assert len(sweeps) == 1
