@@ -211,3 +211,17 @@ def test_a_window_over_a_quarter_of_the_input_warns_that_the_lung_figures_blur(t
     with pytest.warns(UserWarning, match="over a quarter of the .* the audit's lung figures are blurred"):
         interpret(tiny_runs[0], n=1, audit_n=1, window=size // 4 + 1, progress=False, force=True)
 
+
+
+def test_an_implausible_lung_estimate_is_left_out_like_a_missing_one(monkeypatch):
+    # on real films the estimate sometimes takes a whole collimation frame (70-88 % of the film) or two specks
+    import cxr_fast.interpret
+    from cxr_fast.interpret import lung_mask_for
+
+    row = pd.Series({"path": "x.png"})
+    for area, source in ((0.0, "not found"), (0.02, "implausible"), (0.30, "estimated"), (0.80, "implausible")):
+        mask = np.zeros((50, 50), dtype=bool)
+        mask.flat[: int(area * mask.size)] = True
+        monkeypatch.setattr(cxr_fast.interpret, "estimate_lung_field", lambda image, m=mask: m)
+        lungs, found = lung_mask_for(row, np.zeros((50, 50), np.uint8), 50)
+        assert found == source and lungs.any() == (source == "estimated")

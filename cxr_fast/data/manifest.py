@@ -361,10 +361,9 @@ def prepare(
         warnings = [spread] if spread else []
 
     labels = sorted(manifest["label"].unique())
-    if len(labels) < 2:
-        raise CxrFastError(
-            f"{src_dir}: only the class {labels[0]!r} has usable images; a classifier needs two or more class folders"
-        )
+    if len(labels) < 2:  # an external set of Normal films alone is a common test of a model; training refuses it
+        warnings.append(f"only the class {labels[0]!r} has usable images: this manifest can test a model "
+                        "(cxrfast evaluate RUN --data OUT), but training needs two or more classes")
     warnings += _class_warnings(src_dir, skip, mapping, items, manifest, fractions)
 
     # 6. Synthetic data carries masks and marker boxes in SRC/_meta.csv.
