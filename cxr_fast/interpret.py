@@ -231,7 +231,7 @@ def interpret(run_dir: str | Path, data: str | Path | None = None, split: str = 
                            "asks for no correct ones")
     files = image_column(items).tolist()
     loss_set = set(losses["index"])
-    rows, figures_loss, figures_correct, image_files = [], [], [], []
+    rows, figures_loss, figures_correct, image_files, predicted_maps = [], [], [], [], {}
     with Progress(disable=not progress) as bar:
         task = bar.add_task("occlusion maps", total=len(order))
         for i in order:
@@ -240,6 +240,7 @@ def interpret(run_dir: str | Path, data: str | Path | None = None, split: str = 
             x = run.load_input(file)
             pred, true = int(probs[i].argmax()), int(y[i])
             maps = attribute(run, x, pred, true, methods, window, stride, fill)
+            predicted_maps[i] = maps[f"occlusion → {run.classes[pred]}"]
             lungs, lung_source = lung_mask_for(row, image, run.size)
             # the audit counts the marker's evidence at the map's resolution; the figure shows the marker itself
             box = marker_box_for(row, run.size, margin=window // 2)
@@ -264,7 +265,7 @@ def interpret(run_dir: str | Path, data: str | Path | None = None, split: str = 
     verdicts = audit.verdict(summary).splitlines()
 
     # Faithfulness: deletion curves for a few correctly predicted images (of every class), averaged.
-    deletion = deletion_check(run, items, probs, (correct_sample or order)[:8], window, stride, fill)
+    deletion = deletion_check(run, items, probs, (correct_sample or order)[:8], window, stride, fill, predicted_maps)
 
     with replacing_folder(out_dir, force=force, what="an interpretation") as work:
         write_interpretation(work, run, name, per_image, losses, summary, verdicts, confused, deletion,
@@ -319,12 +320,19 @@ def summary_rows(summary: dict) -> list[dict]:
     return [{"predicted": name, **{k: stats.get(k) for k in SUMMARY_COLUMNS}} for name, stats in groups]
 
 
-def deletion_check(run: Run, items, probs, indices, window, stride, fill: torch.Tensor) -> dict:
+def deletion_check(run: Run, items, probs, indices, window, stride, fill: torch.Tensor,
+                   maps: dict[int, np.ndarray] | None = None) -> dict:
+    """Deletion curves of the images `indices`, averaged; `maps` holds predicted-class occlusion maps already made
+    (by index), which are not made again (8 maps cost up to minutes on a CPU)."""
     curves = []
     for i in indices:
         x = run.load_input(image_column(items.iloc[[i]]).iloc[0])
         pred = int(probs[i].argmax())
-        attr = attribution.occlusion_maps(run.model, x, window=window, stride=stride, targets=[pred], baseline=fill)[0]
+        if maps is not None and i in maps:
+            attr = torch.from_numpy(maps[i])
+        else:
+            attr = attribution.occlusion_maps(run.model, x, window=window, stride=stride, targets=[pred],
+                                              baseline=fill)[0]
         curves.append(audit.deletion_curve(run.model, x, attr, pred, baseline=fill))
     if not curves:
         raise CxrFastError("no images to run the deletion check on")

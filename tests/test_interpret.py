@@ -225,3 +225,18 @@ def test_an_implausible_lung_estimate_is_left_out_like_a_missing_one(monkeypatch
         monkeypatch.setattr(cxr_fast.interpret, "estimate_lung_field", lambda image, m=mask: m)
         lungs, found = lung_mask_for(row, np.zeros((50, 50), np.uint8), 50)
         assert found == source and lungs.any() == (source == "estimated")
+
+
+def test_the_deletion_check_reuses_the_maps_the_audit_made(tiny_runs, monkeypatch):
+    # it made the maps of up to 8 images a second time: minutes on a CPU for a large model
+    import cxr_fast.attribution
+
+    real, calls = cxr_fast.attribution.occlusion_maps, []
+
+    def counted(*args, **kwargs):
+        calls.append(1)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(cxr_fast.attribution, "occlusion_maps", counted)
+    result = interpret(tiny_runs[0], n=2, audit_n=4, window=8, stride=8, progress=False, force=True)
+    assert len(calls) == result.audit["images_audited"] and result.audit["deletion"]["images"] >= 1
