@@ -151,6 +151,10 @@ def metrics_table(m: dict, tta: bool = False):
     else:
         worse = "  (worse: see the report)" if calibration_worse(m) else ""
         table.add_row("ECE raw → calibrated", f"{m['ece']:.3f} → {m['ece_calibrated']:.3f}{worse}")
+    if "by_marker" in m:  # synthetic data: the images without the planted shortcut tell more
+        marked, unmarked = m["by_marker"]["with_marker"], m["by_marker"]["without_marker"]
+        table.add_row("accuracy with / without a text marker",
+                      f"{marked['correct']}/{marked['n']} / {unmarked['correct']}/{unmarked['n']}")
     for name, v in m["per_class"].items():
         recall = "—" if v["recall"] is None else f"{v['recall']:.2f}"  # no images of the class: no recall
         table.add_row(f"  {escape(name)}", f"P {v['precision']:.2f}  R {recall}  F1 {v['f1']:.2f}  n {v['support']}")

@@ -382,6 +382,16 @@ def test_accuracy_is_split_by_text_marker_where_markers_are_known():
                      "without_marker": {"n": 3, "correct": 1, "accuracy": pytest.approx(1 / 3)}}
     assert "marker: 1.00 (2 of 2); on those without: 0.33 (1 of 3)" in marker_text(split)
     assert accuracy_by_marker(pd.DataFrame({"marker_box": ["", ""]}), y[:2], logits[:2]) is None
+    from rich.console import Console
+
+    from cxr_fast.evaluate import metrics_table
+
+    metrics = {"run": "r", "data": "d", "n": 5, "balanced_accuracy": 0.5, "balanced_accuracy_ci": [0.3, 0.7],
+               "accuracy": 0.6, "macro_f1": 0.5, "macro_roc_auc": None, "temperature": 1.0, "ece": 0.1,
+               "per_class": {}, "by_marker": split}
+    console = Console(record=True, width=120)
+    console.print(metrics_table(metrics))
+    assert "accuracy with / without a text marker │ 2/2 / 1/3" in console.export_text()
     assert accuracy_by_marker(pd.DataFrame({"path": ["a", "b"]}), y[:2], logits[:2]) is None
 
 
