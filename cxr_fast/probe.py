@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import sys
 import time
 import warnings
 from pathlib import Path
@@ -133,6 +134,9 @@ def split_features(body: FrozenFeatures, manifest: pd.DataFrame, cfg: TrainConfi
                 seconds = time.perf_counter() - started
                 state["train_seconds"] += seconds
                 state["feature_seconds"] = state.get("feature_seconds", 0.0) + seconds
+                if not quiet and not sys.stderr.isatty():  # a log gets no bar: a line per block, as epochs get
+                    print(f"features: {name}: {sum(map(len, files.values()))} images, {seconds:.0f} s",
+                          file=sys.stderr, flush=True)
                 _write_state(state, checkpoint)  # after the block: it must never count work not yet saved
             for s in FITTED_SPLITS:
                 blocks[s].append(block[s])

@@ -200,3 +200,11 @@ def test_a_full_disk_while_the_bundle_is_written_says_how_to_finish_it(tiny_data
             train(tiny_data, cfg, out=tmp_path / "run", quiet=True)
     train(tiny_data, out=tmp_path / "run", resume=True, quiet=True)
     assert (tmp_path / "run" / "metrics.json").is_file() and not (tmp_path / "run" / "checkpoint").exists()
+
+
+def test_a_log_gets_a_line_per_feature_block(tiny_data, tmp_path, capsys):
+    # rich's transient bars show nothing when the output is a file: a log sat empty for the minutes of a real run
+    train(tiny_data, resolve_config(small_recipe(tmp_path)), out=tmp_path / "run", quiet=False)
+    lines = [line for line in capsys.readouterr().err.splitlines() if line.startswith("features: ")]
+    n = len(read_manifest(tiny_data).query("split != 'test'"))
+    assert len(lines) == 2 and all(line.endswith(" s") and f": {n} images, " in line for line in lines)
