@@ -475,7 +475,7 @@ def _train(data, cfg, *, out, resume, extra_cbs, quiet) -> Path:
             raise TrainingInterrupted(run_dir, state["epochs_done"], sum(n for _, n in _phases(cfg)), data=data) from None
         if storage_problem(e) and state["epochs_done"] and distributed.is_main():  # a full disk mid-run
             raise CxrFastError(f"{storage_problem(e)}; training stopped after {state['epochs_done']} epochs, and "
-                               f"continues with: cxrfast train --data {data} --out {run_dir} --resume") from None
+                               f"continues with: {resume_command(run_dir, data)}") from None
         raise
     if not distributed.is_main():
         return run_dir
@@ -495,7 +495,12 @@ def writing_bundle(run_dir: Path, data, done: int, planned: int, unit: str = "ep
         if storage_problem(e) is None:
             raise
         raise CxrFastError(f"{storage_problem(e)}; the bundle in {run_dir} was not finished; make room and finish it "
-                           f"with: cxrfast train --data {data} --out {run_dir} --resume") from None
+                           f"with: {resume_command(run_dir, data)}") from None
+
+
+def resume_command(run_dir: Path, data) -> str:
+    """The command line that continues the run in `run_dir`, for the messages of a run that stopped."""
+    return f"cxrfast train --data {data} --out {run_dir} --resume"
 
 
 def _clear_run_folder(run_dir: Path, keep: bool) -> None:
@@ -525,7 +530,7 @@ class TrainingInterrupted(KeyboardInterrupt):
     def __init__(self, run_dir: Path, epochs_done: int, epochs_planned: int, unit: str = "epochs", data=None):
         self.run_dir, self.epochs_done, self.epochs_planned = run_dir, epochs_done, epochs_planned
         held = f"{run_dir} holds them" if epochs_done else "nothing was kept"
-        resume = (f"; continue with: cxrfast train --data {data} --out {run_dir} --resume"
+        resume = (f"; continue with: {resume_command(run_dir, data)}"
                   if epochs_done and data is not None else "")
         super().__init__(f"training interrupted after {epochs_done} of {epochs_planned} {unit}; {held}{resume}")
 
