@@ -12,13 +12,13 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import torch
-from rich.progress import Progress
 
 from cxr_fast.archs import model_from_config
 from cxr_fast.config import contract_problem
 from cxr_fast.data.manifest import image_column, manifest_csv, manifest_digest, read_manifest
 from cxr_fast.errors import CxrFastError, read_json, read_tensors
 from cxr_fast.preprocess import load_input
+from cxr_fast.progress import progress_bar
 
 
 @dataclass
@@ -168,7 +168,7 @@ def predict_logits(run: Run, items: pd.DataFrame | list[str], bs: int = 32, prog
     With `tta`, the mean logits over `tta_views`."""
     files = image_column(items).tolist() if isinstance(items, pd.DataFrame) else [str(f) for f in items]
     out = []
-    with Progress(transient=True, disable=not progress) as bar:
+    with progress_bar(progress) as bar:
         task = bar.add_task(f"predicting {len(files)} images", total=len(files))
         for batch in iter_batches(run, files, bs):
             views = tta_views(batch) if tta else [batch]

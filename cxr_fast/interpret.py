@@ -183,9 +183,8 @@ def interpret(run_dir: str | Path, data: str | Path | None = None, split: str = 
     and half that), a shortcut audit of where the evidence lies (lungs, borders, text markers), a deletion check of
     the maps' faithfulness, and gallery.html, audit.json and top_losses.csv in RUN/interpret/<data>-<split>/
     (<data>-<split>-mean with ``baseline="mean"``)."""
-    from rich.progress import Progress
-
     from cxr_fast import gallery
+    from cxr_fast.progress import progress_bar
     from cxr_fast.report import png_bytes
 
     unknown = sorted(set(methods) - set(METHODS))
@@ -232,7 +231,7 @@ def interpret(run_dir: str | Path, data: str | Path | None = None, split: str = 
     files = image_column(items).tolist()
     loss_set = set(losses["index"])
     rows, figures_loss, figures_correct, image_files, predicted_maps = [], [], [], [], {}
-    with Progress(disable=not progress) as bar:
+    with progress_bar(progress, transient=False) as bar:
         task = bar.add_task("occlusion maps", total=len(order))
         for i in order:
             row, file = items.iloc[i], files[i]

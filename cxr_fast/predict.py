@@ -237,7 +237,7 @@ def predict(run_dir: str | Path, inputs: Sequence[str | Path], heatmap: bool = F
     (.csv or .json) the results are also written there; an existing file is refused unless `force`.
     `runner` (a loaded TorchRunner/OnnxRunner) replaces `run_dir`/`runtime` for repeated calls.
     """
-    from rich.progress import Progress
+    from cxr_fast.progress import progress_bar
 
     if not inputs:
         raise CxrFastError("give at least one image file or folder to predict")
@@ -264,7 +264,7 @@ def predict(run_dir: str | Path, inputs: Sequence[str | Path], heatmap: bool = F
             bar.advance(task)
         pending.clear()
 
-    with Progress(transient=True, disable=not progress) as bar:
+    with progress_bar(progress) as bar:
         task = bar.add_task(f"predicting {len(files)} image{'s' if len(files) != 1 else ''}", total=len(files))
         try:
             for file in files:

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import json
 import shutil
-import sys
 import time
 import warnings
 from pathlib import Path
@@ -36,6 +35,7 @@ from cxr_fast.data.manifest import image_column
 from cxr_fast.errors import CxrFastError, read_tensors
 from cxr_fast.outputs import write_tensors
 from cxr_fast.preprocess import load_input
+from cxr_fast.progress import LogProgress, progress_bar
 
 # Inverse regularisation strengths tried, strongest first: on a tie the simpler model wins. The 5-fold benchmark
 # chose 0.003-0.03 for 11,536 features and ~530 training images (docs/benchmarks.md).
@@ -117,7 +117,7 @@ def split_features(body: FrozenFeatures, manifest: pd.DataFrame, cfg: TrainConfi
     files = {s: image_column(manifest[manifest["split"] == s]).tolist() for s in FITTED_SPLITS}
     images: dict[str, torch.Tensor] | None = None  # read only when a block must be computed
     blocks: dict[str, list[torch.Tensor]] = {s: [] for s in FITTED_SPLITS}
-    with Progress(transient=True, disable=quiet) as bar:
+    with progress_bar(not quiet) as bar:
         for backbone, size in body.members():
             path = checkpoint / f"features-{backbone}-{size}.safetensors"
             if path.is_file():
@@ -134,16 +134,13 @@ def split_features(body: FrozenFeatures, manifest: pd.DataFrame, cfg: TrainConfi
                 seconds = time.perf_counter() - started
                 state["train_seconds"] += seconds
                 state["feature_seconds"] = state.get("feature_seconds", 0.0) + seconds
-                if not quiet and not sys.stderr.isatty():  # a log gets no bar: a line per block, as epochs get
-                    print(f"features: {name}: {sum(map(len, files.values()))} images, {seconds:.0f} s",
-                          file=sys.stderr, flush=True)
                 _write_state(state, checkpoint)  # after the block: it must never count work not yet saved
             for s in FITTED_SPLITS:
                 blocks[s].append(block[s])
     return {s: torch.cat(blocks[s], dim=1).numpy().astype(np.float64) for s in FITTED_SPLITS}
 
 
-def _read_images(files: list[str], cfg: TrainConfig, stats: Stats, bar: Progress, task) -> torch.Tensor:
+def _read_images(files: list[str], cfg: TrainConfig, stats: Stats, bar: Progress | LogProgress, task) -> torch.Tensor:
     out = []
     for f in files:
         out.append(load_input(f, cfg.size, cfg.n_in, stats.mean, stats.std))
@@ -153,7 +150,7 @@ def _read_images(files: list[str], cfg: TrainConfig, stats: Stats, bar: Progress
 
 @torch.no_grad()
 def _member_features(body: FrozenFeatures, backbone: int, size: int, images: torch.Tensor, bs: int,
-                     bar: Progress, task) -> torch.Tensor:
+                     bar: Progress | LogProgress, task) -> torch.Tensor:
     out = []
     for start in range(0, len(images), bs):
         out.append(body.member_features(images[start:start + bs], backbone, size))
@@ -177,7 +174,7 @@ def fit_regression(x: dict[str, np.ndarray], y: dict[str, np.ndarray], class_wei
         xs = {s: v @ basis.T for s, v in xs.items()}
     n_classes = int(max(y["train"].max(), y["valid"].max())) + 1
     rows, best = [], None
-    with Progress(transient=True, disable=quiet) as bar:
+    with progress_bar(not quiet) as bar:
         task = bar.add_task("fitting the regression", total=len(STRENGTHS))
         for c in STRENGTHS:
             fit = LogisticRegression(C=c, class_weight="balanced" if class_weights else None, tol=1e-6, max_iter=3000)

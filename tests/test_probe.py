@@ -205,6 +205,7 @@ def test_a_full_disk_while_the_bundle_is_written_says_how_to_finish_it(tiny_data
 def test_a_log_gets_a_line_per_feature_block(tiny_data, tmp_path, capsys):
     # rich's transient bars show nothing when the output is a file: a log sat empty for the minutes of a real run
     train(tiny_data, resolve_config(small_recipe(tmp_path)), out=tmp_path / "run", quiet=False)
-    lines = [line for line in capsys.readouterr().err.splitlines() if line.startswith("features: ")]
+    lines = [line for line in capsys.readouterr().err.splitlines()
+             if line.startswith("features: ") and line.endswith(", done")]
     n = len(read_manifest(tiny_data).query("split != 'test'"))
-    assert len(lines) == 2 and all(line.endswith(" s") and f": {n} images, " in line for line in lines)
+    assert len(lines) == 2 and all(f": {n}/{n} (100 %), " in line for line in lines)

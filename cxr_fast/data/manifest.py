@@ -83,6 +83,7 @@ from cxr_fast.data.split import (
 from cxr_fast.data.synth import UNFINISHED
 from cxr_fast.errors import CxrFastError
 from cxr_fast.outputs import check_folder_path, printable, write_text
+from cxr_fast.progress import LogProgress, progress_bar
 
 REPORT_NAME = PREPARED_MARKER
 META_NAME = "_meta.csv"
@@ -148,18 +149,13 @@ class PrepareReport:
 
 
 def _examine_all(
-    tasks: list[tuple[str, str | None, int]], workers: int, progress: Progress | None, task_id
+    tasks: list[tuple[str, str | None, int]], workers: int, progress: Progress | LogProgress, task_id
 ) -> list[image_cache.Examined]:
     results: list[image_cache.Examined] = []
-
-    def advance():
-        if progress is not None:
-            progress.advance(task_id)
-
     if workers <= 1 or len(tasks) < PARALLEL_MIN_FILES:
         for task in tasks:
             results.append(image_cache.examine_file(task))
-            advance()
+            progress.advance(task_id)
         return results
     # Threads, not processes: JPEG/PNG decoding, resizing, PNG encoding and SHA-256 run in C with the GIL
     # released (checked: a probe thread is never stalled more than ~10 ms during a 0.5-3 s call of each),
@@ -168,7 +164,7 @@ def _examine_all(
     with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="cxrfast-prepare") as pool:
         for result in pool.map(image_cache.examine_file, tasks):
             results.append(result)
-            advance()
+            progress.advance(task_id)
     return results
 
 
@@ -303,8 +299,10 @@ def prepare(
     cache_dir = out_dir / image_cache.CACHE_DIRNAME if cache_size > 0 else None
     out_dir.mkdir(parents=True, exist_ok=True)
     tasks = [(str(item.path), str(cache_dir) if cache_dir else None, cache_size) for item, _, _ in candidates]
-    with _progress_bar(console, enabled=progress) as bar:
-        task_id = bar.add_task("Checking images", total=len(tasks)) if bar is not None else None
+    columns = (TextColumn("[progress.description]{task.description}"), BarColumn(), MofNCompleteColumn(),
+               TimeElapsedColumn(), TimeRemainingColumn())
+    with progress_bar(progress, transient=False, console=console, columns=columns) as bar:
+        task_id = bar.add_task("Checking images", total=len(tasks))
         examined = _examine_all(tasks, workers, bar, task_id)
 
     rows = []
@@ -524,28 +522,6 @@ def _check_distinct_labels(src: Path, labels: list[str]) -> None:
         shown = " and ".join(repr(name) for name in alike[0])
         raise CxrFastError(f"{src}: class folders {shown} differ only in case, spaces or Unicode form and would be "
                            "two classes; rename them alike, or give a --label-map mapping each to one label")
-
-
-def _progress_bar(console: Console, enabled: bool):
-    if not enabled:
-        return _NoProgress()
-    return Progress(
-        TextColumn("[progress.description]{task.description}"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TimeElapsedColumn(),
-        TimeRemainingColumn(),
-        console=console,
-        transient=False,
-    )
-
-
-class _NoProgress:
-    def __enter__(self):
-        return None
-
-    def __exit__(self, *exc):
-        return False
 
 
 def _stored_path(value: str, out_dir: Path) -> str:

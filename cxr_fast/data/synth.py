@@ -22,12 +22,12 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 from PIL import Image, ImageDraw, ImageFont
-from rich.progress import track
 
 from cxr_fast import CLASSES
 from cxr_fast.data.io import MIN_SIDE
 from cxr_fast.errors import CxrFastError
 from cxr_fast.outputs import PARTIAL_INSIDE, check_folder_path, new_folder
+from cxr_fast.progress import progress_bar
 
 CLASS_NAMES = CLASSES
 # Text and corner of each class's shortcut marker; corners are chosen to lie outside the body outline.
@@ -311,20 +311,23 @@ def _write_phantoms(out: Path, n_per_class: int, size: int, shortcut_rate: float
 
     jobs = [(label, i) for label in CLASSES for i in range(n_per_class)]
     rows = []
-    for label, i in track(jobs, description="Synthesising phantoms", disable=not progress):
-        image, mask, box = make_phantom(label, i, size, seed, shortcut_rate, lesion_contrast)
-        name = f"{label}_{i:04d}.png"
-        Image.fromarray(image).save(out / label / name)
-        Image.fromarray(mask).save(out / "_masks" / label / name)
-        rows.append(
-            dict(
-                relpath=f"{label}/{name}",
-                label=label,
-                mask=f"_masks/{label}/{name}",
-                marker=int(box is not None),
-                marker_box=",".join(map(str, box)) if box else "",
+    with progress_bar(progress) as bar:
+        task = bar.add_task("Synthesising phantoms", total=len(jobs))
+        for label, i in jobs:
+            image, mask, box = make_phantom(label, i, size, seed, shortcut_rate, lesion_contrast)
+            name = f"{label}_{i:04d}.png"
+            Image.fromarray(image).save(out / label / name)
+            Image.fromarray(mask).save(out / "_masks" / label / name)
+            rows.append(
+                dict(
+                    relpath=f"{label}/{name}",
+                    label=label,
+                    mask=f"_masks/{label}/{name}",
+                    marker=int(box is not None),
+                    marker_box=",".join(map(str, box)) if box else "",
+                )
             )
-        )
+            bar.advance(task)
     meta = pd.DataFrame(rows, columns=["relpath", "label", "mask", "marker", "marker_box"])
     meta.to_csv(out / "_meta.csv", index=False)
     settings = (

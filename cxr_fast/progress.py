@@ -1,0 +1,74 @@
+"""Progress on long work: rich's bar on a terminal, a plain line now and then in a log.
+
+rich draws nothing when its output is not a terminal (a transient bar leaves no trace at all), so a job run under
+nohup, a scheduler or `| tee` sat silent for minutes and then printed its result. There the same calls print a
+line per task instead: when it starts, at most every `LOG_INTERVAL_S` seconds while it runs, and when it ends.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from dataclasses import dataclass, field
+from typing import TextIO
+
+from rich.console import Console
+from rich.progress import Progress
+
+LOG_INTERVAL_S = 30.0
+
+
+def progress_bar(enabled: bool = True, transient: bool = True, console: Console | None = None,
+                 columns: tuple = ()) -> Progress | LogProgress:
+    """A context manager with rich's `add_task` / `advance`: rich's bar (on stderr unless `console` says otherwise)
+    on a terminal, `LogProgress` lines elsewhere, nothing at all when not `enabled`."""
+    console = console or Console(stderr=True)
+    if enabled and not console.is_terminal:
+        return LogProgress(console.file)
+    return Progress(*columns, console=console, transient=transient, disable=not enabled)
+
+
+@dataclass
+class _Task:
+    description: str
+    total: float | None
+    completed: float = 0
+    started: float = field(default_factory=time.monotonic)
+    last_line: float = field(default_factory=time.monotonic)
+
+
+class LogProgress:
+    """The part of rich's `Progress` this project uses, writing lines such as
+    ``predicting 886 images: 310/886 (35 %), 61 s`` to `stream`."""
+
+    def __init__(self, stream: TextIO | None = None, interval: float = LOG_INTERVAL_S):
+        self.stream = stream or sys.stderr
+        self.interval = interval
+        self.tasks: list[_Task] = []
+
+    def __enter__(self) -> LogProgress:
+        return self
+
+    def __exit__(self, *exc) -> bool:
+        return False
+
+    def add_task(self, description: str, total: float | None = None, **_) -> int:
+        self.tasks.append(_Task(description, total))
+        self._line(self.tasks[-1], "started")
+        return len(self.tasks) - 1
+
+    def advance(self, task_id: int, advance: float = 1) -> None:
+        task = self.tasks[task_id]
+        task.completed += advance
+        now = time.monotonic()
+        done = task.total is not None and task.completed >= task.total
+        if done or now - task.last_line >= self.interval:
+            task.last_line = now
+            self._line(task, f"{now - task.started:.0f} s" + (", done" if done else ""))
+
+    def _line(self, task: _Task, when: str) -> None:
+        if task.total:
+            count = f"{task.completed:g}/{task.total:g} ({100 * task.completed / task.total:.0f} %)"
+        else:
+            count = f"{task.completed:g}"
+        print(f"{task.description}: {count}, {when}", file=self.stream, flush=True)

@@ -1,0 +1,51 @@
+"""Progress in a log: rich draws nothing when its output is not a terminal, so long work printed nothing until done."""
+
+import io
+import shutil
+
+from rich.console import Console
+from rich.progress import Progress
+
+from cxr_fast.evaluate import evaluate
+from cxr_fast.progress import LogProgress, progress_bar
+
+
+def test_a_log_gets_a_line_when_a_task_starts_and_when_it_ends():
+    stream = io.StringIO()
+    with LogProgress(stream, interval=3600) as bar:
+        task = bar.add_task("predicting 5 images", total=5)
+        for _ in range(5):
+            bar.advance(task)
+    lines = stream.getvalue().splitlines()
+    assert lines[0] == "predicting 5 images: 0/5 (0 %), started"
+    assert len(lines) == 2 and lines[1].startswith("predicting 5 images: 5/5 (100 %), ") and lines[1].endswith(" s, done")
+
+
+def test_a_long_task_prints_a_line_each_interval():
+    stream = io.StringIO()
+    with LogProgress(stream, interval=0) as bar:
+        task = bar.add_task("occlusion maps", total=4)
+        bar.advance(task, 2)
+        other = bar.add_task("reading images")  # no total: a count
+        bar.advance(other, 3)
+    assert stream.getvalue().splitlines()[1:] == ["occlusion maps: 2/4 (50 %), 0 s", "reading images: 0, started",
+                                                  "reading images: 3, 0 s"]
+
+
+def test_a_terminal_gets_rich_bars_a_file_gets_lines_and_disabled_gets_nothing():
+    terminal = Console(file=io.StringIO(), force_terminal=True)
+    assert isinstance(progress_bar(console=terminal), Progress)
+    log = io.StringIO()
+    bar = progress_bar(console=Console(file=log))
+    assert isinstance(bar, LogProgress) and bar.stream is log
+    quiet = progress_bar(False, console=Console(file=log))
+    with quiet:
+        quiet.advance(quiet.add_task("nothing", total=1))
+    assert log.getvalue() == ""
+
+
+def test_evaluate_in_a_log_says_how_far_prediction_got(tiny_runs, tmp_path, capsys):
+    run = shutil.copytree(tiny_runs[0], tmp_path / "run")  # the shared run stays as other tests expect
+    evaluate(run, n_boot=20, force=True, progress=True)  # earlier tests may have evaluated it
+    err = capsys.readouterr().err
+    assert "predicting " in err and "(100 %)" in err and ", done" in err
