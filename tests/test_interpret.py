@@ -186,8 +186,10 @@ def test_black_is_black_in_every_channel_of_a_three_channel_model(tmp_path):
 
     mean, std = [0.485, 0.456, 0.406], [0.229, 0.224, 0.225]  # ImageNet's: three different channels
     run = Run(path=tmp_path, model=torch.nn.Identity(), config={"mean": mean, "std": std, "n_in": 3, "size": 16})
-    Image.new("L", (64, 64), 0).save(tmp_path / "black.png")
-    black = run.load_input(tmp_path / "black.png")
+    half_black = np.zeros((64, 64), np.uint8)
+    half_black[:, 32:] = np.linspace(0, 255, 32)  # a plain black sheet is refused as no radiograph
+    Image.fromarray(half_black).save(tmp_path / "black.png")
+    black = run.load_input(tmp_path / "black.png")[..., :6]  # the left columns, untouched by resizing
     fill = baseline_value(run, "black")
     torch.testing.assert_close(torch.broadcast_to(fill, black.shape), black)
     np.testing.assert_array_equal(fill.numpy(), black_baseline(mean, std))

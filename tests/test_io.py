@@ -63,9 +63,9 @@ def test_rgba_and_la_drop_alpha(tmp_path):
 
 def test_rgb_uses_luma(tmp_path):
     red = np.zeros((80, 96, 3), np.uint8)
-    red[..., 0] = 200
+    red[..., 0] = np.linspace(60, 250, 96).astype(np.uint8)  # a ramp: a single colour is no radiograph
     Image.fromarray(red, "RGB").save(tmp_path / "red.png")
-    assert abs(int(np.asarray(read_image(tmp_path / "red.png")).mean()) - round(200 * 0.299)) <= 1
+    assert np.abs(np.asarray(read_image(tmp_path / "red.png")).astype(int) - np.round(red[..., 0] * 0.299)).max() <= 1
 
 
 def test_palette_png(tmp_path):
@@ -87,8 +87,8 @@ def test_cmyk_jpeg(tmp_path):
 
 
 def test_exif_orientation_is_applied(tmp_path):
-    pixels = np.zeros((80, 120), np.uint8)  # landscape, bright block in the top-left corner
-    pixels[:20, :30] = 255
+    pixels = np.tile(np.linspace(0, 120, 120).astype(np.uint8), (80, 1))  # landscape, a ramp, and a bright
+    pixels[:20, :30] = 255  # block in the top-left corner
     exif = Image.Exif()
     exif[0x0112] = 6  # "rotate 90 degrees clockwise to display"
     Image.fromarray(pixels).save(tmp_path / "r.jpg", exif=exif, quality=95)
@@ -232,6 +232,38 @@ def test_too_small(tmp_path):
     assert reason_for(tmp_path / "strip.png") == "too-small"
 
 
+def test_a_mask_a_blank_sheet_or_a_dicom_mask_is_no_radiograph(tmp_path):
+    mask = np.zeros((800, 600), np.uint8)
+    mask[200:600, 100:280] = mask[200:600, 320:500] = 255  # two "lungs", as a hand-drawn mask stores them
+    Image.fromarray(mask).save(tmp_path / "mask.png")
+    Image.new("L", (300, 300), 255).save(tmp_path / "blank.png")
+    write_dicom(tmp_path / "mask.dcm", mask.astype(np.uint16))
+    for name in ("mask.png", "blank.png", "mask.dcm"):
+        assert reason_for(tmp_path / name) == "not-a-radiograph"
+    with pytest.raises(ImageReadError, match=r"mask.png: 100% of its pixels take two grey values: a mask, a blank"):
+        read_image(tmp_path / "mask.png", max_side=64)  # judged before shrinking gives the edges other values
+    with pytest.raises(ImageReadError, match="take one grey value"):
+        read_image(tmp_path / "blank.png")
+
+
+def test_a_film_with_wide_black_borders_is_still_a_radiograph(tmp_path):
+    # real films hold at most 63 % of their pixels at their two commonest values (burnt-out borders, labels)
+    film = np.zeros((400, 400), np.uint8)
+    film[60:340, 60:340] = smooth_image(9, 280, 280)  # 49 % of the film, the rest black
+    film[:20, :100] = 255  # a burnt-out label
+    Image.fromarray(film).save(tmp_path / "bordered.png")
+    assert np.asarray(read_image(tmp_path / "bordered.png")).shape == (400, 400)
+
+
+def test_every_real_film_is_read_and_every_hand_drawn_mask_refused(shared_data):
+    images = sorted((shared_data / "lung-masks" / "images").glob("*.png"))[:60]
+    masks = sorted((shared_data / "lung-masks" / "masks").glob("*.png"))[:60]
+    assert len(images) == len(masks) == 60
+    for film in images:
+        read_image(film, max_side=96)
+    assert {reason_for(mask) for mask in masks} == {"not-a-radiograph"}
+
+
 def test_too_large_is_refused_from_the_header(tmp_path, monkeypatch):
     # Both PIL's own bomb limit (above ~179 MP) and the toolkit's stricter one are reported as too-large,
     # without decoding (decoding 30,000 x 30,000 would need 900 MB).
@@ -316,6 +348,7 @@ def test_a_multi_frame_dicom_is_read_from_its_first_frame_alone(tmp_path, monkey
 
     frames = np.stack([np.full((64, 80), 400 * (k + 1), dtype=np.uint16) for k in range(3)])
     frames[0, :, :40] = 4000  # the first frame alone has two halves
+    frames += np.arange(64, dtype=np.uint16)[:, None]  # and a ramp: two flat values are no radiograph
     write_dicom(tmp_path / "series.dcm", frames, NumberOfFrames=3)
     decoded = []
     real = Dataset.pixel_array.fget

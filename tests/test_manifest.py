@@ -349,6 +349,21 @@ def test_print_summary(tmp_path):
         assert word in text
 
 
+def test_masks_and_blank_sheets_among_the_films_are_excluded_with_the_reason(tmp_path):
+    src = make_dataset(tmp_path / "src", per_class=4)
+    mask = np.zeros((128, 128), np.uint8)
+    mask[20:100, 30:100] = 255
+    Image.fromarray(mask).save(src / "Normal" / "lung_mask.png")
+    Image.new("L", (128, 128), 0).save(src / "COVID-19" / "blank.png")
+    report = quiet(src, tmp_path / "out")
+    assert {(e.path, e.reason) for e in report.excluded} == {("Normal/lung_mask.png", "not-a-radiograph"),
+                                                          ("COVID-19/blank.png", "not-a-radiograph")}
+    assert len(read_manifest(tmp_path / "out")) == 12
+    console = Console(record=True, width=200)
+    print_summary(report, console)
+    assert "a mask, a blank sheet or a drawing" in console.export_text()
+
+
 @pytest.mark.shared_data
 def test_prepare_real_cxr_dev(shared_data, tmp_path):
     src = shared_data / "cxr-dev"

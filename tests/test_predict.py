@@ -74,12 +74,16 @@ def test_find_images_walks_folders_and_passes_over_non_images(tmp_path, good_ima
 
 def test_predict_skips_unreadable_files_and_predicts_the_rest(run, tmp_path, good_images):
     folder = mixed_folder(tmp_path, good_images)
+    mask = np.zeros((128, 128), np.uint8)
+    mask[20:100, 30:100] = 255  # a lung mask saved among the films would get a confident diagnosis
+    Image.fromarray(mask).save(folder / "mask.png")
     results, skipped = predict(run, [folder, tmp_path / "missing.png"], progress=False)
 
     assert sorted(results["path"].map(lambda p: p.split("inbox/")[-1])) == [
         "a.png", "c.jpg", "d.dcm", "nested/IM0001", "nested/b.png"]
     reasons = {p.name: r for p, r in skipped}
-    assert set(reasons) == {"truncated.png", "text.png", "missing.png"}
+    assert set(reasons) == {"truncated.png", "text.png", "missing.png", "mask.png"}
+    assert reasons["mask.png"].startswith("not-a-radiograph: 100% of its pixels take two grey values")
     assert reasons["truncated.png"].startswith("truncated")
     assert reasons["text.png"].startswith("not-an-image")
     assert reasons["missing.png"] == "unreadable: file not found"

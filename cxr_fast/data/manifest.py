@@ -101,6 +101,7 @@ EXCLUSION_REASONS = {
     "unreadable": "could not be decoded",
     "too-small": "smaller than 64 px on a side",
     "too-large": "more pixels than the decompression-bomb limit",
+    "not-a-radiograph": "one or two grey values fill 90 % of it: a mask, a blank sheet or a drawing",
 }
 
 # Below this many files a thread pool is not worth starting.
