@@ -145,7 +145,7 @@ def summarise(table: pd.DataFrame) -> pd.DataFrame:
                     ci_high=("ci_high", "mean"), macro_f1=("macro_f1", "mean"), macro_roc_auc=("macro_roc_auc", "mean"),
                     ece=("ece", "mean"), params=("params", "first"), train_seconds=("train_seconds", "mean"),
                     images_per_s=("images_per_s", "mean")).reset_index()
-    summary["balanced_accuracy_sd"] = summary["balanced_accuracy_sd"].fillna(0.0)
+    # a single run has no spread: its sd stays NaN (an empty cell in comparison.csv), which 0.0 would misstate
     return summary.sort_values("balanced_accuracy", ascending=False).reset_index(drop=True)
 
 
@@ -161,7 +161,6 @@ def write_comparison(c: Comparison, folder: Path) -> None:
     figure = plot_comparison(c.summary.rename(columns={"arch": "name"}))
     shown = c.summary[["arch", "runs", "balanced_accuracy", "balanced_accuracy_sd", "ci_low", "ci_high", "macro_f1",
                        "macro_roc_auc", "ece", "params", "train_seconds", "images_per_s"]].copy()
-    shown.loc[shown["runs"] == 1, "balanced_accuracy_sd"] = None  # one run has no spread: "—", not 0.000
     tests = c.mcnemar.copy()
     # p rounded to 0.000 reads as impossible; the exact test's "statistic" is only min(b, c)
     tests["p_value"] = ["< 0.001" if p < 0.001 else f"{p:.3f}" for p in tests["p_value"]]

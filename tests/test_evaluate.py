@@ -97,6 +97,20 @@ def test_evaluate_errors_are_one_line(tiny_runs, tiny_data, tmp_path):
     assert "\n" not in str(e.value)
 
 
+def test_a_setting_with_one_run_has_no_spread_not_a_spread_of_zero(tmp_path):
+    from cxr_fast.compare import summarise
+
+    table = pd.DataFrame({"run": ["a0", "a1", "b0"], "arch": ["a", "a", "b"], "setting": ["x", "x", "y"],
+                          "balanced_accuracy": [0.8, 0.9, 0.7], **{k: 0.5 for k in (
+                              "ci_low", "ci_high", "macro_f1", "macro_roc_auc", "ece", "params", "train_seconds",
+                              "images_per_s")}})
+    summary = summarise(table).set_index("arch")
+    assert summary.loc["a", "balanced_accuracy_sd"] == pytest.approx(np.std([0.8, 0.9], ddof=1))
+    assert np.isnan(summary.loc["b", "balanced_accuracy_sd"])
+    summary.to_csv(tmp_path / "comparison.csv")
+    assert (tmp_path / "comparison.csv").read_text().splitlines()[2].startswith("b,1,0.7,,")
+
+
 def test_compare_two_runs_gives_table_csv_and_mcnemar(tiny_runs, tmp_path):
     result = compare_runs(tiny_runs, out=tmp_path / "cmp", n_boot=100)
     assert len(result.table) == 2 and set(result.table["seed"]) == {0, 1}
