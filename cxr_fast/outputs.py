@@ -19,6 +19,15 @@ def check_folder_path(folder: str | Path, flag: str) -> None:
         raise CxrFastError(f"{existing}: exists and is not a folder (choose another {flag})")
 
 
+def clear_run_folder(run_dir: Path, keep: bool) -> None:
+    """Remove a run folder that holds nothing finished; one the user made (`keep`) is emptied instead."""
+    if not keep:
+        shutil.rmtree(run_dir, ignore_errors=True)
+        return
+    for child in run_dir.iterdir():
+        shutil.rmtree(child, ignore_errors=True) if child.is_dir() else child.unlink(missing_ok=True)
+
+
 @contextmanager
 def _scratch(folder: Path, final: Path) -> Iterator[Path]:
     """`folder`, made fresh, and removed again if the block fails or is interrupted. A storage error that names no

@@ -13,7 +13,6 @@ and a resumed run reads them back instead of computing them again.
 from __future__ import annotations
 
 import json
-import shutil
 import time
 import warnings
 from pathlib import Path
@@ -33,7 +32,7 @@ from cxr_fast.archs.weights import EFFICIENTNET_LITE_MEAN, EFFICIENTNET_LITE_STD
 from cxr_fast.config import TrainConfig
 from cxr_fast.data.manifest import image_column
 from cxr_fast.errors import CxrFastError, read_tensors
-from cxr_fast.outputs import write_tensors
+from cxr_fast.outputs import clear_run_folder, write_tensors
 from cxr_fast.preprocess import load_input
 from cxr_fast.progress import LogProgress, progress_bar
 
@@ -79,6 +78,7 @@ def fit_frozen(manifest: pd.DataFrame, cfg: TrainConfig, state: dict, run_dir: P
                            "images to choose its strength")
 
     resume = run_dir is not None
+    had_folder = not resume and out is not None and Path(out).exists()  # an empty --out of the user's: kept
     if not resume:
         run_dir = new_run_dir(out, cfg.arch)
     checkpoint = run_dir / CHECKPOINT_DIR
@@ -91,12 +91,14 @@ def fit_frozen(manifest: pd.DataFrame, cfg: TrainConfig, state: dict, run_dir: P
         features = split_features(model.body, manifest, cfg, model.pretrained_stats, checkpoint, state, quiet)
         started = time.perf_counter()
         fit, scaler, history = fit_regression(features, y, cfg.class_weights, quiet)
-    except KeyboardInterrupt:
+    except BaseException as e:  # an unreadable image as much as Ctrl-C
         blocks = len(list(checkpoint.glob("features-*.safetensors")))
         if blocks == 0 and not resume:
-            shutil.rmtree(run_dir, ignore_errors=True)  # nothing finished: leave no folder to block a fresh start
-        raise TrainingInterrupted(run_dir, blocks, len(model.body.members()), "feature blocks",
-                                  data=state["data"]) from None
+            clear_run_folder(run_dir, keep=had_folder)  # nothing finished: leave nothing to block a fresh start
+        if isinstance(e, KeyboardInterrupt):
+            raise TrainingInterrupted(run_dir, blocks, len(model.body.members()), "feature blocks",
+                                      data=state["data"]) from None
+        raise
     fold_into_head(model, fit, scaler)
     state["train_seconds"] += time.perf_counter() - started
     with writing_bundle(run_dir, state["data"], len(model.body.members()), len(model.body.members()),

@@ -15,6 +15,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import platform
+import shlex
 import shutil
 import sys
 import tempfile
@@ -50,7 +51,7 @@ from cxr_fast.config import TrainConfig, resolve_config
 from cxr_fast.data.block import build_dataloaders, check_classes
 from cxr_fast.data.manifest import manifest_digest, read_manifest
 from cxr_fast.errors import CxrFastError, first_line, read_json, read_tensors, storage_problem
-from cxr_fast.outputs import check_folder_path, write_tensors, write_text
+from cxr_fast.outputs import check_folder_path, clear_run_folder, write_tensors, write_text
 from cxr_fast.probe import is_frozen_arch
 
 CHECKPOINT_DIR = "checkpoint"
@@ -470,7 +471,7 @@ def _train(data, cfg, *, out, resume, extra_cbs, quiet) -> Path:
         _fit_phases(learn, cfg, state, run_dir, lr, resume, extra_cbs)
     except BaseException as e:
         if not resume and not (run_dir / CHECKPOINT_DIR / "state.json").exists() and distributed.is_main():
-            _clear_run_folder(run_dir, keep=had_folder)  # nothing finished: leave nothing to block a fresh start
+            clear_run_folder(run_dir, keep=had_folder)  # nothing finished: leave nothing to block a fresh start
         if isinstance(e, KeyboardInterrupt):
             raise TrainingInterrupted(run_dir, state["epochs_done"], sum(n for _, n in _phases(cfg)), data=data) from None
         if storage_problem(e) and state["epochs_done"] and distributed.is_main():  # a full disk mid-run
@@ -500,15 +501,7 @@ def writing_bundle(run_dir: Path, data, done: int, planned: int, unit: str = "ep
 
 def resume_command(run_dir: Path, data) -> str:
     """The command line that continues the run in `run_dir`, for the messages of a run that stopped."""
-    return f"cxrfast train --data {data} --out {run_dir} --resume"
-
-
-def _clear_run_folder(run_dir: Path, keep: bool) -> None:
-    if not keep:
-        shutil.rmtree(run_dir, ignore_errors=True)
-        return
-    for child in run_dir.iterdir():
-        shutil.rmtree(child, ignore_errors=True) if child.is_dir() else child.unlink(missing_ok=True)
+    return f"cxrfast train --data {shlex.quote(str(data))} --out {shlex.quote(str(run_dir))} --resume"  # pasteable
 
 
 def find_lr(learn: Learner) -> float:

@@ -161,6 +161,27 @@ def test_interrupted_fit_resumes_from_the_saved_features(tiny_data, tmp_path, mo
                for k, v in load_file(str(fresh / "model.safetensors")).items())
 
 
+def test_a_failure_before_the_first_feature_block_leaves_nothing_to_block_a_rerun(tiny_data, tmp_path, monkeypatch):
+    import shutil
+
+    import cxr_fast.probe as probe
+
+    data = tmp_path / "data"
+    shutil.copytree(tiny_data, data)
+    manifest = read_manifest(data)
+    manifest.loc[manifest.index[manifest["split"] == "train"][0], "path"] = str(tmp_path / "gone.png")
+    manifest.to_csv(data / "manifest.csv", index=False)
+    cfg = resolve_config(small_recipe(tmp_path))
+    with pytest.raises(CxrFastError, match="gone.png: file not found"):
+        train(data, cfg, out=tmp_path / "run", quiet=True)
+    assert not (tmp_path / "run").exists()  # it left checkpoint/state.json, and the rerun was refused
+    (tmp_path / "mine").mkdir()  # an empty --out the user made is emptied, not removed, on Ctrl-C too
+    monkeypatch.setattr(probe, "_member_features", lambda *a, **k: (_ for _ in ()).throw(KeyboardInterrupt))
+    with pytest.raises(TrainingInterrupted):
+        train(tiny_data, cfg, out=tmp_path / "mine", quiet=True)
+    assert (tmp_path / "mine").is_dir() and not any((tmp_path / "mine").iterdir())
+
+
 def test_weights_option_is_refused_for_frozen_features(tiny_data, tmp_path):
     cfg = resolve_config(small_recipe(tmp_path), weights="efficientnet-lite0")
     with pytest.raises(CxrFastError, match="packaged ImageNet weights; drop --weights"):
