@@ -6,6 +6,7 @@ lacks either, or whose weights do not fit the architecture, is refused with a on
 
 from __future__ import annotations
 
+import shlex
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -95,7 +96,7 @@ def load_run(path: str | Path, *, finishing: bool = False) -> Run:
         raise CxrFastError(f"{path}: a file, not a run folder (give the folder that holds config.json)")
     if not finishing and (path / "checkpoint" / "state.json").is_file():
         raise CxrFastError(f"{path}: an interrupted training run, not a finished bundle; continue it with "
-                           f"`cxrfast train --data DATA --out {path} --resume`")
+                           f"`cxrfast train --data DATA --out {shlex.quote(str(path))} --resume`")
     if not config_path.is_file() and (path / "model.onnx").is_file() and (path / "preprocessing.json").is_file():
         raise CxrFastError(f"{path}: an ONNX export, not a run bundle; predict and serve run it with --runtime onnx")
     for needed in (config_path, weights_path):

@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import itertools
 import json
+import shlex
 import shutil
+import sys
 import time
 from dataclasses import dataclass
 from datetime import datetime
@@ -134,6 +136,9 @@ def check_new_folder(out_dir: Path) -> None:
     """Refuse, before minutes of work, an --out that is a file, lies under one, or already holds something."""
     check_folder_path(out_dir, "--out")
     if out_dir.exists() and any(p.name != PARTIAL_INSIDE for p in out_dir.iterdir()):
+        if (out_dir / "runs").is_dir() and not (out_dir / "report").exists():
+            raise CxrFastError(f"{out_dir}: an unfinished comparison is here; add --resume to continue it, or "
+                               "choose another --out")
         raise CxrFastError(f"{out_dir}: already exists; choose another --out")
 
 
@@ -237,14 +242,19 @@ def compare_archs(data: str | Path, archs: list[str] = (), *, recipe: str | Path
     if nproc is not None:  # a batch size the processes cannot share fails now, not after the first runs
         for _, cfg in jobs:
             distributed.per_process_config(cfg, nproc)
-    runs = []
-    for name, cfg in jobs:
-        try:
+    runs, doing = [], "scoring"
+    resume_hint = f"continue it with the same command and --resume --out {shlex.quote(str(out_dir))}"
+    try:
+        for i, (name, cfg) in enumerate(jobs, 1):
+            doing = f"training {name}"
+            if not quiet:  # a log holds one epoch table after another: say whose each is
+                print(f"compare: training {name} ({i} of {len(jobs)})", file=sys.stderr, flush=True)
             runs.append(train_one(cfg, out_dir / "runs" / name))
-        except KeyboardInterrupt:  # say how to finish the comparison, not only the one run
-            raise KeyboardInterrupt(f"compare interrupted while training {name} ({len(runs)} of {len(jobs)} runs "
-                                    f"finished); continue it with the same command and --resume --out {out_dir}") from None
-    return compare_runs(runs, out=out_dir / "report")
+        doing = "scoring"
+        return compare_runs(runs, out=out_dir / "report")
+    except KeyboardInterrupt:  # say how to finish the comparison, not only the one run
+        raise KeyboardInterrupt(f"compare interrupted while {doing} ({len(runs)} of {len(jobs)} runs finished); "
+                                f"{resume_hint}") from None
 
 
 def check_same_settings(run_dir: Path, cfg) -> None:

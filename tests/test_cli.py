@@ -2,6 +2,7 @@
 
 import json
 import re
+from pathlib import Path
 
 import pytest
 from typer.testing import CliRunner
@@ -109,6 +110,36 @@ def test_ctrl_c_during_training_says_how_to_resume_and_exits_130(tmp_path, monke
     assert result.exit_code == 130 and "Traceback" not in result.output, result.output
     assert "compare interrupted while training cxresnet_tiny-seed0 (0 of 1 runs finished); continue it with the same " \
            f"command and --resume --out {tmp_path / 'cmp'}" in result.output.replace("\n", "")
+
+
+def test_the_resume_line_can_be_pasted_when_paths_have_spaces():
+    import shlex
+
+    from cxr_fast.train import resume_command
+
+    line = resume_command(Path("models/odd ü run"), Path("data/odd ü"))
+    assert shlex.split(line) == ["cxrfast", "train", "--data", "data/odd ü", "--out", "models/odd ü run", "--resume"]
+
+
+def test_compare_stopped_while_scoring_or_run_again_without_resume_says_how_to_continue(tmp_path, monkeypatch):
+    import cxr_fast.compare
+    import cxr_fast.train
+
+    monkeypatch.setattr(cxr_fast.train, "train", lambda data, cfg, out, **kwargs: out.mkdir(parents=True) or out)
+
+    def stopped(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(cxr_fast.compare, "compare_runs", stopped)
+    out = tmp_path / "my cmp"
+    args = ("compare", "--data", tmp_path / "data", "--archs", "cxresnet_tiny,convnet", "--out", out)
+    result = invoke(*args)
+    assert result.exit_code == 130 and "Traceback" not in result.output, result.output
+    assert "compare interrupted while scoring (2 of 2 runs finished); continue it with the same command and " \
+           f"--resume --out '{out}'" in result.output.replace("\n", "")
+    assert "compare: training convnet-seed0 (2 of 2)" in result.output  # a log says whose epoch table follows
+    result = invoke(*args)  # the same command again, without --resume
+    assert result.exit_code == 1 and "an unfinished comparison is here; add --resume" in result.output
 
 
 def test_resume_names_the_flags_it_ignores(tmp_path, monkeypatch):
