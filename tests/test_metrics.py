@@ -105,6 +105,19 @@ def test_balanced_accuracy_is_mean_of_per_class_recalls():
     assert abs(m["balanced_accuracy"] - m["accuracy"]) > 1e-3
 
 
+def test_a_test_set_of_one_class_has_no_average_precision_to_report():
+    # every threshold has precision 1 without negatives: AP came out 1.000 beside a recall of 0.06
+    y, probs = noisy_predictions(200, seed=6)
+    keep = y == 1
+    y, probs = y[keep], probs[keep]
+    probs[: len(y) // 2] = np.roll(probs[: len(y) // 2], 1, axis=1)  # half of them badly missed
+    m = classification_metrics(y, probs, CLASSES)
+    normal = m["per_class"]["Normal"]
+    assert normal["support"] == len(y) and normal["recall"] < 0.75
+    assert normal["average_precision"] is None and normal["roc_auc"] is None
+    assert m["macro_average_precision"] is None and m["macro_roc_auc"] is None
+
+
 def test_class_without_cases_is_left_out_of_means():
     y, probs = noisy_predictions(200, seed=5)
     keep = y != 2  # no Pneumonia in the test set, though the model still predicts it sometimes
