@@ -149,7 +149,8 @@ def metrics_table(m: dict, tta: bool = False):
     if m["temperature"] == 1.0:  # no rescaling (an ensemble's members are calibrated inside it): one figure
         table.add_row("ECE", f"{m['ece']:.3f}")
     else:
-        worse = "  (worse: see the report)" if calibration_worse(m) else ""
+        # judged by log-loss, which ECE (15 bins) can contradict: name the figure that rose
+        worse = f"  (log-loss rose {m['nll']:.3f} → {m['nll_calibrated']:.3f}: see the report)" if calibration_worse(m) else ""
         table.add_row("ECE raw → calibrated", f"{m['ece']:.3f} → {m['ece_calibrated']:.3f}{worse}")
     if "by_marker" in m:  # synthetic data: the images without the planted shortcut tell more
         marked, unmarked = m["by_marker"]["with_marker"], m["by_marker"]["without_marker"]

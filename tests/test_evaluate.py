@@ -416,3 +416,14 @@ def test_a_temperature_that_worsens_the_log_loss_here_is_a_caution():
     assert "sharpens (T < 1)" in calibration_worse({**base, "nll": 0.378, "nll_calibrated": 0.952})
     assert calibration_worse({**base, "nll": 0.378, "nll_calibrated": 0.300}) is None
     assert calibration_worse({**base, "temperature": 1.0, "nll": 0.3, "nll_calibrated": 0.4}) is None
+    # the console names the figure it judges by: beside an ECE that fell, "worse" alone read as a contradiction
+    from rich.console import Console
+
+    from cxr_fast.evaluate import metrics_table
+
+    metrics = {"run": "r", "data": "d", "n": 5, "balanced_accuracy": 0.5, "balanced_accuracy_ci": [0.3, 0.7],
+               "accuracy": 0.6, "macro_f1": 0.5, "macro_roc_auc": None, "per_class": {}, "temperature": 1.3,
+               "ece": 0.156, "ece_calibrated": 0.079, "nll": 0.769, "nll_calibrated": 0.823}
+    console = Console(record=True, width=150)
+    console.print(metrics_table(metrics))
+    assert "0.156 → 0.079  (log-loss rose 0.769 → 0.823: see the report)" in console.export_text()
