@@ -335,8 +335,13 @@ def verdict(summary: dict) -> str:
     """Plain sentences, one line per class (then one for all images), from :func:`audit_summary`."""
     noun = "predictions" if summary.get("grouped_by") == "prediction" else "images"
     lines = [_sentence(f"{cls} {noun}", stats) for cls, stats in summary.get("by_class", {}).items()]
-    lines.append(_sentence("All images", summary["overall"]))
-    return "\n".join(lines)
+    flagged = [cls for cls, line in zip(summary.get("by_class", {}), lines, strict=True)
+               if "likely shortcut" in line or "possible shortcut" in line]
+    overall = _sentence("All images", summary["overall"])
+    if flagged and ("no sign of a shortcut" in overall or "no clear shortcut" in overall):
+        # the last line is the one read as the summary: pooling must not hide a flagged class
+        overall += f" Pooled, that hides the shortcut flagged above for {' and '.join(flagged)} {noun}."
+    return "\n".join([*lines, overall])
 
 
 def _trapezoid(y: np.ndarray, x: np.ndarray) -> float:

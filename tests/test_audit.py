@@ -122,6 +122,18 @@ def test_verdict_flags_outside_heavy_and_passes_inside_heavy():
     assert lines[-1].startswith("All images")
 
 
+def test_the_pooled_line_does_not_clear_a_class_flagged_above_it():
+    # one COVID-19 prediction reading the border among many lung-based ones: pooled, the evidence is in the lungs,
+    # and the last line, read as the summary, said "no sign of a shortcut" under a flagged class
+    rows = _rows("outside", n=2) + _rows("inside", n=10)
+    summary = audit_summary(rows, preds=["COVID-19"] * 2 + ["Normal"] * 10)
+    lines = verdict(summary).splitlines()
+    assert "likely shortcut" in lines[0] and "no sign of a shortcut" in lines[-1]
+    assert lines[-1].endswith("Pooled, that hides the shortcut flagged above for COVID-19 predictions.")
+    clean = verdict(audit_summary(_rows("inside"), preds=["Normal"] * 6)).splitlines()
+    assert not clean[-1].endswith("predictions.")
+
+
 def test_verdict_does_not_call_a_uniform_map_a_shortcut():
     # 64 % of an even map lies outside lungs covering 36 %; that is diffuse, not a shortcut.
     summary = audit_summary(_rows("uniform"), labels=[2] * 6)
