@@ -12,6 +12,7 @@ import shlex
 import shutil
 import sys
 import time
+import warnings
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
@@ -120,6 +121,10 @@ def compare_runs(run_dirs: list[str | Path], *, out: str | Path | None = None, s
     table = pd.DataFrame([s[0] for s in scored])
     table["run"] = run_labels(runs)  # two runs of one folder name (a/cxr, b/cxr) keep apart in every table
     table["seed"] = table["seed"].astype("Int64")  # an ensemble has none: a whole number or blank, not 0.0 / NaN
+    for (_, seed), twins in table.dropna(subset=["seed"]).groupby(["setting", "seed"])["run"]:
+        if len(twins) > 1:  # e.g. a run and a resumed copy of it: their spread is no seed-to-seed spread
+            warnings.warn(f"{' and '.join(twins)} were trained alike with the same seed {seed}; the spread shown "
+                          "for their setting is not a spread across seeds", stacklevel=2)
     y = scored[0][2]
     tests = []
     for (i, a), (j, b) in itertools.combinations(enumerate(scored), 2):

@@ -111,6 +111,15 @@ def test_a_setting_with_one_run_has_no_spread_not_a_spread_of_zero(tmp_path):
     assert (tmp_path / "comparison.csv").read_text().splitlines()[2].startswith("b,1,0.7,,")
 
 
+def test_runs_that_share_a_seed_are_not_passed_off_as_a_spread_across_seeds(tiny_runs, tmp_path):
+    import shutil
+
+    twin = shutil.copytree(tiny_runs[0], tmp_path / "resumed", ignore=shutil.ignore_patterns("eval", "interpret"))
+    with pytest.warns(UserWarning, match="trained alike with the same seed 0; the spread shown .* not a spread across"):
+        result = compare_runs([tiny_runs[0], twin, tiny_runs[1]], out=tmp_path / "cmp", n_boot=20)
+    assert result.summary["runs"].tolist() == [3]
+
+
 def test_compare_two_runs_gives_table_csv_and_mcnemar(tiny_runs, tmp_path):
     result = compare_runs(tiny_runs, out=tmp_path / "cmp", n_boot=100)
     assert len(result.table) == 2 and set(result.table["seed"]) == {0, 1}
