@@ -168,6 +168,15 @@ class RunRecorder(Callback):
     def __init__(self, run_dir: Path, state: dict, epoch_offset: int, phase: str):
         self.run_dir, self.state, self.epoch_offset, self.phase = run_dir, state, epoch_offset, phase
 
+    def before_fit(self):
+        # fastai's train_loss is a running average (beta 0.98, about 50 batches of memory) that every fit starts
+        # afresh: restarted by --resume in mid-phase, it forgot the earlier, higher losses and drew a resumed run's
+        # curve below an uninterrupted one's for epochs. It goes on from where the checkpoint left it.
+        saved = self.state.get("smooth_loss")
+        if saved and saved["phase"] == self.phase and self.state["epochs_done"] > self.epoch_offset:
+            self.recorder.smooth_loss.val = torch.tensor(saved["val"])
+            self.recorder.smooth_loss.count = saved["count"]
+
     def before_epoch(self):
         self.epoch_started = time.perf_counter()
 
@@ -198,6 +207,8 @@ class RunRecorder(Callback):
         weights, optimizer = epoch_files(self.run_dir, row["epoch"])
         write_tensors(_cpu_state(self.learn.model), weights)
         self.state["optimizer"] = _save_optimizer(self.learn.opt, optimizer)
+        smooth = self.recorder.smooth_loss
+        self.state["smooth_loss"] = {"phase": self.phase, "val": float(smooth.val), "count": int(smooth.count)}
         # state.json last: it names the epoch the files above hold, so it must never run ahead of them; and the
         # epoch counts as done (for a Ctrl-C's message, or removing a failed run) only once state.json says so
         write_text(ckpt / "state.json", json.dumps({**self.state, "epochs_done": row["epoch"] + 1}, indent=1))

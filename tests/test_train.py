@@ -93,6 +93,35 @@ def test_resume_after_a_kill_finishes_with_full_history(tiny_data, tmp_path):
         train(tiny_data, out=out, resume=True, quiet=True)
 
 
+class SmoothLossSpy(Callback):
+    """fastai's running train_loss: as a fit starts (after the Recorder resets it), and after each epoch."""
+
+    order = 52
+
+    def __init__(self):
+        self.at_start, self.after_epochs = [], []
+
+    def before_fit(self):
+        self.at_start.append((self.recorder.smooth_loss.count, float(self.recorder.smooth_loss.val)))
+
+    def after_epoch(self):
+        self.after_epochs.append((self.recorder.smooth_loss.count, float(self.recorder.smooth_loss.val)))
+
+
+def test_resume_carries_on_the_running_train_loss(tiny_data, tmp_path):
+    # every fit restarts fastai's running average of the loss (about 50 batches of memory): restarted by --resume,
+    # it forgot the earlier, higher losses and drew the resumed run's train_loss curve well below the uninterrupted
+    # one's for epochs
+    killed = SmoothLossSpy()
+    with pytest.raises(SimulatedKill):
+        train(tiny_data, resolve_config(epochs=3, **TINY), out=tmp_path / "run", quiet=True,
+              extra_cbs=[KillAfterEpoch(1), killed])
+    resumed = SmoothLossSpy()
+    train(tiny_data, out=tmp_path / "run", resume=True, quiet=True, extra_cbs=[resumed])
+    count, value = killed.after_epochs[1]
+    assert count > 0 and resumed.at_start == [(count, pytest.approx(value, rel=1e-6))]
+
+
 class OptimizerAtFirstBatch(Callback):
     """The optimizer's tensors when the first batch after a resume is about to be trained on."""
 
