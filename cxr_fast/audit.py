@@ -338,9 +338,10 @@ def verdict(summary: dict) -> str:
     flagged = [cls for cls, line in zip(summary.get("by_class", {}), lines, strict=True)
                if "likely shortcut" in line or "possible shortcut" in line]
     overall = _sentence("All images", summary["overall"])
-    if flagged and ("no sign of a shortcut" in overall or "no clear shortcut" in overall):
+    if flagged and not any(flag in overall for flag in ("likely shortcut", "possible shortcut")):
         # the last line is the one read as the summary: pooling must not hide a flagged class
-        overall += f" Pooled, that hides the shortcut flagged above for {' and '.join(flagged)} {noun}."
+        names = flagged[0] if len(flagged) == 1 else f"{', '.join(flagged[:-1])} and {flagged[-1]}"
+        overall += f" Pooled, that hides the shortcut flagged above for {names} {noun}."
     return "\n".join([*lines, overall])
 
 

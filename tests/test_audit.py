@@ -132,6 +132,11 @@ def test_the_pooled_line_does_not_clear_a_class_flagged_above_it():
     assert lines[-1].endswith("Pooled, that hides the shortcut flagged above for COVID-19 predictions.")
     clean = verdict(audit_summary(_rows("inside"), preds=["Normal"] * 6)).splitlines()
     assert not clean[-1].endswith("predictions.")
+    # a pooled line that flags the marker itself, as the demo's does, hides nothing, though it also says
+    # "no clear shortcut" of the lungs
+    marked = verdict(audit_summary(_rows("marker") + _rows("uniform", n=12), preds=["COVID-19"] * 6 + ["Normal"] * 12))
+    assert "likely shortcut" in marked.splitlines()[-1] and "no clear shortcut" in marked.splitlines()[-1]
+    assert "Pooled, that hides" not in marked
 
 
 def test_verdict_does_not_call_a_uniform_map_a_shortcut():
