@@ -331,14 +331,18 @@ def _sentence(who: str, s: dict) -> str:
     return " ".join(parts)
 
 
+def _flags_shortcut(sentence: str) -> bool:
+    """Whether a `_sentence` flags a shortcut (its two flags' own words)."""
+    return "likely shortcut" in sentence or "possible shortcut" in sentence
+
+
 def verdict(summary: dict) -> str:
     """Plain sentences, one line per class (then one for all images), from :func:`audit_summary`."""
     noun = "predictions" if summary.get("grouped_by") == "prediction" else "images"
     lines = [_sentence(f"{cls} {noun}", stats) for cls, stats in summary.get("by_class", {}).items()]
-    flagged = [cls for cls, line in zip(summary.get("by_class", {}), lines, strict=True)
-               if "likely shortcut" in line or "possible shortcut" in line]
+    flagged = [cls for cls, line in zip(summary.get("by_class", {}), lines, strict=True) if _flags_shortcut(line)]
     overall = _sentence("All images", summary["overall"])
-    if flagged and not any(flag in overall for flag in ("likely shortcut", "possible shortcut")):
+    if flagged and not _flags_shortcut(overall):
         # the last line is the one read as the summary: pooling must not hide a flagged class
         names = flagged[0] if len(flagged) == 1 else f"{', '.join(flagged[:-1])} and {flagged[-1]}"
         overall += f" Pooled, that hides the shortcut flagged above for {names} {noun}."
