@@ -2,6 +2,7 @@
 
 Every command calls one library function. A `CxrFastError` (a problem with the user's input) or a storage error (a
 full disk, a read-only folder) becomes one line on stderr and exit code 1, Ctrl-C one line and exit code 130;
+Typer itself answers a malformed command line (a missing option, a value of the wrong type) with exit code 2;
 anything else is a bug and keeps its traceback.
 """
 
@@ -213,7 +214,7 @@ def _processes(distributed: bool, nproc: int | None) -> int | None:
 @user_errors
 def ensemble(
     runs: Annotated[list[Path], typer.Argument(help="Two or more run folders trained on the same manifest.")],
-    out: Annotated[Path | None, typer.Option(help="Folder for the new bundle (default models/ensemble-<time>).")] = None,
+    out: Annotated[Path | None, typer.Option(help="Folder for the new bundle (default models/ensemble-<date>-<time>).")] = None,
 ):
     """Average run bundles' calibrated probabilities into one bundle that every other command takes as a model."""
     import json
@@ -277,7 +278,7 @@ def compare(
     seeds: Annotated[str | None, typer.Option(help="Comma-separated seeds, e.g. 0,1,2 (default 0).")] = None,
     epochs: Annotated[int | None, typer.Option(help="Epoch budget for every architecture.")] = None,
     size: Annotated[int | None, typer.Option(help="Image size for every architecture.")] = None,
-    out: Annotated[Path | None, typer.Option(help="Output folder (default models/compare-<time>).")] = None,
+    out: Annotated[Path | None, typer.Option(help="Output folder (default models/compare-<date>-<time>).")] = None,
     distributed: Annotated[bool, typer.Option(help="Train each run data-parallel over --nproc processes, one run after another.")] = False,
     nproc: Annotated[int | None, typer.Option(help="With --distributed: processes per run (default: one per GPU, else 2).")] = None,
     resume: Annotated[bool, typer.Option(help="Continue an interrupted comparison in --out: keep its finished runs, resume the interrupted one.")] = False,

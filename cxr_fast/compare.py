@@ -98,7 +98,7 @@ def setting_labels(table: pd.DataFrame) -> pd.Series:
 def compare_runs(run_dirs: list[str | Path], *, out: str | Path | None = None, split: str = "test",
                  n_boot: int = 1000) -> Comparison:
     """Score runs trained on one manifest on its `split` (default test), with McNemar tests between every pair, and
-    write runs.csv, comparison.csv, mcnemar.csv and report.html into `out` (default models/compare-<time>)."""
+    write runs.csv, comparison.csv, mcnemar.csv and report.html into `out` (default models/compare-<date>-<time>)."""
     if isinstance(run_dirs, str | Path):  # a string would be taken letter by letter
         raise CxrFastError(f"compare takes a list of run folders, got the single path {str(run_dirs)!r}")
     if len(run_dirs) < 2:

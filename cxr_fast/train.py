@@ -3,7 +3,8 @@
 A run bundle (`models/<run>/`) holds everything later steps need and nothing that must be unpickled:
 `model.safetensors` (the best epoch by valid balanced accuracy), `config.json` (architecture and its arguments,
 classes, channels, size, normalisation, weights source, temperature, seed, library versions), `recipe.yaml`
-(the resolved training config), `history.csv`, `curves.png` and `metrics.json`.
+(the resolved training config), `history.csv`, `curves.png`, `metrics.json` and `seen_images.safetensors` (fingerprints
+of the images it learned from, so that external validation can leave them out).
 
 While training, `checkpoint/` holds the last epoch's weights and optimizer state and the best epoch's weights
 (safetensors + JSON) so that `resume=True` continues a killed run with the same one-cycle schedule and an unbroken
