@@ -7,14 +7,26 @@ circular import at load time.
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Annotated
 
 import typer
 from rich.markup import escape
-from rich.table import Table
+from rich.table import Column, Table
 
 MAX_ROWS_SHOWN = 30  # a folder of thousands of files belongs in --out, not on the terminal
+
+
+def display_names(paths: list[str]) -> list[str]:
+    """File names for the table, or paths below the files' common folder where two names are the same: PACS
+    exports reuse names such as IMG0001 in every series folder."""
+    names = [Path(p).name for p in paths]
+    if len(set(names)) == len(names):
+        return names
+    resolved = [Path(p).resolve() for p in paths]
+    root = os.path.commonpath([p.parent for p in resolved])
+    return [os.path.relpath(p, root) for p in resolved]
 
 
 def register(app: typer.Typer, user_errors=None, console=None, err_console=None) -> None:
@@ -41,10 +53,12 @@ def register(app: typer.Typer, user_errors=None, console=None, err_console=None)
         results, skipped = run_prediction(run, inputs, heatmap=heatmap, out=out, runtime=runtime, force=force)
         if not results.empty:
             prob_columns = [c for c in results.columns if c.startswith("p_")]
-            table = Table("file", "predicted", *[c[2:] for c in prob_columns], *(["heatmap"] if heatmap else []),
+            # a long name wraps rather than losing its end, which tells UID-named files apart
+            table = Table(Column("file", overflow="fold"), "predicted", *[c[2:] for c in prob_columns], *(["heatmap"] if heatmap else []),
                           title=f"{len(results)} image{'s' if len(results) != 1 else ''} — research tool, not a diagnosis")
-            for row in results.head(MAX_ROWS_SHOWN).to_dict("records"):
-                table.add_row(escape(Path(row["path"]).name), escape(row["predicted"]),
+            shown = results.head(MAX_ROWS_SHOWN).to_dict("records")
+            for row, name in zip(shown, display_names([row["path"] for row in shown])):
+                table.add_row(escape(name), escape(row["predicted"]),
                               *[f"{row[c]:.3f}" for c in prob_columns], *([escape(row["heatmap"])] if heatmap else []))
             console.print(table)
             if len(results) > MAX_ROWS_SHOWN:

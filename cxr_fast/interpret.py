@@ -28,7 +28,7 @@ from PIL import Image
 from cxr_fast import attribution, audit
 from cxr_fast.bundle import Run, load_run, predict_logits
 from cxr_fast.calibration import softmax
-from cxr_fast.data.io import read_image
+from cxr_fast.data.io import image_stem, read_image
 from cxr_fast.data.manifest import image_column
 from cxr_fast.errors import CxrFastError
 from cxr_fast.evaluate import manifest_folder, output_folder, select_unseen_items, write_seen_images
@@ -253,7 +253,7 @@ def interpret(run_dir: str | Path, data: str | Path | None = None, split: str = 
                 fig = gallery.attribution_figure(image, maps, caption, lungs, marker_box_for(row, run.size))
                 png = png_bytes(fig)
                 target = figures_loss if i in loss_set else figures_correct
-                filename = f"{len(image_files) + 1:03d}_{short_stem(Path(row['path']).stem)}.png"
+                filename = f"{len(image_files) + 1:03d}_{short_stem(image_stem(row['path']))}.png"
                 target.append((caption, png, f"images/{filename}"))  # the gallery links its full-size copy
                 image_files.append((filename, png))
             bar.advance(task)

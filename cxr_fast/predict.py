@@ -26,7 +26,7 @@ import pandas as pd
 from PIL import Image
 
 from cxr_fast.calibration import softmax
-from cxr_fast.data.io import IMAGE_SUFFIXES, ImageReadError, is_dicom, read_image
+from cxr_fast.data.io import IMAGE_SUFFIXES, ImageReadError, image_stem, is_dicom, read_image
 from cxr_fast.errors import CxrFastError
 from cxr_fast.outputs import check_folder_path, printable, short_stem, write_text
 
@@ -259,7 +259,7 @@ def predict(run_dir: str | Path, inputs: Sequence[str | Path], heatmap: bool = F
                 attr = occlusion_map(runner, x, k)
                 title = f"{printable(file.name)}: predicted {classes[k]} (p={p[k]:.2f}) — research tool, not a diagnosis"
                 png = heatmap_png(pixels, attr, title, f"occlusion → {classes[k]}")
-                row["heatmap"] = printable(write_new_file(heatmaps_dir, f"{short_stem(file.stem)}_heatmap", png))
+                row["heatmap"] = printable(write_new_file(heatmaps_dir, f"{short_stem(image_stem(file))}_heatmap", png))
             rows.append(row)
             bar.advance(task)
         pending.clear()

@@ -260,7 +260,7 @@ figcaption { font-size: .85rem; color: #555; }
 dataset; they can be confidently wrong on images unlike its training data.</p>
 <p class="meta">Model: <strong id="model-name">{{MODEL}}</strong><br>Quality: <span id="model-quality">{{QUALITY}}</span></p>
 <div id="drop" tabindex="0">Drop a chest X-ray here (PNG, JPEG or DICOM, at most {{MAX_MB}} MB), or
-<label><u>pick a file</u><input id="file" type="file" hidden accept=".png,.jpg,.jpeg,.dcm,.dicom,.tif,.tiff,.bmp,image/*,application/dicom"></label>.</div>
+<label><u>pick a file</u><input id="file" type="file" hidden></label>.</div>
 <p id="status"></p><p id="error" role="alert"></p>
 <section id="result" hidden>
 <h2>Predicted: <span id="predicted"></span></h2>

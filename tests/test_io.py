@@ -364,3 +364,74 @@ def test_a_multi_frame_dicom_is_read_from_its_first_frame_alone(tmp_path, monkey
     assert image.shape == (64, 80) and image[:, :40].mean() > image[:, 40:].mean()
     if int(pydicom.__version__.split(".")[0]) >= 3:
         assert decoded == [(64, 80)]
+
+
+def bare_dataset_bytes(dicom_file) -> bytes:
+    """The dataset of a DICOM file without its preamble and file meta group, as older archives store it."""
+    data = dicom_file.read_bytes()
+    group_length = struct.unpack("<I", data[140:144])[0]  # (0002,0000) UL, right after the preamble and 'DICM'
+    return data[144 + group_length:]
+
+
+def test_a_dicom_with_neither_preamble_nor_suffix_is_found_by_its_first_element(tmp_path):
+    # PACS exports name files by UID or IM000001; some also drop the preamble, which left no clue but the content
+    write_dicom(tmp_path / "m2.dcm", dicom_phantom(), **WINDOWED)
+    for name, data in [("IM000001", bare_dataset_bytes(tmp_path / "m2.dcm")),
+                       ("IM000002", (tmp_path / "m2.dcm").read_bytes()[132:])]:  # file meta kept, no 'DICM'
+        (tmp_path / name).write_bytes(data)
+        assert is_dicom(tmp_path / name), name
+        np.testing.assert_array_equal(np.asarray(read_image(tmp_path / name)), np.asarray(read_image(tmp_path / "m2.dcm")))
+    (tmp_path / "notes").write_bytes(b"\x08\x00 plain text that happens to start with a backspace")
+    (tmp_path / "random.bin").write_bytes(np.random.default_rng(0).bytes(512))
+    assert not is_dicom(tmp_path / "notes") and not is_dicom(tmp_path / "random.bin")
+
+
+def test_padding_outside_the_exposed_field_does_not_stretch_the_grey_range(tmp_path):
+    stored = (smooth_image(6).astype(np.uint16) * 4 + 1000).astype(np.uint16)  # anatomy: 1000-2020
+    stored[:, :10] = 0  # the collimated border, marked as padding
+    write_dicom(tmp_path / "m2.dcm", stored, PixelPaddingValue=0)
+    gray = np.asarray(read_image(tmp_path / "m2.dcm")).astype(int)
+    assert gray[:, :10].max() == 0
+    assert gray[:, 10:].min() == 0 and gray[:, 10:].max() == 255  # the anatomy gets the whole range, not 127-255
+    assert np.corrcoef(gray[:, 10:].ravel(), stored[:, 10:].ravel())[0, 1] > 0.999
+    stored[:, :10] = 4095
+    write_dicom(tmp_path / "m1.dcm", stored, photometric="MONOCHROME1", PixelPaddingValue=4095)
+    inverted = np.asarray(read_image(tmp_path / "m1.dcm")).astype(int)
+    assert inverted[:, :10].max() == 0  # black, as air, whichever way the file shows its values
+    assert inverted[:, 10:].min() == 0 and inverted[:, 10:].max() == 255
+    assert np.corrcoef(inverted[:, 10:].ravel(), stored[:, 10:].ravel())[0, 1] < -0.999
+
+
+def test_a_voi_lut_is_applied_exactly_and_quietly(tmp_path, recwarn):
+    from pydicom.dataset import Dataset
+
+    stored = np.tile(np.arange(0, 1024, 8, dtype=np.uint16), (80, 1))  # 128 columns of 0, 8, ..., 1016
+    lut = Dataset()
+    lut.LUTDescriptor = [1024, 0, 16]
+    lut.add_new(0x00283006, "US", [int(v) for v in (np.arange(1024) ** 2 // 16)])  # LUTData: a curve, not a line
+    write_dicom(tmp_path / "lut.dcm", stored, VOILUTSequence=[lut])
+    gray = np.asarray(read_image(tmp_path / "lut.dcm")).astype(float)
+    expected = (np.arange(0, 1024, 8) ** 2 // 16).astype(float)
+    expected = np.rint(255 * (expected - expected.min()) / (expected.max() - expected.min()))
+    assert np.abs(gray[0] - expected).max() <= 1
+    assert not [w for w in recwarn if "VOI LUT" in str(w.message)]
+
+
+def test_a_damaged_dicom_header_is_unreadable_not_a_report(tmp_path):
+    damaged = tmp_path / "CORRUPT01"
+    damaged.write_bytes(b"\x00" * 128 + b"DICM" + np.random.default_rng(1).bytes(2000))
+    assert reason_for(damaged) == "unreadable"
+    write_dicom(tmp_path / "m2.dcm", dicom_phantom())
+    import pydicom
+
+    report = pydicom.dcmread(tmp_path / "m2.dcm")
+    del report.PixelData  # a structured report or other non-image object: it names its SOP class
+    report.save_as(tmp_path / "report.dcm")
+    assert reason_for(tmp_path / "report.dcm") == "not-an-image"
+
+
+def test_an_image_stem_keeps_dots_that_are_not_image_suffixes():
+    assert io.image_stem("a/b/chest.PNG") == "chest"
+    assert io.image_stem("x/1.2.826.0.1.3680043.8.498.318") == "1.2.826.0.1.3680043.8.498.318"
+    assert io.image_stem("IMG.001") == "IMG.001"
+    assert io.image_stem("scan.v2.dcm") == "scan.v2"

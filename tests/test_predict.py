@@ -293,3 +293,36 @@ def test_ctrl_c_says_how_far_it_got_and_what_was_kept(run, tmp_path, good_images
                                                 f"far are in {tmp_path / 'r_heatmaps'}"):
         predict(run, good_images[:3], heatmap=True, out=out, bs=1, progress=False)
     assert not out.exists() and len(list((tmp_path / "r_heatmaps").iterdir())) == 1
+
+
+def test_pacs_names_keep_their_dots_in_heatmaps_and_collide_nowhere(run, tmp_path, good_images):
+    # Path.stem cut UIDs at their last dot: every file of an export became 1.2.826.0.1.3680043.8.498_heatmap.png,
+    # -2, -3; and a DICOM with neither preamble nor suffix was passed over in a folder without a word
+    from tests.test_io import bare_dataset_bytes
+
+    folder = tmp_path / "export"
+    (folder / "series1").mkdir(parents=True)
+    (folder / "series2").mkdir()
+    pixels = [np.asarray(read_image(p)).astype(np.uint16) * 16 for p in good_images[:3]]
+    write_dicom(folder / "series1" / "1.2.826.0.1.3680043.8.498.311", pixels[0])
+    write_dicom(folder / "series1" / "1.2.826.0.1.3680043.8.498.312", pixels[1])
+    write_dicom(tmp_path / "full.dcm", pixels[2])
+    (folder / "series2" / "1.2.826.0.1.3680043.8.498.311").write_bytes(bare_dataset_bytes(tmp_path / "full.dcm"))
+    results, skipped = predict(run, [folder], heatmap=True, out=tmp_path / "r.csv", progress=False)
+    assert skipped == [] and len(results) == 3
+    assert sorted(Path(h).name for h in results["heatmap"]) == [
+        "1.2.826.0.1.3680043.8.498.311_heatmap-2.png", "1.2.826.0.1.3680043.8.498.311_heatmap.png",
+        "1.2.826.0.1.3680043.8.498.312_heatmap.png"]
+
+    result = CliRunner().invoke(cli_app(), ["predict", str(run), str(folder)])
+    assert result.exit_code == 0, result.output
+    # the same name in two series is shown with its folder, so the rows can be told apart
+    assert "series1/" in result.output and "series2/" in result.output
+    assert result.output.count("…") == 0  # a long name wraps; cut short, its distinguishing end was lost
+
+
+def test_the_table_shows_bare_names_unless_two_are_the_same():
+    from cxr_fast.cli_predict import display_names
+
+    assert display_names(["/a/x.png", "/b/y.png"]) == ["x.png", "y.png"]
+    assert display_names(["/s/a/IMG1", "/s/b/IMG1", "/s/b/IMG2"]) == ["a/IMG1", "b/IMG1", "b/IMG2"]

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import os
 import re
+import struct
 import warnings
 from pathlib import Path
 
@@ -28,6 +29,13 @@ from cxr_fast.errors import CxrFastError
 # so a DICOM without a suffix is still read (see `is_dicom`).
 IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".jpe", ".tif", ".tiff", ".bmp", ".dcm", ".dicom"})
 DICOM_SUFFIXES = frozenset({".dcm", ".dicom"})
+
+
+def image_stem(path: str | os.PathLike) -> str:
+    """The file name without an image suffix. Other "suffixes" are part of the name: `Path.stem` would cut a DICOM
+    UID (1.2.840.….123) or a PACS name (IMG.001) at its last dot, and files that differ only there would collide."""
+    path = Path(path)
+    return path.stem if path.suffix.lower() in IMAGE_SUFFIXES else path.name
 
 # Smaller than this on either side and an image carries no usable anatomy (icons, thumbnails, masks
 # of the wrong file): such files are excluded rather than upscaled.
@@ -57,12 +65,30 @@ class ImageReadError(CxrFastError):
 
 
 def is_dicom(path: str | os.PathLike) -> bool:
-    """True for the 'DICM' magic at byte 128 (DICOM files often have no suffix), or a .dcm/.dicom suffix on a file
-    that does not start like a PNG, JPEG, TIFF or BMP (a DICOM without preamble, from an older archive)."""
+    """True for the 'DICM' magic at byte 128 (DICOM files often have no suffix), for a .dcm/.dicom suffix on a file
+    that does not start like a PNG, JPEG, TIFF or BMP, or for a file that starts with a bare DICOM element (a DICOM
+    without preamble, from an older archive or PACS export, whatever its name)."""
     path = Path(path)
-    if _has_dicom_magic(path):
+    if _has_dicom_magic(path) or _starts_like_bare_dicom(path):
         return True
     return path.suffix.lower() in DICOM_SUFFIXES and not _starts_like_pil_image(path)
+
+
+def _starts_like_bare_dicom(path: Path) -> bool:
+    """A dataset written without preamble starts with a little-endian element of group 0002 (file meta) or 0008
+    (identification), followed by an explicit VR (two capital letters) or an implicit 4-byte length."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(8)
+    except OSError:
+        return False
+    if len(head) < 8:
+        return False
+    group, element = struct.unpack("<HH", head[:4])
+    if group not in (0x0002, 0x0008) or element > 0x00FF:
+        return False
+    vr = head[4:6]
+    return (vr.isalpha() and vr.isupper()) or struct.unpack("<I", head[4:8])[0] < 0x10000
 
 
 PIL_SIGNATURES = (b"\x89PNG", b"\xff\xd8\xff", b"II*\x00", b"MM\x00*", b"BM")  # PNG, JPEG, TIFF (2 orders), BMP
@@ -326,6 +352,7 @@ def _dcmread(path: Path, stop_before_pixels: bool = False):
 
 def _read_dicom(path: Path) -> Image.Image:
     dataset = _dcmread(path)
+    _name_the_transfer_syntax_it_was_read_with(dataset)
     if (
         "PixelData" not in dataset
         and "FloatPixelData" not in dataset
@@ -335,6 +362,8 @@ def _read_dicom(path: Path) -> Image.Image:
             raise ImageReadError(
                 path, "not-an-image", "not a DICOM file (no 'DICM' header and no pixel data)"
             )
+        if "SOPClassUID" not in dataset:  # every real DICOM object, a report included, names its SOP class
+            raise ImageReadError(path, "unreadable", "DICOM header is damaged (no SOP class and no pixel data)")
         raise ImageReadError(
             path, "not-an-image", "DICOM file holds no pixel data (a report or a structured file?)"
         )
@@ -393,15 +422,36 @@ def _read_dicom(path: Path) -> Image.Image:
     return Image.fromarray(gray)
 
 
+def _name_the_transfer_syntax_it_was_read_with(dataset) -> None:
+    """A dataset stored without its file meta group (older archives) names no transfer syntax, and pydicom will
+    not decode pixels without one; the encoding it parsed the file with is that syntax, for uncompressed data."""
+    from pydicom.dataset import FileMetaDataset
+    from pydicom.uid import ExplicitVRBigEndian, ExplicitVRLittleEndian, ImplicitVRLittleEndian
+
+    meta = getattr(dataset, "file_meta", None)
+    if meta is not None and "TransferSyntaxUID" in meta:
+        return
+    implicit, little = getattr(dataset, "original_encoding", (dataset.is_implicit_VR, dataset.is_little_endian))
+    if meta is None:
+        dataset.file_meta = meta = FileMetaDataset()
+    meta.TransferSyntaxUID = (ImplicitVRLittleEndian if implicit else
+                              ExplicitVRLittleEndian if little else ExplicitVRBigEndian)
+
+
 def dicom_to_uint8(pixels: np.ndarray, dataset) -> np.ndarray:
     """Stored DICOM values → displayed 8-bit gray: Modality LUT, VOI window or LUT, MONOCHROME1 inverted."""
     from pydicom.pixels import apply_modality_lut, apply_voi_lut
 
     values = apply_modality_lut(pixels, dataset).astype(np.float64)
+    padding = _padding_mask(pixels, dataset)
+    if padding is not None:
+        # Padding marks pixels outside the exposed field: it must not stretch the range the anatomy is shown in.
+        values[padding] = values[~padding].min()
     center, width = _first_window(dataset)
     if "VOILUTSequence" in dataset:
-        # A lookup table chosen by the modality: apply it, then use its full output range.
-        gray = _stretch_to_uint8(apply_voi_lut(values, dataset, index=0, prefer_lut=True))
+        # A lookup table chosen by the modality: apply it, then use its full output range. Its entries are indexed
+        # by whole values, so rounding first changes nothing and spares pydicom's warning about float input.
+        gray = _stretch_to_uint8(apply_voi_lut(np.rint(values).astype(np.int64), dataset, index=0, prefer_lut=True))
     elif center is not None and width is not None and width > 0:
         function = str(getattr(dataset, "VOILUTFunction", "LINEAR") or "LINEAR").upper()
         gray = _window(values, center, width, function)
@@ -409,7 +459,20 @@ def dicom_to_uint8(pixels: np.ndarray, dataset) -> np.ndarray:
         gray = _stretch_to_uint8(values)
     if str(getattr(dataset, "PhotometricInterpretation", "")).upper() == "MONOCHROME1":
         gray = 255 - gray  # MONOCHROME1 shows low values white; the toolkit wants bone bright in every image
+    if padding is not None:
+        gray[padding] = 0  # outside the exposed field: black, as air is
     return gray
+
+
+def _padding_mask(pixels: np.ndarray, dataset) -> np.ndarray | None:
+    """Pixels equal to Pixel Padding Value (or within its range limit), when some but not all are; else None."""
+    value = dataset.get("PixelPaddingValue")
+    if value is None or isinstance(value, (bytes, list)):
+        return None
+    limit = dataset.get("PixelPaddingRangeLimit")
+    low, high = sorted((int(value), int(limit))) if isinstance(limit, int) else (int(value), int(value))
+    mask = (pixels >= low) & (pixels <= high)
+    return mask if mask.any() and not mask.all() else None
 
 
 def _first_window(dataset) -> tuple[float | None, float | None]:
