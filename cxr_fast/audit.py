@@ -16,9 +16,11 @@ evidence with its share of the area:
 
 Verdict thresholds (per predicted class, on the class's pooled means):
 
-- ``lung_preference < 1`` — evidence is denser outside the lungs than inside, i.e. the lungs get *less*
-  than their area's share (with lungs at 25–40 % of the image: less than 25–40 % of the evidence) —
+- ``lung_preference < 0.8`` — evidence is clearly denser outside the lungs than inside, i.e. the lungs get
+  *less* than their area's share (with lungs at 25–40 % of the image: less than 21–35 % of the evidence) —
   "likely shortcut".
+- ``0.8 ≤ lung_preference < 1`` — a little denser outside: within what a noisy, even map gives, so only
+  "possible shortcut: look at their heatmaps".
 - ``1 ≤ lung_preference < 2`` — "diffuse": the evidence is spread about as an even map would be; no clear
   shortcut, but not clearly based on the lungs either.
 - ``lung_preference ≥ 2`` — "mostly inside the lungs, no sign of a shortcut". With lungs at 25–40 % of
@@ -50,16 +52,20 @@ __all__ = [
     "verdict",
     "deletion_curve",
     "SHORTCUT_PREFERENCE",
+    "EVEN_PREFERENCE",
+    "MIN_IMAGES",
     "INSIDE_PREFERENCE",
     "MARKER_SHARE",
     "MARKER_DENSITY",
 ]
 
-SHORTCUT_PREFERENCE = 1.0  # lung_preference below this: evidence denser outside the lungs → likely shortcut
+SHORTCUT_PREFERENCE = 0.8  # lung_preference below this: evidence clearly denser outside the lungs → likely shortcut
+EVEN_PREFERENCE = 1.0  # what an even spread gives; from SHORTCUT_PREFERENCE to here → possible shortcut
 INSIDE_PREFERENCE = 2.0  # lung_preference at or above this: evidence concentrates in the lungs
 MARKER_SHARE = 0.15  # share of evidence in a text-marker box (grown to ≈ 4 % of the image) at or above this → likely shortcut
 MARKER_DENSITY = 4.0  # ... and at least this many times the box's share of the image (a large --window grows the box)
 MARKER_WATCH_DENSITY = 2.0  # below the flag, a marker share at least this many times its area → "possible shortcut"
+MIN_IMAGES = 10  # a verdict on fewer images with a lung field says that it rests on few
 MIN_POSITIVE_FRACTION = 0.1  # below this share of the map's absolute mass, an image has no evidence to locate
 
 
@@ -223,7 +229,7 @@ def _group_stats(rows: list[dict], correct: list[bool] | None) -> dict:
         "mean_area_marker": mean(col("area_marker")),
         # Share of images whose own evidence is denser outside the lungs than inside.
         "frac_images_outside_dense": (
-            float(np.mean(pref[with_lungs] < SHORTCUT_PREFERENCE)) if with_lungs.any() else math.nan
+            float(np.mean(pref[with_lungs] < EVEN_PREFERENCE)) if with_lungs.any() else math.nan
         ),
     }
     # Pooled over the group (means of shares and areas), so one image with tiny lungs cannot dominate.
@@ -315,6 +321,12 @@ def _sentence(who: str, s: dict) -> str:
             f"{who} take {_pct(outside)} of their evidence from outside the lungs{border}; the lungs cover "
             f"{_pct(area)} of the image but get only {_pct(inside)} — likely shortcut."
         )
+    elif pref < EVEN_PREFERENCE:
+        # A noisy map that is even on the whole lands either side of 1: below it, but not clearly, is worth a look.
+        parts.append(
+            f"{who} take {_pct(outside)} of their evidence from outside the lungs, a little more than an even "
+            f"spread would give ({_pct(1 - area)}) — possible shortcut: look at their heatmaps."
+        )
     elif pref < INSIDE_PREFERENCE:
         parts.append(
             f"{who} take {_pct(outside)} of their evidence from outside the lungs, about what an even "
@@ -328,6 +340,9 @@ def _sentence(who: str, s: dict) -> str:
             f"{who} take {_pct(inside)} of their evidence from inside the lungs (which cover {_pct(area)} "
             f"of the image) — mostly inside the lungs, no sign of a shortcut."
         )
+    with_lungs = s.get("n_with_lungs", s["n_with_evidence"])
+    if with_lungs < MIN_IMAGES:
+        parts.append(f"Only {with_lungs} image{'s' if with_lungs != 1 else ''} with a lung field: too few to be sure.")
     return " ".join(parts)
 
 

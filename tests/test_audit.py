@@ -6,6 +6,7 @@ import torch
 from torch import nn
 
 from cxr_fast.audit import (
+    MIN_IMAGES,
     attribution_shares,
     audit_summary,
     deletion_curve,
@@ -246,3 +247,24 @@ def test_a_marker_below_the_flag_but_above_its_share_is_a_possible_shortcut():
     text = verdict(audit_summary([attribution_shares(attr, lungs_mask(), box)] * 3, preds=[0] * 3))
     assert "possible shortcut" in text and "likely shortcut" not in text
     assert "from the marker and the half-window around it (4 % of the image)" in text
+
+
+def _group(preference: float, n: int = 24, area: float = 0.2) -> dict:
+    """Pooled stats of a group whose evidence has this lung preference (lungs covering `area` of the image)."""
+    inside = preference * area / (preference * area + 1 - area)
+    return dict(n=n, n_with_evidence=n, n_with_lungs=n, n_with_marker=0, mean_share_marker=math.nan,
+                mean_area_marker=math.nan, mean_share_inside=inside, mean_share_outside=1 - inside,
+                mean_area_inside=area, lung_preference=preference, mean_share_border=0.1, mean_share_corners=0.02)
+
+
+def test_only_evidence_clearly_denser_outside_the_lungs_is_a_likely_shortcut():
+    # a model at chance with a near-even occlusion map (18 % of the evidence for 19 % of lungs, preference 0.96)
+    # was told "likely shortcut" on 4 images
+    def said(preference, n=24):
+        return verdict({"grouped_by": "prediction", "by_class": {}, "overall": _group(preference, n)})
+
+    assert "likely shortcut" in said(0.6)
+    assert "possible shortcut" in said(0.9) and "likely shortcut" not in said(0.9)
+    assert "diffuse" in said(1.2) and "shortcut:" not in said(1.2)
+    assert "too few to be sure" in said(0.96, n=4) and "possible shortcut" in said(0.96, n=4)
+    assert "too few" not in said(0.96, n=MIN_IMAGES)
