@@ -322,7 +322,8 @@ def test_the_suffix_dcm_does_not_hide_a_png_and_still_finds_a_dicom_without_prea
     np.testing.assert_array_equal(np.asarray(read_image(tmp_path / "old.dcm")), np.asarray(read_image(tmp_path / "m2.dcm")))
 
 
-def test_the_decoder_plugin_hint_is_given_only_for_compressed_dicom(tmp_path):
+def test_the_decoder_plugin_hint_is_given_only_for_compressed_dicom_without_a_decoder(tmp_path, monkeypatch):
+    monkeypatch.setattr(io, "has_dicom_decoder", lambda: False)
     write_dicom(tmp_path / "plain.dcm", dicom_phantom())
     import pydicom
 
@@ -331,13 +332,42 @@ def test_the_decoder_plugin_hint_is_given_only_for_compressed_dicom(tmp_path):
     dataset.save_as(tmp_path / "damaged.dcm")
     with pytest.raises(ImageReadError, match="cannot decode DICOM pixel data") as e:
         read_image(tmp_path / "damaged.dcm")
-    assert "pylibjpeg" not in str(e.value)
+    assert "pip install" not in str(e.value)
     dataset = pydicom.dcmread(tmp_path / "plain.dcm")
     dataset.file_meta.TransferSyntaxUID = pydicom.uid.JPEGLSLossless  # claims a codec no plugin here decodes
     dataset.PixelData = pydicom.encaps.encapsulate([b"\x00" * 64])
     dataset.save_as(tmp_path / "jpegls.dcm")
-    with pytest.raises(ImageReadError, match="need a plugin such as pylibjpeg"):
+    with pytest.raises(ImageReadError, match=r"needs a decoder: pip install 'cxr_fast\[dicom\]'"):
         read_image(tmp_path / "jpegls.dcm")
+    monkeypatch.setattr(io, "has_dicom_decoder", lambda: True)  # installed, so the data itself is damaged
+    with pytest.raises(ImageReadError, match="cannot decode DICOM pixel data") as e:
+        read_image(tmp_path / "jpegls.dcm")
+    assert "pip install" not in str(e.value)
+
+
+def test_compressed_dicom_is_decoded_with_the_dicom_extra(tmp_path):
+    # JPEG Lossless is what most CR/DX systems send; python-gdcm (the `dicom` extra, installed in CI) decodes it
+    gdcm = pytest.importorskip("gdcm")
+    stored = (np.random.default_rng(0).random((80, 96)) * 4000).astype(np.uint16)
+    write_dicom(tmp_path / "plain.dcm", stored)
+    for name, syntax in [("jpeg-lossless", gdcm.TransferSyntax.JPEGLosslessProcess14_1),
+                         ("jpeg-ls", gdcm.TransferSyntax.JPEGLSLossless),
+                         ("jpeg-2000", gdcm.TransferSyntax.JPEG2000Lossless)]:
+        reader = gdcm.ImageReader()
+        reader.SetFileName(str(tmp_path / "plain.dcm"))
+        assert reader.Read()
+        change = gdcm.ImageChangeTransferSyntax()
+        change.SetTransferSyntax(gdcm.TransferSyntax(syntax))
+        change.SetInput(reader.GetImage())
+        assert change.Change(), name
+        writer = gdcm.ImageWriter()
+        writer.SetFileName(str(tmp_path / f"{name}.dcm"))
+        writer.SetFile(reader.GetFile())
+        writer.SetImage(change.GetOutput())
+        assert writer.Write(), name
+        assert (tmp_path / f"{name}.dcm").read_bytes() != (tmp_path / "plain.dcm").read_bytes()
+        np.testing.assert_array_equal(np.asarray(read_image(tmp_path / f"{name}.dcm")),
+                                      np.asarray(read_image(tmp_path / "plain.dcm")), err_msg=name)
 
 
 def test_a_multi_frame_dicom_is_read_from_its_first_frame_alone(tmp_path, monkeypatch):

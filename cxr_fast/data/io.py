@@ -397,8 +397,8 @@ def _read_dicom(path: Path) -> Image.Image:
         if "expected" in lowered and ("length" in lowered or "less than" in lowered) or "truncat" in lowered:
             raise ImageReadError(path, "truncated", f"DICOM pixel data is truncated ({text})") from None
         syntax = getattr(getattr(dataset, "file_meta", None), "TransferSyntaxUID", None)
-        plugin = ("; compressed transfer syntaxes need a plugin such as pylibjpeg or python-gdcm"
-                  if getattr(syntax, "is_compressed", False) else "")
+        plugin = ("; compressed DICOM needs a decoder: pip install 'cxr_fast[dicom]' (python-gdcm)"
+                  if getattr(syntax, "is_compressed", False) and not has_dicom_decoder() else "")
         raise ImageReadError(
             path, "unreadable", f"cannot decode DICOM pixel data ({type(error).__name__}: {text}){plugin}"
         ) from None
@@ -436,6 +436,13 @@ def _name_the_transfer_syntax_it_was_read_with(dataset) -> None:
         dataset.file_meta = meta = FileMetaDataset()
     meta.TransferSyntaxUID = (ImplicitVRLittleEndian if implicit else
                               ExplicitVRLittleEndian if little else ExplicitVRBigEndian)
+
+
+def has_dicom_decoder() -> bool:
+    """Whether python-gdcm (the `dicom` extra), which decodes JPEG Lossless, JPEG-LS and JPEG 2000, is installed."""
+    import importlib.util
+
+    return importlib.util.find_spec("gdcm") is not None
 
 
 def dicom_to_uint8(pixels: np.ndarray, dataset) -> np.ndarray:
