@@ -94,9 +94,14 @@ def load_run(path: str | Path, *, finishing: bool = False) -> Run:
         raise CxrFastError(f"{path}: no such run folder")
     if not path.is_dir():
         raise CxrFastError(f"{path}: a file, not a run folder (give the folder that holds config.json)")
-    if not finishing and (path / "checkpoint" / "state.json").is_file():
+    state_path = path / "checkpoint" / "state.json"
+    if not finishing and state_path.is_file():
+        try:
+            data = shlex.quote(str(read_json(state_path)["data"]))
+        except (CxrFastError, KeyError, TypeError):  # an unreadable state: the user knows their data folder
+            data = "DATA"
         raise CxrFastError(f"{path}: an interrupted training run, not a finished bundle; continue it with "
-                           f"`cxrfast train --data DATA --out {shlex.quote(str(path))} --resume`")
+                           f"`cxrfast train --data {data} --out {shlex.quote(str(path))} --resume`")
     if not config_path.is_file() and (path / "model.onnx").is_file() and (path / "preprocessing.json").is_file():
         raise CxrFastError(f"{path}: an ONNX export, not a run bundle; predict and serve run it with --runtime onnx")
     for needed in (config_path, weights_path):

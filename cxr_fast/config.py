@@ -176,8 +176,13 @@ def resolve_config(recipe: str | Path | None = None, **overrides: Any) -> TrainC
         where = f"{find_recipe(recipe)}: " if recipe else ""
         raise CxrFastError(f"{where}bad training option: " + "; ".join(problems))
     for name, (kind, _, _) in LIMITS.items():
+        value = getattr(cfg, name)
         if kind is int:
-            setattr(cfg, name, int(getattr(cfg, name)))  # a recipe's "epochs: 4.0" must not reach range()
+            setattr(cfg, name, int(value))  # a recipe's "epochs: 4.0" must not reach range()
+        elif value is not None:
+            setattr(cfg, name, float(value))  # "mixup: 1" must not reach torch, whose Dirichlet refuses integers
+    if cfg.lr != "auto":
+        cfg.lr = float(cfg.lr)
     return cfg
 
 

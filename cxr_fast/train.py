@@ -191,7 +191,6 @@ class RunRecorder(Callback):
         row = {"epoch": self.epoch_offset + self.epoch, "phase": self.phase}
         row.update({n: float(v) for n, v in zip(names, values)})
         self.state["history"].append(row)
-        pd.DataFrame(self.state["history"]).to_csv(self.run_dir / "history.csv", index=False)
 
         ckpt = self.run_dir / CHECKPOINT_DIR
         ckpt.mkdir(exist_ok=True)
@@ -214,6 +213,8 @@ class RunRecorder(Callback):
         # epoch counts as done (for a Ctrl-C's message, or removing a failed run) only once state.json says so
         write_text(ckpt / "state.json", json.dumps({**self.state, "epochs_done": row["epoch"] + 1}, indent=1))
         self.state["epochs_done"] = row["epoch"] + 1
+        # after state.json, so that the folder's history never shows an epoch that --resume will train again
+        pd.DataFrame(self.state["history"]).to_csv(self.run_dir / "history.csv", index=False)
         kept = {best_weights_path(self.run_dir, self.state["best"]["epoch"]), weights, optimizer}
         for older in ckpt.glob("*-epoch*.safetensors"):
             if older not in kept:

@@ -97,3 +97,14 @@ def test_another_arch_than_the_recipe_s_drops_its_arch_kwargs_with_a_warning(tmp
         warnings.simplefilter("error")  # the recipe's own arch, in any case, keeps them silently
         assert resolve_config(recipe, arch="CXResnet").arch_kwargs == {"width": 0.5}
         assert resolve_config(recipe, arch="convnet", arch_kwargs={"hidden": 8}).arch_kwargs == {"hidden": 8}
+
+
+def test_whole_numbers_for_real_valued_options_become_floats(tmp_path):
+    # "mixup: 1" reached fastai's MixUp as an int, and torch's Dirichlet crashed mid-training with a traceback
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("mixup: 1\nlr: 1\nlr_mult: 10\nwd: 0\nepochs: 3.0\n")
+    cfg = resolve_config(recipe)
+    for name in ("mixup", "lr", "lr_mult", "wd"):
+        assert type(getattr(cfg, name)) is float, name
+    assert type(cfg.epochs) is int
+    assert resolve_config().wd is None  # fastai's default stays unset

@@ -188,6 +188,8 @@ def test_a_kill_before_state_json_resumes_from_the_epoch_it_names(tiny_data, tmp
         train(tiny_data, resolve_config(epochs=3, **TINY), out=tmp_path / "run", quiet=True)
     monkeypatch.undo()
     assert json.loads((tmp_path / "run" / "checkpoint" / "state.json").read_text())["epochs_done"] == 1
+    # history.csv showed epoch 1 too, which --resume then trained again
+    assert list(pd.read_csv(tmp_path / "run" / "history.csv")["epoch"]) == [0]
     epoch0 = load_file(str(tmp_path / "run" / "checkpoint" / "model-epoch0.safetensors"))
     probe = WeightsAtFirstBatch()
     train(tiny_data, out=tmp_path / "run", resume=True, quiet=True, extra_cbs=[probe])
@@ -529,8 +531,9 @@ def test_a_damaged_bundle_weights_file_is_a_one_line_error(tiny_runs, tmp_path):
 
 def test_an_interrupted_run_is_named_as_such_where_a_bundle_is_expected(tiny_data, tmp_path):
     out = _killed_run(tiny_data, tmp_path / "run")
-    with pytest.raises(CxrFastError, match="an interrupted training run, not a finished bundle; continue it with"):
+    with pytest.raises(CxrFastError, match="an interrupted training run, not a finished bundle; continue it with") as e:
         load_run(out)
+    assert f"--data {tiny_data.resolve()} " in str(e.value)  # the run's own data folder, not a placeholder
 
 
 
