@@ -19,9 +19,16 @@ from cxr_fast.errors import CxrFastError
 
 # Search range for T. Below 0.01 or above 100 the model is nearly separable on the valid split or its logits carry
 # no information; a clipped T is still the best available in that range.
-_LOG_T_BOUNDS = (np.log(0.01), np.log(100.0))
+MAX_TEMPERATURE = 100.0
+_LOG_T_BOUNDS = (np.log(0.01), np.log(MAX_TEMPERATURE))
 # Fewer wrong predictions than this on the valid split: T stays 1 (see fit_temperature).
 MIN_ERRORS_TO_FIT = 5
+
+
+def flattens_everything(temperature: float) -> bool:
+    """Whether the fit ran into the upper bound: the valid split found no information in the logits, and the
+    calibrated probabilities are all close to 1/K, however well ECE then scores them."""
+    return temperature >= 0.99 * MAX_TEMPERATURE
 
 
 def softmax(logits, temperature: float = 1.0) -> np.ndarray:

@@ -23,7 +23,13 @@ from sklearn.model_selection import cross_val_predict
 from sklearn.preprocessing import StandardScaler
 
 from cxr_fast.bundle import Run, load_run, predict_logits, read_training_manifest
-from cxr_fast.calibration import expected_calibration_error, nll, reliability_bins, softmax
+from cxr_fast.calibration import (
+    expected_calibration_error,
+    flattens_everything,
+    nll,
+    reliability_bins,
+    softmax,
+)
 from cxr_fast.data.manifest import image_column, manifest_csv, read_manifest
 from cxr_fast.ensemble import ENSEMBLE_ARCH
 from cxr_fast.errors import CxrFastError
@@ -150,8 +156,12 @@ def metrics_table(m: dict, tta: bool = False):
         table.add_row("ECE", f"{m['ece']:.3f}")
     else:
         # judged by log-loss, which ECE (15 bins) can contradict: name the figure that rose
-        worse = f"  (log-loss rose {m['nll']:.3f} → {m['nll_calibrated']:.3f}: see the report)" if calibration_worse(m) else ""
+        raw, calibrated = _distinct(m["nll"], m["nll_calibrated"])
+        worse = f"  (log-loss rose {raw} → {calibrated}: see the report)" if calibration_worse(m) else ""
         table.add_row("ECE raw → calibrated", f"{m['ece']:.3f} → {m['ece_calibrated']:.3f}{worse}")
+        if flattens_everything(m["temperature"]):
+            table.add_row("[bold yellow]temperature[/]", f"{m['temperature']:.0f}, the fit's upper bound: the logits "
+                          "told valid nothing, so every calibrated probability is near 1/K (a low ECE here means nothing)")
     if "by_marker" in m:  # synthetic data: the images without the planted shortcut tell more
         marked, unmarked = m["by_marker"]["with_marker"], m["by_marker"]["without_marker"]
         table.add_row("accuracy with / without a text marker",
@@ -251,6 +261,14 @@ def marker_text(by_marker: dict) -> str:
     return (f"Accuracy on the images carrying a text marker: {part(by_marker['with_marker'])}; on those without: "
             f"{part(by_marker['without_marker'])}. A model that reads the marker does better where it is, so the "
             f"images without it say more about what it learned from the lungs.")
+
+
+def _distinct(a: float, b: float) -> tuple[str, str]:
+    """Two figures printed with as many decimals (3 to 6) as it takes to show that they differ."""
+    for digits in range(3, 7):
+        if f"{a:.{digits}f}" != f"{b:.{digits}f}":
+            break
+    return f"{a:.{digits}f}", f"{b:.{digits}f}"
 
 
 def calibration_worse(metrics: dict) -> str | None:

@@ -436,3 +436,25 @@ def test_a_temperature_that_worsens_the_log_loss_here_is_a_caution():
     console = Console(record=True, width=150)
     console.print(metrics_table(metrics))
     assert "0.156 → 0.079  (log-loss rose 0.769 → 0.823: see the report)" in console.export_text()
+
+
+def test_a_temperature_at_its_upper_bound_is_named_and_a_tiny_rise_is_shown():
+    # a run at chance got T = 100 (the search's bound): every calibrated probability near 1/3, shown as ECE
+    # 0.081 → 0.001, beside "log-loss rose 1.098 → 1.098"
+    from rich.console import Console
+
+    from cxr_fast.calibration import fit_temperature, flattens_everything
+    from cxr_fast.evaluate import metrics_table
+
+    rng = np.random.default_rng(0)
+    noise = rng.normal(size=(90, 3)) * 0.01  # logits that say nothing about the labels
+    T = fit_temperature(noise, rng.integers(0, 3, 90))
+    assert flattens_everything(T) and not flattens_everything(1.7)
+    metrics = {"run": "r", "data": "d", "n": 5, "balanced_accuracy": 0.33, "balanced_accuracy_ci": [0.2, 0.5],
+               "accuracy": 0.3, "macro_f1": 0.3, "macro_roc_auc": None, "per_class": {}, "temperature": T,
+               "ece": 0.081, "ece_calibrated": 0.001, "nll": 1.09794, "nll_calibrated": 1.09846}
+    console = Console(record=True, width=250)
+    console.print(metrics_table(metrics))
+    text = console.export_text()
+    assert "log-loss rose 1.0979 → 1.0985" in text
+    assert "the fit's upper bound" in text and "a low ECE here means nothing" in text
