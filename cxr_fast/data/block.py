@@ -82,6 +82,7 @@ class DataSpec:
     std: list[float]
 
 
+MAX_LEFT_OUT_SHARE = 0.25  # more of the training split than this dropped from every epoch: say so
 RARE_CLASS = 5  # fewer training images than this: more likely a mistyped label than a class to learn
 
 
@@ -128,6 +129,10 @@ def build_dataloaders(
     if n_train < bs:  # fastai drops the last incomplete training batch, so an epoch would have no steps at all
         raise CxrFastError(f"manifest has {n_train} training images, fewer than the batch size {bs}: "
                            f"pass --bs {n_train} or less, or add images")
+    left_out = n_train % bs
+    if left_out > n_train * MAX_LEFT_OUT_SHARE:  # a different remainder each shuffled epoch, but each epoch is short
+        warnings.warn(f"batch size {bs} leaves {left_out} of {n_train} training images out of every epoch (the last, "
+                      f"incomplete batch is dropped): pick a --bs that divides {n_train} more evenly", stacklevel=2)
     df["image"] = image_column(df)
     classes = sorted(manifest["label"].unique().tolist())
     if len(classes) < 2:
