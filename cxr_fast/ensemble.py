@@ -12,6 +12,7 @@ average back; its own temperature is 1.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import shutil
 from collections.abc import Sequence
@@ -114,6 +115,13 @@ def build_ensemble(runs: Sequence[str | Path], out: str | Path | None = None, pr
         if run.path.resolve() in within:
             raise CxrFastError(f"{run.path}: already a member of {within[run.path.resolve()]}; it would be weighted "
                                "twice (give that ensemble's members instead)")
+    same_weights: dict[str, Path] = {}  # a copied run folder (or one retrained with the same seed) is the same model
+    for run in loaded:
+        digest = hashlib.sha256((run.path / "model.safetensors").read_bytes()).hexdigest()
+        if digest in same_weights:
+            raise CxrFastError(f"{run.path}: the same weights as {same_weights[digest]} (a copy?); an ensemble averages "
+                               "different models")
+        same_weights[digest] = run.path
     first = loaded[0]
     for run in loaded[1:]:
         for key in ("classes", "n_in", "data", "manifest_sha256"):

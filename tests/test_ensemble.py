@@ -151,6 +151,10 @@ def test_the_same_run_twice_is_refused_and_members_with_one_name_keep_both_score
         build_ensemble([tiny_runs[0], tiny_runs[0].parent / ".." / tiny_runs[0].parent.name / tiny_runs[0].name],
                        tmp_path / "twice", progress=False)
     assert not (tmp_path / "twice").exists()
+    copy = shutil.copytree(tiny_runs[0], tmp_path / "copy")  # a copied folder was averaged with its original
+    with pytest.raises(CxrFastError, match=r"copy: the same weights as .*seed0 \(a copy\?\)"):
+        build_ensemble([tiny_runs[0], copy], tmp_path / "copied", progress=False)
+    assert not (tmp_path / "copied").exists()
     namesake = shutil.copytree(tiny_runs[1], tmp_path / "elsewhere" / tiny_runs[0].name)  # runs/seed0, elsewhere/seed0
     ensemble = build_ensemble([tiny_runs[0], namesake], tmp_path / "ens", progress=False)
     members = json.loads((ensemble / "metrics.json").read_text())["members"]
