@@ -458,3 +458,21 @@ def test_a_temperature_at_its_upper_bound_is_named_and_a_tiny_rise_is_shown():
     text = console.export_text()
     assert "log-loss rose 1.0979 → 1.0985" in text
     assert "the fit's upper bound" in text and "a low ECE here means nothing" in text
+
+
+def test_inference_speed_is_timed_after_an_untimed_warm_up(tiny_runs, monkeypatch):
+    # the first pass pays one-off costs: timed alone, the run given first looked slowest, and img/s depended on
+    # the order of the arguments
+    import cxr_fast.compare
+    from cxr_fast.bundle import load_run, predict_logits
+
+    calls = []
+
+    def recording(run, items, **kwargs):
+        calls.append(len(items))
+        return predict_logits(run, items, **kwargs)
+
+    monkeypatch.setattr(cxr_fast.compare, "predict_logits", recording)
+    row, _, _ = cxr_fast.compare.score_run(load_run(tiny_runs[0]), n_boot=10)
+    n_test = calls[-1]
+    assert calls == [min(n_test, cxr_fast.compare.WARM_UP_IMAGES), n_test] and row["images_per_s"] > 0
