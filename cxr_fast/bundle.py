@@ -6,7 +6,6 @@ lacks either, or whose weights do not fit the architecture, is refused with a on
 
 from __future__ import annotations
 
-import shlex
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -96,12 +95,14 @@ def load_run(path: str | Path, *, finishing: bool = False) -> Run:
         raise CxrFastError(f"{path}: a file, not a run folder (give the folder that holds config.json)")
     state_path = path / "checkpoint" / "state.json"
     if not finishing and state_path.is_file():
+        from cxr_fast.train import resume_command  # here: train imports this module
+
         try:
-            data = shlex.quote(str(read_json(state_path)["data"]))
+            data = read_json(state_path)["data"]
         except (CxrFastError, KeyError, TypeError):  # an unreadable state: the user knows their data folder
             data = "DATA"
         raise CxrFastError(f"{path}: an interrupted training run, not a finished bundle; continue it with "
-                           f"`cxrfast train --data {data} --out {shlex.quote(str(path))} --resume`")
+                           f"`{resume_command(path, data)}`")
     if not config_path.is_file() and (path / "model.onnx").is_file() and (path / "preprocessing.json").is_file():
         raise CxrFastError(f"{path}: an ONNX export, not a run bundle; predict and serve run it with --runtime onnx")
     for needed in (config_path, weights_path):

@@ -12,7 +12,6 @@ average back; its own temperature is 1.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import shutil
 from collections.abc import Sequence
@@ -25,6 +24,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from sklearn.metrics import balanced_accuracy_score
 
+from cxr_fast.data.dedup import file_sha256
 from cxr_fast.errors import CxrFastError, read_tensors
 from cxr_fast.outputs import write_tensors, write_text
 
@@ -117,7 +117,7 @@ def build_ensemble(runs: Sequence[str | Path], out: str | Path | None = None, pr
                                "twice (give that ensemble's members instead)")
     same_weights: dict[str, Path] = {}  # a copied run folder (or one retrained with the same seed) is the same model
     for run in loaded:
-        digest = hashlib.sha256((run.path / "model.safetensors").read_bytes()).hexdigest()
+        digest = file_sha256(run.path / "model.safetensors")
         if digest in same_weights:
             raise CxrFastError(f"{run.path}: the same weights as {same_weights[digest]} (a copy?); an ensemble averages "
                                "different models")

@@ -5,6 +5,7 @@ it skip there. CI sets CI=true and must run them, so a missing folder fails loud
 """
 
 import os
+import struct
 from pathlib import Path
 
 import pytest
@@ -64,3 +65,10 @@ def write_dicom(path, stored, photometric="MONOCHROME2", **attributes):
     for name, value in attributes.items():
         setattr(dataset, name, value)
     dataset.save_as(path, enforce_file_format=True)
+
+
+def bare_dataset_bytes(dicom_file) -> bytes:
+    """The dataset of a DICOM file without its preamble and file meta group, as older archives store it."""
+    data = dicom_file.read_bytes()
+    group_length = struct.unpack("<I", data[140:144])[0]  # (0002,0000) UL, right after the preamble and 'DICM'
+    return data[144 + group_length:]

@@ -10,7 +10,7 @@ from PIL import Image, ImageFile
 from cxr_fast.data import io
 from cxr_fast.data.io import ImageReadError, image_size, is_dicom, read_image, read_image_with_size
 from cxr_fast.errors import CxrFastError
-from tests.conftest import write_dicom
+from tests.conftest import bare_dataset_bytes, write_dicom
 
 
 def smooth_image(seed: int, width: int = 96, height: int = 80) -> np.ndarray:
@@ -394,13 +394,6 @@ def test_a_multi_frame_dicom_is_read_from_its_first_frame_alone(tmp_path, monkey
     assert image.shape == (64, 80) and image[:, :40].mean() > image[:, 40:].mean()
     if int(pydicom.__version__.split(".")[0]) >= 3:
         assert decoded == [(64, 80)]
-
-
-def bare_dataset_bytes(dicom_file) -> bytes:
-    """The dataset of a DICOM file without its preamble and file meta group, as older archives store it."""
-    data = dicom_file.read_bytes()
-    group_length = struct.unpack("<I", data[140:144])[0]  # (0002,0000) UL, right after the preamble and 'DICM'
-    return data[144 + group_length:]
 
 
 def test_a_dicom_with_neither_preamble_nor_suffix_is_found_by_its_first_element(tmp_path):

@@ -15,7 +15,7 @@ from cxr_fast.data.io import read_image
 from cxr_fast.data.manifest import read_manifest
 from cxr_fast.errors import CxrFastError
 from cxr_fast.predict import find_images, model_image, model_input, predict
-from tests.conftest import write_dicom
+from tests.conftest import bare_dataset_bytes, write_dicom
 
 
 @pytest.fixture
@@ -298,8 +298,6 @@ def test_ctrl_c_says_how_far_it_got_and_what_was_kept(run, tmp_path, good_images
 def test_pacs_names_keep_their_dots_in_heatmaps_and_collide_nowhere(run, tmp_path, good_images):
     # Path.stem cut UIDs at their last dot: every file of an export became 1.2.826.0.1.3680043.8.498_heatmap.png,
     # -2, -3; and a DICOM with neither preamble nor suffix was passed over in a folder without a word
-    from tests.test_io import bare_dataset_bytes
-
     folder = tmp_path / "export"
     (folder / "series1").mkdir(parents=True)
     (folder / "series2").mkdir()

@@ -30,13 +30,6 @@ from cxr_fast.errors import CxrFastError
 IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".jpe", ".tif", ".tiff", ".bmp", ".dcm", ".dicom"})
 DICOM_SUFFIXES = frozenset({".dcm", ".dicom"})
 
-
-def image_stem(path: str | os.PathLike) -> str:
-    """The file name without an image suffix. Other "suffixes" are part of the name: `Path.stem` would cut a DICOM
-    UID (1.2.840.….123) or a PACS name (IMG.001) at its last dot, and files that differ only there would collide."""
-    path = Path(path)
-    return path.stem if path.suffix.lower() in IMAGE_SUFFIXES else path.name
-
 # Smaller than this on either side and an image carries no usable anatomy (icons, thumbnails, masks
 # of the wrong file): such files are excluded rather than upscaled.
 MIN_SIDE = 64
@@ -62,6 +55,13 @@ class ImageReadError(CxrFastError):
         self.reason = reason
         self.explanation = explanation
         super().__init__(f"{path}: {explanation}")
+
+
+def image_stem(path: str | os.PathLike) -> str:
+    """The file name without an image suffix. Other "suffixes" are part of the name: `Path.stem` would cut a DICOM
+    UID (1.2.840.….123) or a PACS name (IMG.001) at its last dot, and files that differ only there would collide."""
+    path = Path(path)
+    return path.stem if path.suffix.lower() in IMAGE_SUFFIXES else path.name
 
 
 def is_dicom(path: str | os.PathLike) -> bool:
