@@ -14,13 +14,13 @@ one more dependency for no gain on these plain convolutional networks; the Torch
 
 from __future__ import annotations
 
-import hashlib
 import json
 from pathlib import Path
 
 import numpy as np
 
 from cxr_fast.config import contract_problem
+from cxr_fast.data.dedup import file_sha256
 from cxr_fast.errors import CxrFastError, first_line, read_json
 
 ONNX_FILE = "model.onnx"
@@ -30,14 +30,6 @@ INPUT_NAME, OUTPUT_NAME = "image", "logits"
 EXPORT_TOLERANCE = 1e-4  # largest logit difference from PyTorch accepted for a fresh export
 FORMAT = "cxr_fast-onnx/1"
 SPEC_KEYS = ("run", "arch", "classes", "temperature", "size", "n_in", "mean", "std")  # what OnnxRunner reads
-
-
-def file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def preprocessing_spec(run) -> dict:
