@@ -94,6 +94,7 @@ def data_prepare(
     patient_pattern: Annotated[str | None, typer.Option(help="Keep each patient's images in one split: 'dicom' (PatientID in DICOM headers), 'nih' (file names like 00000061_012.png) or a regular expression whose first group is the patient id in the file name.")] = None,
     folds: Annotated[int | None, typer.Option(help="Cross-validation: cut the images into this many equal parts (instead of --splits); --fold's part is the test split, the next part valid, the rest train.")] = None,
     fold: Annotated[int | None, typer.Option(help="With --folds: which part is the test split (0 to folds - 1). Prepare each fold into its own --out.")] = None,
+    sites: Annotated[bool, typer.Option(help="SRC holds one folder per site (hospital, collection) with the class folders inside: ROOT/<site>/<class>/…; the site is kept in the manifest.")] = False,
     force: Annotated[bool, typer.Option(help="Overwrite an existing manifest.")] = False,
 ):
     """Read, check, de-duplicate and split a folder of X-rays into a manifest."""
@@ -104,7 +105,7 @@ def data_prepare(
         raise CxrFastError("--folds and --fold go together: e.g. --folds 5 --fold 0 (then --fold 1, … --fold 4)")
     report = prepare(src, out, label_map=parse_label_map(label_map), ignore_unmapped=ignore_unmapped, seed=seed,
                      splits=splits, cache_size=size, patient_pattern=patient_pattern, folds=folds,
-                     fold=fold or 0, force=force)
+                     fold=fold or 0, sites=sites, force=force)
     print_summary(report, console)
     console.print(f"manifest: [bold]{escape(str(Path(out) / 'manifest.csv'))}[/]")
 

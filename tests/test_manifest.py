@@ -481,3 +481,64 @@ def test_class_folders_named_like_split_folders_are_warned_about(tmp_path):
     assert sorted(report.labels) == ["Test-Images", "train_set"]
     assert any(w.startswith("class folder(s) 'Test-Images', 'train_set' look like split folders") for w in report.warnings)
     assert not any("look like split" in w for w in quiet(make_dataset(tmp_path / "plain"), tmp_path / "o2").warnings)
+
+
+def make_sites(root: Path, per_class: int = 6, sites=("hospA", "hospB"), classes_at=None) -> Path:
+    """ROOT/<site>/<class>/<file>; ``classes_at``: site -> the classes it has (default: all)."""
+    for s, site in enumerate(sites):
+        for c, label in enumerate((classes_at or {}).get(site, CLASSES)):
+            (root / site / label).mkdir(parents=True, exist_ok=True)
+            for i in range(per_class):
+                textured_image(1000 * s + 100 * c + i).save(root / site / label / f"{i:02d}.png")
+    return root
+
+
+def test_site_folders_read_as_classes_are_named_and_sites_reads_the_classes_inside(tmp_path):
+    # Read as ROOT/<class>/…, the "classes" are hospitals: a model would learn to tell them apart, without an error.
+    src = make_sites(tmp_path / "src")
+    report = quiet(src, tmp_path / "as_classes")
+    assert report.labels == ["hospA", "hospB"]
+    assert any("each hold the same folders ('COVID-19', 'Normal', 'Pneumonia')" in w and "--sites" in w
+               for w in report.warnings)
+    with pytest.raises(CxrFastError, match=r"'hospA' \(18 files\).*: if those are the classes and these are sites, "
+                                           r"pass --sites$"):
+        quiet(src, tmp_path / "mapped", label_map="COVID-19=COVID-19,Normal=Normal,Pneumonia=Pneumonia")
+
+    report = quiet(src, tmp_path / "sites", sites=True, label_map="COVID-19=COVID,Normal=Normal,Pneumonia=Pneumonia")
+    assert report.labels == ["COVID", "Normal", "Pneumonia"]
+    assert report.sites == {site: {"COVID": 6, "Normal": 6, "Pneumonia": 6} for site in ("hospA", "hospB")}
+    assert not any("--sites" in w or "comes from site" in w for w in report.warnings)
+    frame = read_manifest(tmp_path / "sites")
+    assert sorted(frame["site"].unique()) == ["hospA", "hospB"]
+    # Each site's classes are split alike: every site has every class in every split.
+    assert frame.groupby(["site", "label"])["split"].nunique().eq(3).all()
+    console = Console(record=True, width=200)
+    print_summary(report, console)
+    assert "images per site" in console.export_text()
+
+
+def test_a_class_found_at_one_site_only_is_warned_about(tmp_path):
+    src = make_sites(tmp_path / "src", classes_at={"hospB": ("Normal", "Pneumonia")})
+    report = quiet(src, tmp_path / "out", sites=True)
+    assert [w for w in report.warnings if "comes from site" in w] == [
+        "every 'COVID-19' image comes from site 'hospA': a model can learn to recognise that site instead of the "
+        "disease; check `cxrfast interpret`'s shortcut audit"]
+
+
+def test_a_class_folders_own_subfolders_are_not_taken_for_sites(tmp_path):
+    # Patients (or dates) nested under each class differ between classes: the ordinary layout, no hint.
+    for c, label in enumerate(CLASSES):
+        for p in range(2):
+            folder = tmp_path / "src" / label / f"{label}_patient{p}"
+            folder.mkdir(parents=True)
+            for i in range(3):
+                textured_image(100 * c + 10 * p + i).save(folder / f"{i}.png")
+    report = quiet(tmp_path / "src", tmp_path / "out")
+    assert report.labels == list(CLASSES)
+    assert not any("--sites" in w for w in report.warnings)
+
+
+def test_sites_without_class_folders_inside_them_is_an_error(tmp_path):
+    src = make_dataset(tmp_path / "src", per_class=2)
+    with pytest.raises(CxrFastError, match=r"no class folders, only loose files \(expected .*/<site>/<class>/<image>\)"):
+        quiet(src, tmp_path / "out", sites=True)

@@ -71,6 +71,7 @@ from cxr_fast.data.sources import (
     class_folders,
     find_images,
     is_hidden,
+    shared_subfolders,
 )
 from cxr_fast.data.split import (
     DEFAULT_FRACTIONS,
@@ -88,11 +89,11 @@ from cxr_fast.progress import LogProgress, progress_bar
 REPORT_NAME = PREPARED_MARKER
 META_NAME = "_meta.csv"
 MANIFEST_COLUMNS = ("path", "label", "source_label", "split", "group", "sha256", "width", "height")
-OPTIONAL_COLUMNS = ("patient", "cache_path", "mask", "marker_box")
+OPTIONAL_COLUMNS = ("site", "patient", "cache_path", "mask", "marker_box")
 PATH_COLUMNS = ("path", "cache_path", "mask")
 
 EXCLUSION_REASONS = {
-    "no-class-folder": "file directly in the source folder, not inside a class folder",
+    "no-class-folder": "file not inside a class folder (directly in the source or a site folder)",
     "unmapped-label": "class folder not in the label map (ignore_unmapped)",
     "label-conflict": "duplicate of an image with another label",
     "empty": "zero-byte file",
@@ -135,6 +136,7 @@ class PrepareReport:
     seconds: float
     labels: list[str] = field(default_factory=list)
     patients: dict | None = None  # with a patient pattern: counts from `patient_summary`
+    sites: dict[str, dict[str, int]] | None = None  # with sites: site -> label -> number of images
     warnings: list[str] = field(default_factory=list)  # things the user should probably act on
 
     def exclusions_by_reason(self) -> dict[str, int]:
@@ -218,6 +220,7 @@ def prepare(
     patient_pattern: str | None = None,
     folds: int | None = None,
     fold: int = 0,
+    sites: bool = False,
     console: Console | None = None,
 ) -> PrepareReport:
     """Build ``OUT/manifest.csv`` and ``OUT/prepare_report.json`` from the class folders under ``src``.
@@ -231,6 +234,8 @@ def prepare(
     split.
     ``folds``: cross-validation instead of ``splits``: the images cut into ``folds`` equal parts, part ``fold``
     the test split, the next part valid, the rest train (`cxr_fast.data.split.fold_items`).
+    ``sites``: SRC holds one folder per site (hospital, collection) with the class folders inside; the site is kept
+    in a ``site`` column, and each site's classes are split in the same proportions.
     Raises `CxrFastError` for user mistakes (missing folder, existing manifest without ``force``, bad map).
     """
     started = time.perf_counter()
@@ -253,13 +258,17 @@ def prepare(
     # 1. Find files. The output folder may sit inside the source folder: never read our own files back.
     own_files = [out_dir / MANIFEST_NAME, out_dir / REPORT_NAME, out_dir / image_cache.CACHE_DIRNAME]
     skip = own_files if out_dir == src_dir else [out_dir] if out_dir.is_relative_to(src_dir) else []
-    items = find_images(src_dir, skip=skip)
+    items = find_images(src_dir, skip=skip, sites=sites)
+    layout = f"{src_dir}/<site>/<class>/<image>" if sites else f"{src_dir}/<class>/<image>"
     if not items:
-        raise CxrFastError(f"{src_dir}: no files found (expected {src_dir}/<class>/<image>)")
+        raise CxrFastError(f"{src_dir}: no files found (expected {layout})")
     if not any(item.has_class for item in items):
-        raise CxrFastError(
-            f"{src_dir}: no class folders, only loose files (expected {src_dir}/<class>/<image>)"
-        )
+        raise CxrFastError(f"{src_dir}: no class folders, only loose files (expected {layout})")
+    site_hint = ""
+    if not sites and (inner := shared_subfolders(src_dir, items)):
+        source_labels = sorted({item.source_label for item in items if item.has_class})
+        site_hint = (f"the class folders {', '.join(map(repr, source_labels))} each hold the same folders "
+                     f"({', '.join(map(repr, inner))}): if those are the classes and these are sites, pass --sites")
 
     # 2. Labels.
     excluded: list[Exclusion] = []
@@ -271,11 +280,10 @@ def prepare(
     if unmapped and not ignore_unmapped:
         counts = Counter(item.source_label for item in items)
         listed = ", ".join(f"{name!r} ({counts[name]} files)" for name in unmapped)
-        typo = f" (the map's {', '.join(map(repr, unused_keys))} matches no folder: a typo?)" if unused_keys else ""
-        raise CxrFastError(
-            f"{src_dir}: the label map does not cover folder(s) {listed}{typo}; add them to the map or pass "
-            "--ignore-unmapped to leave them out"
-        )
+        typo = (f" (the map's {', '.join(map(repr, unused_keys))} matches no folder: a typo?)"
+                if unused_keys and not site_hint else "")
+        advice = site_hint or "add them to the map or pass --ignore-unmapped to leave them out"
+        raise CxrFastError(f"{src_dir}: the label map does not cover folder(s) {listed}{typo}; {advice}")
     candidates = []
     for item in items:
         relpath = item.path.relative_to(src_dir).as_posix()
@@ -319,6 +327,7 @@ def prepare(
                 relpath=relpath,
                 label=label,
                 source_label=item.source_label,
+                **({"site": item.site} if sites else {}),
                 sha256=result.fingerprint.sha256,
                 width=result.width,
                 height=result.height,
@@ -346,10 +355,12 @@ def prepare(
     if patient_pattern:
         manifest["patient"] = patient_ids(list(manifest["path"]), patient_pattern)
         manifest["group"] = merge_groups(list(manifest["group"]), list(manifest["patient"]))
+    # Strata: the labels, or each site's labels, so that no split is one hospital's COVID-19 and another's Normal.
+    strata = list(manifest["label"] + " @ " + manifest["site"]) if sites else list(manifest["label"])
     if folds is None:
-        manifest["split"] = split_items(list(manifest["label"]), list(manifest["group"]), fractions, seed)
+        manifest["split"] = split_items(strata, list(manifest["group"]), fractions, seed)
     else:
-        manifest["split"] = fold_items(list(manifest["label"]), list(manifest["group"]), folds, fold, seed)
+        manifest["split"] = fold_items(strata, list(manifest["group"]), folds, fold, seed)
     if patient_pattern:
         patients = patient_summary(list(manifest["patient"]), list(manifest["label"]), list(manifest["split"]))
         warnings = patient_warnings(list(manifest["patient"]), patient_pattern, min(f for f in fractions if f > 0))
@@ -363,7 +374,14 @@ def prepare(
     if len(labels) < 2:  # an external set of Normal films alone is a common test of a model; training refuses it
         warnings.append(f"only the class {labels[0]!r} has usable images: this manifest can test a model "
                         "(cxrfast evaluate RUN --data OUT), but training needs two or more classes")
-    warnings += _class_warnings(src_dir, skip, mapping, items, manifest, fractions)
+    if site_hint:  # without a label map nothing failed: the "classes" are hospitals, and a model would learn them
+        warnings.append(site_hint)
+    site_counts = None
+    if sites:
+        site_counts = {site: {label: int(n) for label, n in of_site["label"].value_counts().sort_index().items()}
+                       for site, of_site in manifest.groupby("site")}
+        warnings += site_warnings(site_counts)
+    warnings += _class_warnings(src_dir, skip, mapping, items, manifest, fractions, sites)
 
     # 6. Synthetic data carries masks and marker boxes in SRC/_meta.csv.
     manifest = _merge_meta(manifest, src_dir)
@@ -416,10 +434,12 @@ def prepare(
             patient_pattern=patient_pattern,
             folds=folds,
             fold=fold if folds is not None else None,
+            sites=sites,
         ),
         seconds=round(time.perf_counter() - started, 3),
         labels=labels,
         patients=patients,
+        sites=site_counts,
         warnings=warnings,
     )
     report_data = report.to_dict()
@@ -682,6 +702,14 @@ def print_summary(report: PrepareReport, console: Console | None = None) -> None
             f"{found['several_labels']} with several labels), each within one split; "
             f"{found['n_unmatched']} images had no patient id."
         )
+    if report.sites:
+        by_site = Table(title="images per site")
+        by_site.add_column("site")
+        for label in report.labels:
+            by_site.add_column(escape(label), justify="right")
+        for site, counts in report.sites.items():
+            by_site.add_row(escape(site), *(str(counts.get(label, 0)) for label in report.labels))
+        console.print(by_site)
     for warning in report.warnings:
         console.print(f"[yellow]warning:[/] {escape(warning)}")
     if report.unused_map_keys:
@@ -691,12 +719,25 @@ def print_summary(report: PrepareReport, console: Console | None = None) -> None
     console.print(f"Took {report.seconds:.1f} s.")
 
 
-def _class_warnings(src_dir: Path, skip, mapping, items, manifest: pd.DataFrame, fractions) -> list[str]:
+def site_warnings(site_counts: dict[str, dict[str, int]]) -> list[str]:
+    """Classes that come from one site only, when there are several: the site can stand in for the class."""
+    if len(site_counts) < 2:
+        return []
+    warnings = []
+    for label in sorted({label for counts in site_counts.values() for label in counts}):
+        found_at = [site for site, counts in site_counts.items() if counts.get(label)]
+        if len(found_at) == 1:
+            warnings.append(f"every '{label}' image comes from site '{found_at[0]}': a model can learn to recognise "
+                            "that site instead of the disease; check `cxrfast interpret`'s shortcut audit")
+    return warnings
+
+
+def _class_warnings(src_dir: Path, skip, mapping, items, manifest: pd.DataFrame, fractions, sites) -> list[str]:
     """Classes that vanished (a mapped folder with no usable image) or that miss a split they should be in."""
     warnings = []
     used = set(manifest["source_label"])
     files_per_folder = Counter(item.source_label for item in items)
-    for folder in sorted(class_folders(src_dir, skip)):
+    for folder in sorted(class_folders(src_dir, skip, sites)):
         if folder in used or map_label(folder, mapping) is None:
             continue
         found = files_per_folder[folder]

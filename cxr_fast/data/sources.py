@@ -1,13 +1,14 @@
 """Find the image files of a class-folder dataset, whatever its depth.
 
-Accepted layouts (the class is the first folder below ROOT that is not a split folder):
+Accepted layouts (the class is the first folder below ROOT that is not a split folder; with sites, the second):
 
     ROOT/<class>/<file>                       e.g. Mendeley: COVID-19/COVID-19 (1).jpg
     ROOT/<split>/<class>/<file>               e.g. Kaggle: train/PNEUMONIA/person1_bacteria_1.jpeg
     ROOT/<class>/<any>/<sub>/<folders>/<file> nested folders under a class belong to that class
+    ROOT/<site>/<class>/<file>                with ``sites=True`` only: one folder per hospital or collection
 
-Split folders are ignored because `prepare` makes its own, leakage-free split. Folders and files whose name
-starts with "_" or "." are never data (``_masks``, ``_meta.csv``, ``.DS_Store``). Every other file is
+Split folders are ignored, at any level, because `prepare` makes its own, leakage-free split. Folders and files
+whose name starts with "_" or "." are never data (``_masks``, ``_meta.csv``, ``.DS_Store``). Every other file is
 returned, image-looking or not, so that nothing is dropped silently: files that turn out not to be images
 are reported by the reader, and files outside any class folder come back with ``source_label=None``.
 """
@@ -35,10 +36,14 @@ SPLIT_FOLDER_NAMES = frozenset({"train", "training", "valid", "val", "validation
 
 @dataclass(frozen=True)
 class Item:
-    """One file found under ROOT; ``source_label`` is its class folder's name, None when it has none."""
+    """One file found under ROOT; ``source_label`` is its class folder's name, None when it has none.
+
+    ``site``: its site folder's name when the walk was asked for sites, else None.
+    """
 
     path: Path
     source_label: str | None
+    site: str | None = None
 
     @property
     def has_class(self) -> bool:
@@ -53,29 +58,52 @@ def is_split_folder(name: str) -> bool:
     return name.casefold() in SPLIT_FOLDER_NAMES
 
 
-def find_images(root: str | os.PathLike, skip: Iterable[str | os.PathLike] = ()) -> list[Item]:
+def find_images(root: str | os.PathLike, skip: Iterable[str | os.PathLike] = (), sites: bool = False) -> list[Item]:
     """Every non-hidden file under ``root`` with its class folder name, sorted by path.
 
     ``skip``: files or folders to leave out (e.g. the output folder when it lies inside ``root``).
+    ``sites``: the first folder level names sites and the classes are the level below it.
     Raises `CxrFastError` when ``root`` is missing or not a folder.
     """
     root = Path(root)
     items = [
-        Item(path=folder / name, source_label=label)
-        for folder, label, files in _walk(root, skip)
+        Item(path=folder / name, source_label=label, site=site)
+        for folder, site, label, files in _walk(root, skip, sites)
         for name in files
     ]
     items.sort(key=lambda item: item.path.relative_to(root).as_posix())
     return items
 
 
-def class_folders(root: str | os.PathLike, skip: Iterable[str | os.PathLike] = ()) -> set[str]:
+def class_folders(root: str | os.PathLike, skip: Iterable[str | os.PathLike] = (), sites: bool = False) -> set[str]:
     """The class folder names under ``root``, empty ones included (`find_images` only sees files)."""
-    return {label for _, label, _ in _walk(Path(root), skip) if label is not None}
+    return {label for _, _, label, _ in _walk(Path(root), skip, sites) if label is not None}
 
 
-def _walk(root: Path, skip: Iterable[str | os.PathLike]) -> Iterator[tuple[Path, str | None, list[str]]]:
-    """(folder, its class name or None, its non-hidden, non-skipped file names) for every folder under root."""
+def shared_subfolders(root: str | os.PathLike, items: Iterable[Item]) -> list[str]:
+    """The subfolder names that every class folder holds all its files in, when those are the same for all.
+
+    Non-empty for ROOT/<site>/<class>/<file> read as ROOT/<class>/…: "hospA" and "hospB" become the classes
+    and a model trained on them tells hospitals apart. Empty when any class folder holds files of its own or
+    when the class folders' subfolders differ (patients, dates), which is a class's own nesting.
+    """
+    root = Path(root)
+    children: dict[str, set[str]] = {}
+    for item in items:
+        if not item.has_class:
+            continue
+        parts = [part for part in item.path.relative_to(root).parts[:-1] if not is_split_folder(part)]
+        # parts[0] is the class folder; a file directly in it (no parts[1]) rules the layout out.
+        children.setdefault(parts[0], set()).add(parts[1] if len(parts) > 1 else "")
+    names = next(iter(children.values()), set())
+    if len(children) < 2 or len(names) < 2 or "" in names or any(found != names for found in children.values()):
+        return []
+    return sorted(names)
+
+
+def _walk(root: Path, skip: Iterable[str | os.PathLike],
+          sites: bool = False) -> Iterator[tuple[Path, str | None, str | None, list[str]]]:
+    """(folder, its site or None, its class or None, its non-hidden, non-skipped file names) for every folder."""
     if not root.exists():
         raise CxrFastError(f"{root}: folder not found")
     if not root.is_dir():
@@ -104,13 +132,13 @@ def _walk(root: Path, skip: Iterable[str | os.PathLike]) -> Iterator[tuple[Path,
                 visited.add(path.resolve())
             kept_folders.append(name)
         subfolders[:] = kept_folders
-        relative_folders = folder_path.relative_to(root).parts
-        label = next((part for part in relative_folders if not is_split_folder(part)), None)
+        named = [part for part in folder_path.relative_to(root).parts if not is_split_folder(part)] + [None, None]
+        site, label = (named[0], named[1]) if sites else (None, named[0])
         kept = [
             name for name in files
             if not is_hidden(name) and not (skipped and (folder_path / name).resolve() in skipped)
         ]
-        yield folder_path, label, kept
+        yield folder_path, site, label, kept
 
 
 def _unreadable_folder(error: OSError) -> None:
