@@ -166,6 +166,8 @@ def metrics_table(m: dict, tta: bool = False):
         marked, unmarked = m["by_marker"]["with_marker"], m["by_marker"]["without_marker"]
         table.add_row("accuracy with / without a text marker",
                       f"{marked['correct']}/{marked['n']} / {unmarked['correct']}/{unmarked['n']}")
+    for site, v in m.get("by_site", {}).items():
+        table.add_row(f"balanced accuracy at {escape(site)}", f"{v['balanced_accuracy']:.3f}  (n {v['n']})")
     for name, v in m["per_class"].items():
         recall = "—" if v["recall"] is None else f"{v['recall']:.2f}"  # no images of the class: no recall
         table.add_row(f"  {escape(name)}", f"P {v['precision']:.2f}  R {recall}  F1 {v['f1']:.2f}  n {v['support']}")
@@ -252,6 +254,40 @@ def accuracy_by_marker(items: pd.DataFrame, y: np.ndarray, logits: np.ndarray) -
     return {key: {"n": int(rows.sum()), "correct": int(correct[rows].sum()),
                   "accuracy": float(correct[rows].mean()) if rows.any() else None}
             for key, rows in (("with_marker", marked), ("without_marker", ~marked))}
+
+
+SITE_TEXT = ("The same metrics at each site. A model that learned a hospital's look (scanner, text markers, borders) "
+             "instead of the disease does well where that look goes with the class and badly elsewhere; the pooled "
+             "figure hides the difference. With few images at a site its figures are rough.")
+
+
+def metrics_by_site(items: pd.DataFrame, y: np.ndarray, logits: np.ndarray, classes: list[str]) -> dict | None:
+    """n, accuracy, balanced accuracy and per-class recall at each site (`prepare --sites`); None for one site.
+
+    A model that learned a hospital's look instead of the disease scores well where that look goes with the
+    class and badly elsewhere, which the pooled figure hides."""
+    if "site" not in items:
+        return None
+    sites = items["site"].fillna("").astype(str).to_numpy()
+    if len(set(sites) - {""}) < 2:
+        return None
+    by_site = {}
+    for site in sorted(set(sites)):
+        rows = sites == site
+        m = classification_metrics(y[rows], softmax(logits[rows]), classes)
+        by_site[site or "(none)"] = {
+            "n": m["n"], "accuracy": m["accuracy"], "balanced_accuracy": m["balanced_accuracy"],
+            "recall": {name: v["recall"] for name, v in m["per_class"].items()}}
+    return by_site
+
+
+def site_table(by_site: dict) -> pd.DataFrame:
+    """One row per site: what the report shows (a recall is "—" where the site has no image of the class)."""
+    return pd.DataFrame([
+        {"site": site, "images": v["n"], "balanced accuracy": f"{v['balanced_accuracy']:.3f}",
+         "accuracy": f"{v['accuracy']:.3f}",
+         **{f"recall {name}": "—" if r is None else f"{r:.2f}" for name, r in v["recall"].items()}}
+        for site, v in by_site.items()])
 
 
 def marker_text(by_marker: dict) -> str:
@@ -354,6 +390,8 @@ def evaluate(run_dir: str | Path, data: str | Path | None = None, split: str = "
     metrics.update({"run": run.name, "data": name, "manifest": manifest, "external": external, "tta": tta})
     if (by_marker := accuracy_by_marker(items, y, logits)) is not None:
         metrics["by_marker"] = by_marker
+    if (by_site := metrics_by_site(items, y, logits, run.classes)) is not None:
+        metrics["by_site"] = by_site
     if seen_summary is not None:
         metrics["seen_images"] = seen_summary
     shift = None
@@ -368,6 +406,8 @@ def evaluate(run_dir: str | Path, data: str | Path | None = None, split: str = "
         probs = softmax(logits, run.temperature)
         predictions = pd.DataFrame({"path": items["path"], "label": items["label"],
                                     "predicted": [run.classes[i] for i in probs.argmax(1)]})
+        if "site" in items:
+            predictions.insert(1, "site", items["site"])
         for k, c in enumerate(run.classes):
             predictions[f"p_{c}"] = probs[:, k]
         predictions.to_csv(work / "predictions.csv", index=False)
@@ -392,6 +432,8 @@ def evaluate(run_dir: str | Path, data: str | Path | None = None, split: str = "
         ]
         if "by_marker" in metrics:
             sections.insert(0, Section("Images with and without a text marker", text=marker_text(metrics["by_marker"])))
+        if "by_site" in metrics:
+            sections.insert(0, Section("By site", text=SITE_TEXT, table=site_table(metrics["by_site"])))
         write_report(work, f"Evaluation of {run.name} on {name}", sections, figures, metrics, warnings=cautions,
                      meta={"model": run.config["model"]["arch"], "run": str(run.path), "images": len(items),
                            "test-time augmentation": "yes" if tta else "no"})

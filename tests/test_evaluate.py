@@ -476,3 +476,41 @@ def test_inference_speed_is_timed_after_an_untimed_warm_up(tiny_runs, monkeypatc
     row, _, _ = cxr_fast.compare.score_run(load_run(tiny_runs[0]), n_boot=10)
     n_test = calls[-1]
     assert calls == [min(n_test, cxr_fast.compare.WARM_UP_IMAGES), n_test] and row["images_per_s"] > 0
+
+
+def test_metrics_are_split_by_site_where_the_manifest_names_sites():
+    # a model that learned one hospital's look is right there and wrong elsewhere: the pooled figure hides it
+    from rich.console import Console
+
+    from cxr_fast.evaluate import metrics_by_site, metrics_table, site_table
+
+    items = pd.DataFrame({"site": ["A", "A", "A", "B", "B", "B"]})
+    y = np.array([0, 1, 2, 0, 1, 1])
+    logits = np.eye(3)[[0, 1, 2, 1, 1, 0]] * 5  # all right at A; at B one of three, and no class-2 image
+    by_site = metrics_by_site(items, y, logits, ["COVID-19", "Normal", "Pneumonia"])
+    assert by_site["A"]["balanced_accuracy"] == pytest.approx(1.0)
+    assert by_site["B"] == {"n": 3, "accuracy": pytest.approx(1 / 3), "balanced_accuracy": pytest.approx(0.25),
+                            "recall": {"COVID-19": 0.0, "Normal": 0.5, "Pneumonia": None}}
+    assert list(site_table(by_site).loc[1, ["site", "balanced accuracy", "recall Pneumonia"]]) == ["B", "0.250", "—"]
+    assert metrics_by_site(pd.DataFrame({"site": ["A"] * 3}), y[:3], logits[:3], ["a", "b", "c"]) is None
+    assert metrics_by_site(pd.DataFrame({"path": ["x"] * 3}), y[:3], logits[:3], ["a", "b", "c"]) is None
+    metrics = {"run": "r", "data": "d", "n": 6, "balanced_accuracy": 0.5, "balanced_accuracy_ci": [0.3, 0.7],
+               "accuracy": 0.6, "macro_f1": 0.5, "macro_roc_auc": None, "temperature": 1.0, "ece": 0.1,
+               "per_class": {}, "by_site": by_site}
+    console = Console(record=True, width=120)
+    console.print(metrics_table(metrics))
+    assert "balanced accuracy at B │ 0.250  (n 3)" in console.export_text()
+
+
+def test_external_data_prepared_with_sites_is_scored_by_site(tiny_runs, tiny_data, tmp_path):
+    src = tmp_path / "sites"
+    for i, row in enumerate(read_manifest(tiny_data).itertuples()):
+        target = src / ("north" if i % 2 else "south") / row.label / (str(row.sha256)[:12] + ".png")
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy(row.path, target)
+    prepare(src, tmp_path / "sites-data", cache_size=0, sites=True, progress=False)
+    result = evaluate(tiny_runs[0], data=tmp_path / "sites-data", n_boot=100, progress=False)
+    by_site = result.metrics["by_site"]
+    assert sorted(by_site) == ["north", "south"] and sum(v["n"] for v in by_site.values()) == result.metrics["n"]
+    assert set(result.predictions["site"]) == {"north", "south"}
+    assert "By site" in (result.out_dir / "report.html").read_text()
