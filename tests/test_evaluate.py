@@ -393,6 +393,20 @@ def test_an_interrupted_compare_resumes_keeping_its_finished_runs(tiny_data, tmp
         compare_archs(tiny_data, ["cxresnet_tiny"], **{**settings, "out": tmp_path / "none"}, resume=True)
 
 
+def metrics_table_text(**metrics) -> str:
+    """The console table of made-up metrics (the figures a test does not set are placeholders)."""
+    from rich.console import Console
+
+    from cxr_fast.evaluate import metrics_table
+
+    metrics = {"run": "r", "data": "d", "n": 5, "balanced_accuracy": 0.5, "balanced_accuracy_ci": [0.3, 0.7],
+               "accuracy": 0.6, "macro_f1": 0.5, "macro_roc_auc": None, "temperature": 1.0, "ece": 0.1,
+               "per_class": {}, **metrics}
+    console = Console(record=True, width=250)
+    console.print(metrics_table(metrics))
+    return console.export_text()
+
+
 def test_accuracy_is_split_by_text_marker_where_markers_are_known():
     # a model reading a planted marker scores better where it is: the headline figure alone overstates it
     from cxr_fast.evaluate import accuracy_by_marker, marker_text
@@ -405,16 +419,7 @@ def test_accuracy_is_split_by_text_marker_where_markers_are_known():
                      "without_marker": {"n": 3, "correct": 1, "accuracy": pytest.approx(1 / 3)}}
     assert "marker: 1.00 (2 of 2); on those without: 0.33 (1 of 3)" in marker_text(split)
     assert accuracy_by_marker(pd.DataFrame({"marker_box": ["", ""]}), y[:2], logits[:2]) is None
-    from rich.console import Console
-
-    from cxr_fast.evaluate import metrics_table
-
-    metrics = {"run": "r", "data": "d", "n": 5, "balanced_accuracy": 0.5, "balanced_accuracy_ci": [0.3, 0.7],
-               "accuracy": 0.6, "macro_f1": 0.5, "macro_roc_auc": None, "temperature": 1.0, "ece": 0.1,
-               "per_class": {}, "by_marker": split}
-    console = Console(record=True, width=120)
-    console.print(metrics_table(metrics))
-    assert "accuracy with / without a text marker │ 2/2 / 1/3" in console.export_text()
+    assert "accuracy with / without a text marker │ 2/2 / 1/3" in metrics_table_text(by_marker=split)
     assert accuracy_by_marker(pd.DataFrame({"path": ["a", "b"]}), y[:2], logits[:2]) is None
 
 
@@ -426,36 +431,20 @@ def test_a_temperature_that_worsens_the_log_loss_here_is_a_caution():
     assert calibration_worse({**base, "nll": 0.378, "nll_calibrated": 0.300}) is None
     assert calibration_worse({**base, "temperature": 1.0, "nll": 0.3, "nll_calibrated": 0.4}) is None
     # the console names the figure it judges by: beside an ECE that fell, "worse" alone read as a contradiction
-    from rich.console import Console
-
-    from cxr_fast.evaluate import metrics_table
-
-    metrics = {"run": "r", "data": "d", "n": 5, "balanced_accuracy": 0.5, "balanced_accuracy_ci": [0.3, 0.7],
-               "accuracy": 0.6, "macro_f1": 0.5, "macro_roc_auc": None, "per_class": {}, "temperature": 1.3,
-               "ece": 0.156, "ece_calibrated": 0.079, "nll": 0.769, "nll_calibrated": 0.823}
-    console = Console(record=True, width=150)
-    console.print(metrics_table(metrics))
-    assert "0.156 → 0.079  (log-loss rose 0.769 → 0.823: see the report)" in console.export_text()
+    text = metrics_table_text(temperature=1.3, ece=0.156, ece_calibrated=0.079, nll=0.769, nll_calibrated=0.823)
+    assert "0.156 → 0.079  (log-loss rose 0.769 → 0.823: see the report)" in text
 
 
 def test_a_temperature_at_its_upper_bound_is_named_and_a_tiny_rise_is_shown():
     # a run at chance got T = 100 (the search's bound): every calibrated probability near 1/3, shown as ECE
     # 0.081 → 0.001, beside "log-loss rose 1.098 → 1.098"
-    from rich.console import Console
-
     from cxr_fast.calibration import fit_temperature, flattens_everything
-    from cxr_fast.evaluate import metrics_table
 
     rng = np.random.default_rng(0)
     noise = rng.normal(size=(90, 3)) * 0.01  # logits that say nothing about the labels
     T = fit_temperature(noise, rng.integers(0, 3, 90))
     assert flattens_everything(T) and not flattens_everything(1.7)
-    metrics = {"run": "r", "data": "d", "n": 5, "balanced_accuracy": 0.33, "balanced_accuracy_ci": [0.2, 0.5],
-               "accuracy": 0.3, "macro_f1": 0.3, "macro_roc_auc": None, "per_class": {}, "temperature": T,
-               "ece": 0.081, "ece_calibrated": 0.001, "nll": 1.09794, "nll_calibrated": 1.09846}
-    console = Console(record=True, width=250)
-    console.print(metrics_table(metrics))
-    text = console.export_text()
+    text = metrics_table_text(temperature=T, ece=0.081, ece_calibrated=0.001, nll=1.09794, nll_calibrated=1.09846)
     assert "log-loss rose 1.0979 → 1.0985" in text
     assert "the fit's upper bound" in text and "a low ECE here means nothing" in text
 
@@ -480,9 +469,7 @@ def test_inference_speed_is_timed_after_an_untimed_warm_up(tiny_runs, monkeypatc
 
 def test_metrics_are_split_by_site_where_the_manifest_names_sites():
     # a model that learned one hospital's look is right there and wrong elsewhere: the pooled figure hides it
-    from rich.console import Console
-
-    from cxr_fast.evaluate import metrics_by_site, metrics_table, site_table
+    from cxr_fast.evaluate import metrics_by_site, site_table
 
     items = pd.DataFrame({"site": ["A", "A", "A", "B", "B", "B"]})
     y = np.array([0, 1, 2, 0, 1, 1])
@@ -494,12 +481,7 @@ def test_metrics_are_split_by_site_where_the_manifest_names_sites():
     assert list(site_table(by_site).loc[1, ["site", "balanced accuracy", "recall Pneumonia"]]) == ["B", "0.250", "—"]
     assert metrics_by_site(pd.DataFrame({"site": ["A"] * 3}), y[:3], logits[:3], ["a", "b", "c"]) is None
     assert metrics_by_site(pd.DataFrame({"path": ["x"] * 3}), y[:3], logits[:3], ["a", "b", "c"]) is None
-    metrics = {"run": "r", "data": "d", "n": 6, "balanced_accuracy": 0.5, "balanced_accuracy_ci": [0.3, 0.7],
-               "accuracy": 0.6, "macro_f1": 0.5, "macro_roc_auc": None, "temperature": 1.0, "ece": 0.1,
-               "per_class": {}, "by_site": by_site}
-    console = Console(record=True, width=120)
-    console.print(metrics_table(metrics))
-    assert "balanced accuracy at B │ 0.250  (n 3)" in console.export_text()
+    assert "balanced accuracy at B │ 0.250  (n 3)" in metrics_table_text(by_site=by_site)
 
 
 def test_external_data_prepared_with_sites_is_scored_by_site(tiny_runs, tiny_data, tmp_path):
