@@ -31,6 +31,7 @@ from cxr_fast.bundle import (
 )
 from cxr_fast.calibration import softmax
 from cxr_fast.config import find_recipe
+from cxr_fast.data.manifest import manifest_key
 from cxr_fast.errors import CxrFastError
 from cxr_fast.evaluate import compute_metrics
 from cxr_fast.metrics import mcnemar
@@ -116,7 +117,7 @@ def compare_runs(run_dirs: list[str | Path], *, out: str | Path | None = None, s
     out_dir = Path(out) if out else Path("models") / f"compare-{datetime.now():%Y%m%d-%H%M%S}"
     check_new_folder(out_dir)
     runs = [load_run(r) for r in run_dirs]
-    manifests = sorted({str(Path(run.config["data"]).resolve()) for run in runs})
+    manifests = sorted({manifest_key(run.config["data"]) for run in runs})
     if len(manifests) != 1:
         raise CxrFastError("runs were trained on different manifests; compare needs one shared test split: "
                            + ", ".join(manifests))

@@ -25,6 +25,7 @@ import torch.nn.functional as F
 from sklearn.metrics import balanced_accuracy_score
 
 from cxr_fast.data.dedup import file_sha256
+from cxr_fast.data.manifest import manifest_key
 from cxr_fast.errors import CxrFastError, read_tensors
 from cxr_fast.outputs import write_tensors, write_text
 
@@ -127,6 +128,8 @@ def build_ensemble(runs: Sequence[str | Path], out: str | Path | None = None, pr
         for key in ("classes", "n_in", "data", "manifest_sha256"):
             if key == "manifest_sha256" and None in (run.config.get(key), first.config.get(key)):
                 continue  # a bundle from before the digest was recorded
+            if key == "data" and manifest_key(run.config[key]) == manifest_key(first.config[key]):
+                continue  # the folder and its manifest.csv are one manifest
             if run.config.get(key) != first.config.get(key):
                 why = {"data": " (the test split must be unseen by every member)",
                        "manifest_sha256": " (trained on different versions of that manifest)"}.get(key, "")

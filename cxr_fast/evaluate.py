@@ -30,7 +30,7 @@ from cxr_fast.calibration import (
     reliability_bins,
     softmax,
 )
-from cxr_fast.data.manifest import image_column, manifest_csv, read_manifest
+from cxr_fast.data.manifest import image_column, manifest_key, read_manifest
 from cxr_fast.ensemble import ENSEMBLE_ARCH
 from cxr_fast.errors import CxrFastError
 from cxr_fast.metrics import bootstrap_ci, classification_metrics, pr_curves, roc_curves
@@ -54,7 +54,7 @@ def select_items(run: Run, data: str | Path | None, split: str) -> tuple[pd.Data
     source = Path(data) if data is not None else train_manifest
     manifest_dir = source if source.is_dir() else source.parent
     # another manifest file, even one in the training manifest's folder, is another collection
-    external = manifest_csv(source).resolve() != manifest_csv(train_manifest).resolve()
+    external = manifest_key(source) != manifest_key(train_manifest)
     manifest = read_manifest(source) if external else read_training_manifest(run)
     if external:
         if split != "test":  # test is the default; any other value would be silently dropped

@@ -50,7 +50,7 @@ from cxr_fast.archs import create_model, model_config, splitter
 from cxr_fast.archs.weights import parse_weights
 from cxr_fast.config import TrainConfig, resolve_config
 from cxr_fast.data.block import build_dataloaders, check_classes
-from cxr_fast.data.manifest import manifest_digest, read_manifest
+from cxr_fast.data.manifest import manifest_digest, manifest_key, read_manifest
 from cxr_fast.errors import CxrFastError, first_line, read_json, read_tensors, storage_problem
 from cxr_fast.outputs import check_folder_path, clear_run_folder, write_tensors, write_text
 from cxr_fast.probe import is_frozen_arch
@@ -100,7 +100,7 @@ def check_same_data(run_dir: Path, state: dict, data: str | Path) -> None:
     """A resumed run must go on with the manifest it started on: other rows would mix training and test images
     while config.json still named the first manifest."""
     started_on = state.get("data")
-    if started_on and Path(data).resolve() != Path(started_on):
+    if started_on and manifest_key(data) != manifest_key(started_on):
         raise CxrFastError(f"{run_dir}: this run started on {started_on}; resume it with --data {started_on}")
     recorded = state.get("manifest_sha256")  # runs interrupted before this check was added have none
     if recorded and manifest_digest(data) != recorded:

@@ -3,6 +3,7 @@
 import json
 import os
 import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -13,6 +14,7 @@ from cxr_fast.archs import create_model
 from cxr_fast.bundle import load_run, predict_logits
 from cxr_fast.calibration import softmax
 from cxr_fast.cli import app
+from cxr_fast.compare import compare_runs
 from cxr_fast.config import resolve_config
 from cxr_fast.data.io import read_image
 from cxr_fast.data.manifest import read_manifest
@@ -86,6 +88,18 @@ def test_members_must_agree_on_classes_channels_and_manifest(tiny_runs, tmp_path
         with pytest.raises(CxrFastError, match=message):
             build_ensemble([tiny_runs[0], other], tmp_path / f"ens-{key}")
         assert not (tmp_path / f"ens-{key}").exists()
+
+
+def test_a_manifest_named_by_its_folder_or_its_file_is_one_manifest(tiny_runs, tmp_path):
+    # `train --data D` and `train --data D/manifest.csv` were taken for two manifests by ensemble and compare
+    other = shutil.copytree(tiny_runs[1], tmp_path / "by-file")
+    config = json.loads((other / "config.json").read_text())
+    config["data"] = str(Path(config["data"]) / "manifest.csv")
+    (other / "config.json").write_text(json.dumps(config))
+    build_ensemble([tiny_runs[0], other], tmp_path / "ens")
+    assert (tmp_path / "ens" / "model.safetensors").is_file()
+    result = compare_runs([tiny_runs[0], other], out=tmp_path / "cmp", n_boot=50)
+    assert len(result.table) == 2
 
 
 def test_an_existing_folder_is_never_overwritten(ensemble_dir, tiny_runs):

@@ -503,7 +503,7 @@ def test_resume_refuses_other_data_or_a_changed_manifest(tiny_data, tmp_path):
             train(tiny_data, out=out, resume=True, quiet=True)
     finally:
         manifest.write_bytes(original)
-    train(tiny_data, out=out, resume=True, quiet=True)  # the same data resumes
+    train(tiny_data / "manifest.csv", out=out, resume=True, quiet=True)  # the same data, named by its file, resumes
     assert list(pd.read_csv(out / "history.csv")["epoch"]) == [0, 1, 2]
 
 

@@ -586,6 +586,11 @@ def manifest_csv(dir_or_csv: str | os.PathLike) -> Path:
     return location / MANIFEST_NAME if location.is_dir() else location
 
 
+def manifest_key(dir_or_csv: str | os.PathLike) -> str:
+    """One name for one manifest however it is given: `--data D` and `--data D/manifest.csv` are the same data."""
+    return str(manifest_csv(dir_or_csv).resolve())
+
+
 def manifest_digest(dir_or_csv: str | os.PathLike) -> str:
     """SHA-256 of what defines the split: each image's path, label and split, sorted. A resumed run checks that it
     still trains on the same rows, and evaluate that the test split is still the one held out. Other columns (an
