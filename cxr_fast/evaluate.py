@@ -30,7 +30,8 @@ from cxr_fast.calibration import (
     reliability_bins,
     softmax,
 )
-from cxr_fast.data.manifest import image_column, manifest_key, read_manifest
+from cxr_fast.data.manifest import image_column, manifest_csv, manifest_key, read_manifest
+from cxr_fast.data.sources import MANIFEST_NAME
 from cxr_fast.ensemble import ENSEMBLE_ARCH
 from cxr_fast.errors import CxrFastError
 from cxr_fast.metrics import bootstrap_ci, classification_metrics, pr_curves, roc_curves
@@ -75,7 +76,10 @@ def select_items(run: Run, data: str | Path | None, split: str) -> tuple[pd.Data
     missing = [p for p in image_column(items) if not Path(p).exists()]
     if missing:
         raise CxrFastError(f"{source}: {len(missing)} listed images no longer exist, e.g. {missing[0]}")
-    return items.reset_index(drop=True), f"{manifest_dir.name}-{split_name}", external
+    # Another CSV beside a folder's manifest.csv is another collection: its results get their own folder name.
+    collection = manifest_dir.name if manifest_csv(source).name == MANIFEST_NAME else (
+        f"{manifest_dir.name}-{manifest_csv(source).stem}")
+    return items.reset_index(drop=True), f"{collection}-{split_name}", external
 
 
 def optimistic_note(split: str) -> str:
@@ -86,9 +90,10 @@ def optimistic_note(split: str) -> str:
 
 
 def manifest_folder(run: Run, data: str | Path | None) -> str:
-    """The folder of the manifest being evaluated, resolved: what an output folder records it was made from."""
-    source = Path(data) if data is not None else Path(run.config["data"])
-    return str((source if source.is_dir() else source.parent).resolve())
+    """The manifest being evaluated, resolved: what an output folder records it was made from. Its folder when
+    the file is the usual manifest.csv, else the file itself: two manifests of one folder are two collections."""
+    csv_path = manifest_csv(data if data is not None else run.config["data"]).resolve()
+    return str(csv_path.parent if csv_path.name == MANIFEST_NAME else csv_path)
 
 
 def output_folder(parent: Path, name: str, manifest: str, record: str) -> Path:

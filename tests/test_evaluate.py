@@ -336,7 +336,22 @@ def test_another_manifest_file_in_the_training_folder_is_another_collection(tiny
     (run / "config.json").write_text(json.dumps({**config, "data": str(data)}))
     shutil.copy(data / "manifest.csv", data / "other.csv")  # --data may name a manifest file: not the one trained on
     result = evaluate(run, data=data / "other.csv", n_boot=20, progress=False)
-    assert result.out_dir.name == "data-all"  # every image of it less those seen, not the training test split
+    assert result.out_dir.name == "data-other-all"  # every image of it less those seen, not the training test split
+
+
+def test_two_manifests_of_one_folder_get_their_own_results(tiny_runs, tiny_data, tmp_path):
+    # both were written to ext-all, and --force on the second deleted the first one's results
+    run = shutil.copytree(tiny_runs[0], tmp_path / "run")
+    ext = shutil.copytree(tiny_data, tmp_path / "ext")
+    manifest = pd.read_csv(ext / "manifest.csv")
+    manifest[manifest["label"] != "Normal"].to_csv(ext / "no_normal.csv", index=False)
+    whole = evaluate(run, data=ext, n_boot=20, progress=False)
+    kept = (whole.out_dir / "predictions.csv").read_text()
+    part = evaluate(run, data=ext / "no_normal.csv", n_boot=20, progress=False)
+    evaluate(run, data=ext / "no_normal.csv", n_boot=20, force=True, progress=False)
+    assert (whole.out_dir.name, part.out_dir.name) == ("ext-all", "ext-no_normal-all")
+    assert (whole.out_dir / "predictions.csv").read_text() == kept
+    assert json.loads((part.out_dir / "metrics.json").read_text())["manifest"] == str((ext / "no_normal.csv").resolve())
 
 
 def test_the_manifest_check_looks_at_the_split_only_and_a_missing_manifest_is_one_line(tiny_runs, tmp_path):
