@@ -517,6 +517,26 @@ def test_site_folders_read_as_classes_are_named_and_sites_reads_the_classes_insi
     assert "images per site" in console.export_text()
 
 
+def test_each_sites_synthetic_meta_adds_its_masks_and_marker_boxes(tmp_path):
+    # phantoms made one site at a time keep their _meta.csv in SRC/<site>/: it was not read, and the shortcut
+    # audit lost the true lung masks and evaluate the with/without-marker figures
+    from cxr_fast.data.synth import synthesize
+
+    src = tmp_path / "src"
+    synthesize(src / "north", n_per_class=3, size=96, seed=0, progress=False)
+    synthesize(src / "south", n_per_class=3, size=96, shortcut_rate=1.0, seed=1, progress=False)
+    quiet(src, tmp_path / "out", sites=True, cache_size=0)
+    table = read_manifest(tmp_path / "out")
+    assert len(table) == 18 and all(Path(mask).is_file() for mask in table["mask"])
+    marked = table["marker_box"] != ""
+    assert set(table.loc[marked, "site"]) == {"south"} and marked.sum() == 9
+    for site in ("north", "south"):  # each row has the mask its own site drew for it
+        meta = pd.read_csv(src / site / "_meta.csv", dtype=str, keep_default_na=False)
+        expected = {str(src / site / row.relpath): str(src / site / row.mask) for row in meta.itertuples()}
+        of_site = table[table["site"] == site]
+        assert [expected[path] for path in of_site["path"]] == list(of_site["mask"])
+
+
 def test_a_class_found_at_one_site_only_is_warned_about(tmp_path):
     src = make_sites(tmp_path / "src", classes_at={"hospB": ("Normal", "Pneumonia")})
     report = quiet(src, tmp_path / "out", sites=True)

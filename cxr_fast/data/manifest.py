@@ -383,8 +383,8 @@ def prepare(
         warnings += site_warnings(site_counts)
     warnings += _class_warnings(src_dir, skip, mapping, items, manifest, fractions, sites)
 
-    # 6. Synthetic data carries masks and marker boxes in SRC/_meta.csv.
-    manifest = _merge_meta(manifest, src_dir)
+    # 6. Synthetic data carries masks and marker boxes in SRC/_meta.csv (with sites, in SRC/<site>/_meta.csv).
+    manifest = _merge_meta(manifest, src_dir, sites)
 
     # 7. Write.
     for column in PATH_COLUMNS:
@@ -557,24 +557,35 @@ def _reason_summary(excluded: list[Exclusion]) -> str:
     return ", ".join(f"{reason}: {n}" for reason, n in sorted(Counter(e.reason for e in excluded).items()))
 
 
-def _merge_meta(manifest: pd.DataFrame, src: Path) -> pd.DataFrame:
-    meta_path = src / META_NAME
-    if not meta_path.is_file():
+def _merge_meta(manifest: pd.DataFrame, src: Path, sites: bool = False) -> pd.DataFrame:
+    """Masks and marker boxes from SRC/_meta.csv (and, with sites, each SRC/<site>/_meta.csv: phantoms
+    synthesised one site at a time), matched to the manifest by path."""
+    folders = [src] + (sorted({src / site for site in manifest["site"]}) if sites else [])
+    tables = [_read_meta(folder, folder.relative_to(src)) for folder in folders if (folder / META_NAME).is_file()]
+    if not tables:
         return manifest
+    meta = pd.concat(tables).drop_duplicates("relpath").set_index("relpath")
+    relpaths = manifest["relpath"]
+    if "mask" in meta.columns:
+        manifest["mask"] = relpaths.map(meta["mask"]).fillna("")
+    if "marker_box" in meta.columns:
+        manifest["marker_box"] = relpaths.map(meta["marker_box"]).fillna("")
+    return manifest
+
+
+def _read_meta(folder: Path, prefix: Path) -> pd.DataFrame:
+    """One _meta.csv, its relpaths made relative to SRC (``prefix`` is the folder's place in it), masks absolute."""
+    meta_path = folder / META_NAME
     try:
         meta = pd.read_csv(meta_path, dtype=str, keep_default_na=False)
     except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as error:
         raise CxrFastError(f"{meta_path}: cannot read ({error})") from None
     if "relpath" not in meta.columns:
         raise CxrFastError(f"{meta_path}: missing column 'relpath'")
-    meta = meta.drop_duplicates("relpath").set_index("relpath")
-    relpaths = manifest["relpath"]
+    meta["relpath"] = [(prefix / relpath).as_posix() for relpath in meta["relpath"]]
     if "mask" in meta.columns:
-        masks = relpaths.map(meta["mask"]).fillna("")
-        manifest["mask"] = [str(src / mask) if mask else "" for mask in masks]
-    if "marker_box" in meta.columns:
-        manifest["marker_box"] = relpaths.map(meta["marker_box"]).fillna("")
-    return manifest
+        meta["mask"] = [str(folder / mask) if mask else "" for mask in meta["mask"]]
+    return meta
 
 
 # --- reading and printing ------------------------------------------------------------------------------
