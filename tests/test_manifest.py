@@ -500,8 +500,8 @@ def test_site_folders_read_as_classes_are_named_and_sites_reads_the_classes_insi
     assert report.labels == ["hospA", "hospB"]
     assert any("each hold the same folders ('COVID-19', 'Normal', 'Pneumonia')" in w and "--sites" in w
                for w in report.warnings)
-    with pytest.raises(CxrFastError, match=r"'hospA' \(18 files\).*: if those are the classes and these are sites, "
-                                           r"pass --sites$"):
+    with pytest.raises(CxrFastError, match=r"'hospA' \(18 files\).*--ignore-unmapped to leave them out; the class "
+                                           r"folders .*: if those are the classes and these are sites, pass --sites$"):
         quiet(src, tmp_path / "mapped", label_map="COVID-19=COVID-19,Normal=Normal,Pneumonia=Pneumonia")
 
     report = quiet(src, tmp_path / "sites", sites=True, label_map="COVID-19=COVID,Normal=Normal,Pneumonia=Pneumonia")
@@ -556,6 +556,26 @@ def test_a_class_folders_own_subfolders_are_not_taken_for_sites(tmp_path):
     report = quiet(tmp_path / "src", tmp_path / "out")
     assert report.labels == list(CLASSES)
     assert not any("--sites" in w for w in report.warnings)
+
+
+def test_images_and_masks_folders_inside_every_class_are_not_taken_for_sites(tmp_path):
+    # the COVID-19 Radiography Database keeps COVID/images and COVID/masks: alike in every class, yet not sites
+    for c, label in enumerate(CLASSES):
+        for sub in ("images", "masks"):
+            (tmp_path / "src" / label / sub).mkdir(parents=True)
+        for i in range(4):
+            textured_image(100 * c + i).save(tmp_path / "src" / label / "images" / f"{i}.png")
+    report = quiet(tmp_path / "src", tmp_path / "out")
+    assert report.labels == list(CLASSES)
+    assert not any("--sites" in w for w in report.warnings)
+
+
+def test_an_empty_class_folder_at_one_site_is_warned_about(tmp_path):
+    # hospA/Pneumonia has images, so "Pneumonia" was counted as used and hospC's empty one went unmentioned
+    src = make_sites(tmp_path / "src", sites=("hospA", "hospC"), classes_at={"hospC": ("COVID-19", "Normal")})
+    (src / "hospC" / "Pneumonia").mkdir()
+    report = quiet(src, tmp_path / "out", sites=True)
+    assert "class folder 'hospC/Pneumonia' is left out: it is empty" in report.warnings
 
 
 def test_sites_without_class_folders_inside_them_is_an_error(tmp_path):

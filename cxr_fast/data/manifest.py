@@ -282,7 +282,7 @@ def prepare(
         listed = ", ".join(f"{name!r} ({counts[name]} files)" for name in unmapped)
         typo = (f" (the map's {', '.join(map(repr, unused_keys))} matches no folder: a typo?)"
                 if unused_keys and not site_hint else "")
-        advice = site_hint or "add them to the map or pass --ignore-unmapped to leave them out"
+        advice = "add them to the map or pass --ignore-unmapped to leave them out" + (f"; {site_hint}" if site_hint else "")
         raise CxrFastError(f"{src_dir}: the label map does not cover folder(s) {listed}{typo}; {advice}")
     candidates = []
     for item in items:
@@ -752,13 +752,16 @@ def _class_warnings(src_dir: Path, skip, mapping, items, manifest: pd.DataFrame,
     """Classes that vanished (a mapped folder with no usable image) or that miss a split they should be in."""
     warnings = []
     used = set(manifest["source_label"])
-    files_per_folder = Counter(item.source_label for item in items)
-    for folder in sorted(class_folders(src_dir, skip, sites)):
-        if folder in used or map_label(folder, mapping) is None:
+    # With sites a class folder is a site's: hospC/Pneumonia may be empty while hospA/Pneumonia is not.
+    used_at = set(zip(manifest["site"], manifest["source_label"])) if sites else {(None, name) for name in used}
+    files_per_folder = Counter((item.site, item.source_label) for item in items)
+    for site, folder in sorted(class_folders(src_dir, skip, sites), key=lambda pair: (pair[0] or "", pair[1])):
+        if (site, folder) in used_at or map_label(folder, mapping) is None:
             continue
-        found = files_per_folder[folder]
+        found = files_per_folder[site, folder]
         why = "it is empty" if not found else f"none of its {found} files is usable (see {REPORT_NAME})"
-        warnings.append(f"class folder '{printable(folder)}' is left out: {why}")
+        name = f"{site}/{folder}" if sites else folder
+        warnings.append(f"class folder '{printable(name)}' is left out: {why}")
     split_like = sorted(folder for folder in used if SPLIT_FOLDER_NAMES & set(re.split(r"[^a-z]+", folder.casefold())))
     if split_like:  # e.g. train_set/COVID/…: the classes would be train_set against test_set
         warnings.append(f"class folder(s) {', '.join(map(repr, split_like))} look like split folders; if the classes "

@@ -31,6 +31,10 @@ MANIFEST_NAME = "manifest.csv"  # with the marker and the cache folder, what pre
 # Folders file systems make for themselves, never X-rays, and often not listable by a user (ext4's lost+found).
 SYSTEM_FOLDERS = frozenset({"lost+found", "System Volume Information", "$RECYCLE.BIN"})
 
+# Subfolders that datasets keep inside every class folder and that are never classes (the COVID-19 Radiography
+# Database has COVID/images and COVID/masks): their being alike in every class does not suggest site folders.
+NOT_CLASS_NAMES = frozenset({"images", "image", "imgs", "img", "masks", "mask", "labels", "annotations"})
+
 SPLIT_FOLDER_NAMES = frozenset({"train", "training", "valid", "val", "validation", "test", "testing"})
 
 
@@ -75,9 +79,11 @@ def find_images(root: str | os.PathLike, skip: Iterable[str | os.PathLike] = (),
     return items
 
 
-def class_folders(root: str | os.PathLike, skip: Iterable[str | os.PathLike] = (), sites: bool = False) -> set[str]:
-    """The class folder names under ``root``, empty ones included (`find_images` only sees files)."""
-    return {label for _, _, label, _ in _walk(Path(root), skip, sites) if label is not None}
+def class_folders(root: str | os.PathLike, skip: Iterable[str | os.PathLike] = (),
+                  sites: bool = False) -> set[tuple[str | None, str]]:
+    """The (site, class) folder names under ``root``, empty ones included (`find_images` only sees files); the
+    site is None without ``sites``."""
+    return {(site, label) for _, site, label, _ in _walk(Path(root), skip, sites) if label is not None}
 
 
 def shared_subfolders(root: str | os.PathLike, items: Iterable[Item]) -> list[str]:
@@ -97,6 +103,8 @@ def shared_subfolders(root: str | os.PathLike, items: Iterable[Item]) -> list[st
         children.setdefault(parts[0], set()).add(parts[1] if len(parts) > 1 else "")
     names = next(iter(children.values()), set())
     if len(children) < 2 or len(names) < 2 or "" in names or any(found != names for found in children.values()):
+        return []
+    if any(name.casefold() in NOT_CLASS_NAMES for name in names):  # e.g. COVID/images + COVID/masks: no sites
         return []
     return sorted(names)
 
