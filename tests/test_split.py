@@ -120,3 +120,15 @@ def test_folds_test_every_item_once_and_keep_groups_together():
 def test_bad_folds(folds, fold, message):
     with pytest.raises(CxrFastError, match=message):
         fold_items(["A"] * 10, list(range(10)), folds, fold)
+
+
+def test_spread_ties_keeps_many_small_strata_from_starving_test():
+    # 10 sites x 3 labels x 12 images: the spare image of every stratum went to valid (90 valid, 60 test)
+    strata = [f"{label} @ {site}" for site in range(10) for label in "ABC" for _ in range(12)]
+    singletons = list(range(len(strata)))
+    assert Counter(split_items(strata, singletons)) == {"train": 210, "valid": 90, "test": 60}  # the default kept
+    spread = split_items(strata, singletons, spread_ties=True)
+    assert Counter(spread) == {"train": 210, "valid": 75, "test": 75}
+    for stratum in set(strata):  # and every stratum is still within one image of its own targets
+        counts = Counter(split for split, s in zip(spread, strata, strict=True) if s == stratum)
+        assert counts["train"] == 7 and sorted([counts["valid"], counts["test"]]) == [2, 3]

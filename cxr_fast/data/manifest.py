@@ -358,9 +358,9 @@ def prepare(
     # Strata: the labels, or each site's labels, so that no split is one hospital's COVID-19 and another's Normal.
     strata = list(manifest["label"] + " @ " + manifest["site"]) if sites else list(manifest["label"])
     if folds is None:
-        manifest["split"] = split_items(strata, list(manifest["group"]), fractions, seed)
+        manifest["split"] = split_items(strata, list(manifest["group"]), fractions, seed, spread_ties=sites)
     else:
-        manifest["split"] = fold_items(strata, list(manifest["group"]), folds, fold, seed)
+        manifest["split"] = fold_items(strata, list(manifest["group"]), folds, fold, seed, spread_ties=sites)
     if patient_pattern:
         patients = patient_summary(list(manifest["patient"]), list(manifest["label"]), list(manifest["split"]))
         warnings = patient_warnings(list(manifest["patient"]), patient_pattern, min(f for f in fractions if f > 0))

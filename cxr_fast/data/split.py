@@ -8,7 +8,12 @@
 
 Within a label, groups are shuffled by the seed, then taken largest first and each is given to the split
 furthest below its target count. Singletons then fill the gaps, so each split ends within one image of its
-target unless one group is bigger than a whole split.
+target unless one group is bigger than a whole split. A group that fits two splits equally well goes to the
+earlier one, so each label's spare image goes to valid rather than test: one image per label, which adds up over
+many strata (labels x sites: 10 sites of 36 images put 90 in valid and 60 in test). With ``spread_ties`` (what
+`prepare --sites` uses) it goes to the split furthest below its share of all strata placed so far instead (75 and
+75). It is not the default because it changes the split of every existing dataset (most ties are broken
+differently, and the choices cascade), and a manifest prepared again must keep its split.
 
 Cross-validation (`fold_items`) cuts the items into k equal parts the same way and names one part test, the
 next valid and the rest train.
@@ -64,24 +69,27 @@ def split_items(
     groups: Sequence[object],
     fractions: Sequence[float] | str = DEFAULT_FRACTIONS,
     seed: int = 0,
+    spread_ties: bool = False,
 ) -> list[str]:
     """The split name ("train", "valid" or "test") of every item.
 
     ``groups``: any hashable id per item; items sharing one are kept together. A group whose members carry
     different labels is placed with its most common label (`prepare` removes such groups beforehand).
+    ``spread_ties``: see the module docstring; for many small strata.
     """
-    parts = _assign_parts(labels, groups, np.asarray(parse_fractions(fractions)), seed)
+    parts = _assign_parts(labels, groups, np.asarray(parse_fractions(fractions)), seed, spread_ties)
     return [SPLITS[part] for part in parts]
 
 
-def fold_items(labels: Sequence[str], groups: Sequence[object], folds: int, fold: int, seed: int = 0) -> list[str]:
+def fold_items(labels: Sequence[str], groups: Sequence[object], folds: int, fold: int, seed: int = 0,
+               spread_ties: bool = False) -> list[str]:
     """Cross-validation: the items cut into ``folds`` equal parts, stratified and group-aware like `split_items`;
     part ``fold`` is the test split, the next part (cyclically) the valid split and the rest train.
 
     Preparing every ``fold`` from 0 to ``folds`` - 1 with one seed tests each item exactly once.
     """
     check_folds(folds, fold)
-    parts = _assign_parts(labels, groups, np.full(folds, 1.0 / folds), seed)
+    parts = _assign_parts(labels, groups, np.full(folds, 1.0 / folds), seed, spread_ties)
     return ["test" if part == fold else "valid" if part == (fold + 1) % folds else "train" for part in parts]
 
 
@@ -92,7 +100,8 @@ def check_folds(folds: int, fold: int) -> None:
         raise CxrFastError(f"fold must be between 0 and {folds - 1} for {folds} folds, got {fold}")
 
 
-def _assign_parts(labels: Sequence[str], groups: Sequence[object], fractions: np.ndarray, seed: int) -> list[int]:
+def _assign_parts(labels: Sequence[str], groups: Sequence[object], fractions: np.ndarray, seed: int,
+                  spread_ties: bool = False) -> list[int]:
     """The part (an index into ``fractions``) of every item; see the module's docstring for how."""
     if len(labels) != len(groups):
         raise ValueError("labels and groups must have the same length")
@@ -108,6 +117,7 @@ def _assign_parts(labels: Sequence[str], groups: Sequence[object], fractions: np
         groups_of_label[label].append(group)
 
     assignment: list[int] = [-1] * len(labels)
+    placed = np.zeros(len(fractions))  # images of every label so far, per part: breaks ties (below)
     for label in sorted(groups_of_label):
         label_groups = sorted(groups_of_label[label], key=lambda group: min(members[group]))
         # One generator per label, seeded by (seed, label name): adding a class does not reshuffle the others.
@@ -126,8 +136,16 @@ def _assign_parts(labels: Sequence[str], groups: Sequence[object], fractions: np
             gap_after = np.where(
                 fractions > 0, np.abs(targets - filled - size) - np.abs(targets - filled), np.inf
             )
-            chosen = int(np.argmin(gap_after))
+            if spread_ties:
+                # Ties (12 images at 0.6/0.2/0.2: the last fits valid and test alike) go to the part furthest below
+                # its share of all strata so far. The earlier part took them all, and over many strata (labels x
+                # sites) test fell well short of its target.
+                tied = np.flatnonzero(gap_after <= gap_after.min() + 1e-9)
+                chosen = int(tied[np.argmax(fractions[tied] * (placed.sum() + size) - placed[tied])])
+            else:
+                chosen = int(np.argmin(gap_after))  # ties: the earlier part
             filled[chosen] += size
+            placed[chosen] += size
             for index in members[group]:
                 assignment[index] = chosen
     return assignment
