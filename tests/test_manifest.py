@@ -498,7 +498,7 @@ def test_site_folders_read_as_classes_are_named_and_sites_reads_the_classes_insi
     src = make_sites(tmp_path / "src")
     report = quiet(src, tmp_path / "as_classes")
     assert report.labels == ["hospA", "hospB"]
-    assert any("each hold the same folders ('COVID-19', 'Normal', 'Pneumonia')" in w and "--sites" in w
+    assert any("each hold folders named alike ('COVID-19', 'Normal', 'Pneumonia')" in w and "--sites" in w
                for w in report.warnings)
     with pytest.raises(CxrFastError, match=r"'hospA' \(18 files\).*--ignore-unmapped to leave them out; the class "
                                            r"folders .*: if those are the classes and these are sites, pass --sites$"):
@@ -558,6 +558,17 @@ def test_a_class_folders_own_subfolders_are_not_taken_for_sites(tmp_path):
     assert not any("--sites" in w for w in report.warnings)
 
 
+def test_sites_are_named_despite_a_stray_file_or_classes_spelt_differently_at_each_site(tmp_path):
+    # a README beside a site's class folders, or "COVID" at one site and "COVID-19" at another, hid the hint
+    src = make_sites(tmp_path / "src")
+    (src / "hospB" / "readme.txt").write_text("exported 2026-11-02")
+    (src / "hospB" / "COVID-19").rename(src / "hospB" / "covid")
+    (src / "hospB" / "Normal").rename(src / "hospB" / "normal")
+    report = quiet(src, tmp_path / "out")
+    hint = next(w for w in report.warnings if "--sites" in w)
+    assert "'Normal', 'Pneumonia'" in hint
+
+
 def test_images_and_masks_folders_inside_every_class_are_not_taken_for_sites(tmp_path):
     # the COVID-19 Radiography Database keeps COVID/images and COVID/masks: alike in every class, yet not sites
     for c, label in enumerate(CLASSES):
@@ -565,8 +576,11 @@ def test_images_and_masks_folders_inside_every_class_are_not_taken_for_sites(tmp
             (tmp_path / "src" / label / sub).mkdir(parents=True)
         for i in range(4):
             textured_image(100 * c + i).save(tmp_path / "src" / label / "images" / f"{i}.png")
+            mask = np.zeros((96, 96), np.uint8)
+            mask[20:70, 10 + i:40] = 255
+            Image.fromarray(mask).save(tmp_path / "src" / label / "masks" / f"{i}.png")
     report = quiet(tmp_path / "src", tmp_path / "out")
-    assert report.labels == list(CLASSES)
+    assert report.labels == list(CLASSES) and report.exclusions_by_reason() == {"not-a-radiograph": 12}
     assert not any("--sites" in w for w in report.warnings)
 
 
@@ -578,7 +592,17 @@ def test_an_empty_class_folder_at_one_site_is_warned_about(tmp_path):
     assert "class folder 'hospC/Pneumonia' is left out: it is empty" in report.warnings
 
 
-def test_sites_without_class_folders_inside_them_is_an_error(tmp_path):
+def test_sites_on_a_folder_of_class_folders_says_to_leave_it_out_and_loose_site_files_are_named(tmp_path):
     src = make_dataset(tmp_path / "src", per_class=2)
-    with pytest.raises(CxrFastError, match=r"no class folders, only loose files \(expected .*/<site>/<class>/<image>\)"):
+    with pytest.raises(CxrFastError, match=r"with --sites the folders below it are sites holding class folders, but "
+                                           r"'COVID-19' \(2 files\), 'Normal' \(2 files\), 'Pneumonia' \(2 files\) hold "
+                                           r"their files directly; leave out --sites if those are the classes$"):
         quiet(src, tmp_path / "out", sites=True)
+    mixed = make_sites(tmp_path / "mixed", per_class=4)  # and a class folder beside the site folders
+    (mixed / "Normal").mkdir()
+    for i in range(3):
+        textured_image(900 + i).save(mixed / "Normal" / f"{i}.png")
+    report = quiet(mixed, tmp_path / "mixed-out", sites=True)
+    assert report.exclusions_by_reason() == {"no-class-folder": 3}
+    assert ("site folder(s) 'Normal' (3 files) hold files directly, not in class folders: they are left out "
+            "(no-class-folder)") in report.warnings

@@ -262,12 +262,17 @@ def prepare(
     layout = f"{src_dir}/<site>/<class>/<image>" if sites else f"{src_dir}/<class>/<image>"
     if not items:
         raise CxrFastError(f"{src_dir}: no files found (expected {layout})")
+    loose_in_sites = Counter(item.site for item in items if item.site is not None and not item.has_class)
     if not any(item.has_class for item in items):
+        if loose_in_sites:  # ROOT/<class>/<file> prepared with --sites: the classes were read as sites
+            raise CxrFastError(f"{src_dir}: with --sites the folders below it are sites holding class folders, but "
+                               f"{_listed(loose_in_sites)} hold their files directly; leave out --sites if those "
+                               "are the classes")
         raise CxrFastError(f"{src_dir}: no class folders, only loose files (expected {layout})")
     site_hint = ""
     if not sites and (inner := shared_subfolders(src_dir, items)):
         source_labels = sorted({item.source_label for item in items if item.has_class})
-        site_hint = (f"the class folders {', '.join(map(repr, source_labels))} each hold the same folders "
+        site_hint = (f"the class folders {', '.join(map(repr, source_labels))} each hold folders named alike "
                      f"({', '.join(map(repr, inner))}): if those are the classes and these are sites, pass --sites")
 
     # 2. Labels.
@@ -279,8 +284,9 @@ def prepare(
     )
     if unmapped and not ignore_unmapped:
         counts = Counter(item.source_label for item in items)
-        listed = ", ".join(f"{name!r} ({counts[name]} files)" for name in unmapped)
-        typo = (f" (the map's {', '.join(map(repr, unused_keys))} matches no folder: a typo?)"
+        listed = _listed(Counter({name: counts[name] for name in unmapped}))
+        typo = (f" (the map's {', '.join(map(repr, unused_keys))} {'matches' if len(unused_keys) == 1 else 'match'} "
+                "no folder: a typo?)"
                 if unused_keys and not site_hint else "")
         advice = "add them to the map or pass --ignore-unmapped to leave them out" + (f"; {site_hint}" if site_hint else "")
         raise CxrFastError(f"{src_dir}: the label map does not cover folder(s) {listed}{typo}; {advice}")
@@ -376,6 +382,9 @@ def prepare(
                         "(cxrfast evaluate RUN --data OUT), but training needs two or more classes")
     if site_hint:  # without a label map nothing failed: the "classes" are hospitals, and a model would learn them
         warnings.append(site_hint)
+    if loose_in_sites:  # e.g. a class folder beside the site folders: its images are left out
+        warnings.append(f"site folder(s) {_listed(loose_in_sites)} hold files directly, not in class folders: they "
+                        "are left out (no-class-folder)")
     site_counts = None
     if sites:
         site_counts = {site: {label: int(n) for label, n in of_site["label"].value_counts().sort_index().items()}
@@ -733,6 +742,12 @@ def print_summary(report: PrepareReport, console: Console | None = None) -> None
     if report.cache_dir:
         console.print(f"Image cache: {escape(str(report.cache_dir))}")
     console.print(f"Took {report.seconds:.1f} s.")
+
+
+def _listed(files_per_folder: Counter) -> str:
+    """'Normal' (10 files), 'Pneumonia' (3 files), … at most five folders, for a one-line message."""
+    named = [f"{printable(name)!r} ({n} file{'s' if n != 1 else ''})" for name, n in sorted(files_per_folder.items())]
+    return ", ".join(named[:5]) + (f" and {len(named) - 5} more" if len(named) > 5 else "")
 
 
 def site_warnings(site_counts: dict[str, dict[str, int]]) -> list[str]:

@@ -16,6 +16,7 @@ are reported by the reader, and files outside any class folder come back with ``
 from __future__ import annotations
 
 import os
+from collections import Counter, defaultdict
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -87,26 +88,33 @@ def class_folders(root: str | os.PathLike, skip: Iterable[str | os.PathLike] = (
 
 
 def shared_subfolders(root: str | os.PathLike, items: Iterable[Item]) -> list[str]:
-    """The subfolder names that every class folder holds all its files in, when those are the same for all.
+    """Subfolder names that every class folder holds its files in, when the class folders look like sites.
 
     Non-empty for ROOT/<site>/<class>/<file> read as ROOT/<class>/…: "hospA" and "hospB" become the classes
-    and a model trained on them tells hospitals apart. Empty when any class folder holds files of its own or
-    when the class folders' subfolders differ (patients, dates), which is a class's own nesting.
+    and a model trained on them tells hospitals apart. The sites' class folders may be spelt differently
+    ("COVID" at one, "COVID-19" at another), so two or more names in common (ignoring case) are enough, when they
+    hold most of each folder's files. Empty when the class folders' subfolders differ (patients, dates: a
+    class's own nesting), when they are images/ and masks/ folders, or when a class folder holds most of its
+    files itself (a README or Thumbs.db beside the site's class folders does not count).
     """
     root = Path(root)
-    children: dict[str, set[str]] = {}
+    files_in: dict[str, Counter] = defaultdict(Counter)  # class folder -> its subfolder ("" for itself) -> files
+    spelling: dict[str, str] = {}
     for item in items:
         if not item.has_class:
             continue
         parts = [part for part in item.path.relative_to(root).parts[:-1] if not is_split_folder(part)]
-        # parts[0] is the class folder; a file directly in it (no parts[1]) rules the layout out.
-        children.setdefault(parts[0], set()).add(parts[1] if len(parts) > 1 else "")
-    names = next(iter(children.values()), set())
-    if len(children) < 2 or len(names) < 2 or "" in names or any(found != names for found in children.values()):
+        child = parts[1].casefold() if len(parts) > 1 else ""
+        files_in[parts[0]][child] += 1
+        spelling.setdefault(child, parts[1] if len(parts) > 1 else "")
+    if len(files_in) < 2:
         return []
-    if any(name.casefold() in NOT_CLASS_NAMES for name in names):  # e.g. COVID/images + COVID/masks: no sites
+    shared = set.intersection(*(set(counts) - {""} for counts in files_in.values()))
+    if len(shared) < 2 or shared & NOT_CLASS_NAMES:  # e.g. COVID/images + COVID/masks: no sites
         return []
-    return sorted(names)
+    if any(sum(counts[name] for name in shared) * 2 <= sum(counts.values()) for counts in files_in.values()):
+        return []
+    return sorted(spelling[name] for name in shared)
 
 
 def _walk(root: Path, skip: Iterable[str | os.PathLike],
