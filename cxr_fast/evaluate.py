@@ -172,7 +172,7 @@ def metrics_table(m: dict, tta: bool = False):
         table.add_row("accuracy with / without a text marker",
                       f"{marked['correct']}/{marked['n']} / {unmarked['correct']}/{unmarked['n']}")
     for site, v in m.get("by_site", {}).items():
-        table.add_row(f"balanced accuracy at {escape(site)}", f"{v['balanced_accuracy']:.3f}  (n {v['n']})")
+        table.add_row(f"balanced accuracy at {escape(site)}", escape(site_summary(v)))
     for name, v in m["per_class"].items():
         recall = "—" if v["recall"] is None else f"{v['recall']:.2f}"  # no images of the class: no recall
         table.add_row(f"  {escape(name)}", f"P {v['precision']:.2f}  R {recall}  F1 {v['f1']:.2f}  n {v['support']}")
@@ -263,7 +263,8 @@ def accuracy_by_marker(items: pd.DataFrame, y: np.ndarray, logits: np.ndarray) -
 
 SITE_TEXT = ("The same metrics at each site. A model that learned a hospital's look (scanner, text markers, borders) "
              "instead of the disease does well where that look goes with the class and badly elsewhere; the pooled "
-             "figure hides the difference. With few images at a site its figures are rough.")
+             "figure hides the difference. With few images at a site its figures are rough, and at a site with one "
+             "class only the balanced accuracy is that class's recall.")
 
 
 def metrics_by_site(items: pd.DataFrame, y: np.ndarray, logits: np.ndarray, classes: list[str]) -> dict | None:
@@ -286,10 +287,20 @@ def metrics_by_site(items: pd.DataFrame, y: np.ndarray, logits: np.ndarray, clas
     return by_site
 
 
+def site_summary(v: dict) -> str:
+    """A site's balanced accuracy, size and recalls on one line. A site with images of one class only is named
+    as such: its "balanced accuracy" is that class's recall, not comparable with the other sites'."""
+    present = [name for name, r in v["recall"].items() if r is not None]
+    recalls = " / ".join("—" if r is None else f"{r:.2f}" for r in v["recall"].values())
+    only = f"; {present[0]} only: that class's recall" if len(present) == 1 else ""
+    return f"{v['balanced_accuracy']:.3f}  (n {v['n']}; recall {recalls}{only})"
+
+
 def site_table(by_site: dict) -> pd.DataFrame:
     """One row per site: what the report shows (a recall is "—" where the site has no image of the class)."""
     return pd.DataFrame([
-        {"site": site, "images": v["n"], "balanced accuracy": f"{v['balanced_accuracy']:.3f}",
+        {"site": site, "images": v["n"], "balanced accuracy": f"{v['balanced_accuracy']:.3f}"
+         + (" (one class only)" if sum(r is not None for r in v["recall"].values()) == 1 else ""),
          "accuracy": f"{v['accuracy']:.3f}",
          **{f"recall {name}": "—" if r is None else f"{r:.2f}" for name, r in v["recall"].items()}}
         for site, v in by_site.items()])

@@ -496,7 +496,10 @@ def test_metrics_are_split_by_site_where_the_manifest_names_sites():
     assert list(site_table(by_site).loc[1, ["site", "balanced accuracy", "recall Pneumonia"]]) == ["B", "0.250", "—"]
     assert metrics_by_site(pd.DataFrame({"site": ["A"] * 3}), y[:3], logits[:3], ["a", "b", "c"]) is None
     assert metrics_by_site(pd.DataFrame({"path": ["x"] * 3}), y[:3], logits[:3], ["a", "b", "c"]) is None
-    assert "balanced accuracy at B │ 0.250  (n 3)" in metrics_table_text(by_site=by_site)
+    assert "balanced accuracy at B │ 0.250  (n 3; recall 0.00 / 0.50 / —)" in metrics_table_text(by_site=by_site)
+    one_class = metrics_by_site(items, np.array([0, 1, 2, 1, 1, 1]), logits, ["COVID-19", "Normal", "Pneumonia"])
+    assert "(n 3; recall — / 0.67 / —; Normal only: that class's recall)" in metrics_table_text(by_site=one_class)
+    assert site_table(one_class).loc[1, "balanced accuracy"] == "0.667 (one class only)"
 
 
 def test_external_data_prepared_with_sites_is_scored_by_site(tiny_runs, tiny_data, tmp_path):
