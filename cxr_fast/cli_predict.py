@@ -67,7 +67,11 @@ def register(app: typer.Typer, user_errors=None, console=None, err_console=None)
             err_console.print(f"[bold yellow]skipped:[/] {escape(f'{printable(path)}: {reason}')}", highlight=False,
                               soft_wrap=True)
         if results.empty:  # nothing was written: earlier results in --out stay as they were
-            raise CxrFastError("no image could be predicted")
+            if len(skipped) == 1:  # one file given: the error names it and why, as every other one-line error does
+                path, reason = skipped[0]
+                raise CxrFastError(f"{printable(path)}: {reason}")
+            raise CxrFastError(f"no image could be predicted ({len(skipped)} files skipped, listed above)"
+                               if skipped else "no image could be predicted")
         if out is not None:
             console.print(f"results: [bold]{escape(str(out))}[/]")
 
