@@ -80,6 +80,13 @@ def export_onnx(run_dir: str | Path, out: str | Path | None = None, *, force: bo
     if existing and not unfinished and not force:
         raise CxrFastError(f"{existing[0]}: an export is already there; add --force to replace it")
     check_folder_path(folder, "--out")
+    if out is not None and folder.is_dir() and folder.resolve() != run.path.resolve():
+        # an export's folder is copied to another machine whole: another tool's files would travel with it
+        others = sorted(p.name for p in folder.iterdir()
+                        if p.name not in (ONNX_FILE, PREPROCESSING_FILE, ONNX_FILE + ".partial"))
+        if others:
+            raise CxrFastError(f"{folder}: holds other files ({', '.join(others[:3])}{', …' if len(others) > 3 else ''}"
+                               "); --out needs a new or empty folder, or one holding an earlier export")
     for module, role in (("onnx", "writes the export"), ("onnxruntime", "checks it")):
         if importlib.util.find_spec(module) is None:
             raise CxrFastError(f"the {module} package ({role}) is not installed: pip install 'cxr_fast[onnx]'")

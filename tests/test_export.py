@@ -203,3 +203,18 @@ def test_an_export_torch_cannot_make_is_a_one_line_error_and_leaves_no_file(run,
         export_onnx(run, out=tmp_path / "export")
     assert "\n" not in str(e.value)
     assert list((tmp_path / "export").iterdir()) == []
+
+
+def test_an_out_folder_holding_other_files_is_refused(run, tmp_path):
+    # `export --out` into a compare report's folder mixed the export into it; the folder is meant to travel alone
+    report = tmp_path / "cmp"
+    report.mkdir()
+    (report / "report.html").write_text("<html></html>")
+    with pytest.raises(CxrFastError, match=r"cmp: holds other files \(report.html\); --out needs a new or empty folder"):
+        export_onnx(run, report)
+    assert sorted(p.name for p in report.iterdir()) == ["report.html"]
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    export_onnx(run, empty)
+    export_onnx(run, empty, force=True)  # an earlier export there is replaced, as before
+    assert sorted(p.name for p in empty.iterdir()) == ["model.onnx", "preprocessing.json"]
