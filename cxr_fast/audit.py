@@ -243,8 +243,11 @@ def audit_summary(
     labels: Sequence | None = None,
     preds: Sequence | None = None,
     class_names: Sequence[str] = CLASSES,
+    sites: Sequence[str] | None = None,
 ) -> dict:
-    """Summaries of :func:`attribution_shares` rows, overall and per class.
+    """Summaries of :func:`attribution_shares` rows, overall, per class and, given ``sites`` (one per row) naming
+    two or more, per site under ``by_site``: a hospital whose films carry a marker or a border can be a shortcut
+    of its own, seen at that site only.
 
     Images are grouped by their *predicted* class (the evidence behind "COVID-19 predictions") when
     ``preds`` is given, else by ``labels``. Labels and predictions may be class indices or names.
@@ -274,6 +277,12 @@ def audit_summary(
             summary["by_class"][cls] = _group_stats(
                 [rows[i] for i in idx], [correct[i] for i in idx] if correct else None
             )
+    if sites is not None and len(set(sites)) >= 2:
+        if len(sites) != n:
+            raise CxrFastError(f"audit: {len(sites)} sites for {n} attribution rows")
+        summary["by_site"] = {
+            site: _group_stats([rows[i] for i in idx], [correct[i] for i in idx] if correct else None)
+            for site in sorted(set(sites)) for idx in [[i for i, s in enumerate(sites) if s == site]]}
     return summary
 
 
@@ -352,15 +361,19 @@ def _flags_shortcut(sentence: str) -> bool:
 
 
 def verdict(summary: dict) -> str:
-    """Plain sentences, one line per class (then one for all images), from :func:`audit_summary`."""
+    """Plain sentences, one line per class, then per site (with sites), then one for all images, from
+    :func:`audit_summary`."""
     noun = "predictions" if summary.get("grouped_by") == "prediction" else "images"
-    lines = [_sentence(f"{cls} {noun}", stats) for cls, stats in summary.get("by_class", {}).items()]
-    flagged = [cls for cls, line in zip(summary.get("by_class", {}), lines, strict=True) if _flags_shortcut(line)]
+    groups = {f"{cls} {noun}": stats for cls, stats in summary.get("by_class", {}).items()}
+    groups |= {f"Images from {site}": stats for site, stats in summary.get("by_site", {}).items()}
+    lines = [_sentence(who, stats) for who, stats in groups.items()]
+    flagged = [who.replace("Images from", "images from") for who, line in zip(groups, lines, strict=True)
+               if _flags_shortcut(line)]
     overall = _sentence("All images", summary["overall"])
     if flagged and not _flags_shortcut(overall):
-        # the last line is the one read as the summary: pooling must not hide a flagged class
+        # the last line is the one read as the summary: pooling must not hide a flagged class or site
         names = flagged[0] if len(flagged) == 1 else f"{', '.join(flagged[:-1])} and {flagged[-1]}"
-        overall += f" Pooled, that hides the shortcut flagged above for {names} {noun}."
+        overall += f" Pooled, that hides the shortcut flagged above for {names}."
     return "\n".join([*lines, overall])
 
 

@@ -246,7 +246,7 @@ def interpret(run_dir: str | Path, data: str | Path | None = None, split: str = 
             shares = audit.attribution_shares(next(iter(maps.values())), lungs, marker_box=box)
             rows.append({"path": row["path"], "label": run.classes[true], "predicted": run.classes[pred],
                          "p_predicted": float(probs[i, pred]), "correct": pred == true, "lungs": lung_source,
-                         "top_loss": i in loss_set, **shares})
+                         "top_loss": i in loss_set, **({"site": row["site"]} if "site" in row else {}), **shares})
             caption = (f"{Path(row['path']).name}: true {run.classes[true]}, predicted {run.classes[pred]} "
                        f"(p={probs[i, pred]:.2f}; p(true)={probs[i, true]:.2f}); {lung_caption(shares)}")
             if i in loss_set or len(figures_correct) < n:
@@ -260,7 +260,8 @@ def interpret(run_dir: str | Path, data: str | Path | None = None, split: str = 
 
     per_image = pd.DataFrame(rows)
     summary = audit.audit_summary(per_image.to_dict("records"), labels=per_image["label"].tolist(),
-                                  preds=per_image["predicted"].tolist(), class_names=run.classes)
+                                  preds=per_image["predicted"].tolist(), class_names=run.classes,
+                                  sites=per_image["site"].tolist() if "site" in per_image else None)
     verdicts = audit.verdict(summary).splitlines()
 
     # Faithfulness: deletion curves for a few correctly predicted images (of every class), averaged.

@@ -268,3 +268,20 @@ def test_only_evidence_clearly_denser_outside_the_lungs_is_a_likely_shortcut():
     assert "diffuse" in said(1.2) and "shortcut:" not in said(1.2)
     assert "too few to be sure" in said(0.96, n=4) and "possible shortcut" in said(0.96, n=4)
     assert "too few" not in said(0.96, n=MIN_IMAGES)
+
+
+def test_a_site_whose_images_are_read_outside_the_lungs_is_flagged_on_its_own_line():
+    # 12 images from one hospital read by their border among 40 lung-based ones from another, spread over classes:
+    # no class and not the pool is flagged, the site is, and the pooled line says it hides it
+    rows = _rows("outside", n=12) + _rows("inside", n=40)
+    preds = ["COVID-19", "Normal", "Pneumonia", "Normal"] * 13
+    sites = ["south"] * 12 + ["north"] * 40
+    summary = audit_summary(rows, preds=preds, sites=sites)
+    assert summary["by_site"]["south"]["n"] == 12 and summary["by_site"]["south"]["lung_preference"] < 0.8
+    lines = verdict(summary).splitlines()
+    by_who = {line.split(" take ")[0].split(" (")[0]: line for line in lines}
+    assert "likely shortcut" in by_who["Images from south"] and "no sign" in by_who["Images from north"]
+    assert lines[-1].endswith("Pooled, that hides the shortcut flagged above for images from south.")
+    assert "by_site" not in audit_summary(rows, preds=preds, sites=["north"] * 52)
+    with pytest.raises(CxrFastError, match="3 sites for 52 attribution rows"):
+        audit_summary(rows, preds=preds, sites=["a", "b", "c"])

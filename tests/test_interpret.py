@@ -242,3 +242,15 @@ def test_the_deletion_check_reuses_the_maps_the_audit_made(tiny_runs, monkeypatc
     monkeypatch.setattr(cxr_fast.attribution, "occlusion_maps", counted)
     result = interpret(tiny_runs[0], n=2, audit_n=4, window=8, stride=8, progress=False, force=True)
     assert len(calls) == result.audit["images_audited"] and result.audit["deletion"]["images"] >= 1
+
+
+def test_a_manifest_with_sites_gets_an_audit_line_per_site(tiny_runs, tmp_path):
+    src = tmp_path / "src"
+    for site, seed in (("north", 7), ("south", 8)):
+        synthesize(src / site, n_per_class=4, size=64, seed=seed, progress=False)
+    prepare(src, tmp_path / "sites", sites=True, cache_size=0, progress=False)
+    result = interpret(tiny_runs[0], data=tmp_path / "sites", n=2, audit_n=4, progress=False)
+    assert set(result.audit["summary"]["by_site"]) == {"north", "south"}
+    assert sum(line.startswith("Images from ") for line in result.verdicts) == 2
+    per_image = pd.read_csv(result.out_dir / "audit_images.csv")
+    assert set(per_image["site"]) == {"north", "south"}
