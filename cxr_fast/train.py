@@ -461,26 +461,26 @@ def _train(data, cfg, *, out, resume, extra_cbs, quiet) -> Path:
         learn.remove_cb(ProgressCallback)
         learn.add_cb(EpochLines())
 
-    if state["lr"] is None:  # lr_find runs on rank 0 alone, and every rank trains with its suggestion
-        if cfg.lr == "auto" and not quiet and distributed.is_main():
-            Console(stderr=True).print("finding a learning rate (fastai's lr_find) …", highlight=False)
-        state["lr"] = distributed.on_main(lambda: find_lr(learn) if cfg.lr == "auto" else float(cfg.lr))
-        if cfg.lr == "auto" and not quiet and distributed.is_main():
-            Console(stderr=True).print(f"lr_find suggests {state['lr']:.3g} (its 'valley'); training with it",
-                                       highlight=False)
-    lr = state["lr"]
+    try:  # from here the run folder exists: a failure or Ctrl-C before the first epoch is saved removes it
+        if state["lr"] is None:  # lr_find runs on rank 0 alone, and every rank trains with its suggestion
+            if cfg.lr == "auto" and not quiet and distributed.is_main():
+                Console(stderr=True).print("finding a learning rate (fastai's lr_find) …", highlight=False)
+            state["lr"] = distributed.on_main(lambda: find_lr(learn) if cfg.lr == "auto" else float(cfg.lr))
+            if cfg.lr == "auto" and not quiet and distributed.is_main():
+                Console(stderr=True).print(f"lr_find suggests {state['lr']:.3g} (its 'valley'); training with it",
+                                           highlight=False)
+        lr = state["lr"]
 
-    if resume:
-        checkpoint = checkpoint_paths(run_dir, state["epochs_done"] - 1)[0]
-        try:
-            learn.model.load_state_dict(read_tensors(checkpoint, "checkpoint file"))
-        except RuntimeError as e:
-            from cxr_fast.bundle import state_dict_problem
+        if resume:
+            checkpoint = checkpoint_paths(run_dir, state["epochs_done"] - 1)[0]
+            try:
+                learn.model.load_state_dict(read_tensors(checkpoint, "checkpoint file"))
+            except RuntimeError as e:
+                from cxr_fast.bundle import state_dict_problem
 
-            raise CxrFastError(f"{checkpoint}: does not fit the run's {cfg.arch} ({state_dict_problem(e)})") from None
-    distributed.to_data_parallel(learn)
+                raise CxrFastError(f"{checkpoint}: does not fit the run's {cfg.arch} ({state_dict_problem(e)})") from None
+        distributed.to_data_parallel(learn)
 
-    try:
         _fit_phases(learn, cfg, state, run_dir, lr, resume, extra_cbs)
     except BaseException as e:
         if not resume and not (run_dir / CHECKPOINT_DIR / "state.json").exists() and distributed.is_main():

@@ -320,6 +320,27 @@ def test_a_run_failing_before_its_first_epoch_ends_leaves_no_folder_to_block_a_r
     assert not (tmp_path / "run").exists()  # its weights were written, but no state.json: nothing to resume
 
 
+def test_a_run_stopped_or_failing_while_lr_find_runs_leaves_no_folder(tiny_data, tmp_path, monkeypatch):
+    # lr_find ran after the run folder was made and outside the clean-up: Ctrl-C or a bad image there left it
+    import cxr_fast.train
+
+    def interrupted(learn):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(cxr_fast.train, "find_lr", interrupted)
+    with pytest.raises(TrainingInterrupted, match="after 0 of 1 epochs; nothing was kept"):
+        train(tiny_data, resolve_config(epochs=1, **{**TINY, "lr": "auto"}), out=tmp_path / "run", quiet=True)
+    assert not (tmp_path / "run").exists()
+
+    def failing(learn):
+        raise CxrFastError("some.png: image data is truncated")
+
+    monkeypatch.setattr(cxr_fast.train, "find_lr", failing)
+    with pytest.raises(CxrFastError, match="truncated"):
+        train(tiny_data, resolve_config(epochs=1, **{**TINY, "lr": "auto"}), out=tmp_path / "run", quiet=True)
+    assert not (tmp_path / "run").exists()
+
+
 def test_a_run_interrupted_under_an_earlier_cxr_fast_resumes(tiny_data, tmp_path):
     out = _killed_run(tiny_data, tmp_path / "run")
     for kind in ("model", "optimizer"):  # the checkpoint's names before each epoch's files had names of their own
