@@ -752,6 +752,9 @@ def test_mixed_precision_on_a_gpu_only(tiny_data, monkeypatch):
     (lambda c: c.update(classes=["A", "B", "C", "D"]), "4 classes, but the model has 3 outputs"),
     (lambda c: c.update(format="other/9"), "format 'other/9' is not 'cxr_fast-run/1'"),
     (lambda c: c["model"].update(arch="convnet"), "convnet: unknown argument"),
+    (lambda c: c["model"].update(arch=5), "model arch must be a name, got 5"),
+    (lambda c: c["model"].update(arch_kwargs=None), "model arch_kwargs must be a mapping .*, got None"),
+    (lambda c: c["model"].update(pretrained_stats={"mean": 1}), "model pretrained_stats must be null or lists"),
 ])
 def test_an_edited_config_is_refused_on_loading_naming_the_file(tiny_runs, tmp_path, edit, problem):
     run = shutil.copytree(tiny_runs[0], tmp_path / "run")

@@ -331,6 +331,16 @@ def model_from_config(cfg: Mapping[str, Any]) -> nn.Module:
     missing = [k for k in _CONFIG_KEYS if k not in cfg]
     if missing:
         raise CxrFastError(f"model config lacks {', '.join(missing)}")
+    # a hand-edited config must fail here in one line, not as a TypeError deep inside create_model
+    if not isinstance(cfg["arch"], str):
+        raise CxrFastError(f"model arch must be a name, got {cfg['arch']!r}")
+    if not isinstance(cfg["arch_kwargs"], Mapping):
+        raise CxrFastError(f"model arch_kwargs must be a mapping of argument names to values, got {cfg['arch_kwargs']!r}")
+    stats = cfg.get("pretrained_stats")
+    if stats is not None and not (isinstance(stats, Mapping) and all(
+            isinstance(stats.get(key), list) and all(isinstance(v, int | float) for v in stats[key])
+            for key in ("mean", "std"))):
+        raise CxrFastError(f"model pretrained_stats must be null or lists 'mean' and 'std' of numbers, got {stats!r}")
     if cfg["arch"] == "ensemble":  # an average of run bundles: its config lists the members' configs
         from cxr_fast.ensemble import ensemble_from_config
 
@@ -343,7 +353,6 @@ def model_from_config(cfg: Mapping[str, Any]) -> nn.Module:
         **cfg["arch_kwargs"],
     )
     model.weights_source = cfg.get("weights", "none")
-    stats = cfg.get("pretrained_stats")
     model.pretrained_stats = None if stats is None else Stats(list(stats["mean"]), list(stats["std"]))
     return model
 
