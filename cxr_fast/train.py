@@ -48,7 +48,7 @@ from torch.cuda import is_available as gpu_available
 from cxr_fast import distributed
 from cxr_fast.archs import create_model, model_config, splitter
 from cxr_fast.archs.weights import parse_weights
-from cxr_fast.config import TrainConfig, resolve_config
+from cxr_fast.config import RECIPE_KEYS, TrainConfig, resolve_config
 from cxr_fast.data.block import build_dataloaders, check_classes
 from cxr_fast.data.manifest import manifest_digest, manifest_key, read_manifest
 from cxr_fast.errors import CxrFastError, first_line, read_json, read_tensors, storage_problem
@@ -151,11 +151,45 @@ def _plain(value):
 
 def _load_optimizer(opt, path: Path, meta: dict) -> None:
     tensors = read_tensors(path, "checkpoint file")
-    states = [dict(s) for s in meta["state"]]
-    for key, v in tensors.items():
-        i, k = key.split(".", 1)
-        states[int(i)][k] = v
-    opt.load_state_dict({"state": states, "hypers": meta["hypers"]})
+    try:
+        states = [dict(s) for s in meta["state"]]
+        for key, v in tensors.items():
+            i, k = key.split(".", 1)
+            states[int(i)][k] = v
+        opt.load_state_dict({"state": states, "hypers": meta["hypers"]})
+    except (KeyError, TypeError, ValueError, IndexError, AssertionError) as e:  # fastai asserts the lengths
+        raise CxrFastError(f"{path}: does not match the optimizer state in state.json ({type(e).__name__}: "
+                           f"{first_line(e)}); start the run again in a new --out") from None
+
+
+def read_checkpoint_state(state_path: Path) -> tuple[dict, TrainConfig]:
+    """A checkpoint's state.json and its training options, checked: an edited, damaged or newer-version file is one
+    line naming it, not a KeyError or TypeError in the middle of resuming."""
+    state = read_json(state_path)
+
+    def damaged(why: str) -> CxrFastError:
+        return CxrFastError(f"{state_path}: damaged checkpoint ({why}); start the run again in a new --out")
+
+    if not isinstance(state, dict):
+        raise damaged("not a JSON object")
+    needed = ["config", "history", "epochs_done", "data"]
+    if isinstance(state.get("config"), dict) and not is_frozen_arch(str(state["config"].get("arch", ""))):
+        needed += ["stats", "lr"] + (["optimizer"] if state.get("epochs_done") else [])
+    missing = [key for key in needed if key not in state]
+    if missing:
+        raise damaged(f"lacks {', '.join(missing)}")
+    if not isinstance(state["config"], dict):
+        raise damaged("'config' is not a mapping")
+    unknown = sorted(set(state["config"]) - RECIPE_KEYS)
+    if unknown:
+        raise damaged(f"unknown options {', '.join(unknown)}: written by another version of cxr_fast?")
+    if not isinstance(state["epochs_done"], int) or not isinstance(state["history"], list):
+        raise damaged("'epochs_done' must be a whole number and 'history' a list")
+    try:
+        cfg = resolve_config(**{key: value for key, value in state["config"].items() if value is not None})
+    except CxrFastError as e:
+        raise damaged(str(e)) from None
+    return state, cfg
 
 
 class RunRecorder(Callback):
@@ -419,8 +453,7 @@ def _train(data, cfg, *, out, resume, extra_cbs, quiet) -> Path:
                                "leaves nothing); start it again without --resume")
         if not state_path.exists():
             raise CxrFastError(f"{run_dir}: no checkpoint to resume (expected {state_path})")
-        state = read_json(state_path)
-        cfg = TrainConfig(**state["config"])
+        state, cfg = read_checkpoint_state(state_path)
         check_same_data(run_dir, state, data)
     else:
         cfg = cfg or resolve_config()

@@ -508,6 +508,29 @@ def _killed_run(tiny_data, out):
     return out
 
 
+def _edited_state(state):
+    state = dict(state)
+    state["optimizer"] = {**state["optimizer"], "state": state["optimizer"]["state"][:1]}
+    return state
+
+
+@pytest.mark.parametrize("edit, problem", [
+    (lambda s: {}, r"damaged checkpoint \(lacks config, history, epochs_done, data\)"),
+    (lambda s: [], r"damaged checkpoint \(not a JSON object\)"),
+    (lambda s: {k: v for k, v in s.items() if k != "stats"}, r"damaged checkpoint \(lacks stats\)"),
+    (lambda s: {**s, "config": {**s["config"], "new_option": 1}}, "unknown options new_option: written by another"),
+    (lambda s: {**s, "config": {**s["config"], "epochs": "many"}}, "epochs must be a whole number"),
+    (_edited_state, r"optimizer-epoch0.safetensors: does not match the optimizer state in state.json"),
+])
+def test_a_damaged_checkpoint_state_is_a_one_line_error_naming_it(tiny_data, tmp_path, edit, problem):
+    out = _killed_run(tiny_data, tmp_path / "run")
+    state_path = out / "checkpoint" / "state.json"
+    state_path.write_text(json.dumps(edit(json.loads(state_path.read_text()))))
+    with pytest.raises(CxrFastError, match=problem) as e:
+        train(tiny_data, out=out, resume=True, quiet=True)
+    assert "\n" not in str(e.value)
+
+
 def test_resume_refuses_other_data_or_a_changed_manifest(tiny_data, tmp_path):
     # another manifest would train on images the first one keeps for valid and test, under the first one's name
     out = _killed_run(tiny_data, tmp_path / "run")
