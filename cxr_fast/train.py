@@ -414,9 +414,10 @@ def check_input_size(model: torch.nn.Module, cfg: TrainConfig) -> None:
 
 
 def _phases(cfg: TrainConfig) -> list[tuple[str, int]]:
-    """(phase, epochs): one-cycle from scratch, or a frozen head phase then unfrozen one from pretrained."""
-    if cfg.pretrained and cfg.freeze_epochs > 0:
-        return [("frozen", cfg.freeze_epochs), ("unfrozen", cfg.epochs)]
+    """(phase, epochs): one-cycle from scratch, or from pretrained weights a frozen head phase (none with
+    freeze_epochs 0, as fastai's fine_tune) then the unfrozen one with its discriminative rates."""
+    if cfg.pretrained:
+        return [("frozen", cfg.freeze_epochs)] * (cfg.freeze_epochs > 0) + [("unfrozen", cfg.epochs)]
     return [("train", cfg.epochs)]
 
 

@@ -167,6 +167,27 @@ def test_resume_continues_with_the_optimizer_state_of_the_checkpoint(tiny_data, 
         torch.testing.assert_close(probe.tensors[key], value, rtol=0, atol=0, msg=key)
 
 
+class RatesAtFirstBatch(Callback):
+    def after_batch(self):  # the rates fastai's ParamScheduler set for this batch, as the step used them
+        if self.training and not hasattr(self, "rates"):
+            self.rates = [hypers["lr"] for hypers in self.learn.opt.hypers]
+
+
+def test_pretrained_weights_without_a_frozen_phase_still_fine_tune_at_discriminative_rates(tiny_data, tmp_path):
+    # freeze_epochs 0 fell back to the from-scratch cycle: the body at the head's full rate, lr_mult ignored
+    from cxr_fast.archs import create_model
+    from cxr_fast.outputs import write_tensors
+
+    write_tensors(create_model("cxresnet_tiny").state_dict(), tmp_path / "start.safetensors")
+    probe = RatesAtFirstBatch()
+    cfg = resolve_config(epochs=1, weights=str(tmp_path / "start.safetensors"), freeze_epochs=0, lr_mult=100,
+                         **TINY)
+    train(tiny_data, cfg, out=tmp_path / "run", quiet=True, extra_cbs=[probe])
+    body, head = probe.rates
+    assert body == pytest.approx(head / 100)
+    assert list(pd.read_csv(tmp_path / "run" / "history.csv")["phase"]) == ["unfrozen"]
+
+
 class WeightsAtFirstBatch(Callback):
     def before_batch(self):
         if not hasattr(self, "weights"):
