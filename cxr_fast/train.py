@@ -16,6 +16,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import platform
+import re
 import shlex
 import shutil
 import sys
@@ -87,6 +88,8 @@ def check_new_out(out: str | Path | None) -> None:
         return
     out = Path(out)
     check_folder_path(out, "--out")
+    if stopped_in_first_epoch(out):  # a kill -9 as the first checkpoint was written: nothing finished, so start over
+        shutil.rmtree(out / CHECKPOINT_DIR)
     if out.exists() and any(out.iterdir()):
         if (out / CHECKPOINT_DIR / "state.json").exists():
             raise CxrFastError(f"{out}: an interrupted run is here; add --resume to continue it")
@@ -94,6 +97,17 @@ def check_new_out(out: str | Path | None) -> None:
             raise CxrFastError(f"{out}: holds an unfinished bundle (weights without config.json: a build that was "
                                "killed?); delete the folder or choose another --out")
         raise CxrFastError(f"{out}: already exists; a new run never overwrites an old one (choose another --out)")
+
+
+def stopped_in_first_epoch(out: Path) -> bool:
+    """Whether `out` holds nothing but the first epoch's checkpoint files without the state.json that completes
+    them: a run killed (kill -9, power cut) while writing them, with no epoch finished."""
+    checkpoint = out / CHECKPOINT_DIR
+    if not checkpoint.is_dir() or (checkpoint / "state.json").exists() or [p.name for p in out.iterdir()] != [
+            CHECKPOINT_DIR]:
+        return False
+    return all(re.fullmatch(r"(model|best|optimizer)-epoch0\.safetensors(\.tmp)?|\.state\.json\.partial", p.name)
+               for p in checkpoint.iterdir())  # the names write_tensors and write_text give them, done or half
 
 
 def check_same_data(run_dir: Path, state: dict, data: str | Path) -> None:
@@ -449,9 +463,9 @@ def _train(data, cfg, *, out, resume, extra_cbs, quiet) -> Path:
         state_path = run_dir / CHECKPOINT_DIR / "state.json"
         if not state_path.exists() and (run_dir / "config.json").is_file():
             raise CxrFastError(f"{run_dir}: this run finished (its checkpoint is gone); nothing to resume")
-        if run_dir.is_dir() and not any(run_dir.iterdir()):  # a kill -9 before the first epoch ended
-            raise CxrFastError(f"{run_dir}: empty, so nothing to resume (a run stopped before its first epoch ended "
-                               "leaves nothing); start it again without --resume")
+        if run_dir.is_dir() and (not any(run_dir.iterdir()) or stopped_in_first_epoch(run_dir)):  # a kill -9 then
+            raise CxrFastError(f"{run_dir}: nothing to resume (the run stopped before its first epoch ended, which "
+                               "keeps nothing); start it again without --resume")
         if not state_path.exists():
             raise CxrFastError(f"{run_dir}: no checkpoint to resume (expected {state_path})")
         state, cfg = read_checkpoint_state(state_path)

@@ -220,6 +220,26 @@ def test_a_kill_before_state_json_resumes_from_the_epoch_it_names(tiny_data, tmp
     assert list(pd.read_csv(tmp_path / "run" / "history.csv")["epoch"]) == [0, 1, 2]
 
 
+def test_a_run_killed_while_writing_its_first_checkpoint_is_started_again_by_the_same_command(tiny_data, tmp_path):
+    # kill -9 after the first epoch's weights but before its state.json: the folder held checkpoint files that
+    # neither the same command ("already exists") nor --resume ("no checkpoint") accepted
+    killed = _killed_run(tiny_data, tmp_path / "killed")
+    out = tmp_path / "run"
+    (out / "checkpoint").mkdir(parents=True)
+    for name in ("model-epoch0.safetensors", "best-epoch0.safetensors", "optimizer-epoch0.safetensors"):
+        if (killed / "checkpoint" / name).exists():
+            shutil.copy(killed / "checkpoint" / name, out / "checkpoint" / name)
+    (out / "checkpoint" / ".state.json.partial").write_text('{"epochs_')
+    with pytest.raises(CxrFastError, match="stopped before its first epoch ended.*start it again without --resume"):
+        train(tiny_data, out=out, resume=True, quiet=True)
+    train(tiny_data, resolve_config(epochs=1, **TINY), out=out, quiet=True)
+    assert (out / "config.json").is_file() and not (out / "checkpoint").exists()
+    (tmp_path / "other" / "checkpoint").mkdir(parents=True)  # anything else there is still refused
+    (tmp_path / "other" / "checkpoint" / "notes.txt").write_text("mine")
+    with pytest.raises(CxrFastError, match="already exists"):
+        train(tiny_data, resolve_config(epochs=1, **TINY), out=tmp_path / "other", quiet=True)
+
+
 def test_ctrl_c_while_the_bundle_is_written_says_how_to_resume(tiny_data, tmp_path, monkeypatch):
     import cxr_fast.train
 
@@ -850,7 +870,7 @@ def test_an_os_error_that_is_not_storage_keeps_its_traceback(tiny_data, tmp_path
 def test_resume_of_a_run_killed_before_its_first_epoch_ended_says_to_start_again(tiny_data, tmp_path):
     # kill -9 cannot be cleaned up after: it leaves the run's empty folder, which a plain rerun accepts
     (tmp_path / "run").mkdir()
-    with pytest.raises(CxrFastError, match="empty, so nothing to resume .*; start it again without --resume"):
+    with pytest.raises(CxrFastError, match="nothing to resume .the run stopped before its first epoch ended.*; start it again without --resume"):
         train(tiny_data, out=tmp_path / "run", resume=True, quiet=True)
     train(tiny_data, resolve_config(epochs=1, **TINY), out=tmp_path / "run", quiet=True)
     assert (tmp_path / "run" / "metrics.json").is_file()
