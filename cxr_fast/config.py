@@ -150,12 +150,17 @@ def resolve_config(recipe: str | Path | None = None, **overrides: Any) -> TrainC
     except TypeError as e:
         raise CxrFastError(f"bad training option: {e}") from None
     for name, (kind, _, _) in LIMITS.items():
-        # YAML 1.1 reads 1e-4 (no dot) as text, though it reads 1.0e-4 as a number: both are meant as numbers
-        if kind is float and isinstance(getattr(cfg, name), str):
+        # YAML 1.1 reads 1e-4 (no dot) as text, though it reads 1.0e-4 as a number: both are meant as numbers,
+        # and 1e3 as a whole number where one is needed (stats_sample: 1e3)
+        if kind in (float, int) and isinstance(getattr(cfg, name), str):
             try:
-                setattr(cfg, name, float(getattr(cfg, name)))
+                number = float(getattr(cfg, name))
             except ValueError:
-                pass  # reported below with the option's rule
+                continue  # reported below with the option's rule
+            if kind is float:
+                setattr(cfg, name, number)
+            elif number.is_integer():
+                setattr(cfg, name, int(number))
     if isinstance(cfg.lr, str) and cfg.lr != "auto":
         try:
             cfg.lr = float(cfg.lr)

@@ -83,6 +83,12 @@ def test_exponent_notation_in_a_recipe_is_a_number_for_every_option(tmp_path):
     recipe.write_text("wd: tiny\n")
     with pytest.raises(CxrFastError, match="wd must be a number ≥ 0 .got 'tiny'"):
         resolve_config(recipe)
+    recipe.write_text("stats_sample: 1e3\nepochs: 1.0e1\n")  # whole-number options too, when whole
+    cfg = resolve_config(recipe)
+    assert (cfg.stats_sample, cfg.epochs) == (1000, 10) and isinstance(cfg.epochs, int)
+    recipe.write_text("epochs: 1.5e0\n")
+    with pytest.raises(CxrFastError, match="epochs must be a whole number ≥ 1 .got '1.5e0'"):
+        resolve_config(recipe)
 
 
 def test_another_arch_than_the_recipe_s_drops_its_arch_kwargs_with_a_warning(tmp_path):
