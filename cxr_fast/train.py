@@ -167,9 +167,12 @@ def _load_optimizer(opt, path: Path, meta: dict) -> None:
     tensors = read_tensors(path, "checkpoint file")
     try:
         states = [dict(s) for s in meta["state"]]
+        # saved from the CPU: each tensor goes to its parameter's device (a GPU run resumed), as fastai's
+        # load_model(device=…) does, or Adam's step would mix devices
+        params = opt.all_params().itemgot(0)
         for key, v in tensors.items():
             i, k = key.split(".", 1)
-            states[int(i)][k] = v
+            states[int(i)][k] = v.to(params[int(i)].device)
         opt.load_state_dict({"state": states, "hypers": meta["hypers"]})
     except (KeyError, TypeError, ValueError, IndexError, AssertionError) as e:  # fastai asserts the lengths
         raise CxrFastError(f"{path}: does not match the optimizer state in state.json ({type(e).__name__}: "

@@ -899,3 +899,21 @@ def test_a_batch_size_that_drops_much_of_every_epoch_is_named(tiny_data):
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         build_dataloaders(manifest, size=32, bs=divisor)
+
+
+def test_a_resumed_optimizer_state_goes_to_its_parameters_device(tmp_path):
+    # the checkpoint holds CPU tensors: resumed on a GPU they stayed on the CPU beside CUDA parameters. No GPU here,
+    # so parameters on torch's "meta" device stand in for another device.
+    from fastai.optimizer import Adam
+
+    from cxr_fast.train import _load_optimizer, _save_optimizer
+
+    model = torch.nn.Linear(3, 2)
+    opt = Adam(list(model.parameters()), lr=1e-3)
+    model(torch.randn(4, 3)).sum().backward()
+    opt.step()
+    meta = _save_optimizer(opt, tmp_path / "optimizer.safetensors")
+    elsewhere = Adam(list(torch.nn.Linear(3, 2, device="meta").parameters()), lr=1e-3)
+    _load_optimizer(elsewhere, tmp_path / "optimizer.safetensors", meta)
+    moments = [v for p, *_ in elsewhere.all_params() for v in elsewhere.state[p].values() if torch.is_tensor(v)]
+    assert moments and all(v.device.type == "meta" for v in moments)
