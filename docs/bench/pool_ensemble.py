@@ -38,6 +38,8 @@ def main() -> None:
     parser.add_argument("--no-average", action="store_true",
                         help="score the models as given (e.g. an ensemble bundle among them); the paired gain is then "
                              "of the last model over the first")
+    parser.add_argument("--tta", action="store_true",
+                        help="score each run with test-time augmentation, as `cxrfast evaluate --tta` does")
     args = parser.parse_args()
     keep_freed_memory()
     labels, probs_by_model, names = [], None, None
@@ -52,7 +54,7 @@ def main() -> None:
         for source in sources:
             if source in loaded:
                 run = loaded[source]
-                name, probs = run.name, softmax(predict_logits(run, items, progress=False), run.temperature)
+                name, probs = run.name, softmax(predict_logits(run, items, progress=False, tta=args.tta), run.temperature)
             else:
                 name, probs = probabilities_file(source, items, classes)
             fold_names.append(name)
