@@ -29,7 +29,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from cxr_fast.errors import CxrFastError
+from cxr_fast.errors import CxrFastError, storage_problem
 
 
 def world_size() -> int:
@@ -224,7 +224,14 @@ def _train_worker(data, cfg, out, resume, extra_cbs, quiet) -> str:
     from cxr_fast.train import train
 
     keep_freed_memory_as_parent_did()
-    return str(train(data, cfg, out=out, resume=resume, extra_cbs=extra_cbs, quiet=quiet))
+    try:
+        return str(train(data, cfg, out=out, resume=resume, extra_cbs=extra_cbs, quiet=quiet))
+    except CxrFastError as e:  # a subclass (ImageReadError) too: the parent finds the message by this class's name
+        raise CxrFastError(str(e)) from None
+    except OSError as e:  # a full disk or a read-only folder: one line, as without --distributed
+        if storage_problem(e) is None:
+            raise
+        raise CxrFastError(storage_problem(e)) from None
 
 
 def launch_training(nproc: int, data: str | Path, cfg=None, *, out: str | Path | None = None, resume: bool = False,

@@ -5,6 +5,7 @@ Each launch starts two fresh Python processes, and importing torch and fastai do
 cores), so all checks share one run: killed after its first epoch, then resumed; the first epoch is a fresh run's.
 """
 
+import errno
 import importlib.util
 import json
 import os
@@ -21,6 +22,7 @@ from cxr_fast import distributed
 from cxr_fast.bundle import load_run, predict_logits
 from cxr_fast.compare import compare_archs
 from cxr_fast.config import resolve_config
+from cxr_fast.data.io import ImageReadError
 from cxr_fast.data.manifest import read_manifest
 from cxr_fast.errors import CxrFastError
 from tests.conftest import TINY
@@ -208,3 +210,21 @@ def test_compare_trains_its_architectures_one_after_another_distributed(tiny_dat
     with pytest.raises(CxrFastError, match="multiple of the 2 processes"):  # refused before the first run starts
         compare_archs(tiny_data, ["cxresnet_tiny"], out=tmp_path / "cmp2", bs=15, epochs=1, nproc=2)
     assert not (tmp_path / "cmp2").exists()
+
+
+@pytest.mark.parametrize("raised, message", [
+    (ImageReadError("/x/Normal_3.png", "unreadable", "file not found"), "/x/Normal_3.png: file not found"),
+    (OSError(errno.ENOSPC, "No space left on device", "/runs/r/model.safetensors"), "No space left on device"),
+])
+def test_a_worker_reports_user_errors_as_the_class_the_launcher_looks_for(monkeypatch, raised, message):
+    # an ImageReadError (a CxrFastError subclass) or a full disk in a worker came back as torch's whole report
+    import cxr_fast.train
+
+    def failing(*args, **kwargs):
+        raise raised
+
+    monkeypatch.setattr(cxr_fast.train, "train", failing)
+    with pytest.raises(CxrFastError) as e:
+        distributed._train_worker("data", None, None, False, None, True)
+    assert type(e.value) is CxrFastError and message in str(e.value)
+    assert distributed.user_error_in(f"  cxr_fast.errors.CxrFastError: {e.value}\n") == str(e.value)
