@@ -402,6 +402,34 @@ def test_cache_is_reused_and_refreshed_for_another_size(tmp_path):
     assert not list((tmp_path / "out" / "cache").rglob(".*"))  # no partial files left behind
 
 
+def test_a_damaged_cached_copy_is_written_again(tmp_path):
+    # a copy cut short (a disk error, an interrupted sync) passed the header check and failed only in training
+    src = make_dataset(tmp_path / "src", per_class=2, size=200)
+    quiet(src, tmp_path / "out", cache_size=128)
+    copy = sorted((tmp_path / "out" / "cache").rglob("*.png"))[0]
+    whole = copy.read_bytes()
+    copy.write_bytes(whole[: len(whole) // 2])
+    quiet(src, tmp_path / "out", cache_size=128, force=True)
+    assert copy.read_bytes() == whole
+
+
+def test_a_small_cache_keeps_the_short_side_readable(tmp_path):
+    # --size 64 cached a 256x210 film as 64x52, below the reader's 64 px minimum: training could not read it
+    from cxr_fast.data.cache import cached_size
+    from cxr_fast.data.io import read_image
+
+    assert cached_size((256, 210), 64) == (78, 64) and cached_size((200, 200), 64) == (64, 64)
+    assert cached_size((100, 70), 64) == (91, 64) and cached_size((90, 64), 64) == (90, 64)  # never enlarged
+    src = tmp_path / "src"
+    for c, label in enumerate(CLASSES):
+        (src / label).mkdir(parents=True)
+        for i in range(2):
+            textured_image(100 * c + i, 256, 210).save(src / label / f"{i}.png")
+    quiet(src, tmp_path / "out", cache_size=64)
+    for path in read_manifest(tmp_path / "out")["cache_path"]:
+        assert read_image(path).size == (78, 64)
+
+
 def test_an_out_folder_inside_the_source_that_holds_data_is_refused(tmp_path):
     # --out SRC/Pneumonia would leave that class out of this run and, through its report, every later one
     src = make_dataset(tmp_path / "src", per_class=3)

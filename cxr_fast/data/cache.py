@@ -21,7 +21,7 @@ from pathlib import Path
 from PIL import Image
 
 from cxr_fast.data.dedup import Fingerprint, fingerprint
-from cxr_fast.data.io import ImageReadError, read_image_with_size, shrink_to
+from cxr_fast.data.io import MIN_SIDE, ImageReadError, read_image_with_size, shrink_to
 from cxr_fast.errors import CxrFastError
 
 CACHE_DIRNAME = "cache"
@@ -39,9 +39,11 @@ def cache_path_for(cache_dir: str | os.PathLike, sha256: str) -> Path:
 
 
 def cached_size(original_size: tuple[int, int], cache_size: int) -> tuple[int, int]:
-    """(width, height) of the cached copy of an image of ``original_size``: aspect kept, never enlarged."""
+    """(width, height) of the cached copy of an image of ``original_size``: aspect kept, never enlarged, and the
+    short side never below the reader's MIN_SIDE (a 256x210 film cached at 64 became 64x52, which training then
+    refused to read)."""
     width, height = original_size
-    scale = cache_size / max(width, height)
+    scale = max(cache_size / max(width, height), MIN_SIDE / min(width, height))
     if scale >= 1:
         return width, height
     return max(1, round(width * scale)), max(1, round(height * scale))
@@ -79,14 +81,18 @@ def store(
 
 
 def _is_valid_copy(path: Path, expected_size: tuple[int, int]) -> bool:
-    """A cached file is reused only when it opens as an 8-bit grayscale PNG of the expected size.
+    """A cached file is reused only when it decodes completely as an 8-bit grayscale PNG of the expected size.
 
-    The size check catches a cache left by a `prepare` with another ``cache_size``.
+    The size check catches a cache left by a `prepare` with another ``cache_size``; decoding it (cheap at cache
+    size) catches a copy cut short by a disk error or an interrupted sync, which would otherwise fail in training.
     """
     try:
         with Image.open(path) as cached:
-            return cached.format == "PNG" and cached.mode == "L" and cached.size == expected_size
-    except (OSError, ValueError):
+            if cached.format != "PNG" or cached.mode != "L" or cached.size != expected_size:
+                return False
+            cached.load()
+            return True
+    except (OSError, ValueError, SyntaxError):
         return False
 
 
