@@ -141,9 +141,22 @@ def _mirror_missing_side(cores: np.ndarray, img: np.ndarray) -> np.ndarray:
         found[:, half:] = False
     else:
         found[:, :half] = False
-    mirrored = np.roll(found[:, ::-1], 2 * spine - (w - 1), axis=1)
+    mirrored = _shifted(found[:, ::-1], 2 * spine - (w - 1))
     lung_level = np.percentile(img[found], 75)
     return cores | (mirrored & (img <= lung_level))
+
+
+def _shifted(mask: np.ndarray, columns: int) -> np.ndarray:
+    """``mask`` moved right by ``columns`` (left when negative), what leaves the image lost. np.roll would bring it
+    back in at the other edge, where the dark air beside the chest passes for lung."""
+    out = np.zeros_like(mask)
+    if abs(columns) >= mask.shape[1]:
+        return out
+    if columns >= 0:
+        out[:, columns:] = mask[:, : mask.shape[1] - columns]
+    else:
+        out[:, :columns] = mask[:, -columns:]
+    return out
 
 
 def estimate_lung_field(img: np.ndarray) -> np.ndarray:

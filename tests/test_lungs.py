@@ -64,3 +64,18 @@ def test_estimate_on_real_xrays_with_hand_drawn_masks(shared_data):
     # Measured on these 100: mean 0.892, median 0.909 (all 300: mean 0.896, median 0.907).
     assert np.mean(scores) >= 0.86
     assert np.median(scores) >= 0.88
+
+
+def test_the_mirrored_lung_does_not_wrap_around_the_image_edge():
+    # np.roll brought the mirror image of a lung beside an off-centre spine back in at the far edge, where the
+    # dark air outside the chest passed for lung
+    from cxr_fast.lungs import _mirror_missing_side
+
+    img = np.full((128, 128), 120, np.uint8)
+    img[:, 40:52] = 250  # the spine, left of centre
+    img[20:100, 60:100] = 30  # the one lung found, right of it
+    img[:, 110:] = 0  # air at the right edge
+    cores = np.zeros(img.shape, bool)
+    cores[30:90, 65:95] = True
+    added = _mirror_missing_side(cores, img) & ~cores
+    assert not added[:, 100:].any()
