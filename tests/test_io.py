@@ -101,6 +101,20 @@ def test_exif_orientation_is_applied(tmp_path):
     assert size == (80, 120) and max(small.size) == 64 and small.size[1] > small.size[0]
 
 
+@pytest.mark.parametrize("orientation", range(1, 9))
+def test_a_tiff_s_orientation_tag_turns_it_as_exif_turns_a_png(tmp_path, orientation):
+    # Pillow 13 turned a TIFF mapped from disk into scrambled pixels (5-8), and the size was swapped twice
+    pixels = (np.arange(120 * 200).reshape(120, 200) % 251).astype(np.uint8)
+    Image.fromarray(pixels).save(tmp_path / "film.tif", tiffinfo={0x0112: orientation})
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    Image.fromarray(pixels).save(tmp_path / "film.png", exif=exif)
+    tiff, tiff_size = read_image_with_size(tmp_path / "film.tif")
+    png, png_size = read_image_with_size(tmp_path / "film.png")
+    np.testing.assert_array_equal(np.asarray(tiff), np.asarray(png))
+    assert tiff_size == png_size == ((120, 200) if orientation >= 5 else (200, 120)) == tiff.size
+
+
 def test_max_side_shrinks_and_keeps_original_size(tmp_path):
     Image.fromarray(smooth_image(5, 1000, 800)).save(tmp_path / "big.jpg")
     small, size = read_image_with_size(tmp_path / "big.jpg", max_side=256)

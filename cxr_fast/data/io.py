@@ -14,6 +14,7 @@ conversions that silently go wrong elsewhere are handled here once:
 
 from __future__ import annotations
 
+import io
 import os
 import re
 import struct
@@ -214,8 +215,14 @@ def _read_with_pil(path: Path, max_side: int | None) -> tuple[Image.Image, tuple
             _check_min_side(path, image.size)
             sixteen_bit_colour = _is_16_bit_colour_png(image)  # before getexif, which empties image.tile
             width, height = image.size
-            # EXIF orientations 5-8 turn the picture by 90 degrees: width and height swap.
-            if image.getexif().get(ORIENTATION_TAG, 1) in (5, 6, 7, 8):
+            # EXIF orientations 5-8 turn the picture by 90 degrees: width and height swap. Pillow's TIFF reader
+            # turns TIFFs itself and already gives the upright size.
+            turned = image.getexif().get(ORIENTATION_TAG, 1) in (5, 6, 7, 8)
+            if turned and image.format == "TIFF":
+                # Pillow 13 scrambles a TIFF it turns when it maps the file into memory; read from bytes, it turns
+                # it right (and, either way, its size is already the upright one)
+                image = Image.open(io.BytesIO(path.read_bytes()))
+            elif turned:
                 width, height = height, width
             if max_side is not None and image.format == "JPEG" and image.mode in ("L", "RGB", "CMYK"):
                 # libjpeg decodes at 1/2, 1/4 or 1/8 scale, never below the requested size; a square
