@@ -223,3 +223,14 @@ def test_register_arch_adds_a_builder_the_whole_api_takes(tiny_data, tmp_path, m
     ]:
         with pytest.raises(CxrFastError, match=problem):
             register_arch(name, builder, **variant)
+    # the project's own builders' argument rules are not a registered builder's: its width is a channel count and
+    # its layers a number, which ConvNet's rules ("a multiplier", "a list of layer names") refused
+    def build_deepnet(n_in, n_classes, width=16, layers=2):
+        stacks = [conv_stack(n_in, width, ["relu"])] + [conv_stack(width, width, ["relu"]) for _ in range(layers - 1)]
+        return nn.Sequential(*stacks), classifier_head(width, n_classes)
+
+    register_arch("deepnet", build_deepnet)
+    model = create_model("deepnet", layers=3, width=4)
+    assert len(model.body) == 3 and model.body[0].conv.out_channels == 4
+    with pytest.raises(CxrFastError, match="convnet: width must be a number > 0"):
+        create_model("convnet", width=-1)

@@ -205,9 +205,12 @@ def _resolve_local_kwargs(
     unknown = sorted(set(given) - set(params))
     if unknown:
         raise CxrFastError(f"{arch}: unknown argument {', '.join(unknown)} (it takes {', '.join(params)})")
+    # The rules are the project's own builders' (a registered builder's `width` may be a channel count, not a
+    # multiplier): another builder checks its own arguments, and a TypeError or ValueError from it is one line too.
+    rules = LOCAL_ARG_RULES if builder in (convnet.build_convnet, cxresnet.build_cxresnet) else {}
     problems = [f"{name} must be {rule} (got {value!r})" for name, value in given.items()
-                if name in LOCAL_ARG_RULES and not LOCAL_ARG_RULES[name][0](value)
-                for rule in [LOCAL_ARG_RULES[name][1]]]
+                if name in rules and not rules[name][0](value)
+                for rule in [rules[name][1]]]
     if problems:
         raise CxrFastError(f"{arch}: " + "; ".join(problems))
     return _json_values(arch, {**params, **variant, **given})
