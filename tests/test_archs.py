@@ -234,3 +234,10 @@ def test_register_arch_adds_a_builder_the_whole_api_takes(tiny_data, tmp_path, m
     assert len(model.body) == 3 and model.body[0].conv.out_channels == 4
     with pytest.raises(CxrFastError, match="convnet: width must be a number > 0"):
         create_model("convnet", width=-1)
+    # a run of a registered architecture, loaded where it is not registered, says so (not "close matches" in timm)
+    from cxr_fast.archs import model_config, model_from_config
+
+    config = model_config(model)
+    del registry.LOCAL_ARCHS["deepnet"]
+    with pytest.raises(CxrFastError, match="'deepnet' is not known to this process: if it was added with register_arch"):
+        model_from_config(config)

@@ -344,6 +344,12 @@ def model_from_config(cfg: Mapping[str, Any]) -> nn.Module:
             isinstance(stats.get(key), list) and all(isinstance(v, int | float) for v in stats[key])
             for key in ("mean", "std"))):
         raise CxrFastError(f"model pretrained_stats must be null or lists 'mean' and 'std' of numbers, got {stats!r}")
+    import timm
+
+    if cfg["arch"] not in LOCAL_ARCHS and cfg["arch"] != "ensemble" and not timm.is_model(cfg["arch"]):
+        # a run records the exact name it was built with: a near timm name would be a different network
+        raise CxrFastError(f"the run's architecture {cfg['arch']!r} is not known to this process: if it was added "
+                           "with register_arch, register it again (same name and builder) before loading the run")
     if cfg["arch"] == "ensemble":  # an average of run bundles: its config lists the members' configs
         from cxr_fast.ensemble import ensemble_from_config
 
