@@ -145,6 +145,9 @@ def resolve_config(recipe: str | Path | None = None, **overrides: Any) -> TrainC
         warnings.warn(f"{find_recipe(recipe).name}'s arch_kwargs {values.pop('arch_kwargs')} are for {recipe_arch}; "
                       f"{new_arch} is built with its own defaults", stacklevel=2)
     values.update({k: v for k, v in overrides.items() if v is not None})
+    unknown = sorted(set(values) - RECIPE_KEYS)
+    if unknown:  # as --set words it, not TrainConfig's "unexpected keyword argument"
+        raise CxrFastError(f"no option {', '.join(map(repr, unknown))}; known: {', '.join(sorted(RECIPE_KEYS))}")
     try:
         cfg = TrainConfig(**values)
     except TypeError as e:

@@ -114,3 +114,9 @@ def test_whole_numbers_for_real_valued_options_become_floats(tmp_path):
         assert type(getattr(cfg, name)) is float, name
     assert type(cfg.epochs) is int
     assert resolve_config().wd is None  # fastai's default stays unset
+
+
+def test_an_unknown_option_from_python_is_named_as_on_the_command_line():
+    # resolve_config(foo=1) said "TrainConfig.__init__() got an unexpected keyword argument 'foo'"
+    with pytest.raises(CxrFastError, match="^no option 'foo'; known: arch, arch_kwargs, augment"):
+        resolve_config(foo=1)
