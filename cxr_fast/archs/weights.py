@@ -30,7 +30,7 @@ import pickle
 import socket
 import warnings
 from collections import OrderedDict
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import NamedTuple
@@ -139,12 +139,19 @@ class LoadReport:
     adapted: list[str] = field(default_factory=list)  # first convolutions whose input channels were adapted
 
     def summary(self) -> str:
+        """Counts of weight tensors: batch norm's step counters (one per batch-norm layer, in any network that has
+        batch norm) are left out of every number, so that they cannot pass for learned weights."""
         adapted = f", input channels adapted for {', '.join(self.adapted)}" if self.adapted else ""
         return (
-            f"{self.source}: {len(self.matched)} of {self.n_file_tensors} tensors loaded "
-            f"({len(self.missing)} model tensors left at their initial values, "
-            f"{len(self.unexpected)} file tensors unused{adapted})"
+            f"{self.source}: {len(weights_only(self.matched))} of {self.n_file_tensors} weight tensors loaded "
+            f"({len(weights_only(self.missing))} model weight tensors left at their initial values, "
+            f"{len(weights_only(self.unexpected))} file weight tensors unused{adapted})"
         )
+
+
+def weights_only(names: Sequence[str]) -> list[str]:
+    """The names that are not batch norm's step counters (num_batches_tracked), which are not learned weights."""
+    return [name for name in names if not name.endswith("num_batches_tracked")]
 
 
 def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
@@ -248,7 +255,7 @@ def load_state_into(
         canonical = _canonical(key)
         by_canonical[canonical] = None if canonical in by_canonical else key  # None marks an ambiguous name
     first_conv = _first_conv_name(model)
-    report = LoadReport(source=source, n_file_tensors=len(state))
+    report = LoadReport(source=source, n_file_tensors=len(weights_only(list(state))))
     to_load: dict[str, torch.Tensor] = {}
     for file_key, tensor in state.items():
         key = file_key if file_key in target else by_canonical.get(_canonical(file_key))
@@ -275,16 +282,15 @@ def load_state_into(
     report.shape_mismatched.sort(key=lambda mismatch: position[mismatch[0]])
     what = f"model {arch}" if arch else "the model"
     # batch norm's step counters match any network with batch norm: they alone are not weights
-    learned = [k for k in report.matched if not k.endswith("num_batches_tracked")]
+    learned = weights_only(report.matched)
     # Unused tensors count only under the model's own top-level modules (layer1.2.* of resnet34 in resnet18): an
     # EMA or teacher copy, a classifier or fastai's head beside the weights say nothing against the file.
     own_modules = {_canonical(k).split(".")[0] for k in target}
-    unused = [k for k in report.unexpected
-              if _canonical(k).split(".")[0] in own_modules and not k.endswith("num_batches_tracked")]
+    unused = [k for k in weights_only(report.unexpected) if _canonical(k).split(".")[0] in own_modules]
     file_learned = len(learned) + len(unused) + len(report.shape_mismatched)
     if learned and not report.shape_mismatched and len(unused) > MAX_UNUSED_SHARE * file_learned:
-        raise CxrFastError(f"{source}: {len(unused)} of the file's {file_learned} weight tensors have no place in "
-                           f"{what} (e.g. {unused[0]}): the file holds a larger or another architecture")
+        raise CxrFastError(f"{source}: {len(unused)} of the file's {file_learned} weight tensors for {what}'s parts "
+                           f"have no place in it (e.g. {unused[0]}): the file holds a larger or another architecture")
     if report.shape_mismatched or not learned:
         detail = ""
         if report.shape_mismatched:
@@ -293,9 +299,11 @@ def load_state_into(
                 f" ({len(report.shape_mismatched)} shape mismatches e.g. {key} "
                 f"[{','.join(map(str, got))}] vs [{','.join(map(str, want))}])"
             )
-        elif report.unexpected:
-            detail = f" (e.g. file has {report.unexpected[0]}, model has {next(iter(target))})"
-        raise CxrFastError(f"{source}: {len(learned)} of {len(state)} weight tensors match {what}{detail}")
+        elif not report.n_file_tensors and state:
+            detail = " (the file holds only batch norm's step counters, num_batches_tracked)"
+        elif weights_only(report.unexpected):
+            detail = f" (e.g. file has {weights_only(report.unexpected)[0]}, model has {next(iter(target))})"
+        raise CxrFastError(f"{source}: {len(learned)} of {report.n_file_tensors} weight tensors match {what}{detail}")
     model.load_state_dict(to_load, strict=False)
     return report
 
