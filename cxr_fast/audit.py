@@ -272,18 +272,22 @@ def audit_summary(
         "grouped_by": "prediction" if names_pred is not None else ("label" if names_true else None),
     }
     if group is not None:
-        for cls in [c for c in class_names if c in group] + sorted(set(group) - set(class_names)):
-            idx = [i for i, g in enumerate(group) if g == cls]
-            summary["by_class"][cls] = _group_stats(
-                [rows[i] for i in idx], [correct[i] for i in idx] if correct else None
-            )
+        order = [c for c in class_names if c in group] + sorted(set(group) - set(class_names))
+        summary["by_class"] = _stats_by(rows, group, order, correct)
     if sites is not None and len(set(sites)) >= 2:
         if len(sites) != n:
             raise CxrFastError(f"audit: {len(sites)} sites for {n} attribution rows")
-        summary["by_site"] = {
-            site: _group_stats([rows[i] for i in idx], [correct[i] for i in idx] if correct else None)
-            for site in sorted(set(sites)) for idx in [[i for i, s in enumerate(sites) if s == site]]}
+        summary["by_site"] = _stats_by(rows, sites, sorted(set(sites)), correct)
     return summary
+
+
+def _stats_by(rows: list[dict], keys: Sequence, order: Sequence, correct: list[bool] | None) -> dict:
+    """`_group_stats` of the rows sharing each key (one key per row), in ``order``."""
+    stats = {}
+    for key in order:
+        idx = [i for i, k in enumerate(keys) if k == key]
+        stats[key] = _group_stats([rows[i] for i in idx], [correct[i] for i in idx] if correct else None)
+    return stats
 
 
 def _pct(v: float) -> str:

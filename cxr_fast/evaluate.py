@@ -53,7 +53,7 @@ def select_items(run: Run, data: str | Path | None, split: str) -> tuple[pd.Data
     """The manifest rows to evaluate, a name for the output folder, and whether the data is external."""
     train_manifest = Path(run.config["data"])
     source = Path(data) if data is not None else train_manifest
-    manifest_dir = source if source.is_dir() else source.parent
+    source_csv = manifest_csv(source)
     # another manifest file, even one in the training manifest's folder, is another collection
     external = manifest_key(source) != manifest_key(train_manifest)
     manifest = read_manifest(source) if external else read_training_manifest(run)
@@ -77,8 +77,7 @@ def select_items(run: Run, data: str | Path | None, split: str) -> tuple[pd.Data
     if missing:
         raise CxrFastError(f"{source}: {len(missing)} listed images no longer exist, e.g. {missing[0]}")
     # Another CSV beside a folder's manifest.csv is another collection: its results get their own folder name.
-    collection = manifest_dir.name if manifest_csv(source).name == MANIFEST_NAME else (
-        f"{manifest_dir.name}-{manifest_csv(source).stem}")
+    collection = source_csv.parent.name + ("" if source_csv.name == MANIFEST_NAME else f"-{source_csv.stem}")
     return items.reset_index(drop=True), f"{collection}-{split_name}", external
 
 
