@@ -266,11 +266,14 @@ SITE_TEXT = ("The same metrics at each site. A model that learned a hospital's l
              "class only the balanced accuracy is that class's recall.")
 
 
-def metrics_by_site(items: pd.DataFrame, y: np.ndarray, logits: np.ndarray, classes: list[str]) -> dict | None:
-    """n, accuracy, balanced accuracy and per-class recall at each site (`prepare --sites`); None for one site.
+def metrics_by_site(items: pd.DataFrame, y: np.ndarray, logits: np.ndarray, classes: list[str],
+                    n_boot: int = 1000, seed: int = 0) -> dict | None:
+    """n, accuracy, balanced accuracy (with its bootstrap 95 % interval) and per-class recall at each site
+    (`prepare --sites`); None for one site.
 
     A model that learned a hospital's look instead of the disease scores well where that look goes with the
-    class and badly elsewhere, which the pooled figure hides."""
+    class and badly elsewhere, which the pooled figure hides. The interval says how far a small site's figure can
+    be trusted: two sites whose intervals overlap widely may not differ at all."""
     if "site" not in items:
         return None
     sites = items["site"].fillna("").astype(str).to_numpy()
@@ -279,9 +282,11 @@ def metrics_by_site(items: pd.DataFrame, y: np.ndarray, logits: np.ndarray, clas
     by_site = {}
     for site in sorted(set(sites)):
         rows = sites == site
-        m = classification_metrics(y[rows], softmax(logits[rows]), classes)
+        probs = softmax(logits[rows])
+        m = classification_metrics(y[rows], probs, classes)
         by_site[site or "(none)"] = {
             "n": m["n"], "accuracy": m["accuracy"], "balanced_accuracy": m["balanced_accuracy"],
+            "balanced_accuracy_ci": list(bootstrap_ci(y[rows], probs, "balanced_accuracy", n_boot=n_boot, seed=seed)),
             "recall": {name: v["recall"] for name, v in m["per_class"].items()}}
     return by_site
 
@@ -292,7 +297,13 @@ def site_summary(v: dict) -> str:
     present = [name for name, r in v["recall"].items() if r is not None]
     recalls = " / ".join("—" if r is None else f"{r:.2f}" for r in v["recall"].values())
     only = f"; {present[0]} only: that class's recall" if len(present) == 1 else ""
-    return f"{v['balanced_accuracy']:.3f}  (n {v['n']}; recall {recalls}{only})"
+    return f"{v['balanced_accuracy']:.3f} {_interval(v)} (n {v['n']}; recall {recalls}{only})"
+
+
+def _interval(v: dict) -> str:
+    """"(low–high)" of a site's balanced accuracy; empty for figures written before intervals were given."""
+    low, high = v.get("balanced_accuracy_ci") or (None, None)
+    return "" if low is None else f"({low:.3f}–{high:.3f})"
 
 
 def site_table(by_site: dict) -> pd.DataFrame:
@@ -300,6 +311,7 @@ def site_table(by_site: dict) -> pd.DataFrame:
     return pd.DataFrame([
         {"site": site, "images": v["n"], "balanced accuracy": f"{v['balanced_accuracy']:.3f}"
          + (" (one class only)" if sum(r is not None for r in v["recall"].values()) == 1 else ""),
+         "95 % interval": _interval(v) or "—",
          "accuracy": f"{v['accuracy']:.3f}",
          **{f"recall {name}": "—" if r is None else f"{r:.2f}" for name, r in v["recall"].items()}}
         for site, v in by_site.items()])
@@ -405,7 +417,7 @@ def evaluate(run_dir: str | Path, data: str | Path | None = None, split: str = "
     metrics.update({"run": run.name, "data": name, "manifest": manifest, "external": external, "tta": tta})
     if (by_marker := accuracy_by_marker(items, y, logits)) is not None:
         metrics["by_marker"] = by_marker
-    if (by_site := metrics_by_site(items, y, logits, run.classes)) is not None:
+    if (by_site := metrics_by_site(items, y, logits, run.classes, n_boot=n_boot)) is not None:
         metrics["by_site"] = by_site
     if seen_summary is not None:
         metrics["seen_images"] = seen_summary

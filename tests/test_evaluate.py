@@ -492,11 +492,15 @@ def test_metrics_are_split_by_site_where_the_manifest_names_sites():
     by_site = metrics_by_site(items, y, logits, ["COVID-19", "Normal", "Pneumonia"])
     assert by_site["A"]["balanced_accuracy"] == pytest.approx(1.0)
     assert by_site["B"] == {"n": 3, "accuracy": pytest.approx(1 / 3), "balanced_accuracy": pytest.approx(0.25),
+                            "balanced_accuracy_ci": [0.0, 0.5],  # resampling B's two Normal films: recall 0, ½ or 1
                             "recall": {"COVID-19": 0.0, "Normal": 0.5, "Pneumonia": None}}
-    assert list(site_table(by_site).loc[1, ["site", "balanced accuracy", "recall Pneumonia"]]) == ["B", "0.250", "—"]
+    assert by_site["A"]["balanced_accuracy_ci"] == [1.0, 1.0]
+    assert list(site_table(by_site).loc[1, ["site", "balanced accuracy", "95 % interval", "recall Pneumonia"]]) == [
+        "B", "0.250", "(0.000–0.500)", "—"]
     assert metrics_by_site(pd.DataFrame({"site": ["A"] * 3}), y[:3], logits[:3], ["a", "b", "c"]) is None
     assert metrics_by_site(pd.DataFrame({"path": ["x"] * 3}), y[:3], logits[:3], ["a", "b", "c"]) is None
-    assert "balanced accuracy at B │ 0.250  (n 3; recall 0.00 / 0.50 / —)" in metrics_table_text(by_site=by_site)
+    assert "balanced accuracy at B │ 0.250 (0.000–0.500) (n 3; recall 0.00 / 0.50 / —)" in metrics_table_text(
+        by_site=by_site)
     one_class = metrics_by_site(items, np.array([0, 1, 2, 1, 1, 1]), logits, ["COVID-19", "Normal", "Pneumonia"])
     assert "(n 3; recall — / 0.67 / —; Normal only: that class's recall)" in metrics_table_text(by_site=one_class)
     assert site_table(one_class).loc[1, "balanced accuracy"] == "0.667 (one class only)"
