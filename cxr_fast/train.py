@@ -505,6 +505,8 @@ def _train(data, cfg, *, out, resume, extra_cbs, quiet) -> Path:
         state["weights_loaded"] = report.summary()
         if not quiet and distributed.is_main():
             Console(stderr=True).print(f"weights: {escape(state['weights_loaded'])}", highlight=False, soft_wrap=True)
+            if (caution := report.caution()) is not None:
+                Console(stderr=True).print(f"[bold yellow]warning:[/] {escape(caution)}", highlight=False, soft_wrap=True)
     if quiet or not distributed.is_main():  # data-parallel: one table and one bar, rank 0's
         learn.remove_cb(ProgressCallback)
         learn.logger = lambda *args, **kwargs: None

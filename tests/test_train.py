@@ -733,7 +733,19 @@ def test_a_weights_file_load_is_reported_and_recorded(tiny_data, tmp_path, monke
     n_body = sum(not k.startswith("head.") and not k.endswith("num_batches_tracked") for k in state)
     assert config["weights_loaded"].startswith(
         f"{tmp_path / 'w' / 'body.safetensors'}: {n_body} of {n_body} weight tensors loaded")
-    assert "weight tensors loaded" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "weight tensors loaded" in err and "warning" not in err  # the whole body loaded: nothing to caution
+
+
+def test_a_weights_file_leaving_most_of_the_body_untrained_is_cautioned(tiny_data, tmp_path, capsys):
+    from cxr_fast.archs import create_model
+    from cxr_fast.outputs import write_tensors
+
+    state = create_model("cxresnet_tiny").state_dict()
+    write_tensors({k: v for k, v in state.items() if k.startswith("body.stem")}, tmp_path / "stem.safetensors")
+    cfg = resolve_config(epochs=1, freeze_epochs=0, weights=str(tmp_path / "stem.safetensors"), **TINY)
+    train(tiny_data, cfg, out=tmp_path / "run")
+    assert "warning: " + str(tmp_path / "stem.safetensors") + " left" in capsys.readouterr().err.replace("\n", " ")
 
 
 def _printed_epochs(text: str) -> list[int]:

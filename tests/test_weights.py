@@ -140,6 +140,18 @@ def test_a_partial_load_is_reported_and_recorded_with_the_whole_path(tmp_path, m
     assert model.load_report.summary().startswith(f"{path}: {n_stem} of {n_stem} weight tensors loaded "
                                                   f"({len(weights) - n_stem} model weight tensors left at their "
                                                   "initial values")
+    n_body = sum(k.startswith("body.") for k in weights)  # the head always starts afresh: not counted
+    assert model.load_report.caution() == (
+        f"{path} left {n_body - n_stem} of the body's {n_body} weight tensors ({(n_body - n_stem) / n_body:.0%}, "
+        f"e.g. body.stage1.block1.conv1.conv.weight) at their initial values: training starts closer to scratch than from "
+        f"this file's network")
+
+
+def test_a_file_of_the_whole_body_gives_no_caution_whatever_the_head(tmp_path):
+    state = create_model("cxresnet_tiny").state_dict()
+    path = tmp_path / "body.safetensors"
+    save_file({k: v for k, v in state.items() if k.startswith("body.")}, str(path))
+    assert create_model("cxresnet_tiny", weights=str(path)).load_report.caution() is None
 
 
 def test_weights_argument_errors(tmp_path):

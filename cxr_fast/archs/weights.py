@@ -67,6 +67,9 @@ _WRAPPER_PREFIXES = ("module.", "model.", "_orig_mod.", "0.model.")
 # another architecture: resnet34's file fits resnet18's every name and shape, and would start it from a network it
 # is not.
 MAX_UNUSED_SHARE = 0.25
+# More of the body's learned tensors than this left at their initial values is allowed (a file of the first stages
+# is a fair start) but said out loud: the run is then closer to training from scratch than its weights suggest.
+MAX_UNLOADED_BODY_SHARE = 0.25
 _TORCH_SUFFIXES = (".pth", ".pt", ".bin", ".ckpt")
 
 
@@ -147,6 +150,17 @@ class LoadReport:
             f"({len(weights_only(self.missing))} model weight tensors left at their initial values, "
             f"{len(weights_only(self.unexpected))} file weight tensors unused{adapted})"
         )
+
+    def caution(self) -> str | None:
+        """A warning when the file left more than MAX_UNLOADED_BODY_SHARE of the body's weight tensors (the head
+        always starts afresh) at their initial values, else None."""
+        missing = [k for k in weights_only(self.missing) if not k.startswith("head.")]
+        body = missing + [k for k in weights_only(self.matched) if not k.startswith("head.")]
+        if not body or len(missing) <= MAX_UNLOADED_BODY_SHARE * len(body):
+            return None
+        return (f"{self.source} left {len(missing)} of the body's {len(body)} weight tensors "
+                f"({len(missing) / len(body):.0%}, e.g. {missing[0]}) at their initial values: training starts "
+                f"closer to scratch than from this file's network")
 
 
 def weights_only(names: Sequence[str]) -> list[str]:
