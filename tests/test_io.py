@@ -1,6 +1,7 @@
 """read_image: every pixel format becomes 8-bit grayscale; every kind of bad file has a reason."""
 
 import struct
+import warnings
 import zlib
 
 import numpy as np
@@ -158,6 +159,46 @@ def test_dicom_monochrome1_is_inverted(tmp_path):
     assert mono1[0, 0] == 255  # low values are white in MONOCHROME1 files; the toolkit wants them dark
 
 
+def test_an_inverse_presentation_lut_turns_monochrome2_as_monochrome1_is_turned(tmp_path):
+    # a viewer shows MONOCHROME2 under Presentation LUT Shape INVERSE as a negative: read as stored, bone was dark
+    write_dicom(tmp_path / "m2.dcm", dicom_phantom(), **WINDOWED)
+    write_dicom(tmp_path / "inv.dcm", dicom_phantom(), PresentationLUTShape="INVERSE", **WINDOWED)
+    write_dicom(tmp_path / "m1.dcm", dicom_phantom(), photometric="MONOCHROME1", PresentationLUTShape="INVERSE",
+                **WINDOWED)  # the usual pairing, in which INVERSE only confirms MONOCHROME1: turned once, not twice
+    mono2 = np.asarray(read_image(tmp_path / "m2.dcm")).astype(int)
+    np.testing.assert_array_equal(np.asarray(read_image(tmp_path / "inv.dcm")), 255 - mono2)
+    np.testing.assert_array_equal(np.asarray(read_image(tmp_path / "m1.dcm")), 255 - mono2)
+
+
+def test_a_palette_colour_dicom_is_read_through_its_colour_table(tmp_path):
+    # its stored values index a table; this one runs from white to black, so the indices read as grey are a negative
+    from pydicom.uid import ExplicitVRLittleEndian
+
+    write_dicom(tmp_path / "m2.dcm", dicom_phantom(), **WINDOWED)
+    shown = np.asarray(read_image(tmp_path / "m2.dcm"))
+    pydicom = pytest.importorskip("pydicom")
+    dataset = pydicom.dcmread(tmp_path / "m2.dcm")
+    for name in ("RescaleSlope", "RescaleIntercept", "WindowCenter", "WindowWidth"):
+        delattr(dataset, name)
+    dataset.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    dataset.BitsAllocated, dataset.BitsStored, dataset.HighBit = 8, 8, 7
+    dataset.PhotometricInterpretation = "PALETTE COLOR"
+    dataset.PixelData = (255 - shown).astype(np.uint8).tobytes()
+    table = ((255 - np.arange(256)) * 257).astype("<u2").tobytes()
+    for offset in range(3):  # red, green and blue: descriptor (0028,110x) and data (0028,120x)
+        dataset.add_new((0x0028, 0x1101 + offset), "US", [256, 0, 16])
+        dataset.add_new((0x0028, 0x1201 + offset), "OW", table)
+    dataset.save_as(tmp_path / "palette.dcm")
+    np.testing.assert_array_equal(np.asarray(read_image(tmp_path / "palette.dcm")), shown)
+
+
+def test_an_empty_rescale_is_no_rescale(tmp_path):
+    write_dicom(tmp_path / "plain.dcm", dicom_phantom())
+    write_dicom(tmp_path / "empty.dcm", dicom_phantom(), RescaleSlope=None, RescaleIntercept=None)
+    np.testing.assert_array_equal(np.asarray(read_image(tmp_path / "empty.dcm")),
+                                  np.asarray(read_image(tmp_path / "plain.dcm")))
+
+
 def test_dicom_without_window_uses_full_range(tmp_path):
     stored = (smooth_image(6).astype(np.uint16) * 16).astype(np.uint16)  # 12-bit values
     write_dicom(tmp_path / "nowin.dcm", stored)
@@ -193,6 +234,22 @@ def test_a_dicom_cut_short_in_its_pixel_data_is_truncated(tmp_path):
     data = (tmp_path / "m2.dcm").read_bytes()
     (tmp_path / "cut.dcm").write_bytes(data[: len(data) - 2000])  # the header is whole, the pixels are not
     assert reason_for(tmp_path / "cut.dcm") == "truncated"
+
+
+def test_a_compressed_dicom_cut_short_is_truncated_not_a_damaged_header(tmp_path):
+    # pydicom warns and returns an empty dataset when encapsulated pixel data ends before its delimiter
+    from pydicom.uid import RLELossless
+
+    pydicom = pytest.importorskip("pydicom")
+    write_dicom(tmp_path / "m2.dcm", dicom_phantom())
+    dataset = pydicom.dcmread(tmp_path / "m2.dcm")
+    dataset.compress(RLELossless)
+    dataset.save_as(tmp_path / "rle.dcm")
+    data = (tmp_path / "rle.dcm").read_bytes()
+    (tmp_path / "cut.dcm").write_bytes(data[: len(data) // 2])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # pydicom's own warning is turned into the reason, not shown besides
+        assert reason_for(tmp_path / "cut.dcm") == "truncated"
 
 
 def huge_png_header(width: int, height: int) -> bytes:

@@ -346,7 +346,9 @@ def _dcmread(path: Path, stop_before_pixels: bool = False):
 
     try:
         # force=True accepts files without the 128-byte preamble (common in older archives).
-        return pydicom.dcmread(path, stop_before_pixels=stop_before_pixels, force=True)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            dataset = pydicom.dcmread(path, stop_before_pixels=stop_before_pixels, force=True)
     except InvalidDicomError as error:
         raise ImageReadError(path, "not-an-image", f"not a valid DICOM file ({error})") from None
     except EOFError as error:
@@ -355,6 +357,13 @@ def _dcmread(path: Path, stop_before_pixels: bool = False):
         raise ImageReadError(
             path, "unreadable", f"cannot parse DICOM ({type(error).__name__}: {error})"
         ) from None
+    for warning in caught:
+        # Compressed pixel data cut short: pydicom warns and returns what it parsed, which may be nothing at all
+        if "End of file reached before delimiter" in str(warning.message):
+            raise ImageReadError(path, "truncated", "DICOM file ends early: its compressed pixel data stops "
+                                                    "before the end marker (a copy cut short?)")
+        warnings.warn_explicit(warning.message, warning.category, warning.filename, warning.lineno)
+    return dataset
 
 
 def _read_dicom(path: Path) -> Image.Image:
@@ -413,6 +422,16 @@ def _read_dicom(path: Path) -> Image.Image:
     samples = int(getattr(dataset, "SamplesPerPixel", 1) or 1)
     if frames > 1 and not first_frame_only:
         pixels = pixels[0]  # a radiograph series: the first frame stands for the file
+    if _photometric(dataset) == "PALETTE COLOR":
+        # The stored values are indices into the file's colour table, not grey levels: a table that runs from white
+        # to black (as some converters write) read as grey would give a negative.
+        from pydicom.pixels import apply_color_lut
+
+        try:
+            pixels, samples = apply_color_lut(pixels, dataset), 3
+        except Exception as error:  # noqa: BLE001 - a missing or malformed table
+            raise ImageReadError(path, "unreadable", f"cannot apply the DICOM palette colour table "
+                                                     f"({type(error).__name__}: {error})") from None
     if samples > 1:
         # Colour DICOM (secondary capture): pydicom returns RGB; use its luma.
         rgb = np.ascontiguousarray(pixels[..., :3])
@@ -456,6 +475,9 @@ def dicom_to_uint8(pixels: np.ndarray, dataset) -> np.ndarray:
     """Stored DICOM values → displayed 8-bit gray: Modality LUT, VOI window or LUT, MONOCHROME1 inverted."""
     from pydicom.pixels import apply_modality_lut, apply_voi_lut
 
+    for name in ("RescaleSlope", "RescaleIntercept"):
+        if name in dataset and dataset[name].value in (None, ""):
+            del dataset[name]  # present but empty (seen from some converters): no rescale, as viewers read it
     values = apply_modality_lut(pixels, dataset).astype(np.float64)
     padding = _padding_mask(pixels, dataset)
     if padding is not None:
@@ -471,11 +493,18 @@ def dicom_to_uint8(pixels: np.ndarray, dataset) -> np.ndarray:
         gray = _window(values, center, width, function)
     else:
         gray = _stretch_to_uint8(values)
-    if str(getattr(dataset, "PhotometricInterpretation", "")).upper() == "MONOCHROME1":
-        gray = 255 - gray  # MONOCHROME1 shows low values white; the toolkit wants bone bright in every image
+    if _photometric(dataset) == "MONOCHROME1" or (
+            str(getattr(dataset, "PresentationLUTShape", "")).strip().upper() == "INVERSE"):
+        # MONOCHROME1 shows low values white, and so does MONOCHROME2 under an INVERSE presentation LUT (with
+        # MONOCHROME1, INVERSE only confirms it): the toolkit wants bone bright in every image.
+        gray = 255 - gray
     if padding is not None:
         gray[padding] = 0  # outside the exposed field: black, as air is
     return gray
+
+
+def _photometric(dataset) -> str:
+    return str(getattr(dataset, "PhotometricInterpretation", "")).strip().upper()
 
 
 def _padding_mask(pixels: np.ndarray, dataset) -> np.ndarray | None:
