@@ -26,12 +26,15 @@ import pandas as pd
 from PIL import Image
 
 from cxr_fast.calibration import softmax
-from cxr_fast.data.io import IMAGE_SUFFIXES, ImageReadError, image_stem, is_dicom, read_image
+from cxr_fast.data.io import ImageReadError, image_stem, read_image
 from cxr_fast.errors import CxrFastError
 from cxr_fast.outputs import check_folder_path, printable, short_stem, write_text
 
 RUNTIMES = ("torch", "onnx")
 OUT_SUFFIXES = (".csv", ".json")
+# Files in a folder named as these are notes, not films: passed over without a word (every other file is read).
+DOCUMENT_SUFFIXES = frozenset({".txt", ".csv", ".tsv", ".json", ".xml", ".yaml", ".yml", ".md", ".html", ".htm",
+                               ".pdf", ".doc", ".docx", ".rtf", ".odt", ".xls", ".xlsx", ".ods", ".log", ".ini"})
 
 
 # ---------------------------------------------------------------------------------------------- runners
@@ -138,14 +141,16 @@ def overlay_png(pixels: np.ndarray, attr: np.ndarray) -> bytes:
 
 
 def find_images(inputs: Sequence[str | Path]) -> tuple[list[Path], list[tuple[Path, str]]]:
-    """Named files as given (the reader decides by content), plus the image files found in named folders.
+    """Named files as given, plus the files found in named folders; the reader decides by content what is an image.
 
     Folders are walked as `cxrfast data prepare` walks them (`cxr_fast.data.sources`: linked folders followed,
-    names starting with "." or "_" passed over, such as synthetic data's `_masks`). There a file counts as an image
-    by its suffix (`IMAGE_SUFFIXES`) or by the DICOM preamble whatever its name (PACS exports name files by UID or
-    `IMG.001`); other files (notes, spreadsheets) are passed over, and so are the heatmap folders predict itself
-    writes (`heatmaps`, `<name>_heatmaps`), whose figures are not X-rays. The same file named twice is predicted
-    once. Returns (files, skipped) where skipped lists (path, reason)."""
+    "."-files and "_"-folders passed over, such as synthetic data's `_masks`), and every file found is read as
+    prepare reads it, whatever its name: films come as `.jfif`, `.webp`, `IMG.006` or a UID, and one passed over
+    by its name would vanish without a word. Only files named as documents (`DOCUMENT_SUFFIXES`: notes,
+    spreadsheets, reports) are passed over, and so are the heatmap folders predict itself writes (`heatmaps`,
+    `<name>_heatmaps`), whose figures are not X-rays; anything else that is no image is listed as skipped, with
+    its reason. The same file named twice is predicted once. Returns (files, skipped) where skipped lists
+    (path, reason)."""
     from cxr_fast.data.sources import find_images as walk_folder
 
     files, skipped = [], []
@@ -156,7 +161,7 @@ def find_images(inputs: Sequence[str | Path]) -> tuple[list[Path], list[tuple[Pa
             continue
         found = [f.path for f in walk_folder(path)
                  if not any(is_heatmap_folder(part) for part in f.path.relative_to(path).parts[:-1])
-                 and (f.path.suffix.lower() in IMAGE_SUFFIXES or is_dicom(f.path))]
+                 and f.path.suffix.lower() not in DOCUMENT_SUFFIXES]
         if not found:
             skipped.append((path, "no image files in this folder"))
         files += found

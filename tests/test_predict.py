@@ -262,6 +262,24 @@ def test_folders_are_walked_as_prepare_walks_them(tmp_path, good_images):
     assert skipped == []
 
 
+def test_films_under_any_name_in_a_folder_are_read_by_content(run, tmp_path, good_images):
+    # a folder's .jfif, .webp and IMG.006 films and a camera's _DSC0001.JPG were passed over by their names without
+    # a word, though prepare read them all; a note is still passed over, and a file that is no image is listed
+    folder = tmp_path / "inbox"
+    folder.mkdir()
+    image = Image.open(good_images[0]).convert("L")
+    image.save(folder / "download.jfif", format="JPEG", quality=95)
+    image.save(folder / "film.webp", format="WEBP", lossless=True)
+    image.save(folder / "IMG.006", format="PNG")
+    image.save(folder / "_DSC0001.JPG", format="JPEG", quality=95)
+    (folder / "report.txt").write_text("a note: passed over")
+    (folder / "_meta.csv").write_text("the toolkit's own: passed over")
+    (folder / "IMG.007").write_bytes(b"not an image")
+    results, skipped = predict(run, [folder], progress=False)
+    assert sorted(Path(p).name for p in results["path"]) == ["IMG.006", "_DSC0001.JPG", "download.jfif", "film.webp"]
+    assert [(path.name, reason.split(":")[0]) for path, reason in skipped] == [("IMG.007", "not-an-image")]
+
+
 def test_a_file_name_that_is_not_utf8_is_predicted_and_written_escaped(run, tmp_path, good_images):
     # a Latin-1 name from an old share: the results file crashed at the very end, losing every result
     import os

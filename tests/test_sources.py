@@ -55,11 +55,18 @@ def test_hidden_and_underscore_entries_are_ignored(tmp_path):
         "_masks/Normal/a.png",
         ".git/x.png",
         "Normal/.DS_Store",
-        "Normal/_thumb.png",
+        "Normal/._a.png",  # macOS's resource fork of a.png
+        "Normal/_notes.txt",
         "_meta.csv",
         "Normal/a.png",
     )
     assert found(tmp_path) == [("Normal/a.png", "Normal")]
+
+
+def test_a_camera_film_named_with_an_underscore_is_data(tmp_path):
+    # cameras name films _DSC0001.JPG: a class of them was called empty and its films dropped without a count
+    touch(tmp_path, "COVID-19/_DSC0001.JPG", "COVID-19/_dsc0002.dcm", "COVID-19/_README.txt")
+    assert found(tmp_path) == [("COVID-19/_DSC0001.JPG", "COVID-19"), ("COVID-19/_dsc0002.dcm", "COVID-19")]
 
 
 def test_loose_files_have_no_class(tmp_path):

@@ -7,9 +7,10 @@ Accepted layouts (the class is the first folder below ROOT that is not a split f
     ROOT/<class>/<any>/<sub>/<folders>/<file> nested folders under a class belong to that class
     ROOT/<site>/<class>/<file>                with ``sites=True`` only: one folder per hospital or collection
 
-Split folders are ignored, at any level, because `prepare` makes its own, leakage-free split. Folders and files
-whose name starts with "_" or "." are never data (``_masks``, ``_meta.csv``, ``.DS_Store``). Every other file is
-returned, image-looking or not, so that nothing is dropped silently: files that turn out not to be images
+Split folders are ignored, at any level, because `prepare` makes its own, leakage-free split. Folders whose name
+starts with "_" or "." are never data (``_masks``, ``.git``), nor are files whose name starts with "." (``.DS_Store``,
+macOS's ``._film.png``) and files starting with "_" that are not named as images (``_meta.csv``): cameras and
+scanners name films ``_DSC0001.JPG``. Every other file is returned, image-looking or not, so that nothing is dropped silently: files that turn out not to be images
 are reported by the reader, and files outside any class folder come back with ``source_label=None``.
 """
 
@@ -22,6 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from cxr_fast.data.cache import CACHE_DIRNAME
+from cxr_fast.data.io import IMAGE_SUFFIXES
 from cxr_fast.errors import CxrFastError
 
 # `cxrfast data prepare` writes this file into every output folder. A folder holding one is an earlier prepare's
@@ -56,7 +58,14 @@ class Item:
 
 
 def is_hidden(name: str) -> bool:
+    """A folder (or an output's entry) that is never data: its name starts with "_" or "."."""
     return name.startswith(("_", "."))
+
+
+def is_hidden_file(name: str) -> bool:
+    """A file that is never data: the system's ("." files) and the toolkit's own notes ("_" files not named as
+    images, such as ``_meta.csv``). A "_" name with an image suffix is a film: cameras write ``_DSC0001.JPG``."""
+    return name.startswith(".") or (name.startswith("_") and Path(name).suffix.lower() not in IMAGE_SUFFIXES)
 
 
 def is_split_folder(name: str) -> bool:
@@ -152,7 +161,7 @@ def _walk(root: Path, skip: Iterable[str | os.PathLike],
         site, label = (named[0], named[1]) if sites else (None, named[0])
         kept = [
             name for name in files
-            if not is_hidden(name) and not (skipped and (folder_path / name).resolve() in skipped)
+            if not is_hidden_file(name) and not (skipped and (folder_path / name).resolve() in skipped)
         ]
         yield folder_path, site, label, kept
 
