@@ -430,6 +430,25 @@ def test_a_small_cache_keeps_the_short_side_readable(tmp_path):
         assert read_image(path).size == (78, 64)
 
 
+def test_a_wide_films_small_copy_is_shrunk_from_the_film_not_enlarged_from_a_thumbnail(tmp_path):
+    # at --size 64 a 400x160 film was decoded at 64x26 and that enlarged to 160x64: 26 rows of detail, not 64
+    from cxr_fast.data.io import read_image
+
+    src = tmp_path / "src"
+    for c, label in enumerate(CLASSES):
+        (src / label).mkdir(parents=True)
+        for i in range(2):
+            film = np.asarray(textured_image(100 * c + i, 400, 160), dtype=float)
+            film[(np.arange(160) // 8) % 2 == 1] *= 0.5  # bands 8 rows high: 3 rows in the copy, lost in a 26-row decode
+            Image.fromarray(film.astype(np.uint8)).save(src / label / f"{i}.png")
+    quiet(src, tmp_path / "out", cache_size=64)
+    for row in read_manifest(tmp_path / "out").itertuples():
+        copy = read_image(row.cache_path)
+        assert copy.size == (160, 64)
+        shrunk = np.asarray(read_image(row.path).resize((160, 64), Image.Resampling.LANCZOS), dtype=float)
+        assert np.abs(np.asarray(copy, dtype=float) - shrunk).mean() < 1.0
+
+
 def test_an_out_folder_inside_the_source_that_holds_data_is_refused(tmp_path):
     # --out SRC/Pneumonia would leave that class out of this run and, through its report, every later one
     src = make_dataset(tmp_path / "src", per_class=3)

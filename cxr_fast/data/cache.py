@@ -129,6 +129,14 @@ def examine_file(task: tuple[str, str | None, int]) -> Examined:
         return Examined(reason="unreadable", detail=f"{type(error).__name__}: {error}")
     cached = ""
     if cache_dir is not None:
+        expected = cached_size((width, height), cache_size)
+        if image.size[0] < expected[0] or image.size[1] < expected[1]:
+            # A wide film at a small --size: its copy keeps a short side of MIN_SIDE, longer than the decode gave,
+            # so decode again at the copy's size rather than enlarge the small decode (a 64x38 thumbnail blown up).
+            try:
+                image, _ = read_image_with_size(path, max_side=max(expected))
+            except Exception as error:  # noqa: BLE001 - read once already: only a file changed meanwhile fails here
+                return Examined(reason="unreadable", detail=f"{type(error).__name__}: {error}")
         try:
             cached = str(store(image, cache_dir, identity.sha256, cache_size, (width, height)))
         except OSError as error:
