@@ -59,6 +59,10 @@ def test_dict_is_validated():
         ("=Normal", "empty folder or label"),
         ("Normal=", "empty folder or label"),
         ("A=X,A=Y", "mapped twice"),
+        # folder names match loosely: the folder Normal took 'Other' and the second entry went unused, unsaid
+        ("Normal=Other,normal=Normal", "folders 'Normal' and 'normal' differ only in case.* different labels "
+                                       r"\('Other' and 'Normal'\)"),
+        ("Pneumonia-Viral=Pneumonia,Pneumonia-Bacterial=pneumonia", "labels 'Pneumonia' and 'pneumonia' differ only"),
         ("nonsense", "neither a file, a preset"),
         ("missing.yaml", "not found"),
         (",", "neither a file"),
@@ -85,6 +89,13 @@ def test_malformed_files(tmp_path: Path, name, text, message):
     with pytest.raises(CxrFastError, match=message) as caught:
         parse_label_map(tmp_path / name)
     assert name in str(caught.value)  # the message names the file
+
+
+def test_folders_alike_with_one_label_are_fine_and_files_are_checked_too(tmp_path):
+    assert parse_label_map("COVID=COVID-19,covid=COVID-19") == {"COVID": "COVID-19", "covid": "COVID-19"}
+    (tmp_path / "map.yaml").write_text("Normal: Normal\nNORMAL: Other\n")
+    with pytest.raises(CxrFastError, match="map.yaml: folders 'Normal' and 'NORMAL' differ only in case"):
+        parse_label_map(tmp_path / "map.yaml")
 
 
 def test_map_label_prefers_exact_then_unambiguous_case_insensitive():

@@ -99,6 +99,26 @@ def _parse_inline(text: str) -> dict[str, str]:
         mapping[folder] = label
     if not mapping:
         raise CxrFastError(f"label map {text!r} maps nothing")
+    return _consistent(mapping, f"label map {text!r}")
+
+
+def _consistent(mapping: dict[str, str], where: str) -> dict[str, str]:
+    """Refuse a map whose folders or labels differ only in case, spaces or Unicode form where that matters.
+
+    Folder names are matched loosely (`map_label`), so 'Normal=Other,normal=Normal' would silently give the folder
+    Normal one of two labels; and labels 'Pneumonia' and 'pneumonia' would be two classes that print alike."""
+    folders: dict[str, tuple[str, str]] = {}
+    labels: dict[str, str] = {}
+    for folder, label in mapping.items():
+        seen = folders.setdefault(loose_name(folder), (folder, label))
+        if seen[1] != label:
+            raise CxrFastError(f"{where}: folders {seen[0]!r} and {folder!r} differ only in case, spaces or Unicode "
+                               f"form but map to different labels ({seen[1]!r} and {label!r}); folder case is easily "
+                               "lost between file systems, so give each folder once")
+        other = labels.setdefault(loose_name(label), label)
+        if other != label:
+            raise CxrFastError(f"{where}: labels {other!r} and {label!r} differ only in case, spaces or Unicode form "
+                               "and would be two classes; spell them alike")
     return mapping
 
 
@@ -135,4 +155,4 @@ def _validated(data: dict, where: str) -> dict[str, str]:
             # YAML turns unquoted 1 or yes into numbers/booleans: a folder name must stay text.
             raise CxrFastError(f"{where}: folder name {folder!r} must be text (quote it in YAML)")
         mapping[folder.strip()] = label.strip()
-    return mapping
+    return _consistent(mapping, where)
