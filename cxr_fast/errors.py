@@ -40,8 +40,9 @@ def first_line(e: BaseException) -> str:
     return text[0][:200] if text else type(e).__name__
 
 
-# A full disk, a read-only or forbidden folder: a reason the user can act on, unlike an OSError from a damaged image.
-STORAGE_ERRORS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM}
+# A full disk, a read-only or forbidden folder, a file where a folder should be (or the reverse): a reason the user
+# can act on, unlike an OSError from a damaged image.
+STORAGE_ERRORS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM, errno.ENOTDIR, errno.EISDIR}
 
 
 def storage_problem(e: BaseException) -> str | None:

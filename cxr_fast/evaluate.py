@@ -35,7 +35,7 @@ from cxr_fast.data.sources import MANIFEST_NAME
 from cxr_fast.ensemble import ENSEMBLE_ARCH
 from cxr_fast.errors import CxrFastError
 from cxr_fast.metrics import bootstrap_ci, classification_metrics, pr_curves, roc_curves
-from cxr_fast.outputs import replacing_folder, settle_replacement
+from cxr_fast.outputs import check_folder_path, replacing_folder, settle_replacement
 from cxr_fast.seen import match_seen, seen_fingerprints
 
 SHIFT_WARN_AUC = 0.8  # a domain classifier this good at telling new images from training images means a shift
@@ -410,6 +410,7 @@ def evaluate(run_dir: str | Path, data: str | Path | None = None, split: str = "
     out_dir = output_folder(run.path / "eval", f"{name}-tta" if tta else name, manifest, "metrics.json")
     if out_dir.exists() and not force:  # checked before the slow part; replacing_folder checks again
         raise CxrFastError(f"{out_dir}: an evaluation is already there; add --force to redo it")
+    check_folder_path(out_dir.parent, None)
 
     logits = predict_logits(run, items, progress=progress, tta=tta)
     y = items["label"].map({c: i for i, c in enumerate(run.classes)}).to_numpy()

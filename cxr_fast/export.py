@@ -21,7 +21,7 @@ import numpy as np
 
 from cxr_fast.config import contract_problem
 from cxr_fast.data.dedup import file_sha256
-from cxr_fast.errors import CxrFastError, first_line, read_json
+from cxr_fast.errors import CxrFastError, first_line, read_json, storage_problem
 
 ONNX_FILE = "model.onnx"
 PREPROCESSING_FILE = "preprocessing.json"
@@ -82,8 +82,8 @@ def export_onnx(run_dir: str | Path, out: str | Path | None = None, *, force: bo
     check_folder_path(folder, "--out")
     if out is not None and folder.is_dir() and folder.resolve() != run.path.resolve():
         # an export's folder is copied to another machine whole: another tool's files would travel with it
-        others = sorted(p.name for p in folder.iterdir()
-                        if p.name not in (ONNX_FILE, PREPROCESSING_FILE, ONNX_FILE + ".partial"))
+        others = sorted(p.name for p in folder.iterdir()  # a killed export's half files are not another tool's
+                        if p.name not in (ONNX_FILE, PREPROCESSING_FILE) and not p.name.endswith(".partial"))
         if others:
             raise CxrFastError(f"{folder}: holds other files ({', '.join(others[:3])}{', …' if len(others) > 3 else ''}"
                                "); --out needs a new or empty folder, or one holding an earlier export")
@@ -94,6 +94,7 @@ def export_onnx(run_dir: str | Path, out: str | Path | None = None, *, force: bo
 
     example = torch.randn(2, run.n_in, run.size, run.size, generator=torch.Generator().manual_seed(0))
     tmp_path = onnx_path.with_name(onnx_path.name + ".partial")
+    spec_tmp = spec_path.with_name(spec_path.name + ".partial")
     try:
         with warnings.catch_warnings():
             # Deprecation notice of the TorchScript exporter, and tracer notes about shapes that are fixed anyway
@@ -104,6 +105,9 @@ def export_onnx(run_dir: str | Path, out: str | Path | None = None, *, force: bo
                                   input_names=[INPUT_NAME], output_names=[OUTPUT_NAME],
                                   dynamic_axes={INPUT_NAME: {0: "batch"}, OUTPUT_NAME: {0: "batch"}})
             except Exception as e:  # noqa: BLE001 - the exporter raises many types for an operator it cannot map
+                if (storage := _storage_error(e)) is not None:  # a full disk is no fault of the exporter
+                    storage.filename = storage.filename or str(tmp_path)
+                    raise storage from None
                 raise CxrFastError(f"{run.path}: torch.onnx cannot export {run.config['model'].get('arch')} at "
                                    f"opset {opset} ({first_line(e)})") from None
         with torch.no_grad():
@@ -118,13 +122,25 @@ def export_onnx(run_dir: str | Path, out: str | Path | None = None, *, force: bo
                      # Ties the export to the weights it came from: a retrained bundle makes it stale (OnnxRunner).
                      "weights_sha256": file_sha256(run.path / "model.safetensors"),
                      "onnx_sha256": file_sha256(tmp_path)})
-        onnx_path.unlink(missing_ok=True)  # a kill from here on leaves preprocessing.json alone: unfinished
-        write_text(spec_path, json.dumps(spec, indent=2))
+        # Both new files are whole before the old pair is touched: a full disk or Ctrl-C until here keeps it.
+        write_text(spec_tmp, json.dumps(spec, indent=2))
+        onnx_path.unlink(missing_ok=True)  # renames alone from here; a kill leaves preprocessing.json alone: unfinished
+        spec_tmp.replace(spec_path)
     except BaseException:
         tmp_path.unlink(missing_ok=True)
+        spec_tmp.unlink(missing_ok=True)
         raise
     tmp_path.replace(onnx_path)
     return onnx_path
+
+
+def _storage_error(e: BaseException) -> OSError | None:
+    """The full disk or forbidden folder behind an exporter's error (raised as such, or wrapped), if one is."""
+    while e is not None:
+        if storage_problem(e) is not None:
+            return e
+        e = e.__cause__ or e.__context__
+    return None
 
 
 def _is_our_spec(path: Path) -> bool:

@@ -33,7 +33,7 @@ from cxr_fast.data.manifest import image_column
 from cxr_fast.errors import CxrFastError
 from cxr_fast.evaluate import manifest_folder, output_folder, select_unseen_items, write_seen_images
 from cxr_fast.lungs import estimate_lung_field
-from cxr_fast.outputs import replacing_folder, short_stem
+from cxr_fast.outputs import check_folder_path, replacing_folder, short_stem
 from cxr_fast.preprocess import resize_square
 
 METHODS = ("occlusion", "integrated_gradients", "gradcam")
@@ -216,6 +216,7 @@ def interpret(run_dir: str | Path, data: str | Path | None = None, split: str = 
                             "audit.json")
     if out_dir.exists() and not force:  # checked before the slow part; replacing_folder checks again
         raise CxrFastError(f"{out_dir}: an interpretation is already there; add --force to redo it")
+    check_folder_path(out_dir.parent, None)
 
     logits = predict_logits(run, items, progress=progress)
     probs = softmax(logits, run.temperature)

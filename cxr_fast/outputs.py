@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import shutil
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -10,13 +11,18 @@ from pathlib import Path
 from cxr_fast.errors import CxrFastError
 
 
-def check_folder_path(folder: str | Path, flag: str) -> None:
+def check_folder_path(folder: str | Path, flag: str | None) -> None:
     """Refuse, before any slow work, a folder path that runs into a file (the path itself, or a folder on the way to
-    it): creating it would fail only after the work was done, with a traceback instead of a reason."""
-    folder = Path(folder)
+    it) or into a folder that cannot be written: creating it would fail only after the work was done. `flag` names
+    the option that chose the path; None for a folder the command chose (a run's eval/ or interpret/)."""
+    folder = Path(folder).absolute()
     existing = next(p for p in (folder, *folder.parents) if p.exists())
     if not existing.is_dir():
-        raise CxrFastError(f"{existing}: exists and is not a folder (choose another {flag})")
+        raise CxrFastError(f"{existing}: exists and is not a folder ("
+                           + (f"choose another {flag})" if flag else "move it away)"))
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise CxrFastError(f"{existing}: cannot be written (read-only or not yours"
+                           + (f"; choose another {flag})" if flag else ")"))
 
 
 def clear_run_folder(run_dir: Path, keep: bool) -> None:

@@ -308,6 +308,23 @@ def test_a_stopped_compare_leaves_no_half_written_out_and_a_file_as_out_is_refus
             compare_runs(tiny_runs, out=out, n_boot=20)
 
 
+def test_a_file_where_a_runs_eval_or_interpret_folder_goes_is_refused_before_any_work(tiny_runs, tmp_path,
+                                                                                      monkeypatch):
+    # both commands predicted (and interpret drew every map) first, then died with a NotADirectoryError traceback
+    import cxr_fast.evaluate
+    import cxr_fast.interpret
+
+    run = shutil.copytree(tiny_runs[0], tmp_path / "run")
+    for module in (cxr_fast.evaluate, cxr_fast.interpret):
+        monkeypatch.setattr(module, "predict_logits", lambda *a, **k: pytest.fail("predicted first"))
+    (run / "eval").write_text("in the way")
+    (run / "interpret").write_text("in the way")
+    with pytest.raises(CxrFastError, match=r"run/eval: exists and is not a folder \(move it away\)"):
+        evaluate(run, n_boot=10, progress=False)
+    with pytest.raises(CxrFastError, match=r"run/interpret: exists and is not a folder \(move it away\)"):
+        cxr_fast.interpret.interpret(run, progress=False)
+
+
 def test_compare_tells_apart_runs_of_one_folder_name(tiny_runs, tmp_path):
     namesake = shutil.copytree(tiny_runs[1], tmp_path / "elsewhere" / tiny_runs[0].name)
     result = compare_runs([tiny_runs[0], namesake], out=tmp_path / "cmp", n_boot=20)

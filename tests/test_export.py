@@ -205,6 +205,40 @@ def test_an_export_torch_cannot_make_is_a_one_line_error_and_leaves_no_file(run,
     assert list((tmp_path / "export").iterdir()) == []
 
 
+def test_a_forced_export_that_fails_keeps_the_earlier_one_whole(run, tmp_path, monkeypatch):
+    # --force unlinked model.onnx before writing the new preprocessing.json: a full disk there left neither export
+    import errno
+
+    import cxr_fast.outputs
+
+    export_onnx(run, tmp_path / "deploy")
+    before = {p.name: p.read_bytes() for p in (tmp_path / "deploy").iterdir()}
+
+    def disk_full(path, text):  # export imports write_text when it runs: this is the one it gets
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(cxr_fast.outputs, "write_text", disk_full)
+    with pytest.raises(OSError, match="No space left"):
+        export_onnx(run, tmp_path / "deploy", force=True)
+    assert {p.name: p.read_bytes() for p in (tmp_path / "deploy").iterdir()} == before  # nothing new left behind
+    assert OnnxRunner(tmp_path / "deploy").classes
+
+
+def test_a_full_disk_during_the_export_itself_is_named_as_such(run, tmp_path, monkeypatch):
+    # it read "torch.onnx cannot export convnet at opset 17 ([Errno 28] …)": the exporter was blamed for the disk
+    import errno
+
+    import torch
+
+    def disk_full(model, args, f, **kwargs):
+        raise RuntimeError("export failed") from OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(torch.onnx, "export", disk_full)
+    with pytest.raises(OSError, match="No space left on device") as caught:
+        export_onnx(run, out=tmp_path / "export")
+    assert caught.value.filename == str(tmp_path / "export" / "model.onnx.partial")
+
+
 def test_an_out_folder_holding_other_files_is_refused(run, tmp_path):
     # `export --out` into a compare report's folder mixed the export into it; the folder is meant to travel alone
     report = tmp_path / "cmp"
