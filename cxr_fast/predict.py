@@ -188,11 +188,18 @@ def write_new_file(folder: Path, stem: str, data: bytes) -> Path:
     while True:
         path = unique_path(folder, stem)
         try:
-            with open(path, "xb") as f:
-                f.write(data)
-            return path
+            f = open(path, "xb")
         except FileExistsError:
             continue
+        try:
+            with f:
+                f.write(data)
+        except BaseException as e:  # a full disk, Ctrl-C: no half-written figure left to pass for a whole one
+            path.unlink(missing_ok=True)
+            if isinstance(e, OSError) and e.filename is None:
+                e.filename = str(path)
+            raise
+        return path
 
 
 def heatmap_folder(out: Path | None) -> Path:

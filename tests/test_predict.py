@@ -262,6 +262,34 @@ def test_folders_are_walked_as_prepare_walks_them(tmp_path, good_images):
     assert skipped == []
 
 
+def test_a_heatmap_cut_short_by_a_full_disk_is_removed_and_named(tmp_path, monkeypatch):
+    # a 20 KB stump of a PNG stayed among the heatmaps, and the error named no file
+    import builtins
+    import errno
+
+    import cxr_fast.predict
+
+    class FillsUp:
+        def __init__(self, path, mode):
+            self.file = builtins.open(path, mode)
+
+        def write(self, data):
+            self.file.write(data[: len(data) // 2])
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            self.file.close()
+
+    monkeypatch.setattr(cxr_fast.predict, "open", FillsUp, raising=False)
+    with pytest.raises(OSError, match="No space left") as caught:
+        cxr_fast.predict.write_new_file(tmp_path / "heatmaps", "a_heatmap", b"x" * 1000)
+    assert caught.value.filename == str(tmp_path / "heatmaps" / "a_heatmap.png")
+    assert list((tmp_path / "heatmaps").iterdir()) == []
+
+
 def test_films_under_any_name_in_a_folder_are_read_by_content(run, tmp_path, good_images):
     # a folder's .jfif, .webp and IMG.006 films and a camera's _DSC0001.JPG were passed over by their names without
     # a word, though prepare read them all; a note is still passed over, and a file that is no image is listed
