@@ -13,7 +13,6 @@ average back; its own temperature is 1.
 from __future__ import annotations
 
 import json
-import shutil
 from collections.abc import Sequence
 from datetime import datetime
 from pathlib import Path
@@ -27,7 +26,7 @@ from sklearn.metrics import balanced_accuracy_score
 from cxr_fast.data.dedup import file_sha256
 from cxr_fast.data.manifest import manifest_key
 from cxr_fast.errors import CxrFastError, read_tensors
-from cxr_fast.outputs import write_tensors, write_text
+from cxr_fast.outputs import new_folder, write_tensors, write_text
 
 ENSEMBLE_ARCH = "ensemble"
 MIN_PROBABILITY = 1e-12  # keeps log(mean probability) finite when every member is certain
@@ -96,7 +95,7 @@ def build_ensemble(runs: Sequence[str | Path], out: str | Path | None = None, pr
     scores are copied from their bundles.
     """
     from cxr_fast.bundle import check_training_manifest, load_run
-    from cxr_fast.train import new_run_dir
+    from cxr_fast.train import free_run_dir
 
     if isinstance(runs, str | Path):  # a string would be taken letter by letter
         raise CxrFastError(f"an ensemble takes a list of run folders, got the single path {str(runs)!r}")
@@ -146,12 +145,11 @@ def build_ensemble(runs: Sequence[str | Path], out: str | Path | None = None, pr
                                                          "std": lead.config["std"]},
                  "n_in": first.n_in, "n_classes": len(first.classes), "weights": "+".join(r.name for r in loaded),
                  "pretrained_stats": None}
-    run_dir = new_run_dir(out, ENSEMBLE_ARCH)
-    try:
-        _write_bundle(run_dir, model, model_cfg, loaded, progress)
-    except BaseException:  # Ctrl-C or a failure: no half-built bundle is left to be taken for a finished one
-        shutil.rmtree(run_dir, ignore_errors=True)
-        raise
+    run_dir = free_run_dir(out, ENSEMBLE_ARCH)
+    # Built aside and moved into place whole: a kill part-way leaves no half bundle to block the rerun, and a
+    # failure leaves an empty --out of the user's as it was.
+    with new_folder(run_dir) as work:
+        _write_bundle(work, model, model_cfg, loaded, progress)
     return run_dir
 
 

@@ -124,6 +124,13 @@ def check_same_data(run_dir: Path, state: dict, data: str | Path) -> None:
 
 def new_run_dir(out: str | Path | None, arch: str, root: Path = Path("models")) -> Path:
     """A fresh folder: an explicit --out must not exist yet; the default name carries a timestamp."""
+    out = free_run_dir(out, arch, root)
+    out.mkdir(parents=True, exist_ok=True)
+    return out
+
+
+def free_run_dir(out: str | Path | None, arch: str, root: Path = Path("models")) -> Path:
+    """`new_run_dir`'s folder, checked but not made yet (absent, or an empty folder of the user's)."""
     if out is None:
         stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
         out = root / f"{arch.replace('/', '_')}-{stamp}"
@@ -133,7 +140,6 @@ def new_run_dir(out: str | Path | None, arch: str, root: Path = Path("models")) 
             out = root / f"{arch.replace('/', '_')}-{stamp}-{n}"
     out = Path(out)
     check_new_out(out)
-    out.mkdir(parents=True, exist_ok=True)
     return out
 
 

@@ -197,6 +197,27 @@ def test_an_interrupted_build_leaves_no_folder_to_be_taken_for_a_bundle(tiny_run
     assert load_run(build_ensemble(tiny_runs, tmp_path / "ens", progress=False)).metrics["valid_balanced_accuracy"]
 
 
+def test_a_bundle_is_built_aside_and_an_empty_out_of_the_users_survives_a_failure(tiny_runs, tmp_path, monkeypatch):
+    # a kill left --out holding the weights without config.json, which the rerun refused; and a failure deleted the
+    # empty folder the user had made for it
+    import cxr_fast.ensemble
+
+    real_score, during = cxr_fast.ensemble._score_valid, []
+
+    def look_then_fail(*args, **kwargs):
+        during.append(sorted(p.name for p in (tmp_path / "ens").iterdir()))  # what a kill now would leave there
+        raise OSError(28, "No space left on device")
+
+    (tmp_path / "ens").mkdir()
+    monkeypatch.setattr(cxr_fast.ensemble, "_score_valid", look_then_fail)
+    with pytest.raises(OSError):
+        build_ensemble(tiny_runs, tmp_path / "ens", progress=False)
+    assert during == [[".partial"]]  # the half-built bundle sits in the hidden work folder, not in --out
+    assert (tmp_path / "ens").is_dir() and list((tmp_path / "ens").iterdir()) == []
+    monkeypatch.setattr(cxr_fast.ensemble, "_score_valid", real_score)
+    assert (build_ensemble(tiny_runs, tmp_path / "ens", progress=False) / "config.json").is_file()
+
+
 def test_members_trained_on_different_versions_of_a_manifest_are_refused(tiny_runs, ensemble_dir, tmp_path):
     assert load_run(ensemble_dir).config["manifest_sha256"] == load_run(tiny_runs[0]).config["manifest_sha256"]
     other = shutil.copytree(tiny_runs[1], tmp_path / "other")
