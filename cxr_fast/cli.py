@@ -95,7 +95,7 @@ def data_prepare(
     folds: Annotated[int | None, typer.Option(help="Cross-validation: cut the images into this many equal parts (instead of --splits); --fold's part is the test split, the next part valid, the rest train.")] = None,
     fold: Annotated[int | None, typer.Option(help="With --folds: which part is the test split (0 to folds - 1). Prepare each fold into its own --out.")] = None,
     sites: Annotated[bool, typer.Option(help="SRC holds one folder per site (hospital, collection) with the class folders inside: ROOT/<site>/<class>/…; the site is kept in the manifest.")] = False,
-    force: Annotated[bool, typer.Option(help="Overwrite an existing manifest.")] = False,
+    force: Annotated[bool, typer.Option(help="Replace an existing manifest; the old one and its cached copies stay until the new one is complete.")] = False,
 ):
     """Read, check, de-duplicate and split a folder of X-rays into a manifest."""
     from cxr_fast.data.labels import parse_label_map

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import os
 import shutil
 from collections.abc import Iterator
@@ -123,9 +124,24 @@ def short_stem(stem: str, max_bytes: int = 200) -> str:
 
 def write_text(path: Path, text: str) -> None:
     """A text file written whole, then renamed over `path`: a replaced file is never left half-written."""
-    partial = path.with_name(f".{path.name}.partial")
-    _written(partial, path, lambda: partial.write_text(text, encoding="utf-8"))
-    partial.replace(path)
+    write_texts({path: text})
+
+
+def write_texts(texts: dict[Path, str]) -> None:
+    """Text files that belong together (a manifest and its report), each written whole beside its place, and only
+    then all renamed over their paths, in the order given: a full disk or Ctrl-C while writing leaves every old file
+    as it was, never some new files beside old ones. (Renames need no space; only a kill in the moment between two
+    of them could still split the set.)"""
+    partials = {path: path.with_name(f".{path.name}.partial") for path in texts}
+    try:
+        for path, partial in partials.items():
+            _written(partial, path, functools.partial(partial.write_text, texts[path], encoding="utf-8"))
+    except BaseException:
+        for partial in partials.values():  # the ones already written whole, too
+            partial.unlink(missing_ok=True)
+        raise
+    for path, partial in partials.items():
+        partial.replace(path)
 
 
 def write_tensors(tensors: dict, path: Path) -> None:

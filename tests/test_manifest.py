@@ -1,6 +1,8 @@
 """prepare / read_manifest / print_summary: the whole path from a folder of files to a checked manifest."""
 
+import errno
 import json
+import shutil
 from collections import Counter
 from pathlib import Path
 
@@ -66,6 +68,7 @@ def test_prepare_writes_manifest_report_and_cache(tmp_path):
     for row in frame.itertuples():
         cached = out / row.cache_path
         assert cached.name == f"{row.sha256}.png" and cached.parent.name == row.sha256[:2]
+        assert cached.parent.parent == out / "cache" / "128px"
         with Image.open(cached) as image:
             assert image.mode == "L" and image.size == (128, 128)
 
@@ -390,16 +393,97 @@ def test_prepare_real_cxr_dev(shared_data, tmp_path):
 
 def test_cache_is_reused_and_refreshed_for_another_size(tmp_path):
     src = make_dataset(tmp_path / "src", per_class=2, size=200)
+    cache = tmp_path / "out" / "cache"
     quiet(src, tmp_path / "out", cache_size=128)
-    cached = sorted((tmp_path / "out" / "cache").rglob("*.png"))
+    cached = sorted(cache.rglob("*.png"))
     assert len(cached) == 6
     stamps = {path: path.stat().st_mtime_ns for path in cached}
     quiet(src, tmp_path / "out", cache_size=128, force=True)
     assert {path: path.stat().st_mtime_ns for path in cached} == stamps  # same content key: not rewritten
     quiet(src, tmp_path / "out", cache_size=64, force=True)
-    assert sorted((tmp_path / "out" / "cache").rglob("*.png")) == cached
-    assert all(Image.open(path).size == (64, 64) for path in cached)
-    assert not list((tmp_path / "out" / "cache").rglob(".*"))  # no partial files left behind
+    smaller = sorted(cache.rglob("*.png"))
+    # the same images in a folder of their own; the 128 px copies, no longer used, are gone
+    assert [path.relative_to(cache / "64px") for path in smaller] == [path.relative_to(cache / "128px") for path in cached]
+    assert all(Image.open(path).size == (64, 64) for path in smaller)
+    assert not (cache / "128px").exists()
+    assert not list(cache.rglob(".*"))  # no partial files left behind
+
+
+def test_an_interrupted_prepare_leaves_the_old_cached_copies_alone(tmp_path, monkeypatch):
+    # `--size 64 --force` stopped after the image check had rewritten, in place, the 128 px copies the old manifest
+    # points to: the manifest was unchanged (a run's digest check passed) and a run evaluated on it read other pixels
+    src = make_dataset(tmp_path / "src", per_class=2, size=200)
+    out = tmp_path / "out"
+    quiet(src, out, cache_size=128)
+    old_manifest = (out / "manifest.csv").read_bytes()
+    old_copies = {path: Path(path).read_bytes() for path in read_manifest(out)["cache_path"]}
+
+    def ctrl_c(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(Path, "write_text", ctrl_c)  # the outputs' write: every image has been checked by then
+    with pytest.raises(KeyboardInterrupt):
+        quiet(src, out, cache_size=64, force=True)
+    monkeypatch.undo()
+    assert (out / "manifest.csv").read_bytes() == old_manifest
+    assert {path: Path(path).read_bytes() for path in read_manifest(out)["cache_path"]} == old_copies
+
+
+@pytest.mark.parametrize("failure", [OSError(errno.ENOSPC, "No space left on device"), KeyboardInterrupt()])
+def test_a_failed_write_leaves_the_old_manifest_and_report_together(tmp_path, monkeypatch, failure):
+    # the manifest was renamed into place before the report was written: a full disk or Ctrl-C between the two left
+    # a seed-7 manifest beside the seed-0 report
+    src = make_dataset(tmp_path / "src", per_class=5)
+    out = tmp_path / "out"
+    quiet(src, out, cache_size=64)
+    names = ("manifest.csv", "prepare_report.json")
+    old = {name: (out / name).read_bytes() for name in names}
+    write_text = Path.write_text
+
+    def report_fails(path, *args, **kwargs):
+        if "prepare_report" in path.name:
+            raise failure
+        return write_text(path, *args, **kwargs)
+
+    monkeypatch.setattr(Path, "write_text", report_fails)
+    with pytest.raises(type(failure)):
+        quiet(src, out, cache_size=64, seed=7, force=True)
+    monkeypatch.undo()
+    assert {name: (out / name).read_bytes() for name in names} == old
+    assert not list(out.glob(".*"))  # no partial files left behind
+    quiet(src, out, cache_size=64, seed=7, force=True)
+    assert (out / "manifest.csv").read_bytes() != old["manifest.csv"]  # seed 7 does split otherwise
+
+
+def test_a_manifest_of_the_old_cache_layout_still_works_and_is_cleaned_up(tmp_path):
+    # before the size folder, copies were cache/<sha[:2]>/<sha>.png: manifests pointing there must still read, and the
+    # next prepare removes those copies (but nothing of the user's in the folder)
+    src = make_dataset(tmp_path / "src", per_class=2, size=200)
+    out = tmp_path / "out"
+    quiet(src, out, cache_size=128)
+    frame = pd.read_csv(out / "manifest.csv", dtype=str, keep_default_na=False)
+    for i, new in enumerate(frame["cache_path"]):
+        old = Path("cache", *Path(new).parts[2:])
+        (out / old).parent.mkdir(parents=True, exist_ok=True)
+        (out / new).rename(out / old)
+        frame.loc[i, "cache_path"] = old.as_posix()
+    frame.to_csv(out / "manifest.csv", index=False)
+    shutil.rmtree(out / "cache" / "128px")
+    (out / "cache" / "notes.txt").write_text("mine")
+    assert all(Path(path).is_file() for path in read_manifest(out)["cache_path"])
+
+    quiet(src, out, cache_size=128, force=True)
+    kept = sorted(path.relative_to(out).as_posix() for path in (out / "cache").rglob("*") if path.is_file())
+    assert kept == sorted([*read_manifest(out)["cache_path"].map(lambda p: Path(p).relative_to(out).as_posix()),
+                           "cache/notes.txt"])
+    assert all(path.startswith("cache/128px/") for path in kept if path != "cache/notes.txt")
+
+
+def test_a_prepare_without_cache_removes_the_old_one(tmp_path):
+    src = make_dataset(tmp_path / "src", per_class=2)
+    quiet(src, tmp_path / "out", cache_size=64)
+    quiet(src, tmp_path / "out", cache_size=0, force=True)
+    assert not (tmp_path / "out" / "cache").exists()
 
 
 def test_a_damaged_cached_copy_is_written_again(tmp_path):

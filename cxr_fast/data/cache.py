@@ -6,13 +6,19 @@ once and stores a grayscale PNG whose longest side is ``cache_size`` (never enla
 that instead (`read_image(cache_path or path)`). Measured on 2000x2000 radiograph JPEGs: reading + resizing
 to 224 px took 23 ms of CPU per image from the original and 3.4 ms from a 448 px cached PNG (6.6x).
 
-Files are keyed by the SHA-256 of the original file, ``CACHE/<sha[:2]>/<sha>.png``, so a second `prepare`
-into the same folder, or of a dataset sharing images, reuses them instead of decoding again.
+Files are keyed by the cache size and the SHA-256 of the original file, ``CACHE/<size>px/<sha[:2]>/<sha>.png``,
+so a second `prepare` into the same folder, or of a dataset sharing images, reuses them instead of decoding again,
+and one at another size writes beside the copies the old manifest points to instead of over them (an interrupted
+``--size 64 --force`` used to leave the old manifest reading 64 px copies). Copies no manifest uses are removed
+once a new one is in place (`remove_unused`). Manifests from before the size folder point to
+``CACHE/<sha[:2]>/<sha>.png``; those keep working until prepared again.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
+import re
 import threading
 import zlib
 from dataclasses import dataclass
@@ -34,8 +40,13 @@ PNG_COMPRESS_TYPE = zlib.Z_HUFFMAN_ONLY
 FINGERPRINT_DECODE_SIDE = 256
 
 
-def cache_path_for(cache_dir: str | os.PathLike, sha256: str) -> Path:
-    return Path(cache_dir) / sha256[:2] / f"{sha256}.png"
+# What `store` writes: a copy, or the partial file of one a kill interrupted. Only these are ever removed, so a
+# file of the user's that happens to sit in the folder is left alone.
+_COPY_NAME = re.compile(r"\.?(?P<sha>[0-9a-f]{64})\.png(\.\d+\.\d+\.partial)?")
+
+
+def cache_path_for(cache_dir: str | os.PathLike, sha256: str, cache_size: int) -> Path:
+    return Path(cache_dir) / f"{cache_size}px" / sha256[:2] / f"{sha256}.png"
 
 
 def cached_size(original_size: tuple[int, int], cache_size: int) -> tuple[int, int]:
@@ -61,7 +72,7 @@ def store(
     ``original_size``: the full-resolution size, when ``image`` was decoded at reduced scale already; it fixes
     the cached size, so it never depends on how the image happened to be decoded.
     """
-    path = cache_path_for(cache_dir, sha256)
+    path = cache_path_for(cache_dir, sha256, cache_size)
     expected = cached_size(original_size or image.size, cache_size)
     if _is_valid_copy(path, expected):
         return path
@@ -83,8 +94,9 @@ def store(
 def _is_valid_copy(path: Path, expected_size: tuple[int, int]) -> bool:
     """A cached file is reused only when it decodes completely as an 8-bit grayscale PNG of the expected size.
 
-    The size check catches a cache left by a `prepare` with another ``cache_size``; decoding it (cheap at cache
-    size) catches a copy cut short by a disk error or an interrupted sync, which would otherwise fail in training.
+    The size check catches a copy made when the size rule differed (before the short side was kept at MIN_SIDE);
+    decoding it (cheap at cache size) catches a copy cut short by a disk error or an interrupted sync, which would
+    otherwise fail in training.
     """
     try:
         with Image.open(path) as cached:
@@ -94,6 +106,25 @@ def _is_valid_copy(path: Path, expected_size: tuple[int, int]) -> bool:
             return True
     except (OSError, ValueError, SyntaxError):
         return False
+
+
+def remove_unused(cache_dir: str | os.PathLike, used: set[str]) -> None:
+    """Remove the cached copies under ``cache_dir`` that are not in ``used`` (absolute paths), then the folders left
+    empty: copies at a ``--size`` no longer used, of images no longer in the data, or in the layout before the size
+    folder. Called only once the new manifest is in place, never before: until then the old one points to them.
+
+    Best effort: a copy that cannot be removed costs disk space, not correctness, so it never fails a finished
+    `prepare`.
+    """
+    for folder, _, files in os.walk(os.path.abspath(cache_dir), topdown=False):
+        for name in files:
+            path = os.path.join(folder, name)
+            match = _COPY_NAME.fullmatch(name)
+            if match and os.path.basename(folder) == match["sha"][:2] and path not in used:
+                with contextlib.suppress(OSError):
+                    os.unlink(path)
+        with contextlib.suppress(OSError):
+            os.rmdir(folder)  # fails, as it should, unless it is empty
 
 
 @dataclass

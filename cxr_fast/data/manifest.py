@@ -83,7 +83,7 @@ from cxr_fast.data.split import (
 )
 from cxr_fast.data.synth import UNFINISHED
 from cxr_fast.errors import CxrFastError
-from cxr_fast.outputs import check_folder_path, printable, write_text
+from cxr_fast.outputs import check_folder_path, printable, write_texts
 from cxr_fast.progress import LogProgress, progress_bar
 
 REPORT_NAME = PREPARED_MARKER
@@ -185,8 +185,9 @@ def default_workers() -> int:
 
 def _removed_on_failure(prepare_fn):
     """A failed prepare removes the --out folder it created, cached copies and all, instead of leaving a folder
-    that looks like a dataset; an --out that existed before is left as it was (its old manifest is only ever
-    replaced whole, at the end)."""
+    that looks like a dataset; in an --out that existed before, the old manifest, report and the cached copies they
+    point to are left as they were (the first two are only ever replaced together, at the end; new copies go beside
+    the old ones, and stay for a rerun to reuse until a prepare that completes removes what it does not use)."""
 
     @functools.wraps(prepare_fn)
     def wrapper(src, out, *args, **kwargs):
@@ -407,7 +408,6 @@ def prepare(
     manifest = manifest[columns]
     manifest_path = out_dir / MANIFEST_NAME
     report_path = out_dir / REPORT_NAME
-    write_text(manifest_path, manifest.to_csv(index=False, lineterminator="\n"))
 
     counts = {
         split: {
@@ -453,7 +453,15 @@ def prepare(
     )
     report_data = report.to_dict()
     report_data.pop("seconds")  # keeps the report identical between identical runs
-    write_text(report_path, json.dumps(report_data, indent=2) + "\n")
+    # Both written whole before either is renamed, so a full disk or Ctrl-C never pairs a new manifest with the old
+    # report; the manifest last, as its rename is the moment the new dataset replaces the old.
+    write_texts({
+        report_path: json.dumps(report_data, indent=2) + "\n",
+        manifest_path: manifest.to_csv(index=False, lineterminator="\n"),
+    })
+    # Only now may the old manifest's copies go: until the rename above it still pointed to them.
+    used = {os.path.normpath(os.path.join(out_dir, value)) for value in manifest.get("cache_path", []) if value}
+    image_cache.remove_unused(out_dir / image_cache.CACHE_DIRNAME, used)
     return report
 
 
