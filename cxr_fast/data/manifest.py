@@ -511,7 +511,6 @@ def _check_arguments(src: Path, out: Path, seed: int, cache_size: int, force: bo
     if (out / MANIFEST_NAME).exists() and not force:
         raise CxrFastError(f"{out / MANIFEST_NAME} already exists; use --force to replace it")
     _check_out_inside_src(src, out)
-    _check_writable(out)
     if not isinstance(seed, int) or seed < 0:
         raise CxrFastError(f"seed must be a whole number >= 0, got {seed!r}")
     if not isinstance(cache_size, int) or (cache_size != 0 and cache_size < 64):
@@ -532,13 +531,6 @@ def _check_out_inside_src(src: Path, out: Path) -> None:
         raise CxrFastError(f"{out}: --out lies inside {src} and already holds {others[0]!r}"
                            f"{f' and {len(others) - 1} more' if len(others) > 1 else ''}, which would be left out "
                            "of the data; give a new or empty folder")
-
-
-def _check_writable(out: Path) -> None:
-    """A folder that cannot be written fails now, not after every image has been decoded."""
-    existing = next(folder for folder in (out, *out.parents) if folder.exists())
-    if not os.access(existing, os.W_OK | os.X_OK):
-        raise CxrFastError(f"{out}: --out cannot be written ({existing} is read-only or not yours)")
 
 
 def _is_utf8(text: str) -> bool:
