@@ -110,6 +110,16 @@ def new_folder(out_dir: Path) -> Iterator[Path]:
 PARTIAL_INSIDE = ".partial"  # new_folder's work folder inside an existing --out; a killed run's one does not count
 
 
+@contextmanager
+def work_folder_inside(out_dir: Path) -> Iterator[Path]:
+    """A fresh work folder inside the existing `out_dir`, removed again if the block fails or is interrupted: for
+    results that the block itself moves in beside files of `out_dir` that must stay. Inside, not beside, so that the
+    moves are renames even when `out_dir` is a mount point."""
+    out_dir = Path(out_dir).absolute()
+    with _scratch(out_dir / PARTIAL_INSIDE, out_dir) as work:
+        yield work
+
+
 def printable(name: str) -> str:
     """A file name as text any file or console takes: bytes that are not UTF-8 (which Python keeps in a name as
     surrogates, and a UTF-8 writer refuses) written as \\x escapes."""

@@ -1,5 +1,8 @@
 """Synthetic phantoms: layout, masks, determinism, shortcut markers, and that the classes carry real signal."""
 
+import errno
+from pathlib import Path
+
 import numpy as np
 import pandas as pd
 import pytest
@@ -165,7 +168,6 @@ def test_classes_separable_by_lung_patterns_not_by_brightness():
 
 def test_a_stopped_synth_leaves_nothing_to_mistake_for_a_phantom_set(tmp_path, monkeypatch):
     import cxr_fast.data.synth as synth
-    from cxr_fast.data.manifest import prepare
 
     real, made = synth.make_phantom, []
 
@@ -176,7 +178,7 @@ def test_a_stopped_synth_leaves_nothing_to_mistake_for_a_phantom_set(tmp_path, m
         return real(*args, **kwargs)
 
     monkeypatch.setattr(synth, "make_phantom", stopped_halfway)
-    with pytest.raises(KeyboardInterrupt):
+    with pytest.raises(KeyboardInterrupt, match="new: synth interrupted; no phantoms were written"):
         synthesize(tmp_path / "new", n_per_class=3, size=64, progress=False)
     assert not (tmp_path / "new").exists() and list(tmp_path.iterdir()) == []  # a new set: whole or nothing
     (tmp_path / "empty").mkdir()
@@ -185,14 +187,61 @@ def test_a_stopped_synth_leaves_nothing_to_mistake_for_a_phantom_set(tmp_path, m
     synthesize(tmp_path / "empty", n_per_class=1, size=64, progress=False)  # still empty to a rerun, and cleaned
     assert sorted(p.name for p in (tmp_path / "empty").iterdir()) == [*sorted(CLASSES), "_README.txt", "_masks",
                                                                        "_meta.csv"]
-    synthesize(tmp_path / "old", n_per_class=3, size=64, shortcut_rate=1.0, progress=False)
-    made.clear()
-    monkeypatch.setattr(synth, "make_phantom", stopped_halfway)
-    with pytest.raises(KeyboardInterrupt):  # replacing a set in place, with --force
-        synthesize(tmp_path / "old", n_per_class=3, size=64, seed=1, force=True, progress=False)
-    assert not (tmp_path / "old" / "_meta.csv").exists()  # the old set's marker boxes would describe new images
-    with pytest.raises(CxrFastError, match="old: cxrfast data synth was stopped while writing here"):
-        prepare(tmp_path / "old", tmp_path / "data", progress=False)
+
+
+@pytest.mark.parametrize("error", [KeyboardInterrupt(), OSError(errno.ENOSPC, "No space left on device")])
+def test_a_replacement_stopped_halfway_leaves_the_old_set_whole(tmp_path, monkeypatch, error):
+    from cxr_fast.data.manifest import prepare
+
+    out = tmp_path / "old"
+    synthesize(out, n_per_class=3, size=64, shortcut_rate=1.0, progress=False)
+    (out / "notes.txt").write_text("mine")
+    (out / "_masks" / "Normal" / "notes.txt").write_text("mine too")
+    before = {p.relative_to(out): p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    real_save, saved = Image.Image.save, []
+
+    def stopped_halfway(self, *args, **kwargs):  # Ctrl-C, or a full disk met inside PIL (no file named)
+        saved.append(1)
+        if len(saved) == 5:
+            raise error
+        return real_save(self, *args, **kwargs)
+
+    monkeypatch.setattr(Image.Image, "save", stopped_halfway)
+    with pytest.raises(type(error)) as e:
+        synthesize(out, n_per_class=3, size=64, seed=1, force=True, progress=False)
     monkeypatch.undo()
-    synthesize(tmp_path / "old", n_per_class=3, size=64, seed=1, force=True, progress=False)
-    assert prepare(tmp_path / "old", tmp_path / "data", progress=False).n_files == 9
+    assert {p.relative_to(out): p.read_bytes() for p in out.rglob("*") if p.is_file()} == before
+    assert not any(p.name.startswith(".") for p in out.iterdir())  # no work folder left
+    if isinstance(error, OSError):
+        assert e.value.filename == str(out)  # the one-line error says where the disk filled up
+    else:
+        assert "old: synth interrupted; the phantoms there are as they were" in str(e.value)
+    assert prepare(out, tmp_path / "data", progress=False).n_images == 9
+    synthesize(out, n_per_class=2, size=64, seed=1, force=True, progress=False)
+    assert len(list((out / "Normal").glob("*.png"))) == 2  # the larger old set's extra phantoms are gone
+    assert (out / "notes.txt").read_text() == "mine" and (out / "_masks" / "Normal" / "notes.txt").is_file()
+    assert not (out / "_unfinished.txt").exists() and not (out / ".partial").exists()
+
+
+def test_a_set_stopped_while_moved_into_its_folder_is_refused_by_prepare(tmp_path, monkeypatch):
+    from cxr_fast.data.manifest import prepare
+
+    out = tmp_path / "empty"
+    out.mkdir()  # an existing folder is filled, not replaced: the new set is moved in, class by class
+    real_rename = Path.rename
+
+    def killed_while_moving(self, target):
+        if self.name.startswith("Pneumonia"):
+            raise KeyboardInterrupt
+        return real_rename(self, target)
+
+    monkeypatch.setattr(Path, "rename", killed_while_moving)
+    with pytest.raises(KeyboardInterrupt, match="empty: cxrfast data synth was stopped while writing here"):
+        synthesize(out, n_per_class=3, size=64, progress=False)
+    monkeypatch.undo()
+    assert (out / "Normal").is_dir()  # two classes in: a manifest of them would look whole
+    with pytest.raises(CxrFastError, match="empty: cxrfast data synth was stopped while writing here"):
+        prepare(out, tmp_path / "data", progress=False)
+    synthesize(out, n_per_class=3, size=64, progress=False)  # the same command finishes it, --force or not
+    assert prepare(out, tmp_path / "data", progress=False).n_files == 9
+    assert not (out / "_unfinished.txt").exists() and not (out / ".partial").exists()

@@ -17,6 +17,7 @@ the same whatever ``n_per_class`` or ``shortcut_rate`` is (the marker only adds 
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -26,7 +27,7 @@ from PIL import Image, ImageDraw, ImageFont
 from cxr_fast import CLASSES
 from cxr_fast.data.io import MIN_SIDE
 from cxr_fast.errors import CxrFastError
-from cxr_fast.outputs import PARTIAL_INSIDE, check_folder_path, new_folder
+from cxr_fast.outputs import PARTIAL_INSIDE, check_folder_path, new_folder, work_folder_inside, write_text
 from cxr_fast.progress import progress_bar
 
 CLASS_NAMES = CLASSES
@@ -264,8 +265,8 @@ def synthesize(
     """Write ``n_per_class`` phantoms per class under ``out`` and return the table saved as ``_meta.csv``.
 
     ``shortcut_rate`` is the chance that an image carries its class marker; ``lesion_contrast`` scales the
-    class signal (0 makes the classes indistinguishable). ``out`` must be empty unless ``force`` is True,
-    in which case phantoms from an earlier run are deleted and replaced.
+    class signal (0 makes the classes indistinguishable). ``out`` must be empty unless ``force`` is True, in
+    which case the phantoms of an earlier run are replaced (its other files kept) once the new set is complete.
     """
     out = Path(out)
     # one message per mistake, in the CLI's words (--size etc.; the Python names differ only by "_")
@@ -279,28 +280,48 @@ def synthesize(
             raise CxrFastError(f"{out}: {rule}")
     check_folder_path(out, "output folder")
     filled = out.exists() and any(p.name != PARTIAL_INSIDE for p in out.iterdir())  # a stopped run's work folder
-    if filled and not force:
+    stopped = (out / UNFINISHED).is_file()  # a stopped swap's mix of two sets: nothing finished there to keep
+    if filled and not (force or stopped):
         raise CxrFastError(f"{out}: folder is not empty; choose another or add --force to replace its phantoms")
-    if not filled:  # a new set appears whole or not at all: a kill halfway leaves no folder to mistake for one
-        with new_folder(out) as work:
-            return _write_phantoms(work, n_per_class, size, shortcut_rate, seed, lesion_contrast, progress)
-    # Replacing in place (the folder may hold other files): marked unfinished until _meta.csv is written last, and
-    # the old set's metadata removed first, so a kill halfway never pairs old marker boxes with new images.
-    unfinished = out / UNFINISHED
-    unfinished.write_text(UNFINISHED_TEXT)
+    try:
+        if not out.exists():  # a new set appears whole or not at all: a kill halfway leaves no folder to mistake for one
+            with new_folder(out) as work:
+                return _write_phantoms(work, n_per_class, size, shortcut_rate, seed, lesion_contrast, progress)
+        # An existing folder may hold the user's other files, so it is not replaced: the new set is drawn in a work
+        # folder inside it while the old set stays whole, and only the finished set is swapped in.
+        with work_folder_inside(out) as work:
+            meta = _write_phantoms(work, n_per_class, size, shortcut_rate, seed, lesion_contrast, progress)
+            _swap_in(work, out)
+        return meta
+    except KeyboardInterrupt:  # say what the folder holds now, not just "interrupted"
+        if (out / UNFINISHED).is_file():
+            raise KeyboardInterrupt(f"{out}: {UNFINISHED_TEXT.strip()}") from None
+        kept = "the phantoms there are as they were" if filled else "no phantoms were written"
+        raise KeyboardInterrupt(f"{out}: synth interrupted; {kept}") from None
+
+
+# Left in a phantom folder while `synthesize` swaps a new set in; `data prepare` refuses such a folder.
+UNFINISHED = "_unfinished.txt"
+UNFINISHED_TEXT = "cxrfast data synth was stopped while writing here; run it again.\n"
+
+
+def _swap_in(work: Path, out: Path) -> None:
+    """Put the complete set drawn in `work` in place of the phantoms in `out`, keeping every other file there. The
+    folder is marked unfinished from the first old file removed until the last new one is in: a kill in between
+    leaves no mix of two sets for `prepare` to take, nor old marker boxes paired with new images."""
+    write_text(out / UNFINISHED, UNFINISHED_TEXT)
     for stale in (out / "_meta.csv", out / "_README.txt"):
         stale.unlink(missing_ok=True)
-    for label in CLASSES:  # stale phantoms of a larger earlier run must not linger
-        for old in [*(out / label).glob(f"{label}_*.png"), *(out / "_masks" / label).glob(f"{label}_*.png")]:
+    for folder in [Path(label) for label in CLASSES] + [Path("_masks", label) for label in CLASSES]:
+        for old in (out / folder).glob(f"{folder.name}_*.png"):  # stale phantoms of a larger earlier run go too
             old.unlink()
-    meta = _write_phantoms(out, n_per_class, size, shortcut_rate, seed, lesion_contrast, progress)
-    unfinished.unlink()
-    return meta
-
-
-# Left in a phantom folder while `synthesize --force` replaces its set; `data prepare` refuses such a folder.
-UNFINISHED = "_unfinished.txt"
-UNFINISHED_TEXT = "cxrfast data synth was stopped while writing here; run it again with --force.\n"
+        (out / folder).mkdir(parents=True, exist_ok=True)
+        for new in (work / folder).iterdir():
+            new.rename(out / folder / new.name)
+    for name in ("_README.txt", "_meta.csv"):
+        (work / name).rename(out / name)
+    shutil.rmtree(work)
+    (out / UNFINISHED).unlink()  # last: the set is whole
 
 
 def _write_phantoms(out: Path, n_per_class: int, size: int, shortcut_rate: float, seed: int, lesion_contrast: float,
