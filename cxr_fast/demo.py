@@ -21,11 +21,12 @@ from rich.markup import escape
 from cxr_fast import CLASSES
 from cxr_fast.data.split import DEFAULT_FRACTIONS
 from cxr_fast.errors import CxrFastError
-from cxr_fast.outputs import check_folder_path
+from cxr_fast.outputs import check_folder_path, clear_run_folder, write_text
 
 DEMO_SHORTCUT_RATE = 0.5
 DEMO_ENTRIES = {"phantoms", "data", "models", "report.html"}  # all a demo writes in its folder
-DEMO_LITTER = {".DS_Store", "Thumbs.db", ".phantoms.partial"}  # a file browser's, or a stopped demo's: not the user's
+# a file browser's, or the work files of a demo killed outright (phantoms, report): not the user's
+DEMO_LITTER = {".DS_Store", "Thumbs.db", ".phantoms.partial", ".report.html.partial"}
 
 
 def run_demo(out: str | Path, *, n_per_class: int = 80, shortcut_rate: float = DEMO_SHORTCUT_RATE,
@@ -44,9 +45,12 @@ def run_demo(out: str | Path, *, n_per_class: int = 80, shortcut_rate: float = D
     out = Path(out).absolute()
     check_folder_path(out, "--out")
     earlier = out.with_name(f".{out.name}.old")  # an earlier demo, kept until the new one is complete
-    if earlier.exists() and not (out / "report.html").is_file():  # a replacement killed halfway: the old one back
-        shutil.rmtree(out, ignore_errors=True)
-        earlier.rename(out)
+    if earlier.exists():  # a replacement killed outright: report.html, written last and whole, says how far it got
+        if (out / "report.html").is_file():
+            shutil.rmtree(earlier)
+        else:
+            shutil.rmtree(out, ignore_errors=True)
+            earlier.rename(out)
     # a demo stopped in its first step holds only the phantoms' hidden work folder: no demo yet, nothing to replace
     if out.exists() and any(p.name not in DEMO_LITTER for p in out.iterdir()):
         if not force:
@@ -60,15 +64,19 @@ def run_demo(out: str | Path, *, n_per_class: int = 80, shortcut_rate: float = D
             raise CxrFastError(f"{out}: the current folder; --force cannot set it aside, give --out a folder below it")
         shutil.rmtree(earlier, ignore_errors=True)
         out.rename(earlier)
+    existed = out.exists()  # empty but for litter, or the current folder: emptied on failure, not removed
     try:
         path = _run_steps(out, cfg, n_per_class, shortcut_rate, console)
-    except BaseException as e:  # Ctrl-C or a failure: the earlier demo comes back whole, the half-made one goes
-        if not earlier.exists():
-            raise
-        shutil.rmtree(out, ignore_errors=True)
-        earlier.rename(out)
+    except BaseException as e:  # Ctrl-C or a failure: the half-made demo goes, and the earlier one comes back whole
+        if earlier.exists():
+            shutil.rmtree(out, ignore_errors=True)
+            earlier.rename(out)
+            kept = f"the earlier demo in {out} is as it was"
+        else:  # left, it would block the same command, and its checkpoint would invite a `train --resume`
+            clear_run_folder(out, keep=existed)
+            kept = f"what it had made in {out} was removed, so the same command starts it again"
         if isinstance(e, KeyboardInterrupt):  # training's own message would name a run folder that is gone now
-            raise KeyboardInterrupt(f"demo interrupted; the earlier demo in {out} is as it was") from None
+            raise KeyboardInterrupt(f"demo interrupted; {kept}") from None
         raise
     shutil.rmtree(earlier, ignore_errors=True)
     return path
@@ -134,5 +142,5 @@ macro F1 {m['macro_f1']:.3f}</li>
 <h2>Training curves</h2><img src="data:image/png;base64,{curves}" alt="training curves">
 </body></html>"""
     path = out / "report.html"
-    path.write_text(page, encoding="utf-8")
+    write_text(path, page)  # whole or not at all: its presence is what marks a demo complete
     return path

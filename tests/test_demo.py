@@ -98,3 +98,91 @@ def test_force_replaces_an_earlier_demo_but_no_other_folder(tmp_path, monkeypatc
     monkeypatch.setattr(cxr_fast.data.synth, "synthesize", stop)
     with pytest.raises(Replaced):  # run again without --force: there is no demo there yet
         run_demo(stopped, n_per_class=19, console=quiet)
+
+
+def test_a_first_demo_stopped_halfway_leaves_nothing_to_block_its_rerun(tmp_path, monkeypatch):
+    import cxr_fast.train
+
+    quiet = Console(file=io.StringIO())
+
+    def interrupted(data, cfg, out, **kwargs):  # phantoms and data made, a checkpoint written, then Ctrl-C
+        out.mkdir(parents=True)
+        (out / "checkpoint.pth").write_bytes(b"half")
+        raise KeyboardInterrupt(f"training interrupted after 0 of 1 epochs; cxrfast train {data} --out {out} --resume")
+
+    monkeypatch.setattr(cxr_fast.train, "train", interrupted)
+    out = tmp_path / "demo"
+    with pytest.raises(KeyboardInterrupt) as e:
+        run_demo(out, n_per_class=19, epochs=1, console=quiet)
+    assert "--resume" not in str(e.value)  # a resumed run would not finish the demo
+    assert str(e.value) == f"demo interrupted; what it had made in {out} was removed, so the same command starts it again"
+    assert list(tmp_path.iterdir()) == []
+    here = tmp_path / "here"
+    here.mkdir()  # a folder made beforehand (or the current one) is emptied, not removed
+    with pytest.raises(KeyboardInterrupt):
+        run_demo(here, n_per_class=19, epochs=1, console=quiet)
+    assert here.is_dir() and list(here.iterdir()) == []
+
+    class Rerun(Exception):
+        pass
+
+    def rerun(*args, **kwargs):
+        raise Rerun
+
+    monkeypatch.setattr(cxr_fast.train, "train", rerun)
+    with pytest.raises(Rerun):  # the same command again goes ahead: no "already exists"
+        run_demo(out, n_per_class=19, epochs=1, console=quiet)
+    assert not out.exists()  # a failure, not only Ctrl-C, leaves no half-made demo either
+
+
+def test_a_demo_killed_while_writing_its_report_is_not_taken_for_complete(tmp_path, monkeypatch):
+    from pathlib import Path
+    from types import SimpleNamespace
+
+    import cxr_fast.data.synth
+    from cxr_fast.demo import write_demo_report
+
+    out = tmp_path / "demo"
+    run_dir = out / "models" / "demo"
+    run_dir.mkdir(parents=True)
+    (out / "phantoms").mkdir()
+    (out / "data").mkdir()
+    (run_dir / "metrics.json").write_text('{"epochs": 1, "train_seconds": 3}')
+    (run_dir / "curves.png").write_bytes(b"png")
+    metrics = dict(balanced_accuracy=0.9, balanced_accuracy_ci=[0.8, 0.95], accuracy=0.9, macro_f1=0.9, ece=0.05,
+                   temperature=1.0)
+    evaluation = SimpleNamespace(metrics=metrics, out_dir=run_dir / "eval" / "data-test")
+    interpretation = SimpleNamespace(verdicts=["fine"], out_dir=run_dir / "interpret" / "data-test")
+    (tmp_path / ".demo.old" / "phantoms").mkdir(parents=True)  # the earlier demo, set aside by --force
+    (tmp_path / ".demo.old" / "report.html").write_text("old")
+    real_write = Path.write_text
+
+    def killed_halfway(self, text, *args, **kwargs):  # the process dies with half the page on disk
+        real_write(self, text[: len(text) // 2], *args, **kwargs)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(Path, "write_text", killed_halfway)
+    with pytest.raises(KeyboardInterrupt):
+        write_demo_report(out, run_dir, evaluation, interpretation, 0.5)
+    monkeypatch.undo()
+    assert not (out / "report.html").exists()  # half a page must not mark the new demo complete
+
+    class Replaced(Exception):
+        pass
+
+    def stop(*args, **kwargs):
+        raise Replaced
+
+    monkeypatch.setattr(cxr_fast.data.synth, "synthesize", stop)
+    quiet = Console(file=io.StringIO())
+    with pytest.raises(CxrFastError, match="already exists"):  # the next call puts the earlier demo back first
+        run_demo(out, n_per_class=19, console=quiet)
+    assert (out / "report.html").read_text() == "old" and not (tmp_path / ".demo.old").exists()
+    (out / ".report.html.partial").write_text("half")  # what a kill outright leaves: the demo's, not the user's
+    with pytest.raises(Replaced):  # so --force still takes the folder for a demo's
+        run_demo(out, n_per_class=19, force=True, console=quiet)
+    assert (out / "report.html").read_text() == "old"
+    (tmp_path / ".demo.old").mkdir()  # killed after the new demo was complete: the earlier one is not wanted back
+    with pytest.raises(CxrFastError, match="already exists"):
+        run_demo(out, n_per_class=19, console=quiet)
+    assert (out / "report.html").read_text() == "old" and not (tmp_path / ".demo.old").exists()
