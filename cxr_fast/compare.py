@@ -35,7 +35,7 @@ from cxr_fast.data.manifest import manifest_key
 from cxr_fast.errors import CxrFastError
 from cxr_fast.evaluate import compute_metrics
 from cxr_fast.metrics import mcnemar
-from cxr_fast.outputs import PARTIAL_INSIDE, check_folder_path, new_folder
+from cxr_fast.outputs import PARTIAL_INSIDE, check_folder_path, new_folder, settle_move
 
 WARM_UP_IMAGES = 8  # untimed before the inference speed is measured
 
@@ -146,6 +146,7 @@ def compare_runs(run_dirs: list[str | Path], *, out: str | Path | None = None, s
 def check_new_folder(out_dir: Path) -> None:
     """Refuse, before minutes of work, an --out that is a file, lies under one, or already holds something."""
     check_folder_path(out_dir, "--out")
+    settle_move(out_dir)
     if out_dir.exists() and any(p.name != PARTIAL_INSIDE for p in out_dir.iterdir()):
         if (out_dir / "runs").is_dir() and not (out_dir / "report").exists():
             raise CxrFastError(f"{out_dir}: an unfinished comparison is here; add --resume to continue it, or "

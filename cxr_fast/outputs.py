@@ -110,6 +110,18 @@ def new_folder(out_dir: Path) -> Iterator[Path]:
 PARTIAL_INSIDE = ".partial"  # new_folder's work folder inside an existing --out; a killed run's one does not count
 
 
+def settle_move(out_dir: Path) -> None:
+    """Finish a `new_folder` into an existing folder that a kill stopped while it moved the results in: some are in
+    `out_dir`, the rest still in its work folder, complete since only complete results are moved. (A work folder
+    alone is a block that never finished: `new_folder` starts it afresh.) Called before a command judges `out_dir`."""
+    partial = Path(out_dir) / PARTIAL_INSIDE
+    if not partial.is_dir() or not any(p.name != PARTIAL_INSIDE for p in Path(out_dir).iterdir()):
+        return
+    for child in partial.iterdir():
+        child.rename(Path(out_dir) / child.name)
+    partial.rmdir()
+
+
 @contextmanager
 def work_folder_inside(out_dir: Path) -> Iterator[Path]:
     """A fresh work folder inside the existing `out_dir`, removed again if the block fails or is interrupted: for

@@ -53,7 +53,7 @@ from cxr_fast.config import RECIPE_KEYS, TrainConfig, resolve_config
 from cxr_fast.data.block import build_dataloaders, check_classes
 from cxr_fast.data.manifest import manifest_digest, manifest_key, read_manifest
 from cxr_fast.errors import CxrFastError, first_line, read_json, read_tensors, storage_problem
-from cxr_fast.outputs import check_folder_path, clear_run_folder, write_tensors, write_text
+from cxr_fast.outputs import check_folder_path, clear_run_folder, settle_move, write_tensors, write_text
 from cxr_fast.probe import is_frozen_arch
 
 CHECKPOINT_DIR = "checkpoint"
@@ -88,6 +88,7 @@ def check_new_out(out: str | Path | None) -> None:
         return
     out = Path(out)
     check_folder_path(out, "--out")
+    settle_move(out)  # an ensemble killed while moving into an empty --out of the user's
     if stopped_in_first_epoch(out):  # a kill -9 as the first checkpoint was written: nothing finished, so start over
         shutil.rmtree(out / CHECKPOINT_DIR)
     if out.exists() and any(out.iterdir()):

@@ -3,7 +3,7 @@ from pathlib import Path
 import pytest
 
 from cxr_fast.errors import CxrFastError
-from cxr_fast.outputs import replacing_folder, settle_replacement
+from cxr_fast.outputs import new_folder, replacing_folder, settle_move, settle_replacement
 
 
 def test_old_results_survive_a_failed_redo(tmp_path):
@@ -54,6 +54,34 @@ def test_a_replacement_killed_before_its_new_results_exist_gives_the_old_ones_ba
     (tmp_path / ".eval.old" / "report.html").write_text("old")
     settle_replacement(tmp_path / "eval")
     assert (tmp_path / "eval" / "report.html").read_text() == "old" and not (tmp_path / ".eval.old").exists()
+
+
+def test_a_move_into_an_empty_folder_stopped_halfway_is_finished_by_the_next_look(tmp_path, monkeypatch):
+    # a kill while new_folder moved the results into an existing empty --out left some there and the rest hidden in
+    # its work folder: compare's rerun said "already exists" of half a comparison
+    out = tmp_path / "cmp"
+    out.mkdir()
+    real_rename, moved = Path.rename, []
+
+    def killed_after_the_first_move(self, target):
+        if moved:
+            raise KeyboardInterrupt
+        moved.append(self.name)
+        return real_rename(self, target)
+
+    monkeypatch.setattr(Path, "rename", killed_after_the_first_move)
+    with pytest.raises(KeyboardInterrupt), new_folder(out) as work:
+        for name in ("a.csv", "b.csv", "report.html"):
+            (work / name).write_text(name)
+    monkeypatch.undo()
+    assert len([p for p in out.iterdir() if p.name != ".partial"]) == 1
+    settle_move(out)
+    assert sorted(p.name for p in out.iterdir()) == ["a.csv", "b.csv", "report.html"]
+    (tmp_path / "stopped").mkdir()
+    (tmp_path / "stopped" / ".partial").mkdir()  # killed before any move: nothing complete to finish
+    (tmp_path / "stopped" / ".partial" / "a.csv").write_text("half")
+    settle_move(tmp_path / "stopped")
+    assert [p.name for p in (tmp_path / "stopped").iterdir()] == [".partial"]
 
 
 def test_a_full_disk_leaves_no_half_file_and_names_the_file(tmp_path, monkeypatch):
