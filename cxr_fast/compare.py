@@ -154,6 +154,16 @@ def check_new_folder(out_dir: Path) -> None:
         raise CxrFastError(f"{out_dir}: already exists; choose another --out")
 
 
+def _checkpoint_settings(state_file: Path) -> dict:
+    """The settings an interrupted run started with, from its checkpoint (a damaged one: none, and `train --resume`
+    then names the damage)."""
+    try:
+        state = json.loads(state_file.read_text())
+    except (OSError, ValueError):
+        return {}
+    return state["config"] if isinstance(state, dict) and isinstance(state.get("config"), dict) else {}
+
+
 def summarise(table: pd.DataFrame) -> pd.DataFrame:
     """Mean ± sd across seeds per training setting (an architecture, unless it was trained in several settings)."""
     g = table.assign(arch=setting_labels(table)).groupby("arch", sort=False)
@@ -226,6 +236,9 @@ def compare_archs(data: str | Path, archs: list[str] = (), *, recipe: str | Path
         if resume and not interrupted and (run_out / "config.json").is_file():
             check_same_settings(run_out, cfg)
             return run_out
+        # An interrupted run goes on with its own settings: they must be the ones asked for now, too.
+        if interrupted and (started := _checkpoint_settings(run_out / CHECKPOINT_DIR / "state.json")):
+            check_same_settings(run_out, cfg, trained=started)
         if resume and not interrupted and run_out.exists():
             shutil.rmtree(run_out)  # killed before its first epoch ended: nothing of it to keep
         cfg = None if interrupted else cfg  # a resumed run takes its settings from its checkpoint
@@ -269,9 +282,12 @@ def compare_archs(data: str | Path, archs: list[str] = (), *, recipe: str | Path
                                 f"{resume_hint}") from None
 
 
-def check_same_settings(run_dir: Path, cfg) -> None:
-    """A finished run kept by `compare --resume` must have been trained as this comparison asks."""
-    trained = yaml.safe_load((run_dir / "recipe.yaml").read_text()) or {}
+def check_same_settings(run_dir: Path, cfg, trained: dict | None = None) -> None:
+    """A run kept or resumed by `compare --resume` must have been trained as this comparison asks: one report
+    must not set a 30-epoch run beside a 3-epoch one. `trained`: the settings it ran with (default: the finished
+    run's recipe.yaml)."""
+    if trained is None:
+        trained = yaml.safe_load((run_dir / "recipe.yaml").read_text()) or {}
     asked = cfg.to_dict()
     differ = sorted(k for k in asked if k != "weights" and trained.get(k) != asked[k])  # weights: resolved paths
     if differ:

@@ -42,7 +42,8 @@ def first_line(e: BaseException) -> str:
 
 # A full disk, a read-only or forbidden folder, a file where a folder should be (or the reverse): a reason the user
 # can act on, unlike an OSError from a damaged image.
-STORAGE_ERRORS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM, errno.ENOTDIR, errno.EISDIR}
+STORAGE_ERRORS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM, errno.ENOTDIR, errno.EISDIR,
+                  errno.ENOENT}  # ENOENT: a folder that cannot be made where it was asked (under /proc, say)
 
 
 def storage_problem(e: BaseException) -> str | None:

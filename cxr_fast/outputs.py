@@ -139,9 +139,10 @@ def printable(name: str) -> str:
 
 
 def short_stem(stem: str, max_bytes: int = 200) -> str:
-    """`stem` cut to `max_bytes` of UTF-8, so that an output name built from an input's name (plus a prefix or a
-    suffix) stays within the 255 bytes file systems allow."""
-    return stem.encode("utf-8")[:max_bytes].decode("utf-8", errors="ignore")
+    """`stem` as printable text (bytes of a name that is not UTF-8 as \\x escapes), cut to `max_bytes` of UTF-8, so
+    that an output name built from an input's name (plus a prefix or a suffix) is one any file system, web page or
+    zip takes, within the 255 bytes file systems allow."""
+    return printable(stem).encode("utf-8")[:max_bytes].decode("utf-8", errors="ignore")
 
 
 def write_text(path: Path, text: str) -> None:

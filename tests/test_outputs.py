@@ -1,3 +1,5 @@
+import errno
+import os
 from pathlib import Path
 
 import pytest
@@ -118,6 +120,15 @@ def test_the_cli_says_a_full_disk_in_one_line(tmp_path, monkeypatch):
     result = CliRunner().invoke(app, ["data", "synth", str(tmp_path / "src")])
     assert result.exit_code == 1 and "Traceback" not in result.output
     assert f"error: {tmp_path / 'src' / 'x.png'}: No space left on device" in result.output.replace("\n", "")
+
+
+def test_storage_errors_a_user_can_act_on_are_one_line():
+    from cxr_fast.errors import storage_problem
+
+    # a folder that cannot be made there (under /proc), a file in the way, a folder given for a file
+    for code, name in ((errno.ENOENT, "/proc/xx"), (errno.ENOTDIR, "run/eval/x"), (errno.EISDIR, "out.csv")):
+        assert storage_problem(OSError(code, os.strerror(code), name)) == f"{name}: {os.strerror(code)}"
+    assert storage_problem(OSError(errno.EIO, "Input/output error")) is None  # a damaged disk: not the user's to fix
 
 
 def test_a_full_disk_met_inside_a_library_names_the_folder_being_written(tmp_path):
