@@ -62,8 +62,11 @@ def top_losses(run: Run, items: pd.DataFrame, k: int, probs: np.ndarray) -> tupl
 
     from cxr_fast.data.block import build_eval_dataloaders
 
+    # Batches on the model's own device: a Learner moves its model to its data's, and fastai's default is the GPU
+    # when there is one, which left the model there for the occlusion maps after, fed from the CPU.
+    device = next(run.model.parameters()).device
     dls = build_eval_dataloaders(items, size=run.size, bs=32, n_in=run.n_in, classes=run.classes,
-                                 mean=run.config["mean"], std=run.config["std"])
+                                 mean=run.config["mean"], std=run.config["std"], device=device)
     learn = Learner(dls, run.model, loss_func=CrossEntropyLossFlat())
     with learn.no_bar(), learn.no_logging():
         interp = ClassificationInterpretation.from_learner(learn)

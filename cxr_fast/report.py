@@ -368,7 +368,9 @@ def _html(title, blocks, pngs, metrics, warnings, meta, disclaimer) -> str:
 
 
 def to_jsonable(value):
-    """`value` with numpy scalars/arrays, tuples and Paths turned into JSON types; NaN becomes None."""
+    """`value` with numpy scalars/arrays, tuples and Paths turned into JSON types; NaN (nothing to measure) becomes
+    None, and an infinity, which JSON cannot hold, the string "inf" or "-inf": a lung preference with all the evidence
+    inside the lungs is the best case, not a missing one."""
     if isinstance(value, Mapping):
         return {str(k): to_jsonable(v) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
@@ -380,7 +382,9 @@ def to_jsonable(value):
     if isinstance(value, (int, np.integer)):
         return int(value)
     if isinstance(value, (float, np.floating)):
-        return None if math.isnan(value) or math.isinf(value) else float(value)
+        if math.isinf(value):
+            return "inf" if value > 0 else "-inf"
+        return None if math.isnan(value) else float(value)
     if isinstance(value, Path):
         return str(value)
     return value

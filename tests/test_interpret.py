@@ -122,6 +122,22 @@ def test_audit_sample_gives_n_correct_predictions_with_shortfalls_filled():
     assert len(audit_sample(probs, y, 100)) == 11  # every correct prediction, no more
 
 
+def test_top_losses_leave_the_model_on_its_own_device(tiny_runs, tiny_data, monkeypatch):
+    # on a machine with a GPU, fastai's default device, the Learner moved the model there and the occlusion maps
+    # after it, fed from the CPU, failed: "meta" stands in for the GPU here
+    import fastai.data.core
+    import torch
+
+    from cxr_fast.interpret import top_losses
+
+    run = load_run(tiny_runs[0])
+    items = read_manifest(tiny_data).query("split == 'test'").reset_index(drop=True)
+    monkeypatch.setattr(fastai.data.core, "default_device", lambda *a, **k: torch.device("meta"))
+    probs = np.full((len(items), len(run.classes)), 1 / len(run.classes))
+    top_losses(run, items, 3, probs)
+    assert {p.device.type for p in run.model.parameters()} == {"cpu"}
+
+
 def test_top_losses_are_wrong_predictions_only(tiny_runs, tiny_data):
     from cxr_fast.bundle import load_run, predict_logits
     from cxr_fast.calibration import softmax

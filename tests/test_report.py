@@ -189,9 +189,12 @@ def test_report_rejects_clashing_or_unknown_figures(tmp_path):
 def test_metrics_json_round_trip(tmp_path, evaluation):
     metrics, _ = evaluation
     path = write_metrics_json(
-        tmp_path / "metrics.json", {**metrics, "nan": np.float64("nan"), "arr": np.arange(3)}
+        tmp_path / "metrics.json", {**metrics, "nan": np.float64("nan"), "arr": np.arange(3),
+                                    "lung_preference": np.float64("inf"), "low": -np.inf}
     )
     loaded = json.loads(path.read_text())
+    # an infinite lung preference (all evidence inside the lungs) was written null, as "nothing to measure" is
+    assert loaded["lung_preference"] == "inf" and loaded["low"] == "-inf"
     assert loaded["balanced_accuracy"] == pytest.approx(metrics["balanced_accuracy"])
     assert loaded["per_class"]["Normal"]["support"] == metrics["per_class"]["Normal"]["support"]
     assert loaded["nan"] is None and loaded["arr"] == [0, 1, 2]

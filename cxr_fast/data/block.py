@@ -159,8 +159,9 @@ def build_dataloaders(
 
 
 def build_eval_dataloaders(items: pd.DataFrame, *, size: int, bs: int, n_in: int, classes: list[str],
-                           mean: list[float], std: list[float]) -> DataLoaders:
-    """DataLoaders whose valid set is `items`, preprocessed as in training without augmentation.
+                           mean: list[float], std: list[float], device=None) -> DataLoaders:
+    """DataLoaders whose valid set is `items`, preprocessed as in training without augmentation, with batches on
+    `device` (fastai's default device, a GPU when there is one, if None).
 
     fastai needs a training set to build DataLoaders; it gets the first item, which nothing ever reads.
     """
@@ -174,4 +175,4 @@ def build_eval_dataloaders(items: pd.DataFrame, *, size: int, bs: int, n_in: int
         item_tfms=[SquishResize(size)],
         batch_tfms=[Normalize.from_stats(mean, std)],
     )
-    return block.dataloaders(df, bs=bs, num_workers=0, shuffle=False)
+    return block.dataloaders(df, bs=bs, num_workers=0, shuffle=False, device=device)
