@@ -317,8 +317,9 @@ def test_a_file_where_a_runs_eval_or_interpret_folder_goes_is_refused_before_any
     run = shutil.copytree(tiny_runs[0], tmp_path / "run")
     for module in (cxr_fast.evaluate, cxr_fast.interpret):
         monkeypatch.setattr(module, "predict_logits", lambda *a, **k: pytest.fail("predicted first"))
-    (run / "eval").write_text("in the way")
-    (run / "interpret").write_text("in the way")
+    for name in ("eval", "interpret"):
+        shutil.rmtree(run / name, ignore_errors=True)  # other tests' results on the shared run
+        (run / name).write_text("in the way")
     with pytest.raises(CxrFastError, match=r"run/eval: exists and is not a folder \(move it away\)"):
         evaluate(run, n_boot=10, progress=False)
     with pytest.raises(CxrFastError, match=r"run/interpret: exists and is not a folder \(move it away\)"):
