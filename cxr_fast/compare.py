@@ -260,6 +260,9 @@ def compare_archs(data: str | Path, archs: list[str] = (), *, recipe: str | Path
     jobs += [(f"{recipe_run_name(r, recipes)}-seed{s}", resolve_config(r, seed=s, **overrides))
              for r in recipes for s in seeds]
     names = [name for name, _ in jobs]
+    if len(jobs) < 2:  # refused now, not after the one run has trained
+        raise CxrFastError(f"compare needs at least two runs, and this would train one ({names[0]}); give more "
+                           "--archs, --recipes or --seeds")
     repeated = sorted({name for name in names if names.count(name) > 1})
     if repeated:
         raise CxrFastError(f"given twice: {', '.join(repeated)} (two runs would share one folder); each "

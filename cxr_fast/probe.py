@@ -32,7 +32,7 @@ from cxr_fast.archs.weights import EFFICIENTNET_LITE_MEAN, EFFICIENTNET_LITE_STD
 from cxr_fast.config import TrainConfig
 from cxr_fast.data.manifest import image_column
 from cxr_fast.errors import CxrFastError, read_tensors
-from cxr_fast.outputs import clear_run_folder, write_tensors
+from cxr_fast.outputs import clear_run_folder, write_figure, write_tensors, write_text
 from cxr_fast.preprocess import load_input
 from cxr_fast.progress import LogProgress, progress_bar
 
@@ -85,9 +85,8 @@ def fit_frozen(manifest: pd.DataFrame, cfg: TrainConfig, state: dict, run_dir: P
     checkpoint.mkdir(exist_ok=True)
     state.update(classes=classes, stats={"mean": model.pretrained_stats.mean, "std": model.pretrained_stats.std},
                  lr=None)
-    _write_state(state, checkpoint)
-
-    try:
+    try:  # from here the run folder exists: a failure or Ctrl-C before the first block is saved removes it
+        _write_state(state, checkpoint)
         features = split_features(model.body, manifest, cfg, model.pretrained_stats, checkpoint, state, quiet)
         started = time.perf_counter()
         fit, scaler, history = fit_regression(features, y, cfg.class_weights, quiet)
@@ -107,9 +106,8 @@ def fit_frozen(manifest: pd.DataFrame, cfg: TrainConfig, state: dict, run_dir: P
 
 
 def _write_state(state: dict, checkpoint: Path) -> None:
-    tmp = checkpoint / "state.json.tmp"
-    tmp.write_text(json.dumps(state, indent=1))
-    tmp.replace(checkpoint / "state.json")
+    # write_text's partial name is one `train` knows as a first checkpoint killed mid-write, not as a run's work
+    write_text(checkpoint / "state.json", json.dumps(state, indent=1))
 
 
 def split_features(body: FrozenFeatures, manifest: pd.DataFrame, cfg: TrainConfig, stats: Stats, checkpoint: Path,
@@ -223,11 +221,11 @@ def _write_bundle(run_dir: Path, model, cfg: TrainConfig, state: dict, manifest:
     classifier = model.classifier
     logits = features["valid"] @ classifier.weight.detach().double().numpy().T + classifier.bias.detach().double().numpy()
     config["temperature"] = float(fit_temperature(logits, y["valid"]))
-    (run_dir / "config.json").write_text(json.dumps(config, indent=2))
-    (run_dir / "recipe.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+    write_text(run_dir / "config.json", json.dumps(config, indent=2))
+    write_text(run_dir / "recipe.yaml", yaml.safe_dump(cfg.to_dict(), sort_keys=False))
     write_seen(run_dir, manifest)
-    history.to_csv(run_dir / "history.csv", index=False)
-    plot_strength_search(history, title=f"{cfg.arch}: regularisation search").savefig(run_dir / "curves.png")
+    write_text(run_dir / "history.csv", history.to_csv(index=False))
+    write_figure(plot_strength_search(history, title=f"{cfg.arch}: regularisation search"), run_dir / "curves.png")
     best = history.loc[history["valid_balanced_accuracy"].idxmax()]
     metrics = {
         "best_C": float(best["C"]),
@@ -242,6 +240,6 @@ def _write_bundle(run_dir: Path, model, cfg: TrainConfig, state: dict, manifest:
         "trained_parameters": int(sum(p.numel() for p in classifier.parameters())),
         "temperature": config["temperature"],
     }
-    (run_dir / "metrics.json").write_text(json.dumps(metrics, indent=2))
+    write_text(run_dir / "metrics.json", json.dumps(metrics, indent=2))
     remove_checkpoint(run_dir)
     return run_dir

@@ -53,7 +53,14 @@ from cxr_fast.config import RECIPE_KEYS, TrainConfig, resolve_config
 from cxr_fast.data.block import build_dataloaders, check_classes
 from cxr_fast.data.manifest import manifest_digest, manifest_key, read_manifest
 from cxr_fast.errors import CxrFastError, first_line, read_json, read_tensors, storage_problem
-from cxr_fast.outputs import check_folder_path, clear_run_folder, settle_move, write_tensors, write_text
+from cxr_fast.outputs import (
+    check_folder_path,
+    clear_run_folder,
+    settle_move,
+    write_figure,
+    write_tensors,
+    write_text,
+)
 from cxr_fast.probe import is_frozen_arch
 
 CHECKPOINT_DIR = "checkpoint"
@@ -272,7 +279,7 @@ class RunRecorder(Callback):
         write_text(ckpt / "state.json", json.dumps({**self.state, "epochs_done": row["epoch"] + 1}, indent=1))
         self.state["epochs_done"] = row["epoch"] + 1
         # after state.json, so that the folder's history never shows an epoch that --resume will train again
-        pd.DataFrame(self.state["history"]).to_csv(self.run_dir / "history.csv", index=False)
+        write_text(self.run_dir / "history.csv", pd.DataFrame(self.state["history"]).to_csv(index=False))
         kept = {best_weights_path(self.run_dir, self.state["best"]["epoch"]), weights, optimizer}
         for older in ckpt.glob("*-epoch*.safetensors"):
             if older not in kept:
@@ -480,6 +487,7 @@ def _train(data, cfg, *, out, resume, extra_cbs, quiet) -> Path:
             raise CxrFastError(f"{run_dir}: no checkpoint to resume (expected {state_path})")
         state, cfg = read_checkpoint_state(state_path)
         check_same_data(run_dir, state, data)
+        check_folder_path(state_path.parent, "--out")  # read-only: refused now, not after an epoch of training
     else:
         cfg = cfg or resolve_config()
         # a weights file by its whole path: the run records where it started from, and resumes from any folder
@@ -677,8 +685,10 @@ def finish_bundle(run_dir: Path, learn: Learner, cfg: TrainConfig, state: dict) 
     if best.exists():  # gone only if an earlier, interrupted finish already moved it
         best.replace(run_dir / "model.safetensors")
     config = run_config(model, cfg, state)
-    (run_dir / "config.json").write_text(json.dumps(config, indent=2))
-    (run_dir / "recipe.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+    # Every file whole or not at all (written, then renamed): a kill or full disk mid-file must not leave a half
+    # metrics.json that the --resume finishing the bundle then cannot read.
+    write_text(run_dir / "config.json", json.dumps(config, indent=2))
+    write_text(run_dir / "recipe.yaml", yaml.safe_dump(cfg.to_dict(), sort_keys=False))
 
     # Temperature scaling on the valid split, with the best weights, so predicted probabilities can be trusted.
     run = load_run(run_dir, finishing=True)
@@ -687,13 +697,15 @@ def finish_bundle(run_dir: Path, learn: Learner, cfg: TrainConfig, state: dict) 
     logits = predict_logits(run, valid, progress=False)
     y = valid["label"].map({c: i for i, c in enumerate(run.classes)}).to_numpy()
     config["temperature"] = float(fit_temperature(logits, y))
-    (run_dir / "config.json").write_text(json.dumps(config, indent=2))
+    write_text(run_dir / "config.json", json.dumps(config, indent=2))
     write_seen(run_dir, manifest)  # so evaluation elsewhere can leave out copies of these images
 
     history = pd.DataFrame(state["history"])
+    # again, whole, from the checkpoint: a kill while the last epoch wrote it left half a row
+    write_text(run_dir / "history.csv", history.to_csv(index=False))
     fig = plot_training_curves(history.rename(columns={"valid_accuracy": "accuracy",
                                                        "valid_balanced_accuracy": "balanced_accuracy"}))
-    fig.savefig(run_dir / "curves.png")
+    write_figure(fig, run_dir / "curves.png")
     best = state["best"]
     metrics = {
         "best_epoch": best["epoch"],
@@ -706,7 +718,7 @@ def finish_bundle(run_dir: Path, learn: Learner, cfg: TrainConfig, state: dict) 
         "parameters": int(sum(p.numel() for p in model.parameters())),
         "temperature": config["temperature"],
     }
-    (run_dir / "metrics.json").write_text(json.dumps(metrics, indent=2))
+    write_text(run_dir / "metrics.json", json.dumps(metrics, indent=2))
     remove_checkpoint(run_dir)
     return run_dir
 

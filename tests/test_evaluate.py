@@ -326,6 +326,16 @@ def test_a_file_where_a_runs_eval_or_interpret_folder_goes_is_refused_before_any
         cxr_fast.interpret.interpret(run, progress=False)
 
 
+def test_a_compare_of_one_run_is_refused_before_it_trains(tiny_data, tmp_path, monkeypatch):
+    import cxr_fast.train
+    from cxr_fast.compare import compare_archs
+
+    monkeypatch.setattr(cxr_fast.train, "train", lambda *a, **k: pytest.fail("trained first"))
+    with pytest.raises(CxrFastError, match=r"needs at least two runs, and this would train one \(convnet-seed0\)"):
+        compare_archs(tiny_data, ["convnet"], out=tmp_path / "cmp")
+    assert not (tmp_path / "cmp").exists()
+
+
 def test_compare_tells_apart_runs_of_one_folder_name(tiny_runs, tmp_path):
     namesake = shutil.copytree(tiny_runs[1], tmp_path / "elsewhere" / tiny_runs[0].name)
     result = compare_runs([tiny_runs[0], namesake], out=tmp_path / "cmp", n_boot=20)

@@ -1,6 +1,7 @@
 """Frozen ImageNet features (`frozen_lite`) with a fitted logistic-regression head, trained by `cxrfast train`."""
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -180,6 +181,26 @@ def test_a_failure_before_the_first_feature_block_leaves_nothing_to_block_a_reru
     with pytest.raises(TrainingInterrupted):
         train(tiny_data, cfg, out=tmp_path / "mine", quiet=True)
     assert (tmp_path / "mine").is_dir() and not any((tmp_path / "mine").iterdir())
+
+
+def test_a_full_disk_at_the_first_state_file_names_it_and_leaves_no_folder(tiny_data, tmp_path, monkeypatch):
+    # it left checkpoint/state.json.tmp, which both the rerun ("already exists") and --resume refused
+    import errno
+
+    import cxr_fast.outputs
+
+    real_replace = Path.replace
+
+    def disk_full(self, target):
+        if Path(target).name == "state.json":
+            raise OSError(errno.ENOSPC, "No space left on device", str(target))
+        return real_replace(self, target)
+
+    monkeypatch.setattr(cxr_fast.outputs.Path, "replace", disk_full)
+    with pytest.raises(OSError, match="No space left") as caught:
+        train(tiny_data, resolve_config(small_recipe(tmp_path)), out=tmp_path / "run", quiet=True)
+    assert caught.value.filename.endswith("checkpoint/state.json")
+    assert not (tmp_path / "run").exists()
 
 
 def test_weights_option_is_refused_for_frozen_features(tiny_data, tmp_path):

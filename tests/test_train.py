@@ -648,6 +648,48 @@ def test_a_run_that_fails_while_writing_its_bundle_is_not_loaded_and_resume_fini
     assert run.metrics["epochs"] == 2 and not (out / "checkpoint").exists()
 
 
+def test_a_bundle_file_cut_short_cannot_block_the_resume_that_finishes_it(tiny_data, tmp_path, monkeypatch):
+    # metrics.json half-written by a kill made every --resume fail ("not valid JSON"); a history.csv cut in its last
+    # row stayed cut in the finished bundle
+    import cxr_fast.train
+
+    real_write, out = cxr_fast.train.write_text, tmp_path / "run"
+
+    def killed_at_metrics(path, text):
+        if path.name == "metrics.json":
+            raise KeyboardInterrupt
+        real_write(path, text)
+
+    monkeypatch.setattr(cxr_fast.train, "write_text", killed_at_metrics)
+    with pytest.raises(KeyboardInterrupt):
+        train(tiny_data, resolve_config(epochs=2, **TINY), out=out, quiet=True)
+    monkeypatch.undo()
+    assert not (out / "metrics.json").exists()  # whole or not at all
+    history = (out / "history.csv").read_text()
+    (out / "history.csv").write_text(history[: len(history) - 20])  # as a kill in the last epoch's row leaves it
+    train(tiny_data, out=out, resume=True, quiet=True)
+    assert load_run(out).metrics["epochs"] == 2 and (out / "history.csv").read_text() == history
+
+
+def test_resume_into_a_folder_it_cannot_write_is_refused_before_training(tiny_data, tmp_path, monkeypatch):
+    # it trained a whole epoch, then failed writing the checkpoint and suggested the same command
+    import os
+
+    from fastai.learner import Learner
+
+    import cxr_fast.outputs
+
+    out = tmp_path / "run"
+    with pytest.raises(SimulatedKill):
+        train(tiny_data, resolve_config(epochs=2, **TINY), out=out, quiet=True, extra_cbs=[KillAfterEpoch(0)])
+    real_access = os.access
+    monkeypatch.setattr(cxr_fast.outputs.os, "access",
+                        lambda path, mode: False if str(path).startswith(str(out)) else real_access(path, mode))
+    monkeypatch.setattr(Learner, "fit", lambda *a, **k: pytest.fail("trained first"))
+    with pytest.raises(CxrFastError, match=r"checkpoint: cannot be written \(read-only or not yours"):
+        train(tiny_data, out=out, resume=True, quiet=True)
+
+
 def test_the_bundle_keeps_the_best_epoch_whose_state_was_saved(tiny_data, tmp_path):
     # A kill after an improved epoch's weights but before its state.json must not leave the bundle with that
     # epoch's weights under the previous best's metrics: the best weights live in the checkpoint, one file per epoch.
