@@ -430,7 +430,8 @@ def test_an_interrupted_compare_resumes_keeping_its_finished_runs(tiny_data, tmp
         compare_archs(tiny_data, ["cxresnet_tiny"], **{**settings, "epochs": 3}, resume=True)
     # the interrupted run too: it resumed at its own 2 epochs beside runs of 3, in one report, without a word
     with pytest.raises(CxrFastError, match="cxresnet_tiny-seed1: trained with other settings .epochs 2, not 3"):
-        compare_archs(tiny_data, ["cxresnet_tiny"], **{**settings, "epochs": 3, "seeds": (1,)}, resume=True)
+        compare_archs(tiny_data, ["cxresnet_tiny", "convnet"], **{**settings, "epochs": 3, "seeds": (1,)},
+                      resume=True)
     assert calls == ["cxresnet_tiny-seed0", "cxresnet_tiny-seed1"]
     result = compare_archs(tiny_data, ["cxresnet_tiny"], **settings, resume=True)
     assert (first / "model.safetensors").stat().st_mtime_ns == kept  # the finished run was not trained again
