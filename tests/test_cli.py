@@ -106,9 +106,9 @@ def test_ctrl_c_during_training_says_how_to_resume_and_exits_130(tmp_path, monke
     assert "after 2 of 6 epochs" in result.output
     assert f"--data {tmp_path / 'data'} --out {tmp_path / 'run'} --resume" in result.output.replace("\n", "")
     # the same, one line and 130, when compare is training (it printed a traceback and exited 1)
-    result = invoke("compare", "--data", tmp_path / "data", "--archs", "cxresnet_tiny", "--out", tmp_path / "cmp")
+    result = invoke("compare", "--data", tmp_path / "data", "--archs", "cxresnet_tiny,convnet", "--out", tmp_path / "cmp")
     assert result.exit_code == 130 and "Traceback" not in result.output, result.output
-    assert "compare interrupted while training cxresnet_tiny-seed0 (0 of 1 runs finished); continue it with the same " \
+    assert "compare interrupted while training cxresnet_tiny-seed0 (0 of 2 runs finished); continue it with the same " \
            f"command and --resume --out {tmp_path / 'cmp'}" in result.output.replace("\n", "")
 
 

@@ -208,7 +208,7 @@ def test_compare_trains_its_architectures_one_after_another_distributed(tiny_dat
         load_run(run)
     assert sorted(result.summary["arch"]) == ["convnet", "cxresnet_tiny"] and len(result.mcnemar) == 1
     with pytest.raises(CxrFastError, match="multiple of the 2 processes"):  # refused before the first run starts
-        compare_archs(tiny_data, ["cxresnet_tiny"], out=tmp_path / "cmp2", bs=15, epochs=1, nproc=2)
+        compare_archs(tiny_data, ["cxresnet_tiny", "convnet"], out=tmp_path / "cmp2", bs=15, epochs=1, nproc=2)
     assert not (tmp_path / "cmp2").exists()
 
 
