@@ -30,7 +30,7 @@ import numpy as np
 
 from cxr_fast.calibration import softmax
 from cxr_fast.data.io import IMAGE_SUFFIXES, ImageReadError, read_image
-from cxr_fast.errors import CxrFastError
+from cxr_fast.errors import CxrFastError, storage_problem
 from cxr_fast.predict import load_runner, model_image, model_input, occlusion_map, overlay_png
 
 MAX_UPLOAD_BYTES = 20 * 1024 * 1024  # a radiograph is a few MB even as uncompressed DICOM
@@ -133,6 +133,8 @@ def create_app(run_dir: str | Path | None = None, runtime: str = "torch", *, run
         except UploadTooLarge:
             return error(413, f"upload too large: at most {limit_text}")
         except Exception as e:  # noqa: BLE001 - python-multipart raises several types for malformed bodies
+            if storage_problem(e) is not None:  # a large upload spools to disk: a full one is the server's fault
+                return error(507, f"the server cannot store the upload ({storage_problem(e)})")
             return error(400, f"could not read the upload ({getattr(e, 'message', None) or e})")
         upload = form.get("file")
         if upload is None or isinstance(upload, str):
@@ -159,6 +161,10 @@ def create_app(run_dir: str | Path | None = None, runtime: str = "torch", *, run
                     result = await run_in_threadpool(_predict_bytes, runner, data, suffix, True)
         except ImageReadError as e:
             return error(422, f"{filename}: {e.explanation}")
+        except OSError as e:  # the temporary copy on a full disk: an answer saying so, not a bare 500 and a traceback
+            if storage_problem(e) is None:
+                raise
+            return error(507, f"the server cannot store the upload ({storage_problem(e)})")
         return JSONResponse({**result, "filename": filename, "model": card})
 
     return Starlette(routes=[Route("/", index), Route("/api/model", model),

@@ -73,6 +73,23 @@ def test_predict_endpoint_answers_errors_and_keeps_serving(run, image):
     assert again.status_code == 200 and again.json()["probabilities"] == probs
 
 
+def test_a_full_temporary_disk_is_answered_as_the_servers_fault(run, image, monkeypatch):
+    # it gave a bare 500 and a 40-line traceback on the console (or a 400 that blamed the client)
+    import errno
+
+    import cxr_fast.serve
+
+    def disk_full(self, data):
+        raise OSError(errno.ENOSPC, "No space left on device", str(self))
+
+    client = TestClient(create_app(run))
+    monkeypatch.setattr(cxr_fast.serve.Path, "write_bytes", disk_full)
+    answer = post(client, image.name, image.read_bytes())
+    assert answer.status_code == 507 and "No space left on device" in answer.json()["error"]
+    monkeypatch.undo()
+    assert post(client, image.name, image.read_bytes()).status_code == 200  # and it keeps serving
+
+
 def test_oversized_upload_without_content_length_is_refused(run):
     """A chunked upload declares no size: the limit is counted while receiving."""
     client = TestClient(create_app(run, max_upload_bytes=100_000))
