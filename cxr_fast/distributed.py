@@ -19,6 +19,7 @@ import json
 import logging
 import os
 import re
+import signal
 import uuid
 from collections.abc import Callable
 from contextlib import contextmanager
@@ -241,6 +242,7 @@ def launch_training(nproc: int, data: str | Path, cfg=None, *, out: str | Path |
     Each process gets `OMP_NUM_THREADS` = cores / nproc unless already set, so CPU processes do not fight over
     cores. A CxrFastError in any process comes back as a CxrFastError here; other failures keep torch's report.
     """
+    from torch.distributed.elastic.multiprocessing.api import SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.launcher.api import LaunchConfig, elastic_launch
 
@@ -261,6 +263,10 @@ def launch_training(nproc: int, data: str | Path, cfg=None, *, out: str | Path |
         with _quiet_launcher_logs():
             results = elastic_launch(config, _train_worker)(str(data), cfg, None if out is None else str(out),
                                                             resume, extra_cbs, quiet)
+    except SignalException as e:
+        if e.sigval != signal.SIGINT:
+            raise
+        raise KeyboardInterrupt(_interrupted(out, data, nproc)) from None  # Ctrl-C: one line, as without --distributed
     except ChildFailedError as e:
         message = e.get_first_failure()[1].message  # from the worker's error file: a dict, or text
         message = message.get("message", "") if isinstance(message, dict) else str(message)
@@ -272,6 +278,17 @@ def launch_training(nproc: int, data: str | Path, cfg=None, *, out: str | Path |
         if saved_threads is None:
             os.environ.pop("OMP_NUM_THREADS", None)
     return Path(results[0])
+
+
+def _interrupted(out, data, nproc: int) -> str:
+    """What a Ctrl-C of a data-parallel run kept, and the command that continues it (the launcher's own report is a
+    traceback ending in SignalException)."""
+    from cxr_fast.train import CHECKPOINT_DIR, resume_command
+
+    if out is not None and (Path(out) / CHECKPOINT_DIR / "state.json").is_file():
+        return (f"training interrupted; {out} holds the finished epochs; continue with: "
+                f"{resume_command(Path(out), data)} --distributed --nproc {nproc}")
+    return "training interrupted"
 
 
 def user_error_in(report: str) -> str | None:

@@ -179,6 +179,26 @@ def test_batch_the_processes_cannot_share_is_refused_before_launch(tiny_data, tm
     assert not (tmp_path / "a").exists()
 
 
+def test_ctrl_c_of_a_data_parallel_run_is_one_line_saying_how_to_resume(tiny_data, tmp_path, monkeypatch):
+    # the launcher's SignalException came out as a traceback and exit code 1
+    import signal
+
+    import torch.distributed.launcher.api
+    from torch.distributed.elastic.multiprocessing.api import SignalException
+
+    def interrupted(config, entrypoint):
+        def run(*args):
+            (tmp_path / "run" / "checkpoint").mkdir(parents=True)
+            (tmp_path / "run" / "checkpoint" / "state.json").write_text("{}")  # an epoch was saved
+            raise SignalException("Process 1 got signal: 2", sigval=signal.SIGINT)
+        return run
+
+    monkeypatch.setattr(torch.distributed.launcher.api, "elastic_launch", interrupted)
+    with pytest.raises(KeyboardInterrupt, match=f"training interrupted; {tmp_path / 'run'} holds the finished epochs; "
+                                                f"continue with: .* --resume --distributed --nproc 2"):
+        distributed.launch_training(2, tiny_data, resolve_config(epochs=1, **TINY), out=tmp_path / "run")
+
+
 def test_global_batch_is_shared_among_processes(monkeypatch):
     cfg = resolve_config(epochs=1, **TINY)
     assert distributed.per_process_config(cfg) is cfg
