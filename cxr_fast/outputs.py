@@ -174,15 +174,6 @@ def write_bytes(path: Path, data: bytes) -> None:
     partial.replace(path)
 
 
-def write_figure(fig, path: Path) -> None:
-    """A matplotlib figure saved as PNG at `path`, whole or not at all, naming `path` when the disk is full."""
-    import io
-
-    buffer = io.BytesIO()
-    fig.savefig(buffer, format="png")
-    write_bytes(path, buffer.getvalue())
-
-
 def write_tensors(tensors: dict, path: Path) -> None:
     """A safetensors file, written then renamed, so a kill during the write leaves the previous file whole, never
     half of a new one. Written as bytes, so it gets the usual permissions (safetensors' own writer makes files only

@@ -57,7 +57,7 @@ from cxr_fast.outputs import (
     check_folder_path,
     clear_run_folder,
     settle_move,
-    write_figure,
+    write_bytes,
     write_tensors,
     write_text,
 )
@@ -678,6 +678,7 @@ def finish_bundle(run_dir: Path, learn: Learner, cfg: TrainConfig, state: dict) 
     from cxr_fast.bundle import load_run, predict_logits
     from cxr_fast.calibration import fit_temperature
     from cxr_fast.plots import plot_training_curves
+    from cxr_fast.report import png_bytes
     from cxr_fast.seen import write_seen
 
     model = learn.model
@@ -705,7 +706,7 @@ def finish_bundle(run_dir: Path, learn: Learner, cfg: TrainConfig, state: dict) 
     write_text(run_dir / "history.csv", history.to_csv(index=False))
     fig = plot_training_curves(history.rename(columns={"valid_accuracy": "accuracy",
                                                        "valid_balanced_accuracy": "balanced_accuracy"}))
-    write_figure(fig, run_dir / "curves.png")
+    write_bytes(run_dir / "curves.png", png_bytes(fig))
     best = state["best"]
     metrics = {
         "best_epoch": best["epoch"],
