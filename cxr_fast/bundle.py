@@ -6,6 +6,7 @@ lacks either, or whose weights do not fit the architecture, is refused with a on
 
 from __future__ import annotations
 
+import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -83,6 +84,16 @@ def config_problem(config) -> str | None:
     return None
 
 
+# Where a finished run's checkpoint goes to be deleted (train.remove_checkpoint).
+REMOVED_CHECKPOINT_DIR = ".checkpoint-removed"
+
+
+def sweep_removed_checkpoint(run_dir: Path) -> None:
+    """Delete a checkpoint that a killed trainer had renamed away but not yet deleted (from a read-only copy of a
+    bundle it cannot be, and stays, harmlessly)."""
+    shutil.rmtree(run_dir / REMOVED_CHECKPOINT_DIR, ignore_errors=True)
+
+
 def load_run(path: str | Path, *, finishing: bool = False) -> Run:
     """The run bundle in `path`. A folder still holding a training checkpoint is refused: its config.json and
     weights may be there while its temperature, metrics or seen images are not yet (`finishing`: the trainer
@@ -103,6 +114,8 @@ def load_run(path: str | Path, *, finishing: bool = False) -> Run:
             data = "DATA"
         raise CxrFastError(f"{path}: an interrupted training run, not a finished bundle; continue it with "
                            f"`{resume_command(path, data)}`")
+    if not finishing:
+        sweep_removed_checkpoint(path)  # left by a trainer killed in its very last step
     if not config_path.is_file() and (path / "model.onnx").is_file() and (path / "preprocessing.json").is_file():
         raise CxrFastError(f"{path}: an ONNX export, not a run bundle; predict and serve run it with --runtime onnx")
     for needed in (config_path, weights_path):

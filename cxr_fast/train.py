@@ -8,7 +8,8 @@ of the images it learned from, so that external validation can leave them out).
 
 While training, `checkpoint/` holds the last epoch's weights and optimizer state and the best epoch's weights
 (safetensors + JSON) so that `resume=True` continues a killed run with the same one-cycle schedule and an unbroken
-history. The checkpoint is removed last, once the bundle is whole: a folder that still has one is not a bundle.
+history. The checkpoint is removed last, once the bundle is whole: a folder that still has one is not a bundle
+(`remove_checkpoint` renames it away in one step before deleting it).
 """
 
 from __future__ import annotations
@@ -738,10 +739,15 @@ def run_summary(run_dir: Path) -> str:
 
 
 def remove_checkpoint(run_dir: Path) -> None:
-    """The last step of writing a bundle. state.json goes first: a kill part-way through the removal must not leave
-    a finished bundle that looks interrupted (`load_run` refuses a folder that still has one)."""
-    (run_dir / CHECKPOINT_DIR / "state.json").unlink(missing_ok=True)
-    shutil.rmtree(run_dir / CHECKPOINT_DIR, ignore_errors=True)
+    """The last step of writing a bundle. The folder is renamed away first, in one step: a kill part-way through
+    the removal must neither leave a finished bundle that looks interrupted (`load_run` refuses a folder with a
+    state.json) nor ~20 MB of weights in it for good (the next `load_run` finishes the job)."""
+    from cxr_fast.bundle import REMOVED_CHECKPOINT_DIR, sweep_removed_checkpoint
+
+    sweep_removed_checkpoint(run_dir)
+    if (run_dir / CHECKPOINT_DIR).exists():
+        (run_dir / CHECKPOINT_DIR).rename(run_dir / REMOVED_CHECKPOINT_DIR)
+    sweep_removed_checkpoint(run_dir)
 
 
 __all__ = ["TrainConfig", "TrainingInterrupted", "balanced_accuracy", "build_learner", "new_run_dir", "train"]

@@ -671,6 +671,29 @@ def test_a_bundle_file_cut_short_cannot_block_the_resume_that_finishes_it(tiny_d
     assert load_run(out).metrics["epochs"] == 2 and (out / "history.csv").read_text() == history
 
 
+def test_a_kill_while_the_checkpoint_is_removed_leaves_a_finished_bundle_that_cleans_up_after_it(
+        tiny_data, tmp_path, monkeypatch):
+    # a kill -9 part-way through deleting the checkpoint left ~20 MB of weights in the finished bundle for good
+    import cxr_fast.bundle
+
+    out = tmp_path / "run"
+
+    def killed_while_deleting(path, ignore_errors=False):
+        if path.exists():
+            next(p for p in path.iterdir() if p.name != "state.json").unlink()  # some files gone, the rest not
+            raise SimulatedKill
+
+    monkeypatch.setattr(cxr_fast.bundle.shutil, "rmtree", killed_while_deleting)
+    with pytest.raises(SimulatedKill):
+        train(tiny_data, resolve_config(epochs=1, **TINY), out=out, quiet=True)
+    monkeypatch.undo()
+    assert not (out / "checkpoint").exists()  # renamed away whole: not taken for an interrupted run
+    assert (out / ".checkpoint-removed" / "state.json").is_file()
+    run = load_run(out)
+    assert run.metrics["epochs"] == 1
+    assert sorted(p.name for p in out.iterdir() if p.name.startswith(".")) == []  # the leftover was swept
+
+
 def test_resume_into_a_folder_it_cannot_write_is_refused_before_training(tiny_data, tmp_path, monkeypatch):
     # it trained a whole epoch, then failed writing the checkpoint and suggested the same command
     import os
