@@ -147,11 +147,26 @@ def check_new_folder(out_dir: Path) -> None:
     """Refuse, before minutes of work, an --out that is a file, lies under one, or already holds something."""
     check_folder_path(out_dir, "--out")
     settle_move(out_dir)
+    drop_empty_comparison(out_dir)
     if out_dir.exists() and any(p.name != PARTIAL_INSIDE for p in out_dir.iterdir()):
         if (out_dir / "runs").is_dir() and not (out_dir / "report").exists():
             raise CxrFastError(f"{out_dir}: an unfinished comparison is here; add --resume to continue it, or "
                                "choose another --out")
         raise CxrFastError(f"{out_dir}: already exists; choose another --out")
+
+
+def drop_empty_comparison(out_dir: Path) -> None:
+    """A comparison stopped before its first run saved an epoch keeps nothing, but left `OUT/runs/` (and the run's
+    folder, if it was made): empty folders, removed so the same command starts it again. rmdir removes nothing else."""
+    runs = out_dir / "runs"
+    if not runs.is_dir() or {p.name for p in out_dir.iterdir()} - {"runs", PARTIAL_INSIDE}:
+        return
+    try:
+        for run in runs.iterdir():
+            run.rmdir()
+        runs.rmdir()
+    except OSError:  # something in there: an unfinished comparison, for --resume
+        return
 
 
 def _checkpoint_settings(state_file: Path) -> dict:

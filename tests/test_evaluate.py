@@ -441,6 +441,36 @@ def test_an_interrupted_compare_resumes_keeping_its_finished_runs(tiny_data, tmp
         compare_archs(tiny_data, ["cxresnet_tiny"], **{**settings, "out": tmp_path / "none"}, resume=True)
 
 
+def test_a_compare_stopped_before_its_first_epoch_is_started_again_by_the_same_command(tiny_data, tmp_path,
+                                                                                      monkeypatch):
+    # it left an empty OUT/runs, and the same command was refused as "an unfinished comparison is here"
+    import cxr_fast.train
+    from cxr_fast.compare import compare_archs
+    from tests.conftest import TINY
+
+    real_train = cxr_fast.train.train
+
+    def stopped_at_once(data, cfg, *, out, **kwargs):
+        out.mkdir(parents=True)  # as train's Ctrl-C handler leaves an --out it made: empty
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(cxr_fast.train, "train", stopped_at_once)
+    settings = dict(seeds=(0, 1), out=tmp_path / "cmp", epochs=1, size=TINY["size"], bs=TINY["bs"], lr=TINY["lr"],
+                    quiet=True)
+    with pytest.raises(KeyboardInterrupt, match="0 of 2 runs finished"):
+        compare_archs(tiny_data, ["cxresnet_tiny"], **settings)
+    assert (tmp_path / "cmp" / "runs" / "cxresnet_tiny-seed0").is_dir()
+    monkeypatch.setattr(cxr_fast.train, "train", real_train)
+    result = compare_archs(tiny_data, ["cxresnet_tiny"], **settings)
+    assert len(result.table) == 2
+    # a folder holding anything of a run is not taken for an empty one
+    (tmp_path / "other" / "runs" / "a").mkdir(parents=True)
+    (tmp_path / "other" / "runs" / "a" / "notes.txt").write_text("mine")
+    with pytest.raises(CxrFastError, match="an unfinished comparison is here"):
+        compare_archs(tiny_data, ["cxresnet_tiny"], **{**settings, "out": tmp_path / "other"})
+    assert (tmp_path / "other" / "runs" / "a" / "notes.txt").read_text() == "mine"
+
+
 def metrics_table_text(**metrics) -> str:
     """The console table of made-up metrics (the figures a test does not set are placeholders)."""
     from rich.console import Console
