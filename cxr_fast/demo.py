@@ -51,6 +51,9 @@ def run_demo(out: str | Path, *, n_per_class: int = 80, shortcut_rate: float = D
         else:
             shutil.rmtree(out, ignore_errors=True)
             earlier.rename(out)
+    if unfinished_demo(out):  # a first demo killed outright (no cleanup ran): nothing in it was finished
+        console.print(f"[yellow]{escape(str(out))}: an unfinished demo (no report.html); starting it again[/]")
+        clear_run_folder(out, keep=True)
     # a demo stopped in its first step holds only the phantoms' hidden work folder: no demo yet, nothing to replace
     if out.exists() and any(p.name not in DEMO_LITTER for p in out.iterdir()):
         if not force:
@@ -80,6 +83,18 @@ def run_demo(out: str | Path, *, n_per_class: int = 80, shortcut_rate: float = D
         raise
     shutil.rmtree(earlier, ignore_errors=True)
     return path
+
+
+def unfinished_demo(out: Path) -> bool:
+    """Whether `out` is what a first demo killed before its report leaves: the synthetic phantoms (synth's own
+    _meta.csv or _unfinished.txt marks them), at most the demo's other folders, and no report.html."""
+    from cxr_fast.data.synth import UNFINISHED
+
+    if not (out / "phantoms").is_dir() or (out / "report.html").exists():
+        return False
+    if any(p.name not in DEMO_ENTRIES | DEMO_LITTER for p in out.iterdir()):
+        return False
+    return any((out / "phantoms" / name).is_file() for name in ("_meta.csv", UNFINISHED))
 
 
 def _run_steps(out: Path, cfg, n_per_class: int, shortcut_rate: float, console: Console) -> Path:

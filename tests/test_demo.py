@@ -135,6 +135,42 @@ def test_a_first_demo_stopped_halfway_leaves_nothing_to_block_its_rerun(tmp_path
     assert not out.exists()  # a failure, not only Ctrl-C, leaves no half-made demo either
 
 
+def test_a_first_demo_killed_outright_is_started_again_by_the_same_command(tmp_path, monkeypatch):
+    # kill -9 runs no cleanup: the phantoms, data and a half-trained run stayed, and the same command was refused
+    import cxr_fast.train
+
+    out = tmp_path / "demo"
+    (out / "phantoms").mkdir(parents=True)
+    (out / "phantoms" / "_meta.csv").write_text("relpath,label\n")
+    (out / "data").mkdir()
+    (out / "models" / "demo" / "checkpoint").mkdir(parents=True)
+    (out / "models" / "demo" / "checkpoint" / "state.json").write_text("{}")
+
+    class Rerun(Exception):
+        pass
+
+    def rerun(*args, **kwargs):
+        assert not (out / "models").exists()  # the killed run's checkpoint went before the new demo trained
+        raise Rerun
+
+    monkeypatch.setattr(cxr_fast.train, "train", rerun)
+    console = Console(file=io.StringIO(), width=300)
+    with pytest.raises(Rerun):
+        run_demo(out, n_per_class=19, epochs=1, console=console)
+    assert "an unfinished demo (no report.html); starting it again" in console.file.getvalue()
+    # anything that is not plainly a killed demo is still refused without --force
+    mine = tmp_path / "mine"
+    (mine / "phantoms").mkdir(parents=True)  # no _meta.csv: not phantoms synth wrote
+    (mine / "models").mkdir()
+    with pytest.raises(CxrFastError, match="already exists"):
+        run_demo(mine, n_per_class=19, epochs=1, console=console)
+    (mine / "phantoms" / "_meta.csv").write_text("relpath,label\n")
+    (mine / "notes.txt").write_text("mine")
+    with pytest.raises(CxrFastError, match="already exists"):
+        run_demo(mine, n_per_class=19, epochs=1, console=console)
+    assert (mine / "notes.txt").read_text() == "mine" and (mine / "models").is_dir()
+
+
 def test_a_demo_killed_while_writing_its_report_is_not_taken_for_complete(tmp_path, monkeypatch):
     from pathlib import Path
     from types import SimpleNamespace
