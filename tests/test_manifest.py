@@ -737,3 +737,27 @@ def test_sites_on_a_folder_of_class_folders_says_to_leave_it_out_and_loose_site_
     assert report.exclusions_by_reason() == {"no-class-folder": 3}
     assert ("site folder(s) 'Normal' (3 files) hold files directly, not in class folders: they are left out "
             "(no-class-folder)") in report.warnings
+
+
+def test_a_bug_in_fingerprinting_is_raised_not_reported_as_unreadable_files(tmp_path, monkeypatch):
+    # a broad except around our own code turned a programming error into "unreadable" exclusions, and prepare
+    # finished with the images quietly left out
+    from cxr_fast.data import cache
+
+    film = tmp_path / "film.png"
+    Image.fromarray(np.random.default_rng(0).integers(0, 256, (80, 80), dtype=np.uint8)).save(film)
+    assert cache.examine_file((str(film), None, 0)).reason == ""
+
+    def broken(path, image):
+        raise TypeError("a bug")
+
+    monkeypatch.setattr(cache, "fingerprint", broken)
+    with pytest.raises(TypeError, match="a bug"):
+        cache.examine_file((str(film), None, 0))
+
+    def vanished(path, image):  # deleted between its decoding and its hashing
+        raise FileNotFoundError(errno.ENOENT, "No such file or directory", str(path))
+
+    monkeypatch.setattr(cache, "fingerprint", vanished)
+    examined = cache.examine_file((str(film), None, 0))
+    assert examined.reason == "unreadable" and "No such file" in examined.detail

@@ -151,12 +151,15 @@ def examine_file(task: tuple[str, str | None, int]) -> Examined:
     try:
         decode_side = cache_size if cache_size > 0 else FINGERPRINT_DECODE_SIDE
         image, (width, height) = read_image_with_size(path, max_side=decode_side)
-        identity = fingerprint(path, image)
     except ImageReadError as error:
         return Examined(reason=error.reason, detail=error.explanation)
     except MemoryError:
         return Examined(reason="too-large", detail="not enough memory to decode the image")
-    except Exception as error:  # noqa: BLE001 - one odd file (vanished, unreadable) must not stop a whole run
+    except Exception as error:  # noqa: BLE001 - one odd file (vanished, or a decoder's own error) must not stop a run
+        return Examined(reason="unreadable", detail=f"{type(error).__name__}: {error}")
+    try:  # our own code on a decoded image: only the file itself (hashed again) can fail, and a bug must be seen
+        identity = fingerprint(path, image)
+    except OSError as error:
         return Examined(reason="unreadable", detail=f"{type(error).__name__}: {error}")
     cached = ""
     if cache_dir is not None:

@@ -232,12 +232,12 @@ def _read_with_pil(path: Path, max_side: int | None) -> tuple[Image.Image, tuple
             # exif_transpose always returns a new image, detached from the file the with-block closes.
             image = ImageOps.exif_transpose(image)
             gray = _to_gray8(image)
-            if sixteen_bit_colour:
-                _check_high_byte_levels(path, gray)
     except ImageReadError:
         raise
     except Exception as error:  # noqa: BLE001 - PIL raises many types for damaged files
         raise _classify_pil_error(path, error) from None
+    if sixteen_bit_colour:
+        _check_high_byte_levels(path, gray)
     return gray, (width, height)
 
 
