@@ -359,9 +359,13 @@ def _sentence(who: str, s: dict) -> str:
     return " ".join(parts)
 
 
-def _flags_shortcut(sentence: str) -> bool:
-    """Whether a `_sentence` flags a shortcut (its two flags' own words)."""
-    return "likely shortcut" in sentence or "possible shortcut" in sentence
+POOLING_HIDES = "Pooled, that hides the shortcut flagged above for"
+
+
+def flags_shortcut(line: str) -> bool:
+    """Whether a line of `verdict` flags a shortcut (by its flags' own words), the pooled line that says pooling hides
+    one included: the gallery highlights these lines."""
+    return "likely shortcut" in line or "possible shortcut" in line or POOLING_HIDES in line
 
 
 def verdict(summary: dict) -> str:
@@ -372,12 +376,12 @@ def verdict(summary: dict) -> str:
     groups |= {f"Images from {site}": stats for site, stats in summary.get("by_site", {}).items()}
     lines = [_sentence(who, stats) for who, stats in groups.items()]
     flagged = [who.replace("Images from", "images from") for who, line in zip(groups, lines, strict=True)
-               if _flags_shortcut(line)]
+               if flags_shortcut(line)]
     overall = _sentence("All images", summary["overall"])
-    if flagged and not _flags_shortcut(overall):
+    if flagged and not flags_shortcut(overall):
         # the last line is the one read as the summary: pooling must not hide a flagged class or site
         names = flagged[0] if len(flagged) == 1 else f"{', '.join(flagged[:-1])} and {flagged[-1]}"
-        overall += f" Pooled, that hides the shortcut flagged above for {names}."
+        overall += f" {POOLING_HIDES} {names}."
     return "\n".join([*lines, overall])
 
 

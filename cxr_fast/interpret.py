@@ -247,7 +247,7 @@ def interpret(run_dir: str | Path, data: str | Path | None = None, split: str = 
             lungs, lung_source = lung_mask_for(row, image, run.size)
             # the audit counts the marker's evidence at the map's resolution; the figure shows the marker itself
             box = marker_box_for(row, run.size, margin=window // 2)
-            shares = audit.attribution_shares(next(iter(maps.values())), lungs, marker_box=box)
+            shares = audit.attribution_shares(predicted_maps[i], lungs, marker_box=box)
             rows.append({"path": row["path"], "label": run.classes[true], "predicted": run.classes[pred],
                          "p_predicted": float(probs[i, pred]), "correct": pred == true, "lungs": lung_source,
                          "top_loss": i in loss_set, **({"site": row["site"]} if "site" in row else {}), **shares})
@@ -300,7 +300,7 @@ def write_interpretation(work: Path, run: Run, name: str, per_image, losses, sum
     (work / "audit.json").write_text(json.dumps(to_jsonable(report), indent=2, allow_nan=False))
     gallery.write_gallery(
         work / "gallery.html", f"Interpretation of {run.name} on {name}",
-        [(v, "likely shortcut" in v or "possible shortcut" in v) for v in verdicts],
+        [(v, audit.flags_shortcut(v)) for v in verdicts],
         [("Top losses", "The images the model got most wrong, with occlusion maps for the predicted and the true "
           "class. Red: evidence for the class; blue: against. Green: lung fields; yellow: a text marker.", figures_loss),
          ("Correct predictions", "A class-stratified sample of correct predictions.", figures_correct),

@@ -10,6 +10,7 @@ from cxr_fast.audit import (
     attribution_shares,
     audit_summary,
     deletion_curve,
+    flags_shortcut,
     parse_box,
     region_masks,
     verdict,
@@ -131,8 +132,9 @@ def test_the_pooled_line_does_not_clear_a_class_flagged_above_it():
     lines = verdict(summary).splitlines()
     assert "likely shortcut" in lines[0] and "no sign of a shortcut" in lines[-1]
     assert lines[-1].endswith("Pooled, that hides the shortcut flagged above for COVID-19 predictions.")
+    assert flags_shortcut(lines[-1])  # highlighted in the gallery like the line it points to
     clean = verdict(audit_summary(_rows("inside"), preds=["Normal"] * 6)).splitlines()
-    assert not clean[-1].endswith("predictions.")
+    assert not clean[-1].endswith("predictions.") and not any(flags_shortcut(line) for line in clean)
     # a pooled line that flags the marker itself, as the demo's does, hides nothing, though it also says
     # "no clear shortcut" of the lungs
     marked = verdict(audit_summary(_rows("marker") + _rows("uniform", n=12), preds=["COVID-19"] * 6 + ["Normal"] * 12))
