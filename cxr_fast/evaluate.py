@@ -24,6 +24,7 @@ from sklearn.preprocessing import StandardScaler
 
 from cxr_fast.bundle import Run, load_run, predict_logits, read_training_manifest
 from cxr_fast.calibration import (
+    MIN_ERRORS_TO_FIT,
     expected_calibration_error,
     flattens_everything,
     nll,
@@ -156,7 +157,7 @@ def metrics_table(m: dict, tta: bool = False):
     table.add_row("macro F1", f"{m['macro_f1']:.3f}")
     if m["macro_roc_auc"] is not None:
         table.add_row("macro ROC AUC", f"{m['macro_roc_auc']:.3f}")
-    if m["temperature"] == 1.0:  # no rescaling (an ensemble's members are calibrated inside it): one figure
+    if m["temperature"] == 1.0:  # nothing rescaled (an ensemble, or too few valid mistakes to fit): one figure
         table.add_row("ECE", f"{m['ece']:.3f}")
     else:
         # judged by log-loss, which ECE (15 bins) can contradict: name the figure that rose
@@ -351,6 +352,9 @@ def calibration_text(run: Run, metrics: dict) -> str:
         return (f"Each member's probabilities are calibrated by its own temperature (fitted on the valid split) before "
                 f"they are averaged; the average is not rescaled. Its expected calibration error is "
                 f"{metrics['ece']:.3f}; probabilities in predictions.csv are the average.")
+    if run.temperature == 1.0:  # what fit_temperature returns when it has too little to fit
+        return (f"No temperature was applied: the valid split gave fewer than {MIN_ERRORS_TO_FIT} wrong predictions to "
+                f"fit one, so probabilities are the model's own. Its expected calibration error is {metrics['ece']:.3f}.")
     return (f"Temperature scaling (T = {run.temperature:.2f}, fitted on the valid split) changes the expected "
             f"calibration error from {metrics['ece']:.3f} to {metrics['ece_calibrated']:.3f}. Predicted classes "
             "do not change; probabilities in predictions.csv are calibrated.")
@@ -387,7 +391,7 @@ def evaluation_figures(y, logits, classes, temperature, metrics) -> dict:
         "confusion_matrix": plot_confusion_matrix(metrics["confusion_matrix"], classes),
         "roc_curves": plot_roc_curves(roc_curves(y, probs, classes)),
         "pr_curves": plot_pr_curves(pr_curves(y, probs, classes)),
-        # T = 1 (an ensemble, calibrated member by member): nothing to show before and after
+        # T = 1 (an ensemble, calibrated member by member, or too few valid mistakes to fit): no before and after
         "reliability": (plot_reliability(reliability_bins(probs, y), title="Reliability") if temperature == 1.0 else
                         plot_reliability(reliability_bins(probs, y), reliability_bins(calibrated, y), temperature)),
     }

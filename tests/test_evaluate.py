@@ -581,3 +581,20 @@ def test_external_data_prepared_with_sites_is_scored_by_site(tiny_runs, tiny_dat
     assert sorted(by_site) == ["north", "south"] and sum(v["n"] for v in by_site.values()) == result.metrics["n"]
     assert set(result.predictions["site"]) == {"north", "south"}
     assert "By site" in (result.out_dir / "report.html").read_text()
+
+
+def test_the_report_says_no_temperature_was_applied_when_none_could_be_fitted():
+    # with too few valid mistakes the temperature stays 1, and the report said "T = 1.00, fitted on the valid split,
+    # changes the expected calibration error from 0.040 to 0.040"
+    from types import SimpleNamespace
+
+    from cxr_fast.calibration import MIN_ERRORS_TO_FIT
+    from cxr_fast.evaluate import calibration_text
+
+    metrics = {"ece": 0.04, "ece_calibrated": 0.04}
+    unfitted = calibration_text(SimpleNamespace(config={"model": {"arch": "cxresnet"}}, temperature=1.0), metrics)
+    assert unfitted.startswith(f"No temperature was applied: the valid split gave fewer than {MIN_ERRORS_TO_FIT} ")
+    assert "fitted on the valid split" not in unfitted and "0.040" in unfitted
+    fitted = calibration_text(SimpleNamespace(config={"model": {"arch": "cxresnet"}}, temperature=1.7),
+                              {"ece": 0.09, "ece_calibrated": 0.03})
+    assert fitted.startswith("Temperature scaling (T = 1.70, fitted on the valid split)") and "0.090 to 0.030" in fitted
