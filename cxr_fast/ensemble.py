@@ -23,6 +23,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from sklearn.metrics import balanced_accuracy_score
 
+from cxr_fast.bundle import RUN_FORMAT
 from cxr_fast.data.dedup import file_sha256
 from cxr_fast.data.manifest import manifest_key
 from cxr_fast.errors import CxrFastError, read_tensors
@@ -162,7 +163,7 @@ def _write_bundle(run_dir: Path, model: AveragedEnsemble, model_cfg: dict, loade
     first, lead = loaded[0], max(loaded, key=lambda r: r.size)
     write_tensors({k: v.detach() for k, v in model.state_dict().items()}, run_dir / "model.safetensors")
     config = {
-        "format": "cxr_fast-run/1",
+        "format": RUN_FORMAT,
         "model": json.loads(json.dumps(model_cfg)),
         "classes": first.classes,
         "n_in": first.n_in,

@@ -68,7 +68,7 @@ def export_onnx(run_dir: str | Path, out: str | Path | None = None, *, force: bo
     import torch
 
     from cxr_fast.bundle import load_run
-    from cxr_fast.outputs import check_folder_path, write_text
+    from cxr_fast.outputs import check_folder_path, partial_path, write_text
 
     run = load_run(run_dir)
     folder = Path(out) if out is not None else run.path
@@ -93,8 +93,7 @@ def export_onnx(run_dir: str | Path, out: str | Path | None = None, *, force: bo
     folder.mkdir(parents=True, exist_ok=True)
 
     example = torch.randn(2, run.n_in, run.size, run.size, generator=torch.Generator().manual_seed(0))
-    tmp_path = onnx_path.with_name(onnx_path.name + ".partial")
-    spec_tmp = spec_path.with_name(spec_path.name + ".partial")
+    tmp_path, spec_tmp = partial_path(onnx_path), partial_path(spec_path)
     try:
         with warnings.catch_warnings():
             # Deprecation notice of the TorchScript exporter, and tracer notes about shapes that are fixed anyway
@@ -106,7 +105,7 @@ def export_onnx(run_dir: str | Path, out: str | Path | None = None, *, force: bo
                                   dynamic_axes={INPUT_NAME: {0: "batch"}, OUTPUT_NAME: {0: "batch"}})
             except Exception as e:  # noqa: BLE001 - the exporter raises many types for an operator it cannot map
                 if (storage := _storage_error(e)) is not None:  # a full disk is no fault of the exporter
-                    storage.filename = storage.filename or str(tmp_path)
+                    storage.filename = storage.filename or str(onnx_path)  # the file the user asked for
                     raise storage from None
                 raise CxrFastError(f"{run.path}: torch.onnx cannot export {run.config['model'].get('arch')} at "
                                    f"opset {opset} ({first_line(e)})") from None

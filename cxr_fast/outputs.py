@@ -150,12 +150,18 @@ def write_text(path: Path, text: str) -> None:
     write_texts({path: text})
 
 
+def partial_path(path: Path) -> Path:
+    """Where a file is written before it is renamed over `path` (hidden, and named so that the code recognising a
+    killed write's leftovers — train's first-epoch check, export's folder check — has one name to know)."""
+    return path.with_name(f".{path.name}.partial")
+
+
 def write_texts(texts: dict[Path, str]) -> None:
     """Text files that belong together (a manifest and its report), each written whole beside its place, and only
     then all renamed over their paths, in the order given: a full disk or Ctrl-C while writing leaves every old file
     as it was, never some new files beside old ones. (Renames need no space; only a kill in the moment between two
     of them could still split the set.)"""
-    partials = {path: path.with_name(f".{path.name}.partial") for path in texts}
+    partials = {path: partial_path(path) for path in texts}
     try:
         for path, partial in partials.items():
             _written(partial, path, functools.partial(partial.write_text, texts[path], encoding="utf-8"))
@@ -169,7 +175,7 @@ def write_texts(texts: dict[Path, str]) -> None:
 
 def write_bytes(path: Path, data: bytes) -> None:
     """`write_text` for bytes (a figure's PNG): written whole, then renamed over `path`."""
-    partial = path.with_name(f".{path.name}.partial")
+    partial = partial_path(path)
     _written(partial, path, lambda: partial.write_bytes(data))
     partial.replace(path)
 
@@ -180,9 +186,9 @@ def write_tensors(tensors: dict, path: Path) -> None:
     their owner can read, which locks colleagues out of a shared model folder)."""
     from safetensors.torch import save
 
-    tmp = path.with_name(path.name + ".tmp")
-    _written(tmp, path, lambda: tmp.write_bytes(save({k: v.contiguous() for k, v in tensors.items()})))
-    tmp.replace(path)
+    partial = partial_path(path)
+    _written(partial, path, lambda: partial.write_bytes(save({k: v.contiguous() for k, v in tensors.items()})))
+    partial.replace(path)
 
 
 def _written(tmp: Path, path: Path, write) -> None:

@@ -17,7 +17,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import platform
-import re
 import shlex
 import shutil
 import sys
@@ -50,6 +49,7 @@ from torch.cuda import is_available as gpu_available
 from cxr_fast import distributed
 from cxr_fast.archs import create_model, model_config, splitter
 from cxr_fast.archs.weights import parse_weights
+from cxr_fast.bundle import RUN_FORMAT
 from cxr_fast.config import RECIPE_KEYS, TrainConfig, resolve_config
 from cxr_fast.data.block import build_dataloaders, check_classes
 from cxr_fast.data.manifest import manifest_digest, manifest_key, read_manifest
@@ -57,6 +57,7 @@ from cxr_fast.errors import CxrFastError, first_line, read_json, read_tensors, s
 from cxr_fast.outputs import (
     check_folder_path,
     clear_run_folder,
+    partial_path,
     settle_move,
     write_bytes,
     write_tensors,
@@ -115,8 +116,9 @@ def stopped_in_first_epoch(out: Path) -> bool:
     if not checkpoint.is_dir() or (checkpoint / "state.json").exists() or [p.name for p in out.iterdir()] != [
             CHECKPOINT_DIR]:
         return False
-    return all(re.fullmatch(r"(model|best|optimizer)-epoch0\.safetensors(\.tmp)?|\.state\.json\.partial", p.name)
-               for p in checkpoint.iterdir())  # the names write_tensors and write_text give them, done or half
+    first_files = [checkpoint / f"{kind}-epoch0.safetensors" for kind in ("model", "best", "optimizer")]
+    expected = {p.name for p in first_files} | {partial_path(p).name for p in [*first_files, checkpoint / "state.json"]}
+    return all(p.name in expected for p in checkpoint.iterdir())  # done or, as write_tensors/write_text leave them, half
 
 
 def check_same_data(run_dir: Path, state: dict, data: str | Path) -> None:
@@ -655,7 +657,7 @@ def library_versions() -> dict[str, str]:
 def run_config(model: torch.nn.Module, cfg: TrainConfig, state: dict) -> dict:
     """A bundle's config.json (temperature 1 until calibration): everything `cxr_fast.bundle.load_run` needs."""
     return {
-        "format": "cxr_fast-run/1",
+        "format": RUN_FORMAT,
         "model": state.get("model_config") or model_config(model),
         "classes": state["classes"],
         "n_in": cfg.n_in,

@@ -236,7 +236,7 @@ def test_a_full_disk_during_the_export_itself_is_named_as_such(run, tmp_path, mo
     monkeypatch.setattr(torch.onnx, "export", disk_full)
     with pytest.raises(OSError, match="No space left on device") as caught:
         export_onnx(run, out=tmp_path / "export")
-    assert caught.value.filename == str(tmp_path / "export" / "model.onnx.partial")
+    assert caught.value.filename == str(tmp_path / "export" / "model.onnx")
 
 
 def test_an_out_folder_holding_other_files_is_refused(run, tmp_path):

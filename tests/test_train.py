@@ -240,6 +240,30 @@ def test_a_run_killed_while_writing_its_first_checkpoint_is_started_again_by_the
         train(tiny_data, resolve_config(epochs=1, **TINY), out=tmp_path / "other", quiet=True)
 
 
+def test_a_run_killed_in_the_middle_of_a_first_checkpoint_file_is_started_again(tiny_data, tmp_path, monkeypatch):
+    # the leftovers are recognised by the names the writer really gives its half files, whatever they are
+    import cxr_fast.outputs
+    import cxr_fast.train
+
+    real_written = cxr_fast.outputs._written
+
+    def killed_mid_file(tmp, path, write):
+        if path.name == "optimizer-epoch0.safetensors":
+            write()  # the half file stays: kill -9 runs no cleanup
+            raise SimulatedKill("killed")  # an argument: fastai's callback wrapper rewrites args[0]
+        real_written(tmp, path, write)
+
+    out = tmp_path / "run"
+    monkeypatch.setattr(cxr_fast.outputs, "_written", killed_mid_file)
+    monkeypatch.setattr(cxr_fast.train, "clear_run_folder", lambda *a, **k: None)  # no cleanup after a kill -9
+    with pytest.raises(SimulatedKill):
+        train(tiny_data, resolve_config(epochs=2, **TINY), out=out, quiet=True)
+    monkeypatch.undo()
+    assert any(p.name.endswith(".partial") for p in (out / "checkpoint").iterdir())
+    train(tiny_data, resolve_config(epochs=1, **TINY), out=out, quiet=True)
+    assert (out / "config.json").is_file()
+
+
 def test_ctrl_c_while_the_bundle_is_written_says_how_to_resume(tiny_data, tmp_path, monkeypatch):
     import cxr_fast.train
 
