@@ -3,12 +3,14 @@
 Every command calls one library function. A `CxrFastError` (a problem with the user's input) or a storage error (a
 full disk, a read-only folder) becomes one line on stderr and exit code 1, Ctrl-C one line and exit code 130;
 Typer itself answers a malformed command line (a missing option, a value of the wrong type) with exit code 2;
-anything else is a bug and keeps its traceback.
+anything else is a bug and keeps its traceback. CXRFAST_TRACEBACK=1 keeps the traceback of the one-line errors too
+(a storage error may be a bug reading a file that should be there).
 """
 
 from __future__ import annotations
 
 import functools
+import os
 import warnings
 from pathlib import Path
 from typing import Annotated
@@ -60,6 +62,8 @@ def user_errors(fn):
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
+        if os.environ.get("CXRFAST_TRACEBACK") == "1":  # for a developer: every error as Python raised it
+            return fn(*args, **kwargs)
         try:
             return fn(*args, **kwargs)
         except CxrFastError as e:

@@ -82,6 +82,19 @@ def test_user_errors_are_one_line_with_exit_code_1(tiny_data, tmp_path):
     assert result.exit_code == 1 and "not a cxr_fast run bundle" in result.output
 
 
+def test_cxrfast_traceback_keeps_the_traceback_of_one_line_errors(tmp_path, monkeypatch):
+    # for a developer: a storage error may be a bug reading a file that should be there
+    from cxr_fast.errors import CxrFastError
+
+    monkeypatch.setenv("CXRFAST_TRACEBACK", "1")
+    result = invoke("evaluate", tmp_path)
+    assert result.exit_code == 1 and isinstance(result.exception, CxrFastError)
+    assert "not a cxr_fast run bundle" in str(result.exception)
+    monkeypatch.setenv("CXRFAST_TRACEBACK", "0")
+    result = invoke("evaluate", tmp_path)
+    assert result.exit_code == 1 and isinstance(result.exception, SystemExit)  # the one line, as usual
+
+
 def test_square_brackets_in_names_and_messages_are_printed_as_they_are(tmp_path):
     # rich reads "[left]" as a markup tag and drops it: a path or an install hint like cxr_fast[onnx] lost its text
     result = invoke("evaluate", tmp_path / "film[left]")
