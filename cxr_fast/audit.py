@@ -27,9 +27,11 @@ Verdict thresholds (per predicted class, on the class's pooled means):
   the image this means at least 40–57 % of the evidence inside them. Occlusion maps are blurred by their
   window, so a model that looks only at the lungs still shows some evidence just outside their edge; 2
   leaves room for that.
-- Independently, a text marker (when its box is known) taking ≥ 15 % of the evidence is flagged as a
-  likely shortcut. A marker box covers about 1 % of the image; `interpret` grows it by half an occlusion
-  window, to the map's resolution, so that it covers about 4 %, and 15 % is still about 4× an even spread.
+- Independently, a text marker (when its box is known) taking ≥ 15 % of the evidence, and at least 4× its
+  box's share of the image, is flagged as a likely shortcut. A marker box covers about 1 % of the image;
+  `interpret` grows it by half an occlusion window, to the map's resolution, so that it covers about 4 %, and
+  15 % is still about 4× an even spread (a large --window grows the box: the 4× keeps the flag about density).
+  A marker share of at least 2× its area, below that flag, is a "possible shortcut: look at their heatmaps".
 """
 
 from __future__ import annotations

@@ -318,7 +318,7 @@ def compare(
         result = compare_runs(runs or [], out=out)
     # One column per architecture and a row per figure: fits an 80-column terminal for a handful of models.
     rows = list(result.summary.itertuples())
-    table = Table("", *(Column(escape(r.arch), overflow="fold") for r in rows), title="test split")
+    table = Table("", *(Column(escape(r.arch), overflow="fold") for r in rows), title=f"{result.split} split")
     for label, cell in [
         ("runs", lambda r: str(r.runs)),
         ("balanced acc.", lambda r: f"{r.balanced_accuracy:.3f}" + (f" ± {r.balanced_accuracy_sd:.3f}" if r.runs > 1 else "")),

@@ -29,11 +29,9 @@ def display_names(paths: list[str]) -> list[str]:
     return [os.path.relpath(p, root) for p in resolved]
 
 
-def register(app: typer.Typer, user_errors=None, console=None, err_console=None) -> None:
-    if user_errors is None or console is None or err_console is None:
-        from cxr_fast import cli
-
-        user_errors, console, err_console = cli.user_errors, cli.console, cli.err_console
+def register(app: typer.Typer, user_errors, console, err_console) -> None:
+    """Add predict, serve and export to `app`, with the main CLI's error wrapper and consoles (passed in: this module
+    cannot import cli, which imports it)."""
 
     @app.command("predict")
     @user_errors

@@ -46,6 +46,7 @@ class Comparison:
     table: pd.DataFrame  # one row per run
     summary: pd.DataFrame  # one row per architecture: mean ± sd across seeds
     mcnemar: pd.DataFrame
+    split: str = "test"  # the manifest split the runs were scored on
 
 
 def score_run(run: Run, split: str = "test", n_boot: int = 1000) -> tuple[dict, np.ndarray, np.ndarray]:
@@ -137,7 +138,7 @@ def compare_runs(run_dirs: list[str | Path], *, out: str | Path | None = None, s
         result = mcnemar(y, a[1], b[1])
         tests.append({"model_a": table["run"][i], "model_b": table["run"][j], **result})
     summary = summarise(table)
-    comparison = Comparison(out_dir, table, summary, pd.DataFrame(tests))
+    comparison = Comparison(out_dir, table, summary, pd.DataFrame(tests), split)
     with new_folder(out_dir) as work:  # a compare stopped part-way leaves no half-written --out to block a rerun
         write_comparison(comparison, work)
     return comparison
@@ -208,11 +209,11 @@ def write_comparison(c: Comparison, folder: Path) -> None:
     tests["p_value"] = ["< 0.001" if p < 0.001 else f"{p:.3f}" for p in tests["p_value"]]
     tests.loc[tests["method"] == "exact", "statistic"] = None
     write_report(folder, "Architecture comparison", [
-        Section("Summary", text="Balanced accuracy on the shared test split: mean ± sd across seeds, with the mean "
+        Section("Summary", text=f"Balanced accuracy on the shared {c.split} split: mean ± sd across seeds, with the mean "
                 "95 % bootstrap interval. ECE after temperature scaling. Training time on this machine's CPU.",
                 table=shown, figures=["comparison"]),
         Section("Runs", table=c.table.drop(columns=["data", "setting"])),  # setting: the recipe as JSON, for runs.csv
-        Section("McNemar tests", text="Pairwise on the same test images: b counts the images the first model gets "
+        Section("McNemar tests", text=f"Pairwise on the same {c.split} images: b counts the images the first model gets "
                 "right and the second wrong, c the reverse, and a small p-value means the two models' error rates "
                 "differ (exact binomial test below 25 such images, else chi-square).", table=tests),
     ], {"comparison": figure})

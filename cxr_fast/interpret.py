@@ -269,7 +269,7 @@ def interpret(run_dir: str | Path, data: str | Path | None = None, split: str = 
     verdicts = audit.verdict(summary).splitlines()
 
     # Faithfulness: deletion curves for a few correctly predicted images (of every class), averaged.
-    deletion = deletion_check(run, items, probs, (correct_sample or order)[:8], window, stride, fill, predicted_maps)
+    deletion = deletion_check(run, items, probs, (correct_sample or order)[:8], fill, predicted_maps)
 
     with replacing_folder(out_dir, force=force, what="an interpretation") as work:
         write_interpretation(work, run, name, per_image, losses, summary, verdicts, confused, deletion,
@@ -324,20 +324,14 @@ def summary_rows(summary: dict) -> list[dict]:
     return [{"predicted": name, **{k: stats.get(k) for k in SUMMARY_COLUMNS}} for name, stats in groups]
 
 
-def deletion_check(run: Run, items, probs, indices, window, stride, fill: torch.Tensor,
-                   maps: dict[int, np.ndarray] | None = None) -> dict:
-    """Deletion curves of the images `indices`, averaged; `maps` holds predicted-class occlusion maps already made
-    (by index), which are not made again (8 maps cost up to minutes on a CPU)."""
+def deletion_check(run: Run, items, probs, indices, fill: torch.Tensor, maps: dict[int, np.ndarray]) -> dict:
+    """Deletion curves of the images `indices`, averaged, with the predicted-class occlusion maps the audit already
+    made (`maps`, by index: 8 maps made again would cost up to minutes on a CPU)."""
     curves = []
     for i in indices:
         x = run.load_input(image_column(items.iloc[[i]]).iloc[0])
-        pred = int(probs[i].argmax())
-        if maps is not None and i in maps:
-            attr = torch.from_numpy(maps[i])
-        else:
-            attr = attribution.occlusion_maps(run.model, x, window=window, stride=stride, targets=[pred],
-                                              baseline=fill)[0]
-        curves.append(audit.deletion_curve(run.model, x, attr, pred, baseline=fill))
+        attr = torch.from_numpy(maps[i])
+        curves.append(audit.deletion_curve(run.model, x, attr, int(probs[i].argmax()), baseline=fill))
     if not curves:
         raise CxrFastError("no images to run the deletion check on")
     keys = ("attributed_curve", "random_curve")

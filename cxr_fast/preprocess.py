@@ -1,7 +1,9 @@
-"""The one preprocessing path from a grayscale PIL image to a model's input tensor.
+"""The preprocessing functions from a grayscale PIL image to a model's input tensor.
 
 Training (through fastai transforms in `cxr_fast.data.block`) and every later step (evaluate, interpret, predict)
-call these same functions, so a reloaded model sees exactly the pixels it was trained on.
+call these same functions, so a reloaded model sees exactly the pixels it was trained on. Two paths wrap them:
+fastai's transforms in training, and `predict.model_image`/`model_input` (numpy, also the ONNX runtime's);
+tests/test_train.py and tests/test_predict.py check that both give the same pixels.
 """
 
 from __future__ import annotations

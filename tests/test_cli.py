@@ -138,7 +138,12 @@ def test_compare_stopped_while_scoring_or_run_again_without_resume_says_how_to_c
     import cxr_fast.compare
     import cxr_fast.train
 
-    monkeypatch.setattr(cxr_fast.train, "train", lambda data, cfg, out, **kwargs: out.mkdir(parents=True) or out)
+    def trained(data, cfg, out, **kwargs):  # a finished run's folder: not empty
+        out.mkdir(parents=True)
+        (out / "config.json").write_text("{}")
+        return out
+
+    monkeypatch.setattr(cxr_fast.train, "train", trained)
 
     def stopped(*args, **kwargs):
         raise KeyboardInterrupt

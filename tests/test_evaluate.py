@@ -120,6 +120,14 @@ def test_runs_that_share_a_seed_are_not_passed_off_as_a_spread_across_seeds(tiny
     assert result.summary["runs"].tolist() == [3]
 
 
+def test_compare_on_the_valid_split_says_so_in_its_report(tiny_runs, tmp_path):
+    # compare_runs(split="valid") scored the valid images under a report headed "the shared test split"
+    result = compare_runs(tiny_runs, out=tmp_path / "cmp", split="valid", n_boot=20)
+    report = (tmp_path / "cmp" / "report.html").read_text()
+    assert result.split == "valid" and "shared valid split" in report and "same valid images" in report
+    assert "test split" not in report and "test images" not in report
+
+
 def test_compare_two_runs_gives_table_csv_and_mcnemar(tiny_runs, tmp_path):
     result = compare_runs(tiny_runs, out=tmp_path / "cmp", n_boot=100)
     assert len(result.table) == 2 and set(result.table["seed"]) == {0, 1}

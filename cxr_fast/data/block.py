@@ -22,7 +22,7 @@ from fastai.vision.data import ImageBlock
 from fasttransform import Transform
 
 from cxr_fast.data.io import read_image
-from cxr_fast.data.manifest import image_column  # noqa: F401  (re-exported: part of this module's API)
+from cxr_fast.data.manifest import image_column
 from cxr_fast.errors import CxrFastError
 from cxr_fast.preprocess import resize_square, to_tensor
 

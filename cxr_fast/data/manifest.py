@@ -54,6 +54,7 @@ from rich.table import Table
 
 from cxr_fast.data import cache as image_cache
 from cxr_fast.data.dedup import DEFAULT_MIN_CORRELATION, DEFAULT_THRESHOLD, group_duplicates
+from cxr_fast.data.io import MAX_TWO_LEVEL_SHARE, MIN_SIDE
 from cxr_fast.data.labels import loose_name, map_label, parse_label_map
 from cxr_fast.data.patients import (
     DICOM_PRESET,
@@ -100,9 +101,9 @@ EXCLUSION_REASONS = {
     "not-an-image": "not an image file",
     "truncated": "image data cut short or damaged",
     "unreadable": "could not be decoded",
-    "too-small": "smaller than 64 px on a side",
+    "too-small": f"smaller than {MIN_SIDE} px on a side",
     "too-large": "more pixels than the decompression-bomb limit",
-    "not-a-radiograph": "one or two grey values fill 90 % of it: a mask, a blank sheet or a drawing",
+    "not-a-radiograph": f"one or two grey values fill {MAX_TWO_LEVEL_SHARE * 100:.0f} % of it: a mask, a blank sheet or a drawing",
 }
 
 # Below this many files a thread pool is not worth starting.

@@ -30,7 +30,6 @@ from cxr_fast.errors import CxrFastError
 from cxr_fast.outputs import PARTIAL_INSIDE, check_folder_path, new_folder, work_folder_inside, write_text
 from cxr_fast.progress import progress_bar
 
-CLASS_NAMES = CLASSES
 # Text and corner of each class's shortcut marker; corners are chosen to lie outside the body outline.
 MARKERS = {
     "COVID-19": ("C19", "top-left"),
