@@ -31,7 +31,7 @@ from cxr_fast.bundle import (
 )
 from cxr_fast.calibration import softmax
 from cxr_fast.config import find_recipe
-from cxr_fast.data.manifest import manifest_key
+from cxr_fast.data.manifest import label_indices, manifest_key
 from cxr_fast.errors import CxrFastError
 from cxr_fast.evaluate import compute_metrics
 from cxr_fast.metrics import mcnemar
@@ -61,7 +61,7 @@ def score_run(run: Run, split: str = "test", n_boot: int = 1000) -> tuple[dict, 
     started = time.perf_counter()
     logits = predict_logits(run, items, progress=False)
     images_per_s = len(items) / (time.perf_counter() - started)
-    y = items["label"].map({c: i for i, c in enumerate(run.classes)}).to_numpy()
+    y = label_indices(items["label"], run.classes)
     m = compute_metrics(y, logits, run.classes, run.temperature, n_boot=n_boot)
     row = {
         "run": run.name,

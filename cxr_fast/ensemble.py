@@ -25,7 +25,7 @@ from sklearn.metrics import balanced_accuracy_score
 
 from cxr_fast.bundle import RUN_FORMAT
 from cxr_fast.data.dedup import file_sha256
-from cxr_fast.data.manifest import manifest_key
+from cxr_fast.data.manifest import label_indices, manifest_key
 from cxr_fast.errors import CxrFastError, read_tensors
 from cxr_fast.outputs import new_folder, write_tensors, write_text
 
@@ -215,7 +215,7 @@ def _score_valid(ensemble, progress: bool) -> dict[str, Any]:
     valid = manifest[manifest["split"] == "valid"]
     if valid.empty:
         return {"valid_balanced_accuracy": None}
-    y = valid["label"].map({c: i for i, c in enumerate(ensemble.classes)}).to_numpy()
+    y = label_indices(valid["label"], ensemble.classes)
     predicted = predict_logits(ensemble, valid, progress=progress).argmax(1)
     return {"valid_balanced_accuracy": float(balanced_accuracy_score(y, predicted)),
             "valid_accuracy": float((predicted == y).mean())}

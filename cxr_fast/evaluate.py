@@ -31,7 +31,7 @@ from cxr_fast.calibration import (
     reliability_bins,
     softmax,
 )
-from cxr_fast.data.manifest import image_column, manifest_csv, manifest_key, read_manifest
+from cxr_fast.data.manifest import image_column, label_indices, manifest_csv, manifest_key, read_manifest
 from cxr_fast.data.sources import MANIFEST_NAME
 from cxr_fast.ensemble import ENSEMBLE_ARCH
 from cxr_fast.errors import CxrFastError
@@ -417,7 +417,7 @@ def evaluate(run_dir: str | Path, data: str | Path | None = None, split: str = "
     check_folder_path(out_dir.parent, None)
 
     logits = predict_logits(run, items, progress=progress, tta=tta)
-    y = items["label"].map({c: i for i, c in enumerate(run.classes)}).to_numpy()
+    y = label_indices(items["label"], run.classes)
     metrics = compute_metrics(y, logits, run.classes, run.temperature, n_boot=n_boot)
     metrics.update({"run": run.name, "data": name, "manifest": manifest, "external": external, "tta": tta})
     if (by_marker := accuracy_by_marker(items, y, logits)) is not None:

@@ -29,7 +29,7 @@ from cxr_fast import attribution, audit
 from cxr_fast.bundle import Run, load_run, predict_logits
 from cxr_fast.calibration import softmax
 from cxr_fast.data.io import image_stem, read_image
-from cxr_fast.data.manifest import image_column
+from cxr_fast.data.manifest import image_column, label_indices
 from cxr_fast.errors import CxrFastError
 from cxr_fast.evaluate import manifest_folder, output_folder, select_unseen_items, write_seen_images
 from cxr_fast.lungs import estimate_lung_field
@@ -72,7 +72,7 @@ def top_losses(run: Run, items: pd.DataFrame, k: int, probs: np.ndarray) -> tupl
         interp = ClassificationInterpretation.from_learner(learn)
         confused = interp.most_confused(min_val=1)
     losses, idx = interp.top_losses(k=len(items))
-    y = items["label"].map({c: i for i, c in enumerate(run.classes)}).to_numpy()
+    y = label_indices(items["label"], run.classes)
     rows = []
     for loss, i in zip(losses.tolist(), idx.tolist()):
         true, pred = int(y[i]), int(probs[i].argmax())
@@ -223,7 +223,7 @@ def interpret(run_dir: str | Path, data: str | Path | None = None, split: str = 
 
     logits = predict_logits(run, items, progress=progress)
     probs = softmax(logits, run.temperature)
-    y = items["label"].map({c: i for i, c in enumerate(run.classes)}).to_numpy()
+    y = label_indices(items["label"], run.classes)
     losses, confused = top_losses(run, items, n, probs)
 
     # The audit sample: the top losses plus correct predictions of every class; each image attributed once.

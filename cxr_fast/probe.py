@@ -30,7 +30,7 @@ from cxr_fast.archs import create_model
 from cxr_fast.archs.frozen import PACKAGED_BACKBONES, VARIANTS, FrozenFeatures, load_packaged_weights
 from cxr_fast.archs.weights import EFFICIENTNET_LITE_MEAN, EFFICIENTNET_LITE_STD, Stats, channel_stats
 from cxr_fast.config import TrainConfig
-from cxr_fast.data.manifest import image_column
+from cxr_fast.data.manifest import image_column, label_indices, manifest_classes
 from cxr_fast.errors import CxrFastError, read_tensors
 from cxr_fast.outputs import clear_run_folder, write_bytes, write_tensors, write_text
 from cxr_fast.preprocess import load_input
@@ -65,12 +65,12 @@ def fit_frozen(manifest: pd.DataFrame, cfg: TrainConfig, state: dict, run_dir: P
     if ignored:
         warnings.warn(f"{cfg.arch} fits a regression on frozen features, so these options do not apply and are "
                       f"ignored: {', '.join(ignored)}", stacklevel=2)
-    classes = sorted(manifest["label"].unique().tolist())
+    classes = manifest_classes(manifest)
     model = create_model(cfg.arch, n_in=cfg.n_in, n_classes=len(classes), **cfg.arch_kwargs)
     load_packaged_weights(model.body)
     model.pretrained_stats = channel_stats(EFFICIENTNET_LITE_MEAN, EFFICIENTNET_LITE_STD, cfg.n_in)
     model.weights_source = "+".join(f"efficientnet-lite{PACKAGED_BACKBONES[n]}" for n in model.body.backbone_names)
-    y = {s: manifest[manifest["split"] == s]["label"].map(classes.index).to_numpy() for s in FITTED_SPLITS}
+    y = {s: label_indices(manifest[manifest["split"] == s]["label"], classes) for s in FITTED_SPLITS}
     lacking = [c for k, c in enumerate(classes) if k not in set(y["train"])]
     if lacking or not len(y["valid"]):
         what = f"no {', '.join(lacking)} image in the train split" if lacking else "an empty valid split"

@@ -52,7 +52,13 @@ from cxr_fast.archs.weights import parse_weights
 from cxr_fast.bundle import RUN_FORMAT
 from cxr_fast.config import RECIPE_KEYS, TrainConfig, resolve_config
 from cxr_fast.data.block import build_dataloaders, check_classes
-from cxr_fast.data.manifest import manifest_digest, manifest_key, read_manifest
+from cxr_fast.data.manifest import (
+    label_indices,
+    manifest_classes,
+    manifest_digest,
+    manifest_key,
+    read_manifest,
+)
 from cxr_fast.errors import CxrFastError, first_line, read_json, read_tensors, storage_problem
 from cxr_fast.outputs import (
     check_folder_path,
@@ -405,7 +411,7 @@ def class_weight_tensor(manifest: pd.DataFrame, classes: list[str]) -> torch.Ten
 def build_learner(manifest: pd.DataFrame, cfg: TrainConfig, stats=None):
     """Model + DataLoaders + Learner: decides normalisation, body/head split and loss in one place."""
     set_seed(cfg.seed, reproducible=True)
-    classes = sorted(manifest["label"].unique().tolist())
+    classes = manifest_classes(manifest)
     model = create_model(cfg.arch, n_in=cfg.n_in, n_classes=len(classes), weights=cfg.weights, **cfg.arch_kwargs)
     # Pretrained networks expect the statistics they were trained with (fastai skips this for timm models
     # with n_in=1, fastai issue 3669); networks trained from scratch use the training split's statistics.
@@ -699,7 +705,7 @@ def finish_bundle(run_dir: Path, learn: Learner, cfg: TrainConfig, state: dict) 
     manifest = read_manifest(state["data"])
     valid = manifest[manifest["split"] == "valid"]
     logits = predict_logits(run, valid, progress=False)
-    y = valid["label"].map({c: i for i, c in enumerate(run.classes)}).to_numpy()
+    y = label_indices(valid["label"], run.classes)
     config["temperature"] = float(fit_temperature(logits, y))
     write_text(run_dir / "config.json", json.dumps(config, indent=2))
     write_seen(run_dir, manifest)  # so evaluation elsewhere can leave out copies of these images

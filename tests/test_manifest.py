@@ -761,3 +761,15 @@ def test_a_bug_in_fingerprinting_is_raised_not_reported_as_unreadable_files(tmp_
     monkeypatch.setattr(cache, "fingerprint", vanished)
     examined = cache.examine_file((str(film), None, 0))
     assert examined.reason == "unreadable" and "No such file" in examined.detail
+
+
+def test_labels_map_to_the_model_outputs_and_an_unknown_label_is_refused():
+    from cxr_fast.data.manifest import label_indices, manifest_classes
+
+    manifest = pd.DataFrame({"label": ["Pneumonia", "COVID-19", "Normal", "Pneumonia"]})
+    classes = manifest_classes(manifest)
+    assert classes == ["COVID-19", "Normal", "Pneumonia"]  # sorted, as fastai orders its vocab
+    indices = label_indices(manifest["label"], classes)
+    assert indices.tolist() == [2, 0, 1, 2] and indices.dtype == np.int64
+    with pytest.raises(CxrFastError, match=r"labels \['Viral'\] are not classes of this model"):
+        label_indices(pd.Series(["Normal", "Viral"]), classes)  # mapped alone it became NaN, then 1.0, 0.0 …

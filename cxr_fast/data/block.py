@@ -22,7 +22,7 @@ from fastai.vision.data import ImageBlock
 from fasttransform import Transform
 
 from cxr_fast.data.io import read_image
-from cxr_fast.data.manifest import image_column
+from cxr_fast.data.manifest import image_column, manifest_classes
 from cxr_fast.errors import CxrFastError
 from cxr_fast.preprocess import resize_square, to_tensor
 
@@ -90,7 +90,7 @@ def check_classes(manifest: pd.DataFrame, where: str | Path) -> None:
     """Refuse a manifest whose train split lacks a class (the model would have an output it can never learn);
     warn about a class with only a few training images (often a typo in a label) and one the valid split lacks
     (each epoch's balanced accuracy then averages over the other classes only)."""
-    classes = sorted(manifest["label"].unique().tolist())
+    classes = manifest_classes(manifest)
     if len(classes) < 2:
         raise CxrFastError(f"{where}: manifest has only the class {classes[0]!r}; a classifier needs two or more")
     in_train = manifest.loc[manifest["split"] == "train", "label"].value_counts()
@@ -134,7 +134,7 @@ def build_dataloaders(
         warnings.warn(f"batch size {bs} leaves {left_out} of {n_train} training images out of every epoch (the last, "
                       f"incomplete batch is dropped): pick a --bs that divides {n_train} more evenly", stacklevel=2)
     df["image"] = image_column(df)
-    classes = sorted(manifest["label"].unique().tolist())
+    classes = manifest_classes(manifest)
     if len(classes) < 2:
         raise CxrFastError(f"manifest has only the class {classes[0]!r}; a classifier needs two or more")
     if stats is None:

@@ -39,6 +39,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 from rich.console import Console
 from rich.markup import escape
@@ -378,7 +379,7 @@ def prepare(
         spread = nih_patients_spread(names, list(manifest["split"]))
         warnings = [spread] if spread else []
 
-    labels = sorted(manifest["label"].unique())
+    labels = manifest_classes(manifest)
     if len(labels) < 2:  # an external set of Normal films alone is a common test of a model; training refuses it
         warnings.append(f"only the class {labels[0]!r} has usable images: this manifest can test a model "
                         "(cxrfast evaluate RUN --data OUT), but training needs two or more classes")
@@ -782,7 +783,7 @@ def _class_warnings(src_dir: Path, skip, mapping, items, manifest: pd.DataFrame,
     if split_like:  # e.g. train_set/COVID/…: the classes would be train_set against test_set
         warnings.append(f"class folder(s) {', '.join(map(repr, split_like))} look like split folders; if the classes "
                         "are the folders inside, rename these train, valid or test (their images are then pooled)")
-    for label in sorted(manifest["label"].unique()):
+    for label in manifest_classes(manifest):
         of_label = manifest.loc[manifest["label"] == label, "split"]
         # One line per class, not per split: a patient id shared by every image can empty two splits of each class.
         missing = [split for split, fraction in zip(SPLITS, fractions, strict=True)
@@ -792,6 +793,20 @@ def _class_warnings(src_dir: Path, skip, mapping, items, manifest: pd.DataFrame,
             warnings.append(f"'{label}' has no {where} images ({len(of_label)} in all): "
                             f"its recall there cannot be measured; add images")
     return warnings
+
+
+def manifest_classes(manifest: pd.DataFrame) -> list[str]:
+    """A manifest's classes in the order of a model's outputs (sorted, as fastai's CategoryBlock orders its vocab)."""
+    return sorted(manifest["label"].unique().tolist())
+
+
+def label_indices(labels: pd.Series, classes: Sequence[str]) -> np.ndarray:
+    """Each label's position in `classes`, the model's outputs. A label that is not one of them is refused: mapped
+    alone it would become NaN and then a float, and every metric after it wrong or an obscure crash."""
+    unknown = sorted(set(labels) - set(classes))
+    if unknown:
+        raise CxrFastError(f"labels {unknown} are not classes of this model {list(classes)}")
+    return labels.map({c: i for i, c in enumerate(classes)}).to_numpy(dtype=np.int64)
 
 
 def image_column(df: pd.DataFrame) -> pd.Series:
