@@ -23,13 +23,13 @@ import torch.nn as nn
 import torch.nn.functional as F
 from sklearn.metrics import balanced_accuracy_score
 
+from cxr_fast.archs.registry import ENSEMBLE_ARCH
 from cxr_fast.bundle import RUN_FORMAT
 from cxr_fast.data.dedup import file_sha256
 from cxr_fast.data.manifest import label_indices, manifest_key
 from cxr_fast.errors import CxrFastError, read_tensors
 from cxr_fast.outputs import new_folder, write_tensors, write_text
 
-ENSEMBLE_ARCH = "ensemble"
 MIN_PROBABILITY = 1e-12  # keeps log(mean probability) finite when every member is certain
 
 

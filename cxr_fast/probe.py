@@ -213,9 +213,9 @@ def _write_bundle(run_dir: Path, model, cfg: TrainConfig, state: dict, manifest:
     from cxr_fast.plots import plot_strength_search
     from cxr_fast.report import png_bytes
     from cxr_fast.seen import write_seen
-    from cxr_fast.train import _cpu_state, remove_checkpoint, run_config
+    from cxr_fast.train import cpu_state, remove_checkpoint, run_config
 
-    write_tensors(_cpu_state(model), run_dir / "model.safetensors")
+    write_tensors(cpu_state(model), run_dir / "model.safetensors")
     config = run_config(model, cfg, state)
     config["weights_source"] = model.weights_source
     # The valid logits from the kept features, exactly as the bundle's linear layer computes them.

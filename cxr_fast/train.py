@@ -273,13 +273,13 @@ class RunRecorder(Callback):
             self.state["best"] = row
             # One file per best epoch, named by it: a kill before state.json below leaves the previous best's
             # file, which the previous state.json names, as it was.
-            write_tensors(_cpu_state(self.learn.model), best_weights_path(self.run_dir, row["epoch"]))
+            write_tensors(cpu_state(self.learn.model), best_weights_path(self.run_dir, row["epoch"]))
 
         # This epoch's files under names of their own, never over the last epoch's: a kill before state.json below
         # leaves the files the previous state.json names as they were (written over, they would pair this epoch's
         # weights with the last epoch's schedule, and --resume would train an epoch twice).
         weights, optimizer = epoch_files(self.run_dir, row["epoch"])
-        write_tensors(_cpu_state(self.learn.model), weights)
+        write_tensors(cpu_state(self.learn.model), weights)
         self.state["optimizer"] = _save_optimizer(self.learn.opt, optimizer)
         smooth = self.recorder.smooth_loss
         self.state["smooth_loss"] = {"phase": self.phase, "val": float(smooth.val), "count": int(smooth.count)}
@@ -360,7 +360,7 @@ class EpochLines(Callback):
         print("  ".join(c.ljust(w) for c, w in zip(cells, self.widths)).rstrip(), flush=True)
 
 
-def _cpu_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+def cpu_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     if isinstance(model, torch.nn.parallel.DistributedDataParallel):  # data-parallel training wraps the model
         model = model.module
     return {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}

@@ -216,6 +216,7 @@ def test_register_arch_adds_a_builder_the_whole_api_takes(tiny_data, tmp_path, m
         ("TinyNet", build_tinynet, {}, "lower-case"),
         ("my/net", build_tinynet, {}, "lower-case letters, digits and _"),
         ("resnet18", build_tinynet, {}, "already a timm architecture"),
+        ("ensemble", build_tinynet, {}, "reserved for cxrfast ensemble's bundles"),  # loading one would call it
         ("keyword_only", lambda *, n_in, n_classes: None, {}, r"must take \(n_in, n_classes"),
         ("anything", takes_anything, {}, r"\*kwargs cannot be recorded"),
         ("deep", needs_depth, {}, "argument 'depth' needs a default"),

@@ -40,6 +40,7 @@ from cxr_fast.config import is_number
 from cxr_fast.errors import CxrFastError, first_line
 
 Builder = Callable[..., tuple[nn.Module, nn.Sequential]]
+ENSEMBLE_ARCH = "ensemble"  # the architecture name of `cxrfast ensemble`'s bundles (built in cxr_fast.ensemble)
 
 # name -> (builder(n_in, n_classes, **kwargs) -> (body, head), the variant's own arguments)
 LOCAL_ARCHS: dict[str, tuple[Builder, dict[str, Any]]] = {
@@ -64,6 +65,8 @@ def register_arch(name: str, builder: Builder, **variant: Any) -> None:
         raise CxrFastError(f"architecture name must be lower-case letters, digits and _, got {name!r}")
     if name in LOCAL_ARCHS or timm.is_model(name):  # a timm bundle of that name would be rebuilt by the builder
         raise CxrFastError(f"{name}: already a {'cxr_fast' if name in LOCAL_ARCHS else 'timm'} architecture")
+    if name == ENSEMBLE_ARCH:  # the name `cxrfast ensemble` bundles carry: loading them would call the builder
+        raise CxrFastError(f"{name}: reserved for cxrfast ensemble's bundles")
     parameters = list(inspect.signature(builder).parameters.values())
     positional = (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
     if len(parameters) < 2 or any(p.kind not in positional for p in parameters[:2]):
@@ -346,11 +349,11 @@ def model_from_config(cfg: Mapping[str, Any]) -> nn.Module:
         raise CxrFastError(f"model pretrained_stats must be null or lists 'mean' and 'std' of numbers, got {stats!r}")
     import timm
 
-    if cfg["arch"] not in LOCAL_ARCHS and cfg["arch"] != "ensemble" and not timm.is_model(cfg["arch"]):
+    if cfg["arch"] not in LOCAL_ARCHS and cfg["arch"] != ENSEMBLE_ARCH and not timm.is_model(cfg["arch"]):
         # a run records the exact name it was built with: a near timm name would be a different network
         raise CxrFastError(f"the run's architecture {cfg['arch']!r} is not known to this process: if it was added "
                            "with register_arch, register it again (same name and builder) before loading the run")
-    if cfg["arch"] == "ensemble":  # an average of run bundles: its config lists the members' configs
+    if cfg["arch"] == ENSEMBLE_ARCH:  # an average of run bundles: its config lists the members' configs
         from cxr_fast.ensemble import ensemble_from_config
 
         return ensemble_from_config(cfg)
