@@ -186,9 +186,7 @@ def interpret(run_dir: str | Path, data: str | Path | None = None, split: str = 
     and half that), a shortcut audit of where the evidence lies (lungs, borders, text markers), a deletion check of
     the maps' faithfulness, and gallery.html, audit.json and top_losses.csv in RUN/interpret/<data>-<split>/
     (<data>-<split>-mean with ``baseline="mean"``)."""
-    from cxr_fast import gallery
     from cxr_fast.progress import progress_bar
-    from cxr_fast.report import png_bytes
 
     unknown = sorted(set(methods) - set(METHODS))
     if unknown or "occlusion" not in methods:
@@ -234,7 +232,7 @@ def interpret(run_dir: str | Path, data: str | Path | None = None, split: str = 
                            "asks for no correct ones")
     files = image_column(items).tolist()
     loss_set = set(losses["index"])
-    rows, figures_loss, figures_correct, image_files, predicted_maps = [], [], [], [], {}
+    rows, shown, predicted_maps = [], [], {}
     with progress_bar(progress, transient=False) as bar:
         task = bar.add_task("occlusion maps", total=len(order))
         for i in order:
@@ -253,14 +251,10 @@ def interpret(run_dir: str | Path, data: str | Path | None = None, split: str = 
                          "top_loss": i in loss_set, **({"site": row["site"]} if "site" in row else {}), **shares})
             caption = (f"{Path(row['path']).name}: true {run.classes[true]}, predicted {run.classes[pred]} "
                        f"(p={probs[i, pred]:.2f}; p(true)={probs[i, true]:.2f}); {lung_caption(shares)}")
-            if i in loss_set or len(figures_correct) < n:
-                fig = gallery.attribution_figure(image, maps, caption, lungs, marker_box_for(row, run.size))
-                png = png_bytes(fig)
-                target = figures_loss if i in loss_set else figures_correct
-                filename = f"{len(image_files) + 1:03d}_{short_stem(image_stem(row['path']))}.png"
-                target.append((caption, png, f"images/{filename}"))  # the gallery links its full-size copy
-                image_files.append((filename, png))
+            if i in loss_set or sum(not top_loss for *_, top_loss in shown) < n:  # the gallery's, drawn below
+                shown.append((row, image, maps, caption, lungs, i in loss_set))
             bar.advance(task)
+    figures_loss, figures_correct, image_files = draw_figures(run, shown)
 
     per_image = pd.DataFrame(rows)
     summary = audit.audit_summary(per_image.to_dict("records"), labels=per_image["label"].tolist(),
@@ -280,6 +274,23 @@ def interpret(run_dir: str | Path, data: str | Path | None = None, split: str = 
         write_seen_images(work, left_out)
     report = json.loads((out_dir / "audit.json").read_text())
     return Interpretation(out_dir=out_dir, audit=report, top_losses=losses, verdicts=verdicts)
+
+
+def draw_figures(run: Run, shown: list) -> tuple[list, list, list]:
+    """The gallery's figures of the top losses and of the correct predictions, as (caption, PNG, link) each, and
+    the PNGs by file name for images/: one per (row, image, maps, caption, lungs, top_loss) in `shown`."""
+    from cxr_fast import gallery
+    from cxr_fast.report import png_bytes
+
+    figures_loss, figures_correct, image_files = [], [], []
+    for row, image, maps, caption, lungs, top_loss in shown:
+        fig = gallery.attribution_figure(image, maps, caption, lungs, marker_box_for(row, run.size))
+        png = png_bytes(fig)
+        filename = f"{len(image_files) + 1:03d}_{short_stem(image_stem(row['path']))}.png"
+        # the gallery links its full-size copy
+        (figures_loss if top_loss else figures_correct).append((caption, png, f"images/{filename}"))
+        image_files.append((filename, png))
+    return figures_loss, figures_correct, image_files
 
 
 def write_interpretation(work: Path, run: Run, name: str, per_image, losses, summary, verdicts, confused, deletion,

@@ -30,6 +30,8 @@ def test_interpret_writes_gallery_audit_and_top_losses(tiny_runs):
     sources = image_sources(out / "gallery.html")
     pngs = sorted((out / "images").glob("*.png"))
     assert len(sources) == len(pngs) + 1  # every per-image figure, plus the deletion curves
+    audited = pd.read_csv(out / "audit_images.csv")
+    assert len(pngs) == len(losses) + min(3, int((~audited["top_loss"]).sum()))  # all losses, n correct ones
     assert all(s.startswith("data:image/png;base64,") for s in sources)
     # each figure links its full-size copy, which the grid would otherwise leave unreadable
     assert sorted(parse(out / "gallery.html").links) == [f"images/{p.name}" for p in pngs]
