@@ -279,37 +279,7 @@ def prepare(
                      f"({', '.join(map(repr, inner))}): if those are the classes and these are sites, pass --sites")
 
     # 2. Labels.
-    excluded: list[Exclusion] = []
-    source_labels = sorted({item.source_label for item in items if item.has_class})
-    unmapped = [name for name in source_labels if map_label(name, mapping) is None]
-    unused_keys = sorted(
-        key for key in (mapping or {}) if not any(map_label(name, {key: "x"}) for name in source_labels)
-    )
-    if unmapped and not ignore_unmapped:
-        counts = Counter(item.source_label for item in items)
-        listed = _listed(Counter({name: counts[name] for name in unmapped}))
-        typo = (f" (the map's {', '.join(map(repr, unused_keys))} {'matches' if len(unused_keys) == 1 else 'match'} "
-                "no folder: a typo?)"
-                if unused_keys and not site_hint else "")
-        advice = "add them to the map or pass --ignore-unmapped to leave them out" + (f"; {site_hint}" if site_hint else "")
-        raise CxrFastError(f"{src_dir}: the label map does not cover folder(s) {listed}{typo}; {advice}")
-    candidates = []
-    for item in items:
-        relpath = item.path.relative_to(src_dir).as_posix()
-        if not _is_utf8(relpath):  # e.g. a Latin-1 name from an old zip: no CSV or JSON could hold it
-            excluded.append(Exclusion(printable(relpath), "unreadable", "file or folder name is not valid UTF-8; "
-                                                                         "rename it"))
-            continue
-        if not item.has_class:
-            excluded.append(Exclusion(relpath, "no-class-folder", EXCLUSION_REASONS["no-class-folder"]))
-            continue
-        label = map_label(item.source_label, mapping)
-        if label is None:
-            excluded.append(
-                Exclusion(relpath, "unmapped-label", f"folder {item.source_label!r} is not in the label map")
-            )
-            continue
-        candidates.append((item, relpath, label))
+    candidates, excluded, unused_keys = _labelled_files(src_dir, items, mapping, ignore_unmapped, site_hint)
 
     _check_distinct_labels(src_dir, [label for _, _, label in candidates])
 
@@ -370,30 +340,14 @@ def prepare(
         manifest["split"] = split_items(strata, list(manifest["group"]), fractions, seed, spread_ties=sites)
     else:
         manifest["split"] = fold_items(strata, list(manifest["group"]), folds, fold, seed, spread_ties=sites)
-    if patient_pattern:
-        patients = patient_summary(list(manifest["patient"]), list(manifest["label"]), list(manifest["split"]))
-        warnings = patient_warnings(list(manifest["patient"]), patient_pattern, min(f for f in fractions if f > 0))
-    else:
-        patients = None
-        names = [Path(relpath).name for relpath in manifest["relpath"]]
-        spread = nih_patients_spread(names, list(manifest["split"]))
-        warnings = [spread] if spread else []
-
+    patients = None if not patient_pattern else patient_summary(
+        list(manifest["patient"]), list(manifest["label"]), list(manifest["split"]))
+    site_counts = None if not sites else {
+        site: {label: int(n) for label, n in of_site["label"].value_counts().sort_index().items()}
+        for site, of_site in manifest.groupby("site")}
     labels = manifest_classes(manifest)
-    if len(labels) < 2:  # an external set of Normal films alone is a common test of a model; training refuses it
-        warnings.append(f"only the class {labels[0]!r} has usable images: this manifest can test a model "
-                        "(cxrfast evaluate RUN --data OUT), but training needs two or more classes")
-    if site_hint:  # without a label map nothing failed: the "classes" are hospitals, and a model would learn them
-        warnings.append(site_hint)
-    if loose_in_sites:  # e.g. a class folder beside the site folders: its images are left out
-        warnings.append(f"site folder(s) {_listed(loose_in_sites)} hold files directly, not in class folders: they "
-                        "are left out (no-class-folder)")
-    site_counts = None
-    if sites:
-        site_counts = {site: {label: int(n) for label, n in of_site["label"].value_counts().sort_index().items()}
-                       for site, of_site in manifest.groupby("site")}
-        warnings += site_warnings(site_counts)
-    warnings += _class_warnings(src_dir, skip, mapping, items, manifest, fractions, sites)
+    warnings = _prepare_warnings(src_dir, skip, mapping, items, manifest, fractions, patient_pattern, site_counts,
+                                 site_hint, loose_in_sites)
 
     # 6. Synthetic data carries masks and marker boxes in SRC/_meta.csv (with sites, in SRC/<site>/_meta.csv).
     manifest = _merge_meta(manifest, src_dir, sites)
@@ -465,6 +419,66 @@ def prepare(
     used = {os.path.normpath(os.path.join(out_dir, value)) for value in manifest.get("cache_path", []) if value}
     image_cache.remove_unused(out_dir / image_cache.CACHE_DIRNAME, used)
     return report
+
+
+def _prepare_warnings(src_dir: Path, skip, mapping, items, manifest: pd.DataFrame, fractions, patient_pattern,
+                      site_counts: dict | None, site_hint: str, loose_in_sites: Counter) -> list[str]:
+    """What the report and console warn about a finished split: patients, a single class, sites, classes."""
+    if patient_pattern:
+        warnings = patient_warnings(list(manifest["patient"]), patient_pattern, min(f for f in fractions if f > 0))
+    else:
+        names = [Path(relpath).name for relpath in manifest["relpath"]]
+        spread = nih_patients_spread(names, list(manifest["split"]))
+        warnings = [spread] if spread else []
+    labels = manifest_classes(manifest)
+    if len(labels) < 2:  # an external set of Normal films alone is a common test of a model; training refuses it
+        warnings.append(f"only the class {labels[0]!r} has usable images: this manifest can test a model "
+                        "(cxrfast evaluate RUN --data OUT), but training needs two or more classes")
+    if site_hint:  # without a label map nothing failed: the "classes" are hospitals, and a model would learn them
+        warnings.append(site_hint)
+    if loose_in_sites:  # e.g. a class folder beside the site folders: its images are left out
+        warnings.append(f"site folder(s) {_listed(loose_in_sites)} hold files directly, not in class folders: they "
+                        "are left out (no-class-folder)")
+    if site_counts is not None:
+        warnings += site_warnings(site_counts)
+    return warnings + _class_warnings(src_dir, skip, mapping, items, manifest, fractions, site_counts is not None)
+
+
+def _labelled_files(src_dir: Path, items: list, mapping, ignore_unmapped: bool, site_hint: str):
+    """Each file in a class folder with its label: (candidates as (item, relpath, label), exclusions, the map's
+    keys that match no folder). A folder the map leaves out is refused unless `ignore_unmapped`."""
+    excluded: list[Exclusion] = []
+    source_labels = sorted({item.source_label for item in items if item.has_class})
+    unmapped = [name for name in source_labels if map_label(name, mapping) is None]
+    unused_keys = sorted(
+        key for key in (mapping or {}) if not any(map_label(name, {key: "x"}) for name in source_labels)
+    )
+    if unmapped and not ignore_unmapped:
+        counts = Counter(item.source_label for item in items)
+        listed = _listed(Counter({name: counts[name] for name in unmapped}))
+        typo = (f" (the map's {', '.join(map(repr, unused_keys))} {'matches' if len(unused_keys) == 1 else 'match'} "
+                "no folder: a typo?)"
+                if unused_keys and not site_hint else "")
+        advice = "add them to the map or pass --ignore-unmapped to leave them out" + (f"; {site_hint}" if site_hint else "")
+        raise CxrFastError(f"{src_dir}: the label map does not cover folder(s) {listed}{typo}; {advice}")
+    candidates = []
+    for item in items:
+        relpath = item.path.relative_to(src_dir).as_posix()
+        if not _is_utf8(relpath):  # e.g. a Latin-1 name from an old zip: no CSV or JSON could hold it
+            excluded.append(Exclusion(printable(relpath), "unreadable", "file or folder name is not valid UTF-8; "
+                                                                         "rename it"))
+            continue
+        if not item.has_class:
+            excluded.append(Exclusion(relpath, "no-class-folder", EXCLUSION_REASONS["no-class-folder"]))
+            continue
+        label = map_label(item.source_label, mapping)
+        if label is None:
+            excluded.append(
+                Exclusion(relpath, "unmapped-label", f"folder {item.source_label!r} is not in the label map")
+            )
+            continue
+        candidates.append((item, relpath, label))
+    return candidates, excluded, unused_keys
 
 
 def _resolve_duplicates(rows: list[dict], roots: list[int]) -> tuple[list[str], list[dict], list[dict]]:
