@@ -222,28 +222,12 @@ def ensemble(
     out: Annotated[Path | None, typer.Option(help="Folder for the new bundle (default models/ensemble-<date>-<time>).")] = None,
 ):
     """Average run bundles' calibrated probabilities into one bundle that every other command takes as a model."""
-    import json
+    from cxr_fast.ensemble import build_ensemble, ensemble_summary
 
-    from cxr_fast.ensemble import build_ensemble
-
-    run_dir = build_ensemble(runs, out)
-    metrics = json.loads((run_dir / "metrics.json").read_text())
-    scores = [f"{name} {score:.3f}" for name, score in metrics["members"].items() if score is not None]
-    if metrics["valid_balanced_accuracy"] is None:
-        console.print(f"ensemble [bold]{escape(str(run_dir))}[/] ({len(metrics['members'])} members); its training manifest is not "
-                      "at hand, so the valid split was not scored")
-    else:
-        console.print(f"ensemble [bold]{escape(str(run_dir))}[/]: valid balanced accuracy "
-                      f"{metrics['valid_balanced_accuracy']:.3f}" + (f" (members: {escape(', '.join(scores))})" if scores else ""))
-        best = max((score for score in metrics["members"].values() if score is not None), default=None)
-        if best is not None and metrics["valid_balanced_accuracy"] < best:
-            # Not advice to drop a member: the shipped lite0 + frozen_lite pair scores below frozen_lite on valid and
-            # above it on test, on one split and pooled over 5 folds (docs/benchmarks.md).
-            err_console.print(f"[bold yellow]note:[/] the ensemble scores below its best member on valid "
-                              f"({metrics['valid_balanced_accuracy']:.3f} < {best:.3f}), but each member's valid score is "
-                              "optimistic (it kept the epoch or strength that scored best on these images) and the "
-                              "ensemble's is not; compare them on the test split (cxrfast compare ENSEMBLE RUN …) "
-                              "before leaving a member out", highlight=False, soft_wrap=True)
+    summary, note = ensemble_summary(build_ensemble(runs, out))
+    console.print(summary)
+    if note:
+        err_console.print(f"[bold yellow]note:[/] {escape(note)}", highlight=False, soft_wrap=True)
 
 
 @app.command("evaluate")

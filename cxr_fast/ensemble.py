@@ -27,7 +27,7 @@ from cxr_fast.archs.registry import ENSEMBLE_ARCH
 from cxr_fast.bundle import RUN_FORMAT
 from cxr_fast.data.dedup import file_sha256
 from cxr_fast.data.manifest import label_indices, manifest_key
-from cxr_fast.errors import CxrFastError, read_tensors
+from cxr_fast.errors import CxrFastError, read_json, read_tensors
 from cxr_fast.outputs import new_folder, write_tensors, write_text
 
 MIN_PROBABILITY = 1e-12  # keeps log(mean probability) finite when every member is certain
@@ -189,6 +189,30 @@ def _write_bundle(run_dir: Path, model: AveragedEnsemble, model_cfg: dict, loade
     metrics.update(_score_valid(Run(path=run_dir, model=model, config=config), progress))
     write_text(run_dir / "metrics.json", json.dumps(metrics, indent=2))
     write_text(run_dir / "config.json", json.dumps(config, indent=2))
+
+
+def ensemble_summary(run_dir: Path) -> tuple[str, str | None]:
+    """The console line on a built ensemble (rich markup) and, when it scores below its best member on valid, a
+    plain note on why that is no reason to drop a member."""
+    from rich.markup import escape
+
+    metrics = read_json(run_dir / "metrics.json")
+    members = metrics["members"]
+    if metrics["valid_balanced_accuracy"] is None:
+        return (f"ensemble [bold]{escape(str(run_dir))}[/] ({len(members)} members); its training manifest is not at "
+                "hand, so the valid split was not scored"), None
+    scores = [f"{name} {score:.3f}" for name, score in members.items() if score is not None]
+    summary = (f"ensemble [bold]{escape(str(run_dir))}[/]: valid balanced accuracy {metrics['valid_balanced_accuracy']:.3f}"
+               + (f" (members: {escape(', '.join(scores))})" if scores else ""))
+    best = max((score for score in members.values() if score is not None), default=None)
+    if best is None or metrics["valid_balanced_accuracy"] >= best:
+        return summary, None
+    # Not advice to drop a member: the shipped lite0 + frozen_lite pair scores below frozen_lite on valid and above
+    # it on test, on one split and pooled over 5 folds (docs/benchmarks.md).
+    return summary, (f"the ensemble scores below its best member on valid ({metrics['valid_balanced_accuracy']:.3f} < "
+                     f"{best:.3f}), but each member's valid score is optimistic (it kept the epoch or strength that "
+                     "scored best on these images) and the ensemble's is not; compare them on the test split "
+                     "(cxrfast compare ENSEMBLE RUN …) before leaving a member out")
 
 
 def _merge_seen(member_dirs: list[Path], run_dir: Path) -> None:

@@ -244,3 +244,10 @@ def test_process_and_seed_options_are_refused_where_they_would_be_dropped(tiny_r
         result = invoke(*args, "--out", tmp_path / "out")
         assert result.exit_code == 1 and said in result.output.replace("\n", ""), result.output
     assert not (tmp_path / "out").exists()
+
+
+def test_ensemble_command_builds_a_bundle_and_reports_its_valid_score(tiny_runs, tmp_path):
+    result = invoke("ensemble", *tiny_runs, "--out", tmp_path / "ens")
+    assert result.exit_code == 0, result.output
+    assert (tmp_path / "ens" / "config.json").is_file()
+    assert re.search(r"valid balanced accuracy \d\.\d{3} \(members: ", result.output.replace("\n", ""))

@@ -275,3 +275,21 @@ def test_the_command_notes_an_average_below_its_best_member_without_telling_to_d
     result = CliRunner().invoke(app, ["ensemble", "a", "b", "--out", str(tmp_path / "ens")])
     assert result.exit_code == 0 and "below its best member on valid (0.938 < 0.958)" in result.output
     assert "cxrfast compare ENSEMBLE RUN" in result.output and "leave out the weaker" not in result.output
+
+
+def test_the_summary_notes_an_ensemble_below_its_best_member_on_valid(tmp_path):
+    import json
+
+    from cxr_fast.ensemble import ensemble_summary
+
+    def summary_of(**metrics):
+        (tmp_path / "metrics.json").write_text(json.dumps(metrics))
+        return ensemble_summary(tmp_path)
+
+    line, note = summary_of(valid_balanced_accuracy=0.81, members={"a": 0.84, "b": 0.79})
+    assert "valid balanced accuracy 0.810 (members: a 0.840, b 0.790)" in line
+    assert note.startswith("the ensemble scores below its best member on valid (0.810 < 0.840)")
+    line, note = summary_of(valid_balanced_accuracy=0.86, members={"a": 0.84, "b": None})
+    assert "(members: a 0.840)" in line and note is None
+    line, note = summary_of(valid_balanced_accuracy=None, members={"a": 0.84, "b": 0.79})
+    assert "(2 members); its training manifest is not at hand" in line and note is None
