@@ -57,7 +57,7 @@ def _sections(page: str) -> dict[str, str]:
 def test_site_builds_with_every_page(site):
     assert (site / "index.html").is_file()
     for page in ("getting-started", "data", "training", "evaluation", "interpretation", "using-a-model",
-                 "benchmarks", "cli", "api"):
+                 "benchmarks", "cli", "api", "developing"):
         assert (site / page / "index.html").is_file(), f"{page}.md was not built"
     api = (site / "api" / "index.html").read_text(encoding="utf-8")
     for module in ("cxr_fast.data.manifest", "cxr_fast.archs", "cxr_fast.evaluate", "cxr_fast.attribution"):
