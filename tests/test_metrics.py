@@ -294,3 +294,82 @@ def test_mcnemar_gives_p_1_for_equal_discordant_counts_in_the_chi_square_range()
     a = np.r_[np.zeros(13, int), np.ones(13, int)]  # b = c = 13: 26 discordant images, the chi-square test
     result = mcnemar(y, a, 1 - a)
     assert result["method"] == "chi2" and result["p_value"] == 1.0
+
+
+def test_default_interval_is_the_central_95_percent_of_the_replicates():
+    # the replicates themselves are checked against scikit-learn above; the interval must cut 2.5 % off each end
+    y, probs = noisy_predictions(200, seed=12)
+    replicates = bootstrap_replicates(y, probs, "balanced_accuracy", n_boot=400, seed=3)
+    expected = np.percentile(replicates, [2.5, 97.5])
+    assert bootstrap_ci(y, probs, "balanced_accuracy", n_boot=400, seed=3) == pytest.approx(tuple(expected))
+    expected_80 = np.percentile(replicates, [10, 90])
+    assert bootstrap_ci(y, probs, "balanced_accuracy", n_boot=400, seed=3, alpha=0.2) == pytest.approx(
+        tuple(expected_80))
+
+
+def test_resamples_where_a_callable_metric_is_undefined_are_dropped_from_the_interval():
+    y, probs = noisy_predictions(60, seed=13, rounding=6)
+    marker = probs[0, 0]  # case 0's score, unique at six decimals
+
+    def accuracy_if_case_0_drawn(y_sample, probs_sample):
+        if not np.any(probs_sample[:, 0] == marker):
+            return np.nan
+        return float(np.mean(probs_sample.argmax(axis=1) == y_sample))
+
+    values = bootstrap_replicates(y, probs, accuracy_if_case_0_drawn, n_boot=300, seed=4)
+    defined = values[~np.isnan(values)]
+    assert 0 < len(defined) < len(values)  # some resamples miss case 0, most hold it
+    low, high = bootstrap_ci(y, probs, accuracy_if_case_0_drawn, n_boot=300, seed=4)
+    assert (low, high) == pytest.approx(tuple(np.percentile(defined, [2.5, 97.5])))
+
+
+def test_bootstrap_gives_exactly_n_boot_values_when_it_works_in_chunks(monkeypatch):
+    from cxr_fast import metrics
+
+    y, probs = noisy_predictions(50, seed=14)
+    monkeypatch.setattr(metrics, "_MAX_CHUNK_ELEMENTS", 50 * 7)  # 7 resamples a chunk: 25 = 7 + 7 + 7 + 4
+    for name in ("accuracy", "macro_roc_auc", _sklearn_metric("macro_f1")):
+        assert bootstrap_replicates(y, probs, name, n_boot=25, seed=0).shape == (25,)
+    # and each chunked replicate is still the metric of its resample
+    fast = bootstrap_replicates(y, probs, "macro_f1", n_boot=25, seed=0)
+    slow = bootstrap_replicates(y, probs, _sklearn_metric("macro_f1"), n_boot=25, seed=0)
+    np.testing.assert_allclose(fast, slow, rtol=1e-10)
+
+
+def test_fractional_labels_are_refused():
+    with pytest.raises(CxrFastError, match="integer class indices"):
+        classification_metrics(np.array([0.0, 1.5, 2.0]), HAND_PROBS[:3], CLASSES)
+    # whole numbers stored as floats are fine
+    assert classification_metrics(HAND_Y.astype(float), HAND_PROBS, CLASSES)["accuracy"] == pytest.approx(8 / 12)
+
+
+def _mcnemar_of(b: int, c: int, both: int = 10):
+    """Predictions with b cases only A gets right, c only B gets right, and `both` that both get right."""
+    y = np.zeros(b + c + both, dtype=int)
+    pred_a = np.array([0] * b + [1] * c + [0] * both)
+    pred_b = np.array([1] * b + [0] * c + [0] * both)
+    return mcnemar(y, pred_a, pred_b)
+
+
+def test_mcnemar_switches_to_chi_square_at_25_discordant_cases():
+    exact = _mcnemar_of(19, 5)  # 24 discordant: exact, 2 * P(X <= 5 | n = 24, p = 1/2)
+    assert exact["method"] == "exact"
+    assert exact["p_value"] == pytest.approx(2 * sum(math.comb(24, k) for k in range(6)) / 2**24)
+    chi2 = _mcnemar_of(20, 5)  # 25 discordant: (|20 - 5| - 1)^2 / 25 = 7.84
+    assert chi2["method"] == "chi2"
+    assert chi2["statistic"] == pytest.approx(7.84)
+    assert chi2["p_value"] == pytest.approx(math.erfc(math.sqrt(7.84 / 2)))
+
+
+def test_mcnemar_exact_p_value_is_at_most_one():
+    # b = c = 3: 2 * P(X <= 3 | n = 6) = 2 * 42 / 64 = 1.31, which is no probability: it is 1
+    result = _mcnemar_of(3, 3)
+    assert result["method"] == "exact" and result["p_value"] == 1.0
+
+
+def test_roc_curve_of_a_class_present_in_every_case_is_none():
+    # no negatives: no false positive rate, and no AUC (classification_metrics says None too)
+    y = np.ones(4, dtype=int)
+    probs = np.array([[0.1, 0.8, 0.1], [0.5, 0.3, 0.2], [0.2, 0.6, 0.2], [0.6, 0.2, 0.2]])
+    assert roc_curves(y, probs, CLASSES) == {name: None for name in CLASSES}
+
