@@ -338,7 +338,9 @@ def pr_curves(y_true, probs, classes: Sequence[str] | None = None) -> dict[str, 
     """One-vs-rest precision-recall curve per class.
 
     {class: {precision, recall, thresholds, average_precision, prevalence}}, or None for a class without
-    positives. `prevalence` is the precision of a classifier that guesses, the PR plot's baseline.
+    positives. `prevalence` is the precision of a classifier that guesses, the PR plot's baseline. A class present in
+    every case has a curve but no average precision (None, as in `classification_metrics`): without negatives every
+    threshold has precision 1.
     """
     y, probs = check_labels_scores(y_true, probs)
     curves: dict[str, dict | None] = {}
@@ -353,7 +355,7 @@ def pr_curves(y_true, probs, classes: Sequence[str] | None = None) -> dict[str, 
             "precision": precision,
             "recall": recall,
             "thresholds": thresholds,
-            "average_precision": float(ap[0]),
+            "average_precision": _none_if_nan(ap[0]),
             "prevalence": float(positive.mean()),
         }
     return curves

@@ -135,7 +135,8 @@ def plot_pr_curves(
             where="post",
             color=_color(i),
             linewidth=2,
-            label=f"{name} (AP {curve['average_precision']:.3f})",
+            label=f"{name} (AP {curve['average_precision']:.3f})" if curve["average_precision"] is not None
+            else f"{name} (AP undefined: no negatives)",
         )
         # A classifier that guesses has precision equal to the class's prevalence.
         ax.axhline(curve["prevalence"], color=_color(i), linestyle=":", linewidth=1)

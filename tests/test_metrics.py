@@ -373,3 +373,13 @@ def test_roc_curve_of_a_class_present_in_every_case_is_none():
     probs = np.array([[0.1, 0.8, 0.1], [0.5, 0.3, 0.2], [0.2, 0.6, 0.2], [0.6, 0.2, 0.2]])
     assert roc_curves(y, probs, CLASSES) == {name: None for name in CLASSES}
 
+
+def test_pr_curve_of_a_class_present_in_every_case_has_no_average_precision():
+    # a test set of Normal films alone: precision is 1 at every threshold, so AP would read 1.000 (or nan) beside any
+    # recall; classification_metrics reports None, and so must the curve the PR plot labels
+    y = np.ones(4, dtype=int)
+    probs = np.array([[0.1, 0.8, 0.1], [0.5, 0.3, 0.2], [0.2, 0.6, 0.2], [0.6, 0.2, 0.2]])
+    curve = pr_curves(y, probs, CLASSES)["Normal"]
+    assert curve["average_precision"] is None
+    assert curve["prevalence"] == 1.0
+    assert classification_metrics(y, probs, CLASSES)["per_class"]["Normal"]["average_precision"] is None

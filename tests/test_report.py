@@ -81,6 +81,15 @@ def test_plots_return_figures_with_the_expected_content(evaluation):
     assert len(figures["training curves"].axes) == 2
 
 
+def test_pr_plot_of_a_one_class_test_set_says_its_average_precision_is_undefined():
+    # every threshold has precision 1 without negatives; the legend read "AP nan"
+    y = np.ones(4, dtype=int)
+    probs = np.array([[0.1, 0.8, 0.1], [0.5, 0.3, 0.2], [0.2, 0.6, 0.2], [0.6, 0.2, 0.2]])
+    fig = plots.plot_pr_curves(pr_curves(y, probs, CLASSES))
+    legend = [t.get_text() for t in fig.axes[0].get_legend().get_texts()]
+    assert legend == ["COVID-19 (no positives)", "Normal (AP undefined: no negatives)", "Pneumonia (no positives)"]
+
+
 def test_plot_comparison_with_and_without_parameter_counts():
     results = [
         {"name": "resnet18", "balanced_accuracy": 0.81, "ci_low": 0.77, "ci_high": 0.85, "params": 11.2e6},
