@@ -6,6 +6,7 @@ import pytest
 from cxr_fast.calibration import (
     expected_calibration_error,
     fit_temperature,
+    flattens_everything,
     nll,
     reliability_bins,
     softmax,
@@ -140,3 +141,33 @@ def test_a_valid_split_with_almost_no_mistakes_keeps_the_probabilities_as_they_a
     two_wrong = np.flatnonzero(right).tolist() + np.flatnonzero(~right)[:2].tolist()
     assert fit_temperature(logits[two_wrong], y[two_wrong]) == 1.0
     assert (~right).sum() >= 5 and fit_temperature(logits, y) != 1.0  # enough mistakes: fitted as before
+
+
+def test_five_mistakes_are_the_fewest_that_fit_a_temperature():
+    logits, y = calibrated_logits(400, seed=5)
+    right = np.flatnonzero(logits.argmax(axis=1) == y).tolist()
+    wrong = np.flatnonzero(logits.argmax(axis=1) != y).tolist()
+    assert fit_temperature(logits[right + wrong[:4]], y[right + wrong[:4]]) == 1.0
+    assert fit_temperature(logits[right + wrong[:5]], y[right + wrong[:5]]) != 1.0
+
+
+def test_logits_without_information_run_the_temperature_to_its_upper_bound():
+    # labels drawn independently of the logits: the NLL keeps falling as T grows, so the fit stops at 100
+    rng = np.random.default_rng(6)
+    logits, y = rng.normal(scale=3.0, size=(600, 3)), rng.integers(0, 3, 600)
+    temperature = fit_temperature(logits, y)
+    assert temperature == pytest.approx(100.0, rel=1e-3)
+    assert flattens_everything(temperature)
+    assert not flattens_everything(50.0) and not flattens_everything(1.0)
+
+
+def test_softmax_shifts_each_row_by_its_own_maximum():
+    # a row of small logits beside a row of huge ones: shifted by the largest logit overall, the first row underflowed
+    probs = softmax(np.array([[0.0, -1.0], [1000.0, 999.0]]))
+    first = np.array([1.0, np.exp(-1.0)]) / (1.0 + np.exp(-1.0))
+    np.testing.assert_allclose(probs, [first, first])
+
+
+def test_fewer_than_one_bin_is_refused():
+    with pytest.raises(CxrFastError, match="n_bins"):
+        reliability_bins(np.array([[0.9, 0.1]]), np.array([0]), n_bins=0)
