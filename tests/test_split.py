@@ -132,3 +132,27 @@ def test_spread_ties_keeps_many_small_strata_from_starving_test():
     for stratum in set(strata):  # and every stratum is still within one image of its own targets
         counts = Counter(split for split, s in zip(spread, strata, strict=True) if s == stratum)
         assert counts["train"] == 7 and sorted([counts["valid"], counts["test"]]) == [2, 3]
+
+
+def test_a_large_group_is_placed_first_so_every_split_meets_its_target():
+    # 10 images: one group of 4 and 6 singletons, at 0.6/0.2/0.2. Placed first, the group fills 4 of train's 6
+    # and the singletons make 6/2/2 exactly; placed after singletons had filled train, it overshot a split by 2-3.
+    labels = ["A"] * 10
+    groups = ["big"] * 4 + list(range(6))
+    for seed in range(10):
+        splits = split_items(labels, groups, seed=seed)
+        assert Counter(splits) == {"train": 6, "valid": 2, "test": 2}, seed
+        assert set(splits[:4]) == {"train"}, seed
+
+
+def test_a_group_of_mixed_labels_counts_towards_its_most_common_label():
+    # group g: three A images and one B. It belongs to A's stratum, which then holds 10 images and splits 6/2/2
+    # (the group in train); B's ten singletons split 6/2/2 on their own.
+    labels = ["A", "A", "A", "B"] + ["A"] * 6 + ["B"] * 10
+    groups = ["g"] * 4 + [f"a{i}" for i in range(6)] + [f"b{i}" for i in range(10)]
+    for seed in range(5):
+        splits = split_items(labels, groups, seed=seed)
+        stratum_a = Counter(splits[:10])
+        stratum_b = Counter(splits[10:])
+        assert stratum_a == {"train": 6, "valid": 2, "test": 2}, seed
+        assert stratum_b == {"train": 6, "valid": 2, "test": 2}, seed
