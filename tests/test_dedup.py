@@ -14,6 +14,7 @@ from cxr_fast.data.dedup import (
     near_pairs,
     perceptual_hash,
     thumbnail_correlation,
+    thumbnail_of,
 )
 from cxr_fast.data.io import read_image
 
@@ -119,3 +120,46 @@ def test_thumbnail_correlation_vetoes_hash_collisions():
 def test_near_pairs_handles_tiny_inputs():
     assert near_pairs([]).shape == (0, 2)
     assert group_duplicates([]) == []
+
+
+def test_near_pairs_is_the_same_in_any_block_size():
+    # more images than one block (256 rows) is the usual case: pairs across and within blocks must all be found
+    thumbnail = bytes(range(256)) * 4
+    a, b, c, d = "0" * 64, "f" * 10 + "0" * 54, "f" * 20 + "0" * 44, "f" * 64
+    prints = [Fingerprint(str(i), h, thumbnail) for i, h in enumerate([c, d, a, b, d, a])]
+    # within 48 bits: c~b, a~b, a~a; d~d; (c~a is 80 bits)
+    expected = [[0, 3], [1, 4], [2, 3], [2, 5], [3, 5]]
+    for block in (1, 2, 4, 256):
+        assert near_pairs(prints, block=block).tolist() == expected, block
+
+
+def test_threshold_is_the_largest_distance_still_near():
+    thumbnail = bytes(range(256)) * 4
+    base = "0" * 64
+    at = "f" * 12 + "0" * 52  # 48 bits
+    beyond = "f" * 12 + "8" + "0" * 51  # 49 bits
+    assert hamming_distance(base, at) == 48 and hamming_distance(base, beyond) == 49
+    prints = [Fingerprint(str(i), h, thumbnail) for i, h in enumerate([base, at, beyond])]
+    assert near_pairs(prints).tolist() == [[0, 1], [1, 2]]
+    assert group_duplicates(prints[::2]) == [0, 1]
+    # threshold 0: equal hashes only (still near-copy detection; below 0 it is off)
+    same_hash = [Fingerprint("x", base, thumbnail), Fingerprint("y", base, thumbnail)]
+    assert group_duplicates(same_hash, threshold=0) == [0, 0]
+    assert group_duplicates(same_hash, threshold=-1) == [0, 1]
+
+
+def test_perceptual_hash_is_the_sign_of_the_low_dct_frequencies_against_their_median():
+    from scipy.fft import dctn
+
+    image = textured_image(3, 32, 32)
+    coefficients = dctn(np.asarray(image, dtype=np.float64), norm="ortho")[:16, :16].ravel()
+    bits = coefficients > np.median(coefficients[1:])  # the DC term left out of the median
+    assert perceptual_hash(image) == np.packbits(bits).tobytes().hex()
+
+
+def test_thumbnail_averages_every_source_pixel():
+    # BOX: each thumbnail pixel is the mean of its block, so a copy at another resolution gives the same thumbnail
+    pixels = np.random.default_rng(4).integers(0, 256, (96, 64)).astype(np.uint8)
+    expected = pixels.reshape(32, 3, 32, 2).mean(axis=(1, 3))
+    thumbnail = np.asarray(thumbnail_of(Image.fromarray(pixels)), dtype=np.float64)
+    assert np.abs(thumbnail - expected).max() < 1  # Pillow averages in fixed point: within one grey level
