@@ -114,3 +114,15 @@ def test_a_folder_name_in_another_unicode_form_or_with_spaces_still_matches():
     decomposed = unicodedata.normalize("NFD", "Neumonía")  # as macOS writes folder names
     assert map_label(decomposed, {"Neumonía": "Pneumonia"}) == "Pneumonia"
     assert map_label("Pneumonia ", {"pneumonia": "Pneumonia"}) == "Pneumonia"
+
+
+def test_folders_alike_with_one_label_map_any_spelling_of_the_folder():
+    # the map passes the consistency check (both spellings say COVID-19), so a third spelling must find that label
+    mapping = parse_label_map("COVID=COVID-19,covid=COVID-19")
+    assert map_label("Covid", mapping) == "COVID-19"
+
+
+def test_names_from_files_and_dicts_are_trimmed_as_inline_ones_are(tmp_path):
+    assert parse_label_map({" Viral pneumonia ": " Pneumonia "}) == {"Viral pneumonia": "Pneumonia"}
+    (tmp_path / "map.yaml").write_text('" No_findings ": " Normal "\n')
+    assert parse_label_map(tmp_path / "map.yaml") == {"No_findings": "Normal"}
