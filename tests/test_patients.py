@@ -6,7 +6,14 @@ import numpy as np
 import pytest
 
 from cxr_fast.data.manifest import prepare, read_manifest
-from cxr_fast.data.patients import compile_patient_pattern, merge_groups, patient_of
+from cxr_fast.data.patients import (
+    compile_patient_pattern,
+    merge_groups,
+    nih_patients_spread,
+    patient_of,
+    patient_summary,
+    patient_warnings,
+)
 from cxr_fast.errors import CxrFastError
 from tests.conftest import write_dicom
 from tests.test_manifest import CLASSES, textured_image
@@ -128,3 +135,37 @@ def test_one_patient_id_on_too_many_images_is_flagged_as_a_placeholder(tmp_path)
     # every image then lands in one split: one more line per class says which splits it misses
     assert len(report.warnings) == 1 + len(CLASSES)
     assert all(" has no " in w and " or " in w for w in report.warnings[1:])
+
+
+def test_a_pattern_may_find_the_patient_anywhere_in_the_name():
+    assert patient_of("scan-000123-2.png", compile_patient_pattern(r"-(\d+)-")) == "000123"
+    assert patient_of("chest_patient42.jpg", compile_patient_pattern(r"patient\d+")) == "patient42"
+
+
+def test_patient_summary_by_hand():
+    patients = ["A", "A", "B", "", "C", "C", "C", ""]
+    labels = ["N", "N", "P", "N", "N", "P", "N", "P"]
+    splits = ["train", "train", "test", "valid", "train", "valid", "train", "test"]
+    # A: 2 images, one label, one split; B: 1 image; C: 3 images, two labels, two splits; 2 images without id
+    assert patient_summary(patients, labels, splits) == dict(
+        n_patients=3, n_matched=6, n_unmatched=2, several_images=2, several_labels=1, several_splits=1
+    )
+
+
+def test_a_patient_larger_than_the_smallest_split_is_flagged():
+    # 10 images, smallest split 0.2: a split holds 2, so a patient with 3 images cannot fit one
+    assert patient_warnings(["P"] * 2 + [str(i) for i in range(8)], "nih", 0.2) == []
+    warned = patient_warnings(["P"] * 3 + [str(i) for i in range(7)], "nih", 0.2)
+    assert len(warned) == 1 and warned[0].startswith("patient id 'P' names 3 of 10 images")
+
+
+def test_the_nih_hint_needs_half_the_names_to_look_like_nih_ids():
+    spread = ["00000001_000.png", "00000001_001.png", "00000002_000.png"]
+    splits = ["train", "test", "train"]
+    # 3 NIH-style names of 6: one patient in two splits is reported
+    hint = nih_patients_spread(spread + ["a.png", "b.png", "c.png"], splits + ["train"] * 3)
+    assert hint is not None and hint.startswith("1 patients have images in more than one split")
+    # 3 of 7: probably not NIH data, no hint
+    assert nih_patients_spread(spread + ["a.png", "b.png", "c.png", "d.png"], splits + ["train"] * 4) is None
+    # NIH data whose patients each stay in one split: nothing to say
+    assert nih_patients_spread(spread, ["train", "train", "test"]) is None
