@@ -135,3 +135,23 @@ def test_external_set_made_only_of_seen_images_is_a_one_line_error(tiny_runs, ti
     with pytest.raises(CxrFastError, match="nothing is left to evaluate") as e:
         evaluate(tiny_runs[0], data=seen_only, progress=False)
     assert "\n" not in str(e.value)
+
+
+def test_only_pairs_across_seen_and_new_images_make_a_near_copy(tmp_path):
+    # near_pairs compares every image with every other: a copy within the seen list, or within the new images, must
+    # not mark anything
+    from cxr_fast.data.dedup import file_sha256
+    from cxr_fast.seen import manifest_fingerprints, match_seen
+    from tests.test_dedup import reencoded, textured_image
+
+    def table(images: dict) -> pd.DataFrame:
+        for name, image in images.items():
+            image.save(tmp_path / name)
+        paths = [str(tmp_path / name) for name in images]
+        return pd.DataFrame({"path": paths, "sha256": [file_sha256(p) for p in paths]})
+
+    x, y, z = (textured_image(seed, 200, 160) for seed in (21, 22, 23))
+    seen = manifest_fingerprints(table({"x.png": x, "x-copy.jpg": reencoded(x, 0.5, 80)}))
+    items = table({"x-again.png": x, "x-small.jpg": reencoded(x, 0.4, 70), "y.png": y,
+                   "y-small.jpg": reencoded(y, 0.4, 70), "z.png": z})
+    assert match_seen(items, seen).tolist() == ["identical", "near copy", "", "", ""]
