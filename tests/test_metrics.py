@@ -336,6 +336,17 @@ def test_bootstrap_gives_exactly_n_boot_values_when_it_works_in_chunks(monkeypat
     np.testing.assert_allclose(fast, slow, rtol=1e-10)
 
 
+def test_negative_labels_are_refused():
+    # unchecked, a -1 is counted into the previous resample's matrix by the bootstrap's batched confusion matrices
+    # (and calibration's nll, which checks labels the same way, would read the last class's probability)
+    y = HAND_Y.copy()
+    y[0] = -1
+    with pytest.raises(CxrFastError, match=r"0\.\.2, got -1\.\.2"):
+        classification_metrics(y, HAND_PROBS, CLASSES)
+    with pytest.raises(CxrFastError, match=r"0\.\.2, got -1\.\.2"):
+        bootstrap_replicates(y, HAND_PROBS, "accuracy", n_boot=5)
+
+
 def test_fractional_labels_are_refused():
     with pytest.raises(CxrFastError, match="integer class indices"):
         classification_metrics(np.array([0.0, 1.5, 2.0]), HAND_PROBS[:3], CLASSES)
