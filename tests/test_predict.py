@@ -375,3 +375,60 @@ def test_the_table_shows_bare_names_unless_two_are_the_same():
 
     assert display_names(["/a/x.png", "/b/y.png"]) == ["x.png", "y.png"]
     assert display_names(["/s/a/IMG1", "/s/b/IMG1", "/s/b/IMG2"]) == ["a/IMG1", "b/IMG1", "b/IMG2"]
+
+
+def test_a_heatmap_is_the_occlusion_map_of_the_predicted_class_against_black_aligned_with_the_image(
+        run, tmp_path, good_images, monkeypatch):
+    # the map drawn must be the predicted class's, occluded with black (0 in [0, 1] pixels, -mean/std once
+    # normalised, as interpret's), and drawn over the image it was computed on, not transposed
+    import torch
+
+    import cxr_fast.predict
+    from cxr_fast.attribution import occlusion_maps
+    from cxr_fast.bundle import load_run
+
+    bundle = load_run(run)
+    with torch.no_grad():
+        predicted = {f: int(bundle.model(bundle.load_input(f)[None]).argmax()) for f in good_images}
+    chosen = [next(f for f in good_images if predicted[f] == k) for k in sorted(set(predicted.values()))]
+    assert any(predicted[f] != 0 for f in chosen)  # a map of the first class would not pass for these
+    drawn = []
+    monkeypatch.setattr(cxr_fast.predict, "heatmap_png",
+                        lambda pixels, attr, title, label: drawn.append((pixels, attr, label)) or b"png")
+    predict(run, chosen, heatmap=True, out=tmp_path / "r.csv", progress=False)
+
+    black = torch.tensor([-m / s for m, s in zip(bundle.config["mean"], bundle.config["std"], strict=True)])
+    for f, (pixels, attr, label) in zip(chosen, drawn, strict=True):
+        k = predicted[f]
+        x = bundle.load_input(f)
+        expected = occlusion_maps(bundle.model, x, baseline=black.view(-1, 1, 1), targets=[k])[0].numpy()
+        assert label == f"occlusion → {bundle.classes[k]}"
+        np.testing.assert_allclose(attr, expected, atol=1e-4)
+        resized = read_image(f).resize((bundle.size, bundle.size), Image.Resampling.BILINEAR)
+        np.testing.assert_array_equal(pixels, np.asarray(resized))
+
+
+def test_probabilities_are_the_softmax_of_the_logits_over_the_bundle_s_temperature(run, good_images):
+    # calibration is the bundle's temperature, read from its config.json: set to 2.5 here, whatever was fitted
+    import torch
+
+    from cxr_fast.bundle import load_run
+
+    config = json.loads((run / "config.json").read_text())
+    (run / "config.json").write_text(json.dumps({**config, "temperature": 2.5}))
+    bundle = load_run(run)
+    with torch.no_grad():
+        logits = bundle.model(torch.stack([bundle.load_input(f) for f in good_images[:4]])).numpy().astype(np.float64)
+    expected = np.exp(logits / 2.5) / np.exp(logits / 2.5).sum(1, keepdims=True)
+    results, _ = predict(run, good_images[:4], progress=False)
+    np.testing.assert_allclose(results[[f"p_{c}" for c in bundle.classes]].to_numpy(), expected, atol=1e-5)
+
+
+def test_a_heatmap_name_taken_twice_gets_the_next_free_number(tmp_path):
+    from cxr_fast.predict import unique_path, write_new_file
+
+    (tmp_path / "x_heatmap.png").write_bytes(b"first")
+    (tmp_path / "x_heatmap-2.png").write_bytes(b"second")
+    assert unique_path(tmp_path, "x_heatmap") == tmp_path / "x_heatmap-3.png"
+    assert write_new_file(tmp_path, "x_heatmap", b"third") == tmp_path / "x_heatmap-3.png"
+    assert [(tmp_path / n).read_bytes() for n in ("x_heatmap.png", "x_heatmap-2.png")] == [b"first", b"second"]
