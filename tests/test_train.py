@@ -639,6 +639,21 @@ def test_a_damaged_bundle_weights_file_is_a_one_line_error(tiny_runs, tmp_path):
     assert "\n" not in str(e.value)
 
 
+def test_a_bundle_whose_weights_lack_a_tensor_is_refused_not_loaded_with_it_at_random(tiny_runs, tmp_path):
+    # a weights file without the classifier's bias would leave that bias at its random initial value: every
+    # prediction shifted, without a word
+    from safetensors.torch import save_file
+
+    run = shutil.copytree(tiny_runs[0], tmp_path / "run")
+    tensors = load_file(run / "model.safetensors")
+    del tensors["head.classifier.bias"]
+    save_file(tensors, str(run / "model.safetensors"))
+    with pytest.raises(CxrFastError, match=r"model.safetensors: weights do not fit cxresnet_tiny "
+                                           r"\(Missing key\(s\) in state_dict: \"head.classifier.bias\"") as e:
+        load_run(run)
+    assert "\n" not in str(e.value)
+
+
 def test_an_interrupted_run_is_named_as_such_where_a_bundle_is_expected(tiny_data, tmp_path):
     out = _killed_run(tiny_data, tmp_path / "run")
     with pytest.raises(CxrFastError, match="an interrupted training run, not a finished bundle; continue it with") as e:
