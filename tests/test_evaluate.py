@@ -606,3 +606,42 @@ def test_the_report_says_no_temperature_was_applied_when_none_could_be_fitted():
     fitted = calibration_text(SimpleNamespace(config={"model": {"arch": "cxresnet"}}, temperature=1.7),
                               {"ece": 0.09, "ece_calibrated": 0.03})
     assert fitted.startswith("Temperature scaling (T = 1.70, fitted on the valid split)") and "0.090 to 0.030" in fitted
+
+
+def test_tta_averages_the_logits_of_the_image_and_three_crops_never_a_flip(tiny_runs, tiny_data):
+    import torch
+    import torch.nn.functional as F
+
+    from cxr_fast.bundle import predict_logits, tta_views
+
+    def zoomed(x, top, left):  # a 46-px crop (92 % of 50) resized back to 50 px
+        return F.interpolate(x[..., top : top + 46, left : left + 46], size=(50, 50), mode="bilinear",
+                             align_corners=False)
+
+    x = torch.arange(2 * 50 * 50, dtype=torch.float32).view(2, 1, 50, 50)
+    views = tta_views(x)
+    assert len(views) == 4 and torch.equal(views[0], x)
+    for view, (top, left) in zip(views[1:], [(2, 2), (0, 0), (4, 4)], strict=True):  # centre, upper-left, lower-right
+        torch.testing.assert_close(view, zoomed(x, top, left))
+
+    run = load_run(tiny_runs[0])
+    files = read_manifest(tiny_data).query("split == 'test'").sort_values("path")["path"].tolist()[:3]
+    batch = torch.stack([run.load_input(f) for f in files])  # 48 px: 44-px crops at 2, 0 and 4
+    crops = [batch] + [F.interpolate(batch[..., t : t + 44, t : t + 44], size=(48, 48), mode="bilinear",
+                                     align_corners=False) for t in (2, 0, 4)]
+    with torch.no_grad():
+        expected = torch.stack([run.model(c) for c in crops]).mean(0).numpy()  # the mean of logits
+    np.testing.assert_allclose(predict_logits(run, files, progress=False, tta=True), expected, atol=1e-5)
+
+
+def test_logits_come_one_row_per_image_in_order_whatever_the_batch_size(tiny_runs, tiny_data):
+    import torch
+
+    from cxr_fast.bundle import predict_logits
+
+    run = load_run(tiny_runs[0])
+    files = read_manifest(tiny_data).sort_values("path")["path"].tolist()[:7]
+    with torch.no_grad():
+        one_by_one = np.concatenate([run.model(run.load_input(f)[None]).numpy() for f in files])
+    for bs in (1, 3, 7, 32):
+        np.testing.assert_allclose(predict_logits(run, files, bs=bs, progress=False), one_by_one, atol=1e-5)
