@@ -144,3 +144,61 @@ def test_a_full_disk_met_inside_a_library_names_the_folder_being_written(tmp_pat
             raise OSError(errno.ENOSPC, "No space left on device")
         assert e.value.filename == str(out_dir)
     assert list(tmp_path.iterdir()) == []
+
+
+def test_a_file_replaced_when_the_disk_fills_halfway_keeps_its_old_contents(tmp_path, monkeypatch):
+    # the new contents are written beside the file and renamed over it: written in place, a full disk halfway
+    # through would leave the old file cut short (or, with the half file removed, gone)
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    from cxr_fast.outputs import write_bytes, write_tensors, write_text
+
+    real_text, real_bytes = Path.write_text, Path.write_bytes
+
+    def half_text(self, data, *args, **kwargs):
+        real_text(self, data[: len(data) // 2], *args, **kwargs)
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    def half_bytes(self, data):
+        real_bytes(self, data[: len(data) // 2])
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    (tmp_path / "report.md").write_text("old report")
+    (tmp_path / "figure.png").write_bytes(b"old figure")
+    save_file({"w": torch.ones(3)}, str(tmp_path / "model.safetensors"))
+    monkeypatch.setattr(Path, "write_text", half_text)
+    monkeypatch.setattr(Path, "write_bytes", half_bytes)
+    for write in (lambda: write_text(tmp_path / "report.md", "new report " * 100),
+                  lambda: write_bytes(tmp_path / "figure.png", b"new figure" * 100),
+                  lambda: write_tensors({"w": torch.zeros(1000)}, tmp_path / "model.safetensors")):
+        with pytest.raises(OSError, match="No space left"):
+            write()
+    monkeypatch.undo()
+    assert (tmp_path / "report.md").read_text() == "old report"
+    assert (tmp_path / "figure.png").read_bytes() == b"old figure"
+    assert torch.equal(load_file(str(tmp_path / "model.safetensors"))["w"], torch.ones(3))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["figure.png", "model.safetensors", "report.md"]
+
+
+def test_files_written_together_leave_no_new_part_behind_when_a_later_one_fails(tmp_path, monkeypatch):
+    # a manifest written whole, then its report failing: the manifest's finished partial must go too
+    from cxr_fast.outputs import write_texts
+
+    real_text, calls = Path.write_text, []
+
+    def second_fails(self, data, *args, **kwargs):
+        calls.append(self.name)
+        if len(calls) == 2:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real_text(self, data, *args, **kwargs)
+
+    (tmp_path / "manifest.csv").write_text("old manifest")
+    (tmp_path / "report.md").write_text("old report")
+    monkeypatch.setattr(Path, "write_text", second_fails)
+    with pytest.raises(OSError):
+        write_texts({tmp_path / "manifest.csv": "new manifest", tmp_path / "report.md": "new report"})
+    monkeypatch.undo()
+    assert calls == [".manifest.csv.partial", ".report.md.partial"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["manifest.csv", "report.md"]
+    assert (tmp_path / "manifest.csv").read_text() == "old manifest"
