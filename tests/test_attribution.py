@@ -182,3 +182,40 @@ def test_overlay_rgb_colours_evidence():
     assert tuple(rgb[4, 4]) == (128, 128, 128)  # no attribution → the image unchanged
     with pytest.raises(CxrFastError):
         overlay_rgb(image, np.zeros((4, 4)))
+
+
+def test_occlusion_of_a_model_left_in_training_mode_is_that_of_the_model_in_eval_mode_and_leaves_it_untouched():
+    # attributing in training mode would read batch statistics of the occluded copies and move the running ones
+    model = TinyCXR(1)
+    x = torch.randn(1, 32, 32, generator=torch.Generator().manual_seed(3))
+    expected = occlusion_maps(model, x, 8, 4)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    maps = occlusion_maps(model.train(), x, 8, 4)
+    torch.testing.assert_close(maps, expected)
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+
+
+def test_overlay_scales_by_the_quantile_so_one_hot_pixel_does_not_wash_out_the_rest():
+    image = np.full((10, 10), 128, dtype=np.uint8)
+    attr = np.ones((10, 10))
+    attr[0, 0] = 100.0  # one pixel of 100 above the 0.9 quantile (1): every other pixel is at full strength
+    rgb = overlay_rgb(image, attr, alpha=0.8, clip_quantile=0.9)
+    # gray 128 blended with pure red at weight 0.8: red 0.2 * 128 + 0.8 * 255 = 229.6, green and blue 0.2 * 128
+    assert tuple(rgb[5, 5]) == (230, 26, 26)
+
+
+def test_gradcam_is_the_gradient_weighted_feature_map_upsampled_bilinearly():
+    # body: 16-px averages of a 32-px image (a 2 x 2 map); head: class 0 is the mean of the map, class 1 its negative
+    model = nn.Module()
+    model.body = nn.AvgPool2d(16)
+    model.head = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(1, 2, bias=False))
+    with torch.no_grad():
+        model.head[2].weight.copy_(torch.tensor([[1.0], [-1.0]]))
+    model.forward = lambda x: model.head(model.body(x))
+    x = torch.zeros(1, 32, 32)
+    x[:, :16, :16], x[:, :16, 16:], x[:, 16:, :16], x[:, 16:, 16:] = 1.0, 2.0, 3.0, 4.0
+    cam = gradcam(model, x, target=0, relu=False)
+    feature_map = torch.tensor([[1.0, 2.0], [3.0, 4.0]])  # each cell weighted by its gradient, 1/4
+    expected = nn.functional.interpolate((feature_map / 4)[None, None], size=(32, 32), mode="bilinear",
+                                         align_corners=False)[0, 0]
+    torch.testing.assert_close(cam, expected)
