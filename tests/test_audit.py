@@ -287,3 +287,14 @@ def test_a_site_whose_images_are_read_outside_the_lungs_is_flagged_on_its_own_li
     assert "by_site" not in audit_summary(rows, preds=preds, sites=["north"] * 52)
     with pytest.raises(CxrFastError, match="3 sites for 52 attribution rows"):
         audit_summary(rows, preds=preds, sites=["a", "b", "c"])
+
+
+def test_every_image_a_little_denser_outside_the_lungs_counts_as_outside_dense():
+    # the share of images "denser outside than inside" counted only those below the shortcut threshold (0.8): an
+    # image with 1.2 times the lungs' density outside them (preference 1 / 1.2 ≈ 0.83) was left uncounted
+    lungs = lungs_mask()
+    a_little_outside = np.where(lungs, 1.0, 1.2)
+    a_little_inside = np.where(lungs, 1.2, 1.0)
+    rows = [attribution_shares(m, lungs) for m in (a_little_outside, a_little_outside, a_little_inside)]
+    assert rows[0]["lung_preference"] == pytest.approx(1 / 1.2) and rows[2]["lung_preference"] == pytest.approx(1.2)
+    assert audit_summary(rows)["overall"]["frac_images_outside_dense"] == pytest.approx(2 / 3)
