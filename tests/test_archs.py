@@ -242,3 +242,37 @@ def test_register_arch_adds_a_builder_the_whole_api_takes(tiny_data, tmp_path, m
     del registry.LOCAL_ARCHS["deepnet"]
     with pytest.raises(CxrFastError, match="'deepnet' is not known to this process: if it was added with register_arch"):
         model_from_config(config)
+
+
+def test_a_recipe_s_dropout_and_hidden_layers_reach_the_head():
+    # dropout=0.3 in a recipe must put a dropout before the classifier, and the hidden layer must carry its layers
+    head = create_model("cxresnet_tiny", hidden=16, dropout=0.3).head
+    assert list(dict(head.named_children())) == ["pool", "flatten", "hidden", "dropout", "classifier"]
+    assert head.dropout.p == 0.3 and head.classifier.in_features == 16
+    assert [type(m) for m in head.hidden.children()] == [nn.Linear, nn.ReLU, nn.BatchNorm1d]
+    assert "dropout" not in dict(classifier_head(8, 3).named_children())
+
+
+def test_a_convolution_followed_by_batch_norm_has_no_bias_and_others_keep_theirs():
+    assert conv_stack(1, 4, ["batchnorm", "relu"]).conv.bias is None  # the norm's shift makes it redundant
+    assert conv_stack(1, 4, ["relu", "batchnorm"]).conv.bias is not None
+    assert conv_stack(1, 4).conv.bias is not None
+
+
+def test_a_width_multiplier_rounds_to_the_nearest_channel_count_never_below_one():
+    from cxr_fast.archs.layers import scaled_width
+
+    assert [scaled_width(16, m) for m in (0.3, 0.5, 1.4, 0.01)] == [5, 8, 22, 1]  # 4.8, 8, 22.4, 0.16
+
+
+def test_the_frozen_group_is_the_whole_body_and_only_the_body():
+    # freeze() trains the last group only: a body parameter in it would be trained, a head one frozen
+    model = create_model("cxresnet_tiny")
+    body, head = param_groups(model)
+    assert [id(p) for p in body] == [id(p) for p in model.body.parameters()]
+    assert [id(p) for p in head] == [id(p) for p in model.head.parameters()]
+
+
+def test_an_architecture_name_is_taken_in_any_case():
+    assert create_model("CXResnet_Tiny").arch == "cxresnet_tiny"
+    assert create_model("ResNet18").arch == "resnet18"
