@@ -333,3 +333,28 @@ def test_a_run_bundle_s_weights_bring_the_normalisation_they_were_trained_with(t
     assert three.pretrained_stats == weights.Stats(list(weights.IMAGENET_MEAN), list(weights.IMAGENET_STD))
     (run / "other.safetensors").write_bytes((run / "model.safetensors").read_bytes())  # not the bundle's own file
     assert create_model("resnet18", weights=str(run / "other.safetensors")).pretrained_stats != continued.pretrained_stats
+
+
+def test_a_caution_comes_once_more_than_a_quarter_of_the_body_is_left_unloaded(tmp_path):
+    state = create_model("cxresnet_tiny").state_dict()
+    body = [k for k in state if k.startswith("body.") and not k.endswith("num_batches_tracked")]
+    cautions = []
+    for n_missing in (len(body) // 4, len(body) // 4 + 1):  # at most a quarter, then one more
+        kept = body[: len(body) - n_missing]
+        save_file({k: state[k] for k in kept}, str(tmp_path / "part.safetensors"))
+        cautions.append(create_model("cxresnet_tiny", weights=str(tmp_path / "part.safetensors")).load_report.caution())
+    assert cautions[0] is None
+    assert cautions[1] is not None and f"left {len(body) // 4 + 1} of the body's {len(body)} weight tensors" in cautions[1]
+
+
+def test_a_tensor_given_twice_under_two_wrappers_loads_the_first_and_reports_the_second(tmp_path):
+    # "model.X" beside "module.X" (an EMA copy saved by its wrapper): one must not silently replace the other
+    source = _trained(create_model("cxresnet_tiny"))
+    state = {f"model.{k}": v for k, v in source.state_dict().items()}
+    state["module.body.stem.conv.weight"] = torch.zeros_like(state["model.body.stem.conv.weight"])
+    save_file(state, str(tmp_path / "both.safetensors"))
+    loaded = create_model("cxresnet_tiny", weights=str(tmp_path / "both.safetensors"))
+    report = loaded.load_report
+    assert len(report.matched) == len(set(report.matched)) == len(source.state_dict())
+    assert report.unexpected == ["module.body.stem.conv.weight"]
+    assert torch.equal(loaded.body.stem.conv.weight, source.body.stem.conv.weight)
