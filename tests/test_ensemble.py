@@ -293,3 +293,51 @@ def test_the_summary_notes_an_ensemble_below_its_best_member_on_valid(tmp_path):
     assert "(members: a 0.840)" in line and note is None
     line, note = summary_of(valid_balanced_accuracy=None, members={"a": 0.84, "b": 0.79})
     assert "(2 members); its training manifest is not at hand" in line and note is None
+
+
+def test_each_member_s_own_temperature_calibrates_it_before_the_average(tiny_runs, tiny_data, tmp_path):
+    # the tiny runs' fitted temperatures are 1: set others, so that a member's temperature left out would show
+    members = []
+    for run, temperature in zip(tiny_runs, (2.0, 0.5), strict=True):
+        copy = shutil.copytree(run, tmp_path / run.name)
+        config = json.loads((copy / "config.json").read_text())
+        (copy / "config.json").write_text(json.dumps({**config, "temperature": temperature}))
+        members.append(copy)
+    ensemble = load_run(build_ensemble(members, tmp_path / "ens", progress=False))
+    test = read_manifest(tiny_data).query("split == 'test'")
+    logits = [predict_logits(load_run(m), test, progress=False).astype(np.float64) for m in members]
+    expected = (softmax(logits[0] / 2.0) + softmax(logits[1] / 0.5)) / 2
+    np.testing.assert_allclose(softmax(predict_logits(ensemble, test, progress=False)), expected, atol=1e-6)
+
+
+def test_a_mixed_ensemble_s_model_expects_the_normalisation_its_bundle_records(mixed_dir):
+    # the bundle reads images at its largest member's size in that member's statistics: the model inside must
+    # convert from those very statistics to each member's own, or every member sees shifted pixels
+    ensemble = load_run(mixed_dir)
+    members = [load_run(m) for m in ensemble.config["members"]]
+    assert ensemble.size == max(m.size for m in members) == 64
+
+    def normalised(pixels, run):
+        return (pixels - torch.tensor(run.config["mean"]).view(1, -1, 1, 1)) / torch.tensor(run.config["std"]).view(1, -1, 1, 1)
+
+    pixels = torch.rand(1, 1, 64, 64, generator=torch.Generator().manual_seed(0))
+    x = normalised(pixels, ensemble)
+    for i, member in enumerate(members):
+        resized = torch.nn.functional.interpolate(pixels, size=(member.size, member.size), mode="bilinear",
+                                                  align_corners=False)
+        torch.testing.assert_close(ensemble.model.member_input(x, i), normalised(resized, member), atol=1e-5, rtol=1e-5)
+
+
+def test_the_average_is_scored_on_the_valid_split_only(tiny_runs, tiny_data, tmp_path, monkeypatch):
+    # the tiny runs score alike on valid and test, so the score itself cannot tell which split was used
+    import cxr_fast.bundle
+
+    real_logits, scored = cxr_fast.bundle.predict_logits, []
+
+    def recording(run, items, **kwargs):
+        scored.append(sorted(items["path"]))
+        return real_logits(run, items, **kwargs)
+
+    monkeypatch.setattr(cxr_fast.bundle, "predict_logits", recording)
+    build_ensemble(tiny_runs, tmp_path / "ens", progress=False)
+    assert scored == [sorted(read_manifest(tiny_data).query("split == 'valid'")["path"])]
