@@ -150,17 +150,18 @@ def build_ensemble(runs: Sequence[str | Path], out: str | Path | None = None, pr
     # Built aside and moved into place whole: a kill part-way leaves no half bundle to block the rerun, and a
     # failure leaves an empty --out of the user's as it was.
     with new_folder(run_dir) as work:
-        _write_bundle(work, model, model_cfg, loaded, progress)
+        _write_bundle(work, model, model_cfg, loaded, lead, progress)
     return run_dir
 
 
-def _write_bundle(run_dir: Path, model: AveragedEnsemble, model_cfg: dict, loaded: list, progress: bool) -> None:
+def _write_bundle(run_dir: Path, model: AveragedEnsemble, model_cfg: dict, loaded: list, lead, progress: bool) -> None:
     """config.json is written last: a folder without it is not a bundle, so a build killed part-way is never loaded
-    as a finished one."""
+    as a finished one. `lead`: the member whose size and normalisation the ensemble reads images with, as `model`
+    was built with."""
     from cxr_fast.bundle import Run, run_labels
     from cxr_fast.train import library_versions
 
-    first, lead = loaded[0], max(loaded, key=lambda r: r.size)
+    first = loaded[0]
     write_tensors({k: v.detach() for k, v in model.state_dict().items()}, run_dir / "model.safetensors")
     config = {
         "format": RUN_FORMAT,
