@@ -529,3 +529,121 @@ def test_an_image_stem_keeps_dots_that_are_not_image_suffixes():
     assert io.image_stem("x/1.2.826.0.1.3680043.8.498.318") == "1.2.826.0.1.3680043.8.498.318"
     assert io.image_stem("IMG.001") == "IMG.001"
     assert io.image_stem("scan.v2.dcm") == "scan.v2"
+
+
+# --- exact pixels: the conversions worked out by hand -------------------------------------------------------
+
+
+def test_the_two_level_share_refuses_a_film_from_ninety_percent_on(tmp_path):
+    # 10,000 pixels: 4,500 at 0 and 4,500 at 255 (90 % at two values), the rest a ramp of many values, each rare
+    pixels = np.zeros(10_000, np.uint8)
+    pixels[4_500:9_000] = 255
+    pixels[9_000:] = np.arange(1_000) % 250 + 2
+    Image.fromarray(pixels.reshape(100, 100)).save(tmp_path / "ninety.png")
+    assert reason_for(tmp_path / "ninety.png") == "not-a-radiograph"
+    pixels[4_450:4_500] = pixels[8_950:9_000] = np.arange(50) * 5 + 2  # 89 %: a film with wide borders
+    Image.fromarray(pixels.reshape(100, 100)).save(tmp_path / "eighty-nine.png")
+    assert read_image(tmp_path / "eighty-nine.png").size == (100, 100)
+
+
+def test_sixty_four_pixels_a_side_is_enough_and_sixty_three_is_not_for_png_and_dicom(tmp_path):
+    Image.fromarray(smooth_image(8, 200, 64)).save(tmp_path / "64.png")
+    Image.fromarray(smooth_image(8, 200, 63)).save(tmp_path / "63.png")
+    write_dicom(tmp_path / "64.dcm", smooth_image(8, 64, 200).astype(np.uint16) * 16)
+    write_dicom(tmp_path / "63.dcm", smooth_image(8, 63, 200).astype(np.uint16) * 16)
+    assert read_image(tmp_path / "64.png").size == (200, 64)
+    assert read_image(tmp_path / "64.dcm").size == (64, 200)
+    assert reason_for(tmp_path / "63.png") == "too-small"
+    assert reason_for(tmp_path / "63.dcm") == "too-small"
+
+
+def stretched(values: np.ndarray) -> np.ndarray:
+    """min..max onto 0..255, rounded to the nearest grey level, as a hand calculation does it."""
+    values = values.astype(float)
+    return np.round((values - values.min()) / (values.max() - values.min()) * 255)
+
+
+def test_a_16bit_png_is_stretched_to_the_nearest_grey_level(tmp_path):
+    pixels = (1000 + np.arange(96 * 80).reshape(80, 96) % 3002).astype(np.uint16)  # 1000..4001: no value halfway
+    Image.fromarray(pixels).save(tmp_path / "a16.png")
+    np.testing.assert_array_equal(np.asarray(read_image(tmp_path / "a16.png")), stretched(pixels))
+
+
+def test_float_and_32bit_tiffs_are_stretched_over_their_range_and_nan_is_black(tmp_path):
+    ramp = np.arange(96 * 80, dtype=np.float64).reshape(80, 96)
+    Image.fromarray((ramp * 37 + 100_000).astype(np.int32), mode="I").save(tmp_path / "int32.tif")
+    assert Image.open(tmp_path / "int32.tif").mode == "I"
+    np.testing.assert_array_equal(np.asarray(read_image(tmp_path / "int32.tif")), stretched(ramp))
+    floats = (ramp / 7 - 300).astype(np.float32)
+    floats[:, :8] = np.nan  # a detector's dead columns
+    Image.fromarray(floats, mode="F").save(tmp_path / "float.tif")
+    gray = np.asarray(read_image(tmp_path / "float.tif"))
+    assert (gray[:, :8] == 0).all()  # as dark as the darkest real value, not as bright as the brightest
+    np.testing.assert_array_equal(gray[:, 8:], stretched(floats[:, 8:]))
+
+
+def standard_window(x: np.ndarray, center: float, width: float, function: str) -> np.ndarray:
+    """DICOM PS3.3 C.11.2.1.2 onto 0..255, piece by piece as the standard writes it, rounded to the nearest level."""
+    x = x.astype(float)
+    if function == "SIGMOID":
+        y = 255 / (1 + np.exp(-4 * (x - center) / width))
+    elif function == "LINEAR_EXACT":
+        y = np.where(x <= center - width / 2, 0.0,
+                     np.where(x > center + width / 2, 255.0, ((x - center) / width + 0.5) * 255))
+    else:
+        low, high = center - 0.5 - (width - 1) / 2, center - 0.5 + (width - 1) / 2
+        y = np.where(x <= low, 0.0, np.where(x > high, 255.0, ((x - (center - 0.5)) / (width - 1) + 0.5) * 255))
+    return np.round(y)
+
+
+@pytest.mark.parametrize("function", [None, "LINEAR", "LINEAR_EXACT", "SIGMOID"])
+def test_a_voi_window_maps_each_stored_value_as_the_standard_says(tmp_path, function):
+    stored = np.tile(1900 + 3 * np.arange(96, dtype=np.uint16), (80, 1))  # 1900..2185, one value a column
+    extra = {} if function is None else {"VOILUTFunction": function}
+    write_dicom(tmp_path / "w.dcm", stored, WindowCenter=2048, WindowWidth=200, **extra)
+    gray = np.asarray(read_image(tmp_path / "w.dcm"))
+    np.testing.assert_array_equal(gray, standard_window(stored, 2048, 200, function or "LINEAR"))
+
+
+def test_the_first_of_several_windows_is_used(tmp_path):
+    stored = np.tile(1900 + 3 * np.arange(96, dtype=np.uint16), (80, 1))
+    write_dicom(tmp_path / "two.dcm", stored, WindowCenter=[2048, 1000], WindowWidth=[200, 50])
+    np.testing.assert_array_equal(np.asarray(read_image(tmp_path / "two.dcm")),
+                                  standard_window(stored, 2048, 200, "LINEAR"))
+
+
+def test_a_voi_lut_wins_over_a_window_in_the_same_file(tmp_path):
+    from pydicom.dataset import Dataset
+
+    stored = np.tile(np.arange(0, 1024, 8, dtype=np.uint16), (80, 1))
+    lut = Dataset()
+    lut.LUTDescriptor = [1024, 0, 16]
+    lut.add_new(0x00283006, "US", [int(v) for v in (np.arange(1024) ** 2 // 16)])
+    write_dicom(tmp_path / "both.dcm", stored, VOILUTSequence=[lut], WindowCenter=100, WindowWidth=50)
+    np.testing.assert_array_equal(np.asarray(read_image(tmp_path / "both.dcm"))[0],
+                                  stretched(np.arange(0, 1024, 8) ** 2 // 16))
+
+
+def test_padding_is_found_among_stored_values_within_its_range_limit(tmp_path):
+    # Pixel Padding Value and Range Limit name stored values, before the rescale: here 0..9 in the border
+    stored = (smooth_image(6).astype(np.uint16) * 4 + 1000).astype(np.uint16)
+    stored[:, :10] = np.arange(10, dtype=np.uint16)
+    write_dicom(tmp_path / "pad.dcm", stored, PixelPaddingValue=0, PixelPaddingRangeLimit=9,
+                RescaleSlope=1, RescaleIntercept=-1000)
+    gray = np.asarray(read_image(tmp_path / "pad.dcm"))
+    assert (gray[:, :10] == 0).all()
+    np.testing.assert_array_equal(gray[:, 10:], stretched(stored[:, 10:]))  # the anatomy alone sets the range
+
+
+def test_a_colour_dicom_is_read_through_its_luma(tmp_path):
+    import pydicom
+
+    write_dicom(tmp_path / "m2.dcm", dicom_phantom())
+    dataset = pydicom.dcmread(tmp_path / "m2.dcm")
+    rgb = np.zeros((80, 96, 3), np.uint8)
+    rgb[..., 0] = np.linspace(40, 250, 96).astype(np.uint8)  # red ramp
+    rgb[..., 2] = 200  # constant blue
+    dataset.set_pixel_data(rgb, photometric_interpretation="RGB", bits_stored=8)
+    dataset.save_as(tmp_path / "rgb.dcm")
+    expected = 0.299 * rgb[..., 0] + 0.114 * rgb[..., 2]  # ITU-R 601 luma, green being 0
+    assert np.abs(np.asarray(read_image(tmp_path / "rgb.dcm")).astype(float) - expected).max() <= 1
