@@ -647,3 +647,16 @@ def test_a_colour_dicom_is_read_through_its_luma(tmp_path):
     dataset.save_as(tmp_path / "rgb.dcm")
     expected = 0.299 * rgb[..., 0] + 0.114 * rgb[..., 2]  # ITU-R 601 luma, green being 0
     assert np.abs(np.asarray(read_image(tmp_path / "rgb.dcm")).astype(float) - expected).max() <= 1
+
+
+def test_a_16bit_colour_png_needs_sixty_four_grey_levels_in_its_high_bytes(tmp_path):
+    # MIN_GREY_LEVELS: fewer levels than 64 lost the data; 64 are enough
+    ramp = np.tile(np.arange(96, dtype=np.uint16), (80, 1))
+    for levels, readable in [(64, True), (63, False)]:
+        high_bytes = ramp * (levels - 1) // 95  # 0..levels-1, every one of them used
+        assert len(np.unique(high_bytes)) == levels
+        write_png_16bit(tmp_path / f"{levels}.png", np.dstack([high_bytes * 256 + 128] * 3), color_type=2)
+        if readable:
+            np.testing.assert_array_equal(np.asarray(read_image(tmp_path / f"{levels}.png")), high_bytes)
+        else:
+            assert reason_for(tmp_path / f"{levels}.png") == "unreadable"

@@ -251,7 +251,7 @@ def _check_high_byte_levels(path: Path, gray: Image.Image) -> None:
     data filling 16 bits, but 10- or 12-bit detector values come out as a nearly black sheet of 4-16 grey levels,
     which is no X-ray to train on and no longer matches its own 8-bit copy as a duplicate."""
     low, high = gray.getextrema()
-    if high - low < MIN_GREY_LEVELS:
+    if high - low + 1 < MIN_GREY_LEVELS:
         raise ImageReadError(path, "unreadable",
                              f"16-bit colour PNG whose values fill only the low bits: Pillow keeps the high byte, "
                              f"{high - low + 1} grey levels; save it as 16-bit grayscale or 8-bit")
