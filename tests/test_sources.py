@@ -4,7 +4,7 @@ from pathlib import Path
 
 import pytest
 
-from cxr_fast.data.sources import find_images
+from cxr_fast.data.sources import find_images, shared_subfolders
 from cxr_fast.errors import CxrFastError
 
 
@@ -135,3 +135,50 @@ def test_a_folder_that_cannot_be_listed_is_an_error_not_left_out(tmp_path, monke
 def test_a_source_folder_that_was_a_prepare_output_reads_only_its_images(tmp_path):
     touch(tmp_path, "Normal/a.png", "cache/ab/cd.png", "manifest.csv", "prepare_report.json")
     assert found(tmp_path) == [("Normal/a.png", "Normal")]
+
+
+def test_split_folders_are_skipped_inside_sites_too(tmp_path):
+    touch(tmp_path, "hospA/train/COVID/a.png", "hospA/Test/Normal/b.png", "hospB/COVID/val/c.png")
+    assert [(item.path.relative_to(tmp_path).as_posix(), item.site, item.source_label)
+            for item in find_images(tmp_path, sites=True)] == [("hospA/Test/Normal/b.png", "hospA", "Normal"),
+                                                               ("hospA/train/COVID/a.png", "hospA", "COVID"),
+                                                               ("hospB/COVID/val/c.png", "hospB", "COVID")]
+
+
+def test_a_skipped_file_is_left_out_and_its_neighbours_kept(tmp_path):
+    touch(tmp_path, "Normal/a.png", "Normal/b.png")
+    assert found(tmp_path, skip=[tmp_path / "Normal" / "a.png"]) == [("Normal/b.png", "Normal")]
+
+
+def test_an_earlier_output_inside_the_source_is_skipped_whole(tmp_path):
+    # its manifest and cache go, and so does anything else there (notes, a copied film): it is no class folder
+    touch(tmp_path, "Normal/a.png", "old/prepare_report.json", "old/manifest.csv", "old/cache/ab/x.png",
+          "old/notes.txt", "old/film.png")
+    assert found(tmp_path) == [("Normal/a.png", "Normal")]
+
+
+def shared(root: Path) -> list[str]:
+    return shared_subfolders(root, find_images(root))
+
+
+def test_one_subfolder_name_in_common_is_no_sign_of_sites(tmp_path):
+    touch(tmp_path, "COVID/2020/a.png", "COVID/2020/b.png", "Normal/2020/c.png", "Normal/2020/d.png")
+    assert shared(tmp_path) == []
+    touch(tmp_path, "COVID/2021/e.png", "Normal/2021/f.png")  # two in common: read as sites
+    assert shared(tmp_path) == ["2020", "2021"]
+
+
+def test_sites_are_named_when_the_shared_subfolders_hold_more_than_half_of_each_folder_s_files(tmp_path):
+    touch(tmp_path, *[f"{site}/{label}/{i}.png" for site in ("hospA", "hospB") for label in ("COVID", "Normal")
+                      for i in range(2)])
+    assert shared(tmp_path) == ["COVID", "Normal"]
+    touch(tmp_path, *[f"hospB/own{i}.png" for i in range(3)])  # hospB: 4 of 7 in the shared folders, still most
+    assert shared(tmp_path) == ["COVID", "Normal"]
+    touch(tmp_path, "hospB/own3.png")  # 4 of 8: half is not most, hospB is a class holding its own files
+    assert shared(tmp_path) == []
+
+
+def test_sites_are_named_below_a_split_folder(tmp_path):
+    touch(tmp_path, *[f"train/{site}/{label}/{i}.png" for site in ("hospA", "hospB") for label in ("COVID", "Normal")
+                      for i in range(2)])
+    assert shared(tmp_path) == ["COVID", "Normal"]
