@@ -504,6 +504,7 @@ def test_a_small_cache_keeps_the_short_side_readable(tmp_path):
 
     assert cached_size((256, 210), 64) == (78, 64) and cached_size((200, 200), 64) == (64, 64)
     assert cached_size((100, 70), 64) == (91, 64) and cached_size((90, 64), 64) == (90, 64)  # never enlarged
+    assert cached_size((1000, 789), 256) == (256, 202)  # 789 * 0.256 = 201.98: rounded, not cut
     src = tmp_path / "src"
     for c, label in enumerate(CLASSES):
         (src / label).mkdir(parents=True)
@@ -512,6 +513,37 @@ def test_a_small_cache_keeps_the_short_side_readable(tmp_path):
     quiet(src, tmp_path / "out", cache_size=64)
     for path in read_manifest(tmp_path / "out")["cache_path"]:
         assert read_image(path).size == (78, 64)
+
+
+def test_a_cached_copy_of_another_size_or_mode_is_written_again(tmp_path):
+    # a whole PNG at the cache path is reused only as the 8-bit gray copy of the size the rule gives now
+    from cxr_fast.data.cache import cache_path_for, store
+
+    film = textured_image(1, 200, 160)
+    sha = "ab" * 32
+    path = cache_path_for(tmp_path, sha, 100)
+    path.parent.mkdir(parents=True)
+    for stale in (film.resize((100, 100)), film.resize((100, 80)).convert("RGB")):
+        stale.save(path)
+        assert store(film, tmp_path, sha, 100) == path
+        with Image.open(path) as copy:
+            assert (copy.mode, copy.size) == ("L", (100, 80))
+
+
+def test_remove_unused_removes_only_unused_copies_and_leftover_partials(tmp_path):
+    from cxr_fast.data.cache import remove_unused
+
+    used, unused = "ab" * 32, "cd" * 32
+    files = {f"64px/ab/{used}.png": True, f"64px/cd/{unused}.png": False,
+             f"64px/cd/.{unused}.png.123.456.partial": False,  # a copy a kill -9 cut short
+             # the user's files, one named like a copy but outside the folder store puts a copy in
+             "64px/cd/cd-notes.txt": True, f"{unused}.png": True, f"64px/{unused}.png": True}
+    for name in files:
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).write_bytes(b"x")
+    remove_unused(tmp_path, {str(tmp_path / f"64px/ab/{used}.png")})
+    assert sorted(p.relative_to(tmp_path).as_posix() for p in tmp_path.rglob("*") if p.is_file()) == sorted(
+        name for name, kept in files.items() if kept)
 
 
 def test_a_wide_films_small_copy_is_shrunk_from_the_film_not_enlarged_from_a_thumbnail(tmp_path):
