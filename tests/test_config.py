@@ -120,3 +120,42 @@ def test_an_unknown_option_from_python_is_named_as_on_the_command_line():
     # resolve_config(foo=1) said "TrainConfig.__init__() got an unexpected keyword argument 'foo'"
     with pytest.raises(CxrFastError, match="^no option 'foo'; known: arch, arch_kwargs, augment"):
         resolve_config(foo=1)
+
+
+@pytest.mark.parametrize("name, good, bad", [
+    ("size", 32, 31), ("bs", 2, 1), ("n_in", 3, 2), ("seed", 2**32 - 1, 2**32), ("epochs", 1, 0),
+    ("freeze_epochs", 0, -1), ("stats_sample", 1, 0), ("num_workers", 0, -1), ("pct_start", 0.99, 1.0),
+    ("pct_start", 0.01, 0.0), ("lr", 1e-9, 0.0), ("lr_mult", 1e-9, 0.0), ("wd", 0.0, float("inf")),
+    ("mixup", 0.0, float("inf")), ("label_smoothing", 0.0, -0.01), ("epochs", 3, True),
+    ("channels_last", True, "yes"), ("augment", False, 0), ("weights", "hub", 3), ("arch", "convnet", 1),
+    ("arch_kwargs", {"width": 0.5}, [0.5]),
+])
+def test_every_option_s_rule_has_its_edge_where_its_message_says(name, good, bad):
+    assert getattr(resolve_config(**{name: good}), name) == good
+    with pytest.raises(CxrFastError, match=f"bad training option: {name} must be"):
+        resolve_config(**{name: bad})
+
+
+def test_a_recipe_without_an_arch_writes_its_arch_kwargs_for_the_default_arch(tmp_path):
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("arch_kwargs: {width: 0.5}\n")
+    assert resolve_config(recipe).arch_kwargs == {"width": 0.5} and TrainConfig().arch == "cxresnet"
+    with pytest.warns(UserWarning, match="are for cxresnet; convnet is built with its own defaults"):
+        assert resolve_config(recipe, arch="convnet").arch_kwargs == {}
+
+
+def test_a_recipe_file_in_the_working_folder_wins_over_a_shipped_recipe_of_that_name(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "demo").write_text("epochs: 9\n")  # a file without suffix, named like a shipped recipe
+    from cxr_fast.config import RECIPES_DIR
+
+    assert load_recipe(RECIPES_DIR / "demo.yaml").get("epochs") != 9
+    assert resolve_config("demo").epochs == 9
+
+
+def test_set_refuses_an_option_given_twice_even_spelt_with_a_hyphen():
+    from cxr_fast.config import parse_settings
+
+    assert parse_settings(["freeze-epochs=2", "wd=1e-4"]) == {"freeze_epochs": 2, "wd": "1e-4"}
+    with pytest.raises(CxrFastError, match="--set freeze_epochs given twice"):
+        parse_settings(["freeze_epochs=2", "freeze-epochs=3"])
