@@ -245,3 +245,25 @@ def test_a_set_stopped_while_moved_into_its_folder_is_refused_by_prepare(tmp_pat
     synthesize(out, n_per_class=3, size=64, progress=False)  # the same command finishes it, --force or not
     assert prepare(out, tmp_path / "data", progress=False).n_files == 9
     assert not (out / "_unfinished.txt").exists() and not (out / ".partial").exists()
+
+
+def test_a_marker_box_is_its_width_and_margin_from_its_corner():
+    # at 96 px: MARKER_WIDTH 0.12 gives round(11.52) = 12 px, MARKER_MARGIN 0.03 gives round(2.88) = 3 px
+    for label, (_, corner) in MARKERS.items():
+        image, _, (x0, y0, x1, y1) = make_phantom(label, 0, 96, shortcut_rate=1.0)
+        assert x1 - x0 == 12 and 0 < y1 - y0 < 12
+        assert (x0 == 3) if corner.endswith("left") else (x1 == 93)
+        assert (y0 == 3) if corner.startswith("top") else (y1 == 93)
+        plain, _, _ = make_phantom(label, 0, 96)
+        changed = np.argwhere(image != plain)
+        assert changed[:, 1].min() >= x0 and changed[:, 1].max() < x1
+        assert changed[:, 0].min() >= y0 and changed[:, 0].max() < y1
+
+
+def test_lesions_lie_inside_the_lung_field_the_mask_shows_without_them():
+    for label in ("Pneumonia", "COVID-19"):
+        for i in range(3):
+            _, mask, _ = make_phantom(label, i, 96)
+            _, lungs_only, _ = make_phantom(label, i, 96, lesion_contrast=0.0)
+            assert (mask == 2).any()
+            assert np.array_equal(mask > 0, lungs_only == 1)  # a lesion relabels lung, never adds to it
