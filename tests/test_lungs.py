@@ -79,3 +79,31 @@ def test_the_mirrored_lung_does_not_wrap_around_the_image_edge():
     cores[30:90, 65:95] = True
     added = _mirror_missing_side(cores, img) & ~cores
     assert not added[:, 100:].any()
+
+
+def test_coverage_is_the_share_of_the_truth_covered():
+    estimate = np.zeros((10, 10), dtype=bool)
+    estimate[0:4, 0:4] = True  # 16 pixels
+    truth = np.zeros_like(estimate)
+    truth[2:6, 2:4] = True  # 8 pixels, 4 of them inside the estimate
+    assert mask_coverage(estimate, truth) == pytest.approx(0.5)
+    assert mask_coverage(truth, estimate) == pytest.approx(0.25)
+
+
+def test_a_missing_lung_is_the_mirror_image_across_the_spine_where_the_film_is_as_dark():
+    from cxr_fast.lungs import _mirror_missing_side
+
+    img = np.full((128, 128), 120, np.uint8)
+    img[:, 55] = 250  # the spine: the brightest column of the middle
+    img[30:90, 70:90] = 30  # the lung found, columns 70-89: its mirror image is columns 21-40 (x -> 110 - x)
+    img[30:90, 15:31] = 30  # the other side is dark in columns 15-30: only 21-30 are both mirror image and dark
+    cores = np.zeros(img.shape, bool)
+    cores[30:90, 70:90] = True
+    expected = np.zeros(img.shape, bool)
+    expected[30:90, 21:31] = True
+    np.testing.assert_array_equal(_mirror_missing_side(cores, img) & ~cores, expected)
+    sliver = cores.copy()
+    sliver[40:50, 25:36] = True  # 110 pixels: under 0.3 x 1,200, so the side is still mirrored
+    np.testing.assert_array_equal(_mirror_missing_side(sliver, img), cores | expected | sliver)
+    sliver[40:80, 25:34] = True  # 405 pixels: over 0.3 x 1,200, a lung of its own, kept as found
+    np.testing.assert_array_equal(_mirror_missing_side(sliver, img), sliver)
