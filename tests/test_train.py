@@ -764,6 +764,35 @@ def test_the_bundle_keeps_the_best_epoch_whose_state_was_saved(tiny_data, tmp_pa
     assert best == history.loc[history["valid_balanced_accuracy"].idxmax(), "epoch"]
 
 
+class ScriptedScores(Callback):
+    """Sets each epoch's valid balanced accuracy to a given value, after fastai's Recorder (order 50) has recorded it
+    and before RunRecorder (51) chooses the best epoch, and keeps the weights each epoch ended with."""
+
+    order = 50.5
+
+    def __init__(self, scores):
+        self.scores, self.weights = list(scores), []
+
+    def after_epoch(self):
+        names = [n for n in self.recorder.metric_names[1:] if n != "time"]
+        self.recorder.values[-1][names.index("valid_balanced_accuracy")] = self.scores[len(self.weights)]
+        self.weights.append({k: v.detach().clone() for k, v in self.learn.model.state_dict().items()})
+
+
+def test_the_bundle_keeps_the_epoch_with_the_highest_valid_balanced_accuracy(tiny_data, tmp_path):
+    # on tiny data every epoch often scores the same, so a run's own history cannot tell the best epoch from the
+    # worst: the scores are set here, the middle epoch best and the first worst
+    scores = ScriptedScores([0.5, 0.9, 0.7])
+    run = train(tiny_data, resolve_config(epochs=3, **TINY), out=tmp_path / "run", quiet=True, extra_cbs=[scores])
+    assert list(pd.read_csv(run / "history.csv")["valid_balanced_accuracy"]) == [0.5, 0.9, 0.7]
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert metrics["best_epoch"] == 1 and metrics["valid_balanced_accuracy"] == 0.9
+    kept = load_file(str(run / "model.safetensors"))
+    assert kept.keys() == scores.weights[1].keys()
+    assert all(torch.equal(kept[k], v) for k, v in scores.weights[1].items())
+    assert not all(torch.equal(kept[k], v) for k, v in scores.weights[2].items())  # the last epoch's differ
+
+
 def test_resume_does_not_need_the_starting_weights_again(tiny_data, tmp_path):
     from safetensors.torch import save_file
 
