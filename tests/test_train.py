@@ -167,6 +167,22 @@ def test_resume_continues_with_the_optimizer_state_of_the_checkpoint(tiny_data, 
         torch.testing.assert_close(probe.tensors[key], value, rtol=0, atol=0, msg=key)
 
 
+def test_a_resumed_run_trains_at_the_rates_of_an_uninterrupted_one(tiny_data, tmp_path):
+    # the one-cycle schedule goes on from the epoch the run stopped at: neither restarted nor an epoch trained twice
+    whole = LearningRates()
+    train(tiny_data, resolve_config(epochs=3, **TINY), out=tmp_path / "whole", quiet=True, extra_cbs=[whole])
+    with pytest.raises(SimulatedKill):
+        train(tiny_data, resolve_config(epochs=3, **TINY), out=tmp_path / "run", quiet=True,
+              extra_cbs=[KillAfterEpoch(0)])
+    resumed = LearningRates()
+    train(tiny_data, out=tmp_path / "run", resume=True, quiet=True, extra_cbs=[resumed])
+    (rates,) = whole.fits
+    per_epoch = len(rates) // 3
+    assert len(rates) == 3 * per_epoch > 0
+    assert len(resumed.fits) == 1
+    np.testing.assert_allclose(resumed.fits[0], rates[per_epoch:], rtol=1e-12)
+
+
 class RatesAtFirstBatch(Callback):
     def after_batch(self):  # the rates fastai's ParamScheduler set for this batch, as the step used them
         if self.training and not hasattr(self, "rates"):
