@@ -555,6 +555,30 @@ def test_label_smoothing_keeps_a_confident_correct_prediction_from_zero_loss(tin
     assert smoothed.loss_func(confident, target).item() == pytest.approx(0.1 * 2 / 3 * 20, rel=0.01)
 
 
+def test_class_weights_are_the_inverse_of_each_class_s_share_of_the_train_split(tiny_data):
+    from cxr_fast.train import class_weight_tensor
+
+    manifest = pd.DataFrame({"label": ["a"] * 6 + ["b"] * 2 + ["c"] * 4 + ["b"] * 9,
+                             "split": ["train"] * 12 + ["valid"] * 5 + ["test"] * 4})
+    # 12 training images over 3 classes: a class's weight is 12 / (3 × its count); valid and test do not count
+    torch.testing.assert_close(class_weight_tensor(manifest, ["a", "b", "c"]), torch.tensor([2 / 3, 2.0, 1.0]))
+
+    # and the loss uses them when the recipe asks: a manifest with fewer Normal training images
+    manifest = read_manifest(tiny_data)
+    manifest = manifest.drop(manifest.index[(manifest["split"] == "train") & (manifest["label"] == "Normal")][:3])
+    counts = manifest.loc[manifest["split"] == "train", "label"].value_counts()
+    logits, target = torch.tensor([[2.0, 0.0, -1.0], [0.0, 1.0, 0.5], [0.3, 0.2, 1.5], [1.0, 0.0, 0.0]]), \
+        torch.tensor([0, 1, 2, 1])
+    weighted, spec = build_learner(manifest, resolve_config(class_weights=True, **{**TINY, "bs": 4}))
+    weights = torch.tensor([counts.sum() / (3 * counts[c]) for c in spec.classes], dtype=torch.float32)
+    assert weights[spec.classes.index("Normal")] > 1  # the rarer class weighs more
+    expected = torch.nn.functional.cross_entropy(logits, target, weight=weights)
+    assert weighted.loss_func(logits, target).item() == pytest.approx(expected.item(), rel=1e-6)
+    plain, _ = build_learner(manifest, resolve_config(**{**TINY, "bs": 4}))
+    assert plain.loss_func(logits, target).item() == pytest.approx(
+        torch.nn.functional.cross_entropy(logits, target).item(), rel=1e-6)
+
+
 class BatchBeforeAndAfter(Callback):
     """The first training batch as the DataLoader gave it and as the model received it."""
 
