@@ -528,6 +528,24 @@ class LearningRates(Callback):
             self.fits[-1].append([h["lr"] for h in self.opt.hypers])
 
 
+class BodyAndHeadAroundFits(Callback):
+    """The body's convolution weights and the head's weights as each fit starts and as it ends."""
+
+    def before_fit(self):
+        self.fits = getattr(self, "fits", []) + [[self._weights()]]
+
+    def after_fit(self):
+        self.fits[-1].append(self._weights())
+
+    def _weights(self):
+        body, *_, head = self.opt.param_lists
+        return [p.detach().clone() for p in body if p.ndim == 4], [p.detach().clone() for p in head]
+
+
+def _changed(before, after) -> list[bool]:
+    return [not torch.equal(a, b) for a, b in zip(before, after, strict=True)]
+
+
 def test_unfrozen_body_learns_lr_mult_times_slower_than_the_head(tiny_data, tmp_path):
     from safetensors.torch import save_file
 
@@ -535,13 +553,20 @@ def test_unfrozen_body_learns_lr_mult_times_slower_than_the_head(tiny_data, tmp_
 
     start = tmp_path / "start.safetensors"
     save_file(create_model("cxresnet_tiny", n_in=1, n_classes=3).state_dict(), str(start))
-    rates = LearningRates()
+    rates, weights = LearningRates(), BodyAndHeadAroundFits()
     cfg = resolve_config(freeze_epochs=1, epochs=1, lr_mult=10, weights=str(start), **TINY)
-    train(tiny_data, cfg, out=tmp_path / "run", quiet=True, extra_cbs=[rates])
+    train(tiny_data, cfg, out=tmp_path / "run", quiet=True, extra_cbs=[rates, weights])
     frozen, unfrozen = rates.fits
     assert all(body == head for body, head in frozen)  # one rate while only the head trains
     np.testing.assert_allclose([head / body for body, head in unfrozen], 10.0)
     assert max(head for _, head in unfrozen) <= TINY["lr"] / 2 * (1 + 1e-9)  # fastai's fine_tune: half the rate
+    # freeze_epochs epochs with the body's convolutions held, then epochs with everything learning
+    history = pd.read_csv(tmp_path / "run" / "history.csv")
+    assert list(history["phase"]) == ["frozen", "unfrozen"] and list(history["epoch"]) == [0, 1]
+    (body_start, head_start), (body_end, head_end) = weights.fits[0]
+    assert body_start and not any(_changed(body_start, body_end)) and all(_changed(head_start, head_end))
+    (body_start, _), (body_end, _) = weights.fits[1]
+    assert all(_changed(body_start, body_end))
 
 
 def test_label_smoothing_keeps_a_confident_correct_prediction_from_zero_loss(tiny_data):
