@@ -604,6 +604,22 @@ def test_class_weights_are_the_inverse_of_each_class_s_share_of_the_train_split(
         torch.nn.functional.cross_entropy(logits, target).item(), rel=1e-6)
 
 
+def test_lr_auto_trains_at_the_rate_lr_find_suggests(tiny_data, tmp_path, monkeypatch):
+    # the same rates, batch by batch, as a run given lr_find's suggestion by hand
+    from types import SimpleNamespace
+
+    from fastai.learner import Learner
+
+    monkeypatch.setattr(Learner, "lr_find", lambda self, **kwargs: SimpleNamespace(valley=0.0123))
+    auto, given = LearningRates(), LearningRates()
+    run = train(tiny_data, resolve_config(epochs=2, **{**TINY, "lr": "auto"}), out=tmp_path / "auto", quiet=True,
+                extra_cbs=[auto])
+    train(tiny_data, resolve_config(epochs=2, **{**TINY, "lr": 0.0123}), out=tmp_path / "given", quiet=True,
+          extra_cbs=[given])
+    assert json.loads((run / "config.json").read_text())["lr"] == 0.0123
+    assert auto.fits == given.fits and len(given.fits[0]) > 0
+
+
 class BatchBeforeAndAfter(Callback):
     """The first training batch as the DataLoader gave it and as the model received it."""
 
