@@ -1144,3 +1144,17 @@ def test_a_resumed_optimizer_state_goes_to_its_parameters_device(tmp_path):
     _load_optimizer(elsewhere, tmp_path / "optimizer.safetensors", meta)
     moments = [v for p, *_ in elsewhere.all_params() for v in elsewhere.state[p].values() if torch.is_tensor(v)]
     assert moments and all(v.device.type == "meta" for v in moments)
+
+
+def test_the_temperature_is_fitted_on_the_valid_split(tiny_runs, tiny_data):
+    from cxr_fast.calibration import fit_temperature
+
+    run = load_run(tiny_runs[0])
+    manifest = read_manifest(tiny_data)
+    fitted = {}
+    for split in ("train", "valid"):
+        rows = manifest[manifest["split"] == split]
+        fitted[split] = fit_temperature(predict_logits(run, rows, progress=False),
+                                        rows["label"].map(run.classes.index).to_numpy())
+    assert fitted["train"] != pytest.approx(fitted["valid"])  # the split it is fitted on matters here
+    assert run.temperature == pytest.approx(fitted["valid"])
