@@ -4,10 +4,12 @@ import json
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 from safetensors.torch import load_file
 from sklearn.linear_model import LogisticRegression
+from sklearn.metrics import balanced_accuracy_score
 from typer.testing import CliRunner
 
 from cxr_fast.archs import create_model
@@ -111,6 +113,32 @@ def test_regression_fitted_in_the_training_rows_span_matches_a_direct_fit():
                                direct.predict_proba(scaler.transform(x["valid"])), atol=1e-3)
 
 
+def test_the_regression_is_standardised_on_train_and_a_tie_on_valid_keeps_the_strongest_regularisation():
+    # one feature per class, far apart: every strength gets every valid image right, so all of them tie, and the
+    # simplest model (the smallest C, the strongest penalty) must be the one kept
+    rng = np.random.default_rng(2)
+    y = {s: np.repeat([0, 1, 2], n) for s, n in (("train", 10), ("valid", 5))}
+    x = {s: rng.normal(size=(len(v), 3)) * 0.1 + 5 * np.eye(3)[v] for s, v in y.items()}
+    x["valid"] = x["valid"] + 1.0  # valid lies elsewhere: its statistics must not be the scaler's
+    fit, scaler, history = fit_regression(x, y, class_weights=False, quiet=True)
+    assert (history["valid_balanced_accuracy"] == 1.0).all()
+    assert fit.C == min(STRENGTHS)
+    np.testing.assert_allclose(scaler.mean_, x["train"].mean(axis=0))
+    np.testing.assert_allclose(scaler.scale_, x["train"].std(axis=0))
+
+
+def test_the_strength_kept_is_the_best_on_valid_not_on_train():
+    # few, noisy training rows: weaker penalties fit train ever better, while valid peaks in between
+    rng = np.random.default_rng(5)
+    y = {s: rng.integers(0, 2, size=n) for s, n in (("train", 30), ("valid", 40))}
+    x = {s: rng.normal(size=(len(v), 20)) + 0.6 * v[:, None] * (np.arange(20) < 3) for s, v in y.items()}
+    fit, scaler, history = fit_regression(x, y, class_weights=False, quiet=True)
+    best = history["valid_balanced_accuracy"].max()
+    assert (history["valid_balanced_accuracy"] == best).sum() == 1
+    assert fit.C != history.loc[history["train_balanced_accuracy"].idxmax(), "C"]  # train would choose another
+    assert balanced_accuracy_score(y["valid"], fit.predict(scaler.transform(x["valid"]))) == pytest.approx(best)
+
+
 def test_train_frozen_lite_writes_a_bundle_that_reproduces_its_valid_score(tiny_data, tmp_path):
     result = CliRunner().invoke(app, ["train", "--data", str(tiny_data), "--recipe", str(small_recipe(tmp_path)),
                                       "--out", str(tmp_path / "run")])
@@ -123,6 +151,10 @@ def test_train_frozen_lite_writes_a_bundle_that_reproduces_its_valid_score(tiny_
     assert not (run_dir / "checkpoint").exists()
     metrics = json.loads((run_dir / "metrics.json").read_text())
     assert metrics["best_C"] in STRENGTHS and metrics["trained_parameters"] == 3 * (metrics["features"] + 1)
+    # the figures are the kept strength's: the first best on valid, the strongest penalty of a tie
+    history = pd.read_csv(run_dir / "history.csv")
+    kept = history.loc[history["valid_balanced_accuracy"].idxmax()]
+    assert metrics["best_C"] == kept["C"] and metrics["valid_loss"] == pytest.approx(kept["valid_loss"])
 
     run = load_run(run_dir)
     assert run.config["weights_source"] == "efficientnet-lite0" and run.size == 64
