@@ -41,9 +41,11 @@ def test_evaluate_writes_predictions_metrics_figures_and_report(tiny_runs):
         evaluate(tiny_runs[0], n_boot=200, progress=False)
 
 
-def test_evaluate_tta_and_valid_split(tiny_runs, tmp_path):
+def test_evaluate_tta_and_valid_split(tiny_runs, tiny_data, tmp_path):
     run = shutil.copytree(tiny_runs[0], tmp_path / "run")
     plain = evaluate(run, split="valid", n_boot=100, progress=False)
+    valid = read_manifest(tiny_data).query("split == 'valid'")
+    assert list(plain.predictions["path"]) == list(valid["path"]) and plain.metrics["n"] == len(valid)
     result = evaluate(run, split="valid", tta=True, n_boot=100, progress=False)
     assert result.out_dir.name == "data-valid-tta" and result.metrics["tta"] is True
     assert plain.out_dir.name == "data-valid" and (plain.out_dir / "metrics.json").is_file()  # kept beside it
@@ -645,3 +647,64 @@ def test_logits_come_one_row_per_image_in_order_whatever_the_batch_size(tiny_run
         one_by_one = np.concatenate([run.model(run.load_input(f)[None]).numpy() for f in files])
     for bs in (1, 3, 7, 32):
         np.testing.assert_allclose(predict_logits(run, files, bs=bs, progress=False), one_by_one, atol=1e-5)
+
+
+def test_tta_averages_the_logits_of_the_image_and_three_crops(tiny_runs, tiny_data):
+    # at 48 px the crops are 44 px (92 %): centred (offset 2), upper left (0) and lower right (4), each resized back
+    import torch
+    import torch.nn.functional as F
+
+    from cxr_fast.bundle import predict_logits
+
+    run = load_run(tiny_runs[0])
+    items = read_manifest(tiny_data).query("split == 'test'").reset_index(drop=True)
+    x = torch.stack([run.load_input(p) for p in items["path"]])
+
+    def crop(top, left):
+        return F.interpolate(x[..., top:top + 44, left:left + 44], size=(48, 48), mode="bilinear", align_corners=False)
+
+    with torch.no_grad():
+        expected = torch.stack([run.model(v) for v in (x, crop(2, 2), crop(0, 0), crop(4, 4))]).mean(0).numpy()
+    np.testing.assert_allclose(predict_logits(run, items, progress=False, tta=True), expected, atol=1e-5)
+
+
+def test_the_calibrated_figures_divide_the_logits_by_the_temperature():
+    from cxr_fast.evaluate import compute_metrics
+
+    logits = np.array([[2.0, 0.0, -1.0], [0.5, 1.5, 0.0], [0.0, 0.2, 3.0], [1.0, 0.9, 0.0]])
+    y = np.array([0, 2, 2, 1])
+
+    def nll(z):
+        p = np.exp(z) / np.exp(z).sum(axis=1, keepdims=True)
+        return -np.mean(np.log(p[np.arange(len(y)), y]))
+
+    m = compute_metrics(y, logits, ["a", "b", "c"], temperature=2.0, n_boot=10)
+    assert m["nll"] == pytest.approx(nll(logits)) and m["nll_calibrated"] == pytest.approx(nll(logits / 2))
+    assert m["temperature"] == 2.0
+
+
+def _with_temperature(run_dir, tmp_path, temperature):
+    """A copy of a run whose config.json says `temperature` (the tiny runs make too few valid mistakes to fit one,
+    so theirs is 1 and calibrated and raw figures would agree)."""
+    copy = shutil.copytree(run_dir, tmp_path / "calibrated", ignore=shutil.ignore_patterns("eval", "interpret"))
+    config = json.loads((copy / "config.json").read_text())
+    (copy / "config.json").write_text(json.dumps({**config, "temperature": temperature}))
+    return copy
+
+
+def _softmax(z):
+    e = np.exp(z - z.max(axis=1, keepdims=True))
+    return e / e.sum(axis=1, keepdims=True)
+
+
+def test_predictions_csv_holds_probabilities_calibrated_by_the_run_s_temperature(tiny_runs, tiny_data, tmp_path):
+    from cxr_fast.bundle import predict_logits
+
+    run_dir = _with_temperature(tiny_runs[0], tmp_path, 2.0)
+    result = evaluate(run_dir, n_boot=20, progress=False)
+    run = load_run(run_dir)
+    test = read_manifest(tiny_data).query("split == 'test'")
+    expected = _softmax(predict_logits(run, test, progress=False).astype(float) / 2)
+    predictions = pd.read_csv(result.out_dir / "predictions.csv")
+    assert list(predictions["path"]) == list(test["path"])
+    np.testing.assert_allclose(predictions[[f"p_{c}" for c in run.classes]].to_numpy(), expected, atol=1e-6)
