@@ -708,3 +708,61 @@ def test_predictions_csv_holds_probabilities_calibrated_by_the_run_s_temperature
     predictions = pd.read_csv(result.out_dir / "predictions.csv")
     assert list(predictions["path"]) == list(test["path"])
     np.testing.assert_allclose(predictions[[f"p_{c}" for c in run.classes]].to_numpy(), expected, atol=1e-6)
+
+
+def test_a_setting_s_summary_is_the_mean_of_its_runs_and_the_best_setting_comes_first():
+    # three seeds, so that a median or a minimum would differ from the mean
+    from cxr_fast.compare import summarise
+
+    columns = ("balanced_accuracy", "ci_low", "ci_high", "macro_f1", "macro_roc_auc", "ece", "train_seconds",
+               "images_per_s")
+    a = {k: [0.6 + i / 100, 0.7 + i / 100, 0.95 - i / 100] for i, k in enumerate(columns)}
+    table = pd.DataFrame({"run": ["a0", "a1", "a2", "b0"], "arch": ["a", "a", "a", "b"],
+                          "setting": ["x", "x", "x", "y"], "params": [10, 10, 10, 20],
+                          **{k: [*v, 0.8] for k, v in a.items()}})
+    summary = summarise(table)
+    assert list(summary["arch"]) == ["b", "a"]  # b's 0.8 above a's mean 0.75
+    row = summary.set_index("arch").loc["a"]
+    assert row["runs"] == 3 and row["params"] == 10
+    for k, v in a.items():
+        assert row[k] == pytest.approx(np.mean(v)), k
+    assert row["balanced_accuracy_sd"] == pytest.approx(np.std(a["balanced_accuracy"], ddof=1))
+
+
+def test_mcnemar_pairs_the_runs_predictions_on_the_same_test_images(tiny_runs, tiny_data, tmp_path, monkeypatch):
+    # set predictions (the tiny runs predict much alike): the first run is right on the first half of the test
+    # images, the second on every third; each is wrong elsewhere, whatever order the images come in
+    import cxr_fast.compare
+
+    test = read_manifest(tiny_data).query("split == 'test'").reset_index(drop=True)
+    classes = load_run(tiny_runs[0]).classes
+    y = test["label"].map(classes.index).to_numpy()
+    n, row_of = len(test), {path: i for i, path in enumerate(test["path"])}
+    right = {tiny_runs[0].name: np.arange(n) < n // 2, tiny_runs[1].name: np.arange(n) % 3 == 0}
+
+    def predict(run, items, **kwargs):
+        rows = [row_of[path] for path in items["path"]]
+        predicted = np.where(right[run.name][rows], y[rows], (y[rows] + 1) % len(classes))
+        return np.eye(len(classes))[predicted] * 5
+
+    monkeypatch.setattr(cxr_fast.compare, "predict_logits", predict)
+    result = compare_runs(tiny_runs, out=tmp_path / "cmp", n_boot=20)
+    first, second = right.values()
+    b, c = int((first & ~second).sum()), int((~first & second).sum())
+    assert b > 0 and c > 0
+    assert (result.mcnemar.loc[0, "b"], result.mcnemar.loc[0, "c"]) == (b, c)
+
+
+def test_compare_shows_the_ece_of_the_calibrated_probabilities(tiny_runs, tiny_data, tmp_path):
+    from cxr_fast.bundle import predict_logits
+    from cxr_fast.calibration import expected_calibration_error
+    from cxr_fast.compare import score_run
+
+    run = load_run(_with_temperature(tiny_runs[0], tmp_path, 2.0))
+    test = read_manifest(tiny_data).query("split == 'test'")
+    y = test["label"].map(run.classes.index).to_numpy()
+    logits = predict_logits(run, test, progress=False).astype(float)
+    raw, calibrated = (expected_calibration_error(_softmax(z), y) for z in (logits, logits / 2))
+    assert raw != pytest.approx(calibrated)  # the temperature changes the figure, so which one is shown matters
+    row, _, _ = score_run(run, n_boot=10)
+    assert row["ece"] == pytest.approx(calibrated)
