@@ -148,12 +148,22 @@ def test_top_losses_are_wrong_predictions_only(tiny_runs, tiny_data):
     run = load_run(tiny_runs[0])
     manifest = read_manifest(tiny_data)
     items = manifest[manifest["split"] != "train"].reset_index(drop=True)
-    probs = softmax(predict_logits(run, items, progress=False), run.temperature)
-    wrong = int((probs.argmax(1) != items["label"].map(run.classes.index).to_numpy()).sum())
+    logits = predict_logits(run, items, progress=False)
+    probs = softmax(logits, run.temperature)
+    y = items["label"].map(run.classes.index).to_numpy()
+    wrong = int((probs.argmax(1) != y).sum())
     assert 0 < wrong < len(items)  # both kinds present, so leaving out the correct ones is tested
     losses, _ = top_losses(run, items, len(items), probs)
     assert len(losses) == wrong and (losses["label"] != losses["predicted"]).all()
     assert losses["loss"].is_monotonic_decreasing
+    # each row is its own image's: the cross-entropy of the network's own logits, and the calibrated probabilities
+    log_probs = logits - logits.max(1, keepdims=True)
+    log_probs -= np.log(np.exp(log_probs).sum(1, keepdims=True))
+    for row in losses.to_dict("records"):
+        i = row["index"]
+        assert row["path"] == items["path"][i] and row["label"] == items["label"][i]
+        assert row["loss"] == pytest.approx(-log_probs[i, y[i]], rel=1e-4)
+        assert row["p_true"] == pytest.approx(probs[i, y[i]]) and row["p_predicted"] == pytest.approx(probs[i].max())
 
 
 def test_audit_json_is_strict_json_with_counts_and_the_window_used(tiny_runs):
