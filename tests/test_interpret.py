@@ -257,6 +257,38 @@ def test_an_implausible_lung_estimate_is_left_out_like_a_missing_one(monkeypatch
         assert found == source and lungs.any() == (source == "estimated")
 
 
+def test_a_ground_truth_lung_mask_counts_the_lesions_inside_the_lungs_as_lung(tmp_path):
+    # synthetic masks mark lungs 1 and lesions 2: the lesion is part of the lung field, and evidence on it is inside
+    from PIL import Image
+
+    from cxr_fast.interpret import lung_mask_for
+
+    mask = np.zeros((8, 8), np.uint8)
+    mask[2:6, 0:4] = 1  # a lung in 2×2 blocks, so that halving the size keeps exactly one value per block
+    mask[2:4, 2:4] = 2  # a lesion in it
+    Image.fromarray(mask).save(tmp_path / "mask.png")
+    row = pd.Series({"path": "x.png", "mask": str(tmp_path / "mask.png")})
+    lungs, source = lung_mask_for(row, np.zeros((4, 4), np.uint8), 4)
+    expected = np.zeros((4, 4), bool)
+    expected[1:3, 0:2] = True
+    assert source == "ground truth"
+    np.testing.assert_array_equal(lungs, expected)
+
+
+def test_a_marker_box_is_scaled_by_the_film_s_own_width_and_height_and_grown_by_the_margin():
+    # a 200 × 100 film squished to 50 × 50: x shrinks 4 times, y twice
+    from cxr_fast.interpret import marker_box_for
+
+    row = pd.Series({"marker_box": "20,10,60,30", "width": 200, "height": 100})
+    assert marker_box_for(row, 50) == (5, 5, 15, 15)
+    assert marker_box_for(row, 50, margin=2) == (3, 3, 17, 17)
+    # partly covered pixels count: x0 5.25 → 5, y0 5.5 → 5, x1 15.25 → 16, y1 15.5 → 16
+    assert marker_box_for(pd.Series({**row, "marker_box": "21,11,61,31"}), 50) == (5, 5, 16, 16)
+    # the margin stops at the image's edges
+    assert marker_box_for(pd.Series({**row, "marker_box": "0,0,200,100"}), 50, margin=3) == (0, 0, 50, 50)
+    assert marker_box_for(pd.Series({**row, "marker_box": ""}), 50) is None
+
+
 def test_the_deletion_check_reuses_the_maps_the_audit_made(tiny_runs, monkeypatch):
     # it made the maps of up to 8 images a second time: minutes on a CPU for a large model
     import cxr_fast.attribution
