@@ -1158,3 +1158,51 @@ def test_the_temperature_is_fitted_on_the_valid_split(tiny_runs, tiny_data):
                                         rows["label"].map(run.classes.index).to_numpy())
     assert fitted["train"] != pytest.approx(fitted["valid"])  # the split it is fitted on matters here
     assert run.temperature == pytest.approx(fitted["valid"])
+
+
+def test_dataloaders_hold_the_train_and_valid_rows_in_manifest_order_with_train_split_statistics(tiny_data):
+    # the test split never trains nor chooses the epoch; valid comes in the manifest's order; the statistics are
+    # those of every training image (fewer than the 256 sampled) at the training size
+    from PIL import Image
+
+    from cxr_fast.data.block import build_dataloaders
+
+    manifest = read_manifest(tiny_data)
+    dls, spec = build_dataloaders(manifest, size=48, bs=8)
+    train_rows, valid_rows = (manifest[manifest["split"] == s] for s in ("train", "valid"))
+    assert sorted(dls.train_ds.items["path"]) == sorted(train_rows["path"])
+    assert list(dls.valid_ds.items["path"]) == list(valid_rows["path"])
+    pixels = np.stack([np.asarray(Image.open(p).convert("L").resize((48, 48), Image.Resampling.BILINEAR)) / 255
+                       for p in train_rows["path"]])
+    assert spec.mean == pytest.approx([pixels.mean()], rel=1e-5)
+    assert spec.std == pytest.approx([pixels.std()], rel=1e-5)
+
+
+def test_training_images_are_augmented_but_never_mirrored_and_valid_images_never_augmented(tiny_data):
+    # a flip would put the heart on the right; valid is scored, each epoch, on the images as they are
+    from fastai.torch_core import TensorCategory
+    from fastai.vision.core import TensorImageBW
+
+    from cxr_fast.data.block import build_dataloaders
+
+    manifest = read_manifest(tiny_data)
+    augmented, _ = build_dataloaders(manifest, size=48, bs=8, stats=([0.5], [0.25]))
+    plain, _ = build_dataloaders(manifest, size=48, bs=8, stats=([0.5], [0.25]), augment=False)
+
+    def left_bright():  # afresh each time: fastai's transforms may work in place
+        pixels = torch.zeros(64, 1, 48, 48)
+        pixels[..., :24] = 255.0
+        return TensorImageBW(pixels), TensorCategory(torch.zeros(64, dtype=torch.long))
+
+    as_is = torch.zeros(64, 1, 48, 48)
+    as_is[..., :24] = (1 - 0.5) / 0.25
+    as_is[..., 24:] = (0 - 0.5) / 0.25
+    def through(dl):  # a DataLoader tells its batch transforms which split they serve as it starts an epoch
+        dl.before_iter()
+        return torch.Tensor(dl.after_batch(left_bright())[0])
+
+    torch.testing.assert_close(through(augmented.valid), as_is)
+    torch.testing.assert_close(through(plain.train), as_is)
+    trained_on = through(augmented.train)
+    assert not torch.allclose(trained_on, as_is)
+    assert (trained_on[..., :24].mean(dim=(1, 2, 3)) > trained_on[..., 24:].mean(dim=(1, 2, 3))).all()
