@@ -263,14 +263,14 @@ def test_a_ground_truth_lung_mask_counts_the_lesions_inside_the_lungs_as_lung(tm
 
     from cxr_fast.interpret import lung_mask_for
 
-    mask = np.zeros((8, 8), np.uint8)
-    mask[2:6, 0:4] = 1  # a lung in 2×2 blocks, so that halving the size keeps exactly one value per block
-    mask[2:4, 2:4] = 2  # a lesion in it
+    mask = np.zeros((32, 32), np.uint8)
+    mask[8:24, 0:16] = 1  # a lung in 2×2 blocks, so that halving the size keeps exactly one value per block
+    mask[8:16, 8:16] = 2  # a lesion in it
     Image.fromarray(mask).save(tmp_path / "mask.png")
     row = pd.Series({"path": "x.png", "mask": str(tmp_path / "mask.png")})
-    lungs, source = lung_mask_for(row, np.zeros((4, 4), np.uint8), 4)
-    expected = np.zeros((4, 4), bool)
-    expected[1:3, 0:2] = True
+    lungs, source = lung_mask_for(row, np.zeros((16, 16), np.uint8), 16)
+    expected = np.zeros((16, 16), bool)
+    expected[4:12, 0:8] = True
     assert source == "ground truth"
     np.testing.assert_array_equal(lungs, expected)
 
