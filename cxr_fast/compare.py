@@ -32,7 +32,7 @@ from cxr_fast.bundle import (
 from cxr_fast.calibration import softmax
 from cxr_fast.config import find_recipe
 from cxr_fast.data.manifest import label_indices, manifest_key
-from cxr_fast.errors import CxrFastError
+from cxr_fast.errors import CxrFastError, parse_yaml
 from cxr_fast.evaluate import compute_metrics
 from cxr_fast.metrics import mcnemar
 from cxr_fast.outputs import PARTIAL_INSIDE, check_folder_path, new_folder, settle_move
@@ -86,11 +86,19 @@ def score_run(run: Run, split: str = "test", n_boot: int = 1000) -> tuple[dict, 
 def training_setting(run) -> str:
     """Everything a run was trained with except its seed, as text: runs that share it are seeds of one setting."""
     recipe_path = run.path / "recipe.yaml"
-    recipe = yaml.safe_load(recipe_path.read_text()) if recipe_path.is_file() else None
+    recipe = trained_recipe(recipe_path) if recipe_path.is_file() else None
     if isinstance(recipe, dict):
         recipe.pop("seed", None)
     return json.dumps({"model": run.config["model"], "size": run.config.get("size"), "recipe": recipe},
                       sort_keys=True, default=str)
+
+
+def trained_recipe(path: Path):
+    """A run's recipe.yaml; one from someone else is refused in one line if it is no plain YAML (see `parse_yaml`)."""
+    try:
+        return parse_yaml(path.read_text())
+    except yaml.YAMLError as e:
+        raise CxrFastError(f"{path}: not valid YAML ({str(e).splitlines()[0]})") from None
 
 
 def setting_labels(table: pd.DataFrame) -> pd.Series:
@@ -306,7 +314,7 @@ def check_same_settings(run_dir: Path, cfg, trained: dict | None = None) -> None
     must not set a 30-epoch run beside a 3-epoch one. `trained`: the settings it ran with (default: the finished
     run's recipe.yaml)."""
     if trained is None:
-        trained = yaml.safe_load((run_dir / "recipe.yaml").read_text()) or {}
+        trained = trained_recipe(run_dir / "recipe.yaml") or {}
     asked = cfg.to_dict()
     differ = sorted(k for k in asked if k != "weights" and trained.get(k) != asked[k])  # weights: resolved paths
     if differ:

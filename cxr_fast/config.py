@@ -15,7 +15,7 @@ from typing import Any
 
 import yaml
 
-from cxr_fast.errors import CxrFastError
+from cxr_fast.errors import CxrFastError, parse_yaml
 
 
 @dataclass
@@ -104,7 +104,7 @@ def load_recipe(path: str | Path) -> dict[str, Any]:
         shipped = ", ".join(sorted(p.stem for p in RECIPES_DIR.glob("*.yaml")))
         raise CxrFastError(f"{path}: recipe file not found (shipped recipes: {shipped})")
     try:
-        data = yaml.safe_load(path.read_text()) or {}
+        data = parse_yaml(path.read_text()) or {}
     except yaml.YAMLError as e:
         raise CxrFastError(f"{path}: not valid YAML ({str(e).splitlines()[0]})") from None
     if not isinstance(data, dict):

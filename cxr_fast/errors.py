@@ -1,4 +1,4 @@
-"""The one exception type that library code raises for a user's mistake, and JSON and tensor readers that raise it.
+"""The one exception type that library code raises for a user's mistake, and JSON, YAML and tensor readers.
 
 The CLI turns it into a single line on stderr and exit code 1; anything else is a bug and keeps its traceback.
 """
@@ -7,6 +7,8 @@ import errno
 import json
 from pathlib import Path
 from typing import Any
+
+import yaml
 
 
 class CxrFastError(Exception):
@@ -19,6 +21,23 @@ def read_json(path: Path) -> Any:
         return json.loads(path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise CxrFastError(f"{path}: not valid JSON ({e})") from None
+
+
+class _NoAliasLoader(yaml.SafeLoader):
+    def compose_node(self, parent, index):
+        if self.check_event(yaml.AliasEvent):
+            event = self.peek_event()
+            raise yaml.composer.ComposerError(None, None, f"found alias *{event.anchor}: cxr_fast reads no YAML aliases",
+                                              event.start_mark)
+        return super().compose_node(parent, index)
+
+
+def parse_yaml(text: str) -> Any:
+    """YAML as plain data, as `yaml.safe_load` reads it (no Python objects), but refusing aliases (*name): ten lines
+    of nested aliases ("billion laughs") stand for billions of values, which printing, copying or JSON-encoding the
+    result then builds, until memory runs out. A recipe, a run's recipe.yaml or a label map never needs one. Raises
+    yaml.YAMLError, as safe_load does."""
+    return yaml.load(text, Loader=_NoAliasLoader)
 
 
 def read_tensors(path: Path, what: str = "safetensors file") -> dict:

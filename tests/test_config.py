@@ -159,3 +159,16 @@ def test_set_refuses_an_option_given_twice_even_spelt_with_a_hyphen():
     assert parse_settings(["freeze-epochs=2", "wd=1e-4"]) == {"freeze_epochs": 2, "wd": "1e-4"}
     with pytest.raises(CxrFastError, match="--set freeze_epochs given twice"):
         parse_settings(["freeze_epochs=2", "freeze-epochs=3"])
+
+
+def test_a_recipe_with_yaml_aliases_is_refused_and_python_tags_are_never_built(tmp_path):
+    # Nine lines of nested aliases stand for a billion values, which the config's copies then build until memory
+    # runs out: aliases are refused however few, and a python tag stays text that no constructor runs.
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("arch: cxresnet_tiny\narch_kwargs:\n  a: &x [1, 2]\n  b: *x\n")
+    with pytest.raises(CxrFastError, match=r"r.yaml: not valid YAML \(found alias \*x: cxr_fast reads no YAML aliases"):
+        resolve_config(recipe)
+    recipe.write_text("arch: !!python/object/apply:os.system ['touch pwned']\n")
+    with pytest.raises(CxrFastError, match="r.yaml: not valid YAML .*could not determine a constructor"):
+        resolve_config(recipe)
+    assert not (tmp_path / "pwned").exists()

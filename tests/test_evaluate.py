@@ -766,3 +766,16 @@ def test_compare_shows_the_ece_of_the_calibrated_probabilities(tiny_runs, tiny_d
     assert raw != pytest.approx(calibrated)  # the temperature changes the figure, so which one is shown matters
     row, _, _ = score_run(run, n_boot=10)
     assert row["ece"] == pytest.approx(calibrated)
+
+
+def test_compare_refuses_a_run_whose_recipe_yaml_holds_aliases(tmp_path):
+    # A bundle from someone else: nine lines of nested aliases in its recipe.yaml expand to a billion values when
+    # compare JSON-encodes the setting (a MemoryError after half a minute, or the machine out of memory).
+    from types import SimpleNamespace
+
+    from cxr_fast.compare import training_setting
+
+    (tmp_path / "recipe.yaml").write_text("arch: cxresnet_tiny\narch_kwargs:\n  a: &x [1, 2]\n  b: *x\n")
+    run = SimpleNamespace(path=tmp_path, config={"model": {"arch": "cxresnet_tiny"}, "size": 48})
+    with pytest.raises(CxrFastError, match=r"recipe.yaml: not valid YAML \(found alias \*x"):
+        training_setting(run)

@@ -126,3 +126,10 @@ def test_names_from_files_and_dicts_are_trimmed_as_inline_ones_are(tmp_path):
     assert parse_label_map({" Viral pneumonia ": " Pneumonia "}) == {"Viral pneumonia": "Pneumonia"}
     (tmp_path / "map.yaml").write_text('" No_findings ": " Normal "\n')
     assert parse_label_map(tmp_path / "map.yaml") == {"No_findings": "Normal"}
+
+
+def test_a_label_map_with_yaml_aliases_is_refused(tmp_path):
+    # An error message shows the offending value: an alias nested nine deep would print a billion labels.
+    (tmp_path / "map.yaml").write_text("Covid-19: &c COVID-19\nCOVID: *c\n")
+    with pytest.raises(CxrFastError, match=r"map.yaml: label map is not valid YAML \(found alias \*c"):
+        parse_label_map(tmp_path / "map.yaml")

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import yaml
 
-from cxr_fast.errors import CxrFastError
+from cxr_fast.errors import CxrFastError, parse_yaml
 
 PRESETS: dict[str, dict[str, str]] = {
     # Mendeley "Curated Dataset for COVID-19 Posterior-Anterior Chest Radiography Images",
@@ -131,7 +131,7 @@ def _read_map_file(path: Path) -> dict[str, str]:
         raise CxrFastError(f"{path}: cannot read label map ({error})") from None
     try:
         # JSON is (almost) a subset of YAML, but its own parser gives clearer errors for .json files.
-        data = json.loads(text) if path.suffix.lower() == ".json" else yaml.safe_load(text)
+        data = json.loads(text) if path.suffix.lower() == ".json" else parse_yaml(text)
     except (json.JSONDecodeError, yaml.YAMLError) as error:
         detail = str(error).splitlines()[0]
         raise CxrFastError(
