@@ -6,6 +6,7 @@ import base64
 import html
 from collections.abc import Mapping, Sequence
 from pathlib import Path
+from urllib.parse import quote
 
 import matplotlib
 
@@ -121,7 +122,8 @@ def write_gallery(path: Path, title: str, verdicts: Sequence[tuple[str, bool]], 
         for caption, png, *link in images:
             img = f"<img src='{_data_uri(png)}' alt='{html.escape(caption)}'>"
             if link:  # the grid shrinks a figure's text: a click opens it full size
-                img = f"<a href='{html.escape(link[0])}' title='open full size'>{img}</a>"
+                # the file is named after the image: quoted, its # or ? is part of the name, not a fragment or query
+                img = f"<a href='{html.escape(quote(link[0]))}' title='open full size'>{img}</a>"
             parts.append(f"<figure>{img}<figcaption>{html.escape(caption)}</figcaption></figure>")
         parts.append("</div>")
     parts.append("</body></html>")

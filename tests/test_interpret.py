@@ -314,3 +314,18 @@ def test_a_manifest_with_sites_gets_an_audit_line_per_site(tiny_runs, tmp_path):
     assert sum(line.startswith("Images from ") for line in result.verdicts) == 2
     per_image = pd.read_csv(result.out_dir / "audit_images.csv")
     assert set(per_image["site"]) == {"north", "south"}
+
+
+def test_gallery_links_open_images_whose_names_hold_url_characters(tmp_path):
+    # Figures are named after the X-ray: unquoted, "a#b" linked to file "a" (the rest a fragment), "x?" to "x"
+    # with a query, and "p%41" to "pA".
+    from urllib.parse import unquote, urlsplit
+
+    from cxr_fast.gallery import write_gallery
+
+    names = ["001_a#b.png", "002_x?.png", "003_p%41.png", "004_sp ace.png", "005_<q'\"&>.png"]
+    figures = [(name, b"png", f"images/{name}") for name in names]
+    page = write_gallery(tmp_path / "gallery.html", "t", [], [("Top losses", "", figures)])
+    links = parse(page).links
+    assert [unquote(urlsplit(link).path) for link in links] == [f"images/{name}" for name in names]
+    assert not any(urlsplit(link).fragment or urlsplit(link).query for link in links)
