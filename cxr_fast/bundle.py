@@ -7,6 +7,7 @@ lacks either, or whose weights do not fit the architecture, is refused with a on
 from __future__ import annotations
 
 import shutil
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -125,19 +126,62 @@ def load_run(path: str | Path, *, finishing: bool = False) -> Run:
     problem = config_problem(config)
     if problem:
         raise CxrFastError(f"{config_path}: {problem}")
-    try:
-        model = model_from_config(config["model"])
-    except CxrFastError as e:
-        raise CxrFastError(f"{config_path}: {e}") from None
     tensors = read_tensors(weights_path, "weights file")
-    try:
-        model.load_state_dict(tensors, strict=True)
-    except (RuntimeError, OSError) as e:
-        raise CxrFastError(f"{weights_path}: weights do not fit {config['model'].get('arch')} ({state_dict_problem(e)})") from None
+    # A config.json from someone else may describe a network of tens of GB (width: 64, a million classes) or of
+    # millions of layers (depths: [1000000]) beside a small weights file. The network is first built on the meta
+    # device, which allocates no memory, with a budget of parts that the weights file sets, and must fit the
+    # weights there; only then is it built for real.
+    with torch.device("meta"), _parts_budget(PARTS_PER_TENSOR * len(tensors) + 1000, weights_path):
+        skeleton = _model_from(config, config_path)
+    _load_weights(skeleton, tensors, config, weights_path, assign=True)  # assign: copying onto meta warns per tensor
+    model = _model_from(config, config_path)
+    _load_weights(model, tensors, config, weights_path)
     model.eval()
     metrics_path = path / "metrics.json"
     metrics = read_json(metrics_path) if metrics_path.is_file() else {}
     return Run(path=path, model=model, config=config, metrics=metrics)
+
+
+# A network has about one parameter or buffer per tensor of its weights, and a module for every one or two.
+PARTS_PER_TENSOR = 4
+
+
+@contextmanager
+def _parts_budget(limit: int, weights_path: Path):
+    """Refuse, as it is built, a network of more than `limit` parts (modules, parameters and buffers)."""
+    from torch.nn.modules import module
+
+    count = 0
+
+    def tally(*_):
+        nonlocal count
+        count += 1
+        if count > limit:
+            raise CxrFastError(f"describes a network of more than {limit} parts, far more than the weights in "
+                               f"{weights_path.name} fill")
+
+    hooks = [register(tally) for register in (module.register_module_module_registration_hook,
+                                              module.register_module_parameter_registration_hook,
+                                              module.register_module_buffer_registration_hook)]
+    try:
+        yield
+    finally:
+        for hook in hooks:
+            hook.remove()
+
+
+def _model_from(config: dict, config_path: Path) -> torch.nn.Module:
+    try:
+        return model_from_config(config["model"])
+    except CxrFastError as e:
+        raise CxrFastError(f"{config_path}: {e}") from None
+
+
+def _load_weights(model: torch.nn.Module, tensors: dict, config: dict, weights_path: Path, assign: bool = False) -> None:
+    try:
+        model.load_state_dict(tensors, strict=True, assign=assign)
+    except (RuntimeError, OSError) as e:
+        raise CxrFastError(f"{weights_path}: weights do not fit {config['model'].get('arch')} ({state_dict_problem(e)})") from None
 
 
 def run_labels(runs: list[Run]) -> list[str]:

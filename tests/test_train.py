@@ -1206,3 +1206,34 @@ def test_training_images_are_augmented_but_never_mirrored_and_valid_images_never
     trained_on = through(augmented.train)
     assert not torch.allclose(trained_on, as_is)
     assert (trained_on[..., :24].mean(dim=(1, 2, 3)) > trained_on[..., 24:].mean(dim=(1, 2, 3))).all()
+
+
+def test_a_config_describing_a_far_larger_network_than_its_weights_is_refused_before_memory_is_taken(
+        tiny_runs, tmp_path, monkeypatch):
+    # A bundle from someone else: `width: 64` or a million classes beside small weights once allocated tens of GB
+    # (a MemoryError, or the machine out of memory) before the weights were found not to fit; `depths: [1000000]`
+    # built a million blocks. Now nothing is allocated for a network that does not fit its weights.
+    from cxr_fast.archs import model_from_config
+
+    built = []  # for each network built: whether it was on the meta device
+
+    def spy(cfg):
+        model = model_from_config(cfg)
+        built.append(all(p.is_meta for p in model.parameters()))
+        return model
+
+    monkeypatch.setattr("cxr_fast.bundle.model_from_config", spy)
+    run = shutil.copytree(tiny_runs[0], tmp_path / "run")
+    config = json.loads((run / "config.json").read_text())
+    config["model"]["arch_kwargs"]["width"] = 2  # 8 times the tiny width: 64 times its weights
+    (run / "config.json").write_text(json.dumps(config))
+    with pytest.raises(CxrFastError, match=r"model.safetensors: weights do not fit cxresnet_tiny \(size mismatch"):
+        load_run(run)
+    assert built == [True]  # built on the meta device only
+    config["model"]["arch_kwargs"]["width"] = 0.25
+    config["model"]["arch_kwargs"]["depths"] = [1000, 1, 1, 1]
+    (run / "config.json").write_text(json.dumps(config))
+    with pytest.raises(CxrFastError, match=f"{run / 'config.json'}: describes a network of more than 1320 parts, "
+                                           "far more than the weights in model.safetensors fill") as e:
+        load_run(run)
+    assert "\n" not in str(e.value)
