@@ -51,10 +51,14 @@ class TrainConfig:
         return dataclasses.asdict(self)
 
 
+# The largest image side a model may read, twice the 1024 px of the highest-resolution chest X-ray studies: a run's
+# config.json from someone else asking for 100000 px made every command that predicts allocate 10 GB per image.
+MAX_SIZE = 2048
+
 # name: (type, test, what the test means); a recipe is hand-written YAML, so its types are checked too
 LIMITS: dict[str, tuple[type, Any, str]] = {
     "n_in": (int, lambda v: v in (1, 3), "1 or 3"),
-    "size": (int, lambda v: v >= 32, "a whole number ≥ 32 (pixels)"),
+    "size": (int, lambda v: 32 <= v <= MAX_SIZE, f"a whole number from 32 to {MAX_SIZE} (pixels)"),
     "epochs": (int, lambda v: v >= 1, "a whole number ≥ 1"),
     "freeze_epochs": (int, lambda v: v >= 0, "a whole number ≥ 0"),
     "bs": (int, lambda v: v >= 2, "a whole number ≥ 2, as batch norm needs two images per batch to train"),
@@ -201,8 +205,8 @@ def contract_problem(spec: dict) -> str | None:
         return f"classes must be a list of two or more different names, got {classes!r}"
     if not (is_whole(n_in) and n_in in (1, 3)):
         return f"n_in must be 1 or 3, got {n_in!r}"
-    if not (is_whole(size) and size >= 16):
-        return f"size must be a whole number of pixels ≥ 16, got {size!r}"
+    if not (is_whole(size) and 16 <= size <= MAX_SIZE):
+        return f"size must be a whole number of pixels from 16 to {MAX_SIZE}, got {size!r}"
     for key in ("mean", "std"):
         values = spec[key]
         if not (isinstance(values, list) and len(values) == n_in and all(is_number(v) for v in values)):

@@ -60,7 +60,7 @@ def test_bad_options_are_named_each_with_its_rule_in_one_line(tmp_path):
         resolve_config(recipe)
     message = str(e.value)
     assert message.startswith(f"{recipe}: bad training option") and "\n" not in message
-    for named in ("size must be a whole number ≥ 32", "epochs must be a whole number ≥ 1 (got 'many')",
+    for named in ("size must be a whole number from 32 to 2048", "epochs must be a whole number ≥ 1 (got 'many')",
                   "class_weights must be true or false"):
         assert named in message
     assert "bs " not in message  # a good option is not listed among the bad ones
@@ -172,3 +172,11 @@ def test_a_recipe_with_yaml_aliases_is_refused_and_python_tags_are_never_built(t
     with pytest.raises(CxrFastError, match="r.yaml: not valid YAML .*could not determine a constructor"):
         resolve_config(recipe)
     assert not (tmp_path / "pwned").exists()
+
+
+def test_a_training_size_above_the_largest_a_bundle_may_have_is_refused():
+    from cxr_fast.config import MAX_SIZE
+
+    assert resolve_config(size=MAX_SIZE).size == MAX_SIZE
+    with pytest.raises(CxrFastError, match=f"size must be a whole number from 32 to {MAX_SIZE} .pixels. .got 2049."):
+        resolve_config(size=MAX_SIZE + 1)

