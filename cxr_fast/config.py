@@ -199,10 +199,17 @@ def contract_problem(spec: dict) -> str | None:
     """What is wrong with the input/output contract a run's config.json or an export's preprocessing.json states
     (classes, channels, size, normalisation, temperature), or None. Both are checked on loading, so a damaged or
     hand-edited file is one line naming it, not a traceback, or wrong figures, after every image was predicted."""
-    classes, n_in, size = spec["classes"], spec["n_in"], spec["size"]
+    classes = spec["classes"]
     if not (isinstance(classes, list) and len(classes) >= 2 and all(isinstance(c, str) and c for c in classes)
             and len(set(classes)) == len(classes)):
         return f"classes must be a list of two or more different names, got {classes!r}"
+    return input_problem(spec)
+
+
+def input_problem(spec: dict) -> str | None:
+    """What is wrong with the channels, size, normalisation and temperature `spec` states, or None: the part of
+    `contract_problem` that an ensemble's members, each reading the image its own way, state too."""
+    n_in, size = spec["n_in"], spec["size"]
     if not (is_whole(n_in) and n_in in (1, 3)):
         return f"n_in must be 1 or 3, got {n_in!r}"
     if not (is_whole(size) and 16 <= size <= MAX_SIZE):

@@ -25,6 +25,7 @@ from sklearn.metrics import balanced_accuracy_score
 
 from cxr_fast.archs.registry import ENSEMBLE_ARCH
 from cxr_fast.bundle import RUN_FORMAT
+from cxr_fast.config import input_problem
 from cxr_fast.data.dedup import file_sha256
 from cxr_fast.data.manifest import label_indices, manifest_key
 from cxr_fast.errors import CxrFastError, read_json, read_tensors
@@ -82,6 +83,18 @@ def ensemble_from_config(cfg: dict[str, Any]) -> AveragedEnsemble:
 
     try:
         specs = cfg["arch_kwargs"]["members"]
+        if not isinstance(specs, list) or len(specs) < 2:
+            raise CxrFastError("an ensemble config must list two or more members")
+        # Each member's normalisation and temperature are applied inside the model: a NaN or a zero there made every
+        # probability NaN and every prediction the first class, without a word.
+        for spec in specs:
+            problem = input_problem({**spec, "n_in": cfg["n_in"]})
+            if problem:
+                raise CxrFastError(f"ensemble member {spec.get('name')!r}: {problem}")
+        problem = input_problem({"n_in": cfg["n_in"], "size": max(s["size"] for s in specs),
+                                 "mean": cfg["arch_kwargs"]["mean"], "std": cfg["arch_kwargs"]["std"]})
+        if problem:
+            raise CxrFastError(f"ensemble: {problem}")
         members = [model_from_config(s["model"]) for s in specs]
         return AveragedEnsemble(members, specs, cfg["arch_kwargs"]["mean"], cfg["arch_kwargs"]["std"])
     except (KeyError, TypeError) as e:

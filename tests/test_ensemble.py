@@ -341,3 +341,25 @@ def test_the_average_is_scored_on_the_valid_split_only(tiny_runs, tiny_data, tmp
     monkeypatch.setattr(cxr_fast.bundle, "predict_logits", recording)
     build_ensemble(tiny_runs, tmp_path / "ens", progress=False)
     assert scored == [sorted(read_manifest(tiny_data).query("split == 'valid'")["path"])]
+
+
+@pytest.mark.parametrize("edit, problem", [
+    (lambda m, e: m.update(std=[float("nan")]), "ensemble member 'seed0': std must be 1 number, got \\[nan\\]"),
+    (lambda m, e: m.update(std=[0]), "ensemble member 'seed0': std must be positive, got \\[0\\]"),
+    (lambda m, e: m.update(temperature=0), "ensemble member 'seed0': temperature must be a positive number, got 0"),
+    (lambda m, e: m.update(size=100000), "ensemble member 'seed0': size must be a whole number of pixels from 16"),
+    (lambda m, e: e.update(mean=[float("inf")]), "ensemble: mean must be 1 number, got \\[inf\\]"),
+    (lambda m, e: e.update(members=e["members"][:1]), "an ensemble config must list two or more members"),
+])
+def test_an_ensemble_whose_member_normalisation_or_temperature_is_broken_is_refused_on_loading(
+        ensemble_dir, tmp_path, edit, problem):
+    # Applied inside the model, not checked with the bundle's own: a NaN or zero there made every probability NaN
+    # and every prediction the first class, with exit code 0; a huge member size allocated without bound.
+    run = shutil.copytree(ensemble_dir, tmp_path / "ensemble")
+    config = json.loads((run / "config.json").read_text())
+    arch_kwargs = config["model"]["arch_kwargs"]
+    edit(arch_kwargs["members"][0], arch_kwargs)
+    (run / "config.json").write_text(json.dumps(config))
+    with pytest.raises(CxrFastError, match=f"{run / 'config.json'}: {problem}") as e:
+        load_run(run)
+    assert "\n" not in str(e.value)
