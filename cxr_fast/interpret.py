@@ -28,7 +28,7 @@ from PIL import Image
 from cxr_fast import attribution, audit
 from cxr_fast.bundle import Run, load_run, predict_logits
 from cxr_fast.calibration import softmax
-from cxr_fast.data.io import image_stem, read_image
+from cxr_fast.data.io import image_stem, read_image, read_mask
 from cxr_fast.data.manifest import image_column, label_indices
 from cxr_fast.errors import CxrFastError
 from cxr_fast.evaluate import manifest_folder, output_folder, select_unseen_items, write_seen_images
@@ -101,8 +101,8 @@ def lung_mask_for(row: pd.Series, image: np.ndarray, size: int) -> tuple[np.ndar
     """Ground-truth lungs (synthetic masks: 1 lung, 2 lesion) at the model's size, else the automatic estimate."""
     mask_path = row.get("mask")
     if isinstance(mask_path, str) and mask_path and Path(mask_path).is_file():
-        with Image.open(mask_path) as mask:
-            return np.asarray(mask.resize((size, size), Image.Resampling.NEAREST)) > 0, "ground truth"
+        mask = read_mask(mask_path)  # a manifest from someone else may name a decompression bomb
+        return np.asarray(mask.resize((size, size), Image.Resampling.NEAREST)) > 0, "ground truth"
     lungs = estimate_lung_field(image)
     # The audit leaves an image without a usable lung field out of its lung figures; the column says why. An estimate
     # far outside what lungs cover (a bright collimation frame taken whole, two specks above the diaphragm) would

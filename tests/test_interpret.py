@@ -329,3 +329,26 @@ def test_gallery_links_open_images_whose_names_hold_url_characters(tmp_path):
     links = parse(page).links
     assert [unquote(urlsplit(link).path) for link in links] == [f"images/{name}" for name in names]
     assert not any(urlsplit(link).fragment or urlsplit(link).query for link in links)
+
+
+def test_a_lung_mask_that_is_a_decompression_bomb_or_no_image_is_a_one_line_error(tmp_path):
+    # A manifest from someone else names the masks: one claiming 100000 × 100000 pixels ended interpret in PIL's
+    # DecompressionBombError traceback, a text file in UnidentifiedImageError's.
+    import struct
+    import zlib
+
+    from cxr_fast.interpret import lung_mask_for
+
+    def chunk(kind, data):
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    header = struct.pack(">IIBBBBB", 100000, 100000, 8, 0, 0, 0, 0)
+    (tmp_path / "bomb.png").write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header)
+                                        + chunk(b"IDAT", zlib.compress(b"\0" * 1000)) + chunk(b"IEND", b""))
+    (tmp_path / "text.png").write_text("not a mask")
+    for name, problem in (("bomb.png", "header claims 10000 megapixels, more than the 64 megapixel limit"),
+                          ("text.png", "not an image file PIL can identify")):
+        row = pd.Series({"path": "x.png", "mask": str(tmp_path / name)})
+        with pytest.raises(CxrFastError, match=f"{tmp_path / name}: {problem}") as e:
+            lung_mask_for(row, np.zeros((16, 16), np.uint8), 16)
+        assert "\n" not in str(e.value)

@@ -168,6 +168,20 @@ def image_size(path: str | os.PathLike) -> tuple[int, int]:
         raise _classify_pil_error(path, error) from None
 
 
+def read_mask(path: str | os.PathLike) -> Image.Image:
+    """A label image (a lung mask: 0 background, 1 lung, 2 lesion) decoded as stored, with the reader's guards (the
+    megapixel limit, read from the header, and an `ImageReadError` for a file PIL cannot decode) but none of its
+    conversions or checks for a radiograph, which a mask of two or three values would fail."""
+    path = Path(path)
+    try:
+        with _open_with_pil(path) as image:
+            return image.copy()  # decoded, and detached from the file the with-block closes
+    except ImageReadError:
+        raise
+    except Exception as error:  # noqa: BLE001 - PIL raises many types for damaged files
+        raise _classify_pil_error(path, error) from None
+
+
 def shrink_to(image: Image.Image, max_side: int) -> Image.Image:
     """Resize so the longest side is ``max_side``, aspect kept; a small enough image is returned as is."""
     width, height = image.size
