@@ -276,3 +276,23 @@ def test_the_frozen_group_is_the_whole_body_and_only_the_body():
 def test_an_architecture_name_is_taken_in_any_case():
     assert create_model("CXResnet_Tiny").arch == "cxresnet_tiny"
     assert create_model("ResNet18").arch == "resnet18"
+
+
+@pytest.mark.parametrize("name, value, weights", [
+    ("checkpoint_path", "evil.pth", "none"),
+    ("pretrained_cfg_overlay", {"file": "evil.pth"}, "hub"),
+    ("pretrained_cfg", {"file": "evil.pth"}, "hub"),
+])
+def test_timm_arguments_that_load_weights_themselves_are_refused_before_any_file_is_read(tmp_path, monkeypatch,
+                                                                                          name, value, weights):
+    # A recipe or a run's config.json from someone else set checkpoint_path in arch_kwargs, and timm torch.loaded
+    # the file it named: past --weights, and older timm versions unpickle it whole, running any code it holds.
+    torch.save({"state_dict": {}}, tmp_path / "evil.pth")
+    monkeypatch.chdir(tmp_path)
+    loaded = []
+    monkeypatch.setattr(torch, "load", lambda *args, **kwargs: loaded.append(args))
+    with pytest.raises(CxrFastError, match=f"resnet18: argument {name} refused: starting weights come from --weights"):
+        create_model("resnet18", weights=weights, **{name: value})
+    with pytest.raises(CxrFastError, match=f"argument {name} refused"):  # a run's config.json
+        model_from_config({"arch": "resnet18", "arch_kwargs": {name: value}, "n_in": 1, "n_classes": 3})
+    assert loaded == []

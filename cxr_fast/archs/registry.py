@@ -241,11 +241,22 @@ def _layer_spec(value: Any) -> bool:
                                       and isinstance(value[0], str) and isinstance(value[1], dict))
 
 
+# timm.create_model's own arguments for loading weights. Set in arch_kwargs by a recipe or a run's config.json from
+# someone else, they made timm torch.load a file of the author's choosing (checkpoint_path always, a pretrained_cfg's
+# "file" with --weights hub), past --weights and its checks; older timm versions unpickle such a file whole, running
+# any code it holds.
+TIMM_LOADING_ARGS = frozenset({"checkpoint_path", "pretrained_cfg", "pretrained_cfg_overlay"})
+
+
 def _timm_body(
     arch: str, n_in: int, spec: WeightSpec, timm_kwargs: dict[str, Any]
 ) -> tuple[nn.Module, Stats | None]:
     import timm
 
+    loading = sorted(TIMM_LOADING_ARGS.intersection(timm_kwargs))
+    if loading:
+        raise CxrFastError(f"{arch}: argument {', '.join(loading)} refused: starting weights come from --weights "
+                           "(none, hub, PATH or efficientnet-lite0/1/2) only")
     try:
         if spec.kind == "hub":
             body = timm_hub_body(arch, n_in, **timm_kwargs)
