@@ -12,6 +12,10 @@ with the toolkit's reader: a file that is not a readable X-ray gets a 4xx answer
 `MAX_UPLOAD_BYTES` gets 413 before it is stored. Predictions run in worker threads. Heatmaps take turns, one
 sweep at a time, and a heatmap whose page has moved on (a newer upload aborts the older request) is dropped when
 its turn comes instead of computed; probabilities never wait behind heatmaps.
+
+Any web page open in the same browser can send requests to a local server. So a request whose `Origin` is another
+site is refused (403), and a server bound to loopback answers only requests addressed to a loopback name: a page
+whose own domain is made to resolve to 127.0.0.1 ("DNS rebinding") would otherwise read its answers.
 """
 
 from __future__ import annotations
@@ -25,6 +29,7 @@ import socket
 import tempfile
 from contextlib import aclosing
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import numpy as np
 
@@ -39,6 +44,43 @@ LOOPBACK = ("127.0.0.1", "localhost", "::1")
 
 class UploadTooLarge(Exception):
     pass
+
+
+def host_name(host: str) -> str:
+    """'127.0.0.1:8000' → '127.0.0.1', '[::1]:8000' → '::1': the name in a Host header or URL authority."""
+    host = host.strip().lower()
+    if host.startswith("["):
+        return host[1:].split("]")[0]
+    return host.rsplit(":", 1)[0] if host.count(":") == 1 else host
+
+
+def request_problem(host: str, origin: str | None, allowed_hosts: tuple[str, ...] | None) -> str | None:
+    """Why a request must be refused before it reaches the model, or None. `allowed_hosts` None: any Host."""
+    if allowed_hosts is not None and host_name(host) not in allowed_hosts:
+        return (f"this server answers only requests to {', '.join(allowed_hosts)}, not to {host or 'no host'!r} "
+                f"(a page from another site may be trying to reach it)")
+    if origin and origin != "null" and urlsplit(origin).netloc.lower() != host.strip().lower():
+        return f"requests from pages of another site ({origin}) are refused"
+    return None
+
+
+class SameSiteOnly:
+    """ASGI guard: requests from other sites' pages, or addressed to a name the server does not answer to, get 403."""
+
+    def __init__(self, app, allowed_hosts: tuple[str, ...] | None):
+        self.app, self.allowed_hosts = app, allowed_hosts
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] == "http":
+            from starlette.datastructures import Headers
+            from starlette.responses import JSONResponse
+
+            headers = Headers(scope=scope)
+            problem = request_problem(headers.get("host", ""), headers.get("origin"), self.allowed_hosts)
+            if problem is not None:
+                await JSONResponse({"error": problem}, status_code=403)(scope, receive, send)
+                return
+        await self.app(scope, receive, send)
 
 
 def evaluated_test_metrics(run_dir: Path) -> dict | None:
@@ -97,11 +139,15 @@ async def _limited(stream, limit: int):
 
 
 def create_app(run_dir: str | Path | None = None, runtime: str = "torch", *, runner=None,
-               max_upload_bytes: int = MAX_UPLOAD_BYTES):
-    """The Starlette app for `run_dir` (or an already loaded `runner`). The model loads here, once."""
+               max_upload_bytes: int = MAX_UPLOAD_BYTES, allowed_hosts: tuple[str, ...] | None = None):
+    """The Starlette app for `run_dir` (or an already loaded `runner`). The model loads here, once.
+
+    `allowed_hosts`: the names requests may be addressed to (`serve` passes `LOOPBACK` when bound to loopback);
+    None answers any. Requests from another site's page are refused either way."""
     from starlette.applications import Starlette
     from starlette.concurrency import run_in_threadpool
     from starlette.formparsers import MultiPartParser
+    from starlette.middleware import Middleware
     from starlette.requests import Request
     from starlette.responses import HTMLResponse, JSONResponse
     from starlette.routing import Route
@@ -168,7 +214,8 @@ def create_app(run_dir: str | Path | None = None, runtime: str = "torch", *, run
         return JSONResponse({**result, "filename": filename, "model": card})
 
     return Starlette(routes=[Route("/", index), Route("/api/model", model),
-                             Route("/api/predict", api_predict, methods=["POST"])])
+                             Route("/api/predict", api_predict, methods=["POST"])],
+                     middleware=[Middleware(SameSiteOnly, allowed_hosts=allowed_hosts)])
 
 
 def _predict_bytes(runner, data: bytes, suffix: str, heatmap: bool) -> dict:
@@ -187,7 +234,7 @@ def serve(run_dir: str | Path, host: str = "127.0.0.1", port: int = 8000, runtim
 
     if not 0 < port < 65536:
         raise CxrFastError(f"--port must be between 1 and 65535, got {port}")
-    app = create_app(run_dir, runtime)
+    app = create_app(run_dir, runtime, allowed_hosts=LOOPBACK if host in LOOPBACK else None)
     listener = _listen(host, port)  # bound here, so a busy port is an error before anything says "serving"
     if on_ready is not None:
         on_ready(f"http://{'[' + host + ']' if ':' in host else host}:{port}/", host in LOOPBACK)

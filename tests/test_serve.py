@@ -17,7 +17,7 @@ from starlette.testclient import TestClient
 
 from cxr_fast.data.manifest import read_manifest
 from cxr_fast.predict import predict
-from cxr_fast.serve import create_app, serve
+from cxr_fast.serve import LOOPBACK, create_app, host_name, request_problem, serve
 
 CLASSES = ["COVID-19", "Normal", "Pneumonia"]
 
@@ -141,6 +141,7 @@ def test_a_busy_port_is_a_one_line_error_before_serving_is_announced(run):
 def test_the_serve_command_answers_on_its_port(run, image):
     import subprocess
     import sys
+    import urllib.error
     import urllib.request
 
     with socket.socket() as s:
@@ -156,6 +157,11 @@ def test_the_serve_command_answers_on_its_port(run, image):
             except OSError:
                 time.sleep(0.5)
         assert page is not None and "not a diagnosis" in page.lower(), server.poll()
+        # bound to loopback, the command answers loopback names only (a rebound domain gets 403)
+        rebound = urllib.request.Request(f"http://127.0.0.1:{port}/api/model", headers={"Host": f"evil.example:{port}"})
+        with pytest.raises(urllib.error.HTTPError) as refused:
+            urllib.request.urlopen(rebound, timeout=30)
+        assert refused.value.code == 403 and "evil.example" in json.loads(refused.value.read())["error"]
     finally:
         server.terminate()
         server.wait(30)
@@ -191,7 +197,9 @@ def server_url(run):
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    server = uvicorn.Server(uvicorn.Config(create_app(run), host="127.0.0.1", port=port, log_level="warning"))
+    # with serve's loopback guard, so the browser tests show that the page's own requests pass it
+    app = create_app(run, allowed_hosts=LOOPBACK)
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
     deadline = time.monotonic() + 30
@@ -277,3 +285,40 @@ def test_probabilities_do_not_wait_behind_heatmaps_and_abandoned_heatmaps_are_dr
     assert first.getresponse().status == 200
     time.sleep(1.0)  # the abandoned request's turn has come and gone
     assert len(sweeps) == 1
+
+
+def test_host_names_are_read_without_their_port():
+    assert [host_name(h) for h in ("127.0.0.1:8000", "LocalHost", "[::1]:8000", "[::1]", "::1", "evil.example:80")] == \
+        ["127.0.0.1", "localhost", "::1", "::1", "::1", "evil.example"]
+
+
+def test_requests_from_other_sites_or_to_other_names_are_refused():
+    assert request_problem("127.0.0.1:8000", None, LOOPBACK) is None
+    assert request_problem("[::1]:8000", "http://[::1]:8000", LOOPBACK) is None
+    assert request_problem("localhost:8000", "http://localhost:8000", LOOPBACK) is None
+    assert "evil.example" in request_problem("evil.example:8000", None, LOOPBACK)  # DNS rebinding
+    assert "another site" in request_problem("127.0.0.1:8000", "http://evil.example", LOOPBACK)
+    assert "another site" in request_problem("127.0.0.1:8000", "http://127.0.0.1:9999", LOOPBACK)  # another port
+    assert request_problem("10.0.0.5:8000", None, None) is None  # bound to a network address: any name
+    assert "another site" in request_problem("10.0.0.5:8000", "http://evil.example", None)
+    assert request_problem("10.0.0.5:8000", "null", None) is None  # a page opened from a file: not a site
+
+
+def test_the_guard_refuses_before_the_model_runs(run, image, monkeypatch):
+    import cxr_fast.serve as serve_module
+
+    calls = []
+    real = serve_module._predict_bytes
+    monkeypatch.setattr(serve_module, "_predict_bytes", lambda *a: calls.append(1) or real(*a))
+    app = create_app(run, allowed_hosts=LOOPBACK)
+    local = TestClient(app, base_url="http://127.0.0.1:8000")
+    files = {"file": (image.name, image.read_bytes())}
+    assert local.post("/api/predict?heatmap=0", files=files, headers={"Origin": "http://127.0.0.1:8000"}).status_code == 200
+    assert calls == [1]
+    cross_site = local.post("/api/predict?heatmap=0", files=files, headers={"Origin": "https://evil.example"})
+    rebound = TestClient(app, base_url="http://evil.example:8000")
+    assert cross_site.status_code == 403 and "evil.example" in cross_site.json()["error"]
+    assert rebound.get("/").status_code == 403 and rebound.get("/api/model").status_code == 403
+    assert rebound.post("/api/predict?heatmap=0", files=files).status_code == 403
+    assert calls == [1]
+    assert TestClient(create_app(run), base_url="http://10.0.0.5:8000").get("/api/model").status_code == 200
