@@ -89,9 +89,17 @@ def evaluated_test_metrics(run_dir: Path) -> dict | None:
     if not found:
         return None
     try:
-        return json.loads(found[0].read_text())
+        metrics = json.loads(found[0].read_text())
     except (OSError, json.JSONDecodeError):
         return None
+    # The page formats these as numbers: an edited or damaged file is shown as no evaluation, not a crash at start.
+    number = lambda v: isinstance(v, (int, float)) and not isinstance(v, bool)  # noqa: E731
+    ci = metrics.get("balanced_accuracy_ci") if isinstance(metrics, dict) else None
+    if not (isinstance(metrics, dict) and number(metrics.get("balanced_accuracy"))
+            and (ci is None or (isinstance(ci, list) and len(ci) == 2 and all(map(number, ci))))
+            and (metrics.get("n") is None or number(metrics["n"]))):
+        return None
+    return metrics
 
 
 def model_card(runner) -> dict:

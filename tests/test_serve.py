@@ -322,3 +322,14 @@ def test_the_guard_refuses_before_the_model_runs(run, image, monkeypatch):
     assert rebound.post("/api/predict?heatmap=0", files=files).status_code == 403
     assert calls == [1]
     assert TestClient(create_app(run), base_url="http://10.0.0.5:8000").get("/api/model").status_code == 200
+
+
+@pytest.mark.parametrize("metrics", ['{"balanced_accuracy": "0.99 (trust me)"}', '[1, 2]',
+                                     '{"balanced_accuracy": 0.9, "balanced_accuracy_ci": "wide"}',
+                                     '{"balanced_accuracy": 0.9, "balanced_accuracy_ci": [0.8, 0.95], "n": "many"}'])
+def test_an_edited_evaluation_is_shown_as_none_not_a_crash(run, tmp_path, metrics):
+    copy = shutil.copytree(run, tmp_path / "run")
+    (copy / "eval" / "x-test").mkdir(parents=True)
+    (copy / "eval" / "x-test" / "metrics.json").write_text(metrics)
+    page = TestClient(create_app(copy)).get("/")
+    assert page.status_code == 200 and "not evaluated" in page.text
