@@ -33,7 +33,7 @@ from cxr_fast.data.manifest import image_column, label_indices
 from cxr_fast.errors import CxrFastError
 from cxr_fast.evaluate import manifest_folder, output_folder, select_unseen_items, write_seen_images
 from cxr_fast.lungs import estimate_lung_field
-from cxr_fast.outputs import check_folder_path, replacing_folder, short_stem
+from cxr_fast.outputs import check_folder_path, replacing_folder, short_stem, writing
 from cxr_fast.preprocess import resize_square
 
 METHODS = ("occlusion", "integrated_gradients", "gradcam")
@@ -215,65 +215,66 @@ def interpret(run_dir: str | Path, data: str | Path | None = None, split: str = 
     # A mean-gray baseline's maps sit beside the black ones, so the two can be compared (as evaluate's -tta does)
     out_dir = output_folder(run.path / "interpret", name if baseline == "black" else f"{name}-{baseline}", manifest,
                             "audit.json")
-    if out_dir.exists() and not force:  # checked before the slow part; replacing_folder checks again
-        raise CxrFastError(f"{out_dir}: an interpretation is already there; add --force to redo it")
-    check_folder_path(out_dir.parent, None)
+    with writing(out_dir):  # a second interpret into this folder refuses now, not after its maps
+        if out_dir.exists() and not force:  # checked before the slow part; replacing_folder checks again
+            raise CxrFastError(f"{out_dir}: an interpretation is already there; add --force to redo it")
+        check_folder_path(out_dir.parent, None)
 
-    logits = predict_logits(run, items, progress=progress)
-    probs = softmax(logits, run.temperature)
-    y = label_indices(items["label"], run.classes)
-    losses, confused = top_losses(run, items, n, probs)
+        logits = predict_logits(run, items, progress=progress)
+        probs = softmax(logits, run.temperature)
+        y = label_indices(items["label"], run.classes)
+        losses, confused = top_losses(run, items, n, probs)
 
-    # The audit sample: the top losses plus correct predictions of every class; each image attributed once.
-    correct_sample = audit_sample(probs, y, audit_n)
-    order = list(dict.fromkeys(losses["index"].tolist() + correct_sample))
-    if not order:
-        raise CxrFastError(f"nothing to interpret: the model gets all {len(items)} images right and --audit-n 0 "
-                           "asks for no correct ones")
-    files = image_column(items).tolist()
-    loss_set = set(losses["index"])
-    rows, shown, predicted_maps = [], [], {}
-    with progress_bar(progress, transient=False) as bar:
-        task = bar.add_task("occlusion maps", total=len(order))
-        for i in order:
-            row, file = items.iloc[i], files[i]
-            image = np.asarray(resize_square(read_image(file), run.size))
-            x = run.load_input(file)
-            pred, true = int(probs[i].argmax()), int(y[i])
-            maps = attribute(run, x, pred, true, methods, window, stride, fill)
-            predicted_maps[i] = maps[f"occlusion → {run.classes[pred]}"]
-            lungs, lung_source = lung_mask_for(row, image, run.size)
-            # the audit counts the marker's evidence at the map's resolution; the figure shows the marker itself
-            box = marker_box_for(row, run.size, margin=window // 2)
-            shares = audit.attribution_shares(predicted_maps[i], lungs, marker_box=box)
-            rows.append({"path": row["path"], "label": run.classes[true], "predicted": run.classes[pred],
-                         "p_predicted": float(probs[i, pred]), "correct": pred == true, "lungs": lung_source,
-                         "top_loss": i in loss_set, **({"site": row["site"]} if "site" in row else {}), **shares})
-            caption = (f"{Path(row['path']).name}: true {run.classes[true]}, predicted {run.classes[pred]} "
-                       f"(p={probs[i, pred]:.2f}; p(true)={probs[i, true]:.2f}); {lung_caption(shares)}")
-            if i in loss_set or sum(not top_loss for *_, top_loss in shown) < n:  # the gallery's, drawn below
-                shown.append((row, image, maps, caption, lungs, i in loss_set))
-            bar.advance(task)
-    figures_loss, figures_correct, image_files = draw_figures(run, shown)
+        # The audit sample: the top losses plus correct predictions of every class; each image attributed once.
+        correct_sample = audit_sample(probs, y, audit_n)
+        order = list(dict.fromkeys(losses["index"].tolist() + correct_sample))
+        if not order:
+            raise CxrFastError(f"nothing to interpret: the model gets all {len(items)} images right and --audit-n 0 "
+                               "asks for no correct ones")
+        files = image_column(items).tolist()
+        loss_set = set(losses["index"])
+        rows, shown, predicted_maps = [], [], {}
+        with progress_bar(progress, transient=False) as bar:
+            task = bar.add_task("occlusion maps", total=len(order))
+            for i in order:
+                row, file = items.iloc[i], files[i]
+                image = np.asarray(resize_square(read_image(file), run.size))
+                x = run.load_input(file)
+                pred, true = int(probs[i].argmax()), int(y[i])
+                maps = attribute(run, x, pred, true, methods, window, stride, fill)
+                predicted_maps[i] = maps[f"occlusion → {run.classes[pred]}"]
+                lungs, lung_source = lung_mask_for(row, image, run.size)
+                # the audit counts the marker's evidence at the map's resolution; the figure shows the marker itself
+                box = marker_box_for(row, run.size, margin=window // 2)
+                shares = audit.attribution_shares(predicted_maps[i], lungs, marker_box=box)
+                rows.append({"path": row["path"], "label": run.classes[true], "predicted": run.classes[pred],
+                             "p_predicted": float(probs[i, pred]), "correct": pred == true, "lungs": lung_source,
+                             "top_loss": i in loss_set, **({"site": row["site"]} if "site" in row else {}), **shares})
+                caption = (f"{Path(row['path']).name}: true {run.classes[true]}, predicted {run.classes[pred]} "
+                           f"(p={probs[i, pred]:.2f}; p(true)={probs[i, true]:.2f}); {lung_caption(shares)}")
+                if i in loss_set or sum(not top_loss for *_, top_loss in shown) < n:  # the gallery's, drawn below
+                    shown.append((row, image, maps, caption, lungs, i in loss_set))
+                bar.advance(task)
+        figures_loss, figures_correct, image_files = draw_figures(run, shown)
 
-    per_image = pd.DataFrame(rows)
-    summary = audit.audit_summary(per_image.to_dict("records"), labels=per_image["label"].tolist(),
-                                  preds=per_image["predicted"].tolist(), class_names=run.classes,
-                                  sites=per_image["site"].tolist() if "site" in per_image else None)
-    verdicts = audit.verdict(summary).splitlines()
+        per_image = pd.DataFrame(rows)
+        summary = audit.audit_summary(per_image.to_dict("records"), labels=per_image["label"].tolist(),
+                                      preds=per_image["predicted"].tolist(), class_names=run.classes,
+                                      sites=per_image["site"].tolist() if "site" in per_image else None)
+        verdicts = audit.verdict(summary).splitlines()
 
-    # Faithfulness: deletion curves for a few correctly predicted images (of every class), averaged.
-    deletion = deletion_check(run, items, probs, (correct_sample or order)[:8], fill, predicted_maps)
+        # Faithfulness: deletion curves for a few correctly predicted images (of every class), averaged.
+        deletion = deletion_check(run, items, probs, (correct_sample or order)[:8], fill, predicted_maps)
 
-    with replacing_folder(out_dir, force=force, what="an interpretation") as work:
-        write_interpretation(work, run, name, per_image, losses, summary, verdicts, confused, deletion,
-                             image_files, figures_loss, figures_correct,
-                             {"methods": list(methods), "window": window, "stride": stride,
-                              "baseline": baseline, "manifest": manifest,
-                              **({"seen_images": seen_summary} if seen_summary else {})})
-        write_seen_images(work, left_out)
-    report = json.loads((out_dir / "audit.json").read_text())
-    return Interpretation(out_dir=out_dir, audit=report, top_losses=losses, verdicts=verdicts)
+        with replacing_folder(out_dir, force=force, what="an interpretation") as work:
+            write_interpretation(work, run, name, per_image, losses, summary, verdicts, confused, deletion,
+                                 image_files, figures_loss, figures_correct,
+                                 {"methods": list(methods), "window": window, "stride": stride,
+                                  "baseline": baseline, "manifest": manifest,
+                                  **({"seen_images": seen_summary} if seen_summary else {})})
+            write_seen_images(work, left_out)
+        report = json.loads((out_dir / "audit.json").read_text())
+        return Interpretation(out_dir=out_dir, audit=report, top_losses=losses, verdicts=verdicts)
 
 
 def draw_figures(run: Run, shown: list) -> tuple[list, list, list]:

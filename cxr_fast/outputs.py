@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
 import shutil
+import socket
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -35,6 +37,109 @@ def clear_run_folder(run_dir: Path, keep: bool) -> None:
         shutil.rmtree(child, ignore_errors=True) if child.is_dir() else child.unlink(missing_ok=True)
 
 
+def lock_path(folder: Path) -> Path:
+    """`.NAME.lock` beside `folder`: there, holding its pid and host, while a cxrfast process writes `folder`."""
+    folder = Path(folder).absolute()
+    return folder.with_name(f".{folder.name}.lock")
+
+
+_held: dict[Path, int] = {}  # the locks this process holds, and how many `writing` blocks hold each
+
+
+@contextmanager
+def writing(folder: Path) -> Iterator[None]:
+    """Hold `folder`'s lock (`lock_path`) while this process writes it: another cxrfast process that is to write the
+    same folder refuses in one line instead of deleting or mixing with this one's work, and `settle_move` and
+    `settle_replacement` leave this one's work folders alone. A lock whose process is gone (a kill -9) is stale and
+    taken over. Nested blocks on one folder share the lock. A folder with nowhere to put a lock (the parent cannot be
+    written, as above a mount point) is written unlocked, as before locks existed."""
+    if not Path(folder).absolute().name:  # a file system's root has nothing beside it to hold a lock
+        yield
+        return
+    lock = lock_path(folder)
+    made = [p for p in lock.parents if not p.exists()]  # folders the lock needs made: removed with it if left empty
+    held = lock in _held or _claim(lock, folder)
+    if held:
+        _held[lock] = _held.get(lock, 0) + 1
+    try:
+        yield
+    finally:
+        if held:
+            _held[lock] -= 1
+            if not _held[lock]:
+                del _held[lock]
+                lock.unlink(missing_ok=True)
+        for parent in made:  # the deepest first
+            try:
+                parent.rmdir()
+            except OSError:  # the command's results are in it
+                break
+
+
+def _claim(lock: Path, folder: Path) -> bool:
+    """Create `lock` (exclusively: of two processes, one succeeds), or refuse when a live process holds it. False when
+    it cannot be created at all (see `writing`)."""
+    try:
+        lock.parent.mkdir(parents=True, exist_ok=True)
+    except OSError:  # a path through a file, a read-only folder: the command's own checks say so
+        return False
+    for _ in range(3):  # a stale lock removed, or one that vanished while it was read: try again
+        try:
+            fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+        except FileExistsError:
+            holder = busy(folder)
+            if holder is not None:
+                raise CxrFastError(holder) from None
+            continue
+        except OSError:
+            return False
+        with os.fdopen(fd, "w") as f:
+            f.write(f"{os.getpid()} {socket.gethostname()}\n")
+        return True
+    raise CxrFastError(f"{folder}: cannot take its lock {lock}; if no cxrfast process is writing it, delete that file")
+
+
+def busy(folder: Path) -> str | None:
+    """Why `folder` must be left alone, in one line, when another live cxrfast process is writing it (holds its
+    lock); None when none is. A stale lock (its process gone, or this one's pid on a lock it does not hold: a reused
+    pid) is removed here."""
+    if not Path(folder).absolute().name:
+        return None
+    lock = lock_path(folder)
+    if lock in _held:
+        return None
+    try:
+        text = lock.read_text()
+    except (FileNotFoundError, NotADirectoryError):
+        return None
+    except OSError:
+        text = ""
+    pid, _, host = text.strip().partition(" ")
+    if pid.isdigit() and host == socket.gethostname() and (int(pid) == os.getpid() or not _alive(int(pid))):
+        with contextlib.suppress(OSError):
+            if lock.read_text() == text:  # not taken over meanwhile by a process that found it stale too
+                lock.unlink()
+        return None
+    # Empty while its writer is about to fill it; another machine's process cannot be checked from here
+    holder = f"pid {pid}" + (f" on {host}" if host and host != socket.gethostname() else "") if pid else "a process"
+    return (f"{folder}: is being written by another cxrfast process ({holder}); wait for it to finish (if none is "
+            f"running, delete {lock})")
+
+
+def _alive(pid: int) -> bool:
+    """Whether process `pid` runs (on this machine). Windows has no signal 0 (os.kill would end the process), so a
+    lock there is taken as held until its process removes it, or the user does."""
+    if os.name == "nt":
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
+
+
 @contextmanager
 def _scratch(folder: Path, final: Path) -> Iterator[Path]:
     """`folder`, made fresh, and removed again if the block fails or is interrupted. A storage error that names no
@@ -58,19 +163,20 @@ def replacing_folder(out_dir: Path, *, force: bool, what: str) -> Iterator[Path]
     ones are complete, so a crash or Ctrl-C halfway never leaves the user with neither.
     """
     out_dir = Path(out_dir).absolute()  # "." has no name to put beside
-    settle_replacement(out_dir)
-    if out_dir.exists() and not force:
-        raise CxrFastError(f"{out_dir}: {what} is already there; add --force to redo it")
-    old, partial = _beside(out_dir)
-    with _scratch(partial, out_dir):
-        yield partial
-    # The old results are moved aside before the new ones take their name and deleted only after: a kill at any
-    # point leaves one of them whole (in `out_dir`, or beside it, where the next call's settle_replacement looks).
-    shutil.rmtree(old, ignore_errors=True)
-    if out_dir.exists():
-        out_dir.rename(old)
-    partial.rename(out_dir)
-    shutil.rmtree(old, ignore_errors=True)
+    with writing(out_dir):  # another process's work folder is never taken for a killed one's and started afresh
+        settle_replacement(out_dir)
+        if out_dir.exists() and not force:
+            raise CxrFastError(f"{out_dir}: {what} is already there; add --force to redo it")
+        old, partial = _beside(out_dir)
+        with _scratch(partial, out_dir):
+            yield partial
+        # The old results are moved aside before the new ones take their name and deleted only after: a kill at any
+        # point leaves one of them whole (in `out_dir`, or beside it, where the next call's settle_replacement looks).
+        shutil.rmtree(old, ignore_errors=True)
+        if out_dir.exists():
+            out_dir.rename(old)
+        partial.rename(out_dir)
+        shutil.rmtree(old, ignore_errors=True)
 
 
 def _beside(out_dir: Path) -> tuple[Path, Path]:
@@ -81,10 +187,11 @@ def _beside(out_dir: Path) -> tuple[Path, Path]:
 def settle_replacement(out_dir: Path) -> None:
     """Finish a `replacing_folder` that a kill stopped between its two renames (`.NAME.old` there, `out_dir` not): the
     new results in `.NAME.partial`, complete since only complete ones reach the renames, take the name; without
-    them the old results come back. Called before anything checks whether `out_dir` exists."""
+    them the old results come back. Called before anything checks whether `out_dir` exists. A replacement that
+    another process is making (`busy`) is not a killed one: it is left to finish."""
     out_dir = Path(out_dir).absolute()
     old, partial = _beside(out_dir)
-    if old.exists() and not out_dir.exists():
+    if old.exists() and not out_dir.exists() and busy(out_dir) is None:
         (partial if partial.exists() else old).rename(out_dir)
         shutil.rmtree(old, ignore_errors=True)
 
@@ -95,16 +202,19 @@ def new_folder(out_dir: Path) -> Iterator[Path]:
     leaves no half-written `out_dir` to block the rerun. `out_dir` must be absent or empty; an empty one (the current
     folder, a mount point) is kept and filled, not replaced."""
     out_dir = Path(out_dir).absolute()
-    existed = out_dir.exists()
-    partial = out_dir / PARTIAL_INSIDE if existed else out_dir.with_name(f".{out_dir.name}.partial")
-    with _scratch(partial, out_dir):
-        yield partial
-    if existed:
-        for child in partial.iterdir():
-            child.rename(out_dir / child.name)
-        partial.rmdir()
-    else:
-        partial.rename(out_dir)
+    with writing(out_dir):  # another process's work folder is never taken for a killed one's and started afresh
+        existed = out_dir.exists()
+        if existed and any(p.name != PARTIAL_INSIDE for p in out_dir.iterdir()):  # filled since the caller's check
+            raise CxrFastError(f"{out_dir}: already holds results (another process's?); choose another folder")
+        partial = out_dir / PARTIAL_INSIDE if existed else out_dir.with_name(f".{out_dir.name}.partial")
+        with _scratch(partial, out_dir):
+            yield partial
+        if existed:
+            for child in partial.iterdir():
+                child.rename(out_dir / child.name)
+            partial.rmdir()
+        else:
+            partial.rename(out_dir)
 
 
 PARTIAL_INSIDE = ".partial"  # new_folder's work folder inside an existing --out; a killed run's one does not count
@@ -113,9 +223,10 @@ PARTIAL_INSIDE = ".partial"  # new_folder's work folder inside an existing --out
 def settle_move(out_dir: Path) -> None:
     """Finish a `new_folder` into an existing folder that a kill stopped while it moved the results in: some are in
     `out_dir`, the rest still in its work folder, complete since only complete results are moved. (A work folder
-    alone is a block that never finished: `new_folder` starts it afresh.) Called before a command judges `out_dir`."""
+    alone is a block that never finished: `new_folder` starts it afresh.) Called before a command judges `out_dir`. A
+    move that another process is making (`busy`) is not a killed one: it is left to finish."""
     partial = Path(out_dir) / PARTIAL_INSIDE
-    if not partial.is_dir() or not any(p.name != PARTIAL_INSIDE for p in Path(out_dir).iterdir()):
+    if not partial.is_dir() or not any(p.name != PARTIAL_INSIDE for p in Path(out_dir).iterdir()) or busy(out_dir):
         return
     for child in partial.iterdir():
         child.rename(Path(out_dir) / child.name)
@@ -128,7 +239,7 @@ def work_folder_inside(out_dir: Path) -> Iterator[Path]:
     results that the block itself moves in beside files of `out_dir` that must stay. Inside, not beside, so that the
     moves are renames even when `out_dir` is a mount point."""
     out_dir = Path(out_dir).absolute()
-    with _scratch(out_dir / PARTIAL_INSIDE, out_dir) as work:
+    with writing(out_dir), _scratch(out_dir / PARTIAL_INSIDE, out_dir) as work:
         yield work
 
 

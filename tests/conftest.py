@@ -6,6 +6,9 @@ it skip there. CI sets CI=true and must run them, so a missing folder fails loud
 
 import os
 import struct
+import subprocess
+import sys
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -72,3 +75,29 @@ def bare_dataset_bytes(dicom_file) -> bytes:
     data = dicom_file.read_bytes()
     group_length = struct.unpack("<I", data[140:144])[0]  # (0002,0000) UL, right after the preamble and 'DICM'
     return data[144 + group_length:]
+
+
+# Holds the lock of the folder in sys.argv[1] (cxr_fast.outputs.writing), as a cxrfast process writing it does.
+HOLDING_LOCK = """import sys
+from pathlib import Path
+from cxr_fast.outputs import writing
+with writing(Path(sys.argv[1])):
+    print("ready", flush=True)
+    sys.stdin.read()
+"""
+
+
+@contextmanager
+def another_process(code: str, *args):
+    """Another Python process running `code` (`args` as its sys.argv[1:]), paused where it prints 'ready' until this
+    block ends (its stdin is closed then, and it goes on): a second cxrfast caught at a chosen point of its work."""
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    proc = subprocess.Popen([sys.executable, "-c", code, *map(str, args)], stdin=subprocess.PIPE,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    try:
+        ready = proc.stdout.readline()
+        assert ready == "ready\n", proc.stderr.read()
+        yield proc
+    finally:
+        proc.stdin.close()
+        proc.wait(timeout=120)

@@ -779,3 +779,21 @@ def test_compare_refuses_a_run_whose_recipe_yaml_holds_aliases(tmp_path):
     run = SimpleNamespace(path=tmp_path, config={"model": {"arch": "cxresnet_tiny"}, "size": 48})
     with pytest.raises(CxrFastError, match=r"recipe.yaml: not valid YAML \(found alias \*x"):
         training_setting(run)
+
+
+def test_a_second_evaluate_of_a_run_refuses_at_once_while_another_process_writes_the_same_results(tiny_runs,
+                                                                                                 monkeypatch):
+    # Two `evaluate RUN` at once used to both predict, then the second deleted the first's .data-test.partial as a
+    # killed run's: one failed on a vanished figure, and the other could publish a folder holding parts of each.
+    import cxr_fast.evaluate as evaluate_module
+    from tests.conftest import HOLDING_LOCK, another_process
+
+    out = tiny_runs[0] / "eval" / "data-test"
+
+    def predicted(*args, **kwargs):
+        raise AssertionError("refused only after the slow part")
+
+    monkeypatch.setattr(evaluate_module, "predict_logits", predicted)
+    with another_process(HOLDING_LOCK, out) as first:
+        with pytest.raises(CxrFastError, match=rf"{out}: is being written by another cxrfast process \(pid {first.pid}\)"):
+            evaluate(tiny_runs[0], force=True)

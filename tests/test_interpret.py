@@ -352,3 +352,20 @@ def test_a_lung_mask_that_is_a_decompression_bomb_or_no_image_is_a_one_line_erro
         with pytest.raises(CxrFastError, match=f"{tmp_path / name}: {problem}") as e:
             lung_mask_for(row, np.zeros((16, 16), np.uint8), 16)
         assert "\n" not in str(e.value)
+
+
+def test_a_second_interpret_of_a_run_refuses_at_once_while_another_process_writes_the_same_results(tiny_runs,
+                                                                                                  monkeypatch):
+    # as evaluate: the second used to spend its minutes of occlusion maps, then delete the first one's work folder
+    import cxr_fast.interpret as interpret_module
+    from tests.conftest import HOLDING_LOCK, another_process
+
+    out = tiny_runs[0] / "interpret" / "data-test"
+
+    def predicted(*args, **kwargs):
+        raise AssertionError("refused only after the slow part")
+
+    monkeypatch.setattr(interpret_module, "predict_logits", predicted)
+    with another_process(HOLDING_LOCK, out) as first:
+        with pytest.raises(CxrFastError, match=rf"{out}: is being written by another cxrfast process \(pid {first.pid}\)"):
+            interpret(tiny_runs[0], force=True)

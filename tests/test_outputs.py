@@ -1,11 +1,14 @@
 import errno
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 
 from cxr_fast.errors import CxrFastError
-from cxr_fast.outputs import new_folder, replacing_folder, settle_move, settle_replacement
+from cxr_fast.outputs import lock_path, new_folder, replacing_folder, settle_move, settle_replacement, writing
+from tests.conftest import HOLDING_LOCK, another_process
 
 
 def test_old_results_survive_a_failed_redo(tmp_path):
@@ -202,3 +205,73 @@ def test_files_written_together_leave_no_new_part_behind_when_a_later_one_fails(
     assert calls == [".manifest.csv.partial", ".report.md.partial"]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["manifest.csv", "report.md"]
     assert (tmp_path / "manifest.csv").read_text() == "old manifest"
+
+
+PAUSED_INSIDE = """import sys
+from pathlib import Path
+from cxr_fast.outputs import new_folder, replacing_folder
+out = Path(sys.argv[1])
+with (new_folder(out) if sys.argv[2] == "new" else replacing_folder(out, force=True, what="results")) as work:
+    (work / "first.txt").write_text("1")
+    print("ready", flush=True)
+    sys.stdin.read()
+    (work / "second.txt").write_text("2")
+"""
+
+
+@pytest.mark.parametrize("how", ["new", "replacing"])
+def test_a_second_process_refuses_a_folder_being_written_and_leaves_the_first_ones_work_alone(tmp_path, how):
+    # Two commands into one folder at once (two terminals, a double click): the second used to take the first's
+    # .NAME.partial for a killed run's, delete it and write its own there; the first then failed on a vanished file
+    # or published a folder holding half of each.
+    out = tmp_path / "results"
+    if how == "replacing":
+        out.mkdir()
+        (out / "old.txt").write_text("old")
+    with another_process(PAUSED_INSIDE, out, how) as first:
+        for second in (lambda: new_folder(out), lambda: replacing_folder(out, force=True, what="results")):
+            with pytest.raises(CxrFastError, match=rf"results: is being written by another cxrfast process \(pid "
+                                                   rf"{first.pid}\); wait for it to finish"):
+                with second():
+                    pass
+        assert [p.name for p in (tmp_path / ".results.partial").iterdir()] == ["first.txt"]
+    assert first.returncode == 0, first.stderr.read()
+    assert sorted(p.name for p in out.iterdir()) == ["first.txt", "second.txt"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["results"]  # the lock went with the first process
+
+
+def test_the_settle_functions_leave_a_replacement_or_move_in_progress_alone(tmp_path):
+    # Between replacing_folder's two renames (.NAME.old there, NAME not yet) and during new_folder's moves into an
+    # existing folder, a look from another process used to "finish" the work as a killed run's, under the writer.
+    out, moving = tmp_path / "eval", tmp_path / "compare"
+    (tmp_path / ".eval.old").mkdir()
+    (tmp_path / ".eval.partial").mkdir()
+    (moving / ".partial").mkdir(parents=True)
+    (moving / "runs.csv").write_text("moved")
+    (moving / ".partial" / "report.html").write_text("not yet")
+    with another_process(HOLDING_LOCK, out), another_process(HOLDING_LOCK, moving):
+        settle_replacement(out)
+        settle_move(moving)
+        assert not out.exists() and (tmp_path / ".eval.partial").is_dir() and (tmp_path / ".eval.old").is_dir()
+        assert (moving / ".partial" / "report.html").is_file()
+    settle_replacement(out)  # the writer gone without finishing: now it is a killed run's work, and finished
+    settle_move(moving)
+    assert out.is_dir() and not (tmp_path / ".eval.old").exists()
+    assert (moving / "report.html").is_file() and not (moving / ".partial").exists()
+
+
+def test_a_lock_left_by_a_killed_process_is_taken_over(tmp_path):
+    out = tmp_path / "results"
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    import socket
+
+    lock_path(out).write_text(f"{dead.stdout.strip()} {socket.gethostname()}\n")  # a kill -9 left it
+    with new_folder(out) as work:
+        assert lock_path(out).read_text() == f"{os.getpid()} {socket.gethostname()}\n"
+        (work / "a.txt").write_text("a")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["results"]
+    with writing(tmp_path / "new" / "deeper" / "x"):  # folders made for a lock go with it when nothing else is in them
+        assert (tmp_path / "new" / "deeper").is_dir()
+    assert not (tmp_path / "new").exists()
+    with writing(Path("/")):  # nothing beside a root to hold its lock: written unlocked, as before locks
+        pass
