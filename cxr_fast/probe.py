@@ -50,7 +50,8 @@ def is_frozen_arch(arch: str) -> bool:
     return arch.lower() in VARIANTS
 
 
-def fit_frozen(manifest: pd.DataFrame, cfg: TrainConfig, state: dict, run_dir: Path | None, out, quiet: bool) -> Path:
+def fit_frozen(manifest: pd.DataFrame, cfg: TrainConfig, state: dict, run_dir: Path | None, out, quiet: bool,
+               held=None) -> Path:
     """Features, regression and bundle for `cfg.arch`; `run_dir` is None for a new run (made here, once the model
     is known to build) or the interrupted run's folder."""
     from cxr_fast import distributed
@@ -80,7 +81,7 @@ def fit_frozen(manifest: pd.DataFrame, cfg: TrainConfig, state: dict, run_dir: P
     resume = run_dir is not None
     had_folder = not resume and out is not None and Path(out).exists()  # an empty --out of the user's: kept
     if not resume:
-        run_dir = new_run_dir(out, cfg.arch)
+        run_dir = new_run_dir(out, cfg.arch, held=held)  # locked until `held` (train's) closes
     checkpoint = run_dir / CHECKPOINT_DIR
     checkpoint.mkdir(exist_ok=True)
     state.update(classes=classes, stats={"mean": model.pretrained_stats.mean, "std": model.pretrained_stats.std},

@@ -24,7 +24,7 @@ import tempfile
 import time
 import warnings
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from datetime import datetime
 from pathlib import Path
 
@@ -61,6 +61,7 @@ from cxr_fast.data.manifest import (
 )
 from cxr_fast.errors import CxrFastError, first_line, read_json, read_tensors, storage_problem
 from cxr_fast.outputs import (
+    busy,
     check_folder_path,
     clear_run_folder,
     partial_path,
@@ -68,6 +69,7 @@ from cxr_fast.outputs import (
     write_bytes,
     write_tensors,
     write_text,
+    writing,
 )
 from cxr_fast.probe import is_frozen_arch
 
@@ -103,6 +105,8 @@ def check_new_out(out: str | Path | None) -> None:
         return
     out = Path(out)
     check_folder_path(out, "--out")
+    if (holder := busy(out)) is not None:  # another run training there: its first epoch's files are no leftovers
+        raise CxrFastError(holder)
     settle_move(out)  # an ensemble killed while moving into an empty --out of the user's
     if stopped_in_first_epoch(out):  # a kill -9 as the first checkpoint was written: nothing finished, so start over
         shutil.rmtree(out / CHECKPOINT_DIR)
@@ -139,9 +143,14 @@ def check_same_data(run_dir: Path, state: dict, data: str | Path) -> None:
                            "start a new run (a different --out) to train on it")
 
 
-def new_run_dir(out: str | Path | None, arch: str, root: Path = Path("models")) -> Path:
-    """A fresh folder: an explicit --out must not exist yet; the default name carries a timestamp."""
+def new_run_dir(out: str | Path | None, arch: str, root: Path = Path("models"), held: ExitStack | None = None) -> Path:
+    """A fresh folder: an explicit --out must not exist yet; the default name carries a timestamp. With `held`, the
+    folder's lock (`outputs.writing`) is taken first and kept there until that stack closes, at the end of the run:
+    a second `train` into the folder meanwhile refuses, where it used to train into it too."""
     out = free_run_dir(out, arch, root)
+    if held is not None:
+        held.enter_context(writing(out))
+        check_new_out(out)  # again, now that it is ours: another run may have taken it since it was chosen
     out.mkdir(parents=True, exist_ok=True)
     return out
 
@@ -152,7 +161,7 @@ def free_run_dir(out: str | Path | None, arch: str, root: Path = Path("models"))
         stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
         out = root / f"{arch.replace('/', '_')}-{stamp}"
         n = 1
-        while Path(out).exists():
+        while Path(out).exists() or busy(out) is not None:  # a run started in the same second holds it, unmade yet
             n += 1
             out = root / f"{arch.replace('/', '_')}-{stamp}-{n}"
     out = Path(out)
@@ -475,17 +484,19 @@ def train(
     Started as several processes (torchrun, or `cxr_fast.distributed.launch_training`), it trains data-parallel:
     each process takes its share of every batch and rank 0 alone writes the run folder (docs/scaling-out.md).
     """
-    with distributed.process_group():
-        return _train(data, cfg, out=out, resume=resume, extra_cbs=extra_cbs, quiet=quiet)
+    with distributed.process_group(), ExitStack() as held:  # the run folder's lock, from when it is known to the end
+        return _train(data, cfg, out=out, resume=resume, extra_cbs=extra_cbs, quiet=quiet, held=held)
 
 
-def _train(data, cfg, *, out, resume, extra_cbs, quiet) -> Path:
+def _train(data, cfg, *, out, resume, extra_cbs, quiet, held: ExitStack) -> Path:
     manifest = read_manifest(data)
     check_classes(manifest, data)
     if resume:
         if out is None:
             raise CxrFastError("--resume needs --out pointing at the interrupted run")
         run_dir = Path(out)
+        if distributed.is_main():  # rank 0 writes the folder; a second --resume of the run refuses
+            held.enter_context(writing(run_dir))
         state_path = run_dir / CHECKPOINT_DIR / "state.json"
         if not state_path.exists() and (run_dir / "config.json").is_file():
             raise CxrFastError(f"{run_dir}: this run finished (its checkpoint is gone); nothing to resume")
@@ -509,7 +520,7 @@ def _train(data, cfg, *, out, resume, extra_cbs, quiet) -> Path:
     if is_frozen_arch(cfg.arch):  # nothing to descend: features once, then a regression (cxr_fast.probe)
         from cxr_fast.probe import fit_frozen
 
-        return fit_frozen(manifest, cfg, state, Path(out) if resume else None, out, quiet)
+        return fit_frozen(manifest, cfg, state, Path(out) if resume else None, out, quiet, held)
 
     stats = (state["stats"]["mean"], state["stats"]["std"]) if resume else None
     # A resumed run's checkpoint holds every tensor: it must not need its starting weights again (a weights file
@@ -519,7 +530,7 @@ def _train(data, cfg, *, out, resume, extra_cbs, quiet) -> Path:
     check_input_size(learn.model, cfg)
     had_folder = out is not None and Path(out).exists()  # an empty --out of the user's: emptied on failure, kept
     if run_dir is None:
-        run_dir = Path(distributed.on_main(lambda: str(new_run_dir(out, cfg.arch))))
+        run_dir = Path(distributed.on_main(lambda: str(new_run_dir(out, cfg.arch, held=held))))
     state["stats"] = {"mean": spec.mean, "std": spec.std}
     state["classes"] = spec.classes
     if not resume:  # as first built, with its starting weights: a resumed run's network is built without them

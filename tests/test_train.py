@@ -1252,3 +1252,45 @@ def test_a_config_asking_for_images_of_100000_px_is_refused_on_loading(tiny_runs
         else:
             with pytest.raises(CxrFastError, match=f"{run / 'config.json'}: {problem}"):
                 load_run(run)
+
+
+def test_a_train_into_a_folder_another_process_is_training_refuses_and_leaves_its_first_epoch_alone(tiny_data,
+                                                                                                    tmp_path):
+    # Two `train --out X` at once both found X absent or empty and trained into it: both said "run X" and the later
+    # one's files silently replaced the earlier one's. One started while the other wrote its first checkpoint took
+    # those files for a killed run's and deleted them. Two `--resume` of one run trained it twice, side by side.
+    from tests.conftest import HOLDING_LOCK, another_process
+
+    out = tmp_path / "run"
+    (out / "checkpoint").mkdir(parents=True)
+    (out / "checkpoint" / "model-epoch0.safetensors").write_bytes(b"the first epoch, being written")
+    busy = rf"{out}: is being written by another cxrfast process \(pid (\d+)\)"
+    with another_process(HOLDING_LOCK, out) as first:
+        for resume in (False, True):
+            with pytest.raises(CxrFastError, match=busy.replace(r"(\d+)", str(first.pid))):
+                train(tiny_data, None if resume else resolve_config(epochs=1, **TINY), out=out, resume=resume,
+                      quiet=True)
+        assert (out / "checkpoint" / "model-epoch0.safetensors").read_bytes() == b"the first epoch, being written"
+
+
+def test_runs_started_in_the_same_second_without_out_get_folders_of_their_own(tmp_path, monkeypatch):
+    # the default name is the architecture and the second: two runs started together used to share one folder
+    from contextlib import ExitStack
+    from datetime import datetime
+
+    import cxr_fast.train
+    from cxr_fast.train import free_run_dir, new_run_dir
+    from tests.conftest import HOLDING_LOCK, another_process
+
+    class Frozen(datetime):
+        @classmethod
+        def now(cls, tz=None):
+            return datetime(2026, 1, 2, 3, 4, 5)
+
+    monkeypatch.setattr(cxr_fast.train, "datetime", Frozen)
+    root = tmp_path / "models"
+    with another_process(HOLDING_LOCK, root / "cxresnet-20260102-030405"):  # chosen, not made yet
+        assert free_run_dir(None, "cxresnet", root) == root / "cxresnet-20260102-030405-2"
+        with ExitStack() as held:
+            assert new_run_dir(None, "cxresnet", root, held=held) == root / "cxresnet-20260102-030405-2"
+            assert free_run_dir(None, "cxresnet", root) == root / "cxresnet-20260102-030405-3"
