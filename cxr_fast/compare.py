@@ -35,7 +35,7 @@ from cxr_fast.data.manifest import label_indices, manifest_key
 from cxr_fast.errors import CxrFastError, parse_yaml
 from cxr_fast.evaluate import compute_metrics
 from cxr_fast.metrics import mcnemar
-from cxr_fast.outputs import PARTIAL_INSIDE, check_folder_path, new_folder, settle_move
+from cxr_fast.outputs import PARTIAL_INSIDE, check_folder_path, new_folder, settle_move, writing
 
 WARM_UP_IMAGES = 8  # untimed before the inference speed is measured
 
@@ -124,32 +124,33 @@ def compare_runs(run_dirs: list[str | Path], *, out: str | Path | None = None, s
         raise CxrFastError(f"{', '.join(repeated)}: the same run is given twice; compare needs distinct runs")
     # Everything that can be refused is checked before the runs are scored, which takes minutes.
     out_dir = Path(out) if out else Path("models") / f"compare-{datetime.now():%Y%m%d-%H%M%S}"
-    check_new_folder(out_dir)
-    runs = [load_run(r) for r in run_dirs]
-    manifests = sorted({manifest_key(run.config["data"]) for run in runs})
-    if len(manifests) != 1:
-        raise CxrFastError("runs were trained on different manifests; compare needs one shared test split: "
-                           + ", ".join(manifests))
-    for run in runs:
-        check_training_manifest(run)
-    scored = [score_run(run, split, n_boot) for run in runs]
-    table = pd.DataFrame([s[0] for s in scored])
-    table["run"] = run_labels(runs)  # two runs of one folder name (a/cxr, b/cxr) keep apart in every table
-    table["seed"] = table["seed"].astype("Int64")  # an ensemble has none: a whole number or blank, not 0.0 / NaN
-    for (_, seed), twins in table.dropna(subset=["seed"]).groupby(["setting", "seed"])["run"]:
-        if len(twins) > 1:  # e.g. a run and a resumed copy of it: their spread is no seed-to-seed spread
-            warnings.warn(f"{' and '.join(twins)} were trained alike with the same seed {seed}; the spread shown "
-                          "for their setting is not a spread across seeds", stacklevel=2)
-    y = scored[0][2]
-    tests = []
-    for (i, a), (j, b) in itertools.combinations(enumerate(scored), 2):
-        result = mcnemar(y, a[1], b[1])
-        tests.append({"model_a": table["run"][i], "model_b": table["run"][j], **result})
-    summary = summarise(table)
-    comparison = Comparison(out_dir, table, summary, pd.DataFrame(tests), split)
-    with new_folder(out_dir) as work:  # a compare stopped part-way leaves no half-written --out to block a rerun
-        write_comparison(comparison, work)
-    return comparison
+    with writing(out_dir):  # a second compare into this --out refuses now, not after scoring every run
+        check_new_folder(out_dir)
+        runs = [load_run(r) for r in run_dirs]
+        manifests = sorted({manifest_key(run.config["data"]) for run in runs})
+        if len(manifests) != 1:
+            raise CxrFastError("runs were trained on different manifests; compare needs one shared test split: "
+                               + ", ".join(manifests))
+        for run in runs:
+            check_training_manifest(run)
+        scored = [score_run(run, split, n_boot) for run in runs]
+        table = pd.DataFrame([s[0] for s in scored])
+        table["run"] = run_labels(runs)  # two runs of one folder name (a/cxr, b/cxr) keep apart in every table
+        table["seed"] = table["seed"].astype("Int64")  # an ensemble has none: a whole number or blank, not 0.0 / NaN
+        for (_, seed), twins in table.dropna(subset=["seed"]).groupby(["setting", "seed"])["run"]:
+            if len(twins) > 1:  # e.g. a run and a resumed copy of it: their spread is no seed-to-seed spread
+                warnings.warn(f"{' and '.join(twins)} were trained alike with the same seed {seed}; the spread shown "
+                              "for their setting is not a spread across seeds", stacklevel=2)
+        y = scored[0][2]
+        tests = []
+        for (i, a), (j, b) in itertools.combinations(enumerate(scored), 2):
+            result = mcnemar(y, a[1], b[1])
+            tests.append({"model_a": table["run"][i], "model_b": table["run"][j], **result})
+        summary = summarise(table)
+        comparison = Comparison(out_dir, table, summary, pd.DataFrame(tests), split)
+        with new_folder(out_dir) as work:  # a compare stopped part-way leaves no half-written --out to block a rerun
+            write_comparison(comparison, work)
+        return comparison
 
 
 def check_new_folder(out_dir: Path) -> None:
@@ -271,42 +272,43 @@ def compare_archs(data: str | Path, archs: list[str] = (), *, recipe: str | Path
         return distributed.launch_training(nproc, data, cfg, out=run_out, quiet=quiet, resume=interrupted)
 
     out_dir = Path(out) if out else Path("models") / f"compare-{datetime.now():%Y%m%d-%H%M%S}"
-    if not resume:
-        check_new_folder(out_dir)
-    elif out is None or not (out_dir / "runs").is_dir():
-        raise CxrFastError(f"{out_dir}: no interrupted comparison to resume (expected {out_dir / 'runs'})")
-    if not archs and not recipes:
-        raise CxrFastError("compare needs --archs or --recipes to train")
-    # Every run's folder, and every recipe error, is known before the first run trains. Runs of a recipe are named
-    # by the recipe, since two recipes may train one architecture.
-    configs = [resolve_config(recipe, arch=a, seed=s, **overrides) for a in archs for s in seeds]
-    jobs = [(f"{cfg.arch}-seed{cfg.seed}", cfg) for cfg in configs]
-    jobs += [(f"{recipe_run_name(r, recipes)}-seed{s}", resolve_config(r, seed=s, **overrides))
-             for r in recipes for s in seeds]
-    names = [name for name, _ in jobs]
-    if len(jobs) < 2:  # refused now, not after the one run has trained
-        raise CxrFastError(f"compare needs at least two runs, and this would train one ({names[0]}); give more "
-                           "--archs, --recipes or --seeds")
-    repeated = sorted({name for name in names if names.count(name) > 1})
-    if repeated:
-        raise CxrFastError(f"given twice: {', '.join(repeated)} (two runs would share one folder); each "
-                           "architecture, recipe and seed trains once")
-    if nproc is not None:  # a batch size the processes cannot share fails now, not after the first runs
-        for _, cfg in jobs:
-            distributed.per_process_config(cfg, nproc)
-    runs, doing = [], "scoring"
-    resume_hint = f"continue it with the same command and --resume --out {shlex.quote(str(out_dir))}"
-    try:
-        for i, (name, cfg) in enumerate(jobs, 1):
-            doing = f"training {name}"
-            if not quiet:  # a log holds one epoch table after another: say whose each is
-                print(f"compare: training {name} ({i} of {len(jobs)})", file=sys.stderr, flush=True)
-            runs.append(train_one(cfg, out_dir / "runs" / name))
-        doing = "scoring"
-        return compare_runs(runs, out=out_dir / "report")
-    except KeyboardInterrupt:  # say how to finish the comparison, not only the one run
-        raise KeyboardInterrupt(f"compare interrupted while {doing} ({len(runs)} of {len(jobs)} runs finished); "
-                                f"{resume_hint}") from None
+    with writing(out_dir):  # a second compare (or --resume) into this --out refuses, never clearing this one's runs
+        if not resume:
+            check_new_folder(out_dir)
+        elif out is None or not (out_dir / "runs").is_dir():
+            raise CxrFastError(f"{out_dir}: no interrupted comparison to resume (expected {out_dir / 'runs'})")
+        if not archs and not recipes:
+            raise CxrFastError("compare needs --archs or --recipes to train")
+        # Every run's folder, and every recipe error, is known before the first run trains. Runs of a recipe are named
+        # by the recipe, since two recipes may train one architecture.
+        configs = [resolve_config(recipe, arch=a, seed=s, **overrides) for a in archs for s in seeds]
+        jobs = [(f"{cfg.arch}-seed{cfg.seed}", cfg) for cfg in configs]
+        jobs += [(f"{recipe_run_name(r, recipes)}-seed{s}", resolve_config(r, seed=s, **overrides))
+                 for r in recipes for s in seeds]
+        names = [name for name, _ in jobs]
+        if len(jobs) < 2:  # refused now, not after the one run has trained
+            raise CxrFastError(f"compare needs at least two runs, and this would train one ({names[0]}); give more "
+                               "--archs, --recipes or --seeds")
+        repeated = sorted({name for name in names if names.count(name) > 1})
+        if repeated:
+            raise CxrFastError(f"given twice: {', '.join(repeated)} (two runs would share one folder); each "
+                               "architecture, recipe and seed trains once")
+        if nproc is not None:  # a batch size the processes cannot share fails now, not after the first runs
+            for _, cfg in jobs:
+                distributed.per_process_config(cfg, nproc)
+        runs, doing = [], "scoring"
+        resume_hint = f"continue it with the same command and --resume --out {shlex.quote(str(out_dir))}"
+        try:
+            for i, (name, cfg) in enumerate(jobs, 1):
+                doing = f"training {name}"
+                if not quiet:  # a log holds one epoch table after another: say whose each is
+                    print(f"compare: training {name} ({i} of {len(jobs)})", file=sys.stderr, flush=True)
+                runs.append(train_one(cfg, out_dir / "runs" / name))
+            doing = "scoring"
+            return compare_runs(runs, out=out_dir / "report")
+        except KeyboardInterrupt:  # say how to finish the comparison, not only the one run
+            raise KeyboardInterrupt(f"compare interrupted while {doing} ({len(runs)} of {len(jobs)} runs finished); "
+                                    f"{resume_hint}") from None
 
 
 def check_same_settings(run_dir: Path, cfg, trained: dict | None = None) -> None:

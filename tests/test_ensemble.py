@@ -363,3 +363,16 @@ def test_an_ensemble_whose_member_normalisation_or_temperature_is_broken_is_refu
     with pytest.raises(CxrFastError, match=f"{run / 'config.json'}: {problem}") as e:
         load_run(run)
     assert "\n" not in str(e.value)
+
+
+def test_an_ensemble_into_an_out_another_process_is_writing_refuses_and_leaves_its_work_alone(tiny_runs, tmp_path):
+    # the second build used to delete the first one's .NAME.partial as a killed build's and write its own there
+    from tests.conftest import HOLDING_LOCK, another_process
+
+    out = tmp_path / "ens"
+    (tmp_path / ".ens.partial").mkdir()
+    (tmp_path / ".ens.partial" / "model.safetensors").write_bytes(b"being written")
+    with another_process(HOLDING_LOCK, out) as first:
+        with pytest.raises(CxrFastError, match=rf"{out}: is being written by another cxrfast process \(pid {first.pid}\)"):
+            build_ensemble(tiny_runs, out, progress=False)
+        assert (tmp_path / ".ens.partial" / "model.safetensors").read_bytes() == b"being written"

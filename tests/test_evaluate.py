@@ -797,3 +797,25 @@ def test_a_second_evaluate_of_a_run_refuses_at_once_while_another_process_writes
     with another_process(HOLDING_LOCK, out) as first:
         with pytest.raises(CxrFastError, match=rf"{out}: is being written by another cxrfast process \(pid {first.pid}\)"):
             evaluate(tiny_runs[0], force=True)
+
+
+def test_a_second_compare_into_an_out_another_process_is_writing_refuses_before_its_work(tiny_runs, tiny_data,
+                                                                                         tmp_path, monkeypatch):
+    # compare_runs scored every run before the second one noticed; `compare --resume` started beside a running
+    # comparison deleted the run it was training (an empty folder in its first epoch looked like a killed one's)
+    import cxr_fast.compare
+    import cxr_fast.train
+    from tests.conftest import HOLDING_LOCK, another_process
+
+    monkeypatch.setattr(cxr_fast.compare, "score_run", lambda *a, **k: pytest.fail("scored first"))
+    monkeypatch.setattr(cxr_fast.train, "train", lambda *a, **k: pytest.fail("trained first"))
+    out = tmp_path / "cmp"
+    training = out / "runs" / "cxresnet_tiny-seed0"
+    training.mkdir(parents=True)  # the first comparison's run, in its first epoch
+    busy = rf"{out}: is being written by another cxrfast process \(pid {{}}\)"
+    with another_process(HOLDING_LOCK, out) as first:
+        with pytest.raises(CxrFastError, match=busy.format(first.pid)):
+            compare_runs(tiny_runs, out=out, n_boot=10)
+        with pytest.raises(CxrFastError, match=busy.format(first.pid)):
+            cxr_fast.compare.compare_archs(tiny_data, ["cxresnet_tiny", "convnet"], out=out, resume=True, quiet=True)
+        assert training.is_dir()
