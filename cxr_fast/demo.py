@@ -21,12 +21,12 @@ from rich.markup import escape
 from cxr_fast import CLASSES
 from cxr_fast.data.split import DEFAULT_FRACTIONS
 from cxr_fast.errors import CxrFastError
-from cxr_fast.outputs import check_folder_path, clear_run_folder, write_text
+from cxr_fast.outputs import check_folder_path, clear_run_folder, write_text, writing
 
 DEMO_SHORTCUT_RATE = 0.5
 DEMO_ENTRIES = {"phantoms", "data", "models", "report.html"}  # all a demo writes in its folder
-# a file browser's, or the work files of a demo killed outright (phantoms, report): not the user's
-DEMO_LITTER = {".DS_Store", "Thumbs.db", ".phantoms.partial", ".report.html.partial"}
+# a file browser's, or the work files and locks of a demo killed outright (phantoms, data, report): not the user's
+DEMO_LITTER = {".DS_Store", "Thumbs.db", ".phantoms.partial", ".phantoms.lock", ".data.lock", ".report.html.partial"}
 
 
 def run_demo(out: str | Path, *, n_per_class: int = 80, shortcut_rate: float = DEMO_SHORTCUT_RATE,
@@ -43,46 +43,47 @@ def run_demo(out: str | Path, *, n_per_class: int = 80, shortcut_rate: float = D
         raise CxrFastError(f"--n-per-class must be at least {least} (got {n_per_class}): the demo trains in batches "
                            f"of {cfg.bs} on {train_share:.0%} of the phantoms")
     out = Path(out).absolute()
-    check_folder_path(out, "--out")
-    earlier = out.with_name(f".{out.name}.old")  # an earlier demo, kept until the new one is complete
-    if earlier.exists():  # a replacement killed outright: report.html, written last and whole, says how far it got
-        if (out / "report.html").is_file():
-            shutil.rmtree(earlier)
-        else:
-            shutil.rmtree(out, ignore_errors=True)
-            earlier.rename(out)
-    if unfinished_demo(out):  # a first demo killed outright (no cleanup ran): nothing in it was finished
-        console.print(f"[yellow]{escape(str(out))}: an unfinished demo (no report.html); starting it again[/]")
-        clear_run_folder(out, keep=True)
-    # a demo stopped in its first step holds only the phantoms' hidden work folder: no demo yet, nothing to replace
-    if out.exists() and any(p.name not in DEMO_LITTER for p in out.iterdir()):
-        if not force:
-            raise CxrFastError(f"{out}: already exists; choose another --out or add --force to replace it")
-        # --force replaces the folder: only one that an earlier demo wrote, never a mistyped home or data folder
-        foreign = sorted(p.name for p in out.iterdir() if p.name not in DEMO_ENTRIES | DEMO_LITTER)
-        if foreign or not (out / "phantoms").is_dir():
-            held = f"it holds {', '.join(foreign[:3])}" if foreign else "it has no phantoms/ folder"
-            raise CxrFastError(f"{out}: not a demo folder ({held}); --force replaces only an earlier demo's folder")
-        if out == Path.cwd():
-            raise CxrFastError(f"{out}: the current folder; --force cannot set it aside, give --out a folder below it")
+    with writing(out):  # a second demo here refuses: it used to take this one for a killed demo's and clear it
+        check_folder_path(out, "--out")
+        earlier = out.with_name(f".{out.name}.old")  # an earlier demo, kept until the new one is complete
+        if earlier.exists():  # a replacement killed outright: report.html, written last and whole, says how far it got
+            if (out / "report.html").is_file():
+                shutil.rmtree(earlier)
+            else:
+                shutil.rmtree(out, ignore_errors=True)
+                earlier.rename(out)
+        if unfinished_demo(out):  # a first demo killed outright (no cleanup ran): nothing in it was finished
+            console.print(f"[yellow]{escape(str(out))}: an unfinished demo (no report.html); starting it again[/]")
+            clear_run_folder(out, keep=True)
+        # a demo stopped in its first step holds only the phantoms' hidden work folder: no demo yet, nothing to replace
+        if out.exists() and any(p.name not in DEMO_LITTER for p in out.iterdir()):
+            if not force:
+                raise CxrFastError(f"{out}: already exists; choose another --out or add --force to replace it")
+            # --force replaces the folder: only one that an earlier demo wrote, never a mistyped home or data folder
+            foreign = sorted(p.name for p in out.iterdir() if p.name not in DEMO_ENTRIES | DEMO_LITTER)
+            if foreign or not (out / "phantoms").is_dir():
+                held = f"it holds {', '.join(foreign[:3])}" if foreign else "it has no phantoms/ folder"
+                raise CxrFastError(f"{out}: not a demo folder ({held}); --force replaces only an earlier demo's folder")
+            if out == Path.cwd():
+                raise CxrFastError(f"{out}: the current folder; --force cannot set it aside, give --out a folder below it")
+            shutil.rmtree(earlier, ignore_errors=True)
+            out.rename(earlier)
+        existed = out.exists()  # empty but for litter, or the current folder: emptied on failure, not removed
+        try:
+            path = _run_steps(out, cfg, n_per_class, shortcut_rate, console)
+        except BaseException as e:  # Ctrl-C or a failure: the half-made demo goes, and the earlier one comes back whole
+            if earlier.exists():
+                shutil.rmtree(out, ignore_errors=True)
+                earlier.rename(out)
+                kept = f"the earlier demo in {out} is as it was"
+            else:  # left, it would block the same command, and its checkpoint would invite a `train --resume`
+                clear_run_folder(out, keep=existed)
+                kept = f"what it had made in {out} was removed, so the same command starts it again"
+            if isinstance(e, KeyboardInterrupt):  # training's own message would name a run folder that is gone now
+                raise KeyboardInterrupt(f"demo interrupted; {kept}") from None
+            raise
         shutil.rmtree(earlier, ignore_errors=True)
-        out.rename(earlier)
-    existed = out.exists()  # empty but for litter, or the current folder: emptied on failure, not removed
-    try:
-        path = _run_steps(out, cfg, n_per_class, shortcut_rate, console)
-    except BaseException as e:  # Ctrl-C or a failure: the half-made demo goes, and the earlier one comes back whole
-        if earlier.exists():
-            shutil.rmtree(out, ignore_errors=True)
-            earlier.rename(out)
-            kept = f"the earlier demo in {out} is as it was"
-        else:  # left, it would block the same command, and its checkpoint would invite a `train --resume`
-            clear_run_folder(out, keep=existed)
-            kept = f"what it had made in {out} was removed, so the same command starts it again"
-        if isinstance(e, KeyboardInterrupt):  # training's own message would name a run folder that is gone now
-            raise KeyboardInterrupt(f"demo interrupted; {kept}") from None
-        raise
-    shutil.rmtree(earlier, ignore_errors=True)
-    return path
+        return path
 
 
 def unfinished_demo(out: Path) -> bool:

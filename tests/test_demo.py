@@ -222,3 +222,36 @@ def test_a_demo_killed_while_writing_its_report_is_not_taken_for_complete(tmp_pa
     with pytest.raises(CxrFastError, match="already exists"):
         run_demo(out, n_per_class=19, console=quiet)
     assert (out / "report.html").read_text() == "old" and not (tmp_path / ".demo.old").exists()
+
+
+def test_a_second_demo_into_a_folder_another_demo_is_writing_refuses_and_leaves_it_alone(tmp_path, monkeypatch):
+    # A demo started twice (two terminals, a double click) took the first one's folder, phantoms and no report.html
+    # yet, for a killed demo's and cleared it ("file not found" in the first one's training, seen with two real
+    # processes); beside a --force demo it also put the earlier demo, set aside as .demo.old, back in place.
+    import socket
+
+    import cxr_fast.demo
+    from tests.conftest import HOLDING_LOCK, another_process
+
+    monkeypatch.setattr(cxr_fast.demo, "_run_steps", lambda *a, **k: pytest.fail("ran beside the first demo"))
+    out = tmp_path / "demo"
+    (out / "phantoms").mkdir(parents=True)
+    (out / "phantoms" / "_meta.csv").write_text("relpath,label\n")  # the first demo's, being written
+    (tmp_path / ".demo.old").mkdir()  # the earlier demo that the first one, with --force, set aside
+    (tmp_path / ".demo.old" / "report.html").write_text("earlier")
+    console = Console(file=io.StringIO(), width=300)
+    with another_process(HOLDING_LOCK, out) as first:
+        for force in (False, True):
+            with pytest.raises(CxrFastError, match=rf"{out}: is being written by another cxrfast process \(pid "
+                                                   rf"{first.pid}\)"):
+                run_demo(out, n_per_class=19, epochs=1, force=force, console=console)
+        assert (out / "phantoms" / "_meta.csv").is_file()
+        assert (tmp_path / ".demo.old" / "report.html").read_text() == "earlier"
+    # the locks of a demo killed outright, in its phantoms or prepare step, are its litter, not the user's files
+    killed = tmp_path / "killed"
+    killed.mkdir()
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    for name in (".phantoms.lock", ".data.lock"):
+        (killed / name).write_text(f"{dead.stdout.strip()} {socket.gethostname()}\n")
+    monkeypatch.setattr(cxr_fast.demo, "_run_steps", lambda out, *a: out / "report.html")
+    assert run_demo(killed, n_per_class=19, epochs=1, console=console) == killed / "report.html"
