@@ -805,3 +805,20 @@ def test_labels_map_to_the_model_outputs_and_an_unknown_label_is_refused():
     assert indices.tolist() == [2, 0, 1, 2] and indices.dtype == np.int64
     with pytest.raises(CxrFastError, match=r"labels \['Viral'\] are not classes of this model"):
         label_indices(pd.Series(["Normal", "Viral"]), classes)  # mapped alone it became NaN, then 1.0, 0.0 …
+
+
+def test_a_second_prepare_into_a_folder_another_process_is_preparing_refuses_and_leaves_its_cache(tmp_path):
+    # Two prepares into one --out at once: they shared .manifest.csv.partial (one failed on it, and, having "created"
+    # the folder, removed it with the other's finished dataset in it), and one at another --size deleted the copies
+    # the other had cached, leaving its manifest pointing at missing files (seen with two real processes).
+    from tests.conftest import HOLDING_LOCK, another_process
+
+    src = make_dataset(tmp_path / "src")
+    out = tmp_path / "data"
+    cached = out / "cache" / "128px" / "ab" / ("ab" + "0" * 62 + ".png")  # one of the first one's copies
+    cached.parent.mkdir(parents=True)
+    cached.write_bytes(b"png")
+    with another_process(HOLDING_LOCK, out) as first:
+        with pytest.raises(CxrFastError, match=rf"{out}: is being written by another cxrfast process \(pid {first.pid}\)"):
+            quiet(src, out, cache_size=64, force=True)
+        assert cached.read_bytes() == b"png" and not (out / "manifest.csv").exists()

@@ -85,7 +85,7 @@ from cxr_fast.data.split import (
 )
 from cxr_fast.data.synth import UNFINISHED
 from cxr_fast.errors import CxrFastError
-from cxr_fast.outputs import check_folder_path, printable, write_texts
+from cxr_fast.outputs import check_folder_path, printable, write_texts, writing
 from cxr_fast.progress import LogProgress, progress_bar
 
 REPORT_NAME = PREPARED_MARKER
@@ -194,13 +194,16 @@ def _removed_on_failure(prepare_fn):
     @functools.wraps(prepare_fn)
     def wrapper(src, out, *args, **kwargs):
         out_dir = Path(out)
-        created = not out_dir.exists()
-        try:
-            return prepare_fn(src, out, *args, **kwargs)
-        except BaseException:
-            if created:
-                shutil.rmtree(out_dir, ignore_errors=True)
-            raise
+        # One prepare at a time per folder: a second one shared the first one's .manifest.csv.partial, deleted the
+        # copies it cached at another --size, and on failure removed the folder with the first one's dataset in it.
+        with writing(out_dir):
+            created = not out_dir.exists()
+            try:
+                return prepare_fn(src, out, *args, **kwargs)
+            except BaseException:
+                if created:
+                    shutil.rmtree(out_dir, ignore_errors=True)
+                raise
 
     return wrapper
 
