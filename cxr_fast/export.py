@@ -68,69 +68,70 @@ def export_onnx(run_dir: str | Path, out: str | Path | None = None, *, force: bo
     import torch
 
     from cxr_fast.bundle import load_run
-    from cxr_fast.outputs import check_folder_path, partial_path, write_text
+    from cxr_fast.outputs import check_folder_path, partial_path, write_text, writing
 
     run = load_run(run_dir)
     folder = Path(out) if out is not None else run.path
-    onnx_path, spec_path = folder / ONNX_FILE, folder / PREPROCESSING_FILE
-    # preprocessing.json is written first, model.onnx renamed into place last: a preprocessing.json of ours alone is
-    # an export stopped between the two, replaced without --force. Any other file of those names is protected.
-    unfinished = spec_path.is_file() and not onnx_path.exists() and _is_our_spec(spec_path)
-    existing = [p for p in (onnx_path, spec_path) if p.exists()]
-    if existing and not unfinished and not force:
-        raise CxrFastError(f"{existing[0]}: an export is already there; add --force to replace it")
-    check_folder_path(folder, "--out")
-    if out is not None and folder.is_dir() and folder.resolve() != run.path.resolve():
-        # an export's folder is copied to another machine whole: another tool's files would travel with it
-        others = sorted(p.name for p in folder.iterdir()  # a killed export's half files are not another tool's
-                        if p.name not in (ONNX_FILE, PREPROCESSING_FILE) and not p.name.endswith(".partial"))
-        if others:
-            raise CxrFastError(f"{folder}: holds other files ({', '.join(others[:3])}{', …' if len(others) > 3 else ''}"
-                               "); --out needs a new or empty folder, or one holding an earlier export")
-    for module, role in (("onnx", "writes the export"), ("onnxruntime", "checks it")):
-        if importlib.util.find_spec(module) is None:
-            raise CxrFastError(f"the {module} package ({role}) is not installed: pip install 'cxr_fast[onnx]'")
-    folder.mkdir(parents=True, exist_ok=True)
+    with writing(folder):  # a second export into this folder refuses: the two shared .model.onnx.partial
+        onnx_path, spec_path = folder / ONNX_FILE, folder / PREPROCESSING_FILE
+        # preprocessing.json is written first, model.onnx renamed into place last: a preprocessing.json of ours alone is
+        # an export stopped between the two, replaced without --force. Any other file of those names is protected.
+        unfinished = spec_path.is_file() and not onnx_path.exists() and _is_our_spec(spec_path)
+        existing = [p for p in (onnx_path, spec_path) if p.exists()]
+        if existing and not unfinished and not force:
+            raise CxrFastError(f"{existing[0]}: an export is already there; add --force to replace it")
+        check_folder_path(folder, "--out")
+        if out is not None and folder.is_dir() and folder.resolve() != run.path.resolve():
+            # an export's folder is copied to another machine whole: another tool's files would travel with it
+            others = sorted(p.name for p in folder.iterdir()  # a killed export's half files are not another tool's
+                            if p.name not in (ONNX_FILE, PREPROCESSING_FILE) and not p.name.endswith(".partial"))
+            if others:
+                raise CxrFastError(f"{folder}: holds other files ({', '.join(others[:3])}{', …' if len(others) > 3 else ''}"
+                                   "); --out needs a new or empty folder, or one holding an earlier export")
+        for module, role in (("onnx", "writes the export"), ("onnxruntime", "checks it")):
+            if importlib.util.find_spec(module) is None:
+                raise CxrFastError(f"the {module} package ({role}) is not installed: pip install 'cxr_fast[onnx]'")
+        folder.mkdir(parents=True, exist_ok=True)
 
-    example = torch.randn(2, run.n_in, run.size, run.size, generator=torch.Generator().manual_seed(0))
-    tmp_path, spec_tmp = partial_path(onnx_path), partial_path(spec_path)
-    try:
-        with warnings.catch_warnings():
-            # Deprecation notice of the TorchScript exporter, and tracer notes about shapes that are fixed anyway
-            # (the input size is part of the model's contract).
-            warnings.simplefilter("ignore")
-            try:
-                torch.onnx.export(run.model, (example,), str(tmp_path), dynamo=False, opset_version=opset,
-                                  input_names=[INPUT_NAME], output_names=[OUTPUT_NAME],
-                                  dynamic_axes={INPUT_NAME: {0: "batch"}, OUTPUT_NAME: {0: "batch"}})
-            except Exception as e:  # noqa: BLE001 - the exporter raises many types for an operator it cannot map
-                if (storage := _storage_error(e)) is not None:  # a full disk is no fault of the exporter
-                    storage.filename = storage.filename or str(onnx_path)  # the file the user asked for
-                    raise storage from None
-                raise CxrFastError(f"{run.path}: torch.onnx cannot export {run.config['model'].get('arch')} at "
-                                   f"opset {opset} ({first_line(e)})") from None
-        with torch.no_grad():
-            expected = run.model(example).float().numpy()
-        got = _session(tmp_path).run(None, {INPUT_NAME: example.numpy()})[0]
-        difference = float(np.abs(got - expected).max())
-        if not difference <= EXPORT_TOLERANCE:
-            raise CxrFastError(f"{run.path}: the ONNX export differs from PyTorch by {difference:.2e} in the logits "
-                               f"(more than {EXPORT_TOLERANCE:g}); not kept")
-        spec = preprocessing_spec(run)
-        spec.update({"opset": opset, "torch_version": torch.__version__, "max_abs_logit_difference": difference,
-                     # Ties the export to the weights it came from: a retrained bundle makes it stale (OnnxRunner).
-                     "weights_sha256": file_sha256(run.path / "model.safetensors"),
-                     "onnx_sha256": file_sha256(tmp_path)})
-        # Both new files are whole before the old pair is touched: a full disk or Ctrl-C until here keeps it.
-        write_text(spec_tmp, json.dumps(spec, indent=2))
-        onnx_path.unlink(missing_ok=True)  # renames alone from here; a kill leaves preprocessing.json alone: unfinished
-        spec_tmp.replace(spec_path)
-    except BaseException:
-        tmp_path.unlink(missing_ok=True)
-        spec_tmp.unlink(missing_ok=True)
-        raise
-    tmp_path.replace(onnx_path)
-    return onnx_path
+        example = torch.randn(2, run.n_in, run.size, run.size, generator=torch.Generator().manual_seed(0))
+        tmp_path, spec_tmp = partial_path(onnx_path), partial_path(spec_path)
+        try:
+            with warnings.catch_warnings():
+                # Deprecation notice of the TorchScript exporter, and tracer notes about shapes that are fixed anyway
+                # (the input size is part of the model's contract).
+                warnings.simplefilter("ignore")
+                try:
+                    torch.onnx.export(run.model, (example,), str(tmp_path), dynamo=False, opset_version=opset,
+                                      input_names=[INPUT_NAME], output_names=[OUTPUT_NAME],
+                                      dynamic_axes={INPUT_NAME: {0: "batch"}, OUTPUT_NAME: {0: "batch"}})
+                except Exception as e:  # noqa: BLE001 - the exporter raises many types for an operator it cannot map
+                    if (storage := _storage_error(e)) is not None:  # a full disk is no fault of the exporter
+                        storage.filename = storage.filename or str(onnx_path)  # the file the user asked for
+                        raise storage from None
+                    raise CxrFastError(f"{run.path}: torch.onnx cannot export {run.config['model'].get('arch')} at "
+                                       f"opset {opset} ({first_line(e)})") from None
+            with torch.no_grad():
+                expected = run.model(example).float().numpy()
+            got = _session(tmp_path).run(None, {INPUT_NAME: example.numpy()})[0]
+            difference = float(np.abs(got - expected).max())
+            if not difference <= EXPORT_TOLERANCE:
+                raise CxrFastError(f"{run.path}: the ONNX export differs from PyTorch by {difference:.2e} in the logits "
+                                   f"(more than {EXPORT_TOLERANCE:g}); not kept")
+            spec = preprocessing_spec(run)
+            spec.update({"opset": opset, "torch_version": torch.__version__, "max_abs_logit_difference": difference,
+                         # Ties the export to the weights it came from: a retrained bundle makes it stale (OnnxRunner).
+                         "weights_sha256": file_sha256(run.path / "model.safetensors"),
+                         "onnx_sha256": file_sha256(tmp_path)})
+            # Both new files are whole before the old pair is touched: a full disk or Ctrl-C until here keeps it.
+            write_text(spec_tmp, json.dumps(spec, indent=2))
+            onnx_path.unlink(missing_ok=True)  # renames alone from here; a kill leaves preprocessing.json alone: unfinished
+            spec_tmp.replace(spec_path)
+        except BaseException:
+            tmp_path.unlink(missing_ok=True)
+            spec_tmp.unlink(missing_ok=True)
+            raise
+        tmp_path.replace(onnx_path)
+        return onnx_path
 
 
 def _storage_error(e: BaseException) -> OSError | None:
