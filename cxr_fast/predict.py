@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Sequence
+from contextlib import nullcontext
 from pathlib import Path
 
 import numpy as np
@@ -28,7 +29,7 @@ from PIL import Image
 from cxr_fast.calibration import softmax
 from cxr_fast.data.io import ImageReadError, image_stem, read_image
 from cxr_fast.errors import CxrFastError
-from cxr_fast.outputs import check_folder_path, printable, short_stem, write_text
+from cxr_fast.outputs import check_folder_path, printable, short_stem, write_text, writing
 
 RUNTIMES = ("torch", "onnx")
 OUT_SUFFIXES = (".csv", ".json")
@@ -254,50 +255,51 @@ def predict(run_dir: str | Path, inputs: Sequence[str | Path], heatmap: bool = F
     if not inputs:
         raise CxrFastError("give at least one image file or folder to predict")
     out = Path(out) if out is not None else None
-    check_out(out, force, heatmap)
-    runner = runner if runner is not None else load_runner(run_dir, runtime)
-    files, skipped = find_images(inputs)
-    classes, size = runner.classes, runner.size
-    heatmaps_dir = heatmap_folder(out)
+    with writing(out) if out is not None else nullcontext():  # one predict at a time writes a results file
+        check_out(out, force, heatmap)
+        runner = runner if runner is not None else load_runner(run_dir, runtime)
+        files, skipped = find_images(inputs)
+        classes, size = runner.classes, runner.size
+        heatmaps_dir = heatmap_folder(out)
 
-    rows, pending = [], []
+        rows, pending = [], []
 
-    def flush():
-        probs = softmax(runner.logits(np.stack([x for _, _, x in pending])), runner.temperature)
-        for (file, pixels, x), p in zip(pending, probs):
-            k = int(p.argmax())
-            row = {"path": printable(file), "predicted": classes[k], **{f"p_{c}": float(v) for c, v in zip(classes, p)}}
-            if heatmap:
-                attr = occlusion_map(runner, x, k)
-                title = f"{printable(file.name)}: predicted {classes[k]} (p={p[k]:.2f}) — research tool, not a diagnosis"
-                png = heatmap_png(pixels, attr, title, f"occlusion → {classes[k]}")
-                row["heatmap"] = printable(write_new_file(heatmaps_dir, f"{short_stem(image_stem(file))}_heatmap", png))
-            rows.append(row)
-            bar.advance(task)
-        pending.clear()
+        def flush():
+            probs = softmax(runner.logits(np.stack([x for _, _, x in pending])), runner.temperature)
+            for (file, pixels, x), p in zip(pending, probs):
+                k = int(p.argmax())
+                row = {"path": printable(file), "predicted": classes[k], **{f"p_{c}": float(v) for c, v in zip(classes, p)}}
+                if heatmap:
+                    attr = occlusion_map(runner, x, k)
+                    title = f"{printable(file.name)}: predicted {classes[k]} (p={p[k]:.2f}) — research tool, not a diagnosis"
+                    png = heatmap_png(pixels, attr, title, f"occlusion → {classes[k]}")
+                    row["heatmap"] = printable(write_new_file(heatmaps_dir, f"{short_stem(image_stem(file))}_heatmap", png))
+                rows.append(row)
+                bar.advance(task)
+            pending.clear()
 
-    with progress_bar(progress) as bar:
-        task = bar.add_task(f"predicting {len(files)} image{'s' if len(files) != 1 else ''}", total=len(files))
-        try:
-            for file in files:
-                try:
-                    pixels = model_image(read_image(file), size)
-                except ImageReadError as e:
-                    skipped.append((file, f"{e.reason}: {e.explanation}"))
-                    bar.advance(task)
-                    continue
-                pending.append((file, pixels, model_input(pixels, runner.n_in, runner.mean, runner.std)))
-                if len(pending) == bs:
+        with progress_bar(progress) as bar:
+            task = bar.add_task(f"predicting {len(files)} image{'s' if len(files) != 1 else ''}", total=len(files))
+            try:
+                for file in files:
+                    try:
+                        pixels = model_image(read_image(file), size)
+                    except ImageReadError as e:
+                        skipped.append((file, f"{e.reason}: {e.explanation}"))
+                        bar.advance(task)
+                        continue
+                    pending.append((file, pixels, model_input(pixels, runner.n_in, runner.mean, runner.std)))
+                    if len(pending) == bs:
+                        flush()
+                if pending:
                     flush()
-            if pending:
-                flush()
-        except KeyboardInterrupt:  # say what became of the work: an earlier --out is untouched, heatmaps stay
-            kept = f"; the heatmaps made so far are in {heatmaps_dir}" if heatmap and rows else ""
-            untouched = f"; {out} was not written" if out is not None else ""
-            raise KeyboardInterrupt(f"interrupted after {len(rows)} of {len(files)} images{untouched}{kept}") from None
+            except KeyboardInterrupt:  # say what became of the work: an earlier --out is untouched, heatmaps stay
+                kept = f"; the heatmaps made so far are in {heatmaps_dir}" if heatmap and rows else ""
+                untouched = f"; {out} was not written" if out is not None else ""
+                raise KeyboardInterrupt(f"interrupted after {len(rows)} of {len(files)} images{untouched}{kept}") from None
 
-    columns = ["path", "predicted", *[f"p_{c}" for c in classes], *(["heatmap"] if heatmap else [])]
-    results = pd.DataFrame(rows, columns=columns)
-    if out is not None and not results.empty:  # a run that predicted nothing must not replace earlier results
-        write_results(out, results, skipped, runner)
-    return results, skipped
+        columns = ["path", "predicted", *[f"p_{c}" for c in classes], *(["heatmap"] if heatmap else [])]
+        results = pd.DataFrame(rows, columns=columns)
+        if out is not None and not results.empty:  # a run that predicted nothing must not replace earlier results
+            write_results(out, results, skipped, runner)
+        return results, skipped

@@ -432,3 +432,19 @@ def test_a_heatmap_name_taken_twice_gets_the_next_free_number(tmp_path):
     assert unique_path(tmp_path, "x_heatmap") == tmp_path / "x_heatmap-3.png"
     assert write_new_file(tmp_path, "x_heatmap", b"third") == tmp_path / "x_heatmap-3.png"
     assert [(tmp_path / n).read_bytes() for n in ("x_heatmap.png", "x_heatmap-2.png")] == [b"first", b"second"]
+
+
+def test_a_second_predict_into_a_results_file_another_process_is_writing_refuses(tiny_runs, tiny_data, tmp_path):
+    # Two predicts with one --out (a cron job beside a person) both passed the "exists?" check and both wrote it:
+    # both exited 0, and the file held only the later one's images (seen with real processes), replaced without
+    # --force; they also shared its .NAME.partial.
+    from tests.conftest import HOLDING_LOCK, another_process
+
+    out = tmp_path / "results.csv"
+    images = read_manifest(tiny_data)["path"].tolist()[:2]
+    with another_process(HOLDING_LOCK, out) as first:
+        with pytest.raises(CxrFastError, match=rf"{out}: is being written by another cxrfast process \(pid {first.pid}\)"):
+            predict(tiny_runs[0], images, out=out, progress=False)
+    assert not out.exists()
+    results, _ = predict(tiny_runs[0], images, out=out, progress=False)  # the lock went with its process
+    assert len(pd.read_csv(out)) == len(results) == 2
