@@ -701,6 +701,13 @@ def finish_bundle(run_dir: Path, learn: Learner, cfg: TrainConfig, state: dict) 
     from cxr_fast.report import png_bytes
     from cxr_fast.seen import write_seen
 
+    recorded = state.get("manifest_sha256")  # runs interrupted before this check was added have none
+    if recorded and manifest_digest(state["data"]) != recorded:
+        # Prepared again (--force) while this run trained: calibrating on the new valid split and recording the new
+        # train split as the images it learned from would give a bundle whose figures are not its own.
+        raise CxrFastError(f"{Path(state['data']) / 'manifest.csv'}: changed while {run_dir} trained (prepared again?); "
+                           "no bundle was written, as its valid split and learned images are no longer this run's: "
+                           "train a new run on the new manifest")
     model = learn.model
     best = best_weights_path(run_dir, state["best"]["epoch"])
     if best.exists():  # gone only if an earlier, interrupted finish already moved it

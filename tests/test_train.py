@@ -1294,3 +1294,26 @@ def test_runs_started_in_the_same_second_without_out_get_folders_of_their_own(tm
         with ExitStack() as held:
             assert new_run_dir(None, "cxresnet", root, held=held) == root / "cxresnet-20260102-030405-2"
             assert free_run_dir(None, "cxresnet", root) == root / "cxresnet-20260102-030405-3"
+
+
+class ResplitAfterTraining(Callback):
+    """`data prepare --force` with another split, run while this training ran: the manifest changes under it."""
+
+    def __init__(self, data: Path):
+        self.data = data
+
+    def after_fit(self):
+        manifest = pd.read_csv(self.data / "manifest.csv")
+        first_train, first_valid = (manifest.index[manifest["split"] == s][0] for s in ("train", "valid"))
+        manifest.loc[[first_train, first_valid], "split"] = ["valid", "train"]
+        manifest.to_csv(self.data / "manifest.csv", index=False)
+
+
+def test_a_manifest_changed_during_training_writes_no_bundle(tiny_data, tmp_path):
+    # the bundle calibrated on the new valid split and recorded the new train split as the images it learned from
+    data = shutil.copytree(tiny_data, tmp_path / "data")
+    out = tmp_path / "run"
+    with pytest.raises(CxrFastError, match=r"manifest.csv: changed while .*run trained") as e:
+        train(data, resolve_config(epochs=1, **TINY), out=out, quiet=True, extra_cbs=[ResplitAfterTraining(data)])
+    assert "\n" not in str(e.value)
+    assert not (out / "config.json").exists() and not (out / "seen_images.safetensors").exists()
