@@ -94,7 +94,7 @@ def data_prepare(
     ignore_unmapped: Annotated[bool, typer.Option(help="Exclude folders the label map does not name instead of failing.")] = False,
     seed: Annotated[int, typer.Option(help="Seed of the stratified split.")] = 0,
     splits: Annotated[str | None, typer.Option(help="Train,valid,test fractions: 0.6,0.2,0.2 unless given (percentages work too: 60,20,20).")] = None,
-    size: Annotated[int, typer.Option("--size", help="Longest side of the cached working copies (0: no cache). About 2× the training size.")] = 512,
+    size: Annotated[int, typer.Option("--size", help="Longest side of the cached working copies: 0 (no cache) or at least 64. About 2× the training size.")] = 512,
     patient_pattern: Annotated[str | None, typer.Option(help="Keep each patient's images in one split: 'dicom' (PatientID in DICOM headers), 'nih' (file names like 00000061_012.png) or a regular expression whose first group is the patient id in the file name.")] = None,
     folds: Annotated[int | None, typer.Option(help="Cross-validation: cut the images into this many equal parts (instead of --splits); --fold's part is the test split, the next part valid, the rest train.")] = None,
     fold: Annotated[int | None, typer.Option(help="With --folds: which part is the test split (0 to folds - 1). Prepare each fold into its own --out.")] = None,
@@ -157,7 +157,7 @@ def models(
 @user_errors
 def train(
     data: Annotated[Path, typer.Option(help="Folder with manifest.csv (from `cxrfast data prepare`).")],
-    arch: Annotated[str | None, typer.Option(help=f"Architecture: convnet, cxresnet, frozen_lite (frozen ImageNet features + a fitted regression), or any timm name (default {DEFAULTS.arch}, or the recipe's).")] = None,
+    arch: Annotated[str | None, typer.Option(help=f"Architecture: convnet, cxresnet, frozen_lite (frozen ImageNet features + a fitted regression), or any convolutional timm name (default {DEFAULTS.arch}, or the recipe's).")] = None,
     recipe: Annotated[Path | None, typer.Option(help="YAML recipe; flags given here override it.")] = None,
     epochs: Annotated[int | None, typer.Option(help=f"Epochs, after the frozen epochs when fine-tuning (default {DEFAULTS.epochs}, or the recipe's).")] = None,
     size: Annotated[int | None, typer.Option(help=f"Training image side in pixels (default {DEFAULTS.size}, or the recipe's).")] = None,
@@ -234,7 +234,7 @@ def ensemble(
 @user_errors
 def evaluate(
     run: Annotated[Path, typer.Argument(help="Run folder (models/<run>).")],
-    data: Annotated[Path | None, typer.Option(help="Another manifest folder: external validation on all its images except those the model learned from (and copies of them).")] = None,
+    data: Annotated[Path | None, typer.Option(help="Another manifest folder (or a manifest CSV): external validation on all its images except those the model learned from (and copies of them).")] = None,
     split: Annotated[str, typer.Option(help="Split of the training manifest to evaluate.")] = "test",
     tta: Annotated[bool, typer.Option(help="Average predictions over small zooms and shifts.")] = False,
     force: Annotated[bool, typer.Option(help="Redo an existing evaluation.")] = False,
@@ -325,7 +325,7 @@ def compare(
 @user_errors
 def interpret(
     run: Annotated[Path, typer.Argument(help="Run folder (models/<run>).")],
-    data: Annotated[Path | None, typer.Option(help="Another manifest folder (all its images except those the model learned from).")] = None,
+    data: Annotated[Path | None, typer.Option(help="Another manifest folder or CSV (all its images except those the model learned from).")] = None,
     split: Annotated[str, typer.Option(help="Split of the training manifest.")] = "test",
     n: Annotated[int, typer.Option(help="Top losses (and correct examples) to show.")] = 16,
     audit_n: Annotated[int, typer.Option(help="Correct predictions, stratified by class, added to the audit.")] = 48,

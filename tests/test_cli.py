@@ -251,3 +251,28 @@ def test_ensemble_command_builds_a_bundle_and_reports_its_valid_score(tiny_runs,
     assert result.exit_code == 0, result.output
     assert (tmp_path / "ens" / "config.json").is_file()
     assert re.search(r"valid balanced accuracy \d\.\d{3} \(members: ", result.output.replace("\n", ""))
+
+
+def _option_help(*command: str, option: str) -> str:
+    """The help text of one option, as `--help` and the generated CLI reference print it."""
+    import typer
+
+    click_command = typer.main.get_command(app)
+    for name in command:
+        click_command = click_command.commands[name]
+    return next(p.help for p in click_command.params if p.name == option)
+
+
+def test_option_help_promises_only_what_the_command_takes(tiny_data, tmp_path):
+    # --arch: timm models that return tokens (vision transformers) are refused, so not "any timm name"
+    assert "any convolutional timm name" in _option_help("train", option="arch")
+    result = invoke("train", "--data", tiny_data, "--arch", "vit_tiny_patch16_224", "--out", tmp_path / "vit")
+    assert result.exit_code == 1 and "not a feature map" in result.output
+    # --size of prepare: 0 or at least 64, and the help says so
+    assert "at least 64" in _option_help("data", "prepare", option="size")
+    (tmp_path / "src").mkdir()
+    result = invoke("data", "prepare", tmp_path / "src", "--out", tmp_path / "out", "--size", 32)
+    assert result.exit_code == 1 and "at least 64" in result.output
+    # --data of evaluate and interpret: a manifest folder, or a manifest CSV (another collection in one folder)
+    for command in ("evaluate", "interpret"):
+        assert "CSV" in _option_help(command, option="data")
