@@ -296,3 +296,59 @@ def test_timm_arguments_that_load_weights_themselves_are_refused_before_any_file
     with pytest.raises(CxrFastError, match=f"argument {name} refused"):  # a run's config.json
         model_from_config({"arch": "resnet18", "arch_kwargs": {name: value}, "n_in": 1, "n_classes": 3})
     assert loaded == []
+
+
+# ---------------------------------------------------------------------------------------------- the study's networks
+# Expected values below come from the architectures as the issue describes them, counted by hand, not from the code.
+
+
+def _conv_params(n_in, n_out, k, bias):
+    return n_in * n_out * k * k + (n_out if bias else 0)
+
+
+def _bn_params(c):
+    return 2 * c  # weight and bias
+
+
+def test_convnet_has_the_study_s_parameter_count_and_halves_the_resolution_in_every_stack():
+    # five stacks of a 3x3 convolution with bias (the norm comes after ReLU and pooling), ReLU, 2x2 max-pool and batch
+    # norm; then pooling, a 64-unit hidden layer with batch norm, and the classifier
+    widths = [1, 16, 64, 128, 256, 512]
+    body = sum(_conv_params(a, b, 3, True) + _bn_params(b) for a, b in zip(widths, widths[1:]))
+    head = (512 * 64 + 64) + _bn_params(64) + (64 * 3 + 3)
+    model = create_model("convnet", n_in=1, n_classes=3).eval()
+    assert sum(p.numel() for p in model.parameters()) == body + head == 1_593_731  # "1.59 M" in docs/benchmarks.md
+    stacks = [getattr(model.body, f"stack{i}") for i in range(1, 6)]  # the names a bundle's weights are saved under
+    assert [s.conv.kernel_size for s in stacks] == [(3, 3)] * 5 and all(s.conv.stride == (1, 1) for s in stacks)
+    assert all(s.maxpool.kernel_size == 2 and s.maxpool.stride == 2 for s in stacks)
+    x = torch.randn(1, 1, 64, 64)
+    sides = []
+    with torch.no_grad():
+        for stack in stacks:
+            x = stack(x)
+            sides.append(x.shape[-1])
+    assert sides == [32, 16, 8, 4, 2]
+
+
+def test_convnet_stack_computes_conv_relu_maxpool_then_batch_norm():
+    import torch.nn.functional as F
+
+    stack = create_model("convnet", n_in=2, n_classes=3).body.stack1.eval()
+    bn = stack.batchnorm
+    bn.running_mean.uniform_(-0.5, 0.5)
+    bn.running_var.uniform_(0.5, 2.0)
+    bn.weight.data.uniform_(0.5, 1.5)
+    bn.bias.data.uniform_(-0.5, 0.5)
+    x = torch.randn(2, 2, 10, 10)
+    y = F.max_pool2d(F.relu(F.conv2d(x, stack.conv.weight, stack.conv.bias, padding=1)), 2)
+    expected = (y - bn.running_mean[:, None, None]) / torch.sqrt(bn.running_var[:, None, None] + bn.eps)
+    expected = expected * bn.weight[:, None, None] + bn.bias[:, None, None]
+    with torch.no_grad():
+        torch.testing.assert_close(stack(x), expected)
+
+
+def test_convnet_takes_width_and_dropout_from_its_arguments():
+    model = create_model("convnet", n_in=3, n_classes=4, width=0.5, dropout=0.2)
+    assert [s.conv.out_channels for s in model.body.children()] == [8, 32, 64, 128, 256]
+    assert model.body.stack1.conv.in_channels == 3 and model.head.classifier.out_features == 4
+    assert model.head.dropout.p == 0.2 and model.head.hidden.linear.in_features == 256
