@@ -352,3 +352,71 @@ def test_convnet_takes_width_and_dropout_from_its_arguments():
     assert [s.conv.out_channels for s in model.body.children()] == [8, 32, 64, 128, 256]
     assert model.body.stack1.conv.in_channels == 3 and model.head.classifier.out_features == 4
     assert model.head.dropout.p == 0.2 and model.head.hidden.linear.in_features == 256
+
+
+def test_cxresnet_has_the_study_s_parameter_count_and_total_stride_32():
+    # stem: 3x3 stride-2 conv (no bias: a norm follows), BN, ReLU; each stage: a BasicBlock of two 3x3 convs with BN
+    # and a 1x1 projection with BN (stride 2 and a new width); head: pool and linear
+    widths = [16, 64, 128, 256, 512]
+    stem = _conv_params(1, 16, 3, False) + _bn_params(16)
+    stages = sum(_conv_params(a, b, 3, False) + _conv_params(b, b, 3, False) + _conv_params(a, b, 1, False)
+                 + 3 * _bn_params(b) for a, b in zip(widths, widths[1:]))
+    model = create_model("cxresnet", n_in=1, n_classes=3).eval()
+    assert sum(p.numel() for p in model.parameters()) == stem + stages + 512 * 3 + 3 == 4_871_475  # "4.87 M"
+    assert model.body.stem.conv.kernel_size == (3, 3) and model.body.stem.conv.stride == (2, 2)
+    assert list(dict(model.body.stem.named_children())) == ["conv", "batchnorm", "relu"]
+    with torch.no_grad():
+        x = model.body.stem(torch.randn(1, 1, 64, 64))
+        sides = [x.shape[-1]]
+        for i in range(1, 5):
+            x = getattr(model.body, f"stage{i}")(x)
+            sides.append(x.shape[-1])
+    assert sides == [32, 16, 8, 4, 2]
+
+
+@pytest.mark.parametrize("n_in, n_out, stride, projected", [
+    (4, 8, 2, True), (4, 4, 2, True), (4, 8, 1, True), (8, 8, 1, False),
+])
+def test_a_basic_block_adds_a_shortcut_projected_whenever_the_shape_changes(n_in, n_out, stride, projected):
+    import torch.nn.functional as F
+
+    from cxr_fast.archs.cxresnet import BasicBlock
+
+    block = BasicBlock(n_in, n_out, stride).eval()
+    stacks = [block.conv1, block.conv2] + ([block.shortcut] if projected else [])
+    assert isinstance(block.shortcut, LayerStack if projected else nn.Identity)
+    for stack in stacks:  # non-trivial statistics, so that a missing or misplaced norm shows
+        bn = stack.batchnorm
+        bn.running_mean.uniform_(-0.5, 0.5)
+        bn.running_var.uniform_(0.5, 2.0)
+        bn.bias.data.uniform_(-0.5, 0.5)
+
+    def conv_bn(stack, x, stride, padding):
+        bn = stack.batchnorm
+        y = F.conv2d(x, stack.conv.weight, stack.conv.bias, stride=stride, padding=padding)
+        return F.batch_norm(y, bn.running_mean, bn.running_var, bn.weight, bn.bias, False, 0.0, bn.eps)
+
+    assert block.conv1.conv.weight.shape == (n_out, n_in, 3, 3) and block.conv2.conv.weight.shape == (n_out, n_out, 3, 3)
+    x = torch.randn(2, n_in, 9, 9)
+    residual = conv_bn(block.conv2, F.relu(conv_bn(block.conv1, x, stride, 1)), 1, 1)
+    if projected:
+        assert block.shortcut.conv.weight.shape == (n_out, n_in, 1, 1)
+        shortcut = conv_bn(block.shortcut, x, stride, 0)
+    else:
+        shortcut = x
+    with torch.no_grad():
+        torch.testing.assert_close(block(x), F.relu(residual + shortcut))
+
+
+def test_cxresnet_takes_widths_and_checks_depths_itself_and_its_variants_are_the_documented_sizes():
+    model = create_model("cxresnet", n_in=1, n_classes=3, widths=(8, 16, 32), depths=(1, 2))
+    assert [model.body.stem.conv.out_channels, model.body.stage1.block1.conv1.conv.out_channels,
+            model.body.stage2.block2.conv2.conv.out_channels, model.head.classifier.in_features] == [8, 16, 32, 32]
+    with pytest.raises(CxrFastError, match="depths"):
+        CXResnet(depths=(1, 0, 1, 1))  # a stage of no blocks is refused, not built with one
+    tiny = create_model("cxresnet_tiny").body  # a quarter of the study's widths
+    assert (tiny.stem.conv.out_channels, tiny.out_channels) == (4, 128)
+    # cxresnet_wide is "about resnet18's size"
+    n_wide = sum(p.numel() for p in create_model("cxresnet_wide", n_in=1, n_classes=3).parameters())
+    n_resnet18 = sum(p.numel() for p in create_model("resnet18", n_in=1, n_classes=3).parameters())
+    assert abs(n_wide / n_resnet18 - 1) < 0.1
