@@ -290,3 +290,43 @@ def test_a_feature_size_above_the_largest_a_model_may_read_is_refused():
     # prediction allocate tens of GB.
     with pytest.raises(CxrFastError, match=r"sizes must be whole numbers from 32 to 2048 \(pixels\), got \[64, 100000\]"):
         create_model("frozen_lite", n_in=1, n_classes=3, backbones=["tf_efficientnet_lite0"], sizes=[64, 100000])
+
+
+def test_a_smaller_member_reads_the_image_bilinearly_resized_to_its_own_size():
+    # the 48-px member must see the image shrunk to 48 px (plain bilinear, half-pixel centres: ONNX exports it), not
+    # the 64-px image again: otherwise the two sizes of SMALL give one view twice
+    import torch.nn.functional as F
+
+    model = create_model("frozen_lite", n_in=1, n_classes=3, **SMALL).eval()
+    net = model.body.backbones[0]
+    taps = []
+    hooks = [block.register_forward_hook(lambda m, i, out: taps.append(out.mean((2, 3))))
+             for block in list(net.blocks)[-3:]]
+    x = torch.rand(2, 1, 64, 64)
+    with torch.no_grad():
+        final = net(F.interpolate(x, size=(48, 48), mode="bilinear", align_corners=False)).mean((2, 3))
+    for hook in hooks:
+        hook.remove()
+    with torch.no_grad():
+        features = model.features(x)
+    d = model.body.member_dims[0]
+    torch.testing.assert_close(features[:, :d], torch.cat([*taps, final], dim=1))
+
+
+def test_frozen_lite_is_three_lite_backbones_at_224_and_288_px_with_11536_features():
+    # EfficientNet-Lite0 and Lite1: last three blocks 112, 192, 320 channels, head 1280; Lite2 (width 1.1): 120, 208,
+    # 352 and the same 1280-channel head (Lite keeps it fixed). Two sizes each: 2 * (1904 + 1904 + 1960) = 11,536.
+    body = create_model("frozen_lite", n_in=1, n_classes=3).body
+    assert body.backbone_names == ["tf_efficientnet_lite0", "tf_efficientnet_lite1", "tf_efficientnet_lite2"]
+    assert body.sizes == [224, 288] and body.taps == 3
+    assert body.member_dims == [1904, 1904, 1960] and body.out_channels == 11536
+
+
+@pytest.mark.parametrize("options, problem", [
+    ({"sizes": [31, 64]}, "sizes must be whole numbers ≥ 32"),
+    ({"taps": 7}, "taps must be between 0 and the number of blocks - 1"),  # Lite0 has 7 blocks
+    ({"taps": -1}, "taps must be between 0"),
+])
+def test_frozen_feature_sizes_and_taps_out_of_range_are_refused(options, problem):
+    with pytest.raises(CxrFastError, match=problem):
+        create_model("frozen_lite", n_in=1, n_classes=3, **{**SMALL, **options})
