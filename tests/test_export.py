@@ -271,3 +271,70 @@ def test_a_second_export_into_a_folder_another_process_is_exporting_to_refuses_a
         with another_process(HOLDING_LOCK, run):  # without --out the export goes into the run's folder: its lock
             export_onnx(run)
     assert not (run / "model.onnx").exists()
+
+
+def test_an_export_of_a_calibrated_run_gives_the_softmax_of_the_logits_over_its_temperature(run, images, tmp_path):
+    # the tiny runs' temperature is exactly 1, so a temperature lost on the way to ONNX showed nowhere: set one by hand
+    import torch
+
+    from cxr_fast.bundle import load_run
+
+    config = json.loads((run / "config.json").read_text())
+    (run / "config.json").write_text(json.dumps({**config, "temperature": 2.5}))
+    export_onnx(run, tmp_path / "deploy")
+    assert json.loads((tmp_path / "deploy" / "preprocessing.json").read_text())["temperature"] == 2.5
+    assert OnnxRunner(tmp_path / "deploy").temperature == 2.5
+    bundle = load_run(run)
+    with torch.no_grad():
+        logits = bundle.model(torch.stack([bundle.load_input(f) for f in images[:4]])).numpy().astype(np.float64)
+    expected = np.exp(logits / 2.5) / np.exp(logits / 2.5).sum(1, keepdims=True)
+    results, _ = predict(tmp_path / "deploy", images[:4], runtime="onnx", progress=False)
+    np.testing.assert_allclose(results[[f"p_{c}" for c in bundle.classes]].to_numpy(), expected, atol=1e-4)
+
+
+def test_an_export_that_does_not_reproduce_pytorch_is_refused_and_not_kept(run, tmp_path, monkeypatch):
+    # the exported network's first logit is off by 1e-3 (ten times the tolerance), the others exact
+    import torch
+
+    real_export = torch.onnx.export
+
+    class FirstLogitShifted(torch.nn.Module):
+        def __init__(self, model):
+            super().__init__()
+            self.model = model
+
+        def forward(self, x):
+            logits = self.model(x)
+            return logits + torch.tensor([1e-3] + [0.0] * (logits.shape[1] - 1))
+
+    def shifted_export(model, args, f, **kwargs):
+        return real_export(FirstLogitShifted(model).eval(), args, f, **kwargs)
+
+    monkeypatch.setattr(torch.onnx, "export", shifted_export)
+    with pytest.raises(CxrFastError, match=r"differs from PyTorch by 1\.0\de-03 in the logits .*not kept"):
+        export_onnx(run, tmp_path / "deploy")
+    assert list((tmp_path / "deploy").iterdir()) == []
+
+
+def test_a_killed_export_s_half_files_do_not_block_the_next_one_but_another_tool_s_files_do(run, tmp_path):
+    deploy = tmp_path / "deploy"
+    deploy.mkdir()
+    (deploy / ".model.onnx.partial").write_bytes(b"half an onnx file")  # a kill -9 mid-export leaves these
+    (deploy / ".preprocessing.json.partial").write_text("{")
+    export_onnx(run, deploy)
+    assert OnnxRunner(deploy).classes
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "preprocessing.json").write_text(json.dumps({"format": "another tool's"}))  # not an unfinished export
+    with pytest.raises(CxrFastError, match="an export is already there; add --force"):
+        export_onnx(run, other)
+    assert json.loads((other / "preprocessing.json").read_text()) == {"format": "another tool's"}
+
+
+def test_a_preprocessing_file_of_another_format_is_refused(run, tmp_path):
+    export_onnx(run, tmp_path / "a")
+    spec_path = tmp_path / "a" / "preprocessing.json"
+    spec = json.loads(spec_path.read_text())
+    spec_path.write_text(json.dumps({**spec, "format": "cxr_fast-onnx/2"}))
+    with pytest.raises(CxrFastError, match="not a cxr_fast ONNX export .format 'cxr_fast-onnx/2'"):
+        OnnxRunner(tmp_path / "a")
