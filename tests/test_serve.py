@@ -333,3 +333,104 @@ def test_an_edited_evaluation_is_shown_as_none_not_a_crash(run, tmp_path, metric
     (copy / "eval" / "x-test" / "metrics.json").write_text(metrics)
     page = TestClient(create_app(copy)).get("/")
     assert page.status_code == 200 and "not evaluated" in page.text
+
+
+def test_the_answer_is_the_softmax_of_the_logits_over_the_temperature_with_the_predicted_class_s_heatmap(
+        tiny_runs, image, tmp_path, monkeypatch):
+    # the tiny runs' temperature is exactly 1, so an answer that skipped it passed: set one by hand
+    import numpy as np
+    import torch
+
+    import cxr_fast.serve
+    from cxr_fast.bundle import load_run
+    from cxr_fast.data.io import read_image
+
+    run = shutil.copytree(tiny_runs[0], tmp_path / "run")
+    config = json.loads((run / "config.json").read_text())
+    (run / "config.json").write_text(json.dumps({**config, "temperature": 2.5}))
+    bundle = load_run(run)
+    with torch.no_grad():
+        logits = bundle.model(bundle.load_input(image)[None]).numpy().astype(np.float64)[0]
+    expected = np.exp(logits / 2.5) / np.exp(logits / 2.5).sum()
+
+    real_map, targets = cxr_fast.serve.occlusion_map, []
+    monkeypatch.setattr(cxr_fast.serve, "occlusion_map", lambda runner, x, k: targets.append(k) or real_map(runner, x, k))
+    answer = post(TestClient(create_app(run)), image.name, image.read_bytes()).json()
+    assert [answer["probabilities"][c] for c in CLASSES] == pytest.approx(expected.tolist(), abs=1e-5)
+    assert answer["predicted"] == CLASSES[int(expected.argmax())]
+    assert targets == [CLASSES.index(answer["predicted"])]  # the heatmap explains the class shown as predicted
+    # the image as the model saw it: the file squished to the model's size, bilinearly
+    seen = np.asarray(Image.open(io.BytesIO(base64.b64decode(answer["image_png_base64"]))))
+    np.testing.assert_array_equal(seen, np.asarray(read_image(image).resize((48, 48), Image.Resampling.BILINEAR)))
+
+
+def test_the_page_and_the_model_card_show_the_test_evaluation_only_with_its_interval(run):
+    (run / "eval" / "data-valid").mkdir(parents=True)
+    (run / "eval" / "data-valid" / "metrics.json").write_text(json.dumps({"balanced_accuracy": 0.9, "n": 5}))
+    try:
+        client = TestClient(create_app(run, max_upload_bytes=100_000))
+        assert "not evaluated" in client.get("/").text  # a valid split's score is no test score
+        card = client.get("/api/model").json()
+        assert card["evaluated"] is False and card["test_balanced_accuracy"] is None
+        assert "const MAX_BYTES = 100000;" in client.get("/").text  # the page refuses what the server would
+        (run / "eval" / "data-test").mkdir()
+        (run / "eval" / "data-test" / "metrics.json").write_text(json.dumps(
+            {"balanced_accuracy": 0.8123, "n": 6, "balanced_accuracy_ci": [0.6, 0.95]}))
+        client = TestClient(create_app(run))
+        assert "test balanced accuracy 0.812 (95 % CI 0.600–0.950, 6 images)" in client.get("/").text
+        card = client.get("/api/model").json()
+        assert (card["test_balanced_accuracy"], card["test_balanced_accuracy_ci"], card["test_images"]) == (
+            0.8123, [0.6, 0.95], 6)
+    finally:
+        shutil.rmtree(run / "eval")
+
+
+def test_heatmap_off_in_any_spelling_and_the_upload_limit_to_the_byte(run, image):
+    client = TestClient(create_app(run, max_upload_bytes=100_000))
+    for off in ("0", "false", "no", "False"):
+        answer = client.post(f"/api/predict?heatmap={off}", files={"file": (image.name, image.read_bytes())})
+        assert answer.status_code == 200 and answer.json()["heatmap_png_base64"] is None, off
+    assert post(client, "at_limit.png", b"\0" * 100_000).status_code == 422  # read, and found to be no image
+    assert post(client, "over_limit.png", b"\0" * 100_001).status_code == 413
+
+
+def test_a_dicom_known_only_by_its_suffix_is_read(run, tmp_path):
+    # no preamble, no file meta and no identification group: nothing but the .dcm suffix says DICOM
+    import numpy as np
+    from pydicom.dataset import Dataset
+
+    dataset = Dataset()
+    dataset.set_pixel_data((np.add.outer(np.arange(64), np.arange(64)) * 30).astype("uint16"),
+                           photometric_interpretation="MONOCHROME2", bits_stored=12)
+    del dataset.file_meta
+    for tag in [t for t in dataset.keys() if t.group == 0x0008]:
+        del dataset[tag]
+    film = tmp_path / "film.dcm"
+    dataset.save_as(film, implicit_vr=True, little_endian=True, enforce_file_format=False)
+    answer = post(TestClient(create_app(run)), film.name, film.read_bytes())
+    assert answer.status_code == 200, answer.text
+    expected, _ = predict(run, [film], progress=False)
+    assert [answer.json()["probabilities"][c] for c in CLASSES] == pytest.approx(
+        [expected[f"p_{c}"][0] for c in CLASSES], abs=1e-6)
+
+
+def test_serve_announces_its_url_and_whether_only_this_computer_can_reach_it(run, monkeypatch):
+    import contextlib
+
+    import cxr_fast.serve
+    from cxr_fast.errors import CxrFastError
+
+    class Announced(Exception):
+        pass
+
+    def announce(url, loopback):
+        raise Announced(url, loopback)
+
+    monkeypatch.setattr(cxr_fast.serve, "_listen", lambda host, port: contextlib.nullcontext())
+    for host, url, loopback in (("::1", "http://[::1]:8123/", True), ("127.0.0.1", "http://127.0.0.1:8123/", True),
+                                ("0.0.0.0", "http://0.0.0.0:8123/", False)):
+        with pytest.raises(Announced) as e:
+            serve(run, host=host, port=8123, on_ready=announce)
+        assert e.value.args == (url, loopback)
+    with pytest.raises(CxrFastError, match="--port must be between 1 and 65535, got 0"):
+        serve(run, port=0)  # port 0 would listen on a port nobody was told
