@@ -47,3 +47,16 @@ def test_the_cli_turns_it_on_and_the_environment_can_turn_it_off():
     code = "import os, cxr_fast.cli; print(os.environ.get('CXRFAST_MALLOC'))"
     assert run_python(code, env={"CXRFAST_MALLOC": ""}) == ("reuse" if ON_GLIBC else "")
     assert run_python(code, env={"CXRFAST_MALLOC": "default"}) == "default"
+
+
+def test_a_worker_reuses_freed_memory_only_when_its_parent_does(monkeypatch):
+    from cxr_fast.memory import keep_freed_memory, keep_freed_memory_as_parent_did
+
+    monkeypatch.delenv("CXRFAST_MALLOC", raising=False)  # a parent that never turned it on (a plain script)
+    assert keep_freed_memory_as_parent_did() is False and "CXRFAST_MALLOC" not in os.environ
+    monkeypatch.setenv("CXRFAST_MALLOC", "default")
+    assert keep_freed_memory_as_parent_did() is False
+    monkeypatch.setenv("CXRFAST_MALLOC", "DEFAULT")  # as a user may type it
+    assert keep_freed_memory() is False and os.environ["CXRFAST_MALLOC"] == "DEFAULT"
+    monkeypatch.setenv("CXRFAST_MALLOC", "reuse")  # what the parent's keep_freed_memory leaves for its workers
+    assert keep_freed_memory_as_parent_did() is ON_GLIBC
