@@ -55,7 +55,7 @@ class RecordRank(Callback):
         dl = self.learn.dl
         items = dl.dataset.items["image"]
         self.record = {"shard": items.iloc[dl.shard].tolist(), "seen": items.iloc[dl.items_seen()].tolist(),
-                       "callbacks": [type(cb).__name__ for cb in self.learn.cbs]}
+                       "callbacks": [type(cb).__name__ for cb in self.learn.cbs], "seed": torch.initial_seed()}
 
     def after_validate(self):
         metric = next(m for m in self.learn.metrics if m.name == "balanced_accuracy")
@@ -248,3 +248,125 @@ def test_a_worker_reports_user_errors_as_the_class_the_launcher_looks_for(monkey
         distributed._train_worker("data", None, None, False, None, True)
     assert type(e.value) is CxrFastError and message in str(e.value)
     assert distributed.user_error_in(f"  cxr_fast.errors.CxrFastError: {e.value}\n") == str(e.value)
+
+
+@pytest.fixture
+def launches(monkeypatch):
+    """The launcher replaced by a recorder: each launch's config, arguments and OMP_NUM_THREADS, and rank 0's folder."""
+    import torch.distributed.launcher.api
+
+    calls = []
+
+    def recording(config, entrypoint):
+        def run(*args):
+            calls.append({"nproc": config.nproc_per_node, "args": args, "threads": os.environ.get("OMP_NUM_THREADS")})
+            return {0: "rank0-run", 1: "rank1-run"}
+        return run
+
+    monkeypatch.setattr(torch.distributed.launcher.api, "elastic_launch", recording)
+    return calls
+
+
+def test_the_launch_shares_the_cores_and_refuses_what_would_fail_in_every_process(launches, tiny_data, tmp_path,
+                                                                                   monkeypatch):
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    monkeypatch.setattr(os, "cpu_count", lambda: 8)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    cfg = resolve_config(epochs=1, **TINY)
+    assert distributed.launch_training(2, tiny_data, cfg, out=tmp_path / "run") == Path("rank0-run")
+    assert launches[-1]["nproc"] == 2 and launches[-1]["threads"] == "4"  # 8 cores, 2 processes
+    assert launches[-1]["args"][:4] == (str(tiny_data), cfg, str(tmp_path / "run"), False)
+    assert "OMP_NUM_THREADS" not in os.environ  # this process's own setting is left as it was
+    distributed.launch_training(1, tiny_data, cfg)  # one process is a valid launch
+    assert launches[-1]["nproc"] == 1 and launches[-1]["threads"] == "8"
+    monkeypatch.setenv("OMP_NUM_THREADS", "3")  # the user's choice is kept
+    distributed.launch_training(2, tiny_data, cfg)
+    assert launches[-1]["threads"] == "3"
+    # a batch the processes cannot share, no process at all, or a launch inside torchrun: refused before any start
+    with pytest.raises(CxrFastError, match="multiple of the 2 processes"):
+        distributed.launch_training(2, tiny_data, resolve_config(epochs=1, **{**TINY, "bs": 15}))
+    with pytest.raises(CxrFastError, match="--nproc must be at least 1, got 0"):
+        distributed.launch_training(0, tiny_data, cfg)
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(CxrFastError, match="already inside a distributed launch"):
+        distributed.launch_training(2, tiny_data, cfg)
+    assert len(launches) == 3
+
+
+def test_two_cpu_processes_by_default_and_one_per_gpu(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 0)
+    assert distributed.default_nproc() == 2
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 3)
+    assert distributed.default_nproc() == 3
+
+
+def test_a_user_error_in_a_worker_comes_back_as_one_line_and_other_signals_as_they_were(monkeypatch, tiny_data,
+                                                                                          tmp_path):
+    import signal
+
+    import torch.distributed.launcher.api
+    from torch.distributed.elastic.multiprocessing.api import SignalException
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError, ProcessFailure
+
+    # what torch's @record writes for a worker that raised CxrFastError
+    error_file = tmp_path / "error.json"
+    error_file.write_text(json.dumps({"message": {
+        "message": "CxrFastError: /data/Normal_3.png: file not found",
+        "extraInfo": {"py_callstack": "Traceback …\ncxr_fast.errors.CxrFastError: /data/Normal_3.png: file not found\n",
+                      "timestamp": "1700000000"}}}))
+    failure = ProcessFailure(local_rank=1, pid=123, exitcode=1, error_file=str(error_file))
+    raised = [ChildFailedError("_train_worker", {1: failure}), SignalException("got signal: 15", sigval=signal.SIGTERM)]
+
+    def failing(config, entrypoint):
+        def run(*args):
+            raise raised.pop(0)
+        return run
+
+    monkeypatch.setattr(torch.distributed.launcher.api, "elastic_launch", failing)
+    cfg = resolve_config(epochs=1, **TINY)
+    with pytest.raises(CxrFastError) as e:
+        distributed.launch_training(2, tiny_data, cfg, out=tmp_path / "run")
+    assert str(e.value) == "/data/Normal_3.png: file not found"
+    try:
+        distributed.launch_training(2, tiny_data, cfg, out=tmp_path / "run")
+    except BaseException as e:  # noqa: BLE001 - a KeyboardInterrupt here would end the test session
+        caught = e
+    assert type(caught) is SignalException  # a kill by SIGTERM is not a Ctrl-C
+
+
+def test_ctrl_c_before_the_first_epoch_was_saved_says_only_that_training_was_interrupted(tiny_data, tmp_path):
+    (tmp_path / "run").mkdir()  # made, but no epoch saved: nothing to continue
+    assert distributed._interrupted(tmp_path / "run", tiny_data, 2) == "training interrupted"
+    assert distributed._interrupted(None, tiny_data, 2) == "training interrupted"
+
+
+def test_the_user_error_found_is_the_last_one_in_the_report():
+    report = ("cxr_fast.errors.CxrFastError: raised first, then handled\n"
+              "Traceback (most recent call last):\ncxr_fast.errors.CxrFastError: the one that ended the worker\n")
+    assert distributed.user_error_in(report) == "the one that ended the worker"
+
+
+def test_rank_0_s_value_or_its_one_line_error_reaches_every_rank(monkeypatch):
+    # a one-process group standing for rank 0 of two: on_main must broadcast, and raise rank 0's CxrFastError
+    import torch.distributed as dist
+
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "0")
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    try:
+        assert distributed.on_main(lambda: {"run": "models/ü-1", "n": [1, 2]}) == {"run": "models/ü-1", "n": [1, 2]}
+
+        def refuses():
+            raise CxrFastError("run: already exists")
+
+        with pytest.raises(CxrFastError, match="^run: already exists$"):
+            distributed.on_main(refuses)
+    finally:
+        dist.destroy_process_group()
+
+
+def test_each_process_draws_its_own_augmentations(resumed_run):
+    # the same seed on both ranks would give both halves of every batch the same random flips, zooms and lighting
+    _, records, _, _ = resumed_run
+    for rank0, rank1 in (_records(records, 0), _records(records / "resumed", 1)):
+        assert rank0["seed"] != rank1["seed"]
