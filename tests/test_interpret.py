@@ -369,3 +369,62 @@ def test_a_second_interpret_of_a_run_refuses_at_once_while_another_process_write
     with another_process(HOLDING_LOCK, out) as first:
         with pytest.raises(CxrFastError, match=rf"{out}: is being written by another cxrfast process \(pid {first.pid}\)"):
             interpret(tiny_runs[0], force=True)
+
+
+def test_a_gallery_figure_shows_evidence_for_in_red_and_against_in_blue_with_the_lungs_and_the_marker_drawn():
+    from matplotlib.patches import Rectangle
+
+    from cxr_fast.gallery import attribution_figure
+
+    image = np.full((32, 32), 40, dtype=np.uint8)  # a dark film: shown on the 0-255 scale, not stretched
+    attr = np.zeros((32, 32))
+    attr[8:16, 8:16] = 0.01
+    attr[0, 0] = 5.0  # one hot pixel among 2048 values: the 99.5 % quantile (0.01) sets the scale, not it
+    lungs = np.zeros((32, 32), dtype=bool)
+    lungs[8:24, 4:12] = True  # rows 8-23, columns 4-11
+    fig = attribution_figure(image, {"occlusion → Normal": attr, "occlusion → Pneumonia": np.zeros((32, 32)),
+                                     "Grad-CAM → Normal": np.zeros((32, 32))}, "t", lungs, (20, 2, 28, 6))
+    panels = {ax.get_title(): ax for ax in fig.axes if ax.images}
+    assert set(panels) == {"X-ray", "occlusion → Normal", "occlusion → Pneumonia\n(all zero: no signal)",
+                           "Grad-CAM → Normal\n(all zero: no signal)"}
+    overlay = panels["occlusion → Normal"].images[-1]
+    assert overlay.get_clim() == pytest.approx((-0.01, 0.01))
+    assert panels["Grad-CAM → Normal\n(all zero: no signal)"].images[-1].get_clim() == (-1.0, 1.0)  # nothing to scale
+    red, blue = overlay.to_rgba(np.array([[0.01, -0.01]]))[0]
+    assert red[0] > 0.9 and red[2] < 0.1 and blue[2] > 0.9 and blue[0] < 0.1
+    for ax in panels.values():
+        assert ax.images[0].get_clim() == (0, 255)
+        box = [p for p in ax.patches if isinstance(p, Rectangle)]
+        assert len(box) == 1 and box[0].get_xy() == (19.5, 1.5) and (box[0].get_width(), box[0].get_height()) == (8, 4)
+        (outline,) = ax.collections
+        vertices = np.concatenate([path.vertices for path in outline.get_paths()])
+        assert vertices[:, 0].min() == pytest.approx(3.5) and vertices[:, 0].max() == pytest.approx(11.5)
+        assert vertices[:, 1].min() == pytest.approx(7.5) and vertices[:, 1].max() == pytest.approx(23.5)
+
+
+def test_the_deletion_figure_draws_each_curve_with_its_own_area():
+    from cxr_fast.gallery import deletion_figure, method_of
+
+    curves = {"fractions": np.array([0.0, 0.5, 1.0]), "attributed_curve": np.array([0.9, 0.4, 0.1]),
+              "random_curve": np.array([0.9, 0.7, 0.5]), "attributed_auc": 0.45, "random_auc": 0.7}
+    (ax,) = deletion_figure(curves).axes
+    drawn = {line.get_label(): list(line.get_ydata()) for line in ax.get_lines()}
+    assert drawn == {"most attributed first (area 0.450)": [0.9, 0.4, 0.1], "random order (area 0.700)": [0.9, 0.7, 0.5]}
+    assert method_of("Grad-CAM → Normal (true)") == "Grad-CAM" and method_of("heatmap") == "occlusion"
+
+
+def test_the_gallery_page_highlights_warnings_formats_every_table_and_captions_every_figure(tmp_path):
+    from cxr_fast.gallery import write_gallery
+    from tests.pages import parse
+
+    png = b"\x89PNG not really"
+    path = write_gallery(tmp_path / "g.html", "Title", [("looks at the lungs", False), ("likely shortcut", True)],
+                         [("Top losses", "worst first", [("first <film>", png, "images/a.png"), ("second", png)])],
+                         [("Empty", []), ("Summary", [{"share": 0.12345, "missing": None}]), ("Counts", [{"n": 3}])])
+    text = path.read_text()
+    assert "<div class='verdict'>looks at the lungs</div>" in text
+    assert "<div class='verdict warn'>likely shortcut</div>" in text
+    assert "<td>0.123</td><td>—</td>" in text and "<h2>Counts</h2>" in text and "<td>3</td>" in text
+    assert "<h2>Empty</h2>" not in text
+    assert text.count("<figcaption>") == 2 and "<figcaption>first &lt;film&gt;</figcaption>" in text
+    assert parse(path).links == ["images/a.png"]
