@@ -208,3 +208,75 @@ def test_metrics_json_round_trip(tmp_path, evaluation):
     assert loaded["per_class"]["Normal"]["support"] == metrics["per_class"]["Normal"]["support"]
     assert loaded["nan"] is None and loaded["arr"] == [0, 1, 2]
     assert loaded["balanced_accuracy_ci"] == list(metrics["balanced_accuracy_ci"])
+
+
+def _markdown_table(markdown: str, heading: str) -> list[list[str]]:
+    """The cells of the table under `## heading` (header row first, the --- row left out)."""
+    block = markdown.split(f"## {heading}\n", 1)[1].split("\n## ", 1)[0]
+    rows = [line for line in block.splitlines() if line.startswith("|") and not line.startswith("|---")]
+    return [[cell.strip() for cell in re.split(r"(?<!\\)\|", row)[1:-1]] for row in rows]
+
+
+def test_the_per_class_and_confusion_tables_hold_sklearn_s_numbers_under_their_own_headings(tmp_path):
+    from sklearn.metrics import (
+        average_precision_score,
+        confusion_matrix,
+        precision_recall_fscore_support,
+        roc_auc_score,
+    )
+
+    rng = np.random.default_rng(3)
+    y = rng.integers(0, 3, 90)
+    logits = rng.normal(size=(90, 3))
+    logits[np.arange(90), y] += 1.0
+    probs = softmax(logits)
+    pred = probs.argmax(1)
+    _, md_path = write_report(tmp_path, "t", metrics=classification_metrics(y, probs, CLASSES))
+    markdown = md_path.read_text(encoding="utf-8")
+
+    precision, recall, f1, support = precision_recall_fscore_support(y, pred, labels=[0, 1, 2], zero_division=0)
+    table = _markdown_table(markdown, "Per-class metrics")
+    assert table[0] == ["class", "support", "precision", "recall", "F1", "ROC AUC", "AP"]
+    for k, name in enumerate(CLASSES):
+        expected = [name, str(support[k])] + [f"{v:.3f}" for v in (
+            precision[k], recall[k], f1[k], roc_auc_score(y == k, probs[:, k]), average_precision_score(y == k, probs[:, k]))]
+        assert table[1 + k] == expected
+    cm = confusion_matrix(y, pred)
+    assert not np.array_equal(cm, cm.T)  # a transposed table would show
+    table = _markdown_table(markdown, "Confusion matrix")
+    assert table[0] == ["true \\ predicted", *CLASSES]
+    assert [row[1:] for row in table[1:]] == [[str(v) for v in row] for row in cm]
+    assert [row[0] for row in table[1:]] == CLASSES
+
+
+def test_summary_cards_read_each_number_from_its_own_key():
+    from cxr_fast.report import summary_cards
+
+    metrics = {"accuracy": 0.61, "n": 40, "balanced_accuracy": 0.52, "macro_f1": 0.43, "macro_roc_auc": 0.74,
+               "ece": 0.15, "ece_calibrated": 0.06, "temperature": 1.734}
+    assert summary_cards(metrics) == [("Accuracy", "0.610", "n = 40"), ("Balanced accuracy", "0.520", ""),
+                                      ("Macro F1", "0.430", ""), ("Macro ROC AUC", "0.740", ""),
+                                      ("ECE (raw)", "0.150", "calibrated 0.060 (T = 1.73)")]
+    # nothing rescaled (an ensemble, or too few mistakes to fit): one ECE, the raw one, which is also the calibrated
+    assert summary_cards({"ece": 0.15, "ece_calibrated": 0.15, "temperature": 1.0}) == [("ECE", "0.150", "")]
+    assert summary_cards({"accuracy": 0.5, "n": 8, "accuracy_ci": [0.25, 0.75], "ci_level": 0.9}) == [
+        ("Accuracy", "0.500", "90% CI 0.250–0.750")]
+    assert summary_cards({"balanced_accuracy": 0.5, "balanced_accuracy_ci": [float("nan"), float("nan")]}) == [
+        ("Balanced accuracy", "0.500", "")]  # an interval that could not be computed is left out, not "—–—"
+
+
+def test_cells_markdown_and_text_keep_their_meaning(tmp_path):
+    from cxr_fast.report import confusion_table, format_value
+
+    assert [format_value(v) for v in (True, np.bool_(False), np.int64(7), np.float32(0.5), 2.0, None, float("nan"),
+                                      pd.NA, "x")] == ["True", "False", "7", "0.500", "2.000", "—", "—", "—", "x"]
+    assert confusion_table({"confusion_matrix": [[1, 2], [3, 4]], "per_class": {"a": {}, "b": {}, "c": {}}}) is None
+    rows = [{"class": "a|b", "note": "two\nlines"}, {"class": "c", "extra": 3}]  # a column first seen in row 2
+    _, md_path = write_report(tmp_path, "t", [Section("Notes", text="- one\nnot a list item", table=rows)],
+                              meta={"Temperature": 1.23456})
+    markdown = md_path.read_text(encoding="utf-8")
+    assert _markdown_table(markdown, "Notes") == [["class", "note", "extra"], ["a\\|b", "two lines", "—"],
+                                                  ["c", "—", "3"]]
+    assert "- **Temperature**: 1.235" in markdown
+    page = (tmp_path / "report.html").read_text(encoding="utf-8")
+    assert "<p>- one<br>not a list item</p>" in page and "<li>" not in page
