@@ -280,3 +280,89 @@ def test_cells_markdown_and_text_keep_their_meaning(tmp_path):
     assert "- **Temperature**: 1.235" in markdown
     page = (tmp_path / "report.html").read_text(encoding="utf-8")
     assert "<p>- one<br>not a list item</p>" in page and "<li>" not in page
+
+
+def _cells(ax) -> dict[tuple[int, int], str]:
+    """A heat map's annotations by (row, column) of the cell they sit on."""
+    return {(round(t.get_position()[1]), round(t.get_position()[0])): t.get_text() for t in ax.texts}
+
+
+def test_the_confusion_figure_s_rates_are_row_normalised_and_each_label_sits_on_its_cell():
+    cm = [[5, 1, 0], [2, 2, 0], [0, 0, 0]]  # rows: true class; the third class has no images
+    counts, rates = [ax for ax in plots.plot_confusion_matrix(cm, CLASSES).axes if ax.images]
+    assert _cells(counts) == {(i, j): str(cm[i][j]) for i in range(3) for j in range(3)}
+    assert _cells(rates) == {(0, 0): "83%", (0, 1): "17%", (0, 2): "0%", (1, 0): "50%", (1, 1): "50%", (1, 2): "0%",
+                             (2, 0): "n/a", (2, 1): "n/a", (2, 2): "n/a"}
+    np.testing.assert_allclose(rates.images[0].get_array(), [[5 / 6, 1 / 6, 0], [0.5, 0.5, 0], [0, 0, 0]])
+
+
+def test_roc_and_pr_figures_draw_each_curve_the_right_way_round():
+    roc = plots.plot_roc_curves({"COVID-19": {"fpr": [0.0, 0.2, 1.0], "tpr": [0.0, 0.7, 1.0], "auc": 0.75},
+                                 "Normal": None})
+    lines = {line.get_label(): line for line in roc.axes[0].get_lines()}
+    assert list(lines["COVID-19 (AUC 0.750)"].get_xdata()) == [0.0, 0.2, 1.0]
+    assert list(lines["COVID-19 (AUC 0.750)"].get_ydata()) == [0.0, 0.7, 1.0]
+    pr = plots.plot_pr_curves({"COVID-19": {"recall": [1.0, 0.5, 0.0], "precision": [0.4, 0.8, 1.0],
+                                            "average_precision": 0.7, "prevalence": 0.3}})
+    lines = pr.axes[0].get_lines()
+    (curve,) = [line for line in lines if line.get_label() == "COVID-19 (AP 0.700)"]
+    assert list(curve.get_xdata()) == [1.0, 0.5, 0.0] and list(curve.get_ydata()) == [0.4, 0.8, 1.0]
+    chance = [line for line in lines if line is not curve]
+    assert len(chance) == 1 and list(chance[0].get_ydata()) == [0.3, 0.3]  # a guess's precision: the prevalence
+
+
+def test_reliability_bars_are_each_bin_s_accuracy_and_its_gap_up_to_the_mean_confidence():
+    nan = float("nan")
+    bins = {"edges": [0.0, 0.25, 0.5, 0.75, 1.0], "count": [0, 2, 4, 4], "accuracy": [nan, 0.5, 0.25, 1.0],
+            "confidence": [nan, 0.4, 0.6, 0.9], "ece": 0.2}
+    fig = plots.plot_reliability(bins, bins, temperature=2.0)
+    accuracy, gap = fig.axes[0].containers
+    np.testing.assert_allclose([(p.get_x(), p.get_width(), p.get_height()) for p in accuracy],
+                               [(0.25, 0.25, 0.5), (0.5, 0.25, 0.25), (0.75, 0.25, 1.0)])
+    np.testing.assert_allclose([(p.get_x(), p.get_y(), p.get_height()) for p in gap],
+                               [(0.25, 0.5, -0.1), (0.5, 0.25, 0.35), (0.75, 1.0, -0.1)])
+    assert "T = 2.00" in fig.axes[1].get_title()
+
+
+def test_training_curves_draw_each_column_and_mark_the_best_valid_balanced_accuracy():
+    history = pd.DataFrame({"epoch": [0, 1, 2, 3], "train_loss": [1.1, 0.8, 0.6, 0.5],
+                            "valid_loss": [1.0, 0.85, 0.7, 0.72], "accuracy": [0.5, 0.6, 0.65, 0.69],
+                            "balanced_accuracy": [0.45, 0.58, 0.7, 0.68]})
+    loss, acc = plots.plot_training_curves(history).axes
+    drawn = {line.get_label(): list(line.get_ydata()) for ax in (loss, acc) for line in ax.get_lines()
+             if not line.get_label().startswith("_")}
+    assert drawn == {"train": [1.1, 0.8, 0.6, 0.5], "valid": [1.0, 0.85, 0.7, 0.72],
+                     "valid accuracy": [0.5, 0.6, 0.65, 0.69], "valid balanced accuracy": [0.45, 0.58, 0.7, 0.68]}
+    for ax in (loss, acc):
+        marks = [line for line in ax.get_lines() if line.get_label().startswith("_")]
+        assert [list(line.get_xdata()) for line in marks] == [[2, 2]]
+    assert [t.get_text() for t in acc.texts] == ["best epoch 2"]
+
+
+def test_the_strength_search_marks_the_c_best_on_valid_not_on_train():
+    history = pd.DataFrame({"C": [0.01, 0.1, 1.0, 10.0], "train_balanced_accuracy": [0.6, 0.8, 0.95, 1.0],
+                            "valid_balanced_accuracy": [0.5, 0.7, 0.65, 0.6], "valid_loss": [1.0, 0.8, 0.9, 1.1]})
+    loss, acc = plots.plot_strength_search(history).axes
+    drawn = {line.get_label(): list(line.get_ydata()) for line in acc.get_lines() if not line.get_label().startswith("_")}
+    assert drawn == {"train balanced accuracy": [0.6, 0.8, 0.95, 1.0], "valid balanced accuracy": [0.5, 0.7, 0.65, 0.6]}
+    assert [t.get_text() for t in acc.texts] == ["chosen C = 0.1"]
+
+
+def test_the_comparison_s_error_bars_span_each_model_s_interval():
+    results = [
+        {"name": "resnet18", "balanced_accuracy": 0.81, "ci_low": 0.70, "ci_high": 0.84, "params": 11.2e6},
+        {"name": "convnet", "balanced_accuracy": 0.74, "ci_low": 0.72, "ci_high": 0.90, "params": None},
+        {"name": "cxresnet", "balanced_accuracy": 0.86, "ci_low": 0.80, "ci_high": 0.88, "params": 2.1e6},
+    ]
+    bars, size = plots.plot_comparison(results).axes  # a size panel as soon as one model's size is known
+    names = {round(y): t.get_text() for y, t in zip(bars.get_yticks(), bars.get_yticklabels(), strict=True)}
+    from matplotlib.container import BarContainer
+
+    (container,) = [c for c in bars.containers if isinstance(c, BarContainer)]
+    spans = {names[round(seg[0][1])]: (seg[0][0], seg[1][0]) for seg in container.errorbar.lines[2][0].get_segments()}
+    assert spans == {r["name"]: pytest.approx((r["ci_low"], r["ci_high"])) for r in results}
+    assert sorted(t.get_text() for t in bars.texts) == ["0.740", "0.810", "0.860"]
+    points = sorted((c.lines[0].get_xdata()[0], c.lines[0].get_ydata()[0]) for c in size.containers)
+    np.testing.assert_allclose(points, [(2.1, 0.86), (11.2, 0.81)])  # millions of parameters
+    spans = sorted(tuple(sorted((seg[0][1], seg[1][1]))) for c in size.containers for seg in c.lines[2][0].get_segments())
+    np.testing.assert_allclose(spans, [(0.70, 0.84), (0.80, 0.88)])
