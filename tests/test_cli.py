@@ -276,3 +276,143 @@ def test_option_help_promises_only_what_the_command_takes(tiny_data, tmp_path):
     # --data of evaluate and interpret: a manifest folder, or a manifest CSV (another collection in one folder)
     for command in ("evaluate", "interpret"):
         assert "CSV" in _option_help(command, option="data")
+
+
+# ---------------------------------------------------------------------------------------------- option wiring
+# Each command's library call is replaced by a recorder that stops the command: every option given must reach the call,
+# and every option left out must take the library's own default (read from its signature, not from the CLI).
+
+
+def _record(monkeypatch, module: str, name: str, then=None) -> list:
+    import importlib
+
+    from cxr_fast.errors import CxrFastError
+
+    calls = []
+
+    def recorder(*args, **kwargs):
+        calls.append((args, kwargs))
+        if then is not None:
+            then(*args, **kwargs)
+        raise CxrFastError("recorded")
+
+    monkeypatch.setattr(importlib.import_module(module), name, recorder)
+    return calls
+
+
+def _defaults(module: str, name: str, *names: str) -> dict:
+    import importlib
+    import inspect
+
+    parameters = inspect.signature(getattr(importlib.import_module(module), name)).parameters
+    return {n: parameters[n].default for n in names}
+
+
+def _recorded(calls, *args):
+    """The one call recorded, after the command invoked with `args` stopped at it."""
+    calls.clear()
+    result = invoke(*args)
+    assert result.exit_code == 1 and "recorded" in result.output, result.output
+    (call,) = calls
+    return call
+
+
+def test_data_commands_pass_every_option_and_leave_the_rest_to_the_library(tmp_path, monkeypatch):
+    from cxr_fast.data.labels import parse_label_map
+
+    src, out = tmp_path / "src", tmp_path / "data"
+    keys = ("ignore_unmapped", "seed", "splits", "cache_size", "patient_pattern", "folds", "fold", "sites", "force")
+    expected = {"label_map": None, **_defaults("cxr_fast.data.manifest", "prepare", *keys)}
+    calls = _record(monkeypatch, "cxr_fast.data.manifest", "prepare")
+    args, kwargs = _recorded(calls, "data", "prepare", src, "--out", out)
+    assert args == (src, out) and {k: kwargs[k] for k in expected} == expected
+    _, kwargs = _recorded(calls, "data", "prepare", src, "--out", out, "--label-map", "COVID=COVID-19",
+                          "--ignore-unmapped", "--seed", 3, "--splits", "50,25,25", "--size", 128,
+                          "--patient-pattern", "nih", "--folds", 5, "--fold", 2, "--sites", "--force")
+    assert {k: kwargs[k] for k in expected} == {
+        "label_map": parse_label_map("COVID=COVID-19"), "ignore_unmapped": True, "seed": 3, "splits": "50,25,25",
+        "cache_size": 128, "patient_pattern": "nih", "folds": 5, "fold": 2, "sites": True, "force": True}
+    calls.clear()
+    result = invoke("data", "prepare", src, "--out", out, "--folds", 5)  # which fold is the test split? not fold 0 unasked
+    assert result.exit_code == 1 and "--folds and --fold go together" in result.output and calls == []
+
+    keys = ("n_per_class", "size", "shortcut_rate", "seed", "lesion_contrast", "force")
+    expected = _defaults("cxr_fast.data.synth", "synthesize", *keys)
+    calls = _record(monkeypatch, "cxr_fast.data.synth", "synthesize")
+    args, kwargs = _recorded(calls, "data", "synth", src)
+    assert args == (src,) and {k: kwargs[k] for k in keys} == expected
+    _, kwargs = _recorded(calls, "data", "synth", src, "--n-per-class", 7, "--size", 96, "--shortcut-rate", 0.25,
+                          "--lesion-contrast", 1.5, "--seed", 4, "--force")
+    assert {k: kwargs[k] for k in keys} == {"n_per_class": 7, "size": 96, "shortcut_rate": 0.25, "seed": 4,
+                                            "lesion_contrast": 1.5, "force": True}
+
+
+def test_train_puts_every_option_into_the_config_and_passes_the_run_s_folder(tmp_path, monkeypatch):
+    from cxr_fast.config import TrainConfig
+
+    calls = _record(monkeypatch, "cxr_fast.train", "train")
+    (data, cfg), kwargs = _recorded(calls, "train", "--data", tmp_path)
+    assert data == tmp_path and cfg.to_dict() == TrainConfig().to_dict() and kwargs == {"out": None, "resume": False}
+    (_, cfg), kwargs = _recorded(calls, "train", "--data", tmp_path, "--arch", "convnet", "--epochs", 3, "--size", 64,
+                                 "--bs", 8, "--lr", "0.01", "--weights", "efficientnet-lite0", "--n-in", 3, "--class-weights",
+                                 "--seed", 5, "--out", tmp_path / "run")
+    assert (cfg.arch, cfg.epochs, cfg.size, cfg.bs, cfg.lr, cfg.weights, cfg.n_in, cfg.class_weights, cfg.seed) == (
+        "convnet", 3, 64, 8, 0.01, "efficientnet-lite0", 3, True, 5)
+    assert kwargs == {"out": tmp_path / "run", "resume": False}
+    (_, cfg), kwargs = _recorded(calls, "train", "--data", tmp_path, "--out", tmp_path / "run", "--resume")
+    assert cfg is None and kwargs == {"out": tmp_path / "run", "resume": True}
+
+    calls = _record(monkeypatch, "cxr_fast.distributed", "launch_training")
+    args, kwargs = _recorded(calls, "train", "--data", tmp_path, "--distributed", "--nproc", 3, "--out", tmp_path / "d")
+    assert args[:2] == (3, tmp_path) and kwargs == {"out": tmp_path / "d", "resume": False}
+    monkeypatch.setattr("cxr_fast.distributed.default_nproc", lambda: 7)
+    args, _ = _recorded(calls, "train", "--data", tmp_path, "--distributed")
+    assert args[0] == 7
+
+
+def test_evaluate_and_interpret_pass_every_option_and_leave_the_rest_to_the_library(tmp_path, monkeypatch):
+    run, other = tmp_path / "run", tmp_path / "other"
+    expected = _defaults("cxr_fast.evaluate", "evaluate", "split", "tta", "force")
+    calls = _record(monkeypatch, "cxr_fast.evaluate", "evaluate")
+    args, kwargs = _recorded(calls, "evaluate", run)
+    assert args == (run, None, expected.pop("split")) and kwargs == expected
+    args, kwargs = _recorded(calls, "evaluate", run, "--data", other, "--split", "valid", "--tta", "--force")
+    assert args == (run, other, "valid") and kwargs == {"tta": True, "force": True}
+
+    keys = ("n", "audit_n", "methods", "window", "stride", "baseline", "force")
+    expected = _defaults("cxr_fast.interpret", "interpret", "split", *keys)
+    calls = _record(monkeypatch, "cxr_fast.interpret", "interpret")
+    args, kwargs = _recorded(calls, "interpret", run)
+    assert args == (run, None, expected.pop("split")) and kwargs == expected
+    args, kwargs = _recorded(calls, "interpret", run, "--data", other, "--split", "valid", "--n", 3, "--audit-n", 5,
+                             "--methods", "occlusion, gradcam", "--window", 9, "--stride", 4, "--baseline", "mean",
+                             "--force")
+    assert args == (run, other, "valid") and kwargs == {"n": 3, "audit_n": 5, "methods": ("occlusion", "gradcam"),
+                                                        "window": 9, "stride": 4, "baseline": "mean", "force": True}
+
+
+def test_compare_ensemble_and_demo_pass_every_option_and_leave_the_rest_to_the_library(tmp_path, monkeypatch):
+    data, out, runs = tmp_path / "data", tmp_path / "out", [tmp_path / "a", tmp_path / "b"]
+    defaults = _defaults("cxr_fast.compare", "compare_archs", "recipe", "seeds", "nproc", "resume")
+    calls = _record(monkeypatch, "cxr_fast.compare", "compare_archs")
+    args, kwargs = _recorded(calls, "compare", "--data", data, "--archs", "convnet")
+    assert args == (data, ["convnet"]) and kwargs == {**defaults, "seeds": list(defaults["seeds"]), "recipes": [],
+                                                      "out": None, "epochs": None, "size": None}
+    args, kwargs = _recorded(calls, "compare", "--data", data, "--archs", "convnet, cxresnet_tiny", "--recipe", "r.yaml",
+                             "--recipes", "demo,cxresnet", "--seeds", "1,2", "--epochs", 3, "--size", 64, "--out", out,
+                             "--distributed", "--nproc", 2, "--resume")
+    assert args == (data, ["convnet", "cxresnet_tiny"]) and kwargs == {
+        "recipe": Path("r.yaml"), "recipes": ["demo", "cxresnet"], "seeds": [1, 2], "out": out, "epochs": 3,
+        "size": 64, "nproc": 2, "resume": True}
+    calls = _record(monkeypatch, "cxr_fast.compare", "compare_runs")
+    assert _recorded(calls, "compare", *runs, "--out", out) == ((runs,), {"out": out})
+
+    calls = _record(monkeypatch, "cxr_fast.ensemble", "build_ensemble")
+    assert _recorded(calls, "ensemble", *runs, "--out", out) == ((runs, out), {})
+
+    expected = _defaults("cxr_fast.demo", "run_demo", "n_per_class", "epochs", "force")
+    calls = _record(monkeypatch, "cxr_fast.demo", "run_demo")
+    args, kwargs = _recorded(calls, "demo")
+    assert args == (Path("demo"),) and {k: kwargs[k] for k in expected} == expected
+    args, kwargs = _recorded(calls, "demo", "--out", out, "--n-per-class", 12, "--epochs", 2, "--force")
+    assert args == (out,) and {k: kwargs[k] for k in expected} == {"n_per_class": 12, "epochs": 2, "force": True}
