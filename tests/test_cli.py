@@ -416,3 +416,40 @@ def test_compare_ensemble_and_demo_pass_every_option_and_leave_the_rest_to_the_l
     assert args == (Path("demo"),) and {k: kwargs[k] for k in expected} == expected
     args, kwargs = _recorded(calls, "demo", "--out", out, "--n-per-class", 12, "--epochs", 2, "--force")
     assert args == (out,) and {k: kwargs[k] for k in expected} == {"n_per_class": 12, "epochs": 2, "force": True}
+
+
+def test_predict_export_and_serve_pass_every_option_and_leave_the_rest_to_the_library(tmp_path, monkeypatch):
+    run, image, out = tmp_path / "run", tmp_path / "film.png", tmp_path / "out"
+    expected = _defaults("cxr_fast.predict", "predict", "heatmap", "out", "runtime", "force")
+    calls = _record(monkeypatch, "cxr_fast.predict", "predict")
+    assert _recorded(calls, "predict", run, image) == ((run, [image]), expected)
+    assert _recorded(calls, "predict", run, image, tmp_path, "--heatmap", "--out", out / "r.csv", "--runtime", "onnx",
+                     "--force") == ((run, [image, tmp_path]), {"heatmap": True, "out": out / "r.csv", "runtime": "onnx",
+                                                              "force": True})
+
+    expected = _defaults("cxr_fast.export", "export_onnx", "out", "force")
+    calls = _record(monkeypatch, "cxr_fast.export", "export_onnx")
+    assert _recorded(calls, "export", run) == ((run, expected["out"]), {"force": expected["force"]})
+    assert _recorded(calls, "export", run, "--out", out, "--force") == ((run, out), {"force": True})
+
+    expected = _defaults("cxr_fast.serve", "serve", "host", "port", "runtime")
+    calls = _record(monkeypatch, "cxr_fast.serve", "serve",
+                    then=lambda run, on_ready, **kwargs: on_ready("http://HOST/", kwargs["host"] in ("127.0.0.1", "::1")))
+    args, kwargs = _recorded(calls, "serve", run)
+    assert args == (run,) and {k: kwargs[k] for k in expected} == expected
+    assert "serving" in runner.invoke(app, ["serve", str(run)]).output
+    result = runner.invoke(app, ["serve", str(run), "--host", "0.0.0.0", "--port", "9000", "--runtime", "onnx"])
+    assert {k: calls[-1][1][k] for k in expected} == {"host": "0.0.0.0", "port": 9000, "runtime": "onnx"}
+    assert "warning: listening on 0.0.0.0: anyone who can reach this computer" in result.output.replace("\n", " ")
+    assert "warning" not in runner.invoke(app, ["serve", str(run), "--host", "::1"]).output
+
+
+def test_predict_shows_each_probability_to_three_decimals(tmp_path, monkeypatch):
+    import pandas as pd
+
+    results = pd.DataFrame({"path": [str(tmp_path / "a.png")], "predicted": ["Normal"],
+                            "p_COVID-19": [0.12345], "p_Normal": [0.8], "p_Pneumonia": [0.07655]})
+    monkeypatch.setattr("cxr_fast.predict.predict", lambda *args, **kwargs: (results, []))
+    result = invoke("predict", tmp_path / "run", tmp_path / "a.png")
+    assert result.exit_code == 0, result.output
+    assert re.search(r"a\.png .* Normal .* 0\.123 .* 0\.800 .* 0\.077", result.output)
