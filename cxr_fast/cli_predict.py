@@ -90,7 +90,7 @@ def register(app: typer.Typer, user_errors, console, err_console) -> None:
         if fmt != "onnx":
             raise CxrFastError(f"--format {fmt!r} is not supported; the one export format is onnx")
         onnx_path = export_onnx(run, out, force=force)
-        spec = json.loads((onnx_path.parent / PREPROCESSING_FILE).read_text())
+        spec = json.loads((onnx_path.parent / PREPROCESSING_FILE).read_text(encoding="utf-8"))
         console.print(f"ONNX model: [bold]{escape(str(onnx_path))}[/] (opset {spec['opset']}, "
                       f"input {escape(str(spec['input']['shape']))}; "
                       f"max logit difference from PyTorch {spec['max_abs_logit_difference']:.1e})")

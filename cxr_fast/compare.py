@@ -96,7 +96,7 @@ def training_setting(run) -> str:
 def trained_recipe(path: Path):
     """A run's recipe.yaml; one from someone else is refused in one line if it is no plain YAML (see `parse_yaml`)."""
     try:
-        return parse_yaml(path.read_text())
+        return parse_yaml(path.read_text(encoding="utf-8"))
     except yaml.YAMLError as e:
         raise CxrFastError(f"{path}: not valid YAML ({str(e).splitlines()[0]})") from None
 
@@ -183,7 +183,7 @@ def _checkpoint_settings(state_file: Path) -> dict:
     """The settings an interrupted run started with, from its checkpoint (a damaged one: none, and `train --resume`
     then names the damage)."""
     try:
-        state = json.loads(state_file.read_text())
+        state = json.loads(state_file.read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return {}
     return state["config"] if isinstance(state, dict) and isinstance(state.get("config"), dict) else {}

@@ -108,7 +108,7 @@ def load_recipe(path: str | Path) -> dict[str, Any]:
         shipped = ", ".join(sorted(p.stem for p in RECIPES_DIR.glob("*.yaml")))
         raise CxrFastError(f"{path}: recipe file not found (shipped recipes: {shipped})")
     try:
-        data = parse_yaml(path.read_text()) or {}
+        data = parse_yaml(path.read_text(encoding="utf-8")) or {}
     except yaml.YAMLError as e:
         raise CxrFastError(f"{path}: not valid YAML ({str(e).splitlines()[0]})") from None
     if not isinstance(data, dict):

@@ -130,7 +130,7 @@ def write_demo_report(out: Path, run_dir: Path, evaluation, interpretation, shor
     from cxr_fast.report import DISCLAIMER
 
     m = evaluation.metrics
-    train_metrics = json.loads((run_dir / "metrics.json").read_text())
+    train_metrics = json.loads((run_dir / "metrics.json").read_text(encoding="utf-8"))
     rel = lambda p: html.escape(str(Path(p).relative_to(out)))  # noqa: E731
     verdicts = "".join(f"<li>{html.escape(v)}</li>" for v in interpretation.verdicts)
     lo, hi = m["balanced_accuracy_ci"]

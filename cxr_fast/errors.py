@@ -18,7 +18,7 @@ class CxrFastError(Exception):
 def read_json(path: Path) -> Any:
     """A JSON file from a run or export folder; a damaged one is the user's to fix, not a traceback."""
     try:
-        return json.loads(path.read_text())
+        return json.loads(path.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise CxrFastError(f"{path}: not valid JSON ({e})") from None
 

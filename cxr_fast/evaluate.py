@@ -103,7 +103,7 @@ def output_folder(parent: Path, name: str, manifest: str, record: str) -> Path:
     out = parent / name
     settle_replacement(out)  # a replacement killed halfway: its results, new or old, are there again to be read
     try:
-        held = json.loads((out / record).read_text()).get("manifest")
+        held = json.loads((out / record).read_text(encoding="utf-8")).get("manifest")
     except (OSError, ValueError, AttributeError):  # no results yet, or ones from before manifests were recorded
         held = None
     if held is not None and held != manifest:

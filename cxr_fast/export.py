@@ -145,7 +145,7 @@ def _storage_error(e: BaseException) -> OSError | None:
 
 def _is_our_spec(path: Path) -> bool:
     try:
-        return json.loads(path.read_text()).get("format") == FORMAT
+        return json.loads(path.read_text(encoding="utf-8")).get("format") == FORMAT
     except (OSError, ValueError, AttributeError):
         return False
 

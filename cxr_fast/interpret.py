@@ -273,7 +273,7 @@ def interpret(run_dir: str | Path, data: str | Path | None = None, split: str = 
                                   "baseline": baseline, "manifest": manifest,
                                   **({"seen_images": seen_summary} if seen_summary else {})})
             write_seen_images(work, left_out)
-        report = json.loads((out_dir / "audit.json").read_text())
+        report = json.loads((out_dir / "audit.json").read_text(encoding="utf-8"))
         return Interpretation(out_dir=out_dir, audit=report, top_losses=losses, verdicts=verdicts)
 
 

@@ -93,7 +93,7 @@ def _claim(lock: Path, folder: Path) -> bool:
             continue
         except OSError:
             return False
-        with os.fdopen(fd, "w") as f:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
             f.write(f"{os.getpid()} {socket.gethostname()}\n")
         return True
     raise CxrFastError(f"{folder}: cannot take its lock {lock}; if no cxrfast process is writing it, delete that file")
@@ -109,7 +109,7 @@ def busy(folder: Path) -> str | None:
     if lock in _held:
         return None
     try:
-        text = lock.read_text()
+        text = lock.read_text(encoding="utf-8", errors="replace")
     except (FileNotFoundError, NotADirectoryError):
         return None
     except OSError:
@@ -117,7 +117,7 @@ def busy(folder: Path) -> str | None:
     pid, _, host = text.strip().partition(" ")
     if pid.isdigit() and host == socket.gethostname() and (int(pid) == os.getpid() or not _alive(int(pid))):
         with contextlib.suppress(OSError):
-            if lock.read_text() == text:  # not taken over meanwhile by a process that found it stale too
+            if lock.read_text(encoding="utf-8", errors="replace") == text:  # not taken over meanwhile by a process that found it stale too
                 lock.unlink()
         return None
     # Empty while its writer is about to fill it; another machine's process cannot be checked from here

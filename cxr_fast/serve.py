@@ -89,7 +89,7 @@ def evaluated_test_metrics(run_dir: Path) -> dict | None:
     if not found:
         return None
     try:
-        metrics = json.loads(found[0].read_text())
+        metrics = json.loads(found[0].read_text(encoding="utf-8"))
     except (OSError, json.JSONDecodeError):
         return None
     # The page formats these as numbers: an edited or damaged file is shown as no evaluation, not a crash at start.

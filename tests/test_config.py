@@ -180,3 +180,32 @@ def test_a_training_size_above_the_largest_a_bundle_may_have_is_refused():
     assert resolve_config(size=MAX_SIZE).size == MAX_SIZE
     with pytest.raises(CxrFastError, match=f"size must be a whole number from 32 to {MAX_SIZE} .pixels. .got 2049."):
         resolve_config(size=MAX_SIZE + 1)
+
+
+def test_recipes_and_json_files_are_read_as_utf8_whatever_the_locale(tmp_path):
+    """open() without an encoding takes the locale's codec: cp1252 or cp932 on Windows, ASCII under LC_ALL=C without
+    Python's UTF-8 mode. The shipped cxresnet recipe (an arrow in a comment), a recipe.yaml and a hand-edited
+    config.json holding a non-ASCII folder name must still read as written (here under an ASCII locale)."""
+    import json
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    (tmp_path / "config.json").write_text(json.dumps({"data": "C:/Données/prép"}, ensure_ascii=False), encoding="utf-8")
+    (tmp_path / "recipe.yaml").write_text("# épocas → 2\nepochs: 2\n", encoding="utf-8")
+    code = ("import locale, sys; from pathlib import Path\n"
+            "from cxr_fast.config import load_recipe; from cxr_fast.errors import read_json\n"
+            "from cxr_fast.compare import trained_recipe\n"
+            "d = Path(sys.argv[1])\n"
+            "print(locale.getpreferredencoding(False), load_recipe('cxresnet')['arch'], "
+            "ascii(read_json(d / 'config.json')['data']), trained_recipe(d / 'recipe.yaml')['epochs'])\n")
+    env = {**os.environ, "LC_ALL": "C", "LANG": "C", "PYTHONUTF8": "0", "PYTHONCOERCECLOCALE": "0",
+           "PYTHONIOENCODING": "utf-8", "PYTHONPATH": str(Path(__file__).parents[1])}
+    done = subprocess.run([sys.executable, "-c", code, str(tmp_path)], capture_output=True, text=True, env=env,
+                          encoding="utf-8", timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    encoding, *rest = done.stdout.split()
+    if "utf" in encoding.lower().replace("-", ""):
+        pytest.skip(f"this system's C locale is UTF-8 ({encoding}): nothing to check")
+    assert rest == ["cxresnet", ascii("C:/Données/prép"), "2"]

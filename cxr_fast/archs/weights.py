@@ -332,7 +332,7 @@ def run_bundle_stats(path: Path, n_in: int) -> Stats | None:
     if path.name != "model.safetensors":
         return None
     try:
-        config = json.loads((path.parent / "config.json").read_text())
+        config = json.loads((path.parent / "config.json").read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return None
     mean, std = (config.get("mean"), config.get("std")) if isinstance(config, dict) else (None, None)

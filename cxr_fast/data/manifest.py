@@ -525,7 +525,7 @@ def _check_arguments(src: Path, out: Path, seed: int, cache_size: int, force: bo
     if not src.is_dir():
         raise CxrFastError(f"{src}: source is not a folder (expected {src}/<class>/<image>)")
     if (src / UNFINISHED).is_file():
-        raise CxrFastError(f"{src}: {(src / UNFINISHED).read_text().strip()}")
+        raise CxrFastError(f"{src}: {(src / UNFINISHED).read_text(encoding='utf-8').strip()}")
     check_folder_path(out, "--out")
     if (out / MANIFEST_NAME).exists() and not force:
         raise CxrFastError(f"{out / MANIFEST_NAME} already exists; use --force to replace it")

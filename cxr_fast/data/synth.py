@@ -356,6 +356,6 @@ def _write_phantoms(out: Path, n_per_class: int, size: int, shortcut_rate: float
     )
     markers = ", ".join(f"{label} '{text}' {corner}" for label, (text, corner) in MARKERS.items())
     (out / "_README.txt").write_text(  # "_": never taken for a class folder
-        README.format(markers=markers, settings=settings)
+        README.format(markers=markers, settings=settings), encoding="utf-8"
     )
     return meta
