@@ -256,6 +256,12 @@ def short_stem(stem: str, max_bytes: int = 200) -> str:
     return printable(stem).encode("utf-8")[:max_bytes].decode("utf-8", errors="ignore")
 
 
+def csv_text(frame) -> str:
+    """A DataFrame as CSV text for `write_text`, rows ended by "\\n" as text files are: pandas ends them with
+    os.linesep, which on Windows the text writer then turned into "\\r\\r\\n" (a blank row after each in Excel)."""
+    return frame.to_csv(index=False, lineterminator="\n")
+
+
 def write_text(path: Path, text: str) -> None:
     """A text file written whole, then renamed over `path`: a replaced file is never left half-written."""
     write_texts({path: text})

@@ -29,7 +29,7 @@ from PIL import Image
 from cxr_fast.calibration import softmax
 from cxr_fast.data.io import ImageReadError, image_stem, read_image
 from cxr_fast.errors import CxrFastError
-from cxr_fast.outputs import check_folder_path, printable, short_stem, write_text, writing
+from cxr_fast.outputs import check_folder_path, csv_text, printable, short_stem, write_text, writing
 
 RUNTIMES = ("torch", "onnx")
 OUT_SUFFIXES = (".csv", ".json")
@@ -232,7 +232,7 @@ def write_results(out: Path, results: pd.DataFrame, skipped: list[tuple[Path, st
         write_text(out, json.dumps(document, indent=2))
     else:
         errors = pd.DataFrame({"path": [printable(p) for p, _ in skipped], "error": [r for _, r in skipped]})
-        write_text(out, pd.concat([results.assign(error=""), errors], ignore_index=True).to_csv(index=False))
+        write_text(out, csv_text(pd.concat([results.assign(error=""), errors], ignore_index=True)))
 
 
 def model_summary(runner) -> dict:

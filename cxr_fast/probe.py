@@ -32,7 +32,7 @@ from cxr_fast.archs.weights import EFFICIENTNET_LITE_MEAN, EFFICIENTNET_LITE_STD
 from cxr_fast.config import TrainConfig
 from cxr_fast.data.manifest import image_column, label_indices, manifest_classes
 from cxr_fast.errors import CxrFastError, read_tensors
-from cxr_fast.outputs import clear_run_folder, write_bytes, write_tensors, write_text
+from cxr_fast.outputs import clear_run_folder, csv_text, write_bytes, write_tensors, write_text
 from cxr_fast.preprocess import load_input
 from cxr_fast.progress import LogProgress, progress_bar
 
@@ -226,7 +226,7 @@ def _write_bundle(run_dir: Path, model, cfg: TrainConfig, state: dict, manifest:
     write_text(run_dir / "config.json", json.dumps(config, indent=2))
     write_text(run_dir / "recipe.yaml", yaml.safe_dump(cfg.to_dict(), sort_keys=False))
     write_seen(run_dir, manifest)
-    write_text(run_dir / "history.csv", history.to_csv(index=False))
+    write_text(run_dir / "history.csv", csv_text(history))
     search = plot_strength_search(history, title=f"{cfg.arch}: regularisation search")
     write_bytes(run_dir / "curves.png", png_bytes(search))
     best = history.loc[history["valid_balanced_accuracy"].idxmax()]

@@ -64,6 +64,7 @@ from cxr_fast.outputs import (
     busy,
     check_folder_path,
     clear_run_folder,
+    csv_text,
     partial_path,
     settle_move,
     write_bytes,
@@ -297,7 +298,7 @@ class RunRecorder(Callback):
         write_text(ckpt / "state.json", json.dumps({**self.state, "epochs_done": row["epoch"] + 1}, indent=1))
         self.state["epochs_done"] = row["epoch"] + 1
         # after state.json, so that the folder's history never shows an epoch that --resume will train again
-        write_text(self.run_dir / "history.csv", pd.DataFrame(self.state["history"]).to_csv(index=False))
+        write_text(self.run_dir / "history.csv", csv_text(pd.DataFrame(self.state["history"])))
         kept = {best_weights_path(self.run_dir, self.state["best"]["epoch"]), weights, optimizer}
         for older in ckpt.glob("*-epoch*.safetensors"):
             if older not in kept:
@@ -730,7 +731,7 @@ def finish_bundle(run_dir: Path, learn: Learner, cfg: TrainConfig, state: dict) 
 
     history = pd.DataFrame(state["history"])
     # again, whole, from the checkpoint: a kill while the last epoch wrote it left half a row
-    write_text(run_dir / "history.csv", history.to_csv(index=False))
+    write_text(run_dir / "history.csv", csv_text(history))
     fig = plot_training_curves(history.rename(columns={"valid_accuracy": "accuracy",
                                                        "valid_balanced_accuracy": "balanced_accuracy"}))
     write_bytes(run_dir / "curves.png", png_bytes(fig))

@@ -448,3 +448,22 @@ def test_a_second_predict_into_a_results_file_another_process_is_writing_refuses
     assert not out.exists()
     results, _ = predict(tiny_runs[0], images, out=out, progress=False)  # the lock went with its process
     assert len(pd.read_csv(out)) == len(results) == 2
+
+
+def test_a_results_csv_ends_its_rows_as_a_text_file_does_on_windows_too(tmp_path, monkeypatch):
+    """pandas ends CSV rows with os.linesep ("\\r\\n" on Windows), and the text writer turns each "\\n" into "\\r\\n"
+    there, so a table handed over with pandas' own endings came out "\\r\\r\\n": a blank row after every row in Excel
+    and in Python's csv module. The text given to the writer must end its rows with "\\n" alone on any system."""
+    import csv
+    import os
+
+    from cxr_fast.predict import write_results
+
+    monkeypatch.setattr(os, "linesep", "\r\n")  # as on Windows, for pandas
+    results = pd.DataFrame({"path": ["a.png", "b.png"], "predicted": ["Normal", "Pneumonia"], "p_Normal": [0.9, 0.2]})
+    write_results(tmp_path / "r.csv", results, [(tmp_path / "c.png", "not-an-image")], runner=None)
+    data = (tmp_path / "r.csv").read_bytes()
+    assert b"\r" not in data and data.count(b"\n") == 4
+    with open(tmp_path / "r.csv", newline="", encoding="utf-8") as f:
+        assert [row[:2] for row in csv.reader(f)] == [["path", "predicted"], ["a.png", "Normal"], ["b.png", "Pneumonia"],
+                                                      [str(tmp_path / "c.png"), ""]]
