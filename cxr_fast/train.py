@@ -134,11 +134,15 @@ def stopped_in_first_epoch(out: Path) -> bool:
 
 def check_same_data(run_dir: Path, state: dict, data: str | Path) -> None:
     """A resumed run must go on with the manifest it started on: other rows would mix training and test images
-    while config.json still named the first manifest."""
+    while config.json still named the first manifest. That manifest moved (or copied) to another folder, its split
+    unchanged, is the same data: the run goes on with it there, and records its new place."""
     started_on = state.get("data")
-    if started_on and manifest_key(data) != manifest_key(started_on):
-        raise CxrFastError(f"{run_dir}: this run started on {started_on}; resume it with --data {started_on}")
     recorded = state.get("manifest_sha256")  # runs interrupted before this check was added have none
+    if started_on and manifest_key(data) != manifest_key(started_on):
+        if not (recorded and manifest_digest(data) == recorded):
+            raise CxrFastError(f"{run_dir}: this run started on {started_on}; resume it with --data {started_on} (or "
+                               "the folder that manifest was moved to)")
+        state["data"] = str(Path(data).resolve())
     if recorded and manifest_digest(data) != recorded:
         raise CxrFastError(f"{run_dir}: the manifest in {data} changed since this run started; "
                            "start a new run (a different --out) to train on it")

@@ -682,6 +682,7 @@ def test_resume_refuses_other_data_or_a_changed_manifest(tiny_data, tmp_path):
     out = _killed_run(tiny_data, tmp_path / "run")
     other = tmp_path / "other"
     shutil.copytree(tiny_data, other)
+    (other / "manifest.csv").write_bytes((other / "manifest.csv").read_bytes().replace(b",train,", b",test,", 1))
     with pytest.raises(CxrFastError, match=f"this run started on {tiny_data}; resume it with --data {tiny_data}") as e:
         train(other, out=out, resume=True, quiet=True)
     assert "\n" not in str(e.value)
@@ -1317,3 +1318,12 @@ def test_a_manifest_changed_during_training_writes_no_bundle(tiny_data, tmp_path
         train(data, resolve_config(epochs=1, **TINY), out=out, quiet=True, extra_cbs=[ResplitAfterTraining(data)])
     assert "\n" not in str(e.value)
     assert not (out / "config.json").exists() and not (out / "seen_images.safetensors").exists()
+
+
+def test_a_run_resumes_on_its_manifest_moved_to_another_folder_and_records_where(tiny_data, tmp_path):
+    # a data folder moved (or the project copied to another disk) after a kill: the same split, so the same data
+    out = _killed_run(tiny_data, tmp_path / "run")
+    moved = shutil.copytree(tiny_data, tmp_path / "moved data")
+    train(moved, out=out, resume=True, quiet=True)
+    assert list(pd.read_csv(out / "history.csv")["epoch"]) == [0, 1, 2]
+    assert json.loads((out / "config.json").read_text())["data"] == str(moved.resolve())
