@@ -203,9 +203,16 @@ def check_training_manifest(run: Run) -> None:
 
 
 def read_training_manifest(run: Run) -> pd.DataFrame:
-    """The manifest the run was trained on, after `check_training_manifest`."""
+    """The manifest the run was trained on, after `check_training_manifest`. Gone from where it was trained (a moved
+    data folder, or a bundle copied to another machine), it is refused in one line that says how to point to it."""
     check_training_manifest(run)
-    return read_manifest(run.config["data"])
+    data = run.config["data"]
+    if not manifest_csv(data).is_file():
+        raise CxrFastError(f"{data}: manifest not found (moved or deleted since {run.name} was trained on it?); if it "
+                           f"moved, write its new folder as \"data\" in {run.path / 'config.json'}, or give it to "
+                           "evaluate or interpret as --data (another collection: the images the model learned from "
+                           "are left out)")
+    return read_manifest(data)
 
 
 def iter_batches(run: Run, files: list[str], bs: int):

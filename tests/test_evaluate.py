@@ -393,6 +393,8 @@ def test_two_manifests_of_one_folder_get_their_own_results(tiny_runs, tiny_data,
 
 
 def test_the_manifest_check_looks_at_the_split_only_and_a_missing_manifest_is_one_line(tiny_runs, tmp_path):
+    from cxr_fast.interpret import interpret
+
     run = shutil.copytree(tiny_runs[0], tmp_path / "run")
     config = json.loads((run / "config.json").read_text())
     data = shutil.copytree(config["data"], tmp_path / "data")
@@ -406,6 +408,11 @@ def test_the_manifest_check_looks_at_the_split_only_and_a_missing_manifest_is_on
     with pytest.raises(CxrFastError, match=f"{data}: manifest not found") as e:
         evaluate(run, n_boot=20, force=True, progress=False)
     assert "\n" not in str(e.value)
+    # ... and says how to point the run to its new place, not to prepare a new one
+    assert f'write its new folder as "data" in {run / "config.json"}, or give it to evaluate or interpret as --data' \
+        in str(e.value)
+    with pytest.raises(CxrFastError, match="moved or deleted since run was trained on it"):
+        interpret(run, n=2, audit_n=2, progress=False)
 
 
 def test_an_interrupted_compare_resumes_keeping_its_finished_runs(tiny_data, tmp_path, monkeypatch):
