@@ -126,6 +126,9 @@ def load_run(path: str | Path, *, finishing: bool = False) -> Run:
     problem = config_problem(config)
     if problem:
         raise CxrFastError(f"{config_path}: {problem}")
+    if isinstance(config["data"], str) and config["data"] and not Path(config["data"]).is_absolute():
+        # written relative to the run folder by a user, so that a project folder can move whole (or change drive)
+        config["data"] = str(path / config["data"])
     tensors = read_tensors(weights_path, "weights file")
     # A config.json from someone else may describe a network of tens of GB (width: 64, a million classes) or of
     # millions of layers (depths: [1000000]) beside a small weights file. The network is first built on the meta

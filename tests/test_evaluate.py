@@ -826,3 +826,19 @@ def test_a_second_compare_into_an_out_another_process_is_writing_refuses_before_
         with pytest.raises(CxrFastError, match=busy.format(first.pid)):
             cxr_fast.compare.compare_archs(tiny_data, ["cxresnet_tiny", "convnet"], out=out, resume=True, quiet=True)
         assert training.is_dir()
+
+
+def test_a_training_manifest_written_relative_to_the_run_folder_is_found_from_any_working_folder(tiny_runs, tmp_path,
+                                                                                                   monkeypatch):
+    # a project folder (models/ and data/) moved to a USB stick: written relative, "data" needs no edit after the move
+    import os
+
+    run = shutil.copytree(tiny_runs[0], tmp_path / "project" / "models" / "run")
+    config = json.loads((run / "config.json").read_text())
+    data = shutil.copytree(config["data"], tmp_path / "project" / "data")
+    (run / "config.json").write_text(json.dumps({**config, "data": os.path.relpath(data, run)}))
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    assert load_run(run).config["data"] == str(run / ".." / ".." / "data")
+    assert evaluate(run, n_boot=20, progress=False).metrics["n"] == (read_manifest(data)["split"] == "test").sum()
