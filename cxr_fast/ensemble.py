@@ -12,6 +12,7 @@ average back; its own temperature is 1.
 
 from __future__ import annotations
 
+import hashlib
 import json
 from collections.abc import Sequence
 from datetime import datetime
@@ -101,6 +102,15 @@ def ensemble_from_config(cfg: dict[str, Any]) -> AveragedEnsemble:
         raise CxrFastError(f"ensemble config lacks {e}") from None
 
 
+def weights_digest(model: nn.Module) -> str:
+    """SHA-256 of a network's weights (names and bytes): one model whatever folder its bundle is in."""
+    digest = hashlib.sha256()
+    for name, tensor in sorted(model.state_dict().items()):
+        digest.update(name.encode())
+        digest.update(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
 def build_ensemble(runs: Sequence[str | Path], out: str | Path | None = None, progress: bool = True) -> Path:
     """Write the average of the run bundles `runs` as a new bundle; returns its folder.
 
@@ -121,14 +131,16 @@ def build_ensemble(runs: Sequence[str | Path], out: str | Path | None = None, pr
             raise CxrFastError(f"{r}: given twice (as {seen[Path(r).resolve()]}); an ensemble averages different runs")
         seen[Path(r).resolve()] = r
     loaded = [load_run(r) for r in runs]
-    within: dict[Path, Path] = {}  # a member of an ensemble given as a member, and the ensemble it is in
+    # A member of an ensemble given beside it, known by its weights: the member paths its config.json lists are where
+    # the runs were when it was built, and a moved or copied member run is the same model under another path.
+    within: dict[str, Path] = {}
     for run in loaded:
-        for member in run.config.get("members") or []:
-            within[Path(member).resolve()] = run.path
+        if isinstance(run.model, AveragedEnsemble):
+            within.update({weights_digest(member): run.path for member in run.model.members})
     for run in loaded:
-        if run.path.resolve() in within:
-            raise CxrFastError(f"{run.path}: already a member of {within[run.path.resolve()]}; it would be weighted "
-                               "twice (give that ensemble's members instead)")
+        if not isinstance(run.model, AveragedEnsemble) and weights_digest(run.model) in within:
+            raise CxrFastError(f"{run.path}: already a member of {within[weights_digest(run.model)]}; it would be "
+                               "weighted twice (give that ensemble's members instead)")
     same_weights: dict[str, Path] = {}  # a copied run folder (or one retrained with the same seed) is the same model
     for run in loaded:
         digest = file_sha256(run.path / "model.safetensors")

@@ -376,3 +376,15 @@ def test_an_ensemble_into_an_out_another_process_is_writing_refuses_and_leaves_i
         with pytest.raises(CxrFastError, match=rf"{out}: is being written by another cxrfast process \(pid {first.pid}\)"):
             build_ensemble(tiny_runs, out, progress=False)
         assert (tmp_path / ".ens.partial" / "model.safetensors").read_bytes() == b"being written"
+
+
+def test_a_member_run_moved_since_the_ensemble_was_built_is_still_known_as_its_member(ensemble_dir, tiny_runs,
+                                                                                          tmp_path):
+    # config.json lists the members where they were; moved (here: copied) elsewhere, a member is the same model
+    moved = shutil.copytree(tiny_runs[1], tmp_path / "moved" / "seed1")
+    with pytest.raises(CxrFastError, match=f"{moved}: already a member of {ensemble_dir}; it would be weighted twice"):
+        build_ensemble([ensemble_dir, moved], tmp_path / "ens", progress=False)
+    moved_ensemble = shutil.copytree(ensemble_dir, tmp_path / "moved" / "ensemble")
+    with pytest.raises(CxrFastError, match=f"{tiny_runs[0]}: already a member of {moved_ensemble}"):
+        build_ensemble([tiny_runs[0], moved_ensemble], tmp_path / "ens", progress=False)
+    assert not (tmp_path / "ens").exists()
