@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import os
+import re
 import shutil
 import socket
 from collections.abc import Iterator
@@ -249,11 +250,16 @@ def printable(name: str) -> str:
     return str(name).encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
 
 
+# Characters Windows, and the FAT and exFAT file systems of USB sticks, refuse in a file name (Linux takes them all).
+UNPORTABLE_CHARACTERS = re.compile(r'[<>:"/\\|?*\x00-\x1f]')
+
+
 def short_stem(stem: str, max_bytes: int = 200) -> str:
     """`stem` as printable text (bytes of a name that is not UTF-8 as \\x escapes), cut to `max_bytes` of UTF-8, so
     that an output name built from an input's name (plus a prefix or a suffix) is one any file system, web page or
-    zip takes, within the 255 bytes file systems allow."""
-    return printable(stem).encode("utf-8")[:max_bytes].decode("utf-8", errors="ignore")
+    zip takes, within the 255 bytes file systems allow. A character Windows or a USB stick refuses (a PACS export's
+    time stamp 12:30:01) becomes "_": a run folder must copy there whole."""
+    return UNPORTABLE_CHARACTERS.sub("_", printable(stem)).encode("utf-8")[:max_bytes].decode("utf-8", errors="ignore")
 
 
 def csv_text(frame) -> str:

@@ -275,3 +275,12 @@ def test_a_lock_left_by_a_killed_process_is_taken_over(tmp_path):
     assert not (tmp_path / "new").exists()
     with writing(Path("/")):  # nothing beside a root to hold its lock: written unlocked, as before locks
         pass
+
+
+def test_an_output_name_built_from_an_input_s_name_copies_to_windows_and_usb_sticks():
+    # Linux takes any character but "/" in a name; Windows, FAT and exFAT refuse these, so a run folder holding
+    # interpret's 001_<name>.png or predict's <name>_heatmap.png for a film named so could not be copied there
+    from cxr_fast.outputs import short_stem
+
+    assert short_stem('CT 12:30:01 a<b>c"d|e?f*g\\h\x01 é') == "CT 12_30_01 a_b_c_d_e_f_g_h_ é"
+    assert short_stem("1.2.840.113619 IMG.001 (copy)") == "1.2.840.113619 IMG.001 (copy)"  # the rest is kept
