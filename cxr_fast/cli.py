@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import functools
 import os
+import sys
 import warnings
 from pathlib import Path
 from typing import Annotated
@@ -30,6 +31,12 @@ warnings.filterwarnings("ignore", message=".*torch.jit.script.*", category=Futur
 warnings.formatwarning = lambda message, category, *args, **kwargs: f"warning: {message}\n"
 # Each command is one process doing one job: reusing freed memory makes training ~1.4x faster on a CPU (memory.py).
 keep_freed_memory()
+# Output redirected to a file or a pipe on Windows is in the locale's code page (cp1252, cp932), which cannot hold every
+# character of a class or file name (肺炎), nor the arrows of a few lines: those are written as \u escapes rather
+# than ending the command with a UnicodeEncodeError after its work was done.
+for _stream in (sys.stdout, sys.stderr):
+    if getattr(_stream, "errors", None) == "strict" and hasattr(_stream, "reconfigure"):
+        _stream.reconfigure(errors="backslashreplace")
 
 DEFAULTS = TrainConfig()  # shown in train's --help: an option left out takes the recipe's value, else this
 

@@ -453,3 +453,19 @@ def test_predict_shows_each_probability_to_three_decimals(tmp_path, monkeypatch)
     result = invoke("predict", tmp_path / "run", tmp_path / "a.png")
     assert result.exit_code == 0, result.output
     assert re.search(r"a\.png .* Normal .* 0\.123 .* 0\.800 .* 0\.077", result.output)
+
+
+def test_output_in_a_legacy_code_page_escapes_what_it_cannot_hold_instead_of_crashing(tmp_path):
+    # Windows writes redirected or piped output in the locale's code page: a class or folder name in Chinese, or an
+    # arrow in a table, ended the command with a UnicodeEncodeError traceback after its work was done (stderr escapes
+    # by itself; stdout did not)
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "PYTHONIOENCODING": "cp1252", "PYTHONPATH": str(Path(__file__).parents[1])}
+    done = subprocess.run([sys.executable, "-c", "from cxr_fast.cli import app; app()", "data", "synth",
+                           str(tmp_path / "肺炎 é"), "--n-per-class", "1", "--size", "64"],
+                          capture_output=True, env=env, timeout=300)
+    assert done.returncode == 0, done.stderr.decode("cp1252")[-2000:]
+    assert f"wrote 3 phantoms to {tmp_path}/\\u80ba\\u708e é" in done.stdout.decode("cp1252")
