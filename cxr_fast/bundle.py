@@ -17,7 +17,13 @@ import torch
 
 from cxr_fast.archs import model_from_config
 from cxr_fast.config import contract_problem
-from cxr_fast.data.manifest import image_column, manifest_csv, manifest_digest, read_manifest
+from cxr_fast.data.manifest import (
+    absolute_anywhere,
+    image_column,
+    manifest_csv,
+    manifest_digest,
+    read_manifest,
+)
 from cxr_fast.errors import CxrFastError, read_json, read_tensors
 from cxr_fast.preprocess import load_input
 from cxr_fast.progress import progress_bar
@@ -126,7 +132,7 @@ def load_run(path: str | Path, *, finishing: bool = False) -> Run:
     problem = config_problem(config)
     if problem:
         raise CxrFastError(f"{config_path}: {problem}")
-    if isinstance(config["data"], str) and config["data"] and not Path(config["data"]).is_absolute():
+    if isinstance(config["data"], str) and config["data"] and not absolute_anywhere(config["data"]):
         # written relative to the run folder by a user, so that a project folder can move whole (or change drive)
         config["data"] = str(path / config["data"])
     tensors = read_tensors(weights_path, "weights file")

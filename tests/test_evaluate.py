@@ -842,3 +842,6 @@ def test_a_training_manifest_written_relative_to_the_run_folder_is_found_from_an
     monkeypatch.chdir(elsewhere)
     assert load_run(run).config["data"] == str(run / ".." / ".." / "data")
     assert evaluate(run, n_boot=20, progress=False).metrics["n"] == (read_manifest(data)["split"] == "test").sum()
+    # a run trained on Windows names its data by a path absolute there: kept as it is, not joined to the run folder
+    (run / "config.json").write_text(json.dumps({**config, "data": "C:\\Users\\ana\\data"}))
+    assert load_run(run).config["data"] == "C:\\Users\\ana\\data"

@@ -822,3 +822,19 @@ def test_a_second_prepare_into_a_folder_another_process_is_preparing_refuses_and
         with pytest.raises(CxrFastError, match=rf"{out}: is being written by another cxrfast process \(pid {first.pid}\)"):
             quiet(src, out, cache_size=64, force=True)
         assert cached.read_bytes() == b"png" and not (out / "manifest.csv").exists()
+
+
+def test_a_manifest_written_on_windows_reads_on_linux_and_the_reverse(tmp_path):
+    # prepared on Windows (originals outside DIR by their C:\ path, copies inside it by a "/" path, CRLF line ends)
+    # and read on Linux, or prepared on Linux and read on Windows: the copies are found in DIR, and a path absolute
+    # on the other system is kept as it was, naming the missing file, not joined to DIR
+    header = ",".join(MANIFEST_COLUMNS) + ",cache_path,mask"
+    rows = [r"C:\Users\ana\src\Normal\a.png,Normal,Normal,train,g1,abc,10,10,cache/64px/ab/ab.png,C:\Users\ana\m.png",
+            "/home/ana/src/Normal/b.png,Normal,Normal,test,g2,abd,10,10,cache/64px/ab/ac.png,",
+            r"\\server\share\c.png,Normal,Normal,valid,g3,abe,10,10,cache/64px/ab/ad.png,"]
+    (tmp_path / "manifest.csv").write_bytes(("\r\n".join([header, *rows]) + "\r\n").encode("utf-8"))
+    frame = read_manifest(tmp_path)
+    assert list(frame["path"]) == [r"C:\Users\ana\src\Normal\a.png", "/home/ana/src/Normal/b.png", r"\\server\share\c.png"]
+    assert list(frame["cache_path"]) == [str(tmp_path / "cache/64px/ab" / name) for name in ("ab.png", "ac.png", "ad.png")]
+    assert list(frame["mask"]) == [r"C:\Users\ana\m.png", "", ""]
+    assert list(manifest.image_column(frame)) == list(frame["cache_path"])

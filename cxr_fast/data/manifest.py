@@ -37,7 +37,7 @@ from collections import Counter, defaultdict
 from collections.abc import Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
+from pathlib import Path, PurePosixPath, PureWindowsPath
 
 import numpy as np
 import pandas as pd
@@ -619,6 +619,14 @@ def _read_meta(folder: Path, prefix: Path) -> pd.DataFrame:
 # --- reading and printing ------------------------------------------------------------------------------
 
 
+def absolute_anywhere(value: str) -> bool:
+    """Whether a stored path is absolute on Linux, macOS or Windows. A manifest or config.json written on Windows
+    (C:\\data\\x.png) and read on Linux, or the reverse, holds paths absolute elsewhere: kept as they are, they name
+    the file that is missing; joined to a folder here, they named one that never existed. Relative paths are written
+    with "/", which both take."""
+    return PurePosixPath(value).is_absolute() or bool(PureWindowsPath(value).anchor)
+
+
 def manifest_csv(dir_or_csv: str | os.PathLike) -> Path:
     """The manifest file of a prepared folder, or the CSV itself."""
     location = Path(dir_or_csv)
@@ -682,7 +690,7 @@ def read_manifest(dir_or_csv: str | os.PathLike) -> pd.DataFrame:
     for column in PATH_COLUMNS:
         if column in frame.columns:
             frame[column] = [
-                str(base / value) if value and not os.path.isabs(value) else value for value in frame[column]
+                str(base / value) if value and not absolute_anywhere(value) else value for value in frame[column]
             ]
     return frame
 
