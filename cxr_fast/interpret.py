@@ -211,6 +211,10 @@ def interpret(run_dir: str | Path, data: str | Path | None = None, split: str = 
                       stacklevel=2)
     # another source's images less those the model learned from, as evaluate uses them
     items, name, _, left_out, seen_summary = select_unseen_items(run, data, split)
+    lost = [mask for mask in items.get("mask", []) if mask and not Path(mask).is_file()]
+    if lost:  # named by their absolute path in SRC: a moved source folder left the audit on estimates without a word
+        warnings.warn(f"{len(lost)} of the lung masks the manifest names are missing (e.g. {lost[0]}; was the source "
+                      "folder moved?): the lung fields of those images are estimated instead", stacklevel=2)
     manifest = manifest_folder(run, data)
     # A mean-gray baseline's maps sit beside the black ones, so the two can be compared (as evaluate's -tta does)
     out_dir = output_folder(run.path / "interpret", name if baseline == "black" else f"{name}-{baseline}", manifest,

@@ -428,3 +428,15 @@ def test_the_gallery_page_highlights_warnings_formats_every_table_and_captions_e
     assert "<h2>Empty</h2>" not in text
     assert text.count("<figcaption>") == 2 and "<figcaption>first &lt;film&gt;</figcaption>" in text
     assert parse(path).links == ["images/a.png"]
+
+
+def test_lung_masks_left_behind_by_a_moved_source_folder_are_named_not_silently_estimated(tiny_runs, tmp_path):
+    import shutil
+
+    synthesize(tmp_path / "src", n_per_class=4, size=64, seed=9, progress=False)
+    prepare(tmp_path / "src", tmp_path / "data", cache_size=64, progress=False)  # the copies travel with data/
+    (tmp_path / "src").rename(tmp_path / "moved src")
+    run = shutil.copytree(tiny_runs[0], tmp_path / "run")
+    with pytest.warns(UserWarning, match=f"12 of the lung masks the manifest names are missing \\(e.g. {tmp_path}/src/"):
+        result = interpret(run, data=tmp_path / "data", n=1, audit_n=2, progress=False)
+    assert "ground truth" not in set(pd.read_csv(result.out_dir / "audit_images.csv")["lungs"])
