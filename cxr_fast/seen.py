@@ -20,7 +20,7 @@ import pandas as pd
 import torch
 
 from cxr_fast.data.cache import FINGERPRINT_DECODE_SIDE
-from cxr_fast.data.dedup import HASH_SIDE, Fingerprint, near_pairs, perceptual_hash, thumbnail_of
+from cxr_fast.data.dedup import HASH_SIDE, Fingerprint, near_pairs_across, perceptual_hash, thumbnail_of
 from cxr_fast.data.io import read_image
 from cxr_fast.data.manifest import image_column, read_manifest
 from cxr_fast.errors import CxrFastError, read_tensors
@@ -89,9 +89,9 @@ def match_seen(items: pd.DataFrame, seen: list[Fingerprint]) -> pd.Series:
     """For each row of `items`: "identical" (same file bytes as a seen image), "near copy", or "" (new)."""
     new = manifest_fingerprints(items)
     seen_sha256 = {f.sha256 for f in seen}
-    match = pd.Series(["identical" if f.sha256 in seen_sha256 else "" for f in new], index=items.index)
-    # Pairs within `seen` or within `new` come back too (near_pairs compares all): keep those across the two.
-    for i, j in near_pairs(seen + new):
-        if i < len(seen) <= j and match.iloc[j - len(seen)] == "":
-            match.iloc[j - len(seen)] = "near copy"
-    return match
+    match = np.array(["identical" if f.sha256 in seen_sha256 else "" for f in new], dtype=object)
+    # Only pairs across the two lists: near_pairs(seen + new) also compared every pair within the training images,
+    # most of the work when a model trained on many images is checked against a few.
+    near = near_pairs_across(seen, new)[:, 1]
+    match[near[match[near] == ""]] = "near copy"
+    return pd.Series(match, index=items.index)

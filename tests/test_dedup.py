@@ -163,3 +163,76 @@ def test_thumbnail_averages_every_source_pixel():
     expected = pixels.reshape(32, 3, 32, 2).mean(axis=(1, 3))
     thumbnail = np.asarray(thumbnail_of(Image.fromarray(pixels)), dtype=np.float64)
     assert np.abs(thumbnail - expected).max() < 1  # Pillow averages in fixed point: within one grey level
+
+
+
+def phantom_prints(n: int = 40) -> list[Fingerprint]:
+    """Phantoms of one anatomy, every fifth a re-encoded copy of the one before: many pairs pass the hash test and
+    correlate close to any threshold, where a shortcut in the thumbnail test would show."""
+    from cxr_fast.data.synth import make_phantom
+
+    images = []
+    for i in range(n):
+        image = Image.fromarray(make_phantom(("Normal", "COVID-19")[i % 2], i // 2, size=96)[0])
+        images.append(reencoded(images[-1], 0.6, 70).convert("L") if i % 5 == 4 else image)
+    thumbnails = [thumbnail_of(image) for image in images]
+    return [Fingerprint(str(i), perceptual_hash(t), t.tobytes()) for i, t in enumerate(thumbnails)]
+
+
+def near_pairs_and_correlated(monkeypatch, prints, *args) -> tuple[list, int]:
+    """near_pairs' result, and how many pairs it correlated in full."""
+    from cxr_fast.data import dedup
+
+    correlated = []
+    exact = dedup._correlations
+    monkeypatch.setattr(dedup, "_correlations", lambda a, b, i, j: correlated.append(len(i)) or exact(a, b, i, j))
+    return near_pairs(prints, *args).tolist(), sum(correlated)
+
+
+def test_the_reduced_thumbnail_bound_drops_no_pair_the_exact_test_keeps(monkeypatch):
+    from cxr_fast.data import dedup
+
+    prints = phantom_prints()
+    for threshold, min_correlation in ((48, 0.99), (80, 0.97), (104, 0.95), (128, 0.9)):
+        found, bounded = near_pairs_and_correlated(monkeypatch, prints, threshold, min_correlation)
+        with monkeypatch.context() as patch:
+            patch.setattr(dedup, "_REDUCED_MARGIN", np.inf)  # no bound: every candidate correlated, as before it
+            unbounded, candidates = near_pairs_and_correlated(patch, prints, threshold, min_correlation)
+        assert found == unbounded
+        if min_correlation > 0.9:
+            assert bounded < candidates  # 8 of 58 candidates at the defaults (the 8 copies), 630 of 780 at 0.95
+    assert len(near_pairs(prints)) == 8 and len(near_pairs(prints, 104, 0.95)) > 200  # and some pairs lie near 0.95
+
+
+def test_pairs_across_two_lists_are_those_of_both_joined_and_only_they_are_compared(monkeypatch):
+    from cxr_fast.data import dedup
+    from cxr_fast.data.dedup import near_pairs_across
+
+    prints = phantom_prints()
+    first, second = prints[:17], prints[17:]
+    joined = near_pairs(first + second, 104, 0.95)
+    across = joined[(joined[:, 0] < 17) & (joined[:, 1] >= 17)] - [0, 17]
+    assert len(across) > 3
+    compared = []
+    count = dedup._popcount64
+    monkeypatch.setattr(dedup, "_popcount64", lambda values: compared.append(values.size) or count(values))
+    assert near_pairs_across(first, second, 104, 0.95).tolist() == across.tolist()
+    assert sum(compared) == 17 * 23 * 4  # each pair across once, 4 hash words each; none within a list
+    assert near_pairs_across([], second).shape == near_pairs_across(first, []).shape == (0, 2)
+
+
+def test_a_pair_at_the_correlation_threshold_whose_whole_difference_the_bound_sees_is_kept():
+    # Thumbnails constant on 2x2 squares: the reduced thumbnails keep all of their difference, so the bound has no
+    # slack, and a pair correlating at exactly min_correlation sits on it (only float rounding either side).
+    from cxr_fast.data.dedup import _correlations, _standardised
+
+    rng = np.random.default_rng(3)
+    for _ in range(20):
+        coarse = rng.integers(0, 200, (16, 16))
+        other = coarse + rng.integers(0, 40, (16, 16))
+        a, b = (np.kron(x, np.ones((2, 2))).astype(np.uint8).tobytes() for x in (coarse, other))
+        rows = _standardised([a, b])
+        at = float(_correlations(rows, rows, np.array([0]), np.array([1]))[0])
+        prints = [Fingerprint("a", "0" * 64, a), Fingerprint("b", "0" * 64, b)]
+        assert near_pairs(prints, min_correlation=at).tolist() == [[0, 1]]
+        assert near_pairs(prints, min_correlation=np.nextafter(np.float32(at), 2)).tolist() == []
