@@ -1,6 +1,6 @@
 """`cxrfast interpret`: what does the model look at, and is it cheating?
 
-1. Top losses and most-confused pairs through fastai's `ClassificationInterpretation`.
+1. Top losses through fastai's `ClassificationInterpretation`, and the most-confused pairs.
 2. Occlusion heatmaps (all classes from one sweep, equal to Captum's `Occlusion`) for the top losses and a
    class-stratified sample of correct predictions; integrated gradients and Grad-CAM on request.
 3. A shortcut audit: the share of positive evidence inside the lung fields, per image, per class and overall,
@@ -49,7 +49,7 @@ class Interpretation:
 
 def top_losses(run: Run, items: pd.DataFrame, k: int, probs: np.ndarray) -> tuple[pd.DataFrame, list]:
     """fastai's ClassificationInterpretation on the bundle's model: the k wrong predictions with the highest loss,
-    and the confused pairs. Correct predictions are left out even when their loss is high (on a small split fastai's
+    and the confused pairs (`most_confused`, from `probs`). Correct predictions are left out even when their loss is high (on a small split fastai's
     top k would include them), as the gallery shows them as "what the model got most wrong".
 
     fastai 2.8 keeps only the losses (of the uncalibrated model), so the probabilities of the true and predicted
@@ -70,9 +70,9 @@ def top_losses(run: Run, items: pd.DataFrame, k: int, probs: np.ndarray) -> tupl
     learn = Learner(dls, run.model, loss_func=CrossEntropyLossFlat())
     with learn.no_bar(), learn.no_logging():
         interp = ClassificationInterpretation.from_learner(learn)
-        confused = interp.most_confused(min_val=1)
     losses, idx = interp.top_losses(k=len(items))
     y = label_indices(items["label"], run.classes)
+    confused = most_confused(y, probs.argmax(1), run.classes)
     rows = []
     for loss, i in zip(losses.tolist(), idx.tolist()):
         true, pred = int(y[i]), int(probs[i].argmax())
@@ -84,6 +84,17 @@ def top_losses(run: Run, items: pd.DataFrame, k: int, probs: np.ndarray) -> tupl
                      "predicted": run.classes[pred], "p_true": float(probs[i, true]),
                      "p_predicted": float(probs[i, pred]), "loss": float(loss)})
     return pd.DataFrame(rows, columns=["index", "path", "label", "predicted", "p_true", "p_predicted", "loss"]), confused
+
+
+def most_confused(y: np.ndarray, pred: np.ndarray, classes: list[str]) -> list[tuple[str, str, int]]:
+    """(true class, predicted class, count) of every pair confused at least once, most often first, as fastai's
+    `ClassificationInterpretation.most_confused(min_val=1)` lists them. Counted from the predictions at hand: fastai's
+    runs the model over every image again, a third pass over the data (with `predict_logits` and the losses)."""
+    counts = np.zeros((len(classes), len(classes)), dtype=np.int64)
+    np.add.at(counts, (y, pred), 1)
+    np.fill_diagonal(counts, 0)
+    pairs = [(classes[i], classes[j], int(counts[i, j])) for i, j in zip(*np.nonzero(counts))]
+    return sorted(pairs, key=lambda pair: pair[2], reverse=True)
 
 
 def audit_sample(probs: np.ndarray, y: np.ndarray, n: int, seed: int = 0) -> list[int]:

@@ -440,3 +440,38 @@ def test_lung_masks_left_behind_by_a_moved_source_folder_are_named_not_silently_
     with pytest.warns(UserWarning, match=f"12 of the lung masks the manifest names are missing \\(e.g. {tmp_path}/src/"):
         result = interpret(run, data=tmp_path / "data", n=1, audit_n=2, progress=False)
     assert "ground truth" not in set(pd.read_csv(result.out_dir / "audit_images.csv")["lungs"])
+
+
+def test_most_confused_pairs_are_fastais_counted_from_the_predictions_at_hand(tiny_runs, tiny_data, monkeypatch):
+    # fastai's most_confused ran the model over every image once more; the pairs must stay fastai's
+    import torch
+    from fastai.interpret import ClassificationInterpretation
+    from fastai.learner import Learner
+
+    from cxr_fast.bundle import predict_logits
+    from cxr_fast.calibration import softmax
+    from cxr_fast.data.block import build_eval_dataloaders
+    from cxr_fast.interpret import most_confused, top_losses
+
+    assert most_confused(np.array([0, 0, 1, 2, 2, 2, 1]), np.array([1, 0, 0, 1, 1, 0, 0]), ["a", "b", "c"]) == [
+        ("b", "a", 2), ("c", "b", 2), ("a", "b", 1), ("c", "a", 1)]  # ties in fastai's order: true class, then predicted
+    run = load_run(tiny_runs[0])
+    items = read_manifest(tiny_data).reset_index(drop=True)
+    probs = softmax(predict_logits(run, items, progress=False), run.temperature)
+    dls = build_eval_dataloaders(items, size=run.size, bs=32, n_in=run.n_in, classes=run.classes,
+                                 mean=run.config["mean"], std=run.config["std"], device=torch.device("cpu"))
+    learn = Learner(dls, run.model)
+    with learn.no_bar(), learn.no_logging():
+        fastai_pairs = ClassificationInterpretation.from_learner(learn).most_confused(min_val=1)
+    assert len(fastai_pairs) > 1
+    passes = []
+    get_preds = Learner.get_preds
+
+    def counted(self, *args, **kwargs):
+        passes.append(1)
+        return get_preds(self, *args, **kwargs)
+
+    monkeypatch.setattr(Learner, "get_preds", counted)
+    _, confused = top_losses(run, items, 3, probs)
+    assert confused == [(a, b, int(n)) for a, b, n in fastai_pairs]
+    assert len(passes) == 1  # the losses only
