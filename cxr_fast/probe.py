@@ -30,10 +30,11 @@ from cxr_fast.archs import create_model
 from cxr_fast.archs.frozen import PACKAGED_BACKBONES, VARIANTS, FrozenFeatures, load_packaged_weights
 from cxr_fast.archs.weights import EFFICIENTNET_LITE_MEAN, EFFICIENTNET_LITE_STD, Stats, channel_stats
 from cxr_fast.config import TrainConfig
+from cxr_fast.data.io import read_image
 from cxr_fast.data.manifest import image_column, label_indices, manifest_classes
 from cxr_fast.errors import CxrFastError, read_tensors
 from cxr_fast.outputs import clear_run_folder, csv_text, write_bytes, write_tensors, write_text
-from cxr_fast.preprocess import load_input
+from cxr_fast.preprocess import normalize, resize_square
 from cxr_fast.progress import LogProgress, progress_bar
 
 # Inverse regularisation strengths tried, strongest first: on a tie the simpler model wins. The 5-fold benchmark
@@ -127,10 +128,10 @@ def split_features(body: FrozenFeatures, manifest: pd.DataFrame, cfg: TrainConfi
                 started = time.perf_counter()
                 if images is None:
                     task = bar.add_task("reading images", total=sum(map(len, files.values())))
-                    images = {s: _read_images(fs, cfg, stats, bar, task) for s, fs in files.items()}
+                    images = {s: _read_images(fs, cfg.size, bar, task) for s, fs in files.items()}
                 name = f"{body.backbone_names[backbone]} at {size} px"
                 task = bar.add_task(f"features: {name}", total=sum(map(len, files.values())))
-                block = {s: _member_features(body, backbone, size, images[s], cfg.bs, bar, task) for s in images}
+                block = {s: _member_features(body, backbone, size, images[s], cfg, stats, bar, task) for s in images}
                 write_tensors(block, path)
                 seconds = time.perf_counter() - started
                 state["train_seconds"] += seconds
@@ -141,20 +142,29 @@ def split_features(body: FrozenFeatures, manifest: pd.DataFrame, cfg: TrainConfi
     return {s: torch.cat(blocks[s], dim=1).numpy().astype(np.float64) for s in FITTED_SPLITS}
 
 
-def _read_images(files: list[str], cfg: TrainConfig, stats: Stats, bar: Progress | LogProgress, task) -> torch.Tensor:
-    out = []
-    for f in files:
-        out.append(load_input(f, cfg.size, cfg.n_in, stats.mean, stats.std))
+def _read_images(files: list[str], size: int, bar: Progress | LogProgress, task) -> torch.Tensor:
+    """Every image at the model's size as uint8 [N, size, size], read once for all the feature blocks; `_inputs`
+    makes the model's inputs a batch at a time. Held as float32 inputs (a list of them, then a stacked copy), 4,000
+    films at 288 px took 3.7 GiB at the peak, and the train and valid images of 20,000 films would take some 15 GiB;
+    as uint8 about a twelfth of that (docs/benchmarks.md)."""
+    pixels = torch.empty((len(files), size, size), dtype=torch.uint8)
+    for k, f in enumerate(files):
+        pixels[k] = torch.from_numpy(np.asarray(resize_square(read_image(f), size), dtype=np.uint8))
         bar.advance(task)
-    return torch.stack(out)
+    return pixels
+
+
+def _inputs(pixels: torch.Tensor, n_in: int, stats: Stats) -> torch.Tensor:
+    """uint8 images [B, H, W] → normalised inputs [B, n_in, H, W], exactly as `load_input` makes them one by one."""
+    return normalize(pixels.float().div_(255.0).unsqueeze(1).expand(-1, n_in, -1, -1), stats.mean, stats.std)
 
 
 @torch.no_grad()
-def _member_features(body: FrozenFeatures, backbone: int, size: int, images: torch.Tensor, bs: int,
-                     bar: Progress | LogProgress, task) -> torch.Tensor:
+def _member_features(body: FrozenFeatures, backbone: int, size: int, images: torch.Tensor, cfg: TrainConfig,
+                     stats: Stats, bar: Progress | LogProgress, task) -> torch.Tensor:
     out = []
-    for start in range(0, len(images), bs):
-        out.append(body.member_features(images[start:start + bs], backbone, size))
+    for start in range(0, len(images), cfg.bs):
+        out.append(body.member_features(_inputs(images[start:start + cfg.bs], cfg.n_in, stats), backbone, size))
         bar.advance(task, len(out[-1]))
     return torch.cat(out).contiguous()
 

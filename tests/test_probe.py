@@ -330,3 +330,22 @@ def test_frozen_lite_is_three_lite_backbones_at_224_and_288_px_with_11536_featur
 def test_frozen_feature_sizes_and_taps_out_of_range_are_refused(options, problem):
     with pytest.raises(CxrFastError, match=problem):
         create_model("frozen_lite", n_in=1, n_classes=3, **{**SMALL, **options})
+
+
+@pytest.mark.parametrize("n_in", [1, 3])
+def test_images_kept_as_uint8_give_exactly_the_inputs_load_input_makes(tiny_data, n_in):
+    # the feature blocks keep every train and valid image in memory: as uint8, a twelfth of the float32 inputs, made
+    # a batch at a time with the same arithmetic
+    from cxr_fast.archs.weights import Stats
+    from cxr_fast.data.manifest import image_column
+    from cxr_fast.preprocess import load_input
+    from cxr_fast.probe import _inputs, _read_images
+    from cxr_fast.progress import progress_bar
+
+    files = image_column(read_manifest(tiny_data)).tolist()[:6]
+    stats = Stats(mean=[0.45, 0.5, 0.55][:n_in], std=[0.2, 0.25, 0.3][:n_in])
+    with progress_bar(False) as bar:
+        pixels = _read_images(files, 40, bar, bar.add_task("reading", total=len(files)))
+    assert pixels.dtype == torch.uint8 and pixels.shape == (6, 40, 40)
+    expected = torch.stack([load_input(f, 40, n_in, stats.mean, stats.std) for f in files])
+    assert torch.equal(_inputs(pixels, n_in, stats), expected)
