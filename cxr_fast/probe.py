@@ -145,8 +145,8 @@ def split_features(body: FrozenFeatures, manifest: pd.DataFrame, cfg: TrainConfi
 def _read_images(files: list[str], size: int, bar: Progress | LogProgress, task) -> torch.Tensor:
     """Every image at the model's size as uint8 [N, size, size], read once for all the feature blocks; `_inputs`
     makes the model's inputs a batch at a time. Held as float32 inputs (a list of them, then a stacked copy), 4,000
-    films at 288 px took 3.7 GiB at the peak, and the train and valid images of 20,000 films would take some 15 GiB;
-    as uint8 about a twelfth of that (docs/benchmarks.md)."""
+    films at 288 px grew the process by 2.5-3.7 GiB, and the train and valid images of 20,000 films would have needed
+    10 GiB or more; as uint8 they take 0.3 and 1.3 GiB (docs/benchmarks.md)."""
     pixels = torch.empty((len(files), size, size), dtype=torch.uint8)
     for k, f in enumerate(files):
         pixels[k] = torch.from_numpy(np.asarray(resize_square(read_image(f), size), dtype=np.uint8))
