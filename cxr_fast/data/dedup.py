@@ -147,7 +147,7 @@ def near_pairs(
     """Index pairs (i < j) of near copies, shape [n_pairs, 2], sorted.
 
     Every pair is compared (exact, no index that could miss one), in blocks of rows: 20,000 images make
-    200 million hash comparisons, about two seconds of vectorised XOR + popcount on 2 cores. Only the pairs
+    200 million hash comparisons, 2-4 seconds of vectorised XOR + popcount on 2 cores. Only the pairs
     within ``threshold`` bits have their thumbnails correlated.
     """
     if len(fingerprints) < 2:
