@@ -336,7 +336,7 @@ def integrated_gradients(
             n_steps=n_steps,
             internal_batch_size=internal_batch_size,
         )
-    return attr[0].sum(dim=0).detach()
+    return attr[0].sum(dim=0).detach().to(x.dtype)  # captum 0.7 returns float64
 
 
 def has_feature_map(model: nn.Module) -> bool:
