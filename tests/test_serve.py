@@ -212,10 +212,10 @@ def server_url(run):
 
 
 def test_page_in_a_real_browser(server_url, image, tmp_path):
+    driver = browser()  # first: it skips when selenium is not installed
     from selenium.webdriver.common.by import By
     from selenium.webdriver.support.ui import WebDriverWait
 
-    driver = browser()
     try:
         driver.get(server_url)
         assert "cxresnet_tiny" in driver.find_element(By.ID, "model-name").text
