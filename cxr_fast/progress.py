@@ -7,6 +7,7 @@ line per task instead: when it starts, at most every `LOG_INTERVAL_S` seconds wh
 
 from __future__ import annotations
 
+import io
 import sys
 import time
 from dataclasses import dataclass, field
@@ -25,6 +26,8 @@ def progress_bar(enabled: bool = True, transient: bool = True, console: Console 
     console = console or Console(stderr=True)
     if enabled and not console.is_terminal:
         return LogProgress(console.file)
+    if not enabled:  # rich before 14.3 still ends a disabled bar with a newline: send it nowhere
+        console = Console(file=io.StringIO())
     return Progress(*columns, console=console, transient=transient, disable=not enabled)
 
 
