@@ -34,18 +34,24 @@ def small_recipe(tmp_path, **extra):
     return recipe
 
 
-def test_features_are_the_pooled_block_outputs_of_timms_own_forward():
-    model = create_model("frozen_lite", n_in=1, n_classes=3, **SMALL).eval()
-    net = model.body.backbones[0]
+def pooled_block_outputs(net, x):
+    """timm's own forward of `net` on `x`: the spatial means of its last three blocks' outputs and of its last map."""
     taps = []
     hooks = [block.register_forward_hook(lambda m, i, out: taps.append(out.mean((2, 3))))
              for block in list(net.blocks)[-3:]]
+    try:
+        with torch.no_grad():
+            final = net(x).mean((2, 3))  # the hooks record the last three blocks' outputs meanwhile
+    finally:
+        for hook in hooks:
+            hook.remove()
+    return torch.cat([*taps, final], dim=1)
+
+
+def test_features_are_the_pooled_block_outputs_of_timms_own_forward():
+    model = create_model("frozen_lite", n_in=1, n_classes=3, **SMALL).eval()
     x = torch.randn(2, 1, 64, 64)
-    with torch.no_grad():
-        final = net(x).mean((2, 3))  # the hooks record the last three blocks' outputs meanwhile
-    for hook in hooks:
-        hook.remove()
-    expected = torch.cat([*taps, final], dim=1)
+    expected = pooled_block_outputs(model.body.backbones[0], x)
     with torch.no_grad():
         features = model.features(x)
     d = model.body.member_dims[0]
@@ -298,19 +304,13 @@ def test_a_smaller_member_reads_the_image_bilinearly_resized_to_its_own_size():
     import torch.nn.functional as F
 
     model = create_model("frozen_lite", n_in=1, n_classes=3, **SMALL).eval()
-    net = model.body.backbones[0]
-    taps = []
-    hooks = [block.register_forward_hook(lambda m, i, out: taps.append(out.mean((2, 3))))
-             for block in list(net.blocks)[-3:]]
     x = torch.rand(2, 1, 64, 64)
-    with torch.no_grad():
-        final = net(F.interpolate(x, size=(48, 48), mode="bilinear", align_corners=False)).mean((2, 3))
-    for hook in hooks:
-        hook.remove()
+    resized = F.interpolate(x, size=(48, 48), mode="bilinear", align_corners=False)
+    expected = pooled_block_outputs(model.body.backbones[0], resized)
     with torch.no_grad():
         features = model.features(x)
     d = model.body.member_dims[0]
-    torch.testing.assert_close(features[:, :d], torch.cat([*taps, final], dim=1))
+    torch.testing.assert_close(features[:, :d], expected)
 
 
 def test_frozen_lite_is_three_lite_backbones_at_224_and_288_px_with_11536_features():
