@@ -200,16 +200,23 @@ def _plain(value):
     return value.item() if hasattr(value, "item") else float(value)
 
 
-def _load_optimizer(opt, path: Path, meta: dict) -> None:
+def _resume_optimizer(learn, path: Path, meta: dict) -> None:
+    """The checkpoint's optimizer state into `learn.opt`, on the device training will run on: its batches'.
+
+    fastai moves the model to that device only as fitting starts (TrainEvalCallback.before_fit), so the parameters
+    are still on the CPU here: moments put beside them made a resumed run's first step on a GPU mix cuda:0 and cpu."""
+    _load_optimizer(learn.opt, path, meta, device=getattr(learn.dls, "device", None))
+
+
+def _load_optimizer(opt, path: Path, meta: dict, device: torch.device | None = None) -> None:
+    """`device` None: each tensor to its parameter's device, as fastai's load_model(device=…) does."""
     tensors = read_tensors(path, "checkpoint file")
     try:
         states = [dict(s) for s in meta["state"]]
-        # saved from the CPU: each tensor goes to its parameter's device (a GPU run resumed), as fastai's
-        # load_model(device=…) does, or Adam's step would mix devices
         params = opt.all_params().itemgot(0)
         for key, v in tensors.items():
             i, k = key.split(".", 1)
-            states[int(i)][k] = v.to(params[int(i)].device)
+            states[int(i)][k] = v.to(device or params[int(i)].device)
         opt.load_state_dict({"state": states, "hypers": meta["hypers"]})
     except (KeyError, TypeError, ValueError, IndexError, AssertionError) as e:  # fastai asserts the lengths
         raise CxrFastError(f"{path}: does not match the optimizer state in state.json ({type(e).__name__}: "
@@ -651,7 +658,7 @@ def _fit_phases(learn, cfg: TrainConfig, state: dict, run_dir: Path, lr: float, 
         if resume and start_epoch > 0:
             # After freeze/unfreeze, whose freeze_to clears the optimizer's state: loaded before, Adam's moments
             # were wiped and the resumed epochs started from zero momentum.
-            _load_optimizer(learn.opt, checkpoint_paths(run_dir, done - 1)[1], state["optimizer"])
+            _resume_optimizer(learn, checkpoint_paths(run_dir, done - 1)[1], state["optimizer"])
         recorder = [RunRecorder(run_dir, state, offset, phase)] if distributed.is_main() else []  # rank 0 writes
         cbs = recorder + [EpochNumbering(offset, done)] + list(extra_cbs or [])
         if phase == "frozen":

@@ -51,7 +51,7 @@ def test_reloaded_bundle_reproduces_the_training_pipeline(tiny_data, tmp_path):
     learn.model.eval()
     xb, _ = learn.dls.valid.one_batch()
     with torch.no_grad():
-        fastai_logits = learn.model(xb).numpy()
+        fastai_logits = learn.model(xb.cpu()).numpy()  # the batch is on fastai's default device, a GPU if any
     valid = manifest[manifest["split"] == "valid"].reset_index(drop=True)
     bundle_logits = predict_logits(run, valid.iloc[: len(xb)], progress=False)
     np.testing.assert_allclose(bundle_logits, fastai_logits, atol=1e-5)
@@ -493,18 +493,20 @@ def test_channels_last_trains_in_that_layout_and_saves_a_plain_bundle(tiny_data,
     valid = read_manifest(tiny_data).query("split == 'valid'").reset_index(drop=True)
     bundle_logits = predict_logits(run, valid, progress=False)
     learn = probe.trained
-    learn.model.eval()
+    learn.model.cpu().eval()  # on the CPU, as the bundle's: a GPU's TF32 convolutions differ by more than atol
     with torch.no_grad():  # the valid DataLoader keeps the manifest's order
-        trained_logits = torch.cat([learn.model(xb.contiguous(memory_format=torch.channels_last))
+        trained_logits = torch.cat([learn.model(xb.cpu().contiguous(memory_format=torch.channels_last))
                                     for xb, _ in learn.dls.valid])
     np.testing.assert_allclose(bundle_logits, trained_logits.numpy(), atol=1e-4)
 
 
-def test_channels_last_is_refused_for_convolutions_onednn_miscomputes(tiny_data, tmp_path):
+def test_channels_last_is_refused_for_convolutions_onednn_miscomputes(tiny_data, tmp_path, monkeypatch):
     # cxresnet_tiny's projection shortcuts are 1×1, stride 2, from 4 channels: in channels-last layout oneDNN's
     # weight gradient for them overruns a buffer (oneDNN issue 6035) and a test run hung here. Full-width
     # cxresnet (16 channels) and efficientnet-lite (stride-1 pointwise convolutions) are not affected.
     from cxr_fast.archs import create_model
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)  # oneDNN is the CPU's: train there, GPU or not
 
     assert channels_last_hazards(create_model("cxresnet_tiny", n_in=1, n_classes=3, weights="none"))
     assert not channels_last_hazards(create_model("cxresnet", n_in=1, n_classes=3, weights="none"))
@@ -858,7 +860,7 @@ class ScriptedScores(Callback):
     def after_epoch(self):
         names = [n for n in self.recorder.metric_names[1:] if n != "time"]
         self.recorder.values[-1][names.index("valid_balanced_accuracy")] = self.scores[len(self.weights)]
-        self.weights.append({k: v.detach().clone() for k, v in self.learn.model.state_dict().items()})
+        self.weights.append({k: v.detach().cpu().clone() for k, v in self.learn.model.state_dict().items()})
 
 
 def test_the_bundle_keeps_the_epoch_with_the_highest_valid_balanced_accuracy(tiny_data, tmp_path):
@@ -1020,10 +1022,11 @@ def test_a_terminal_keeps_fastais_progress_bar(tiny_data, tmp_path, monkeypatch)
 
 
 def test_mixed_precision_on_a_gpu_only(tiny_data, monkeypatch):
-    # no GPU here: what is checked is the decision, that a GPU gets fastai's fp16 training and a CPU does not
+    # train.py's decision, on any machine: a GPU gets fastai's fp16 training and a CPU does not
     from fastai.callback.fp16 import MixedPrecision
 
     manifest = read_manifest(tiny_data)
+    monkeypatch.setattr("cxr_fast.train.gpu_available", lambda: False)
     learn, _ = build_learner(manifest, resolve_config(**TINY))
     assert not any(isinstance(cb, MixedPrecision) for cb in learn.cbs)
     monkeypatch.setattr("cxr_fast.train.gpu_available", lambda: True)  # train.py's decision alone sees a GPU
@@ -1147,6 +1150,30 @@ def test_a_resumed_optimizer_state_goes_to_its_parameters_device(tmp_path):
     assert moments and all(v.device.type == "meta" for v in moments)
 
 
+def test_a_resumed_optimizer_state_goes_to_the_device_training_runs_on(tmp_path):
+    # fastai moves the model to its batches' device only once fitting starts: a run resumed on a GPU loaded Adam's
+    # moments beside the still-CPU parameters, and the first step mixed cuda:0 and cpu (seen on an H200). "meta"
+    # stands in for the GPU as the DataLoaders' device.
+    from fastai.data.core import DataLoaders
+    from fastai.learner import Learner
+    from fastai.optimizer import Adam
+
+    from cxr_fast.train import _resume_optimizer, _save_optimizer
+
+    model = torch.nn.Linear(3, 2)
+    opt = Adam(list(model.parameters()), lr=1e-3)
+    model(torch.randn(4, 3)).sum().backward()
+    opt.step()
+    meta = _save_optimizer(opt, tmp_path / "optimizer.safetensors")
+    items = [(torch.randn(3), 0)] * 4
+    dls = DataLoaders.from_dsets(items, items, bs=2, device=torch.device("meta"))
+    learn = Learner(dls, torch.nn.Linear(3, 2), loss_func=torch.nn.functional.cross_entropy, opt_func=Adam, lr=1e-3)
+    learn.create_opt()
+    _resume_optimizer(learn, tmp_path / "optimizer.safetensors", meta)
+    moments = [v for p, *_ in learn.opt.all_params() for v in learn.opt.state[p].values() if torch.is_tensor(v)]
+    assert moments and all(v.device.type == "meta" for v in moments)
+
+
 def test_the_temperature_is_fitted_on_the_valid_split(tiny_runs, tiny_data):
     from cxr_fast.calibration import fit_temperature
 
@@ -1190,12 +1217,14 @@ def test_training_images_are_augmented_but_never_mirrored_and_valid_images_never
     augmented, _ = build_dataloaders(manifest, size=48, bs=8, stats=([0.5], [0.25]))
     plain, _ = build_dataloaders(manifest, size=48, bs=8, stats=([0.5], [0.25]), augment=False)
 
-    def left_bright():  # afresh each time: fastai's transforms may work in place
-        pixels = torch.zeros(64, 1, 48, 48)
-        pixels[..., :24] = 255.0
-        return TensorImageBW(pixels), TensorCategory(torch.zeros(64, dtype=torch.long))
+    device = augmented.device  # fastai's default: a GPU if there is one, where the batch transforms then run
 
-    as_is = torch.zeros(64, 1, 48, 48)
+    def left_bright():  # afresh each time: fastai's transforms may work in place
+        pixels = torch.zeros(64, 1, 48, 48, device=device)
+        pixels[..., :24] = 255.0
+        return TensorImageBW(pixels), TensorCategory(torch.zeros(64, dtype=torch.long, device=device))
+
+    as_is = torch.zeros(64, 1, 48, 48, device=device)
     as_is[..., :24] = (1 - 0.5) / 0.25
     as_is[..., 24:] = (0 - 0.5) / 0.25
     def through(dl):  # a DataLoader tells its batch transforms which split they serve as it starts an epoch
