@@ -250,6 +250,10 @@ def launch_training(nproc: int, data: str | Path, cfg=None, *, out: str | Path |
         raise CxrFastError(f"--nproc must be at least 1, got {nproc}")
     if is_distributed():
         raise CxrFastError("already inside a distributed launch (torchrun): drop --distributed/--nproc")
+    gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if nproc > gpus > 0:  # each process takes the GPU of its LOCAL_RANK: a second one on one GPU has none to take
+        raise CxrFastError(f"--nproc {nproc} but this machine has {gpus} GPU{'s' if gpus > 1 else ''}, one per process: "
+                           f"use --nproc {gpus}, or hide the GPUs (CUDA_VISIBLE_DEVICES=) to train {nproc} CPU processes")
     # mistakes that would fail in every process fail here, before any process starts
     fastai_pieces()
     if cfg is not None:

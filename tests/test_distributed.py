@@ -40,6 +40,17 @@ if importlib.util.find_spec("accelerate") is None:
     pytest.skip("accelerate not installed (pip install accelerate)", allow_module_level=True)
 
 
+@pytest.fixture(scope="module", autouse=True)
+def cpu_processes():
+    """These are tests of CPU processes over Gloo. On a machine with a GPU, the launched processes would take NCCL
+    and a GPU each (and two processes are refused on one GPU): the GPUs are hidden from them and from this one."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("CUDA_VISIBLE_DEVICES", "")  # the launched processes are started afresh (spawn) and read it
+        patch.setattr(torch.cuda, "is_available", lambda: False)
+        patch.setattr(torch.cuda, "device_count", lambda: 0)
+        yield
+
+
 class RecordRank(Callback):
     """Writes what this process trained and validated on, one JSON file per rank and epoch.
 
@@ -291,6 +302,19 @@ def test_the_launch_shares_the_cores_and_refuses_what_would_fail_in_every_proces
     with pytest.raises(CxrFastError, match="already inside a distributed launch"):
         distributed.launch_training(2, tiny_data, cfg)
     assert len(launches) == 3
+
+
+def test_more_processes_than_gpus_is_refused_before_any_starts(launches, tiny_data, monkeypatch):
+    # each process takes the GPU of its LOCAL_RANK: on an H200 machine the second of two failed with
+    # "CUDA error: invalid device ordinal" in torch's multi-page report
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    with pytest.raises(CxrFastError, match=r"^--nproc 2 but this machine has 1 GPU, one per process: use --nproc 1, "
+                                           r"or hide the GPUs \(CUDA_VISIBLE_DEVICES=\) to train 2 CPU processes$"):
+        distributed.launch_training(2, tiny_data, resolve_config(epochs=1, **TINY))
+    assert launches == []
+    distributed.launch_training(1, tiny_data, resolve_config(epochs=1, **TINY))
+    assert launches[-1]["nproc"] == 1
 
 
 def test_two_cpu_processes_by_default_and_one_per_gpu(monkeypatch):
