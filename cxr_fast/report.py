@@ -6,8 +6,8 @@ and uses this module's cell formatting and figure encoding): give it a metrics d
 get summary cards and a per-class table, and any number of `Section`s for everything else.
 
 The HTML embeds every figure as a base64 data URI so the single file can be mailed or opened on a phone;
-the Markdown links the PNG files written next to it. All text is escaped: titles, class names and warnings
-may come from user data.
+the Markdown links the PNG files written next to it. Titles, headings, table cells, warnings, meta facts and
+figure names are escaped in both (`md_escape` for the Markdown): run, site and class names come from user data.
 """
 
 from __future__ import annotations
@@ -35,7 +35,7 @@ class Section:
     """One part of a report.
 
     `text` is plain text: paragraphs separated by blank lines, lines starting with "- " form a list. It is
-    escaped in the HTML and written as is to the Markdown. `table` is a DataFrame or a list of dicts
+    escaped in the HTML and written as is to the Markdown: keep names from user data out of it (a table or a warning escapes them). `table` is a DataFrame or a list of dicts
     (columns in first-seen order). `figures` names figures passed to `write_report` to show here; figures no
     section names go to a final "Figures" section.
     """
@@ -89,14 +89,22 @@ def _html_table(table) -> str:
     return f'<div class="table-wrap"><table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table></div>'
 
 
-def _md_cell(text: str) -> str:
-    return text.replace("|", "\\|").replace("\n", " ")
+# What Markdown would read as formatting in the middle of a line: a backslash before punctuation (a Windows path's
+# backslashes before letters stay as written), code, emphasis, links, HTML, table cells, strike-through, an entity.
+# An underscore inside a word (balanced_accuracy) emphasises nothing and is left alone.
+_MD_SPECIAL = re.compile(r"\\(?=[!-/:-@\[-`{-~])|[`*\[\]<>|~]|(?<![A-Za-z0-9])_|_(?![A-Za-z0-9])|&(?=#?\w+;)")
+
+
+def md_escape(text) -> str:
+    """`text` (a name, a path, a warning: anything that may come from user data) as Markdown that shows it
+    literally, on one line: safe in a heading, a list item and a table cell."""
+    return _MD_SPECIAL.sub(lambda m: "\\" + m.group(), re.sub(r"\s*[\r\n]+\s*", " ", str(text)))
 
 
 def _md_table(table) -> str:
     columns, rows = _table_records(table)
-    lines = ["| " + " | ".join(_md_cell(c) for c in columns) + " |", "|" + "---|" * len(columns)]
-    lines += ["| " + " | ".join(_md_cell(format_value(row.get(c))) for c in columns) + " |" for row in rows]
+    lines = ["| " + " | ".join(md_escape(c) for c in columns) + " |", "|" + "---|" * len(columns)]
+    lines += ["| " + " | ".join(md_escape(format_value(row.get(c))) for c in columns) + " |" for row in rows]
     return "\n".join(lines)
 
 
@@ -304,23 +312,22 @@ def write_report(
 
 
 def _markdown(title, blocks, files, warnings, meta, disclaimer) -> str:
-    lines = [f"# {title}", ""]
+    lines = [f"# {md_escape(title)}", ""]
     for key, value in (meta or {}).items():
-        lines.append(f"- **{key}**: {format_value(value)}")
+        lines.append(f"- **{md_escape(key)}**: {md_escape(format_value(value))}")
     if meta:
         lines.append("")
-    lines += [f"> {disclaimer}", ""]
+    lines += [f"> {md_escape(disclaimer)}", ""]
     if warnings:
-        lines += ["## Warnings", ""] + [f"- ⚠ {w}" for w in warnings] + [""]
+        lines += ["## Warnings", ""] + [f"- ⚠ {md_escape(w)}" for w in warnings] + [""]
     for block in blocks:
-        lines += [f"## {block.heading}", ""]
+        lines += [f"## {md_escape(block.heading)}", ""]
         if block.text:
             lines += [block.text.strip(), ""]
         if block.table is not None:
             lines += [_md_table(block.table), ""]
         for name in block.figures:
-            alt = name.replace("[", "(").replace("]", ")")
-            lines += [f"![{alt}]({files[name]})", ""]
+            lines += [f"![{md_escape(name)}]({files[name]})", ""]
     return "\n".join(lines)
 
 

@@ -164,7 +164,8 @@ def test_report_embeds_every_figure_and_links_every_png(tmp_path, evaluation):
     pngs = sorted(p.name for p in (tmp_path / "out").glob("*.png"))
     assert sorted(links) == pngs and len(pngs) == len(figures)
     assert all((tmp_path / "out" / link).is_file() for link in links)
-    assert "| COVID-19 |" in markdown and shift in markdown
+    assert "| COVID-19 |" in markdown and "<script>" not in markdown
+    assert "- ⚠ Test images are 3x brighter than training images \\<script\\>alert(1)\\</script\\>" in markdown
     assert "synthetic \\| tiny" not in markdown  # section text is Markdown already: written as is
     # The reliability figure appears in its section, not in the leftover "Figures" section.
     assert (
@@ -366,3 +367,50 @@ def test_the_comparison_s_error_bars_span_each_model_s_interval():
     np.testing.assert_allclose(points, [(2.1, 0.86), (11.2, 0.81)])  # millions of parameters
     spans = sorted(tuple(sorted((seg[0][1], seg[1][1]))) for c in size.containers for seg in c.lines[2][0].get_segments())
     np.testing.assert_allclose(spans, [(0.70, 0.84), (0.80, 0.88)])
+
+
+def test_names_from_user_data_read_literally_in_the_markdown(tmp_path):
+    """A run, site or class name with Markdown's characters in it shows as written when report.md is rendered (by a
+    CommonMark renderer with GitHub's tables): no emphasis, code, link or HTML, and no table split by its |."""
+    from html.parser import HTMLParser
+
+    from markdown_it import MarkdownIt
+
+    name = "run|1 *new* _x_ [a](b) <b>c</b> `d` ~e~ &amp; C:\\data\\run_2 a\\*b"
+    fig = Figure()
+    fig.add_subplot().plot([0, 1])
+    _, md_path = write_report(tmp_path, f"Evaluation of {name}", [Section("By site", table=[
+        {"site": name, "note": "two\nlines"}, {"site": "plain", "note": name}], figures=[f"map {name}"])],
+        {f"map {name}": fig}, warnings=[f"shift at {name}"], meta={"run": name, f"key {name}": 1})
+
+    class Cells(HTMLParser):
+        def __init__(self):
+            super().__init__()
+            self.tags, self.rows, self.texts, self.in_cell = set(), [], [], False
+
+        def handle_starttag(self, tag, attrs):
+            self.tags.add(tag)
+            if tag == "tr":
+                self.rows.append([])
+            elif tag in ("td", "th"):
+                self.rows[-1].append("")
+                self.in_cell = True
+            elif tag == "img":
+                self.texts.append(dict(attrs)["alt"])
+
+        def handle_endtag(self, tag):
+            self.in_cell = self.in_cell and tag not in ("td", "th")
+
+        def handle_data(self, data):
+            self.texts.append(data)
+            if self.in_cell:
+                self.rows[-1][-1] += data
+
+    page = Cells()
+    page.feed(MarkdownIt("commonmark").enable(["table", "strikethrough"]).render(md_path.read_text(encoding="utf-8")))
+    assert page.tags <= {"h1", "h2", "p", "ul", "li", "strong", "blockquote", "table", "thead", "tbody", "tr", "th",
+                         "td", "img"}, "a name turned into formatting, a link or HTML"
+    text = "\n".join(page.texts)
+    for shown in (f"Evaluation of {name}", f"shift at {name}", f"map {name}", f"key {name}"):
+        assert shown in text
+    assert page.rows == [["site", "note"], [name, "two lines"], ["plain", name]]
