@@ -383,17 +383,26 @@ def compute_metrics(y: np.ndarray, logits: np.ndarray, classes: list[str], tempe
     return metrics
 
 
-def evaluation_figures(y, logits, classes, temperature, metrics) -> dict:
+def evaluation_subject(metrics: dict) -> str:
+    """What an evaluation's figures show, for their titles: 'run on data-split (n images)', as the console says it."""
+    return f"{metrics['run']} on {metrics['data']} ({metrics['n']} images{', with TTA' if metrics.get('tta') else ''})"
+
+
+def evaluation_figures(y, logits, classes, temperature, metrics, subject: str = "") -> dict:
+    """The evaluation's figures by name; `subject` (`evaluation_subject`) goes into every title, so that a PNG
+    copied out of the report still says which model, data and how many images it shows."""
     from cxr_fast.plots import plot_confusion_matrix, plot_pr_curves, plot_reliability, plot_roc_curves
 
     probs, calibrated = softmax(logits), softmax(logits, temperature)
+    of = f"\n{subject}" if subject else ""
+    raw_bins = reliability_bins(probs, y)
     return {
-        "confusion_matrix": plot_confusion_matrix(metrics["confusion_matrix"], classes),
-        "roc_curves": plot_roc_curves(roc_curves(y, probs, classes)),
-        "pr_curves": plot_pr_curves(pr_curves(y, probs, classes)),
+        "confusion_matrix": plot_confusion_matrix(metrics["confusion_matrix"], classes, title=f"Confusion matrix{of}"),
+        "roc_curves": plot_roc_curves(roc_curves(y, probs, classes), title=f"ROC curves (one-vs-rest){of}"),
+        "pr_curves": plot_pr_curves(pr_curves(y, probs, classes), title=f"Precision-recall curves (one-vs-rest){of}"),
         # T = 1 (an ensemble, calibrated member by member, or too few valid mistakes to fit): no before and after
-        "reliability": (plot_reliability(reliability_bins(probs, y), title="Reliability") if temperature == 1.0 else
-                        plot_reliability(reliability_bins(probs, y), reliability_bins(calibrated, y), temperature)),
+        "reliability": (plot_reliability(raw_bins, title="Reliability", suptitle=subject) if temperature == 1.0 else
+                        plot_reliability(raw_bins, reliability_bins(calibrated, y), temperature, suptitle=subject)),
     }
 
 
@@ -447,7 +456,7 @@ def evaluate(run_dir: str | Path, data: str | Path | None = None, split: str = "
             write_seen_images(work, left_out)
             write_metrics_json(work / "metrics.json", metrics)
 
-            figures = evaluation_figures(y, logits, run.classes, run.temperature, metrics)
+            figures = evaluation_figures(y, logits, run.classes, run.temperature, metrics, evaluation_subject(metrics))
             cautions = [shift_warning(shift)] if shift and shift["out_of_distribution"] else []  # the report's banners
             if seen_summary is not None and (seen := seen_warning(seen_summary)):
                 cautions.insert(0, seen)

@@ -192,14 +192,17 @@ def _reliability_panel(ax, bins: Mapping, title: str) -> None:
 
 def plot_reliability(
     raw: Mapping, calibrated: Mapping | None = None, temperature: float | None = None,
-    title: str = "Before temperature scaling",
+    title: str = "Before temperature scaling", suptitle: str | None = None,
 ) -> Figure:
-    """Reliability diagram(s) from `calibration.reliability_bins`: before and, if given, after scaling."""
+    """Reliability diagram(s) from `calibration.reliability_bins`: before and, if given, after scaling. `title` is
+    the first panel's, `suptitle` the figure's (what was evaluated)."""
     fig, axes = _figure(5.0 if calibrated is None else 10.0, 5.0, ncols=1 if calibrated is None else 2)
     _reliability_panel(axes[0], raw, title)
     if calibrated is not None:
         after = "After temperature scaling" + (f" (T = {temperature:.2f})" if temperature is not None else "")
         _reliability_panel(axes[1], calibrated, after)
+    if suptitle:
+        fig.suptitle(suptitle)
     return fig
 
 

@@ -202,6 +202,12 @@ def figure_filename(name: str) -> str:
     return f"{slug}.png"
 
 
+def figure_text(figure) -> str:
+    """A figure's title and its panels' titles on one line: its image's alt text, for a reader who cannot see it."""
+    titles = [figure.get_suptitle(), *(ax.get_title() for ax in figure.axes)]
+    return "; ".join(" ".join(t.split()) for t in titles if t.strip())
+
+
 def png_bytes(figure) -> bytes:
     """The figure as PNG bytes; the figure is closed, as pyplot would otherwise keep every one in memory."""
     import matplotlib.pyplot as plt
@@ -251,7 +257,8 @@ def write_report(
 ) -> tuple[Path, Path]:
     """Write `report.html`, `report.md` and one PNG per figure into `out_dir`; return (html_path, md_path).
 
-    sections: `Section`s or (heading, text) pairs, in order. figures: {name: matplotlib Figure}.
+    sections: `Section`s or (heading, text) pairs, in order. figures: {name: matplotlib Figure}; an image's alt
+    text is its figure's titles (`figure_text`), or its name for a figure without any.
     metrics: optional classification metrics (see `summary_cards`) shown as cards, a per-class table and
     the confusion matrix. warnings: strings shown prominently near the top (e.g. distribution shift).
     meta: key/value facts shown under the title (model, data, date).
@@ -268,10 +275,12 @@ def write_report(
     # Write figures first; the file names must stay distinct after slugging.
     files: dict[str, str] = {}
     pngs: dict[str, bytes] = {}
+    alts: dict[str, str] = {}
     for name, figure in figures.items():
         filename = figure_filename(name)
         if filename in files.values():
             raise CxrFastError(f"{out_dir}: two figures would both be written to {filename}; rename one")
+        alts[name] = figure_text(figure) or name
         pngs[name] = png_bytes(figure)
         (out_dir / filename).write_bytes(pngs[name])
         files[name] = filename
@@ -306,12 +315,12 @@ def write_report(
 
     md_path = out_dir / "report.md"
     html_path = out_dir / "report.html"
-    md_path.write_text(_markdown(title, blocks, files, warnings, meta, disclaimer), encoding="utf-8")
-    html_path.write_text(_html(title, blocks, pngs, metrics, warnings, meta, disclaimer), encoding="utf-8")
+    md_path.write_text(_markdown(title, blocks, files, alts, warnings, meta, disclaimer), encoding="utf-8")
+    html_path.write_text(_html(title, blocks, pngs, alts, metrics, warnings, meta, disclaimer), encoding="utf-8")
     return html_path, md_path
 
 
-def _markdown(title, blocks, files, warnings, meta, disclaimer) -> str:
+def _markdown(title, blocks, files, alts, warnings, meta, disclaimer) -> str:
     lines = [f"# {md_escape(title)}", ""]
     for key, value in (meta or {}).items():
         lines.append(f"- **{md_escape(key)}**: {md_escape(format_value(value))}")
@@ -327,11 +336,11 @@ def _markdown(title, blocks, files, warnings, meta, disclaimer) -> str:
         if block.table is not None:
             lines += [_md_table(block.table), ""]
         for name in block.figures:
-            lines += [f"![{md_escape(name)}]({files[name]})", ""]
+            lines += [f"![{md_escape(alts[name])}]({files[name]})", ""]
     return "\n".join(lines)
 
 
-def _html(title, blocks, pngs, metrics, warnings, meta, disclaimer) -> str:
+def _html(title, blocks, pngs, alts, metrics, warnings, meta, disclaimer) -> str:
     esc = html.escape
     body = [f"<h1>{esc(title)}</h1>"]
     if meta:
@@ -358,7 +367,7 @@ def _html(title, blocks, pngs, metrics, warnings, meta, disclaimer) -> str:
         for name in block.figures:
             data = base64.b64encode(pngs[name]).decode("ascii")
             body.append(
-                f'<figure><img src="data:image/png;base64,{data}" alt="{esc(name, quote=True)}">'
+                f'<figure><img src="data:image/png;base64,{data}" alt="{esc(alts[name], quote=True)}">'
                 f"<figcaption>{esc(name)}</figcaption></figure>"
             )
         body.append("</section>")

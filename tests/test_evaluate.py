@@ -1,6 +1,7 @@
 """evaluate and compare on tiny trained runs."""
 
 import json
+import re
 import shutil
 
 import numpy as np
@@ -14,10 +15,10 @@ from cxr_fast.config import find_recipe
 from cxr_fast.data.manifest import prepare, read_manifest
 from cxr_fast.errors import CxrFastError
 from cxr_fast.evaluate import domain_auc, evaluate
-from tests.pages import image_sources
+from tests.pages import image_sources, parse
 
 
-def test_evaluate_writes_predictions_metrics_figures_and_report(tiny_runs):
+def test_evaluate_writes_predictions_metrics_figures_and_report(tiny_runs, tiny_data):
     result = evaluate(tiny_runs[0], n_boot=200, progress=False)
     out = result.out_dir
     assert out == tiny_runs[0] / "eval" / "data-test"
@@ -36,7 +37,13 @@ def test_evaluate_writes_predictions_metrics_figures_and_report(tiny_runs):
         assert (out / f"{fig}.png").is_file(), fig
     sources = image_sources(out / "report.html")
     assert len(sources) >= 4 and all(s.startswith("data:image/png;base64,") for s in sources)
-    assert (out / "report.md").is_file()
+    # every figure's title, and so its alt text, names the model, the data and the number of images it shows
+    n_test = int((read_manifest(tiny_data)["split"] == "test").sum())
+    shown = f"{tiny_runs[0].name} on data-test ({n_test} images)"
+    alts = [image["alt"] for image in parse(out / "report.html").images]
+    assert len(alts) == 4 and all(shown in alt for alt in alts), alts
+    md_alts = re.findall(r"!\[([^\]]*)\]", (out / "report.md").read_text())
+    assert len(md_alts) == 4 and all(shown in alt for alt in md_alts), md_alts
     with pytest.raises(CxrFastError, match="--force"):
         evaluate(tiny_runs[0], n_boot=200, progress=False)
 

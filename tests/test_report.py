@@ -144,7 +144,12 @@ def test_report_embeds_every_figure_and_links_every_png(tmp_path, evaluation):
     written = {(tmp_path / "out" / figure_filename(name)).read_bytes() for name in figures}
     assert embedded == written  # each figure embedded is the PNG written next to the report
     assert all(png.startswith(b"\x89PNG") for png in written)
-    assert {img["alt"] for img in page.images} == set(figures)
+    # the alt text says what a figure shows, for a reader who cannot see it: its titles, not its file's name
+    assert {img["alt"] for img in page.images} == {
+        "Confusion matrix; Counts; Row-normalised (recall on the diagonal)", "ROC curves (one-vs-rest)",
+        "Precision-recall curves (one-vs-rest)", f"Before temperature scaling ECE {metrics['ece']:.3f}; After "
+        f"temperature scaling (T = {metrics['temperature']:.2f}) ECE {metrics['ece_calibrated']:.3f}",
+        "Training curves; Loss; Accuracy"}
 
     assert any(m.get("name") == "viewport" for m in page.metas)
     raw_html = html_path.read_text(encoding="utf-8")
