@@ -326,7 +326,9 @@ def plot_comparison(
         error_kw={"elinewidth": 1.2, "ecolor": "#333333"},
     )
     for y, v in zip(positions, values, strict=True):
-        ax.text(0.01, y, f"{v:.3f}", va="center", ha="left", fontsize=9, color="white")
+        # dark on a pale box: white text was unreadable on the palette's yellow and sky blue, and on a short bar
+        ax.text(0.01, y, f"{v:.3f}", va="center", ha="left", fontsize=9, color="#222222",
+                bbox={"boxstyle": "round,pad=0.15", "facecolor": "white", "alpha": 0.85, "edgecolor": "none"})
     ax.set_yticks(positions, labels=[str(r["name"]) for r in rows])
     ax.set_xlim(0, 1)
     ax.set_xlabel(f"{label} (error bars: {ci_label})")

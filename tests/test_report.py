@@ -419,3 +419,35 @@ def test_names_from_user_data_read_literally_in_the_markdown(tmp_path):
     for shown in (f"Evaluation of {name}", f"shift at {name}", f"map {name}", f"key {name}"):
         assert shown in text
     assert page.rows == [["site", "note"], [name, "two lines"], ["plain", name]]
+
+
+def _contrast(a, b) -> float:
+    """WCAG's contrast ratio of two colours (1 to 21; 4.5 is its least for normal text)."""
+    from matplotlib.colors import to_rgb
+
+    def luminance(colour):
+        channels = [c / 12.92 if c <= 0.03928 else ((c + 0.055) / 1.055) ** 2.4 for c in to_rgb(colour)]
+        return 0.2126 * channels[0] + 0.7152 * channels[1] + 0.0722 * channels[2]
+
+    high, low = sorted((luminance(a), luminance(b)), reverse=True)
+    return (high + 0.05) / (low + 0.05)
+
+
+def test_the_comparison_s_values_are_readable_on_every_bar():
+    """Eight models take every colour of the palette, yellow and sky blue too, and a short bar leaves its value on the
+    white background: each value must stand out from what is behind it."""
+    from matplotlib.colors import to_hex
+
+    rows = [{"name": f"m{i}", "balanced_accuracy": v, "ci_low": v / 2, "ci_high": v}
+            for i, v in enumerate((0.9, 0.8, 0.7, 0.6, 0.5, 0.4, 0.3, 0.02))]
+    (bars,) = plots.plot_comparison(rows).axes
+    assert len(bars.texts) == 8
+    behind = {round(p.get_y() + p.get_height() / 2): (to_hex(p.get_facecolor()), p.get_width()) for p in bars.patches}
+    for text in bars.texts:
+        x, y = text.get_position()
+        box = text.get_bbox_patch()
+        colour, width = behind[round(y)]
+        # a value drawn past a short bar's end sits on the white axes, unless it has its own box
+        background = to_hex(box.get_facecolor()) if box is not None and box.get_alpha() >= 0.8 else (
+            colour if width > x + 0.05 else "#ffffff")
+        assert _contrast(text.get_color(), background) >= 4.5, (text.get_text(), text.get_color(), background)
