@@ -12,7 +12,7 @@ from collections.abc import Mapping, Sequence
 
 import numpy as np
 from matplotlib.figure import Figure
-from matplotlib.ticker import FuncFormatter, MaxNLocator
+from matplotlib.ticker import FuncFormatter, MaxNLocator, PercentFormatter
 
 from cxr_fast.errors import CxrFastError
 
@@ -94,6 +94,10 @@ def plot_confusion_matrix(confusion, classes: Sequence[str], title: str = "Confu
         colorbar = fig.colorbar(image, ax=ax, fraction=0.046, pad=0.04)
         if ax is ax_counts:
             colorbar.locator = MaxNLocator(integer=True)  # counts: no 0.25-case ticks on small test sets
+            colorbar.set_label("images")
+        else:  # in % as the cells are: a 0-1 scale beside "81%" made the reader convert
+            colorbar.formatter = PercentFormatter(1.0, decimals=0)
+            colorbar.set_label("share of the true class")
     fig.suptitle(title)
     return fig
 

@@ -300,6 +300,13 @@ def test_the_confusion_figure_s_rates_are_row_normalised_and_each_label_sits_on_
     assert _cells(rates) == {(0, 0): "83%", (0, 1): "17%", (0, 2): "0%", (1, 0): "50%", (1, 1): "50%", (1, 2): "0%",
                              (2, 0): "n/a", (2, 1): "n/a", (2, 2): "n/a"}
     np.testing.assert_allclose(rates.images[0].get_array(), [[5 / 6, 1 / 6, 0], [0.5, 0.5, 0], [0, 0, 0]])
+    # each colour bar says what its colours count, and the rates' bar reads in % as its cells do
+    fig = plots.plot_confusion_matrix(cm, CLASSES)
+    fig.canvas.draw()
+    counts_bar, rates_bar = [ax for ax in fig.axes if not ax.images]
+    assert counts_bar.get_ylabel() == "images" and rates_bar.get_ylabel() == "share of the true class"
+    ticks = [t.get_text() for t in rates_bar.get_yticklabels() if t.get_text()]
+    assert ticks[0] == "0%" and ticks[-1] == "100%" and all(t.endswith("%") for t in ticks)
 
 
 def test_roc_and_pr_figures_draw_each_curve_the_right_way_round():
