@@ -209,11 +209,13 @@ def figure_text(figure) -> str:
 
 
 def png_bytes(figure) -> bytes:
-    """The figure as PNG bytes; the figure is closed, as pyplot would otherwise keep every one in memory."""
+    """The figure as PNG bytes, its titles (`figure_text`) in the PNG's Title field so that a copied file still
+    describes itself; the figure is closed, as pyplot would otherwise keep every one in memory."""
     import matplotlib.pyplot as plt
 
     buffer = io.BytesIO()
-    figure.savefig(buffer, format="png", bbox_inches="tight")
+    text = figure_text(figure)
+    figure.savefig(buffer, format="png", bbox_inches="tight", metadata={"Title": text} if text else None)
     plt.close(figure)
     return buffer.getvalue()
 

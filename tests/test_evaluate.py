@@ -44,6 +44,7 @@ def test_evaluate_writes_predictions_metrics_figures_and_report(tiny_runs, tiny_
     assert len(alts) == 4 and all(shown in alt for alt in alts), alts
     md_alts = re.findall(r"!\[([^\]]*)\]", (out / "report.md").read_text())
     assert len(md_alts) == 4 and all(shown in alt for alt in md_alts), md_alts
+    assert shown in Image.open(out / "confusion_matrix.png").info["Title"]  # a PNG copied out still says it
     with pytest.raises(CxrFastError, match="--force"):
         evaluate(tiny_runs[0], n_boot=200, progress=False)
 

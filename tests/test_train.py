@@ -11,6 +11,7 @@ import pytest
 import torch
 import yaml
 from fastai.callback.core import Callback
+from PIL import Image
 from safetensors.torch import load_file
 
 from cxr_fast.bundle import load_run, predict_logits
@@ -34,6 +35,8 @@ def test_one_epoch_gives_a_complete_bundle(tiny_data, tmp_path):
     assert config["temperature"] > 0 and "torch" in config["versions"]
     history = pd.read_csv(run / "history.csv")
     assert list(history["epoch"]) == [0]
+    # the curves name the run they show, on the figure and in the PNG's Title for a reader who cannot see it
+    assert Image.open(run / "curves.png").info["Title"] == "Training curves of run (cxresnet_tiny); Loss; Accuracy"
     assert {"train_loss", "valid_loss", "valid_accuracy", "valid_balanced_accuracy", "train_accuracy"} <= set(history)
     metrics = json.loads((run / "metrics.json").read_text())
     assert 0.0 <= metrics["valid_balanced_accuracy"] <= 1.0
