@@ -411,6 +411,8 @@ def test_the_deletion_figure_draws_each_curve_with_its_own_area():
     drawn = {line.get_label(): list(line.get_ydata()) for line in ax.get_lines()}
     assert drawn == {"most attributed first (area 0.450)": [0.9, 0.4, 0.1], "random order (area 0.700)": [0.9, 0.7, 0.5]}
     assert method_of("Grad-CAM → Normal (true)") == "Grad-CAM" and method_of("heatmap") == "occlusion"
+    (ax,) = deletion_figure({**curves, "images": 8}).axes  # interpret's curves are a mean: over how many images
+    assert ax.get_title() == "Deletion check (faithfulness, mean of 8 images)"
 
 
 def test_the_gallery_page_highlights_warnings_formats_every_table_and_captions_every_figure(tmp_path):
