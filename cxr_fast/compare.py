@@ -210,7 +210,11 @@ def write_comparison(c: Comparison, folder: Path) -> None:
     c.table.to_csv(folder / "runs.csv", index=False)
     c.summary.to_csv(folder / "comparison.csv", index=False)
     c.mcnemar.to_csv(folder / "mcnemar.csv", index=False)
-    figure = plot_comparison(c.summary.rename(columns={"arch": "name"}))
+    # an architecture's bar is the mean over its runs, and so are its interval's ends: the label says so
+    several = bool((c.summary["runs"] > 1).any())
+    figure = plot_comparison(c.summary.rename(columns={"arch": "name"}), title=f"Architecture comparison on the "
+                             f"{c.split} split", ci_label="mean of its runs' 95 % bootstrap CIs" if several else
+                             "95 % bootstrap CI")
     shown = c.summary[["arch", "runs", "balanced_accuracy", "balanced_accuracy_sd", "ci_low", "ci_high", "macro_f1",
                        "macro_roc_auc", "ece", "params", "train_seconds", "images_per_s"]].copy()
     tests = c.mcnemar.copy()

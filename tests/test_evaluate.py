@@ -136,10 +136,18 @@ def test_compare_on_the_valid_split_says_so_in_its_report(tiny_runs, tmp_path):
     report = (tmp_path / "cmp" / "report.html").read_text()
     assert result.split == "valid" and "shared valid split" in report and "same valid images" in report
     assert "test split" not in report and "test images" not in report
+    assert Image.open(tmp_path / "cmp" / "comparison.png").info["Title"].startswith(
+        "Architecture comparison on the valid split;")  # the figure too, copied out of the report
 
 
-def test_compare_two_runs_gives_table_csv_and_mcnemar(tiny_runs, tmp_path):
+def test_compare_two_runs_gives_table_csv_and_mcnemar(tiny_runs, tmp_path, monkeypatch):
+    from cxr_fast import plots
+
+    original, drawn = plots.plot_comparison, []
+    monkeypatch.setattr(plots, "plot_comparison", lambda *a, **k: drawn.append(original(*a, **k)) or drawn[-1])
     result = compare_runs(tiny_runs, out=tmp_path / "cmp", n_boot=100)
+    # the two seeds' bar is their mean, its error bar the mean of their intervals: the axis says so
+    assert drawn[-1].axes[0].get_xlabel() == "balanced accuracy (error bars: mean of its runs' 95 % bootstrap CIs)"
     assert len(result.table) == 2 and set(result.table["seed"]) == {0, 1}
     assert (tmp_path / "cmp" / "comparison.csv").is_file() and (tmp_path / "cmp" / "report.html").is_file()
     csv = pd.read_csv(tmp_path / "cmp" / "runs.csv")
