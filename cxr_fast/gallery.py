@@ -16,6 +16,7 @@ import numpy as np  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
 from matplotlib.patches import Rectangle  # noqa: E402
 
+from cxr_fast.plots import literal  # noqa: E402
 from cxr_fast.report import DISCLAIMER, format_value  # noqa: E402
 
 
@@ -57,7 +58,7 @@ def attribution_figure(image: np.ndarray, maps: Mapping[str, np.ndarray], title:
             ax, name = axes[1 + i], list(maps)[i]
             ax.imshow(image, cmap="gray", vmin=0, vmax=255)
             im = ax.imshow(attrs[i], cmap="bwr", vmin=-limit, vmax=limit, alpha=0.55)
-            ax.set_title(name if np.any(attrs[i]) else f"{name}\n(all zero: no signal)", fontsize=9)
+            ax.set_title(literal(name) if np.any(attrs[i]) else f"{literal(name)}\n(all zero: no signal)", fontsize=9)
         bar = fig.colorbar(im, ax=[axes[1 + i] for i in indices], fraction=0.025, pad=0.02)
         bar.set_label(METHOD_UNITS.get(method, "attribution"), fontsize=8)
     for ax in axes:
@@ -68,7 +69,7 @@ def attribution_figure(image: np.ndarray, maps: Mapping[str, np.ndarray], title:
             ax.add_patch(Rectangle((x0 - 0.5, y0 - 0.5), x1 - x0, y1 - y0, fill=False, ec="yellow", lw=1))
         ax.set_xticks([])
         ax.set_yticks([])
-    fig.suptitle(title, fontsize=10)
+    fig.suptitle(literal(title), fontsize=10)
     return fig
 
 

@@ -22,6 +22,12 @@ PALETTE = ("#0072B2", "#E69F00", "#009E73", "#CC79A7", "#56B4E9", "#D55E00", "#F
 _GRID = {"color": "#dddddd", "linewidth": 0.6}
 
 
+def literal(text) -> str:
+    """`text` (a name from user data: a class, run or file) as matplotlib should draw it, as written. Between two $
+    matplotlib reads TeX: pt$_1$ would be drawn as pt with a subscript 1, and a$\\b$ not drawn at all (an error)."""
+    return str(text).replace("$", r"\$")
+
+
 def _color(i: int) -> str:
     return PALETTE[i % len(PALETTE)]
 
@@ -86,8 +92,8 @@ def plot_confusion_matrix(confusion, classes: Sequence[str], title: str = "Confu
     for ax, values, labels, subtitle, vmax in panels:
         image = ax.imshow(values, cmap="Blues", vmin=0, vmax=vmax)
         _annotate_heatmap(ax, values, labels, image)
-        ax.set_xticks(range(k), labels=classes, rotation=30, ha="right")
-        ax.set_yticks(range(k), labels=classes)
+        ax.set_xticks(range(k), labels=[literal(c) for c in classes], rotation=30, ha="right")
+        ax.set_yticks(range(k), labels=[literal(c) for c in classes])
         ax.set_xlabel("Predicted")
         ax.set_ylabel("True")
         ax.set_title(subtitle, fontsize=10)
@@ -98,7 +104,7 @@ def plot_confusion_matrix(confusion, classes: Sequence[str], title: str = "Confu
         else:  # in % as the cells are: a 0-1 scale beside "81%" made the reader convert
             colorbar.formatter = PercentFormatter(1.0, decimals=0)
             colorbar.set_label("share of the true class")
-    fig.suptitle(title)
+    fig.suptitle(literal(title))
     return fig
 
 
@@ -108,17 +114,17 @@ def plot_roc_curves(curves: Mapping[str, dict | None], title: str = "ROC curves 
     ax.plot([0, 1], [0, 1], linestyle="--", color="#888888", linewidth=1, label="Chance")
     for i, (name, curve) in enumerate(curves.items()):
         if curve is None:
-            ax.plot([], [], color=_color(i), label=f"{name} (undefined: one class only)")
+            ax.plot([], [], color=_color(i), label=f"{literal(name)} (undefined: one class only)")
             continue
         ax.plot(
-            curve["fpr"], curve["tpr"], color=_color(i), linewidth=2, label=f"{name} (AUC {curve['auc']:.3f})"
+            curve["fpr"], curve["tpr"], color=_color(i), linewidth=2, label=f"{literal(name)} (AUC {curve['auc']:.3f})"
         )
     ax.set_xlim(0, 1)
     ax.set_ylim(0, 1.01)
     ax.set_aspect("equal")
     ax.set_xlabel("False positive rate (1 - specificity)")
     ax.set_ylabel("True positive rate (sensitivity)")
-    ax.set_title(title)
+    ax.set_title(literal(title))
     ax.legend(loc="lower right", fontsize=9)
     _style(ax)
     return fig
@@ -131,7 +137,7 @@ def plot_pr_curves(
     fig, (ax,) = _figure(5.6, 5.0)
     for i, (name, curve) in enumerate(curves.items()):
         if curve is None:
-            ax.plot([], [], color=_color(i), label=f"{name} (no positives)")
+            ax.plot([], [], color=_color(i), label=f"{literal(name)} (no positives)")
             continue
         ax.step(
             curve["recall"],
@@ -139,8 +145,8 @@ def plot_pr_curves(
             where="post",
             color=_color(i),
             linewidth=2,
-            label=f"{name} (AP {curve['average_precision']:.3f})" if curve["average_precision"] is not None
-            else f"{name} (AP undefined: no negatives)",
+            label=f"{literal(name)} (AP {curve['average_precision']:.3f})" if curve["average_precision"] is not None
+            else f"{literal(name)} (AP undefined: no negatives)",
         )
         # A classifier that guesses has precision equal to the class's prevalence.
         ax.axhline(curve["prevalence"], color=_color(i), linestyle=":", linewidth=1)
@@ -148,7 +154,7 @@ def plot_pr_curves(
     ax.set_ylim(0, 1.01)
     ax.set_xlabel("Recall (sensitivity)")
     ax.set_ylabel("Precision (positive predictive value)")
-    ax.set_title(title)
+    ax.set_title(literal(title))
     ax.legend(loc="lower left", fontsize=9)
     _style(ax)
     return fig
@@ -189,7 +195,7 @@ def _reliability_panel(ax, bins: Mapping, title: str) -> None:
     ax.set_aspect("equal")
     ax.set_xlabel("Confidence (top-label probability)")
     ax.set_ylabel("Accuracy")
-    ax.set_title(f"{title}\nECE {bins['ece']:.3f}", fontsize=10)
+    ax.set_title(f"{literal(title)}\nECE {bins['ece']:.3f}", fontsize=10)
     ax.legend(loc="upper left", fontsize=8)
     _style(ax)
 
@@ -206,7 +212,7 @@ def plot_reliability(
         after = "After temperature scaling" + (f" (T = {temperature:.2f})" if temperature is not None else "")
         _reliability_panel(axes[1], calibrated, after)
     if suptitle:
-        fig.suptitle(suptitle)
+        fig.suptitle(literal(suptitle))
     return fig
 
 
@@ -251,7 +257,7 @@ def plot_training_curves(history, title: str = "Training curves") -> Figure:
             ax.xaxis.get_major_locator().set_params(integer=True)
         ax.legend(fontsize=8)
         _style(ax)
-    fig.suptitle(title)
+    fig.suptitle(literal(title))
     return fig
 
 
@@ -280,7 +286,7 @@ def plot_strength_search(history, title: str = "Regularisation search") -> Figur
         ax.legend(fontsize=8)
         _style(ax)
     ax_acc.annotate(f"chosen C = {best:g}", xy=(best, 0.03), fontsize=8, color="#555555", ha="center")
-    fig.suptitle(title)
+    fig.suptitle(literal(title))
     return fig
 
 
@@ -333,7 +339,7 @@ def plot_comparison(
         # dark on a pale box: white text was unreadable on the palette's yellow and sky blue, and on a short bar
         ax.text(0.01, y, f"{v:.3f}", va="center", ha="left", fontsize=9, color="#222222",
                 bbox={"boxstyle": "round,pad=0.15", "facecolor": "white", "alpha": 0.85, "edgecolor": "none"})
-    ax.set_yticks(positions, labels=[str(r["name"]) for r in rows])
+    ax.set_yticks(positions, labels=[literal(r["name"]) for r in rows])
     ax.set_xlim(0, 1)
     ax.set_xlabel(f"{label} (error bars: {ci_label})")
     ax.set_title(f"{label.capitalize()} by model", fontsize=10)
@@ -354,7 +360,7 @@ def plot_comparison(
                 capsize=3,
                 markersize=7,
             )
-            ax.annotate(str(r["name"]), (x, r[metric]), textcoords="offset points", xytext=(6, 4), fontsize=8)
+            ax.annotate(literal(r["name"]), (x, r[metric]), textcoords="offset points", xytext=(6, 4), fontsize=8)
         ax.set_xscale("log")
         # Plain numbers (0.5, 2, 10) read better than powers of ten over the one or two decades models span.
         ax.xaxis.set_major_formatter(FuncFormatter(lambda value, _: f"{value:g}"))
@@ -365,5 +371,5 @@ def plot_comparison(
         ax.set_ylabel(label)
         ax.set_title(f"Size vs {label}", fontsize=10)
         _style(ax)
-    fig.suptitle(title)
+    fig.suptitle(literal(title))
     return fig

@@ -205,7 +205,7 @@ def figure_filename(name: str) -> str:
 def figure_text(figure) -> str:
     """A figure's title and its panels' titles on one line: its image's alt text, for a reader who cannot see it."""
     titles = [figure.get_suptitle(), *(ax.get_title() for ax in figure.axes)]
-    return "; ".join(" ".join(t.split()) for t in titles if t.strip())
+    return "; ".join(" ".join(t.split()) for t in titles if t.strip()).replace(r"\$", "$")  # `plots.literal`'s $
 
 
 def png_bytes(figure) -> bytes:

@@ -458,3 +458,39 @@ def test_the_comparison_s_values_are_readable_on_every_bar():
         background = to_hex(box.get_facecolor()) if box is not None and box.get_alpha() >= 0.8 else (
             colour if width > x + 0.05 else "#ffffff")
         assert _contrast(text.get_color(), background) >= 4.5, (text.get_text(), text.get_color(), background)
+
+
+def test_names_with_dollar_signs_are_drawn_as_written_in_every_figure():
+    """Between two $ matplotlib reads TeX: a class, run or file name like pt$_1$ was drawn as pt with a subscript, and
+    one like a$\\b$ stopped the figure (and the command) with a parse error."""
+    from matplotlib.cbook import is_math_text
+
+    from cxr_fast.gallery import attribution_figure
+    from cxr_fast.report import figure_text, png_bytes
+
+    odd = ["pt$_1$", "a$\\b$", "c$^$d"]
+    curve = {"fpr": [0.0, 1.0], "tpr": [0.0, 1.0], "auc": 0.5, "recall": [1.0, 0.0], "precision": [0.5, 1.0],
+             "average_precision": 0.5, "prevalence": 0.5}
+    bins = {"edges": [0.0, 0.5, 1.0], "count": [1, 1], "accuracy": [0.0, 1.0], "confidence": [0.4, 0.8], "ece": 0.3}
+    history = pd.DataFrame({"epoch": [0, 1], "train_loss": [1.0, 0.5], "valid_loss": [1.0, 0.6],
+                            "accuracy": [0.5, 0.6], "balanced_accuracy": [0.5, 0.6]})
+    figures = [
+        plots.plot_confusion_matrix(np.eye(3), odd, title=f"Confusion matrix of {odd[0]}"),
+        plots.plot_roc_curves(dict.fromkeys(odd, curve), title=odd[1]),
+        plots.plot_pr_curves(dict.fromkeys(odd, curve), title=odd[1]),
+        plots.plot_reliability(bins, bins, 2.0, title=odd[2], suptitle=odd[0]),
+        plots.plot_training_curves(history, title=f"Training curves of {odd[1]}"),
+        plots.plot_strength_search(pd.DataFrame({"C": [0.1, 1.0], "train_balanced_accuracy": [0.6, 0.7],
+                                                 "valid_balanced_accuracy": [0.5, 0.6], "valid_loss": [1.0, 0.9]}),
+                                   title=odd[2]),
+        plots.plot_comparison([{"name": n, "balanced_accuracy": 0.5, "ci_low": 0.4, "ci_high": 0.6, "params": 1e6}
+                               for n in odd], title=odd[0]),
+        attribution_figure(np.zeros((8, 8)), {f"occlusion → {odd[1]}": np.ones((8, 8))}, f"{odd[2]}.png: x"),
+    ]
+    for fig in figures:
+        texts = [t for t in fig.findobj(lambda a: hasattr(a, "get_text") and hasattr(a, "get_fontsize"))
+                 if "$" in t.get_text()]
+        assert texts and not [t.get_text() for t in texts if is_math_text(t.get_text())]
+        alt = figure_text(fig)
+        assert png_bytes(fig).startswith(b"\x89PNG")  # drawn: a$\b$ read as TeX was an error here
+        assert "\\$" not in alt and any(name in alt for name in odd), alt  # the alt text shows the name as written
