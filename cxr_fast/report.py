@@ -80,10 +80,14 @@ def _table_records(table) -> tuple[list[str], list[dict]]:
 
 
 def _html_table(table) -> str:
+    """The table with header cells both ways: a screen reader names a cell by its column and by its row's first
+    cell (the class, run or site), e.g. "Normal, Pneumonia: 2" in the confusion matrix."""
     columns, rows = _table_records(table)
-    head = "".join(f"<th>{html.escape(c)}</th>" for c in columns)
+    head = "".join(f'<th scope="col">{html.escape(c)}</th>' for c in columns)
+    cell = lambda row, c: html.escape(format_value(row.get(c)))  # noqa: E731
     body = "".join(
-        "<tr>" + "".join(f"<td>{html.escape(format_value(row.get(c)))}</td>" for c in columns) + "</tr>"
+        f'<tr><th scope="row">{cell(row, columns[0])}</th>' + "".join(f"<td>{cell(row, c)}</td>" for c in columns[1:])
+        + "</tr>"
         for row in rows
     )
     return f'<div class="table-wrap"><table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table></div>'

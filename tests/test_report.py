@@ -253,6 +253,11 @@ def test_the_per_class_and_confusion_tables_hold_sklearn_s_numbers_under_their_o
     assert table[0] == ["true \\ predicted", *CLASSES]
     assert [row[1:] for row in table[1:]] == [[str(v) for v in row] for row in cm]
     assert [row[0] for row in table[1:]] == CLASSES
+    # in the HTML each cell has a column header and a row header (its class), as a screen reader names a cell by both
+    page = (tmp_path / "report.html").read_text(encoding="utf-8")
+    assert '<th scope="col">true \\ predicted</th>' + "".join(f'<th scope="col">{c}</th>' for c in CLASSES) in page
+    for name, row in zip(CLASSES, cm, strict=True):
+        assert f'<tr><th scope="row">{name}</th>' + "".join(f"<td>{v}</td>" for v in row) + "</tr>" in page
 
 
 def test_summary_cards_read_each_number_from_its_own_key():
