@@ -17,7 +17,7 @@ from matplotlib.figure import Figure  # noqa: E402
 from matplotlib.patches import Rectangle  # noqa: E402
 
 from cxr_fast.plots import literal  # noqa: E402
-from cxr_fast.report import DISCLAIMER, format_value  # noqa: E402
+from cxr_fast.report import DISCLAIMER, html_table  # noqa: E402
 
 
 def _signed_limit(maps: Sequence[np.ndarray]) -> float:
@@ -116,10 +116,7 @@ def write_gallery(path: Path, title: str, verdicts: Sequence[tuple[str, bool]], 
     for heading, rows in tables:
         if not rows:
             continue
-        cols = list(rows[0])
-        head = "".join(f"<th>{html.escape(str(c))}</th>" for c in cols)
-        body = "".join("<tr>" + "".join(f"<td>{html.escape(format_value(r[c]))}</td>" for c in cols) + "</tr>" for r in rows)
-        parts.append(f"<h2>{html.escape(heading)}</h2><div style='overflow-x:auto'><table><tr>{head}</tr>{body}</table></div>")
+        parts.append(f"<h2>{html.escape(heading)}</h2><div style='overflow-x:auto'>{html_table(rows)}</div>")
     for heading, text, images in sections:
         parts.append(f"<h2>{html.escape(heading)}</h2><p>{html.escape(text)}</p><div class='grid'>")
         for caption, png, *link in images:

@@ -79,9 +79,10 @@ def _table_records(table) -> tuple[list[str], list[dict]]:
     return columns, [{str(k): v for k, v in row.items()} for row in rows]
 
 
-def _html_table(table) -> str:
-    """The table with header cells both ways: a screen reader names a cell by its column and by its row's first
-    cell (the class, run or site), e.g. "Normal, Pneumonia: 2" in the confusion matrix."""
+def html_table(table) -> str:
+    """A DataFrame or list of dicts as an HTML table (cells by `format_value`, escaped), with header cells both ways:
+    a screen reader names a cell by its column and by its row's first cell (the class, run or site), e.g. "Normal,
+    Pneumonia: 2" in the confusion matrix. The reports and interpret's gallery share it."""
     columns, rows = _table_records(table)
     head = "".join(f'<th scope="col">{html.escape(c)}</th>' for c in columns)
     cell = lambda row, c: html.escape(format_value(row.get(c)))  # noqa: E731
@@ -90,7 +91,7 @@ def _html_table(table) -> str:
         + "</tr>"
         for row in rows
     )
-    return f'<div class="table-wrap"><table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table></div>'
+    return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
 
 
 # What Markdown would read as formatting in the middle of a line: a backslash before punctuation (a Windows path's
@@ -369,7 +370,7 @@ def _html(title, blocks, pngs, alts, metrics, warnings, meta, disclaimer) -> str
             if block.text:
                 body.append(_html_text(block.text))
             if block.table is not None:
-                body.append(_html_table(block.table))
+                body.append(f'<div class="table-wrap">{html_table(block.table)}</div>')
         for name in block.figures:
             data = base64.b64encode(pngs[name]).decode("ascii")
             body.append(

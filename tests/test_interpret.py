@@ -426,7 +426,10 @@ def test_the_gallery_page_highlights_warnings_formats_every_table_and_captions_e
     text = path.read_text()
     assert "<div class='verdict'>looks at the lungs</div>" in text
     assert "<div class='verdict warn'>likely shortcut</div>" in text
-    assert "<td>0.123</td><td>—</td>" in text and "<h2>Counts</h2>" in text and "<td>3</td>" in text
+    # report.html's tables: a header cell for each column, and each row's first cell as its header
+    assert '<tr><th scope="col">share</th><th scope="col">missing</th></tr>' in text
+    assert '<tr><th scope="row">0.123</th><td>—</td></tr>' in text
+    assert "<h2>Counts</h2>" in text and '<th scope="row">3</th>' in text
     assert "<h2>Empty</h2>" not in text
     assert text.count("<figcaption>") == 2 and "<figcaption>first &lt;film&gt;</figcaption>" in text
     assert parse(path).links == ["images/a.png"]
