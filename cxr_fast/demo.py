@@ -148,14 +148,15 @@ def write_demo_report(out: Path, run_dir: Path, evaluation, interpretation, shor
 <p>Synthetic phantoms (not real X-rays), {shortcut_rate:.0%} of them carrying a planted corner text marker that
 gives the class away, were checked and split, then <code>{html.escape(run_dir.name)}</code> was trained
 ({train_metrics['epochs']} epochs, {train_metrics['train_seconds']:.0f} s on this CPU).</p>
-<h2>Test results</h2><ul>
+<h2>Test results ({m['n']} images)</h2><ul>
 <li>balanced accuracy {m['balanced_accuracy']:.3f} (95 % CI {lo:.3f}–{hi:.3f}), accuracy {m['accuracy']:.3f},
 macro F1 {m['macro_f1']:.3f}</li>
 {marker_line}<li>{calibration_line}</li></ul>
 <p><a href="{rel(evaluation.out_dir / 'report.html')}">Full evaluation report</a></p>
 <h2>Shortcut audit</h2><ul>{verdicts}</ul>
 <p><a href="{rel(interpretation.out_dir / 'gallery.html')}">Occlusion gallery and audit</a></p>
-<h2>Training curves</h2><img src="data:image/png;base64,{curves}" alt="training curves">
+<h2>Training curves</h2><img src="data:image/png;base64,{curves}"
+alt="Training curves of {html.escape(run_dir.name)}: loss and accuracy by epoch, the best epoch marked">
 </body></html>"""
     path = out / "report.html"
     write_text(path, page)  # whole or not at all: its presence is what marks a demo complete

@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 from rich.console import Console
 
+from cxr_fast.data.manifest import read_manifest
 from cxr_fast.demo import run_demo
 from cxr_fast.errors import CxrFastError
 
@@ -19,6 +20,8 @@ def test_demo_runs_prepare_train_evaluate_interpret_and_writes_its_report(tmp_pa
     assert report == out / "report.html" and report.is_file()
     page = report.read_text()
     assert "balanced accuracy" in page and "Shortcut audit" in page
+    tested = int((read_manifest(out / "data")["split"] == "test").sum())
+    assert f"Test results ({tested} images)" in page  # how many images the figures rest on
     run = out / "models" / "demo"
     assert {"model.safetensors", "config.json", "history.csv", "curves.png", "metrics.json"} <= {
         p.name for p in run.iterdir()}
@@ -186,7 +189,7 @@ def test_a_demo_killed_while_writing_its_report_is_not_taken_for_complete(tmp_pa
     (run_dir / "metrics.json").write_text('{"epochs": 1, "train_seconds": 3}')
     (run_dir / "curves.png").write_bytes(b"png")
     metrics = dict(balanced_accuracy=0.9, balanced_accuracy_ci=[0.8, 0.95], accuracy=0.9, macro_f1=0.9, ece=0.05,
-                   temperature=1.0)
+                   temperature=1.0, n=12)
     evaluation = SimpleNamespace(metrics=metrics, out_dir=run_dir / "eval" / "data-test")
     interpretation = SimpleNamespace(verdicts=["fine"], out_dir=run_dir / "interpret" / "data-test")
     (tmp_path / ".demo.old" / "phantoms").mkdir(parents=True)  # the earlier demo, set aside by --force
