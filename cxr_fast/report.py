@@ -210,7 +210,8 @@ def figure_filename(name: str) -> str:
 def figure_text(figure) -> str:
     """A figure's title and its panels' titles on one line: its image's alt text, for a reader who cannot see it."""
     titles = [figure.get_suptitle(), *(ax.get_title() for ax in figure.axes)]
-    return "; ".join(" ".join(t.split()) for t in titles if t.strip()).replace(r"\$", "$")  # `plots.literal`'s $
+    lines = [": ".join(" ".join(line.split()) for line in t.splitlines() if line.strip()) for t in titles]
+    return "; ".join(line for line in lines if line).replace(r"\$", "$")  # `plots.literal`'s $
 
 
 def png_bytes(figure) -> bytes:

@@ -147,8 +147,8 @@ def test_report_embeds_every_figure_and_links_every_png(tmp_path, evaluation):
     # the alt text says what a figure shows, for a reader who cannot see it: its titles, not its file's name
     assert {img["alt"] for img in page.images} == {
         "Confusion matrix; Counts; Row-normalised (recall on the diagonal)", "ROC curves (one-vs-rest)",
-        "Precision-recall curves (one-vs-rest)", f"Before temperature scaling ECE {metrics['ece']:.3f}; After "
-        f"temperature scaling (T = {metrics['temperature']:.2f}) ECE {metrics['ece_calibrated']:.3f}",
+        "Precision-recall curves (one-vs-rest)", f"Before temperature scaling: ECE {metrics['ece']:.3f}; After "
+        f"temperature scaling (T = {metrics['temperature']:.2f}): ECE {metrics['ece_calibrated']:.3f}",
         "Training curves; Loss; Accuracy"}
 
     assert any(m.get("name") == "viewport" for m in page.metas)
