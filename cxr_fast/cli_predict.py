@@ -61,6 +61,9 @@ def register(app: typer.Typer, user_errors, console, err_console) -> None:
             console.print(table)
             if len(results) > MAX_ROWS_SHOWN:
                 console.print(f"… and {len(results) - MAX_ROWS_SHOWN} more" + ("" if out else "; use --out to keep them all"))
+            for row in results[results["warning"] != ""].to_dict("records"):  # every one, beyond the table's rows too
+                err_console.print(f"[bold yellow]warning:[/] {escape(row['path'] + ': ' + row['warning'])}",
+                                  highlight=False, soft_wrap=True)
         for path, reason in skipped:
             err_console.print(f"[bold yellow]skipped:[/] {escape(f'{printable(path)}: {reason}')}", highlight=False,
                               soft_wrap=True)

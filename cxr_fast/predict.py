@@ -6,6 +6,9 @@ temperature, as in `cxrfast evaluate`'s predictions.csv: exactly so for images n
 (`data prepare --size`), whose shrunk copies training and evaluation read; for larger ones predict reads the file
 itself, and the model's input differs by a few grey levels.
 
+A colour image (a photo, a chart, a colour-map figure) is read as grey and predicted like a film, with a warning in
+its row (`cxr_fast.data.io.colour_warning`): the probabilities of such an image say nothing about a radiograph.
+
 Two runtimes give the same probabilities: "torch" runs the bundle's PyTorch model; "onnx" runs the export made by
 `cxrfast export` with ONNX Runtime and, without heatmaps, never imports torch (a much faster start).
 
@@ -27,7 +30,7 @@ import pandas as pd
 from PIL import Image
 
 from cxr_fast.calibration import softmax
-from cxr_fast.data.io import ImageReadError, image_stem, read_image
+from cxr_fast.data.io import ImageReadError, colour_warning, image_stem, read_image_and_colour
 from cxr_fast.errors import CxrFastError
 from cxr_fast.outputs import check_folder_path, csv_text, printable, short_stem, write_text, writing
 
@@ -245,10 +248,11 @@ def predict(run_dir: str | Path, inputs: Sequence[str | Path], heatmap: bool = F
             runner=None) -> tuple[pd.DataFrame, list[tuple[Path, str]]]:
     """Predict every readable image among `inputs` (files or folders).
 
-    Returns (results, skipped): results has columns path, predicted, p_<class> (calibrated) and, with
-    `heatmap`, the heatmap file; skipped lists (path, reason) for inputs that could not be read. With `out`
-    (.csv or .json) the results are also written there; an existing file is refused unless `force`.
-    `runner` (a loaded TorchRunner/OnnxRunner) replaces `run_dir`/`runtime` for repeated calls.
+    Returns (results, skipped): results has columns path, predicted, p_<class> (calibrated), warning (empty, or
+    why the image looks like no radiograph) and, with `heatmap`, the heatmap file; skipped lists (path, reason)
+    for inputs that could not be read. With `out` (.csv or .json) the results are also written there; an existing
+    file is refused unless `force`. `runner` (a loaded TorchRunner/OnnxRunner) replaces `run_dir`/`runtime` for
+    repeated calls.
     """
     from cxr_fast.progress import progress_bar
 
@@ -265,10 +269,11 @@ def predict(run_dir: str | Path, inputs: Sequence[str | Path], heatmap: bool = F
         rows, pending = [], []
 
         def flush():
-            probs = softmax(runner.logits(np.stack([x for _, _, x in pending])), runner.temperature)
-            for (file, pixels, x), p in zip(pending, probs):
+            probs = softmax(runner.logits(np.stack([x for _, _, x, _ in pending])), runner.temperature)
+            for (file, pixels, x, warning), p in zip(pending, probs):
                 k = int(p.argmax())
-                row = {"path": printable(file), "predicted": classes[k], **{f"p_{c}": float(v) for c, v in zip(classes, p)}}
+                row = {"path": printable(file), "predicted": classes[k], **{f"p_{c}": float(v) for c, v in zip(classes, p)},
+                       "warning": warning or ""}
                 if heatmap:
                     attr = occlusion_map(runner, x, k)
                     title = f"{printable(file.name)}: predicted {classes[k]} (p={p[k]:.2f}) — research tool, not a diagnosis"
@@ -283,12 +288,14 @@ def predict(run_dir: str | Path, inputs: Sequence[str | Path], heatmap: bool = F
             try:
                 for file in files:
                     try:
-                        pixels = model_image(read_image(file), size)
+                        image, colour = read_image_and_colour(file)
                     except ImageReadError as e:
                         skipped.append((file, f"{e.reason}: {e.explanation}"))
                         bar.advance(task)
                         continue
-                    pending.append((file, pixels, model_input(pixels, runner.n_in, runner.mean, runner.std)))
+                    pixels = model_image(image, size)
+                    pending.append((file, pixels, model_input(pixels, runner.n_in, runner.mean, runner.std),
+                                    colour_warning(colour)))
                     if len(pending) == bs:
                         flush()
                 if pending:
@@ -298,7 +305,7 @@ def predict(run_dir: str | Path, inputs: Sequence[str | Path], heatmap: bool = F
                 untouched = f"; {out} was not written" if out is not None else ""
                 raise KeyboardInterrupt(f"interrupted after {len(rows)} of {len(files)} images{untouched}{kept}") from None
 
-        columns = ["path", "predicted", *[f"p_{c}" for c in classes], *(["heatmap"] if heatmap else [])]
+        columns = ["path", "predicted", *[f"p_{c}" for c in classes], "warning", *(["heatmap"] if heatmap else [])]
         results = pd.DataFrame(rows, columns=columns)
         if out is not None and not results.empty:  # a run that predicted nothing must not replace earlier results
             write_results(out, results, skipped, runner)

@@ -3,7 +3,8 @@
 One page (HTML and JavaScript in this file, nothing fetched from the internet) where one drops or picks an X-ray
 and sees the calibrated class probabilities, the predicted label and the occlusion heatmap, with the model's
 name, its test balanced accuracy and a reminder that this is a research tool. `POST /api/predict` (multipart
-field `file`) answers JSON: {probabilities, predicted, heatmap_png_base64, image_png_base64, model};
+field `file`) answers JSON: {probabilities, predicted, warning, heatmap_png_base64, image_png_base64, model}, where
+`warning` is null, or says why the image looks like no radiograph (a colour photo or chart, as predict flags it);
 `?heatmap=0` leaves the heatmap out (null). The occlusion heatmap costs hundreds of forward passes (seconds to a
 minute per image at 224 px on a CPU), so the page asks for the probabilities first and the heatmap second.
 
@@ -34,7 +35,7 @@ from urllib.parse import urlsplit
 import numpy as np
 
 from cxr_fast.calibration import softmax
-from cxr_fast.data.io import IMAGE_SUFFIXES, ImageReadError, read_image
+from cxr_fast.data.io import IMAGE_SUFFIXES, ImageReadError, colour_warning, read_image_and_colour
 from cxr_fast.errors import CxrFastError, storage_problem
 from cxr_fast.predict import load_runner, model_image, model_input, occlusion_map, overlay_png
 
@@ -114,15 +115,17 @@ def model_card(runner) -> dict:
 
 
 def predict_upload(runner, path: Path, heatmap: bool = True) -> dict:
-    """One file → probabilities, predicted class, heatmap (None without `heatmap`) and the image as the model saw
-    it (PNGs in base64)."""
-    pixels = model_image(read_image(path), runner.size)
+    """One file → probabilities, predicted class, warning (None for a grey image), heatmap (None without `heatmap`)
+    and the image as the model saw it (PNGs in base64)."""
+    image, colour = read_image_and_colour(path)
+    pixels = model_image(image, runner.size)
     x = model_input(pixels, runner.n_in, runner.mean, runner.std)
     probs = softmax(runner.logits(x[None]), runner.temperature)[0]
     k = int(probs.argmax())
     overlay = overlay_png(pixels, occlusion_map(runner, x, k)) if heatmap else None
     return {"probabilities": {c: float(p) for c, p in zip(runner.classes, probs)},
             "predicted": runner.classes[k],
+            "warning": colour_warning(colour),
             "heatmap_png_base64": None if overlay is None else base64.b64encode(overlay).decode("ascii"),
             "image_png_base64": base64.b64encode(_png(pixels)).decode("ascii")}
 
@@ -313,6 +316,7 @@ figcaption { font-size: .85rem; color: #555; }
 .bar .fill { background: #3366cc; height: 18px; border-radius: 4px; } .bar.top .fill { background: #cc3333; }
 .bar .value { width: 60px; text-align: right; font-variant-numeric: tabular-nums; }
 #error { color: #b00020; font-weight: bold; } #status { color: #555; }
+#warning { background: #fde2e1; border-radius: 8px; padding: 10px 14px; font-weight: bold; }
 .meta { color: #444; font-size: .95rem; }
 </style></head>
 <body>
@@ -324,6 +328,7 @@ dataset; they can be confidently wrong on images unlike its training data.</p>
 <label><u>pick a file</u><input id="file" type="file" hidden></label>.</div>
 <p id="status"></p><p id="error" role="alert"></p>
 <section id="result" hidden>
+<p id="warning" role="alert" hidden></p>
 <h2>Predicted: <span id="predicted"></span></h2>
 <div id="bars"></div>
 <div class="row">
@@ -358,6 +363,8 @@ async function send(file) {
   if (id !== current) return;
   show("status", "Result for " + file.name + ":");
   show("predicted", answer.predicted);
+  const warning = document.getElementById("warning");
+  warning.textContent = answer.warning ? "Warning: " + answer.warning + "." : ""; warning.hidden = !answer.warning;
   const bars = document.getElementById("bars"); bars.replaceChildren();
   for (const [name, p] of Object.entries(answer.probabilities)) {
     const row = el("div", "bar" + (name === answer.predicted ? " top" : ""));

@@ -448,7 +448,7 @@ def test_predict_shows_each_probability_to_three_decimals(tmp_path, monkeypatch)
     import pandas as pd
 
     results = pd.DataFrame({"path": [str(tmp_path / "a.png")], "predicted": ["Normal"],
-                            "p_COVID-19": [0.12345], "p_Normal": [0.8], "p_Pneumonia": [0.07655]})
+                            "p_COVID-19": [0.12345], "p_Normal": [0.8], "p_Pneumonia": [0.07655], "warning": [""]})
     monkeypatch.setattr("cxr_fast.predict.predict", lambda *args, **kwargs: (results, []))
     result = invoke("predict", tmp_path / "run", tmp_path / "a.png")
     assert result.exit_code == 0, result.output

@@ -660,3 +660,40 @@ def test_a_16bit_colour_png_needs_sixty_four_grey_levels_in_its_high_bytes(tmp_p
             np.testing.assert_array_equal(np.asarray(read_image(tmp_path / f"{levels}.png")), high_bytes)
         else:
             assert reason_for(tmp_path / f"{levels}.png") == "unreadable"
+
+
+def test_colour_is_measured_before_the_grey_image_hides_it(tmp_path):
+    gray = np.clip(smooth_image(7), 60, 250)  # room for a blue channel 49 below the red one
+    Image.fromarray(gray).save(tmp_path / "gray.png")
+    Image.fromarray(np.dstack([gray] * 3), "RGB").save(tmp_path / "gray-rgb.png")
+    Image.fromarray(np.dstack([gray] * 3), "RGB").save(tmp_path / "gray-rgb.jpg", quality=50)  # 4:2:0 chroma
+    Image.fromarray(np.dstack([gray] * 3 + [np.full_like(gray, 128)]), "RGBA").save(tmp_path / "gray-rgba.png")
+    Image.fromarray(gray).convert("P").save(tmp_path / "gray-p.png")
+    for name in ("gray.png", "gray-rgb.png", "gray-rgb.jpg", "gray-rgba.png", "gray-p.png"):
+        image, share = io.read_image_and_colour(tmp_path / name)
+        assert share == 0.0 and io.colour_warning(share) is None, name
+        np.testing.assert_array_equal(np.asarray(image), np.asarray(read_image(tmp_path / name)))
+
+    # columns 0-9: channels 48 apart (not coloured); 10-19: 49 apart (coloured); the rest grey
+    rgb = np.dstack([gray] * 3)
+    rgb[:, :10, 2] = gray[:, :10] - 48
+    rgb[:, 10:20, 2] = gray[:, 10:20] - 49
+    Image.fromarray(rgb, "RGB").save(tmp_path / "band.png")
+    _, share = io.read_image_and_colour(tmp_path / "band.png")
+    assert share == pytest.approx(10 / gray.shape[1])
+    assert "colour image (10% of its pixels" in io.colour_warning(share)
+    assert io.colour_warning(0.0099) is None and io.colour_warning(0.01) is not None  # COLOUR_SHARE: 1 %
+
+
+def test_a_colour_dicom_is_measured_and_a_grey_one_is_not(tmp_path):
+    import pydicom
+
+    write_dicom(tmp_path / "m2.dcm", dicom_phantom())
+    assert io.read_image_and_colour(tmp_path / "m2.dcm")[1] == 0.0
+    dataset = pydicom.dcmread(tmp_path / "m2.dcm")
+    rgb = np.zeros((80, 96, 3), np.uint8)
+    rgb[..., 0] = np.linspace(40, 250, 96).astype(np.uint8)
+    rgb[..., 2] = 200  # blue 200, green 0: every pixel's channels spread over 200 levels or more
+    dataset.set_pixel_data(rgb, photometric_interpretation="RGB", bits_stored=8)
+    dataset.save_as(tmp_path / "rgb.dcm")
+    assert io.read_image_and_colour(tmp_path / "rgb.dcm")[1] == 1.0

@@ -468,3 +468,35 @@ def test_a_results_csv_ends_its_rows_as_a_text_file_does_on_windows_too(tmp_path
     with open(tmp_path / "r.csv", newline="", encoding="utf-8") as f:
         assert [row[:2] for row in csv.reader(f)] == [["path", "predicted"], ["a.png", "Normal"], ["b.png", "Pneumonia"],
                                                       [str(tmp_path / "c.png"), ""]]
+
+
+def coloured_copy(film, path):
+    """The film in false colour (R = a, G = a/2, B = 255 - a): every pixel's channels spread over 63 levels or more,
+    as in a photo or a colour-map figure, while its grey reading keeps the film's many levels."""
+    a = np.asarray(read_image(film)).astype(np.uint8)
+    Image.fromarray(np.dstack([a, a // 2, 255 - a]), "RGB").save(path)
+    return path
+
+
+def test_a_colour_image_is_predicted_with_a_warning_and_a_grey_one_without(run, tmp_path, good_images):
+    photo = coloured_copy(good_images[0], tmp_path / "photo.png")
+    grey_rgb = tmp_path / "grey-rgb.jpg"  # a film saved as a colour JPEG is still a grey film
+    Image.open(good_images[1]).convert("RGB").save(grey_rgb, quality=75)
+    results, skipped = predict(run, [good_images[2], photo, grey_rgb], progress=False)
+    assert skipped == [] and len(results) == 3  # flagged, never dropped
+    by_name = {Path(p).name: w for p, w in zip(results["path"], results["warning"])}
+    assert by_name[Path(good_images[2]).name] == "" and by_name["grey-rgb.jpg"] == ""
+    assert by_name["photo.png"].startswith("a colour image (100% of its pixels are coloured)")
+    assert results.loc[results["path"] == str(photo), [c for c in results if c.startswith("p_")]].sum(axis=1).item() \
+        == pytest.approx(1)
+
+    predict(run, [photo, grey_rgb], out=tmp_path / "r.csv", progress=False)
+    table = pd.read_csv(tmp_path / "r.csv", keep_default_na=False)
+    assert table["warning"].str.startswith("a colour image").tolist() == [True, False]
+    predict(run, [photo], out=tmp_path / "r.json", progress=False)
+    assert json.loads((tmp_path / "r.json").read_text())["predictions"][0]["warning"].startswith("a colour image")
+
+    result = CliRunner().invoke(cli_app(), ["predict", str(run), str(photo), str(grey_rgb)])
+    assert result.exit_code == 0, result.output
+    warnings = [line for line in result.output.splitlines() if line.startswith("warning:")]
+    assert len(warnings) == 1 and warnings[0].startswith(f"warning: {photo}: a colour image"), result.output

@@ -434,3 +434,17 @@ def test_serve_announces_its_url_and_whether_only_this_computer_can_reach_it(run
         assert e.value.args == (url, loopback)
     with pytest.raises(CxrFastError, match="--port must be between 1 and 65535, got 0"):
         serve(run, port=0)  # port 0 would listen on a port nobody was told
+
+
+def test_a_colour_upload_is_answered_with_a_warning_and_a_grey_one_without(run, image, tmp_path):
+    from tests.test_predict import coloured_copy
+
+    client = TestClient(create_app(run))
+    photo = coloured_copy(image, tmp_path / "photo.png")
+    answer = post(client, "photo.png", photo.read_bytes()).json()
+    assert answer["warning"].startswith("a colour image (100% of its pixels are coloured)")
+    expected, _ = predict(run, [photo], progress=False)
+    assert answer["warning"] == expected["warning"][0]  # serve says what predict says
+    assert sum(answer["probabilities"].values()) == pytest.approx(1.0)  # flagged, still predicted
+    assert post(client, image.name, image.read_bytes()).json()["warning"] is None
+    assert 'id="warning"' in client.get("/").text

@@ -8,6 +8,8 @@ conversions that silently go wrong elsewhere are handled here once:
 - EXIF orientation is applied, so a phone photo of a film is upright.
 - DICOM pixel data goes through the Modality LUT (rescale slope/intercept), then the VOI window the
   radiographer chose, and MONOCHROME1 (bright = air) is inverted so that bone is always bright.
+- Colour is lost in the grey image, so `read_image_and_colour` measures it first: predict and serve flag a photo or
+  chart (`colour_warning`), which would otherwise be predicted as a film.
 - A file that cannot be used raises `ImageReadError` with a short machine-readable ``reason``; the manifest
   builder turns those into exclusions instead of crashing halfway through a dataset.
 """
@@ -44,6 +46,13 @@ MIN_GREY_LEVELS = 64  # an 8-bit reading of a 16-bit colour PNG with fewer level
 # commonest values hold 2-63 % of the pixels (black borders, burnt-out labels). A lung mask, a blank sheet or a
 # drawing put into an X-ray folder holds 100 %, and would be trained on, or predicted, as an X-ray.
 MAX_TWO_LEVEL_SHARE = 0.9
+# A radiograph is grey: its channels, where a file has three, are equal (a grey film saved as a colour JPEG keeps
+# them equal to the level: 0 spread in all 886 cxr-dev and 300 lung-masks films re-encoded at JPEG quality 20-95).
+# A pixel whose channels spread over more than COLOUR_SPREAD levels is coloured; an image with at least
+# COLOUR_SHARE of them (a photo, a chart, a colour-map figure, a strongly tinted scan) is read as grey and predicted
+# all the same, so predict and serve flag it (`colour_warning`). A thin annotation (a red arrow: 0.5 %) is not flagged.
+COLOUR_SPREAD = 48
+COLOUR_SHARE = 0.01
 REASONS = ("empty", "not-an-image", "truncated", "unreadable", "too-small", "too-large", "not-a-radiograph")
 
 
@@ -129,6 +138,33 @@ def read_image_with_size(
     path: str | os.PathLike, max_side: int | None = None
 ) -> tuple[Image.Image, tuple[int, int]]:
     """`read_image` plus the original (width, height), after EXIF orientation, before any shrinking."""
+    image, original_size, _ = _read(path, max_side, measure_colour=False)
+    return image, original_size
+
+
+def read_image_and_colour(path: str | os.PathLike) -> tuple[Image.Image, float]:
+    """`read_image` plus the share of the file's pixels that are coloured (`colour_share`; 0 for a grey file), which
+    the grey image no longer shows."""
+    image, _, colour = _read(path, None, measure_colour=True)
+    return image, colour
+
+
+def colour_warning(share: float) -> str | None:
+    """The warning for an image whose `colour_share` says it is no grey radiograph; None for one that is grey."""
+    if share < COLOUR_SHARE:
+        return None
+    return (f"a colour image ({share:.0%} of its pixels are coloured): a photo, chart or figure rather than a grey "
+            "radiograph; the prediction is not to be trusted")
+
+
+def colour_share(rgb: np.ndarray) -> float:
+    """Share of the pixels of an [H, W, 3] uint8 array whose channels spread over more than `COLOUR_SPREAD` levels."""
+    spread = rgb.max(axis=-1) - rgb.min(axis=-1)  # uint8: max >= min, so no wrap-around
+    return float(np.count_nonzero(spread > COLOUR_SPREAD)) / max(1, spread.size)
+
+
+def _read(path: str | os.PathLike, max_side: int | None,
+          measure_colour: bool) -> tuple[Image.Image, tuple[int, int], float]:
     path = Path(path)
     try:
         size_on_disk = path.stat().st_size
@@ -140,14 +176,14 @@ def read_image_with_size(
         raise ImageReadError(path, "empty", "file is empty (0 bytes)")
 
     if is_dicom(path):
-        image = _read_dicom(path)
+        image, colour = _read_dicom(path, measure_colour)
         original_size = image.size
     else:
-        image, original_size = _read_with_pil(path, max_side)
+        image, original_size, colour = _read_with_pil(path, max_side, measure_colour)
     _check_grey_levels(path, image)  # before shrinking, whose smoothing gives a mask's edges other values
     if max_side is not None and max(image.size) > max_side:
         image = shrink_to(image, max_side)
-    return image, original_size
+    return image, original_size, colour
 
 
 def image_size(path: str | os.PathLike) -> tuple[int, int]:
@@ -219,7 +255,8 @@ def _open_with_pil(path: Path) -> Image.Image:
     return image
 
 
-def _read_with_pil(path: Path, max_side: int | None) -> tuple[Image.Image, tuple[int, int]]:
+def _read_with_pil(path: Path, max_side: int | None,
+                   measure_colour: bool = False) -> tuple[Image.Image, tuple[int, int], float]:
     # A truncated X-ray loaded with this flag on is silently padded with grey and then trained on, so the
     # toolkit insists on it being off (other libraries sometimes switch it on globally).
     if ImageFile.LOAD_TRUNCATED_IMAGES:
@@ -245,6 +282,7 @@ def _read_with_pil(path: Path, max_side: int | None) -> tuple[Image.Image, tuple
             image.load()
             # exif_transpose always returns a new image, detached from the file the with-block closes.
             image = ImageOps.exif_transpose(image)
+            upright = image
             gray = _to_gray8(image)
     except ImageReadError:
         raise
@@ -252,7 +290,18 @@ def _read_with_pil(path: Path, max_side: int | None) -> tuple[Image.Image, tuple
         raise _classify_pil_error(path, error) from None
     if sixteen_bit_colour:
         _check_high_byte_levels(path, gray)
-    return gray, (width, height)
+    # measured outside the catch-all above: a bug here must stop the run, not exclude the image
+    return gray, (width, height), _pil_colour_share(upright) if measure_colour else 0.0
+
+
+GREY_MODES = frozenset({"1", "L", "LA", "La", "I", "I;16", "I;16L", "I;16B", "I;16N", "F"})
+
+
+def _pil_colour_share(image: Image.Image) -> float:
+    if image.mode in GREY_MODES:
+        return 0.0
+    rgb = image.convert("RGBA").convert("RGB") if image.mode in ("P", "PA") else image.convert("RGB")
+    return colour_share(np.asarray(rgb))
 
 
 def _is_16_bit_colour_png(image: Image.Image) -> bool:
@@ -380,7 +429,7 @@ def _dcmread(path: Path, stop_before_pixels: bool = False):
     return dataset
 
 
-def _read_dicom(path: Path) -> Image.Image:
+def _read_dicom(path: Path, measure_colour: bool = False) -> tuple[Image.Image, float]:
     dataset = _dcmread(path)
     _name_the_transfer_syntax_it_was_read_with(dataset)
     if (
@@ -445,7 +494,7 @@ def _read_dicom(path: Path) -> Image.Image:
         rgb = np.ascontiguousarray(pixels[..., :3])
         if rgb.dtype != np.uint8:
             rgb = _stretch_to_uint8(rgb)
-        return Image.fromarray(rgb).convert("L")
+        return Image.fromarray(rgb).convert("L"), colour_share(rgb) if measure_colour else 0.0
 
     try:
         gray = dicom_to_uint8(pixels, dataset)
@@ -453,7 +502,7 @@ def _read_dicom(path: Path) -> Image.Image:
         raise ImageReadError(
             path, "unreadable", f"cannot apply DICOM LUT/window ({type(error).__name__}: {error})"
         ) from None
-    return Image.fromarray(gray)
+    return Image.fromarray(gray), 0.0
 
 
 def _name_the_transfer_syntax_it_was_read_with(dataset) -> None:
