@@ -64,7 +64,7 @@ def register(app: typer.Typer, user_errors, console, err_console) -> None:
             for row in results[results["warning"] != ""].to_dict("records"):  # every one, beyond the table's rows too
                 err_console.print(f"[bold yellow]warning:[/] {escape(row['path'] + ': ' + row['warning'])}",
                                   highlight=False, soft_wrap=True)
-        for path, reason in skipped:
+        for path, reason in skipped if not (results.empty and len(skipped) == 1) else []:  # else: the error below
             err_console.print(f"[bold yellow]skipped:[/] {escape(f'{printable(path)}: {reason}')}", highlight=False,
                               soft_wrap=True)
         if results.empty:  # nothing was written: earlier results in --out stay as they were

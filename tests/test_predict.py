@@ -212,8 +212,9 @@ def test_cli_predict_prints_results_and_skipped_files(run, tmp_path, good_images
     assert "bad.png" in result.output and "not-an-image" in result.output
     assert (tmp_path / "r.csv").is_file()
 
-    result = runner.invoke(cli_app(), ["predict", str(run), str(bad)])  # one file: the error names it and why
+    result = runner.invoke(cli_app(), ["predict", str(run), str(bad)])  # one file: the error names it and why, once
     assert result.exit_code == 1 and result.output.strip().splitlines()[-1].startswith(f"error: {bad}: not-an-image")
+    assert result.output.count("not-an-image") == 1, result.output
     result = runner.invoke(cli_app(), ["predict", str(run), str(bad), str(tmp_path / "missing.png")])
     assert result.exit_code == 1 and "error: no image could be predicted (2 files skipped, listed above)" in result.output
 
