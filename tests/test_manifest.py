@@ -838,3 +838,17 @@ def test_a_manifest_written_on_windows_reads_on_linux_and_the_reverse(tmp_path):
     assert list(frame["cache_path"]) == [str(tmp_path / "cache/64px/ab" / name) for name in ("ab.png", "ac.png", "ad.png")]
     assert list(frame["mask"]) == [r"C:\Users\ana\m.png", "", ""]
     assert list(manifest.image_column(frame)) == list(frame["cache_path"])
+
+
+def test_colour_images_are_kept_and_named_in_a_warning(tmp_path):
+    # an external collection with a photo or chart in it was prepared without a word, and evaluate scored it
+    src = make_dataset(tmp_path / "src", per_class=3)
+    assert not any("in colour" in w for w in quiet(src, tmp_path / "grey").warnings)
+    film = np.asarray(Image.open(src / "Normal" / "Normal_00.png"))
+    Image.fromarray(np.dstack([film] * 3)).save(src / "Normal" / "grey-rgb.jpg", quality=60)  # grey: not named
+    other = np.asarray(textured_image(999))  # not the film: a duplicate of it in another class would be left out
+    Image.fromarray(np.dstack([other, other // 2, 255 - other])).save(src / "Pneumonia" / "photo.png")  # 63+ apart
+    report = quiet(src, tmp_path / "out")
+    assert [w for w in report.warnings if "in colour" in w] == [
+        "1 image is in colour (photos, charts or figures rather than grey films?), kept: Pneumonia/photo.png"]
+    assert "photo.png" in {Path(p).name for p in read_manifest(tmp_path / "out")["path"]}

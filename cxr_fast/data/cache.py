@@ -27,7 +27,13 @@ from pathlib import Path
 from PIL import Image
 
 from cxr_fast.data.dedup import Fingerprint, fingerprint
-from cxr_fast.data.io import MIN_SIDE, ImageReadError, read_image_with_size, shrink_to
+from cxr_fast.data.io import (
+    MIN_SIDE,
+    ImageReadError,
+    read_image_size_and_colour,
+    read_image_with_size,
+    shrink_to,
+)
 from cxr_fast.errors import CxrFastError
 
 CACHE_DIRNAME = "cache"
@@ -137,6 +143,7 @@ class Examined:
     cache_path: str = ""
     reason: str = ""  # an ImageReadError reason when fingerprint is None
     detail: str = ""
+    colour: float = 0.0  # the share of coloured pixels (`cxr_fast.data.io.colour_share`): a photo or chart
 
 
 def examine_file(task: tuple[str, str | None, int]) -> Examined:
@@ -150,7 +157,7 @@ def examine_file(task: tuple[str, str | None, int]) -> Examined:
     path, cache_dir, cache_size = task
     try:
         decode_side = cache_size if cache_size > 0 else FINGERPRINT_DECODE_SIDE
-        image, (width, height) = read_image_with_size(path, max_side=decode_side)
+        image, (width, height), colour = read_image_size_and_colour(path, max_side=decode_side)
     except ImageReadError as error:
         return Examined(reason=error.reason, detail=error.explanation)
     except MemoryError:
@@ -175,4 +182,4 @@ def examine_file(task: tuple[str, str | None, int]) -> Examined:
             cached = str(store(image, cache_dir, identity.sha256, cache_size, (width, height)))
         except OSError as error:
             raise CxrFastError(f"{cache_dir}: cannot write the image cache ({error.strerror or error})") from None
-    return Examined(fingerprint=identity, width=width, height=height, cache_path=cached)
+    return Examined(fingerprint=identity, width=width, height=height, cache_path=cached, colour=colour)

@@ -149,6 +149,13 @@ def read_image_and_colour(path: str | os.PathLike) -> tuple[Image.Image, float]:
     return image, colour
 
 
+def read_image_size_and_colour(
+    path: str | os.PathLike, max_side: int | None = None
+) -> tuple[Image.Image, tuple[int, int], float]:
+    """`read_image_with_size` plus the share of coloured pixels, as `read_image_and_colour` measures it."""
+    return _read(path, max_side, measure_colour=True)
+
+
 def colour_warning(share: float) -> str | None:
     """The warning for an image whose `colour_share` says it is no grey radiograph; None for one that is grey."""
     if share < COLOUR_SHARE:

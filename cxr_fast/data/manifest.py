@@ -55,7 +55,7 @@ from rich.table import Table
 
 from cxr_fast.data import cache as image_cache
 from cxr_fast.data.dedup import DEFAULT_MIN_CORRELATION, DEFAULT_THRESHOLD, group_duplicates
-from cxr_fast.data.io import MAX_TWO_LEVEL_SHARE, MIN_SIDE
+from cxr_fast.data.io import MAX_TWO_LEVEL_SHARE, MIN_SIDE, colour_warning
 from cxr_fast.data.labels import loose_name, map_label, parse_label_map
 from cxr_fast.data.patients import (
     DICOM_PRESET,
@@ -298,11 +298,14 @@ def prepare(
 
     rows = []
     fingerprints = []
+    coloured_rows = set()  # kept, but named in a warning, as predict flags them: an evaluation's data may hold them
     for (item, relpath, label), result in zip(candidates, examined, strict=True):
         if result.fingerprint is None:
             excluded.append(Exclusion(relpath, result.reason, result.detail))
             continue
         fingerprints.append(result.fingerprint)
+        if colour_warning(result.colour) is not None:
+            coloured_rows.add(len(rows))
         rows.append(
             dict(
                 path=str(item.path),
@@ -351,6 +354,11 @@ def prepare(
     labels = manifest_classes(manifest)
     warnings = _prepare_warnings(src_dir, skip, mapping, items, manifest, fractions, patient_pattern, site_counts,
                                  site_hint, loose_in_sites)
+    coloured = [rows[i]["relpath"] for i in kept if i in coloured_rows]  # not those a label conflict left out
+    if coloured:
+        warnings.append(f"{len(coloured)} image{'s are' if len(coloured) > 1 else ' is'} in colour (photos, charts or "
+                        f"figures rather than grey films?), kept: {', '.join(map(printable, coloured[:5]))}"
+                        + (f" and {len(coloured) - 5} more" if len(coloured) > 5 else ""))
 
     # 6. Synthetic data carries masks and marker boxes in SRC/_meta.csv (with sites, in SRC/<site>/_meta.csv).
     manifest = _merge_meta(manifest, src_dir, sites)
