@@ -14,9 +14,11 @@ history. The checkpoint is removed last, once the bundle is whole: a folder that
 
 from __future__ import annotations
 
+import base64
 import dataclasses
 import json
 import platform
+import random
 import shlex
 import shutil
 import sys
@@ -223,6 +225,53 @@ def _load_optimizer(opt, path: Path, meta: dict, device: torch.device | None = N
                            f"{first_line(e)}); start the run again in a new --out") from None
 
 
+def _encoded(values, dtype) -> str:
+    return base64.b64encode(np.ascontiguousarray(values, dtype=dtype).tobytes()).decode("ascii")
+
+
+def _decoded(text: str, dtype) -> np.ndarray:
+    return np.frombuffer(base64.b64decode(text), dtype=dtype)
+
+
+def _python_rng(state: tuple) -> dict:
+    version, internal, gauss = state
+    return {"version": version, "state": _encoded(internal, np.uint32), "gauss": gauss}
+
+
+def _python_rng_back(saved: dict) -> tuple:
+    return saved["version"], tuple(int(v) for v in _decoded(saved["state"], np.uint32)), saved["gauss"]
+
+
+def rng_state(dls) -> dict:
+    """Every random generator training draws from, as JSON (no pickle): Python's and NumPy's global ones, torch's
+    (CPU and GPUs) and fastai's per-DataLoader shuffling generators. Saved with each epoch's checkpoint, so that a
+    resumed run shuffles and augments as the uninterrupted run did."""
+    legacy = np.random.get_state(legacy=False)
+    state = {
+        "python": _python_rng(random.getstate()),
+        "numpy": {**legacy, "state": {"key": _encoded(legacy["state"]["key"], np.uint32),
+                                      "pos": int(legacy["state"]["pos"])}},
+        "torch": _encoded(torch.get_rng_state().numpy(), np.uint8),
+        "loaders": [_python_rng(dl.rng.getstate()) for dl in dls.loaders],
+    }
+    if gpu_available():
+        state["cuda"] = [_encoded(s.numpy(), np.uint8) for s in torch.cuda.get_rng_state_all()]
+    return state
+
+
+def set_rng_state(dls, saved: dict) -> None:
+    """The generators as `rng_state` saved them (a GPU's only when this machine has as many GPUs)."""
+    random.setstate(_python_rng_back(saved["python"]))
+    numpy_state = saved["numpy"]
+    np.random.set_state({**numpy_state, "state": {"key": _decoded(numpy_state["state"]["key"], np.uint32).copy(),
+                                                  "pos": numpy_state["state"]["pos"]}})
+    torch.set_rng_state(torch.from_numpy(_decoded(saved["torch"], np.uint8).copy()))
+    for dl, loader_state in zip(dls.loaders, saved["loaders"]):
+        dl.rng.setstate(_python_rng_back(loader_state))
+    if gpu_available() and len(saved.get("cuda", [])) == torch.cuda.device_count():
+        torch.cuda.set_rng_state_all([torch.from_numpy(_decoded(s, np.uint8).copy()) for s in saved["cuda"]])
+
+
 def read_checkpoint_state(state_path: Path) -> tuple[dict, TrainConfig]:
     """A checkpoint's state.json and its training options, checked: an edited, damaged or newer-version file is one
     line naming it, not a KeyError or TypeError in the middle of resuming."""
@@ -261,8 +310,9 @@ class RunRecorder(Callback):
 
     order = 51
 
-    def __init__(self, run_dir: Path, state: dict, epoch_offset: int, phase: str):
+    def __init__(self, run_dir: Path, state: dict, epoch_offset: int, phase: str, restore_rng: bool = False):
         self.run_dir, self.state, self.epoch_offset, self.phase = run_dir, state, epoch_offset, phase
+        self.restore_rng = restore_rng
 
     def before_fit(self):
         # fastai's train_loss is a running average (beta 0.98, about 50 batches of memory) that every fit starts
@@ -275,6 +325,12 @@ class RunRecorder(Callback):
 
     def before_epoch(self):
         self.epoch_started = time.perf_counter()
+        if self.restore_rng and self.epoch_offset + self.epoch == self.state["epochs_done"]:
+            # the first epoch a resumed run trains: its random draws as the uninterrupted run made them. A checkpoint
+            # of an earlier cxr_fast has none; the processes of data-parallel training each have their own.
+            self.restore_rng = False
+            if "rng" in self.state and not distributed.is_distributed():
+                set_rng_state(self.learn.dls, self.state["rng"])
 
     def after_epoch(self):
         if self.epoch_offset + self.epoch < self.state["epochs_done"]:
@@ -304,6 +360,8 @@ class RunRecorder(Callback):
         self.state["optimizer"] = _save_optimizer(self.learn.opt, optimizer)
         smooth = self.recorder.smooth_loss
         self.state["smooth_loss"] = {"phase": self.phase, "val": float(smooth.val), "count": int(smooth.count)}
+        if not distributed.is_distributed():
+            self.state["rng"] = rng_state(self.learn.dls)
         # state.json last: it names the epoch the files above hold, so it must never run ahead of them; and the
         # epoch counts as done (for a Ctrl-C's message, or removing a failed run) only once state.json says so
         write_text(ckpt / "state.json", json.dumps({**self.state, "epochs_done": row["epoch"] + 1}, indent=1))
@@ -659,7 +717,8 @@ def _fit_phases(learn, cfg: TrainConfig, state: dict, run_dir: Path, lr: float, 
             # After freeze/unfreeze, whose freeze_to clears the optimizer's state: loaded before, Adam's moments
             # were wiped and the resumed epochs started from zero momentum.
             _resume_optimizer(learn, checkpoint_paths(run_dir, done - 1)[1], state["optimizer"])
-        recorder = [RunRecorder(run_dir, state, offset, phase)] if distributed.is_main() else []  # rank 0 writes
+        recorder = [RunRecorder(run_dir, state, offset, phase, restore_rng=resume and offset <= done)
+                    ] if distributed.is_main() else []  # rank 0 writes
         cbs = recorder + [EpochNumbering(offset, done)] + list(extra_cbs or [])
         if phase == "frozen":
             learn.fit_one_cycle(n_epochs, lr, pct_start=0.99, cbs=cbs, start_epoch=start_epoch)

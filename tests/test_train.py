@@ -425,6 +425,25 @@ def test_a_run_stopped_or_failing_while_lr_find_runs_leaves_no_folder(tiny_data,
     assert not (tmp_path / "run").exists()
 
 
+@pytest.mark.parametrize("fine_tune", [False, True])
+def test_a_killed_and_resumed_run_ends_where_an_uninterrupted_one_does(tiny_data, tmp_path, fine_tune):
+    # the resumed epochs shuffle and augment with the random draws the uninterrupted run made there (the generators'
+    # state is checkpointed), so the two runs' histories and weights are the same; killed inside the one phase of
+    # training from scratch, and between the frozen and the unfrozen phase of fine-tuning
+    from cxr_fast.archs import create_model
+    from cxr_fast.outputs import write_tensors
+
+    write_tensors(create_model("cxresnet_tiny").state_dict(), tmp_path / "start.safetensors")
+    options = dict(weights=str(tmp_path / "start.safetensors"), freeze_epochs=1) if fine_tune else {}
+    cfg = resolve_config(epochs=3, **options, **TINY)
+    whole = train(tiny_data, cfg, out=tmp_path / "whole", quiet=True)
+    with pytest.raises(SimulatedKill):
+        train(tiny_data, cfg, out=tmp_path / "run", quiet=True, extra_cbs=[KillAfterEpochs(1)])
+    resumed = train(tiny_data, out=tmp_path / "run", resume=True, quiet=True)
+    assert (resumed / "history.csv").read_bytes() == (whole / "history.csv").read_bytes()
+    assert (resumed / "model.safetensors").read_bytes() == (whole / "model.safetensors").read_bytes()
+
+
 def test_a_run_interrupted_under_an_earlier_cxr_fast_resumes(tiny_data, tmp_path):
     out = _killed_run(tiny_data, tmp_path / "run")
     for kind in ("model", "optimizer"):  # the checkpoint's names before each epoch's files had names of their own
