@@ -184,7 +184,7 @@ def _write_bundle(run_dir: Path, model: AveragedEnsemble, model_cfg: dict, loade
     as a finished one. `lead`: the member whose size and normalisation the ensemble reads images with, as `model`
     was built with."""
     from cxr_fast.bundle import Run, run_labels
-    from cxr_fast.train import library_versions
+    from cxr_fast.versions import library_versions
 
     first = loaded[0]
     write_tensors({k: v.detach() for k, v in model.state_dict().items()}, run_dir / "model.safetensors")

@@ -38,6 +38,7 @@ from cxr_fast.errors import CxrFastError
 from cxr_fast.metrics import bootstrap_ci, classification_metrics, pr_curves, roc_curves
 from cxr_fast.outputs import check_folder_path, replacing_folder, settle_replacement, writing
 from cxr_fast.seen import match_seen, seen_fingerprints
+from cxr_fast.versions import library_versions
 
 SHIFT_WARN_AUC = 0.8  # a domain classifier this good at telling new images from training images means a shift
 
@@ -429,7 +430,8 @@ def evaluate(run_dir: str | Path, data: str | Path | None = None, split: str = "
         logits = predict_logits(run, items, progress=progress, tta=tta)
         y = label_indices(items["label"], run.classes)
         metrics = compute_metrics(y, logits, run.classes, run.temperature, n_boot=n_boot)
-        metrics.update({"run": run.name, "data": name, "manifest": manifest, "external": external, "tta": tta})
+        metrics.update({"run": run.name, "data": name, "manifest": manifest, "external": external, "tta": tta,
+                        "bootstrap": {"replicates": n_boot, "seed": 0}, "versions": library_versions()})
         if (by_marker := accuracy_by_marker(items, y, logits)) is not None:
             metrics["by_marker"] = by_marker
         if (by_site := metrics_by_site(items, y, logits, run.classes, n_boot=n_boot)) is not None:

@@ -35,6 +35,7 @@ from cxr_fast.evaluate import manifest_folder, output_folder, select_unseen_item
 from cxr_fast.lungs import estimate_lung_field
 from cxr_fast.outputs import check_folder_path, replacing_folder, short_stem, writing
 from cxr_fast.preprocess import resize_square
+from cxr_fast.versions import library_versions
 
 METHODS = ("occlusion", "integrated_gradients", "gradcam")
 
@@ -322,7 +323,7 @@ def write_interpretation(work: Path, run: Run, name: str, per_image, losses, sum
     report = {"run": run.name, "data": name, "images_audited": len(per_image), "summary": summary,
               "verdicts": verdicts, "most_confused": [[str(a), str(b), int(count)] for a, b, count in confused],
               "deletion": {k: (v.tolist() if isinstance(v, np.ndarray) else v) for k, v in deletion.items()},
-              **settings}
+              **settings, "versions": library_versions()}
     # null, not NaN, for a share with nothing to measure (no text marker, say): NaN is not JSON to strict readers
     (work / "audit.json").write_text(json.dumps(to_jsonable(report), indent=2, allow_nan=False))
     gallery.write_gallery(

@@ -75,6 +75,7 @@ from cxr_fast.outputs import (
     writing,
 )
 from cxr_fast.probe import is_frozen_arch
+from cxr_fast.versions import library_versions
 
 CHECKPOINT_DIR = "checkpoint"
 
@@ -731,15 +732,12 @@ def _fit_phases(learn, cfg: TrainConfig, state: dict, run_dir: Path, lr: float, 
         offset += n_epochs
 
 
-def library_versions() -> dict[str, str]:
-    import captum
-    import fastai
-    import timm
-
-    import cxr_fast
-
-    return {"cxr_fast": cxr_fast.__version__, "torch": torch.__version__, "fastai": fastai.__version__,
-            "timm": timm.__version__, "captum": captum.__version__, "python": platform.python_version()}
+def run_environment() -> dict:
+    """What besides the library versions changes a run's float rounding, so the same seed gives other weights: the
+    number of torch threads (sums split differently between them), the device and the kind of processor."""
+    return {"threads": torch.get_num_threads(), "device": "cuda" if gpu_available() else "cpu",
+            **({"gpu": torch.cuda.get_device_name()} if gpu_available() else {}),
+            "machine": platform.machine(), "system": platform.system()}
 
 
 def run_config(model: torch.nn.Module, cfg: TrainConfig, state: dict) -> dict:
@@ -760,6 +758,7 @@ def run_config(model: torch.nn.Module, cfg: TrainConfig, state: dict) -> dict:
         "manifest_sha256": state.get("manifest_sha256"),  # evaluate refuses the manifest if it changes later
         "temperature": 1.0,
         "versions": library_versions(),
+        "environment": run_environment(),
         "created": datetime.now().isoformat(timespec="seconds"),
     }
 

@@ -9,6 +9,7 @@ import pandas as pd
 import pytest
 from PIL import Image
 
+import cxr_fast
 from cxr_fast.bundle import load_run
 from cxr_fast.compare import compare_runs
 from cxr_fast.config import find_recipe
@@ -32,6 +33,9 @@ def test_evaluate_writes_predictions_metrics_figures_and_report(tiny_runs, tiny_
         assert key in metrics, key
     lo, hi = metrics["balanced_accuracy_ci"]
     assert lo <= metrics["balanced_accuracy"] <= hi
+    # what the intervals and probabilities came from, for a folder copied away from its run
+    assert metrics["bootstrap"] == {"replicates": 200, "seed": 0}
+    assert metrics["versions"]["numpy"] == np.__version__ and metrics["versions"]["cxr_fast"] == cxr_fast.__version__
     assert sum(map(sum, metrics["confusion_matrix"])) == len(predictions)
     for fig in ("confusion_matrix", "roc_curves", "pr_curves", "reliability"):
         assert (out / f"{fig}.png").is_file(), fig

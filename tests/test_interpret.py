@@ -2,9 +2,11 @@
 
 import json
 
+import captum
 import numpy as np
 import pandas as pd
 import pytest
+import torch
 
 from cxr_fast.bundle import load_run
 from cxr_fast.config import resolve_config
@@ -22,6 +24,7 @@ def test_interpret_writes_gallery_audit_and_top_losses(tiny_runs):
     audit = json.loads((out / "audit.json").read_text())
     assert audit["verdicts"] and audit["images_audited"] >= 3
     assert {"overall", "by_class"} <= set(audit["summary"])
+    assert audit["versions"]["torch"] == torch.__version__ and audit["versions"]["captum"] == captum.__version__
     overall = audit["summary"]["overall"]
     assert overall["mean_share_inside"] + overall["mean_share_outside"] == pytest.approx(1.0)
     losses = pd.read_csv(out / "top_losses.csv")

@@ -12,6 +12,7 @@ import pytest
 from PIL import Image
 from rich.console import Console
 
+import cxr_fast
 from cxr_fast.data import io, manifest
 from cxr_fast.data.manifest import MANIFEST_COLUMNS, prepare, print_summary, read_manifest
 from cxr_fast.errors import CxrFastError
@@ -76,6 +77,8 @@ def test_prepare_writes_manifest_report_and_cache(tmp_path):
     assert data["counts"] == report.counts
     assert data["excluded"] == [] and data["conflicts"] == []
     assert data["arguments"]["seed"] == 0 and data["arguments"]["cache_size"] == 128
+    # the split is drawn with numpy by cxr_fast's algorithm: the report says which versions drew it
+    assert data["versions"]["numpy"] == np.__version__ and data["versions"]["cxr_fast"] == cxr_fast.__version__
 
     table = read_manifest(out)
     assert all(Path(p).is_file() for p in table["cache_path"])  # made absolute again

@@ -43,6 +43,24 @@ def test_one_epoch_gives_a_complete_bundle(tiny_data, tmp_path):
     assert metrics["processes"] == 1
 
 
+def test_config_json_records_the_threads_and_numpy_that_shaped_the_numbers(tiny_data, tmp_path):
+    # the same seed gives other weights with another number of threads (float sums are added in another order), and
+    # the split and bootstrap draw from numpy: a run must say both to be reproduced
+    import platform
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        run = train(tiny_data, resolve_config(epochs=1, **TINY), out=tmp_path / "run", quiet=True)
+    finally:
+        torch.set_num_threads(threads)
+    config = json.loads((run / "config.json").read_text())
+    assert config["versions"]["numpy"] == np.__version__
+    assert config["environment"]["threads"] == 1
+    assert config["environment"]["machine"] == platform.machine()
+    assert config["environment"]["device"] == ("cuda" if torch.cuda.is_available() else "cpu")
+
+
 def test_reloaded_bundle_reproduces_the_training_pipeline(tiny_data, tmp_path):
     run_dir = train(tiny_data, resolve_config(epochs=1, **TINY), out=tmp_path / "run", quiet=True)
     run = load_run(run_dir)
@@ -425,6 +443,13 @@ def test_a_run_stopped_or_failing_while_lr_find_runs_leaves_no_folder(tiny_data,
     assert not (tmp_path / "run").exists()
 
 
+class FinalWeights(Callback):
+    """The network's weights as the last fit ends (the bundle keeps the best epoch's, which may be an early one)."""
+
+    def after_fit(self):
+        self.weights = {k: v.detach().cpu().clone() for k, v in self.learn.model.state_dict().items()}
+
+
 @pytest.mark.parametrize("fine_tune", [False, True])
 def test_a_killed_and_resumed_run_ends_where_an_uninterrupted_one_does(tiny_data, tmp_path, fine_tune):
     # the resumed epochs shuffle and augment with the random draws the uninterrupted run made there (the generators'
@@ -436,12 +461,16 @@ def test_a_killed_and_resumed_run_ends_where_an_uninterrupted_one_does(tiny_data
     write_tensors(create_model("cxresnet_tiny").state_dict(), tmp_path / "start.safetensors")
     options = dict(weights=str(tmp_path / "start.safetensors"), freeze_epochs=1) if fine_tune else {}
     cfg = resolve_config(epochs=3, **options, **TINY)
-    whole = train(tiny_data, cfg, out=tmp_path / "whole", quiet=True)
+    whole_end, resumed_end = FinalWeights(), FinalWeights()
+    whole = train(tiny_data, cfg, out=tmp_path / "whole", quiet=True, extra_cbs=[whole_end])
     with pytest.raises(SimulatedKill):
         train(tiny_data, cfg, out=tmp_path / "run", quiet=True, extra_cbs=[KillAfterEpochs(1)])
-    resumed = train(tiny_data, out=tmp_path / "run", resume=True, quiet=True)
+    resumed = train(tiny_data, out=tmp_path / "run", resume=True, quiet=True, extra_cbs=[resumed_end])
     assert (resumed / "history.csv").read_bytes() == (whole / "history.csv").read_bytes()
     assert (resumed / "model.safetensors").read_bytes() == (whole / "model.safetensors").read_bytes()
+    assert resumed_end.weights.keys() == whole_end.weights.keys()
+    for key, value in whole_end.weights.items():
+        torch.testing.assert_close(resumed_end.weights[key], value, rtol=0, atol=0, msg=key)
 
 
 def test_a_run_interrupted_under_an_earlier_cxr_fast_resumes(tiny_data, tmp_path):

@@ -87,6 +87,7 @@ from cxr_fast.data.synth import UNFINISHED
 from cxr_fast.errors import CxrFastError
 from cxr_fast.outputs import check_folder_path, printable, write_texts, writing
 from cxr_fast.progress import LogProgress, progress_bar
+from cxr_fast.versions import library_versions
 
 REPORT_NAME = PREPARED_MARKER
 META_NAME = "_meta.csv"
@@ -140,6 +141,7 @@ class PrepareReport:
     patients: dict | None = None  # with a patient pattern: counts from `patient_summary`
     sites: dict[str, dict[str, int]] | None = None  # with sites: site -> label -> number of images
     warnings: list[str] = field(default_factory=list)  # things the user should probably act on
+    versions: dict[str, str] = field(default_factory=library_versions)  # the split depends on cxr_fast's and numpy's
 
     def exclusions_by_reason(self) -> dict[str, int]:
         return dict(sorted(Counter(item.reason for item in self.excluded).items()))
