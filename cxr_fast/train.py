@@ -6,10 +6,11 @@ classes, channels, size, normalisation, weights source, temperature, seed, libra
 (the resolved training config), `history.csv`, `curves.png`, `metrics.json` and `seen_images.safetensors` (fingerprints
 of the images it learned from, so that external validation can leave them out).
 
-While training, `checkpoint/` holds the last epoch's weights and optimizer state and the best epoch's weights
-(safetensors + JSON) so that `resume=True` continues a killed run with the same one-cycle schedule and an unbroken
-history. The checkpoint is removed last, once the bundle is whole: a folder that still has one is not a bundle
-(`remove_checkpoint` renames it away in one step before deleting it).
+While training, `checkpoint/` holds the last epoch's weights and optimizer state, the best epoch's weights and the
+state of the random generators (safetensors + JSON) so that `resume=True` continues a killed run with the same
+one-cycle schedule, an unbroken history and, in one process, the random draws of an uninterrupted run. The checkpoint
+is removed last, once the bundle is whole: a folder that still has one is not a bundle (`remove_checkpoint` renames
+it away in one step before deleting it).
 """
 
 from __future__ import annotations
@@ -363,6 +364,8 @@ class RunRecorder(Callback):
         self.state["smooth_loss"] = {"phase": self.phase, "val": float(smooth.val), "count": int(smooth.count)}
         if not distributed.is_distributed():
             self.state["rng"] = rng_state(self.learn.dls)
+        else:  # one process's generators are not the others': none is saved (nor a single-process part's, now stale)
+            self.state.pop("rng", None)
         # state.json last: it names the epoch the files above hold, so it must never run ahead of them; and the
         # epoch counts as done (for a Ctrl-C's message, or removing a failed run) only once state.json says so
         write_text(ckpt / "state.json", json.dumps({**self.state, "epochs_done": row["epoch"] + 1}, indent=1))
