@@ -31,7 +31,14 @@ from cxr_fast.calibration import (
     reliability_bins,
     softmax,
 )
-from cxr_fast.data.manifest import image_column, label_indices, manifest_csv, manifest_key, read_manifest
+from cxr_fast.data.manifest import (
+    image_column,
+    label_indices,
+    manifest_csv,
+    manifest_digest,
+    manifest_key,
+    read_manifest,
+)
 from cxr_fast.data.sources import MANIFEST_NAME
 from cxr_fast.ensemble import ENSEMBLE_ARCH
 from cxr_fast.errors import CxrFastError
@@ -430,7 +437,8 @@ def evaluate(run_dir: str | Path, data: str | Path | None = None, split: str = "
         logits = predict_logits(run, items, progress=progress, tta=tta)
         y = label_indices(items["label"], run.classes)
         metrics = compute_metrics(y, logits, run.classes, run.temperature, n_boot=n_boot)
-        metrics.update({"run": run.name, "data": name, "manifest": manifest, "external": external, "tta": tta,
+        metrics.update({"run": run.name, "data": name, "manifest": manifest, "manifest_sha256": manifest_digest(manifest),
+                        "external": external, "tta": tta,
                         "bootstrap": {"replicates": n_boot, "seed": 0}, "versions": library_versions()})
         if (by_marker := accuracy_by_marker(items, y, logits)) is not None:
             metrics["by_marker"] = by_marker

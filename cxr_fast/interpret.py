@@ -29,7 +29,7 @@ from cxr_fast import attribution, audit
 from cxr_fast.bundle import Run, load_run, predict_logits
 from cxr_fast.calibration import softmax
 from cxr_fast.data.io import image_stem, read_image, read_mask
-from cxr_fast.data.manifest import image_column, label_indices
+from cxr_fast.data.manifest import image_column, label_indices, manifest_digest
 from cxr_fast.errors import CxrFastError
 from cxr_fast.evaluate import manifest_folder, output_folder, select_unseen_items, write_seen_images
 from cxr_fast.lungs import estimate_lung_field
@@ -287,6 +287,7 @@ def interpret(run_dir: str | Path, data: str | Path | None = None, split: str = 
                                  image_files, figures_loss, figures_correct,
                                  {"methods": list(methods), "window": window, "stride": stride,
                                   "baseline": baseline, "manifest": manifest,
+                                  "manifest_sha256": manifest_digest(manifest),
                                   **({"seen_images": seen_summary} if seen_summary else {})})
             write_seen_images(work, left_out)
         report = json.loads((out_dir / "audit.json").read_text(encoding="utf-8"))

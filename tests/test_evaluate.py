@@ -35,6 +35,7 @@ def test_evaluate_writes_predictions_metrics_figures_and_report(tiny_runs, tiny_
     assert lo <= metrics["balanced_accuracy"] <= hi
     # what the intervals and probabilities came from, for a folder copied away from its run
     assert metrics["bootstrap"] == {"replicates": 200, "seed": 0}
+    assert metrics["manifest_sha256"] == load_run(tiny_runs[0]).config["manifest_sha256"]  # the data it scored
     assert metrics["versions"]["numpy"] == np.__version__ and metrics["versions"]["cxr_fast"] == cxr_fast.__version__
     assert sum(map(sum, metrics["confusion_matrix"])) == len(predictions)
     for fig in ("confusion_matrix", "roc_curves", "pr_curves", "reliability"):

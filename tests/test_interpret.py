@@ -24,6 +24,7 @@ def test_interpret_writes_gallery_audit_and_top_losses(tiny_runs):
     audit = json.loads((out / "audit.json").read_text())
     assert audit["verdicts"] and audit["images_audited"] >= 3
     assert {"overall", "by_class"} <= set(audit["summary"])
+    assert audit["manifest_sha256"] == load_run(tiny_runs[0]).config["manifest_sha256"]
     assert audit["versions"]["torch"] == torch.__version__ and audit["versions"]["captum"] == captum.__version__
     overall = audit["summary"]["overall"]
     assert overall["mean_share_inside"] + overall["mean_share_outside"] == pytest.approx(1.0)
