@@ -332,7 +332,14 @@ class RunRecorder(Callback):
             # of an earlier cxr_fast has none; the processes of data-parallel training each have their own.
             self.restore_rng = False
             if "rng" in self.state and not distributed.is_distributed():
-                set_rng_state(self.learn.dls, self.state["rng"])
+                try:
+                    set_rng_state(self.learn.dls, self.state["rng"])
+                except (KeyError, TypeError, ValueError, IndexError, AttributeError, RuntimeError) as e:
+                    # the weights and optimizer state are intact: an edited or damaged generators' entry costs only
+                    # bit-for-bit agreement with an uninterrupted run, not the run
+                    warnings.warn(f"{self.run_dir / CHECKPOINT_DIR / 'state.json'}: its random generators' state "
+                                  f"could not be restored ({type(e).__name__}: {first_line(e)}); the resumed epochs "
+                                  "shuffle and augment afresh", stacklevel=1)
 
     def after_epoch(self):
         if self.epoch_offset + self.epoch < self.state["epochs_done"]:

@@ -484,6 +484,19 @@ def test_a_run_interrupted_under_an_earlier_cxr_fast_resumes(tiny_data, tmp_path
     assert list(pd.read_csv(out / "history.csv")["epoch"]) == [0, 1, 2]
 
 
+@pytest.mark.parametrize("damage", [lambda rng: rng.pop("torch"), lambda rng: rng.update(torch="AAAA"),
+                                    lambda rng: rng["python"].update(state=7)])
+def test_a_damaged_generators_state_warns_and_the_run_still_resumes(tiny_data, tmp_path, damage):
+    # the weights and optimizer state are intact: an edited "rng" entry costs bit-for-bit agreement, not the run
+    out = _killed_run(tiny_data, tmp_path / "run")
+    state = json.loads((out / "checkpoint" / "state.json").read_text())
+    damage(state["rng"])
+    (out / "checkpoint" / "state.json").write_text(json.dumps(state))
+    with pytest.warns(UserWarning, match=r"state\.json: its random generators' state could not be restored .*afresh"):
+        train(tiny_data, out=out, resume=True, quiet=True)
+    assert list(pd.read_csv(out / "history.csv")["epoch"]) == [0, 1, 2]
+
+
 def test_a_single_class_manifest_is_refused_before_training(tiny_data, tmp_path):
     table = read_manifest(tiny_data)
     one_class = tmp_path / "one" / "manifest.csv"
