@@ -1199,22 +1199,33 @@ def test_a_batch_size_that_drops_much_of_every_epoch_is_named(tiny_data):
         build_dataloaders(manifest, size=32, bs=divisor)
 
 
-def test_a_resumed_optimizer_state_goes_to_its_parameters_device(tmp_path):
-    # the checkpoint holds CPU tensors: resumed on a GPU they stayed on the CPU beside CUDA parameters. No GPU here,
-    # so parameters on torch's "meta" device stand in for another device.
+def _saved_adam_state(path: Path) -> dict:
+    """A checkpoint's optimizer state of one Adam step on a small CPU model, saved to `path` (the meta it returns)."""
     from fastai.optimizer import Adam
 
-    from cxr_fast.train import _load_optimizer, _save_optimizer
+    from cxr_fast.train import _save_optimizer
 
     model = torch.nn.Linear(3, 2)
     opt = Adam(list(model.parameters()), lr=1e-3)
     model(torch.randn(4, 3)).sum().backward()
     opt.step()
-    meta = _save_optimizer(opt, tmp_path / "optimizer.safetensors")
+    return _save_optimizer(opt, path)
+
+
+def _moment_devices(opt) -> set[str]:
+    return {v.device.type for p, *_ in opt.all_params() for v in opt.state[p].values() if torch.is_tensor(v)}
+
+
+def test_a_loaded_optimizer_state_goes_to_its_parameters_device(tmp_path):
+    # as fastai's load_model(device=…) does, when no device is named: "meta" parameters stand in for another device
+    from fastai.optimizer import Adam
+
+    from cxr_fast.train import _load_optimizer
+
+    meta = _saved_adam_state(tmp_path / "optimizer.safetensors")
     elsewhere = Adam(list(torch.nn.Linear(3, 2, device="meta").parameters()), lr=1e-3)
     _load_optimizer(elsewhere, tmp_path / "optimizer.safetensors", meta)
-    moments = [v for p, *_ in elsewhere.all_params() for v in elsewhere.state[p].values() if torch.is_tensor(v)]
-    assert moments and all(v.device.type == "meta" for v in moments)
+    assert _moment_devices(elsewhere) == {"meta"}
 
 
 def test_a_resumed_optimizer_state_goes_to_the_device_training_runs_on(tmp_path):
@@ -1225,20 +1236,15 @@ def test_a_resumed_optimizer_state_goes_to_the_device_training_runs_on(tmp_path)
     from fastai.learner import Learner
     from fastai.optimizer import Adam
 
-    from cxr_fast.train import _resume_optimizer, _save_optimizer
+    from cxr_fast.train import _resume_optimizer
 
-    model = torch.nn.Linear(3, 2)
-    opt = Adam(list(model.parameters()), lr=1e-3)
-    model(torch.randn(4, 3)).sum().backward()
-    opt.step()
-    meta = _save_optimizer(opt, tmp_path / "optimizer.safetensors")
+    meta = _saved_adam_state(tmp_path / "optimizer.safetensors")
     items = [(torch.randn(3), 0)] * 4
     dls = DataLoaders.from_dsets(items, items, bs=2, device=torch.device("meta"))
     learn = Learner(dls, torch.nn.Linear(3, 2), loss_func=torch.nn.functional.cross_entropy, opt_func=Adam, lr=1e-3)
     learn.create_opt()
     _resume_optimizer(learn, tmp_path / "optimizer.safetensors", meta)
-    moments = [v for p, *_ in learn.opt.all_params() for v in learn.opt.state[p].values() if torch.is_tensor(v)]
-    assert moments and all(v.device.type == "meta" for v in moments)
+    assert _moment_devices(learn.opt) == {"meta"}
 
 
 def test_the_temperature_is_fitted_on_the_valid_split(tiny_runs, tiny_data):
