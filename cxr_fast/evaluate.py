@@ -383,6 +383,7 @@ def compute_metrics(y: np.ndarray, logits: np.ndarray, classes: list[str], tempe
         except CxrFastError:
             metrics["macro_roc_auc_ci"] = None
     metrics["ci_level"] = 0.95
+    metrics["bootstrap"] = {"replicates": n_boot, "seed": seed}  # what the intervals were drawn with
     metrics["temperature"] = temperature
     metrics["ece"] = expected_calibration_error(probs, y)
     metrics["ece_calibrated"] = expected_calibration_error(calibrated, y)
@@ -438,8 +439,7 @@ def evaluate(run_dir: str | Path, data: str | Path | None = None, split: str = "
         y = label_indices(items["label"], run.classes)
         metrics = compute_metrics(y, logits, run.classes, run.temperature, n_boot=n_boot)
         metrics.update({"run": run.name, "data": name, "manifest": manifest, "manifest_sha256": manifest_digest(manifest),
-                        "external": external, "tta": tta,
-                        "bootstrap": {"replicates": n_boot, "seed": 0}, "versions": library_versions()})
+                        "external": external, "tta": tta, "versions": library_versions()})
         if (by_marker := accuracy_by_marker(items, y, logits)) is not None:
             metrics["by_marker"] = by_marker
         if (by_site := metrics_by_site(items, y, logits, run.classes, n_boot=n_boot)) is not None:

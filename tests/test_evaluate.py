@@ -707,6 +707,8 @@ def test_the_calibrated_figures_divide_the_logits_by_the_temperature():
         return -np.mean(np.log(p[np.arange(len(y)), y]))
 
     m = compute_metrics(y, logits, ["a", "b", "c"], temperature=2.0, n_boot=10)
+    assert m["bootstrap"] == {"replicates": 10, "seed": 0}  # the record of what drew the intervals
+    assert compute_metrics(y, logits, ["a", "b", "c"], temperature=2.0, n_boot=10, seed=3)["bootstrap"]["seed"] == 3
     assert m["nll"] == pytest.approx(nll(logits)) and m["nll_calibrated"] == pytest.approx(nll(logits / 2))
     assert m["temperature"] == 2.0
 
