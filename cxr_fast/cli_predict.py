@@ -65,13 +65,15 @@ def register(app: typer.Typer, user_errors, console, err_console) -> None:
             for row in results[results["warning"] != ""].to_dict("records"):  # every one, beyond the table's rows too
                 err_console.print(f"[bold yellow]warning:[/] {escape(row['path'] + ': ' + row['warning'])}",
                                   highlight=False, soft_wrap=True)
-        for path, reason in skipped if not (results.empty and len(skipped) == 1) else []:  # else: the error below
+        # nothing predicted from one file: the error names it and why, as every other one-line error does, and
+        # nothing else does (no 'skipped:' line too); earlier results in --out stay as they were
+        if results.empty and len(skipped) == 1:
+            path, reason = skipped[0]
+            raise CxrFastError(f"{printable(path)}: {reason}")
+        for path, reason in skipped:
             err_console.print(f"[bold yellow]skipped:[/] {escape(f'{printable(path)}: {reason}')}", highlight=False,
                               soft_wrap=True)
         if results.empty:  # nothing was written: earlier results in --out stay as they were
-            if len(skipped) == 1:  # one file given: the error names it and why, as every other one-line error does
-                path, reason = skipped[0]
-                raise CxrFastError(f"{printable(path)}: {reason}")
             raise CxrFastError(f"no image could be predicted ({len(skipped)} files skipped, listed above)"
                                if skipped else "no image could be predicted")
         if out is not None:
