@@ -9,7 +9,7 @@ conversions that silently go wrong elsewhere are handled here once:
 - DICOM pixel data goes through the Modality LUT (rescale slope/intercept), then the VOI window the
   radiographer chose, and MONOCHROME1 (bright = air) is inverted so that bone is always bright.
 - Colour is lost in the grey image, so `read_image_and_colour` measures it first: predict and serve flag a photo or
-  chart (`colour_warning`), which would otherwise be predicted as a film.
+  chart (`colour_warning`), which would otherwise be predicted as a film, and prepare names it in a warning.
 - A file that cannot be used raises `ImageReadError` with a short machine-readable ``reason``; the manifest
   builder turns those into exclusions instead of crashing halfway through a dataset.
 """
@@ -50,7 +50,7 @@ MAX_TWO_LEVEL_SHARE = 0.9
 # them equal to the level: 0 spread in all 886 cxr-dev and 300 lung-masks films re-encoded at JPEG quality 20-95).
 # A pixel whose channels spread over more than COLOUR_SPREAD levels is coloured; an image with at least
 # COLOUR_SHARE of them (a photo, a chart, a colour-map figure, a strongly tinted scan) is read as grey and predicted
-# all the same, so predict and serve flag it (`colour_warning`). A thin annotation (a red arrow: 0.5 %) is not flagged.
+# all the same, so predict and serve flag it (`colour_warning`) and prepare names it. A thin annotation (a red arrow: 0.5 %) is not flagged.
 COLOUR_SPREAD = 48
 COLOUR_SHARE = 0.01
 REASONS = ("empty", "not-an-image", "truncated", "unreadable", "too-small", "too-large", "not-a-radiograph")
@@ -263,7 +263,7 @@ def _open_with_pil(path: Path) -> Image.Image:
 
 
 def _read_with_pil(path: Path, max_side: int | None,
-                   measure_colour: bool = False) -> tuple[Image.Image, tuple[int, int], float]:
+                   measure_colour: bool) -> tuple[Image.Image, tuple[int, int], float]:
     # A truncated X-ray loaded with this flag on is silently padded with grey and then trained on, so the
     # toolkit insists on it being off (other libraries sometimes switch it on globally).
     if ImageFile.LOAD_TRUNCATED_IMAGES:
@@ -289,7 +289,6 @@ def _read_with_pil(path: Path, max_side: int | None,
             image.load()
             # exif_transpose always returns a new image, detached from the file the with-block closes.
             image = ImageOps.exif_transpose(image)
-            upright = image
             gray = _to_gray8(image)
     except ImageReadError:
         raise
@@ -298,7 +297,7 @@ def _read_with_pil(path: Path, max_side: int | None,
     if sixteen_bit_colour:
         _check_high_byte_levels(path, gray)
     # measured outside the catch-all above: a bug here must stop the run, not exclude the image
-    return gray, (width, height), _pil_colour_share(upright) if measure_colour else 0.0
+    return gray, (width, height), _pil_colour_share(image) if measure_colour else 0.0
 
 
 GREY_MODES = frozenset({"1", "L", "LA", "La", "I", "I;16", "I;16L", "I;16B", "I;16N", "F"})
@@ -436,7 +435,7 @@ def _dcmread(path: Path, stop_before_pixels: bool = False):
     return dataset
 
 
-def _read_dicom(path: Path, measure_colour: bool = False) -> tuple[Image.Image, float]:
+def _read_dicom(path: Path, measure_colour: bool) -> tuple[Image.Image, float]:
     dataset = _dcmread(path)
     _name_the_transfer_syntax_it_was_read_with(dataset)
     if (
