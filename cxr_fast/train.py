@@ -248,11 +248,11 @@ def rng_state(dls) -> dict:
     """Every random generator training draws from, as JSON (no pickle): Python's and NumPy's global ones, torch's
     (CPU and GPUs) and fastai's per-DataLoader shuffling generators. Saved with each epoch's checkpoint, so that a
     resumed run shuffles and augments as the uninterrupted run did."""
-    legacy = np.random.get_state(legacy=False)
+    numpy_state = np.random.get_state(legacy=False)  # a dict (MT19937's key and pos), not the legacy tuple
     state = {
         "python": _python_rng(random.getstate()),
-        "numpy": {**legacy, "state": {"key": _encoded(legacy["state"]["key"], np.uint32),
-                                      "pos": int(legacy["state"]["pos"])}},
+        "numpy": {**numpy_state, "state": {"key": _encoded(numpy_state["state"]["key"], np.uint32),
+                                           "pos": int(numpy_state["state"]["pos"])}},
         "torch": _encoded(torch.get_rng_state().numpy(), np.uint8),
         "loaders": [_python_rng(dl.rng.getstate()) for dl in dls.loaders],
     }
