@@ -728,6 +728,8 @@ def _fit_phases(learn, cfg: TrainConfig, state: dict, run_dir: Path, lr: float, 
             # After freeze/unfreeze, whose freeze_to clears the optimizer's state: loaded before, Adam's moments
             # were wiped and the resumed epochs started from zero momentum.
             _resume_optimizer(learn, checkpoint_paths(run_dir, done - 1)[1], state["optimizer"])
+        # the generators are restored in the phase the run resumes in only: epochs_done grows as epochs finish, and
+        # a later phase's first epoch would match it and restore them a second time, where the uninterrupted run did not
         recorder = [RunRecorder(run_dir, state, offset, phase, restore_rng=resume and offset <= done)
                     ] if distributed.is_main() else []  # rank 0 writes
         cbs = recorder + [EpochNumbering(offset, done)] + list(extra_cbs or [])
