@@ -334,7 +334,7 @@ class RunRecorder(Callback):
             if "rng" in self.state and not distributed.is_distributed():
                 try:
                     set_rng_state(self.learn.dls, self.state["rng"])
-                except (KeyError, TypeError, ValueError, IndexError, AttributeError, RuntimeError) as e:
+                except (KeyError, TypeError, ValueError, IndexError, RuntimeError) as e:  # what a damaged entry raises
                     # the weights and optimizer state are intact: an edited or damaged generators' entry costs only
                     # bit-for-bit agreement with an uninterrupted run, not the run
                     warnings.warn(f"{self.run_dir / CHECKPOINT_DIR / 'state.json'}: its random generators' state "

@@ -497,6 +497,18 @@ def test_a_damaged_generators_state_warns_and_the_run_still_resumes(tiny_data, t
     assert list(pd.read_csv(out / "history.csv")["epoch"]) == [0, 1, 2]
 
 
+def test_a_bug_while_restoring_the_generators_stops_the_resumed_run(tiny_data, tmp_path, monkeypatch):
+    # only a damaged entry is warned about and passed over: a fault of our own code must be seen, not read as damage
+    out = _killed_run(tiny_data, tmp_path / "run")
+
+    def broken(dls, saved):
+        raise AttributeError("'DataLoader' object has no attribute 'rng'")
+
+    monkeypatch.setattr("cxr_fast.train.set_rng_state", broken)
+    with pytest.raises(AttributeError, match="no attribute 'rng'"):
+        train(tiny_data, out=out, resume=True, quiet=True)
+
+
 def test_a_single_class_manifest_is_refused_before_training(tiny_data, tmp_path):
     table = read_manifest(tiny_data)
     one_class = tmp_path / "one" / "manifest.csv"
