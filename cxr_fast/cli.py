@@ -252,7 +252,7 @@ def evaluate(
 
     result = run_evaluation(run, data, split, tta=tta, force=force)
     m = result.metrics
-    table = metrics_table(m, tta)
+    table = metrics_table(m)
     console.print(table)
     if "seen_images" in m and (seen := seen_warning(m["seen_images"])):
         err_console.print(f"[bold yellow]warning:[/] {escape(seen)}")

@@ -153,12 +153,13 @@ def select_unseen_items(run: Run, data: str | Path | None, split: str):
     return items, name, external, left_out, summary
 
 
-def metrics_table(m: dict, tta: bool = False):
-    """The console's table of an evaluation's metrics (`cxrfast evaluate` and the demo print it)."""
+def metrics_table(m: dict):
+    """The console's table of an evaluation's metrics (`cxrfast evaluate` and the demo print it), titled as its
+    figures are (`evaluation_subject`)."""
     from rich.markup import escape
     from rich.table import Table
 
-    table = Table("metric", "value", title=escape(f"{m['run']} on {m['data']}") + f" ({m['n']} images{', with TTA' if tta else ''})")
+    table = Table("metric", "value", title=escape(evaluation_subject(m)))
     lo, hi = m["balanced_accuracy_ci"]
     table.add_row("balanced accuracy", f"{m['balanced_accuracy']:.3f}  (95 % CI {lo:.3f}–{hi:.3f})")
     table.add_row("accuracy", f"{m['accuracy']:.3f}")
@@ -393,7 +394,7 @@ def compute_metrics(y: np.ndarray, logits: np.ndarray, classes: list[str], tempe
 
 
 def evaluation_subject(metrics: dict) -> str:
-    """What an evaluation's figures show, for their titles: 'run on data-split (n images)', as the console says it."""
+    """What an evaluation shows: 'run on data-split (n images)', the title of its console table and of its figures."""
     return f"{metrics['run']} on {metrics['data']} ({metrics['n']} images{', with TTA' if metrics.get('tta') else ''})"
 
 

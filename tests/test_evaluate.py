@@ -551,6 +551,15 @@ def test_a_temperature_that_worsens_the_log_loss_here_is_a_caution():
     assert "0.156 → 0.079  (log-loss rose 0.769 → 0.823: see the report)" in text
 
 
+def test_the_console_table_is_titled_as_the_figures_are():
+    from cxr_fast.evaluate import evaluation_subject
+
+    for tta in (False, True):
+        subject = evaluation_subject({"run": "r", "data": "d-test", "n": 5, "tta": tta})
+        assert subject == "r on d-test (5 images" + (", with TTA)" if tta else ")")
+        assert metrics_table_text(data="d-test", tta=tta).splitlines()[0].strip() == subject
+
+
 def test_a_temperature_at_its_upper_bound_is_named_and_a_tiny_rise_is_shown():
     # a run at chance got T = 100 (the search's bound): every calibrated probability near 1/3, shown as ECE
     # 0.081 → 0.001, beside "log-loss rose 1.098 → 1.098"
