@@ -35,9 +35,9 @@ class Section:
     """One part of a report.
 
     `text` is plain text: paragraphs separated by blank lines, lines starting with "- " form a list. It is
-    escaped in the HTML and written as is to the Markdown: keep names from user data out of it (a table or a warning escapes them). `table` is a DataFrame or a list of dicts
-    (columns in first-seen order). `figures` names figures passed to `write_report` to show here; figures no
-    section names go to a final "Figures" section.
+    escaped in the HTML and written as is to the Markdown: keep names from user data out of it (a table or a
+    warning escapes them). `table` is a DataFrame or a list of dicts (columns in first-seen order). `figures` names
+    figures passed to `write_report` to show here; figures no section names go to a final "Figures" section.
     """
 
     heading: str

@@ -50,7 +50,8 @@ MAX_TWO_LEVEL_SHARE = 0.9
 # them equal to the level: 0 spread in all 886 cxr-dev and 300 lung-masks films re-encoded at JPEG quality 20-95).
 # A pixel whose channels spread over more than COLOUR_SPREAD levels is coloured; an image with at least
 # COLOUR_SHARE of them (a photo, a chart, a colour-map figure, a strongly tinted scan) is read as grey and predicted
-# all the same, so predict and serve flag it (`colour_warning`) and prepare names it. A thin annotation (a red arrow: 0.5 %) is not flagged.
+# all the same, so predict and serve flag it (`colour_warning`) and prepare names it. A thin annotation (a red
+# arrow: 0.5 %) is not flagged.
 COLOUR_SPREAD = 48
 COLOUR_SHARE = 0.01
 REASONS = ("empty", "not-an-image", "truncated", "unreadable", "too-small", "too-large", "not-a-radiograph")
