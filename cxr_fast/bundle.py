@@ -31,6 +31,9 @@ from cxr_fast.progress import progress_bar
 
 @dataclass
 class Run:
+    """A loaded run bundle (from `load_run`): its folder, its network (in eval mode), `config.json` as a
+    dict and `metrics.json` (empty when absent)."""
+
     path: Path
     model: torch.nn.Module
     config: dict
@@ -38,25 +41,32 @@ class Run:
 
     @property
     def classes(self) -> list[str]:
+        """The class names, in the order of the model's outputs (the manifest's labels sorted)."""
         return list(self.config["classes"])
 
     @property
     def size(self) -> int:
+        """The side in pixels the model takes its images at."""
         return int(self.config["size"])
 
     @property
     def n_in(self) -> int:
+        """The model's input channels, 1 or 3."""
         return int(self.config["n_in"])
 
     @property
     def temperature(self) -> float:
+        """The temperature fitted on the validation split: `softmax(logits, run.temperature)` gives the calibrated
+        probabilities; exactly 1 when nothing was rescaled."""
         return float(self.config.get("temperature", 1.0))
 
     @property
     def name(self) -> str:
+        """The run folder's name."""
         return self.path.name
 
     def load_input(self, path: str | Path) -> torch.Tensor:
+        """One image file (PNG/JPEG/DICOM) as the model's input [n_in, size, size], preprocessed as in training."""
         return load_input(path, self.size, self.n_in, self.config["mean"], self.config["std"])
 
 

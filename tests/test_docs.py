@@ -121,6 +121,19 @@ def test_every_name_the_docs_import_exists():
     assert checked >= 4  # the examples are still found (using-a-model.md, scaling-out.md)
 
 
+def test_the_api_reference_documents_what_the_examples_use(site):
+    import ast
+
+    page = (site / "api" / "index.html").read_text(encoding="utf-8")
+    names = ["cxr_fast.bundle.Run", "cxr_fast.bundle.Run.classes", "cxr_fast.bundle.Run.temperature"]  # run.…
+    for _, code in _python_blocks():
+        names += [f"{node.module}.{alias.name}" for node in ast.walk(ast.parse(code))
+                  if isinstance(node, ast.ImportFrom) and node.module.startswith("cxr_fast") for alias in node.names]
+    assert len(names) > 8
+    for name in names:
+        assert f'id="{name}"' in page, f"{name}, used by an example in the docs, is missing from docs/api.md's page"
+
+
 def test_the_api_reference_documents_the_function_behind_every_command(site):
     page = (site / "api" / "index.html").read_text(encoding="utf-8")
     for function in ("cxr_fast.data.manifest.prepare", "cxr_fast.train.train", "cxr_fast.ensemble.build_ensemble",
