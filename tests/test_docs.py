@@ -100,20 +100,28 @@ def test_getting_started_quotes_the_readme_commands():
         assert command in page, f"docs/getting-started.md no longer quotes the README command:\n{command}"
 
 
+# An HTML comment on the line above a ```python block, `<!-- tested with: replace `OLD` with `NEW` -->`, makes
+# test_the_python_examples_run run the block with OLD replaced by NEW (the page shows OLD): for sizes and epochs only,
+# so that an example that trains for minutes runs in seconds. Several comments may stand above one block.
+TESTED_WITH = r"<!-- tested with: replace `([^`]+)` with `([^`]*)` -->"
+
+
 def _python_blocks():
-    """(page, code) of every ```python block in README.md and docs/*.md."""
+    """(page, code, [(old, new), ...] from its `tested with` comments) of every ```python block in README.md and
+    docs/*.md."""
     for page in [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]:
-        for code in re.findall(r"```python\n(.*?)```", page.read_text(encoding="utf-8"), flags=re.S):
-            yield page.name, code
+        text = page.read_text(encoding="utf-8")
+        for comments, code in re.findall(r"((?:<!-- tested with:[^\n]*-->\n)*)```python\n(.*?)```", text, flags=re.S):
+            yield page.name, code, re.findall(TESTED_WITH, comments)
 
 
 def test_every_name_the_docs_import_exists():
-    # The examples' imports, run as written: an API renamed or moved breaks the page that shows it (the rest of an
-    # example needs a trained run; the imports are where a rename shows).
+    # The examples' imports, run in this process: quick, and the first place a rename shows
+    # (test_the_python_examples_run runs the whole examples).
     import ast
 
     checked = 0
-    for page, code in _python_blocks():
+    for page, code, _ in _python_blocks():
         for node in ast.walk(ast.parse(code)):
             if isinstance(node, ast.Import | ast.ImportFrom) and "cxr_fast" in ast.unparse(node):
                 exec(compile(ast.Module([node], type_ignores=[]), page, "exec"), {})  # noqa: S102
@@ -126,12 +134,109 @@ def test_the_api_reference_documents_what_the_examples_use(site):
 
     page = (site / "api" / "index.html").read_text(encoding="utf-8")
     names = ["cxr_fast.bundle.Run", "cxr_fast.bundle.Run.classes", "cxr_fast.bundle.Run.temperature"]  # run.…
-    for _, code in _python_blocks():
+    for _, code, _ in _python_blocks():
         names += [f"{node.module}.{alias.name}" for node in ast.walk(ast.parse(code))
                   if isinstance(node, ast.ImportFrom) and node.module.startswith("cxr_fast") for alias in node.names]
     assert len(names) > 8
     for name in names:
         assert f'id="{name}"' in page, f"{name}, used by an example in the docs, is missing from docs/api.md's page"
+
+
+@pytest.fixture(scope="module")
+def workshop(tiny_data, tiny_runs, tmp_path_factory) -> Path:
+    """A folder holding every path the examples name, as a user's project would: data/ (tiny_data), models/lite0 (a
+    tiny run, its temperature set to 0.5: the tiny runs' is exactly 1, which would hide a missing calibration), and
+    new/patient1.dcm and new/patient2.png (phantoms of tiny_data's test split, the first one as a 12-bit DICOM)."""
+    import shutil
+
+    import numpy as np
+    from PIL import Image
+
+    from cxr_fast.data.manifest import read_manifest
+    from tests.conftest import write_dicom
+
+    folder = tmp_path_factory.mktemp("workshop")
+    (folder / "data").symlink_to(tiny_data, target_is_directory=True)
+    shutil.copytree(tiny_runs[0], folder / "models" / "lite0")
+    config = folder / "models" / "lite0" / "config.json"
+    text = config.read_text(encoding="utf-8")
+    assert '"temperature": 1.0,' in text
+    config.write_text(text.replace('"temperature": 1.0,', '"temperature": 0.5,'), encoding="utf-8")
+    test = read_manifest(tiny_data).query("split == 'test'")
+    (folder / "new").mkdir()
+    pixels = np.asarray(Image.open(test["path"].iloc[0]).convert("L"), dtype=np.uint16)
+    write_dicom(folder / "new" / "patient1.dcm", pixels * 16)
+    shutil.copy(test["path"].iloc[1], folder / "new" / "patient2.png")
+    return folder
+
+
+# What the text around an example promises, checked in the example's own process after it (a registration lasts for
+# that process only); the prediction example's output is checked against `cxrfast predict` below.
+AFTER = {
+    "training.md": """
+import torch
+from cxr_fast.archs import create_model
+wide = create_model("tinynet_wide", n_classes=2)
+assert wide(torch.zeros(1, 1, 48, 48)).shape == (1, 2)
+assert wide.body[0].conv.out_channels == 32 and create_model("tinynet").body[0].conv.out_channels == 16
+""",
+    "scaling-out.md": """
+if __name__ == "__main__":
+    from cxr_fast.bundle import load_run
+    assert load_run(run_dir).path == run_dir and run_dir.as_posix() == "models/ddp", run_dir
+""",
+}
+
+
+def _needs_distributed():
+    import importlib.util
+
+    import torch
+
+    if not torch.distributed.is_available() or not torch.distributed.is_gloo_available():
+        pytest.skip("this torch build has no Gloo backend")  # as tests/test_distributed.py
+    if importlib.util.find_spec("accelerate") is None:
+        if os.environ.get("CI") == "true":
+            pytest.fail("CI=true but accelerate is not installed: the data-parallel example cannot run")
+        pytest.skip("accelerate not installed (pip install accelerate)")
+
+
+@pytest.mark.parametrize("page, code, replacements",
+                         [pytest.param(*block, id=f"{block[0]}-{i}") for i, block in enumerate(_python_blocks())])
+def test_the_python_examples_run(page, code, replacements, workshop):
+    # Each example runs as a script of its own (data-parallel workers import it again), in the workshop folder, on
+    # the CPU (the launcher would take one GPU per process), with only its `tested with` replacements made.
+    for old, new in replacements:
+        assert old in code, f"{page}: a `tested with` comment replaces `{old}`, which its example no longer holds"
+        code = code.replace(old, new)
+    if "cxr_fast.distributed" in code:
+        _needs_distributed()
+    name = f"example_{page.removesuffix('.md').replace('-', '_')}.py"
+    (workshop / name).write_text(code + AFTER.get(page, ""), encoding="utf-8")
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "CUDA_VISIBLE_DEVICES": ""}
+    result = subprocess.run([sys.executable, name], cwd=workshop, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, f"the example in {page} failed:\n{code}\n{result.stdout}\n{result.stderr}"
+    if page == "using-a-model.md":
+        _check_printed_predictions(result.stdout, workshop)
+
+
+def _check_printed_predictions(stdout: str, workshop: Path) -> None:
+    """The example prints `file {class: calibrated probability}` per file, as `cxrfast predict` computes them."""
+    import ast
+
+    from cxr_fast.predict import predict
+
+    printed = dict(line.split(" ", 1) for line in stdout.splitlines())
+    files = ["new/patient1.dcm", "new/patient2.png"]
+    assert sorted(printed) == files, stdout
+    results, skipped = predict(workshop / "models" / "lite0", [workshop / f for f in files], progress=False)
+    assert not skipped and len(results) == 2
+    rows = {Path(row["path"]).name: row for _, row in results.iterrows()}
+    for file in files:
+        row, probabilities = rows[Path(file).name], ast.literal_eval(printed[file])
+        assert list(probabilities) == ["COVID-19", "Normal", "Pneumonia"]
+        for label, p in probabilities.items():
+            assert abs(p - row[f"p_{label}"]) < 0.0015, (file, probabilities, row.to_dict())
 
 
 def test_the_api_reference_documents_the_function_behind_every_command(site):
