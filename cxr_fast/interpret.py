@@ -50,8 +50,9 @@ class Interpretation:
 
 def top_losses(run: Run, items: pd.DataFrame, k: int, probs: np.ndarray) -> tuple[pd.DataFrame, list]:
     """fastai's ClassificationInterpretation on the bundle's model: the k wrong predictions with the highest loss,
-    and the confused pairs (`most_confused`, from `probs`). Correct predictions are left out even when their loss is high (on a small split fastai's
-    top k would include them), as the gallery shows them as "what the model got most wrong".
+    and the confused pairs (`most_confused`, from `probs`). Correct predictions are left out even when their loss
+    is high (on a small split fastai's top k would include them), as the gallery shows them as "what the model got
+    most wrong".
 
     fastai 2.8 keeps only the losses (of the uncalibrated model), so the probabilities of the true and predicted
     class come from `probs`: the calibrated ones every other table shows, rows in `items` order (fastai's too).
