@@ -201,11 +201,11 @@ def _near_pairs(first, second, threshold: int, min_correlation: float, block: in
 # A standardised thumbnail summed over 2x2-pixel squares and halved is its projection onto an orthonormal basis
 # (16 x 16 = 256 numbers), and a projection is never longer than the vector: |P(a - b)|^2 <= |a - b|^2 =
 # |a|^2 + |b|^2 - 2 a.b <= 2 - 2 a.b (rows of `_standardised` have length 1, or 0). A pair whose projections lie
-# further apart than 2 (1 - min_correlation) therefore cannot correlate at min_correlation, and is dropped after reading a quarter of the bytes. Alike images
-# make many candidates: 3 % of all pairs of 20,000 phantoms (one anatomy) pass the hash test, and correlating them
-# took 14 of `prepare`'s 39 s; under 0.4 % of them pass this bound. The margin covers float32 rounding of both sides
-# (the bound's slack came to at most 2e-6 over 3 million phantom pairs), so a pair the exact test would keep is never
-# dropped: the pairs found are the same as without the bound.
+# further apart than 2 (1 - min_correlation) therefore cannot correlate at min_correlation, and is dropped after
+# reading a quarter of the bytes. Alike images make many candidates: 3 % of all pairs of 20,000 phantoms (one
+# anatomy) pass the hash test, and correlating them took 14 of `prepare`'s 39 s; under 0.4 % of them pass this
+# bound. The margin covers float32 rounding of both sides (the bound's slack came to at most 2e-6 over 3 million
+# phantom pairs), so a pair the exact test would keep is never dropped: the pairs found are the same as without it.
 _REDUCED_MARGIN = 1e-3
 
 
