@@ -13,7 +13,8 @@ import html
 import json
 import math
 import shutil
-from pathlib import Path
+from pathlib import Path, PurePath
+from urllib.parse import quote
 
 from rich.console import Console
 from rich.markup import escape
@@ -125,13 +126,19 @@ def _run_steps(out: Path, cfg, n_per_class: int, shortcut_rate: float, console: 
     return path
 
 
+def relative_link(root: PurePath, path: PurePath) -> str:
+    """`path` as a link from a page in `root`: forward slashes on every OS (a browser reads a backslash as part of
+    the name), and URL-quoted (a space or `#` in a folder name would break the link)."""
+    return quote(path.relative_to(root).as_posix())
+
+
 def write_demo_report(out: Path, run_dir: Path, evaluation, interpretation, shortcut_rate: float) -> Path:
     from cxr_fast.evaluate import calibration_worse, marker_text
     from cxr_fast.report import DISCLAIMER
 
     m = evaluation.metrics
     train_metrics = json.loads((run_dir / "metrics.json").read_text(encoding="utf-8"))
-    rel = lambda p: html.escape(str(Path(p).relative_to(out)))  # noqa: E731
+    rel = lambda p: html.escape(relative_link(out, p))  # noqa: E731
     verdicts = "".join(f"<li>{html.escape(v)}</li>" for v in interpretation.verdicts)
     lo, hi = m["balanced_accuracy_ci"]
     curves = base64.b64encode((run_dir / "curves.png").read_bytes()).decode()  # embedded: the page travels alone

@@ -3,13 +3,13 @@
 import io
 import subprocess
 import sys
-from pathlib import Path
+from pathlib import Path, PureWindowsPath
 
 import pytest
 from rich.console import Console
 
 from cxr_fast.data.manifest import read_manifest
-from cxr_fast.demo import run_demo
+from cxr_fast.demo import relative_link, run_demo
 from cxr_fast.errors import CxrFastError
 
 
@@ -258,3 +258,10 @@ def test_a_second_demo_into_a_folder_another_demo_is_writing_refuses_and_leaves_
         (killed / name).write_text(f"{dead.stdout.strip()} {socket.gethostname()}\n")
     monkeypatch.setattr(cxr_fast.demo, "_run_steps", lambda out, *a: out / "report.html")
     assert run_demo(killed, n_per_class=19, epochs=1, console=console) == killed / "report.html"
+
+
+def test_report_links_use_forward_slashes_and_quote_odd_names():
+    # A Windows path gives backslashes through str(); a browser takes them as part of the file's name.
+    root = PureWindowsPath("C:/Users/me/demo")
+    link = relative_link(root, root / "models" / "demo" / "eval 1#b" / "report.html")
+    assert link == "models/demo/eval%201%23b/report.html"
