@@ -107,3 +107,28 @@ def test_a_missing_lung_is_the_mirror_image_across_the_spine_where_the_film_is_a
     np.testing.assert_array_equal(_mirror_missing_side(sliver, img), cores | expected | sliver)
     sliver[40:80, 25:34] = True  # 405 pixels: over 0.3 x 1,200, a lung of its own, kept as found
     np.testing.assert_array_equal(_mirror_missing_side(sliver, img), sliver)
+
+
+def test_each_side_keeps_its_deepest_largest_basin_at_a_plausible_place_and_not_air():
+    from cxr_fast.lungs import _pick_cores
+
+    img = np.full((100, 100), 0.6)
+    depth = np.zeros_like(img)
+    basins = np.zeros(img.shape, bool)
+
+    def basin(rows, cols, mean, deepest):
+        basins[rows, cols] = True
+        img[rows, cols] = mean
+        depth[rows, cols] = deepest
+
+    basin(slice(40, 60), slice(20, 30), 0.3, 1.0)  # left, 200 px x 1.0 = 200
+    basin(slice(40, 50), slice(35, 45), 0.3, 3.0)  # left, 100 px x 3.0 = 300: the left core (size x depth)
+    basin(slice(0, 8), slice(55, 95), 0.3, 5.0)  # right, the largest of all, but centred at 4 % of the height
+    basin(slice(30, 70), slice(55, 80), 0.05, 5.0)  # right and well placed, but as dark as air outside the body
+    basin(slice(45, 55), slice(82, 87), 0.3, 1.0)  # right, small, plausible: the right core
+    picked = _pick_cores(basins, img, depth)
+    expected = np.zeros(img.shape, bool)
+    expected[40:50, 35:45] = True
+    expected[45:55, 82:87] = True
+    np.testing.assert_array_equal(picked, expected)
+    assert not _pick_cores(np.zeros_like(basins), img, depth).any()
