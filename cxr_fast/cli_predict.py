@@ -43,8 +43,7 @@ def register(app: typer.Typer, user_errors, console, err_console) -> None:
         runtime: Annotated[str, typer.Option(help="torch, or onnx (needs `cxrfast export RUN` first; starts faster).")] = "torch",
         force: Annotated[bool, typer.Option(help="Replace an existing --out file.")] = False,
     ):
-        """Predict calibrated class probabilities for new X-rays; unreadable files are listed and skipped, colour
-        images (photos, charts) flagged."""
+        """Calibrated class probabilities for new X-rays; unreadable files skipped, colour images flagged."""
         from cxr_fast.errors import CxrFastError
         from cxr_fast.outputs import printable
         from cxr_fast.predict import predict as run_prediction

@@ -469,3 +469,19 @@ def test_output_in_a_legacy_code_page_escapes_what_it_cannot_hold_instead_of_cra
                           capture_output=True, env=env, timeout=300)
     assert done.returncode == 0, done.stderr.decode("cp1252")[-2000:]
     assert f"wrote 3 phantoms to {tmp_path}/\\u80ba\\u708e é" in done.stdout.decode("cp1252")
+
+
+def _commands(command, name="cxrfast"):
+    yield name, command
+    for sub_name, sub in getattr(command, "commands", {}).items():
+        yield from _commands(sub, f"{name} {sub_name}")
+
+
+def test_every_command_summary_is_one_line():
+    # The command list shows a docstring's first paragraph with its line breaks kept: a summary wrapped in the
+    # source showed up broken mid-sentence in `cxrfast --help`.
+    import typer.main
+
+    for name, command in _commands(typer.main.get_command(app)):
+        summary = (command.help or "").strip().split("\n\n")[0]
+        assert summary and "\n" not in summary, f"{name}: {summary!r}"
