@@ -227,10 +227,12 @@ def check_out(out: Path | None, force: bool, heatmap: bool = False) -> None:
 
 def write_results(out: Path, results: pd.DataFrame, skipped: list[tuple[Path, str]], runner) -> None:
     """CSV: one row per input, skipped ones with an empty prediction and the reason in `error`.
-    JSON: {"model", "predictions", "skipped"}."""
+    JSON: {"model", "predictions", "skipped"}; a grey image's `warning` is null there, as `cxrfast serve` answers it
+    (the CSV's empty cell)."""
     out.parent.mkdir(parents=True, exist_ok=True)
     if out.suffix.lower() == ".json":
-        document = {"model": model_summary(runner), "predictions": results.to_dict("records"),
+        predictions = [{**row, "warning": row["warning"] or None} for row in results.to_dict("records")]
+        document = {"model": model_summary(runner), "predictions": predictions,
                     "skipped": [{"path": printable(p), "reason": r} for p, r in skipped]}
         write_text(out, json.dumps(document, indent=2))
     else:
