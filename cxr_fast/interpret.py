@@ -1,6 +1,7 @@
 """`cxrfast interpret`: what does the model look at, and is it cheating?
 
-1. Top losses through fastai's `ClassificationInterpretation`, and the most-confused pairs.
+1. Top losses, ranked as fastai's `ClassificationInterpretation` ranks them, and the most-confused pairs, from the
+   one pass of the model over the images.
 2. Occlusion heatmaps (all classes from one sweep, equal to Captum's `Occlusion`) for the top losses and a
    class-stratified sample of correct predictions; integrated gradients and Grad-CAM on request.
 3. A shortcut audit: the share of positive evidence inside the lung fields, per image, per class and overall,
@@ -48,32 +49,22 @@ class Interpretation:
     verdicts: list[str]
 
 
-def top_losses(run: Run, items: pd.DataFrame, k: int, probs: np.ndarray) -> tuple[pd.DataFrame, list]:
-    """fastai's ClassificationInterpretation on the bundle's model: the k wrong predictions with the highest loss,
-    and the confused pairs (`most_confused`, from `probs`). Correct predictions are left out even when their loss
-    is high (on a small split fastai's top k would include them), as the gallery shows them as "what the model got
-    most wrong".
+def top_losses(run: Run, items: pd.DataFrame, k: int, logits: np.ndarray) -> tuple[pd.DataFrame, list]:
+    """The k wrong predictions with the highest loss, ranked as fastai's `ClassificationInterpretation.top_losses`
+    ranks them (the cross-entropy of the network's own, uncalibrated logits, as `CrossEntropyLossFlat` gives it,
+    largest first by `topk`), and the confused pairs (`most_confused`). Correct predictions are left out even when
+    their loss is high (on a small split fastai's top k would include them), as the gallery shows them as "what the
+    model got most wrong".
 
-    fastai 2.8 keeps only the losses (of the uncalibrated model), so the probabilities of the true and predicted
-    class come from `probs`: the calibrated ones every other table shows, rows in `items` order (fastai's too).
+    Everything comes from `logits` (rows in `items` order), the one pass over the images that `interpret` makes:
+    fastai's `from_learner` ran the model over every image again for the same losses (`tests/test_interpret.py`
+    checks that the rows are fastai's). `p_true` and `p_predicted` are calibrated, as every other table shows them.
     """
-    import fastai.callback.progress  # noqa: F401  (patches Learner.no_bar)
-    from fastai.interpret import ClassificationInterpretation
-    from fastai.learner import Learner
-    from fastai.losses import CrossEntropyLossFlat
-
-    from cxr_fast.data.block import build_eval_dataloaders
-
-    # Batches on the model's own device: a Learner moves its model to its data's, and fastai's default is the GPU
-    # when there is one, which left the model there for the occlusion maps after, fed from the CPU.
-    device = next(run.model.parameters()).device
-    dls = build_eval_dataloaders(items, size=run.size, bs=32, n_in=run.n_in, classes=run.classes,
-                                 mean=run.config["mean"], std=run.config["std"], device=device)
-    learn = Learner(dls, run.model, loss_func=CrossEntropyLossFlat())
-    with learn.no_bar(), learn.no_logging():
-        interp = ClassificationInterpretation.from_learner(learn)
-    losses, idx = interp.top_losses(k=len(items))
     y = label_indices(items["label"], run.classes)
+    probs = softmax(logits, run.temperature)
+    losses = torch.nn.functional.cross_entropy(torch.from_numpy(np.asarray(logits, dtype=np.float32)),
+                                               torch.from_numpy(np.asarray(y, dtype=np.int64)), reduction="none")
+    losses, idx = losses.topk(len(items))
     confused = most_confused(y, probs.argmax(1), run.classes)
     rows = []
     for loss, i in zip(losses.tolist(), idx.tolist()):
@@ -91,7 +82,7 @@ def top_losses(run: Run, items: pd.DataFrame, k: int, probs: np.ndarray) -> tupl
 def most_confused(y: np.ndarray, pred: np.ndarray, classes: list[str]) -> list[tuple[str, str, int]]:
     """(true class, predicted class, count) of every pair confused at least once, most often first, as fastai's
     `ClassificationInterpretation.most_confused(min_val=1)` lists them. Counted from the predictions at hand: fastai's
-    runs the model over every image again, a third pass over the data (with `predict_logits` and the losses)."""
+    runs the model over every image again."""
     counts = np.zeros((len(classes), len(classes)), dtype=np.int64)
     np.add.at(counts, (y, pred), 1)
     np.fill_diagonal(counts, 0)
@@ -240,7 +231,7 @@ def interpret(run_dir: str | Path, data: str | Path | None = None, split: str = 
         logits = predict_logits(run, items, progress=progress)
         probs = softmax(logits, run.temperature)
         y = label_indices(items["label"], run.classes)
-        losses, confused = top_losses(run, items, n, probs)
+        losses, confused = top_losses(run, items, n, logits)
 
         # The audit sample: the top losses plus correct predictions of every class; each image attributed once.
         correct_sample = audit_sample(probs, y, audit_n)
@@ -337,7 +328,7 @@ def write_interpretation(work: Path, run: Run, name: str, per_image, losses, sum
          ("Faithfulness", "Removing the most-attributed pixels first should lower the probability faster than "
           "removing random pixels.", [("deletion curves", png_bytes(gallery.deletion_figure(deletion)))])],
         tables=[("Shortcut audit per class", summary_rows(summary)),
-                # fastai's losses are of the network's own (uncalibrated) probabilities; p_true beside it is calibrated
+                # the losses are of the network's own (uncalibrated) probabilities; p_true beside it is calibrated
                 ("Top losses", losses.drop(columns=["index"]).rename(columns={"loss": "loss (uncalibrated)"})
                  .to_dict("records")),
                 ("Most confused", [{"true": a, "predicted": b, "count": c} for a, b, c in confused])],

@@ -139,8 +139,7 @@ def test_top_losses_leave_the_model_on_its_own_device(tiny_runs, tiny_data, monk
     run = load_run(tiny_runs[0])
     items = read_manifest(tiny_data).query("split == 'test'").reset_index(drop=True)
     monkeypatch.setattr(fastai.data.core, "default_device", lambda *a, **k: torch.device("meta"))
-    probs = np.full((len(items), len(run.classes)), 1 / len(run.classes))
-    top_losses(run, items, 3, probs)
+    top_losses(run, items, 3, np.zeros((len(items), len(run.classes)), dtype=np.float32))
     assert {p.device.type for p in run.model.parameters()} == {"cpu"}
 
 
@@ -157,7 +156,7 @@ def test_top_losses_are_wrong_predictions_only(tiny_runs, tiny_data):
     y = items["label"].map(run.classes.index).to_numpy()
     wrong = int((probs.argmax(1) != y).sum())
     assert 0 < wrong < len(items)  # both kinds present, so leaving out the correct ones is tested
-    losses, _ = top_losses(run, items, len(items), probs)
+    losses, _ = top_losses(run, items, len(items), logits)
     assert len(losses) == wrong and (losses["label"] != losses["predicted"]).all()
     assert losses["loss"].is_monotonic_decreasing
     # each row is its own image's: the cross-entropy of the network's own logits, and the calibrated probabilities
@@ -451,28 +450,36 @@ def test_lung_masks_left_behind_by_a_moved_source_folder_are_named_not_silently_
     assert "ground truth" not in set(pd.read_csv(result.out_dir / "audit_images.csv")["lungs"])
 
 
-def test_most_confused_pairs_are_fastais_counted_from_the_predictions_at_hand(tiny_runs, tiny_data, monkeypatch):
-    # fastai's most_confused ran the model over every image once more; the pairs must stay fastai's
+def test_top_losses_and_most_confused_pairs_are_fastais_from_the_predictions_at_hand(tiny_runs, tiny_data,
+                                                                                      monkeypatch):
+    # fastai's most_confused, then its losses, ran the model over every image once more; the rows must stay fastai's
     import torch
     from fastai.interpret import ClassificationInterpretation
     from fastai.learner import Learner
+    from fastai.losses import CrossEntropyLossFlat
 
     from cxr_fast.bundle import predict_logits
     from cxr_fast.calibration import softmax
     from cxr_fast.data.block import build_eval_dataloaders
+    from cxr_fast.data.manifest import label_indices
     from cxr_fast.interpret import most_confused, top_losses
 
     assert most_confused(np.array([0, 0, 1, 2, 2, 2, 1]), np.array([1, 0, 0, 1, 1, 0, 0]), ["a", "b", "c"]) == [
         ("b", "a", 2), ("c", "b", 2), ("a", "b", 1), ("c", "a", 1)]  # ties in fastai's order: true class, then predicted
     run = load_run(tiny_runs[0])
     items = read_manifest(tiny_data).reset_index(drop=True)
-    probs = softmax(predict_logits(run, items, progress=False), run.temperature)
+    logits, y = predict_logits(run, items, progress=False), label_indices(items["label"], run.classes)
     dls = build_eval_dataloaders(items, size=run.size, bs=32, n_in=run.n_in, classes=run.classes,
                                  mean=run.config["mean"], std=run.config["std"], device=torch.device("cpu"))
-    learn = Learner(dls, run.model)
+    learn = Learner(dls, run.model, loss_func=CrossEntropyLossFlat())
     with learn.no_bar(), learn.no_logging():
-        fastai_pairs = ClassificationInterpretation.from_learner(learn).most_confused(min_val=1)
+        fastai_interp = ClassificationInterpretation.from_learner(learn)
+    fastai_pairs = fastai_interp.most_confused(min_val=1)
     assert len(fastai_pairs) > 1
+    fastai_losses, fastai_order = fastai_interp.top_losses(k=len(items))
+    pred = softmax(logits, run.temperature).argmax(1)
+    wrong = [(i, loss) for i, loss in zip(fastai_order.tolist(), fastai_losses.tolist()) if pred[i] != y[i]]
+    assert len(wrong) > 3
     passes = []
     get_preds = Learner.get_preds
 
@@ -481,6 +488,34 @@ def test_most_confused_pairs_are_fastais_counted_from_the_predictions_at_hand(ti
         return get_preds(self, *args, **kwargs)
 
     monkeypatch.setattr(Learner, "get_preds", counted)
-    _, confused = top_losses(run, items, 3, probs)
+    losses, confused = top_losses(run, items, len(items), logits)
     assert confused == [(a, b, int(n)) for a, b, n in fastai_pairs]
-    assert len(passes) == 1  # the losses only
+    assert list(zip(losses["index"], losses["loss"])) == wrong  # the same images in the same order, the same losses
+    assert passes == []  # the model's logits at hand are all it takes
+
+
+def test_interpret_runs_the_model_over_the_images_once(tiny_runs, monkeypatch):
+    # fastai's top losses ran the model over every image a second time, after the probabilities: count, for every
+    # image outside the audit (whose maps and deletion curves show the model the image itself again), how often the
+    # model is given its input as it is
+    import cxr_fast.interpret
+
+    seen = {}
+
+    def count(module, args):
+        for row in args[0].detach().cpu().numpy():
+            seen[row.tobytes()] = seen.get(row.tobytes(), 0) + 1
+
+    def loaded(run_dir):
+        run = load_run(run_dir)
+        run.model.register_forward_pre_hook(count)
+        return run
+
+    monkeypatch.setattr(cxr_fast.interpret, "load_run", loaded)
+    result = interpret(tiny_runs[1], n=1, audit_n=1, window=8, stride=8, progress=False, force=True)
+    run = load_run(tiny_runs[1])
+    items, *_ = cxr_fast.interpret.select_unseen_items(run, None, "test")
+    audited = set(pd.read_csv(result.out_dir / "audit_images.csv")["path"])
+    files = [f for f, path in zip(cxr_fast.interpret.image_column(items), items["path"]) if path not in audited]
+    assert len(files) >= 3
+    assert [seen.get(run.load_input(f).numpy().tobytes(), 0) for f in files] == [1] * len(files)
