@@ -62,8 +62,9 @@ def top_losses(run: Run, items: pd.DataFrame, k: int, logits: np.ndarray) -> tup
     """
     y = label_indices(items["label"], run.classes)
     probs = softmax(logits, run.temperature)
-    losses = torch.nn.functional.cross_entropy(torch.from_numpy(np.asarray(logits, dtype=np.float32)),
-                                               torch.from_numpy(np.asarray(y, dtype=np.int64)), reduction="none")
+    # copies: pandas hands out `y` read-only, which torch.from_numpy warns about
+    losses = torch.nn.functional.cross_entropy(torch.tensor(logits, dtype=torch.float32),
+                                               torch.tensor(y, dtype=torch.int64), reduction="none")
     losses, idx = losses.topk(len(items))
     confused = most_confused(y, probs.argmax(1), run.classes)
     rows = []
