@@ -31,6 +31,7 @@ from cxr_fast.calibration import (
     reliability_bins,
     softmax,
 )
+from cxr_fast.data.io import colour_warning
 from cxr_fast.data.manifest import (
     image_column,
     label_indices,
@@ -136,6 +137,13 @@ def drop_seen(run: Run, items: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame
     summary = {"checked": True, "listed": len(items), "identical": int((match == "identical").sum()),
                "near_copy": int((match == "near copy").sum()), "left_out": len(left_out)}
     return items[match == ""].reset_index(drop=True), left_out.reset_index(drop=True), summary
+
+
+def colour_warnings(shares: pd.Series) -> list[str]:
+    """predict's `warning` for each image from the manifest's `colour` column (as read: strings), empty for a grey
+    one; a blank or unreadable value (a hand-edited manifest) is left empty, as nothing is known of that image."""
+    numbers = pd.to_numeric(shares, errors="coerce")
+    return ["" if np.isnan(share) else colour_warning(share) or "" for share in numbers]
 
 
 def select_unseen_items(run: Run, data: str | Path | None, split: str):
@@ -463,6 +471,8 @@ def evaluate(run_dir: str | Path, data: str | Path | None = None, split: str = "
                 predictions.insert(1, "site", items["site"])
             for k, c in enumerate(run.classes):
                 predictions[f"p_{c}"] = probs[:, k]
+            if "colour" in items:  # prepare measured it; a manifest without the column makes no claim either way
+                predictions["warning"] = colour_warnings(items["colour"])
             predictions.to_csv(work / "predictions.csv", index=False)
             write_seen_images(work, left_out)
             write_metrics_json(work / "metrics.json", metrics)

@@ -52,7 +52,7 @@ def test_prepare_writes_manifest_report_and_cache(tmp_path):
     report = quiet(src, out, cache_size=128)
 
     frame = pd.read_csv(out / "manifest.csv", dtype=str, keep_default_na=False)
-    assert list(frame.columns) == [*MANIFEST_COLUMNS, "cache_path"]
+    assert list(frame.columns) == [*MANIFEST_COLUMNS, "cache_path", "colour"]
     assert len(frame) == report.n_images == 30
     assert set(frame["label"]) == set(CLASSES)
     assert (frame["label"] == frame["source_label"]).all()  # no label map: folder names are the labels
@@ -854,4 +854,10 @@ def test_colour_images_are_kept_and_named_in_a_warning(tmp_path):
     report = quiet(src, tmp_path / "out")
     assert [w for w in report.warnings if "in colour" in w] == [
         "1 image is in colour (photos, charts or figures rather than grey films?), kept: Pneumonia/photo.png"]
-    assert "photo.png" in {Path(p).name for p in read_manifest(tmp_path / "out")["path"]}
+    frame = read_manifest(tmp_path / "out")
+    assert "photo.png" in {Path(p).name for p in frame["path"]}
+    # the share of coloured pixels goes into the manifest, so that evaluate can flag the image as predict does
+    spread = np.asarray(Image.open(src / "Pneumonia" / "photo.png"), dtype=int)
+    shares = dict(zip([Path(p).name for p in frame["path"]], frame["colour"].astype(float)))
+    assert shares.pop("photo.png") == pytest.approx(((spread.max(2) - spread.min(2)) > 48).mean())
+    assert "grey-rgb.jpg" in shares and max(shares.values()) < 0.01

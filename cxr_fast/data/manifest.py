@@ -92,7 +92,9 @@ from cxr_fast.versions import library_versions
 REPORT_NAME = PREPARED_MARKER
 META_NAME = "_meta.csv"
 MANIFEST_COLUMNS = ("path", "label", "source_label", "split", "group", "sha256", "width", "height")
-OPTIONAL_COLUMNS = ("site", "patient", "cache_path", "mask", "marker_box")
+# `colour`: the share of coloured pixels (`cxr_fast.data.io.colour_share`), so that evaluate flags a photo or chart as
+# predict does; manifests written before it have none, and the split's digest (`manifest_digest`) leaves it out
+OPTIONAL_COLUMNS = ("site", "patient", "cache_path", "mask", "marker_box", "colour")
 PATH_COLUMNS = ("path", "cache_path", "mask")
 
 EXCLUSION_REASONS = {
@@ -319,6 +321,7 @@ def prepare(
                 width=result.width,
                 height=result.height,
                 cache_path=result.cache_path,
+                colour=result.colour,
             )
         )
     if not rows:
