@@ -44,7 +44,7 @@ from cxr_fast.data.sources import MANIFEST_NAME
 from cxr_fast.ensemble import ENSEMBLE_ARCH
 from cxr_fast.errors import CxrFastError
 from cxr_fast.metrics import bootstrap_ci, classification_metrics, pr_curves, roc_curves
-from cxr_fast.outputs import check_folder_path, replacing_folder, settle_replacement, writing
+from cxr_fast.outputs import check_folder_path, reading, replacing_folder, settle_replacement, writing
 from cxr_fast.seen import match_seen, seen_fingerprints
 from cxr_fast.versions import library_versions
 
@@ -103,6 +103,12 @@ def manifest_folder(run: Run, data: str | Path | None) -> str:
     the file is the usual manifest.csv, else the file itself: two manifests of one folder are two collections."""
     csv_path = manifest_csv(data if data is not None else run.config["data"]).resolve()
     return str(csv_path.parent if csv_path.name == MANIFEST_NAME else csv_path)
+
+
+def data_folder(run: Run, data: str | Path | None) -> Path:
+    """The folder of the manifest being evaluated (`manifest_folder`'s, or the one a manifest file lies in): marked
+    as read (`outputs.reading`) while evaluate or interpret use it, so that no `prepare --force` replaces it then."""
+    return manifest_csv(data if data is not None else run.config["data"]).absolute().parent
 
 
 def output_folder(parent: Path, name: str, manifest: str, record: str) -> Path:
@@ -435,70 +441,71 @@ def evaluate(run_dir: str | Path, data: str | Path | None = None, split: str = "
     from cxr_fast.report import Section, write_metrics_json, write_report
 
     run = load_run(run_dir)
-    items, name, external, left_out, seen_summary = select_unseen_items(run, data, split)
-    # TTA figures go beside the plain ones, not over them: both are worth keeping, and serve shows the plain one.
-    manifest = manifest_folder(run, data)
-    out_dir = output_folder(run.path / "eval", f"{name}-tta" if tta else name, manifest, "metrics.json")
-    with writing(out_dir):  # a second evaluate into this folder refuses now, not after its predictions
-        if out_dir.exists() and not force:  # checked before the slow part; replacing_folder checks again
-            raise CxrFastError(f"{out_dir}: an evaluation is already there; add --force to redo it")
-        check_folder_path(out_dir.parent, None)
+    with reading(data_folder(run, data)):  # a prepare --force of this data refuses until the evaluation is done
+        items, name, external, left_out, seen_summary = select_unseen_items(run, data, split)
+        # TTA figures go beside the plain ones, not over them: both are worth keeping, and serve shows the plain one.
+        manifest = manifest_folder(run, data)
+        out_dir = output_folder(run.path / "eval", f"{name}-tta" if tta else name, manifest, "metrics.json")
+        with writing(out_dir):  # a second evaluate into this folder refuses now, not after its predictions
+            if out_dir.exists() and not force:  # checked before the slow part; replacing_folder checks again
+                raise CxrFastError(f"{out_dir}: an evaluation is already there; add --force to redo it")
+            check_folder_path(out_dir.parent, None)
 
-        logits = predict_logits(run, items, progress=progress, tta=tta)
-        y = label_indices(items["label"], run.classes)
-        metrics = compute_metrics(y, logits, run.classes, run.temperature, n_boot=n_boot)
-        metrics.update({"run": run.name, "data": name, "manifest": manifest, "manifest_sha256": manifest_digest(manifest),
-                        "external": external, "tta": tta, "versions": library_versions()})
-        if (by_marker := accuracy_by_marker(items, y, logits)) is not None:
-            metrics["by_marker"] = by_marker
-        if (by_site := metrics_by_site(items, y, logits, run.classes, n_boot=n_boot)) is not None:
-            metrics["by_site"] = by_site
-        if seen_summary is not None:
-            metrics["seen_images"] = seen_summary
-        shift = None
-        if external:
-            try:
-                shift = metrics["shift"] = shift_check(run, items)
-            except CxrFastError:  # e.g. a bundle shared without its training images
-                metrics["shift"] = {"skipped": f"the training images are not at hand to compare with "
-                                               f"(their manifest was {run.config.get('data')})"}
+            logits = predict_logits(run, items, progress=progress, tta=tta)
+            y = label_indices(items["label"], run.classes)
+            metrics = compute_metrics(y, logits, run.classes, run.temperature, n_boot=n_boot)
+            metrics.update({"run": run.name, "data": name, "manifest": manifest, "manifest_sha256": manifest_digest(manifest),
+                            "external": external, "tta": tta, "versions": library_versions()})
+            if (by_marker := accuracy_by_marker(items, y, logits)) is not None:
+                metrics["by_marker"] = by_marker
+            if (by_site := metrics_by_site(items, y, logits, run.classes, n_boot=n_boot)) is not None:
+                metrics["by_site"] = by_site
+            if seen_summary is not None:
+                metrics["seen_images"] = seen_summary
+            shift = None
+            if external:
+                try:
+                    shift = metrics["shift"] = shift_check(run, items)
+                except CxrFastError:  # e.g. a bundle shared without its training images
+                    metrics["shift"] = {"skipped": f"the training images are not at hand to compare with "
+                                                   f"(their manifest was {run.config.get('data')})"}
 
-        with replacing_folder(out_dir, force=force, what="an evaluation") as work:
-            probs = softmax(logits, run.temperature)
-            predictions = pd.DataFrame({"path": items["path"], "label": items["label"],
-                                        "predicted": [run.classes[i] for i in probs.argmax(1)]})
-            if "site" in items:
-                predictions.insert(1, "site", items["site"])
-            for k, c in enumerate(run.classes):
-                predictions[f"p_{c}"] = probs[:, k]
-            if "colour" in items:  # prepare measured it; a manifest without the column makes no claim either way
-                predictions["warning"] = colour_warnings(items["colour"])
-            predictions.to_csv(work / "predictions.csv", index=False)
-            write_seen_images(work, left_out)
-            write_metrics_json(work / "metrics.json", metrics)
+            with replacing_folder(out_dir, force=force, what="an evaluation") as work:
+                probs = softmax(logits, run.temperature)
+                predictions = pd.DataFrame({"path": items["path"], "label": items["label"],
+                                            "predicted": [run.classes[i] for i in probs.argmax(1)]})
+                if "site" in items:
+                    predictions.insert(1, "site", items["site"])
+                for k, c in enumerate(run.classes):
+                    predictions[f"p_{c}"] = probs[:, k]
+                if "colour" in items:  # prepare measured it; a manifest without the column makes no claim either way
+                    predictions["warning"] = colour_warnings(items["colour"])
+                predictions.to_csv(work / "predictions.csv", index=False)
+                write_seen_images(work, left_out)
+                write_metrics_json(work / "metrics.json", metrics)
 
-            figures = evaluation_figures(y, logits, run.classes, run.temperature, metrics, evaluation_subject(metrics))
-            cautions = [shift_warning(shift)] if shift and shift["out_of_distribution"] else []  # the report's banners
-            if seen_summary is not None and (seen := seen_warning(seen_summary)):
-                cautions.insert(0, seen)
-            if external and shift is None:
-                cautions.append(f"Distribution-shift check skipped: {metrics['shift']['skipped']}")
-            if not external and split != "test":
-                cautions.insert(0, optimistic_note(split).capitalize() + ".")
-            if (worse := calibration_worse(metrics)) is not None:
-                cautions.append(worse)
-            sections = [
-                Section("Curves", text="One-vs-rest ROC and precision-recall curves per class.",
-                        figures=["roc_curves", "pr_curves"]),
-                Section("Calibration", text=calibration_text(run, metrics), figures=["reliability"]),
-                Section("Confusion matrices", figures=["confusion_matrix"]),
-            ]
-            if "by_marker" in metrics:
-                sections.insert(0, Section("Images with and without a text marker", text=marker_text(metrics["by_marker"])))
-            if "by_site" in metrics:
-                sections.insert(0, Section("By site", text=SITE_TEXT, table=site_table(metrics["by_site"])))
-            write_report(work, f"Evaluation of {run.name} on {name}", sections, figures, metrics, warnings=cautions,
-                         meta={"model": run.config["model"]["arch"], "run": str(run.path), "images": len(items),
-                               "test-time augmentation": "yes" if tta else "no"})
-        plt.close("all")
-        return Evaluation(out_dir=out_dir, metrics=metrics, predictions=predictions, shift=shift)
+                figures = evaluation_figures(y, logits, run.classes, run.temperature, metrics, evaluation_subject(metrics))
+                cautions = [shift_warning(shift)] if shift and shift["out_of_distribution"] else []  # the report's banners
+                if seen_summary is not None and (seen := seen_warning(seen_summary)):
+                    cautions.insert(0, seen)
+                if external and shift is None:
+                    cautions.append(f"Distribution-shift check skipped: {metrics['shift']['skipped']}")
+                if not external and split != "test":
+                    cautions.insert(0, optimistic_note(split).capitalize() + ".")
+                if (worse := calibration_worse(metrics)) is not None:
+                    cautions.append(worse)
+                sections = [
+                    Section("Curves", text="One-vs-rest ROC and precision-recall curves per class.",
+                            figures=["roc_curves", "pr_curves"]),
+                    Section("Calibration", text=calibration_text(run, metrics), figures=["reliability"]),
+                    Section("Confusion matrices", figures=["confusion_matrix"]),
+                ]
+                if "by_marker" in metrics:
+                    sections.insert(0, Section("Images with and without a text marker", text=marker_text(metrics["by_marker"])))
+                if "by_site" in metrics:
+                    sections.insert(0, Section("By site", text=SITE_TEXT, table=site_table(metrics["by_site"])))
+                write_report(work, f"Evaluation of {run.name} on {name}", sections, figures, metrics, warnings=cautions,
+                             meta={"model": run.config["model"]["arch"], "run": str(run.path), "images": len(items),
+                                   "test-time augmentation": "yes" if tta else "no"})
+            plt.close("all")
+            return Evaluation(out_dir=out_dir, metrics=metrics, predictions=predictions, shift=shift)

@@ -32,9 +32,15 @@ from cxr_fast.calibration import softmax
 from cxr_fast.data.io import image_stem, read_image, read_mask
 from cxr_fast.data.manifest import image_column, label_indices, manifest_digest
 from cxr_fast.errors import CxrFastError
-from cxr_fast.evaluate import manifest_folder, output_folder, select_unseen_items, write_seen_images
+from cxr_fast.evaluate import (
+    data_folder,
+    manifest_folder,
+    output_folder,
+    select_unseen_items,
+    write_seen_images,
+)
 from cxr_fast.lungs import estimate_lung_field
-from cxr_fast.outputs import check_folder_path, replacing_folder, short_stem, writing
+from cxr_fast.outputs import check_folder_path, reading, replacing_folder, short_stem, writing
 from cxr_fast.preprocess import resize_square
 from cxr_fast.versions import library_versions
 
@@ -202,89 +208,90 @@ def interpret(run_dir: str | Path, data: str | Path | None = None, split: str = 
     if bad:
         raise CxrFastError("; ".join(bad))
     run = load_run(run_dir)
-    if "gradcam" in methods and not attribution.has_feature_map(run.model):
-        raise CxrFastError(f"{run.path}: Grad-CAM needs one spatial feature map, and this model has none (an "
-                           "ensemble, or frozen features pooled to one vector); use occlusion or integrated_gradients")
-    fill = baseline_value(run, baseline)
-    # The window and stride used, as occlusion_maps picks them when not given, so that audit.json records them.
-    window = window or attribution.default_window(run.size, run.size)[0]
-    stride = stride or max(1, window // 2)
-    attribution.check_window(run.size, window, stride)  # before the slow prediction step, not on the first map
-    if window > run.size // 4:
-        warnings.warn(f"--window {window} is over a quarter of the {run.size}-pixel input: occlusion spreads each "
-                      "region's evidence about half a window around it, so the audit's lung figures are blurred",
-                      stacklevel=2)
-    # another source's images less those the model learned from, as evaluate uses them
-    items, name, _, left_out, seen_summary = select_unseen_items(run, data, split)
-    lost = [mask for mask in items.get("mask", []) if mask and not Path(mask).is_file()]
-    if lost:  # named by their absolute path in SRC: a moved source folder left the audit on estimates without a word
-        warnings.warn(f"{len(lost)} of the lung masks the manifest names are missing (e.g. {lost[0]}; was the source "
-                      "folder moved?): the lung fields of those images are estimated instead", stacklevel=2)
-    manifest = manifest_folder(run, data)
-    # A mean-gray baseline's maps sit beside the black ones, so the two can be compared (as evaluate's -tta does)
-    out_dir = output_folder(run.path / "interpret", name if baseline == "black" else f"{name}-{baseline}", manifest,
-                            "audit.json")
-    with writing(out_dir):  # a second interpret into this folder refuses now, not after its maps
-        if out_dir.exists() and not force:  # checked before the slow part; replacing_folder checks again
-            raise CxrFastError(f"{out_dir}: an interpretation is already there; add --force to redo it")
-        check_folder_path(out_dir.parent, None)
+    with reading(data_folder(run, data)):  # a prepare --force of this data refuses until the interpretation is done
+        if "gradcam" in methods and not attribution.has_feature_map(run.model):
+            raise CxrFastError(f"{run.path}: Grad-CAM needs one spatial feature map, and this model has none (an "
+                               "ensemble, or frozen features pooled to one vector); use occlusion or integrated_gradients")
+        fill = baseline_value(run, baseline)
+        # The window and stride used, as occlusion_maps picks them when not given, so that audit.json records them.
+        window = window or attribution.default_window(run.size, run.size)[0]
+        stride = stride or max(1, window // 2)
+        attribution.check_window(run.size, window, stride)  # before the slow prediction step, not on the first map
+        if window > run.size // 4:
+            warnings.warn(f"--window {window} is over a quarter of the {run.size}-pixel input: occlusion spreads each "
+                          "region's evidence about half a window around it, so the audit's lung figures are blurred",
+                          stacklevel=2)
+        # another source's images less those the model learned from, as evaluate uses them
+        items, name, _, left_out, seen_summary = select_unseen_items(run, data, split)
+        lost = [mask for mask in items.get("mask", []) if mask and not Path(mask).is_file()]
+        if lost:  # named by their absolute path in SRC: a moved source folder left the audit on estimates without a word
+            warnings.warn(f"{len(lost)} of the lung masks the manifest names are missing (e.g. {lost[0]}; was the source "
+                          "folder moved?): the lung fields of those images are estimated instead", stacklevel=2)
+        manifest = manifest_folder(run, data)
+        # A mean-gray baseline's maps sit beside the black ones, so the two can be compared (as evaluate's -tta does)
+        out_dir = output_folder(run.path / "interpret", name if baseline == "black" else f"{name}-{baseline}", manifest,
+                                "audit.json")
+        with writing(out_dir):  # a second interpret into this folder refuses now, not after its maps
+            if out_dir.exists() and not force:  # checked before the slow part; replacing_folder checks again
+                raise CxrFastError(f"{out_dir}: an interpretation is already there; add --force to redo it")
+            check_folder_path(out_dir.parent, None)
 
-        logits = predict_logits(run, items, progress=progress)
-        probs = softmax(logits, run.temperature)
-        y = label_indices(items["label"], run.classes)
-        losses, confused = top_losses(run, items, n, logits)
+            logits = predict_logits(run, items, progress=progress)
+            probs = softmax(logits, run.temperature)
+            y = label_indices(items["label"], run.classes)
+            losses, confused = top_losses(run, items, n, logits)
 
-        # The audit sample: the top losses plus correct predictions of every class; each image attributed once.
-        correct_sample = audit_sample(probs, y, audit_n)
-        order = list(dict.fromkeys(losses["index"].tolist() + correct_sample))
-        if not order:
-            raise CxrFastError(f"nothing to interpret: the model gets all {len(items)} images right and --audit-n 0 "
-                               "asks for no correct ones")
-        files = image_column(items).tolist()
-        loss_set = set(losses["index"])
-        rows, shown, predicted_maps = [], [], {}
-        with progress_bar(progress, transient=False) as bar:
-            task = bar.add_task("occlusion maps", total=len(order))
-            for i in order:
-                row, file = items.iloc[i], files[i]
-                image = np.asarray(resize_square(read_image(file), run.size))
-                x = run.load_input(file)
-                pred, true = int(probs[i].argmax()), int(y[i])
-                maps = attribute(run, x, pred, true, methods, window, stride, fill)
-                predicted_maps[i] = maps[f"occlusion → {run.classes[pred]}"]
-                lungs, lung_source = lung_mask_for(row, image, run.size)
-                # the audit counts the marker's evidence at the map's resolution; the figure shows the marker itself
-                box = marker_box_for(row, run.size, margin=window // 2)
-                shares = audit.attribution_shares(predicted_maps[i], lungs, marker_box=box)
-                rows.append({"path": row["path"], "label": run.classes[true], "predicted": run.classes[pred],
-                             "p_predicted": float(probs[i, pred]), "correct": pred == true, "lungs": lung_source,
-                             "top_loss": i in loss_set, **({"site": row["site"]} if "site" in row else {}), **shares})
-                caption = (f"{Path(row['path']).name}: true {run.classes[true]}, predicted {run.classes[pred]} "
-                           f"(p={probs[i, pred]:.2f}; p(true)={probs[i, true]:.2f}); {lung_caption(shares)}")
-                if i in loss_set or sum(not top_loss for *_, top_loss in shown) < n:  # the gallery's, drawn below
-                    shown.append((row, image, maps, caption, lungs, i in loss_set))
-                bar.advance(task)
-        figures_loss, figures_correct, image_files = draw_figures(run, shown)
+            # The audit sample: the top losses plus correct predictions of every class; each image attributed once.
+            correct_sample = audit_sample(probs, y, audit_n)
+            order = list(dict.fromkeys(losses["index"].tolist() + correct_sample))
+            if not order:
+                raise CxrFastError(f"nothing to interpret: the model gets all {len(items)} images right and --audit-n 0 "
+                                   "asks for no correct ones")
+            files = image_column(items).tolist()
+            loss_set = set(losses["index"])
+            rows, shown, predicted_maps = [], [], {}
+            with progress_bar(progress, transient=False) as bar:
+                task = bar.add_task("occlusion maps", total=len(order))
+                for i in order:
+                    row, file = items.iloc[i], files[i]
+                    image = np.asarray(resize_square(read_image(file), run.size))
+                    x = run.load_input(file)
+                    pred, true = int(probs[i].argmax()), int(y[i])
+                    maps = attribute(run, x, pred, true, methods, window, stride, fill)
+                    predicted_maps[i] = maps[f"occlusion → {run.classes[pred]}"]
+                    lungs, lung_source = lung_mask_for(row, image, run.size)
+                    # the audit counts the marker's evidence at the map's resolution; the figure shows the marker itself
+                    box = marker_box_for(row, run.size, margin=window // 2)
+                    shares = audit.attribution_shares(predicted_maps[i], lungs, marker_box=box)
+                    rows.append({"path": row["path"], "label": run.classes[true], "predicted": run.classes[pred],
+                                 "p_predicted": float(probs[i, pred]), "correct": pred == true, "lungs": lung_source,
+                                 "top_loss": i in loss_set, **({"site": row["site"]} if "site" in row else {}), **shares})
+                    caption = (f"{Path(row['path']).name}: true {run.classes[true]}, predicted {run.classes[pred]} "
+                               f"(p={probs[i, pred]:.2f}; p(true)={probs[i, true]:.2f}); {lung_caption(shares)}")
+                    if i in loss_set or sum(not top_loss for *_, top_loss in shown) < n:  # the gallery's, drawn below
+                        shown.append((row, image, maps, caption, lungs, i in loss_set))
+                    bar.advance(task)
+            figures_loss, figures_correct, image_files = draw_figures(run, shown)
 
-        per_image = pd.DataFrame(rows)
-        summary = audit.audit_summary(per_image.to_dict("records"), labels=per_image["label"].tolist(),
-                                      preds=per_image["predicted"].tolist(), class_names=run.classes,
-                                      sites=per_image["site"].tolist() if "site" in per_image else None)
-        verdicts = audit.verdict(summary).splitlines()
+            per_image = pd.DataFrame(rows)
+            summary = audit.audit_summary(per_image.to_dict("records"), labels=per_image["label"].tolist(),
+                                          preds=per_image["predicted"].tolist(), class_names=run.classes,
+                                          sites=per_image["site"].tolist() if "site" in per_image else None)
+            verdicts = audit.verdict(summary).splitlines()
 
-        # Faithfulness: deletion curves for a few correctly predicted images (of every class), averaged.
-        deletion = deletion_check(run, items, probs, (correct_sample or order)[:8], fill, predicted_maps)
+            # Faithfulness: deletion curves for a few correctly predicted images (of every class), averaged.
+            deletion = deletion_check(run, items, probs, (correct_sample or order)[:8], fill, predicted_maps)
 
-        with replacing_folder(out_dir, force=force, what="an interpretation") as work:
-            write_interpretation(work, run, name, per_image, losses, summary, verdicts, confused, deletion,
-                                 image_files, figures_loss, figures_correct,
-                                 {"methods": list(methods), "window": window, "stride": stride,
-                                  "baseline": baseline, "manifest": manifest,
-                                  "manifest_sha256": manifest_digest(manifest),
-                                  **({"seen_images": seen_summary} if seen_summary else {})})
-            write_seen_images(work, left_out)
-        report = json.loads((out_dir / "audit.json").read_text(encoding="utf-8"))
-        return Interpretation(out_dir=out_dir, audit=report, top_losses=losses, verdicts=verdicts)
+            with replacing_folder(out_dir, force=force, what="an interpretation") as work:
+                write_interpretation(work, run, name, per_image, losses, summary, verdicts, confused, deletion,
+                                     image_files, figures_loss, figures_correct,
+                                     {"methods": list(methods), "window": window, "stride": stride,
+                                      "baseline": baseline, "manifest": manifest,
+                                      "manifest_sha256": manifest_digest(manifest),
+                                      **({"seen_images": seen_summary} if seen_summary else {})})
+                write_seen_images(work, left_out)
+            report = json.loads((out_dir / "audit.json").read_text(encoding="utf-8"))
+            return Interpretation(out_dir=out_dir, audit=report, top_losses=losses, verdicts=verdicts)
 
 
 def draw_figures(run: Run, shown: list) -> tuple[list, list, list]:

@@ -107,8 +107,16 @@ def busy(folder: Path) -> str | None:
     if not Path(folder).absolute().name:
         return None
     lock = lock_path(folder)
-    if lock in _held:
+    if lock in _held or (holder := _holder(lock)) is None:
         return None
+    return (f"{folder}: is being written by another cxrfast process ({holder}); wait for it to finish (if none is "
+            f"running, delete {lock})")
+
+
+def _holder(lock: Path) -> str | None:
+    """The live process that `lock` (a `writing` lock or a `reading` marker, holding "pid host") names, as "pid N" or
+    "pid N on HOST"; None when there is no such file, or when its process is gone (a kill -9) or is this one (a reused
+    pid: the callers skip what this process holds): then the stale file is removed."""
     try:
         text = lock.read_text(encoding="utf-8", errors="replace")
     except (FileNotFoundError, NotADirectoryError):
@@ -121,10 +129,73 @@ def busy(folder: Path) -> str | None:
             if lock.read_text(encoding="utf-8", errors="replace") == text:  # not taken over meanwhile by a process that found it stale too
                 lock.unlink()
         return None
-    # Empty while its writer is about to fill it; another machine's process cannot be checked from here
-    holder = f"pid {pid}" + (f" on {host}" if host and host != socket.gethostname() else "") if pid else "a process"
-    return (f"{folder}: is being written by another cxrfast process ({holder}); wait for it to finish (if none is "
-            f"running, delete {lock})")
+    # Empty while its process is about to fill it; another machine's process cannot be checked from here
+    return f"pid {pid}" + (f" on {host}" if host and host != socket.gethostname() else "") if pid else "a process"
+
+
+def _reader_prefix(folder: Path) -> str:
+    return f".{Path(folder).absolute().name}.reader-"
+
+
+def reader_path(folder: Path) -> Path:
+    """`.NAME.reader-PID-HOST.lock` beside `folder`: there, holding its pid and host, while this process reads the
+    data in `folder` (`reading`)."""
+    folder = Path(folder).absolute()
+    host = UNPORTABLE_CHARACTERS.sub("_", socket.gethostname())
+    return folder.with_name(f"{_reader_prefix(folder)}{os.getpid()}-{host}.lock")
+
+
+_reading: dict[Path, int] = {}  # the reader marks this process holds, and how many `reading` blocks hold each
+
+
+@contextmanager
+def reading(folder: Path) -> Iterator[None]:
+    """Mark `folder` as read by this process (`reader_path`) while the block runs: a process that is to replace what
+    is in it (`prepare --force` of a dataset a training run reads) asks `readers` and refuses in one line instead of
+    changing the data under this one. Refuses in one line itself while another process is writing `folder` (`busy`).
+    Marks of many readers live side by side; nested blocks of one process share one. Where nothing can be written
+    beside `folder` (a read-only shared dataset) it is read unmarked, as `writing` writes unlocked there; a mark
+    whose process is gone is stale and removed by the next look."""
+    folder = Path(folder).absolute()
+    if not folder.name:
+        yield
+        return
+    marker = reader_path(folder)
+    if marker not in _reading:
+        try:
+            marker.write_text(f"{os.getpid()} {socket.gethostname()}\n", encoding="utf-8")
+        except OSError:
+            with contextlib.suppress(OSError):
+                marker.unlink(missing_ok=True)  # a half-written mark would read as a live reader
+            marker = None
+    if marker is not None:
+        _reading[marker] = _reading.get(marker, 0) + 1
+    try:
+        if (holder := busy(folder)) is not None:  # checked after the mark is made: of a reader and a writer
+            raise CxrFastError(holder)  # starting at once, one of them refuses (or both), never neither
+        yield
+    finally:
+        if marker is not None:
+            _reading[marker] -= 1
+            if not _reading[marker]:
+                del _reading[marker]
+                marker.unlink(missing_ok=True)
+
+
+def readers(folder: Path) -> str | None:
+    """Why `folder`'s contents must not be replaced now, in one line, when another live cxrfast process reads it
+    (`reading`); None when none does. Stale marks are removed here."""
+    folder = Path(folder).absolute()
+    prefix = _reader_prefix(folder)
+    try:
+        marks = sorted(p for p in folder.parent.iterdir() if p.name.startswith(prefix) and p.name.endswith(".lock"))
+    except OSError:
+        return None
+    for mark in marks:
+        if mark not in _reading and (holder := _holder(mark)) is not None:
+            return (f"{folder}: is being read by another cxrfast process ({holder}: a train, evaluate or interpret); "
+                    f"wait for it to finish (if none is running, delete {mark})")
+    return None
 
 
 def _alive(pid: int) -> bool:

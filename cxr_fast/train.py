@@ -58,6 +58,7 @@ from cxr_fast.data.block import build_dataloaders, check_classes
 from cxr_fast.data.manifest import (
     label_indices,
     manifest_classes,
+    manifest_csv,
     manifest_digest,
     manifest_key,
     read_manifest,
@@ -69,6 +70,7 @@ from cxr_fast.outputs import (
     clear_run_folder,
     csv_text,
     partial_path,
+    reading,
     settle_move,
     write_bytes,
     write_tensors,
@@ -570,6 +572,9 @@ def train(
 
 
 def _train(data, cfg, *, out, resume, extra_cbs, quiet, held: ExitStack) -> Path:
+    # Marked as read until the bundle is written: a prepare --force of the data refuses instead of replacing the
+    # manifest under the run, which then found it changed at its end and wrote no bundle
+    held.enter_context(reading(manifest_csv(data).absolute().parent))
     manifest = read_manifest(data)
     check_classes(manifest, data)
     if resume:

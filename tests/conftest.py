@@ -87,6 +87,16 @@ with writing(Path(sys.argv[1])):
 """
 
 
+# Reads the dataset in sys.argv[1] (holds cxr_fast.outputs.reading), as a train, evaluate or interpret of it does.
+READING_DATA = """import sys
+from pathlib import Path
+from cxr_fast.outputs import reading
+with reading(Path(sys.argv[1])):
+    print("ready", flush=True)
+    sys.stdin.read()
+"""
+
+
 @contextmanager
 def another_process(code: str, *args):
     """Another Python process running `code` (`args` as its sys.argv[1:]), paused where it prints 'ready' until this

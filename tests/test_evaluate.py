@@ -857,6 +857,39 @@ def test_a_second_evaluate_of_a_run_refuses_at_once_while_another_process_writes
             evaluate(tiny_runs[0], force=True)
 
 
+def test_evaluate_and_interpret_mark_their_data_as_read_so_no_prepare_force_replaces_it_meanwhile(tiny_runs,
+                                                                                                    monkeypatch):
+    # `data prepare --force` of the data an evaluation or interpretation was reading went ahead: the manifest and
+    # cached copies changed under it. Both now hold a reader's mark on the data (which prepare refuses: see
+    # tests/test_manifest.py), and refuse at once while a prepare writes it.
+    import cxr_fast.evaluate as evaluate_module
+    import cxr_fast.interpret as interpret_module
+    from cxr_fast.interpret import interpret
+    from cxr_fast.outputs import reader_path
+    from tests.conftest import HOLDING_LOCK, another_process
+
+    data = load_run(tiny_runs[0]).config["data"]
+    marked = []
+
+    class Stopped(Exception):
+        pass
+
+    def predicted(*args, **kwargs):  # the slow part: the mark must be there
+        marked.append(reader_path(data).is_file())
+        raise Stopped
+
+    for module, command in ((evaluate_module, evaluate), (interpret_module, interpret)):
+        monkeypatch.setattr(module, "predict_logits", predicted)
+        with pytest.raises(Stopped):
+            command(tiny_runs[0], force=True, progress=False)
+        assert not reader_path(data).exists()  # and gone with the command
+        with another_process(HOLDING_LOCK, data) as preparing:
+            with pytest.raises(CxrFastError, match=rf"{data}: is being written by another cxrfast process \(pid "
+                                                   rf"{preparing.pid}\)"):
+                command(tiny_runs[0], force=True, progress=False)
+    assert marked == [True, True]
+
+
 def test_a_second_compare_into_an_out_another_process_is_writing_refuses_before_its_work(tiny_runs, tiny_data,
                                                                                          tmp_path, monkeypatch):
     # compare_runs scored every run before the second one noticed; `compare --resume` started beside a running

@@ -827,6 +827,46 @@ def test_a_second_prepare_into_a_folder_another_process_is_preparing_refuses_and
         assert cached.read_bytes() == b"png" and not (out / "manifest.csv").exists()
 
 
+def test_prepare_force_refuses_while_another_process_reads_the_data_and_goes_ahead_once_it_is_gone(tmp_path):
+    # A prepare --force under a running train replaced its manifest (and removed cached copies it did not use): the
+    # train found out only at its end and wrote no bundle, minutes lost. Now the reader's mark makes prepare refuse.
+    import socket
+    import subprocess
+    import sys
+
+    from cxr_fast.outputs import reader_path, reading
+    from tests.conftest import HOLDING_LOCK, READING_DATA, another_process
+
+    src = make_dataset(tmp_path / "src")
+    out = tmp_path / "data"
+    quiet(src, out, cache_size=64)
+    before = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    with another_process(READING_DATA, out) as reader:
+        with pytest.raises(CxrFastError, match=rf"^{out}: is being read by another cxrfast process \(pid {reader.pid}: "
+                                               r"a train, evaluate or interpret\); wait for it to finish \(if none is "
+                                               rf"running, delete {tmp_path}/\.data\.reader-{reader.pid}-.*\.lock\)$"):
+            quiet(src, out, cache_size=128, splits="0.5,0.25,0.25", force=True)
+        assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} == before  # not a file touched
+        with another_process(READING_DATA, out):  # readers do not exclude one another
+            pass
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["data", "src"]  # the mark went with its process
+
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    stale = reader_path(out).with_name(f".data.reader-{dead.stdout.strip()}-{socket.gethostname()}.lock")
+    stale.write_text(f"{dead.stdout.strip()} {socket.gethostname()}\n")  # a train killed with kill -9 left it
+    with reading(out):  # this process's own mark never stops its own prepare (the demo prepares, then trains)
+        quiet(src, out, cache_size=128, splits="0.5,0.25,0.25", force=True)
+    assert (out / "manifest.csv").read_bytes() != before[out / "manifest.csv"] and (out / "cache" / "128px").is_dir()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["data", "src"]  # the stale mark removed, and ours
+
+    # the other way round: a reader starting while a prepare writes the folder refuses at once, and leaves no mark
+    with another_process(HOLDING_LOCK, out) as writer:
+        with pytest.raises(CxrFastError, match=rf"^{out}: is being written by another cxrfast process \(pid {writer.pid}\)"):
+            with reading(out):
+                pass
+        assert not reader_path(out).exists()
+
+
 def test_a_manifest_written_on_windows_reads_on_linux_and_the_reverse(tmp_path):
     # prepared on Windows (originals outside DIR by their C:\ path, copies inside it by a "/" path, CRLF line ends)
     # and read on Linux, or prepared on Linux and read on Windows: the copies are found in DIR, and a path absolute

@@ -1388,6 +1388,47 @@ def test_a_train_into_a_folder_another_process_is_training_refuses_and_leaves_it
         assert (out / "checkpoint" / "model-epoch0.safetensors").read_bytes() == b"the first epoch, being written"
 
 
+def test_a_prepare_force_of_the_data_a_run_trains_on_refuses_instead_of_costing_the_run_its_bundle(tmp_path):
+    # `cxrfast data prepare SRC --out D --force` in another terminal while `cxrfast train --data D` ran replaced the
+    # manifest under the run: the run found it changed at its end and wrote no bundle (its minutes lost). Now the
+    # prepare refuses in one line naming the training process, and the run ends with its bundle.
+    import os
+    import subprocess
+    import sys
+
+    from cxr_fast.data.manifest import prepare
+    from cxr_fast.data.synth import synthesize
+    from tests.conftest import HOLDING_LOCK, another_process
+
+    synthesize(tmp_path / "src", n_per_class=10, size=64, seed=1, progress=False)
+    data = tmp_path / "data"
+    prepare(tmp_path / "src", data, cache_size=0, progress=False)
+    manifest = (data / "manifest.csv").read_bytes()
+    command = [sys.executable, "-c", "from cxr_fast.cli import app; app()", "data", "prepare", str(tmp_path / "src"),
+               "--out", str(data), "--size", "0", "--splits", "0.5,0.25,0.25", "--force"]
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1]), "COLUMNS": "1000"}
+    tried = []
+
+    class PrepareAgain(Callback):  # the other terminal, while the run trains
+        def after_epoch(self):
+            tried.append(subprocess.run(command, capture_output=True, text=True, env=env))
+
+    run = train(data, resolve_config(epochs=1, **TINY), out=tmp_path / "run", extra_cbs=[PrepareAgain()], quiet=True)
+    assert tried and tried[0].returncode == 1, tried[0].stdout + tried[0].stderr
+    assert tried[0].stderr.startswith(f"error: {data}: is being read by another cxrfast process (pid {os.getpid()}: "
+                                      "a train, evaluate or interpret); wait for it to finish")
+    assert len(tried[0].stderr.strip().splitlines()) == 1
+    assert (run / "config.json").is_file() and (data / "manifest.csv").read_bytes() == manifest
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["data", "run", "src"]  # the run's mark went with it
+    assert subprocess.run(command, capture_output=True, text=True, env=env).returncode == 0  # now it goes ahead
+
+    with another_process(HOLDING_LOCK, data) as preparing:  # a run started while a prepare writes the data: at once
+        with pytest.raises(CxrFastError, match=rf"{data}: is being written by another cxrfast process \(pid "
+                                               rf"{preparing.pid}\)"):
+            train(data, resolve_config(epochs=1, **TINY), out=tmp_path / "second", quiet=True)
+    assert not (tmp_path / "second").exists()
+
+
 def test_runs_started_in_the_same_second_without_out_get_folders_of_their_own(tmp_path, monkeypatch):
     # the default name is the architecture and the second: two runs started together used to share one folder
     from contextlib import ExitStack

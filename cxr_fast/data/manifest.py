@@ -85,7 +85,7 @@ from cxr_fast.data.split import (
 )
 from cxr_fast.data.synth import UNFINISHED
 from cxr_fast.errors import CxrFastError
-from cxr_fast.outputs import check_folder_path, printable, write_texts, writing
+from cxr_fast.outputs import check_folder_path, printable, readers, write_texts, writing
 from cxr_fast.progress import LogProgress, progress_bar
 from cxr_fast.versions import library_versions
 
@@ -542,6 +542,8 @@ def _check_arguments(src: Path, out: Path, seed: int, cache_size: int, force: bo
     check_folder_path(out, "--out")
     if (out / MANIFEST_NAME).exists() and not force:
         raise CxrFastError(f"{out / MANIFEST_NAME} already exists; use --force to replace it")
+    if (reader := readers(out)) is not None:  # a training run there would lose its data halfway (prepare holds
+        raise CxrFastError(reader)           # out's lock by now, so a reader starting later refuses in its turn)
     _check_out_inside_src(src, out)
     if not isinstance(seed, int) or seed < 0:
         raise CxrFastError(f"seed must be a whole number >= 0, got {seed!r}")
