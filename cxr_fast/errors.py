@@ -59,14 +59,22 @@ def first_line(e: BaseException) -> str:
     return text[0][:200] if text else type(e).__name__
 
 
-# A full disk, a read-only or forbidden folder, a file where a folder should be (or the reverse): a reason the user
-# can act on, unlike an OSError from a damaged image.
+# A full disk, a read-only or forbidden folder, a file where a folder should be (or the reverse), a name too long: a
+# reason the user can act on, unlike an OSError from a damaged image.
 STORAGE_ERRORS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM, errno.ENOTDIR, errno.EISDIR,
-                  errno.ENOENT}  # ENOENT: a folder that cannot be made where it was asked (under /proc, say)
+                  errno.ENOENT,  # a folder that cannot be made where it was asked (under /proc, say)
+                  errno.ENAMETOOLONG}  # a name over 255 bytes, or a path over the system's limit
+# EINVAL is a storage error only when it names a file: Windows refuses a name so (a device name such as CON or NUL,
+# a character such as ":" or "?"), and FAT or exFAT on a USB stick does on any system. Without a file it is
+# anything, a bug included.
+NAMED_STORAGE_ERRORS = {errno.EINVAL: "not a name this system or disk accepts"}
 
 
 def storage_problem(e: BaseException) -> str | None:
     """'FILE: reason' for a storage error (the file when it is known), None for any other exception."""
-    if not isinstance(e, OSError) or e.errno not in STORAGE_ERRORS:
+    if not isinstance(e, OSError) or not (e.errno in STORAGE_ERRORS or (e.errno in NAMED_STORAGE_ERRORS and e.filename)):
         return None
-    return f"{e.filename}: {e.strerror or e}" if e.filename else (e.strerror or str(e))
+    reason = e.strerror or str(e)
+    if e.errno in NAMED_STORAGE_ERRORS:
+        reason = f"{reason} ({NAMED_STORAGE_ERRORS[e.errno]})"
+    return f"{e.filename}: {reason}" if e.filename else reason

@@ -20,7 +20,14 @@ def check_folder_path(folder: str | Path, flag: str | None) -> None:
     it) or into a folder that cannot be written: creating it would fail only after the work was done. `flag` names
     the option that chose the path; None for a folder the command chose (a run's eval/ or interpret/)."""
     folder = Path(folder).absolute()
-    existing = next(p for p in (folder, *folder.parents) if p.exists())
+    choose = f"; choose another {flag}" if flag else ""
+    try:
+        existing = next(p for p in (folder, *folder.parents) if p.exists())
+    except OSError as e:  # a name over 255 bytes, a path over the system's limit: the path, not a traceback
+        raise CxrFastError(f"{folder}: {e.strerror or e}{choose}") from None
+    # every part, not only those to be made: Windows takes "C:\\x\\nul" for the device NUL, which exists
+    if os.name == "nt" and (reserved := [part for part in folder.parts[1:] if WINDOWS_RESERVED.fullmatch(part)]):
+        raise CxrFastError(f"{folder}: {reserved[0]!r} is a name Windows keeps for a device{choose}")
     if not existing.is_dir():
         raise CxrFastError(f"{existing}: exists and is not a folder ("
                            + (f"choose another {flag})" if flag else "move it away)"))
@@ -320,6 +327,10 @@ def printable(name: str) -> str:
     surrogates, and a UTF-8 writer refuses) written as \\x escapes."""
     return str(name).encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
 
+
+# Names Windows keeps for devices, with any extension and in any folder ("nul.txt" is the device NUL): a folder so
+# named cannot be made there, or a file written into the device. Linux takes them; refused on Windows only.
+WINDOWS_RESERVED = re.compile(r"(CON|PRN|AUX|NUL|COM[1-9¹²³]|LPT[1-9¹²³])[ .]*(\..*)?", re.IGNORECASE)
 
 # Characters Windows, and the FAT and exFAT file systems of USB sticks, refuse in a file name (Linux takes them all).
 UNPORTABLE_CHARACTERS = re.compile(r'[<>:"/\\|?*\x00-\x1f]')

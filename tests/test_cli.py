@@ -82,6 +82,41 @@ def test_user_errors_are_one_line_with_exit_code_1(tiny_data, tmp_path):
     assert result.exit_code == 1 and "not a cxr_fast run bundle" in result.output
 
 
+def test_an_out_path_the_system_refuses_is_one_line_naming_it_in_every_command(tiny_runs, tiny_data, tmp_path):
+    # A name over 255 bytes (or a path over Windows' limit) in --out gave a traceback: ENAMETOOLONG was no storage
+    # error, and check_folder_path's own look at the path raised it
+    image = next((tiny_data.parent / "src").rglob("*.png"))
+    for out in (tmp_path / ("x" * 300), tmp_path / ("x" * 300) / "sub"):
+        for args in (["data", "synth", out], ["data", "prepare", tiny_data.parent / "src", "--out", out],
+                     ["train", "--data", tiny_data, "--out", out, "--arch", "cxresnet_tiny"],
+                     ["ensemble", *tiny_runs, "--out", out], ["compare", *tiny_runs, "--out", out],
+                     ["export", tiny_runs[0], "--out", out], ["predict", tiny_runs[0], image, "--out", f"{out}.csv"],
+                     ["demo", "--out", out]):
+            result = invoke(*args)
+            assert result.exit_code == 1 and isinstance(result.exception, SystemExit), (args, result.output)
+            assert len(result.output.strip().splitlines()) == 1 and result.output.startswith(f"error: {tmp_path}/xxx")
+            assert "File name too long" in result.output, (args, result.output)
+    assert sorted(tmp_path.iterdir()) == []
+
+
+def test_an_invalid_name_met_while_writing_is_one_line_naming_it(tiny_data, tmp_path, monkeypatch):
+    # Windows answers a folder named CON, NUL or "a:b" with EINVAL ("Invalid argument"), as a FAT or exFAT stick
+    # does anywhere; Linux takes those names, so the refusal is simulated
+    import os
+
+    made = os.mkdir
+
+    def refusing(path, *args, **kwargs):
+        if Path(path).name == "CON":
+            raise OSError(22, "Invalid argument", str(path))
+        return made(path, *args, **kwargs)
+
+    monkeypatch.setattr(os, "mkdir", refusing)
+    result = invoke("data", "prepare", tiny_data.parent / "src", "--out", tmp_path / "CON", "--size", "0")
+    assert result.exit_code == 1 and isinstance(result.exception, SystemExit), result.output
+    assert result.output == f"error: {tmp_path / 'CON'}: Invalid argument (not a name this system or disk accepts)\n"
+
+
 def test_cxrfast_traceback_keeps_the_traceback_of_one_line_errors(tmp_path, monkeypatch):
     # for a developer: a storage error may be a bug reading a file that should be there
     from cxr_fast.errors import CxrFastError

@@ -1,8 +1,10 @@
 import errno
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 
@@ -132,6 +134,29 @@ def test_storage_errors_a_user_can_act_on_are_one_line():
     for code, name in ((errno.ENOENT, "/proc/xx"), (errno.ENOTDIR, "run/eval/x"), (errno.EISDIR, "out.csv")):
         assert storage_problem(OSError(code, os.strerror(code), name)) == f"{name}: {os.strerror(code)}"
     assert storage_problem(OSError(errno.EIO, "Input/output error")) is None  # a damaged disk: not the user's to fix
+    # a name too long, or one the system refuses (Windows: CON, "a:b"); EINVAL naming no file could be anything
+    assert storage_problem(OSError(errno.ENAMETOOLONG, "File name too long", "x" * 300)) == "x" * 300 + ": File name too long"
+    assert storage_problem(OSError(errno.EINVAL, "Invalid argument", r"C:\out\CON")) == (
+        r"C:\out\CON: Invalid argument (not a name this system or disk accepts)")
+    assert storage_problem(OSError(errno.EINVAL, "Invalid argument")) is None
+
+
+def test_a_name_windows_keeps_for_a_device_is_refused_up_front_there_only(tmp_path, monkeypatch):
+    # `--out models/CON` (or nul.txt, COM1, LPT1.tar) cannot be made on Windows: the folder is refused before the
+    # work, not after it; Linux and macOS take those names
+    from cxr_fast import outputs
+
+    names = ("CON", "nul.txt", "Com1", "lpt9.tar.gz", "AUX ", "PRN.")
+    fine = ("CONSOLE", "con-1", "com10", "nul_x", "LPT", "aux1")
+    for name in names + fine:
+        outputs.check_folder_path(tmp_path / name / "run", "--out")
+    monkeypatch.setattr(outputs, "os", SimpleNamespace(**{**vars(os), "name": "nt"}))  # pathlib stays Posix
+    for name in names:
+        with pytest.raises(CxrFastError, match=rf"^{tmp_path / name / 'run'}: '{re.escape(name)}' is a name Windows "
+                                               r"keeps for a device; choose another --out$"):
+            outputs.check_folder_path(tmp_path / name / "run", "--out")
+    for name in fine:
+        outputs.check_folder_path(tmp_path / name / "run", "--out")
 
 
 def test_a_full_disk_met_inside_a_library_names_the_folder_being_written(tmp_path):
