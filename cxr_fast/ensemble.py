@@ -15,6 +15,7 @@ from __future__ import annotations
 import hashlib
 import json
 from collections.abc import Sequence
+from contextlib import ExitStack
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -28,9 +29,9 @@ from cxr_fast.archs.registry import ENSEMBLE_ARCH
 from cxr_fast.bundle import RUN_FORMAT
 from cxr_fast.config import input_problem
 from cxr_fast.data.dedup import file_sha256
-from cxr_fast.data.manifest import label_indices, manifest_key
+from cxr_fast.data.manifest import label_indices, manifest_csv, manifest_key
 from cxr_fast.errors import CxrFastError, read_json, read_tensors
-from cxr_fast.outputs import new_folder, write_tensors, write_text
+from cxr_fast.outputs import new_folder, reading, write_tensors, write_text
 
 MIN_PROBABILITY = 1e-12  # keeps log(mean probability) finite when every member is certain
 
@@ -258,15 +259,17 @@ def _score_valid(ensemble, progress: bool) -> dict[str, Any]:
     from cxr_fast.bundle import predict_logits
     from cxr_fast.data.manifest import read_manifest
 
-    try:
-        manifest = read_manifest(ensemble.config["data"])
-    except (CxrFastError, TypeError):
-        return {"valid_balanced_accuracy": None}
-    valid = manifest[manifest["split"] == "valid"]
-    if valid.empty:
-        return {"valid_balanced_accuracy": None}
-    y = label_indices(valid["label"], ensemble.classes)
-    predicted = predict_logits(ensemble, valid, progress=progress).argmax(1)
+    with ExitStack() as held:
+        try:  # marked as read while scored: no prepare --force replaces the images under the predictions
+            held.enter_context(reading(manifest_csv(ensemble.config["data"]).absolute().parent))
+            manifest = read_manifest(ensemble.config["data"])
+        except (CxrFastError, TypeError):  # not at hand, or being prepared again right now
+            return {"valid_balanced_accuracy": None}
+        valid = manifest[manifest["split"] == "valid"]
+        if valid.empty:
+            return {"valid_balanced_accuracy": None}
+        y = label_indices(valid["label"], ensemble.classes)
+        predicted = predict_logits(ensemble, valid, progress=progress).argmax(1)
     return {"valid_balanced_accuracy": float(balanced_accuracy_score(y, predicted)),
             "valid_accuracy": float((predicted == y).mean())}
 

@@ -200,8 +200,8 @@ def readers(folder: Path) -> str | None:
         return None
     for mark in marks:
         if mark not in _reading and (holder := _holder(mark)) is not None:
-            return (f"{folder}: is being read by another cxrfast process ({holder}: a train, evaluate or interpret); "
-                    f"wait for it to finish (if none is running, delete {mark})")
+            return (f"{folder}: is being read by another cxrfast process ({holder}: a train, evaluate, interpret or "
+                    f"ensemble); wait for it to finish (if none is running, delete {mark})")
     return None
 
 

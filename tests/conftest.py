@@ -87,7 +87,7 @@ with writing(Path(sys.argv[1])):
 """
 
 
-# Reads the dataset in sys.argv[1] (holds cxr_fast.outputs.reading), as a train, evaluate or interpret of it does.
+# Reads the dataset in sys.argv[1] (holds cxr_fast.outputs.reading), as a train, evaluate, interpret or ensemble of it does.
 READING_DATA = """import sys
 from pathlib import Path
 from cxr_fast.outputs import reading

@@ -378,6 +378,30 @@ def test_an_ensemble_into_an_out_another_process_is_writing_refuses_and_leaves_i
         assert (tmp_path / ".ens.partial" / "model.safetensors").read_bytes() == b"being written"
 
 
+def test_an_ensemble_marks_the_data_it_scores_as_read_and_skips_the_score_while_it_is_prepared_again(tiny_runs,
+                                                                                                       tmp_path,
+                                                                                                       monkeypatch):
+    # its valid score predicts over the training data: a prepare --force meanwhile replaced the images under it
+    import cxr_fast.bundle
+    from cxr_fast.outputs import reader_path
+    from tests.conftest import HOLDING_LOCK, another_process
+
+    data = load_run(tiny_runs[0]).config["data"]
+    predict, marked = cxr_fast.bundle.predict_logits, []
+
+    def predicted(*args, **kwargs):
+        marked.append(reader_path(data).is_file())
+        return predict(*args, **kwargs)
+
+    monkeypatch.setattr(cxr_fast.bundle, "predict_logits", predicted)
+    first = build_ensemble(tiny_runs, tmp_path / "ens", progress=False)
+    assert marked == [True] and not reader_path(data).exists()
+    assert json.loads((first / "metrics.json").read_text())["valid_balanced_accuracy"] is not None
+    with another_process(HOLDING_LOCK, data):  # being prepared again: the ensemble is built, its score left out
+        second = build_ensemble(tiny_runs, tmp_path / "ens2", progress=False)
+    assert marked == [True] and json.loads((second / "metrics.json").read_text())["valid_balanced_accuracy"] is None
+
+
 def test_a_member_run_moved_since_the_ensemble_was_built_is_still_known_as_its_member(ensemble_dir, tiny_runs,
                                                                                           tmp_path):
     # config.json lists the members where they were; moved (here: copied) elsewhere, a member is the same model

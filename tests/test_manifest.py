@@ -843,7 +843,7 @@ def test_prepare_force_refuses_while_another_process_reads_the_data_and_goes_ahe
     before = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
     with another_process(READING_DATA, out) as reader:
         with pytest.raises(CxrFastError, match=rf"^{out}: is being read by another cxrfast process \(pid {reader.pid}: "
-                                               r"a train, evaluate or interpret\); wait for it to finish \(if none is "
+                                               r"a train, evaluate, interpret or ensemble\); wait for it to finish \(if none is "
                                                rf"running, delete {tmp_path}/\.data\.reader-{reader.pid}-.*\.lock\)$"):
             quiet(src, out, cache_size=128, splits="0.5,0.25,0.25", force=True)
         assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} == before  # not a file touched

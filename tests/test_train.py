@@ -1416,7 +1416,7 @@ def test_a_prepare_force_of_the_data_a_run_trains_on_refuses_instead_of_costing_
     run = train(data, resolve_config(epochs=1, **TINY), out=tmp_path / "run", extra_cbs=[PrepareAgain()], quiet=True)
     assert tried and tried[0].returncode == 1, tried[0].stdout + tried[0].stderr
     assert tried[0].stderr.startswith(f"error: {data}: is being read by another cxrfast process (pid {os.getpid()}: "
-                                      "a train, evaluate or interpret); wait for it to finish")
+                                      "a train, evaluate, interpret or ensemble); wait for it to finish")
     assert len(tried[0].stderr.strip().splitlines()) == 1
     assert (run / "config.json").is_file() and (data / "manifest.csv").read_bytes() == manifest
     assert sorted(p.name for p in tmp_path.iterdir()) == ["data", "run", "src"]  # the run's mark went with it
