@@ -18,6 +18,7 @@ import itertools
 import json
 import math
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -271,16 +272,20 @@ def interpret(run_dir: str | Path, data: str | Path | None = None, split: str = 
                     if i in loss_set or sum(not top_loss for *_, top_loss in shown) < n:  # the gallery's, drawn below
                         shown.append((row, image, maps, caption, lungs, i in loss_set))
                     bar.advance(task)
-            figures_loss, figures_correct, image_files = draw_figures(run, shown)
+                # drawing the figures and the deletion curves took ~10 s for 24 maps, after the maps' bar had ended
+                task = bar.add_task("gallery figures", total=len(shown))
+                figures_loss, figures_correct, image_files = draw_figures(run, shown, lambda: bar.advance(task))
 
-            per_image = pd.DataFrame(rows)
-            summary = audit.audit_summary(per_image.to_dict("records"), labels=per_image["label"].tolist(),
-                                          preds=per_image["predicted"].tolist(), class_names=run.classes,
-                                          sites=per_image["site"].tolist() if "site" in per_image else None)
-            verdicts = audit.verdict(summary).splitlines()
+                per_image = pd.DataFrame(rows)
+                summary = audit.audit_summary(per_image.to_dict("records"), labels=per_image["label"].tolist(),
+                                              preds=per_image["predicted"].tolist(), class_names=run.classes,
+                                              sites=per_image["site"].tolist() if "site" in per_image else None)
+                verdicts = audit.verdict(summary).splitlines()
 
-            # Faithfulness: deletion curves for a few correctly predicted images (of every class), averaged.
-            deletion = deletion_check(run, items, probs, (correct_sample or order)[:8], fill, predicted_maps)
+                # Faithfulness: deletion curves for a few correctly predicted images (of every class), averaged.
+                checked = (correct_sample or order)[:8]
+                task = bar.add_task("deletion curves", total=len(checked))
+                deletion = deletion_check(run, items, probs, checked, fill, predicted_maps, lambda: bar.advance(task))
 
             with replacing_folder(out_dir, force=force, what="an interpretation") as work:
                 write_interpretation(work, run, name, per_image, losses, summary, verdicts, confused, deletion,
@@ -294,9 +299,10 @@ def interpret(run_dir: str | Path, data: str | Path | None = None, split: str = 
             return Interpretation(out_dir=out_dir, audit=report, top_losses=losses, verdicts=verdicts)
 
 
-def draw_figures(run: Run, shown: list) -> tuple[list, list, list]:
+def draw_figures(run: Run, shown: list, drawn: Callable[[], None] = lambda: None) -> tuple[list, list, list]:
     """The gallery's figures of the top losses and of the correct predictions, as (caption, PNG, link) each, and
-    the PNGs by file name for images/: one per (row, image, maps, caption, lungs, top_loss) in `shown`."""
+    the PNGs by file name for images/: one per (row, image, maps, caption, lungs, top_loss) in `shown`; `drawn` is
+    called after each figure."""
     from cxr_fast import gallery
     from cxr_fast.report import png_bytes
 
@@ -308,6 +314,7 @@ def draw_figures(run: Run, shown: list) -> tuple[list, list, list]:
         # the gallery links its full-size copy
         (figures_loss if top_loss else figures_correct).append((caption, png, f"images/{filename}"))
         image_files.append((filename, png))
+        drawn()
     return figures_loss, figures_correct, image_files
 
 
@@ -353,14 +360,16 @@ def summary_rows(summary: dict) -> list[dict]:
     return [{"predicted": name, **{k: stats.get(k) for k in SUMMARY_COLUMNS}} for name, stats in groups]
 
 
-def deletion_check(run: Run, items, probs, indices, fill: torch.Tensor, maps: dict[int, np.ndarray]) -> dict:
+def deletion_check(run: Run, items, probs, indices, fill: torch.Tensor, maps: dict[int, np.ndarray],
+                   done: Callable[[], None] = lambda: None) -> dict:
     """Deletion curves of the images `indices`, averaged, with the predicted-class occlusion maps the audit already
-    made (`maps`, by index: 8 maps made again would cost up to minutes on a CPU)."""
+    made (`maps`, by index: 8 maps made again would cost up to minutes on a CPU); `done` is called after each curve."""
     curves = []
     for i in indices:
         x = run.load_input(image_column(items.iloc[[i]]).iloc[0])
         attr = torch.from_numpy(maps[i])
         curves.append(audit.deletion_curve(run.model, x, attr, int(probs[i].argmax()), baseline=fill))
+        done()
     if not curves:
         raise CxrFastError("no images to run the deletion check on")
     keys = ("attributed_curve", "random_curve")
