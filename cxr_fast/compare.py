@@ -36,6 +36,7 @@ from cxr_fast.errors import CxrFastError, parse_yaml
 from cxr_fast.evaluate import compute_metrics
 from cxr_fast.metrics import mcnemar
 from cxr_fast.outputs import PARTIAL_INSIDE, check_folder_path, new_folder, settle_move, writing
+from cxr_fast.progress import progress_bar
 
 WARM_UP_IMAGES = 8  # untimed before the inference speed is measured
 
@@ -111,9 +112,10 @@ def setting_labels(table: pd.DataFrame) -> pd.Series:
 
 
 def compare_runs(run_dirs: list[str | Path], *, out: str | Path | None = None, split: str = "test",
-                 n_boot: int = 1000) -> Comparison:
+                 n_boot: int = 1000, progress: bool = True) -> Comparison:
     """Score runs trained on one manifest on its `split` (default test), with McNemar tests between every pair, and
-    write runs.csv, comparison.csv, mcnemar.csv and report.html into `out` (default models/compare-<date>-<time>)."""
+    write runs.csv, comparison.csv, mcnemar.csv and report.html into `out` (default models/compare-<date>-<time>).
+    `progress` counts the runs scored (each one's prediction pass is timed, so it draws no bar of its own)."""
     if isinstance(run_dirs, str | Path):  # a string would be taken letter by letter
         raise CxrFastError(f"compare takes a list of run folders, got the single path {str(run_dirs)!r}")
     if len(run_dirs) < 2:
@@ -133,7 +135,14 @@ def compare_runs(run_dirs: list[str | Path], *, out: str | Path | None = None, s
                                + ", ".join(manifests))
         for run in runs:
             check_training_manifest(run)
-        scored = [score_run(run, split, n_boot) for run in runs]
+        # A bar per run, not per image: the images/s column times the prediction pass, which draws nothing. Without
+        # it, a comparison of a few real models printed nothing for minutes.
+        with progress_bar(progress) as bar:
+            task = bar.add_task(f"scoring {len(runs)} runs on the {split} split", total=len(runs))
+            scored = []
+            for run in runs:
+                scored.append(score_run(run, split, n_boot))
+                bar.advance(task)
         table = pd.DataFrame([s[0] for s in scored])
         table["run"] = run_labels(runs)  # two runs of one folder name (a/cxr, b/cxr) keep apart in every table
         table["seed"] = table["seed"].astype("Int64")  # an ensemble has none: a whole number or blank, not 0.0 / NaN

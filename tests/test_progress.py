@@ -49,3 +49,25 @@ def test_evaluate_in_a_log_says_how_far_prediction_got(tiny_runs, tmp_path, caps
     evaluate(run, n_boot=20, force=True, progress=True)  # earlier tests may have evaluated it
     err = capsys.readouterr().err
     assert "predicting " in err and "(100 %)" in err and ", done" in err
+
+
+def test_interpret_in_a_log_counts_the_gallery_figures_and_deletion_curves(tiny_runs, tmp_path, capsys):
+    # after the occlusion maps' bar ended, these took ~10 s on 24 maps with nothing on the screen
+    from cxr_fast.interpret import interpret
+
+    run = shutil.copytree(tiny_runs[0], tmp_path / "run")
+    interpret(run, n=1, audit_n=2, window=12, stride=12, progress=True)
+    lines = capsys.readouterr().err.splitlines()
+    for step in ("gallery figures", "deletion curves"):
+        assert any(line.startswith(f"{step}: 0/") and line.endswith(", started") for line in lines), step
+        assert any(line.startswith(f"{step}: ") and "(100 %)" in line and line.endswith(", done") for line in lines), step
+
+
+def test_compare_in_a_log_counts_the_runs_scored(tiny_runs, tmp_path, capsys):
+    # each run's prediction pass is timed and draws no bar: a comparison of real models sat silent for minutes
+    from cxr_fast.compare import compare_runs
+
+    compare_runs(tiny_runs, out=tmp_path / "cmp", n_boot=20)
+    err = capsys.readouterr().err
+    assert "scoring 2 runs on the test split: 0/2 (0 %), started" in err
+    assert "scoring 2 runs on the test split: 2/2 (100 %), " in err and ", done" in err
