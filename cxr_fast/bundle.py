@@ -253,13 +253,13 @@ def tta_views(x: torch.Tensor) -> list[torch.Tensor]:
 
 @torch.no_grad()
 def predict_logits(run: Run, items: pd.DataFrame | list[str], bs: int = 32, progress: bool = True,
-                   tta: bool = False) -> np.ndarray:
+                   tta: bool = False, description: str | None = None) -> np.ndarray:
     """Raw logits [N, K] for manifest rows (the cached copy is read when present) or a list of files.
-    With `tta`, the mean logits over `tta_views`."""
+    With `tta`, the mean logits over `tta_views`. `description` names the bar (default 'predicting N images')."""
     files = image_column(items).tolist() if isinstance(items, pd.DataFrame) else [str(f) for f in items]
     out = []
     with progress_bar(progress) as bar:
-        task = bar.add_task(f"predicting {len(files)} images", total=len(files))
+        task = bar.add_task(description or f"predicting {len(files)} images", total=len(files))
         for batch in iter_batches(run, files, bs):
             views = tta_views(batch) if tta else [batch]
             out.append(torch.stack([run.model(v).float() for v in views]).mean(0))

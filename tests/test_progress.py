@@ -93,3 +93,18 @@ def test_the_regression_bar_is_up_while_the_features_are_standardised(monkeypatc
     n = len(STRENGTHS) + 1
     assert seen == [f"fitting the regression: 0/{n} (0 %), started\n"]
     assert f"fitting the regression: {n}/{n} (100 %), " in capsys.readouterr().err
+
+
+def test_training_shows_the_calibration_pass_after_the_last_epoch(tiny_data, tmp_path, capsys):
+    # the valid split is predicted again with the best weights to fit the temperature: 25 s without a word for
+    # efficientnet_lite0 at 288 px on 177 images
+    from cxr_fast.config import resolve_config
+    from cxr_fast.data.manifest import read_manifest
+    from cxr_fast.train import train
+    from tests.conftest import TINY
+
+    train(tiny_data, resolve_config(epochs=1, **TINY), out=tmp_path / "run")
+    n = int((read_manifest(tiny_data)["split"] == "valid").sum())
+    err = capsys.readouterr().err
+    assert f"calibrating on {n} valid images: 0/{n} (0 %), started" in err
+    assert f"calibrating on {n} valid images: {n}/{n} (100 %), " in err
