@@ -475,8 +475,8 @@ def _read_dicom(path: Path, measure_colour: bool) -> tuple[Image.Image, float]:
     except Exception as error:  # noqa: BLE001
         text = str(error)
         lowered = text.lower()
-        # pydicom 3 says "less than expected (N vs M bytes)"; "expected length" and "truncat" cover other wordings
-        if "expected" in lowered and ("length" in lowered or "less than" in lowered) or "truncat" in lowered:
+        # pydicom says "less than expected (N vs M bytes)"; "truncat" covers a decoder plugin's other wordings
+        if "less than expected" in lowered or "truncat" in lowered:
             raise ImageReadError(path, "truncated", f"DICOM pixel data is truncated ({text})") from None
         syntax = getattr(getattr(dataset, "file_meta", None), "TransferSyntaxUID", None)
         plugin = ("; compressed DICOM needs a decoder: pip install 'cxr_fast[dicom]' (python-gdcm)"
@@ -521,7 +521,7 @@ def _name_the_transfer_syntax_it_was_read_with(dataset) -> None:
     meta = getattr(dataset, "file_meta", None)
     if meta is not None and "TransferSyntaxUID" in meta:
         return
-    implicit, little = getattr(dataset, "original_encoding", (dataset.is_implicit_VR, dataset.is_little_endian))
+    implicit, little = dataset.original_encoding
     if meta is None:
         dataset.file_meta = meta = FileMetaDataset()
     meta.TransferSyntaxUID = (ImplicitVRLittleEndian if implicit else
