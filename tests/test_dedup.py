@@ -235,4 +235,4 @@ def test_a_pair_at_the_correlation_threshold_whose_whole_difference_the_bound_se
         at = float(_correlations(rows, rows, np.array([0]), np.array([1]))[0])
         prints = [Fingerprint("a", "0" * 64, a), Fingerprint("b", "0" * 64, b)]
         assert near_pairs(prints, min_correlation=at).tolist() == [[0, 1]]
-        assert near_pairs(prints, min_correlation=np.nextafter(np.float32(at), 2)).tolist() == []
+        assert near_pairs(prints, min_correlation=np.nextafter(np.float32(at), np.float32(2))).tolist() == []
