@@ -150,6 +150,9 @@ def load_run(path: str | Path, *, finishing: bool = False) -> Run:
     # millions of layers (depths: [1000000]) beside a small weights file. The network is first built on the meta
     # device, which allocates no memory, with a budget of parts that the weights file sets, and must fit the
     # weights there; only then is it built for real.
+    import timm  # noqa: F401  (not first imported on meta: torch < 2.8 runs ops while importing torch._dynamo, which
+    # timm imports through torchvision, and they failed there with a circular import: serve died at start on 2.7)
+
     with torch.device("meta"), _parts_budget(PARTS_PER_TENSOR * len(tensors) + 1000, weights_path):
         skeleton = _model_from(config, config_path)
     _load_weights(skeleton, tensors, config, weights_path, assign=True)  # assign: copying onto meta warns per tensor

@@ -1482,3 +1482,30 @@ def test_a_run_resumes_on_its_manifest_moved_to_another_folder_and_records_where
     train(moved, out=out, resume=True, quiet=True)
     assert list(pd.read_csv(out / "history.csv")["epoch"]) == [0, 1, 2]
     assert json.loads((out / "config.json").read_text())["data"] == str(moved.resolve())
+
+
+def test_loading_a_run_in_a_fresh_process_imports_nothing_of_torch_dynamo_on_the_meta_device(tiny_runs):
+    # torch 2.3-2.7 run tensor ops while importing torch._dynamo (timm imports it through torchvision); under the meta
+    # device context that load_run builds its skeleton in they failed with a circular import, so `cxrfast serve`,
+    # which loads a run before anything else imports timm, died at start there. torch 2.14 does not fail, so the
+    # test checks the order: nothing of torch._dynamo may be first imported while the meta device is on.
+    import subprocess
+    import sys
+
+    script = f"""
+import sys, torch
+from cxr_fast import bundle
+entered = []
+real_budget = bundle._parts_budget
+def budget(*args, **kwargs):
+    entered.append(set(sys.modules))
+    return real_budget(*args, **kwargs)
+bundle._parts_budget = budget
+bundle.load_run({str(tiny_runs[0])!r})
+after = set(sys.modules)
+assert entered, "load_run no longer builds on the meta device under _parts_budget: update this test"
+print(sorted(m for m in after - entered[0] if m.startswith(("torch._dynamo", "timm"))))
+"""
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.strip() == "[]"
