@@ -100,10 +100,8 @@ def export_onnx(run_dir: str | Path, out: str | Path | None = None, *, force: bo
                 # Deprecation notice of the TorchScript exporter, and tracer notes about shapes that are fixed anyway
                 # (the input size is part of the model's contract).
                 warnings.simplefilter("ignore")
-                # torch before 2.5 has no `dynamo` argument: its exporter is the TorchScript one
-                legacy = {"dynamo": False} if torch.__version__ >= (2, 5) else {}
                 try:
-                    torch.onnx.export(run.model, (example,), str(tmp_path), **legacy, opset_version=opset,
+                    torch.onnx.export(run.model, (example,), str(tmp_path), dynamo=False, opset_version=opset,
                                       input_names=[INPUT_NAME], output_names=[OUTPUT_NAME],
                                       dynamic_axes={INPUT_NAME: {0: "batch"}, OUTPUT_NAME: {0: "batch"}})
                 except Exception as e:  # noqa: BLE001 - the exporter raises many types for an operator it cannot map
