@@ -427,6 +427,15 @@ class EpochNumbering(Callback):
             self.hidden_logger, self.learn.logger = self.learn.logger, lambda *args, **kwargs: None
 
 
+def draws_html_bars() -> bool:
+    """Whether fastai's bars are fastprogress's HTML ones, which update in place: fastprogress chose them at import
+    because this runs in a Jupyter kernel. Plain epoch lines there showed nothing until each epoch ended."""
+    from fastai.callback import progress
+    from fastprogress.fastprogress import NBProgressBar
+
+    return progress.progress_bar is NBProgressBar
+
+
 class EpochLines(Callback):
     """Where stdout is not a terminal (a log file, nohup, CI), the epoch table as plain lines, one per epoch, instead
     of fastprogress's bars: their carriage-return redraws put hundreds of partial bars into a log before each row."""
@@ -631,7 +640,7 @@ def _train(data, cfg, *, out, resume, extra_cbs, quiet, held: ExitStack) -> Path
     if quiet or not distributed.is_main():  # data-parallel: one table and one bar, rank 0's
         learn.remove_cb(ProgressCallback)
         learn.logger = lambda *args, **kwargs: None
-    elif not sys.stdout.isatty():
+    elif not sys.stdout.isatty() and not draws_html_bars():  # a notebook's stdout is no terminal either
         learn.remove_cb(ProgressCallback)
         learn.add_cb(EpochLines())
 

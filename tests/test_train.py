@@ -2,6 +2,7 @@
 
 import json
 import shutil
+import sys
 import warnings
 from pathlib import Path
 
@@ -1098,6 +1099,36 @@ def test_a_terminal_keeps_fastais_progress_bar(tiny_data, tmp_path, monkeypatch)
     train(tiny_data, resolve_config(epochs=1, **TINY), out=tmp_path / "run",
           extra_cbs=[_CallbackSpy(seen)])
     assert ProgressCallback in seen[0] and EpochLines not in seen[0]
+
+
+def test_a_notebook_keeps_fastais_html_progress_bar(tiny_data, tmp_path, monkeypatch, capsys):
+    # a Jupyter kernel's stdout is no terminal, but fastprogress draws HTML bars there that update in place: plain
+    # epoch lines showed nothing during an epoch of minutes. IPython.display is faked: the bars and table land in `shown`
+    import types
+
+    from fastai.callback.progress import ProgressCallback
+    from fastprogress.fastprogress import NBMasterBar, NBProgressBar
+
+    from cxr_fast.train import EpochLines
+
+    shown = []
+    ipython = types.ModuleType("IPython")
+    ipython.version_info = (9, 0)  # matplotlib asks, when it draws the run's figures
+    ipython.display = types.ModuleType("IPython.display")
+    ipython.display.HTML = str
+    ipython.display.display = lambda obj, **_: shown.append(str(obj)) or types.SimpleNamespace(
+        update=lambda obj: shown.append(str(obj)))
+    monkeypatch.setitem(sys.modules, "IPython", ipython)
+    monkeypatch.setitem(sys.modules, "IPython.display", ipython.display)
+    # what fastprogress picks at import in a kernel
+    monkeypatch.setattr("fastai.callback.progress.progress_bar", NBProgressBar)
+    monkeypatch.setattr("fastai.callback.progress.master_bar", NBMasterBar)
+    assert not sys.stdout.isatty()  # captured, as in a kernel
+    seen = []
+    train(tiny_data, resolve_config(epochs=1, **TINY), out=tmp_path / "run", extra_cbs=[_CallbackSpy(seen)])
+    assert ProgressCallback in seen[0] and EpochLines not in seen[0]
+    assert any("<table" in html and "valid_loss" in html for html in shown)  # fastai's epoch table, as HTML
+    assert "valid_loss" not in capsys.readouterr().out  # and no plain lines besides
 
 
 def test_mixed_precision_on_a_gpu_only(tiny_data, monkeypatch):
