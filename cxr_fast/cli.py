@@ -25,8 +25,6 @@ from cxr_fast.config import TrainConfig
 from cxr_fast.errors import CxrFastError, storage_problem
 from cxr_fast.memory import keep_freed_memory
 
-# fastai still calls torch.jit.script at import; torch's deprecation notice is noise to a user of this CLI.
-warnings.filterwarnings("ignore", message=".*torch.jit.script.*", category=FutureWarning)
 # A warning is for the user at a terminal: one line, not the source line that raised it.
 warnings.formatwarning = lambda message, category, *args, **kwargs: f"warning: {message}\n"
 # Each command is one process doing one job: reusing freed memory makes training ~1.4x faster on a CPU (memory.py).
