@@ -27,6 +27,7 @@ from cxr_fast.data.manifest import (
 from cxr_fast.errors import CxrFastError, read_json, read_tensors
 from cxr_fast.preprocess import load_input
 from cxr_fast.progress import progress_bar
+from cxr_fast.reprs import short_repr
 
 
 @dataclass
@@ -38,6 +39,10 @@ class Run:
     model: torch.nn.Module
     config: dict
     metrics: dict = field(default_factory=dict)
+
+    def __repr__(self) -> str:  # a notebook shows it: see cxr_fast.reprs
+        return short_repr(self, arch=self.config["model"]["arch"], classes=self.classes,
+                          size=self.size, temperature=self.temperature)
 
     @property
     def classes(self) -> list[str]:

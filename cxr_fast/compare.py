@@ -37,6 +37,7 @@ from cxr_fast.evaluate import compute_metrics
 from cxr_fast.metrics import mcnemar
 from cxr_fast.outputs import PARTIAL_INSIDE, check_folder_path, new_folder, settle_move, writing
 from cxr_fast.progress import progress_bar
+from cxr_fast.reprs import short_repr
 
 WARM_UP_IMAGES = 8  # untimed before the inference speed is measured
 
@@ -48,6 +49,9 @@ class Comparison:
     summary: pd.DataFrame  # one row per architecture: mean ± sd across seeds
     mcnemar: pd.DataFrame
     split: str = "test"  # the manifest split the runs were scored on
+
+    def __repr__(self) -> str:  # a notebook shows it: see cxr_fast.reprs
+        return short_repr(self)
 
 
 def score_run(run: Run, split: str = "test", n_boot: int = 1000) -> tuple[dict, np.ndarray, np.ndarray]:

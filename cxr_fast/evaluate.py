@@ -45,6 +45,7 @@ from cxr_fast.ensemble import ENSEMBLE_ARCH
 from cxr_fast.errors import CxrFastError
 from cxr_fast.metrics import bootstrap_ci, classification_metrics, pr_curves, roc_curves
 from cxr_fast.outputs import check_folder_path, reading, replacing_folder, settle_replacement, writing
+from cxr_fast.reprs import short_repr
 from cxr_fast.seen import match_seen, seen_fingerprints
 from cxr_fast.versions import library_versions
 
@@ -57,6 +58,9 @@ class Evaluation:
     metrics: dict
     predictions: pd.DataFrame
     shift: dict | None
+
+    def __repr__(self) -> str:  # a notebook shows it: see cxr_fast.reprs
+        return short_repr(self)
 
 
 def select_items(run: Run, data: str | Path | None, split: str) -> tuple[pd.DataFrame, str, bool]:

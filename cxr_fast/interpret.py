@@ -43,6 +43,7 @@ from cxr_fast.evaluate import (
 from cxr_fast.lungs import estimate_lung_field
 from cxr_fast.outputs import check_folder_path, reading, replacing_folder, short_stem, writing
 from cxr_fast.preprocess import resize_square
+from cxr_fast.reprs import short_repr
 from cxr_fast.versions import library_versions
 
 METHODS = ("occlusion", "integrated_gradients", "gradcam")
@@ -54,6 +55,9 @@ class Interpretation:
     audit: dict
     top_losses: pd.DataFrame
     verdicts: list[str]
+
+    def __repr__(self) -> str:  # a notebook shows it: see cxr_fast.reprs
+        return short_repr(self)
 
 
 def top_losses(run: Run, items: pd.DataFrame, k: int, logits: np.ndarray) -> tuple[pd.DataFrame, list]:

@@ -87,6 +87,7 @@ from cxr_fast.data.synth import UNFINISHED
 from cxr_fast.errors import CxrFastError
 from cxr_fast.outputs import check_folder_path, printable, readers, write_texts, writing
 from cxr_fast.progress import LogProgress, progress_bar
+from cxr_fast.reprs import short_repr
 from cxr_fast.versions import library_versions
 
 REPORT_NAME = PREPARED_MARKER
@@ -144,6 +145,9 @@ class PrepareReport:
     sites: dict[str, dict[str, int]] | None = None  # with sites: site -> label -> number of images
     warnings: list[str] = field(default_factory=list)  # things the user should probably act on
     versions: dict[str, str] = field(default_factory=library_versions)  # the split depends on cxr_fast's and numpy's
+
+    def __repr__(self) -> str:  # a notebook shows it: see cxr_fast.reprs
+        return short_repr(self)
 
     def exclusions_by_reason(self) -> dict[str, int]:
         return dict(sorted(Counter(item.reason for item in self.excluded).items()))
