@@ -28,6 +28,7 @@ import html
 import json
 import socket
 import tempfile
+import threading
 from contextlib import aclosing
 from pathlib import Path
 from urllib.parse import urlsplit
@@ -240,7 +241,8 @@ def _predict_bytes(runner, data: bytes, suffix: str, heatmap: bool) -> dict:
 
 def serve(run_dir: str | Path, host: str = "127.0.0.1", port: int = 8000, runtime: str = "torch",
           on_ready=None) -> None:
-    """Load the model and serve until interrupted (Ctrl+C)."""
+    """Load the model and serve until interrupted (Ctrl+C, or a notebook's stop button, which ends the cell
+    quietly)."""
     import uvicorn
 
     if not 0 < port < 65536:
@@ -249,8 +251,29 @@ def serve(run_dir: str | Path, host: str = "127.0.0.1", port: int = 8000, runtim
     listener = _listen(host, port)  # bound here, so a busy port is an error before anything says "serving"
     if on_ready is not None:
         on_ready(f"http://{'[' + host + ']' if ':' in host else host}:{port}/", host in LOOPBACK)
+    server = uvicorn.Server(uvicorn.Config(app, log_level="warning"))
     with listener:
-        uvicorn.Server(uvicorn.Config(app, log_level="warning")).run(sockets=[listener])
+        if not _loop_running():
+            server.run(sockets=[listener])
+            return
+        # A Jupyter kernel runs each cell inside its own event loop, beside which uvicorn's cannot run ("Cannot run
+        # the event loop while another loop is running"): the server runs in a thread, until the kernel is interrupted
+        thread = threading.Thread(target=server.run, kwargs={"sockets": [listener]}, name="cxrfast-serve", daemon=True)
+        thread.start()
+        try:
+            while thread.is_alive():
+                thread.join(0.2)
+        except KeyboardInterrupt:  # the notebook's stop button: the server stops, and the cell ends quietly
+            server.should_exit = True
+            thread.join()
+
+
+def _loop_running() -> bool:
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:
+        return False
+    return True
 
 
 def _listen(host: str, port: int) -> socket.socket:

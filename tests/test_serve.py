@@ -448,3 +448,40 @@ def test_a_colour_upload_is_answered_with_a_warning_and_a_grey_one_without(run, 
     assert sum(answer["probabilities"].values()) == pytest.approx(1.0)  # flagged, still predicted
     assert post(client, image.name, image.read_bytes()).json()["warning"] is None
     assert 'id="warning"' in client.get("/").text
+
+
+def test_serve_runs_inside_a_running_event_loop_as_in_a_jupyter_cell(run):
+    # a kernel runs its cells inside an event loop: uvicorn's own loop refused to start there after "ready"
+    import _thread
+    import asyncio
+    import threading
+    import urllib.request
+
+    pages = []
+
+    def visit_then_interrupt(url, loopback):
+        def visit():
+            deadline = time.monotonic() + 60
+            while not pages and time.monotonic() < deadline:
+                try:
+                    pages.append(urllib.request.urlopen(url, timeout=5).read().decode())
+                except OSError:
+                    time.sleep(0.3)
+            if pages:  # only a server that answered is stopped, as a notebook's stop button would
+                _thread.interrupt_main()
+        threading.Thread(target=visit, daemon=True).start()
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+
+    async def cell():
+        serve(run, port=port, on_ready=visit_then_interrupt)
+
+    loop = asyncio.new_event_loop()  # not asyncio.run, whose SIGINT handler only cancels the task: a kernel has none
+    try:
+        loop.run_until_complete(cell())  # returns once interrupted: no KeyboardInterrupt for a stop the user asked for
+    finally:
+        loop.close()
+    assert pages and "not a diagnosis" in pages[0].lower()
+    assert not any(t.name == "cxrfast-serve" and t.is_alive() for t in threading.enumerate())  # the server stopped
