@@ -20,6 +20,7 @@ import logging
 import os
 import re
 import signal
+import threading
 import uuid
 from collections.abc import Callable
 from contextlib import contextmanager
@@ -263,6 +264,10 @@ def launch_training(nproc: int, data: str | Path, cfg=None, *, out: str | Path |
     saved_threads = os.environ.get("OMP_NUM_THREADS")
     if saved_threads is None and not torch.cuda.is_available():
         os.environ["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // nproc))
+    # torch's launcher sets handlers for these signals and leaves them: in a notebook, the stop button then raised
+    # its SignalException instead of KeyboardInterrupt in every later cell (and in a plain train(), no resume hint)
+    handled = [getattr(signal, name) for name in ("SIGINT", "SIGTERM", "SIGHUP", "SIGQUIT") if hasattr(signal, name)]
+    saved_handlers = {sig: signal.getsignal(sig) for sig in handled} if threading.current_thread() is threading.main_thread() else {}
     try:
         with _quiet_launcher_logs():
             results = elastic_launch(config, _train_worker)(str(data), cfg, None if out is None else str(out),
@@ -281,6 +286,8 @@ def launch_training(nproc: int, data: str | Path, cfg=None, *, out: str | Path |
     finally:
         if saved_threads is None:
             os.environ.pop("OMP_NUM_THREADS", None)
+        for sig, handler in saved_handlers.items():
+            signal.signal(sig, handler)
     return Path(results[0])
 
 

@@ -9,6 +9,7 @@ import errno
 import importlib.util
 import json
 import os
+import signal
 from collections import Counter
 from pathlib import Path
 
@@ -110,6 +111,7 @@ def resumed_run(odd_data, tmp_path_factory):
     root = tmp_path_factory.mktemp("ddp")
     out, records = root / "run", root / "records"
     records.mkdir()
+    handlers = [{sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}]
     with pytest.raises(ChildFailedError, match="simulated kill"):
         distributed.launch_training(2, odd_data, resolve_config(epochs=2, **TINY), out=out, quiet=True,
                                     extra_cbs=[RecordRank(records), KillAfterFirstEpoch()])
@@ -118,11 +120,18 @@ def resumed_run(odd_data, tmp_path_factory):
     (records / "resumed").mkdir()
     run = distributed.launch_training(2, odd_data, out=out, resume=True,  # not quiet: who shows progress is tested
                                       extra_cbs=[RecordRank(records / "resumed")])
-    return run, records, killed_state, killed_files
+    handlers.append({sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)})
+    return run, records, killed_state, killed_files, handlers
+
+
+def test_the_launches_leave_this_process_signal_handlers_as_they_were(resumed_run):
+    # torch's launcher left its own: a notebook's stop button then raised SignalException in every later cell
+    before, after = resumed_run[-1]
+    assert after == before and before[signal.SIGINT] is signal.default_int_handler
 
 
 def test_a_killed_run_resumes_with_an_unbroken_history(resumed_run):
-    run, records, killed_state, killed_files = resumed_run
+    run, records, killed_state, killed_files, _ = resumed_run
     assert killed_state["epochs_done"] == 1 and [row["epoch"] for row in killed_state["history"]] == [0]
     # each process has random generators of its own: rank 0's are not saved for all (a single process's would be)
     assert "rng" not in killed_state
@@ -134,7 +143,7 @@ def test_a_killed_run_resumes_with_an_unbroken_history(resumed_run):
 
 
 def test_one_complete_bundle_written_by_rank_0_only(resumed_run):
-    run, records, _, _ = resumed_run
+    run, records, _, _, _ = resumed_run
     assert {p.name for p in run.iterdir()} == {"model.safetensors", "config.json", "recipe.yaml", "history.csv",
                                                 "curves.png", "metrics.json", "seen_images.safetensors"}
     assert load_run(run).config["model"]["arch"] == "cxresnet_tiny"
@@ -147,7 +156,7 @@ def test_one_complete_bundle_written_by_rank_0_only(resumed_run):
 
 
 def test_each_process_trains_on_its_own_half(resumed_run, odd_data):
-    _, records, _, _ = resumed_run
+    _, records, _, _, _ = resumed_run
     manifest = read_manifest(odd_data)
     train_paths = set(manifest.loc[manifest["split"] == "train", "path"])
     assert len(train_paths) == 17
@@ -162,7 +171,7 @@ def test_each_process_trains_on_its_own_half(resumed_run, odd_data):
 
 
 def test_validation_covers_the_whole_valid_split_and_matches_the_saved_model(resumed_run, odd_data):
-    run_dir, records, _, _ = resumed_run
+    run_dir, records, _, _, _ = resumed_run
     manifest = read_manifest(odd_data)
     valid = manifest[manifest["split"] == "valid"].reset_index(drop=True)
     assert len(valid) == 5  # shards of 3 and 3: the second ends with a repeat of the first item
@@ -393,6 +402,6 @@ def test_rank_0_s_value_or_its_one_line_error_reaches_every_rank(monkeypatch):
 
 def test_each_process_draws_its_own_augmentations(resumed_run):
     # the same seed on both ranks would give both halves of every batch the same random flips, zooms and lighting
-    _, records, _, _ = resumed_run
+    _, records, _, _, _ = resumed_run
     for rank0, rank1 in (_records(records, 0), _records(records / "resumed", 1)):
         assert rank0["seed"] != rank1["seed"]
