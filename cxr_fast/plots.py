@@ -229,9 +229,11 @@ _HISTORY_COLUMNS = ("epoch", "train_loss", "valid_loss", "accuracy", "balanced_a
 def plot_training_curves(history, title: str = "Training curves") -> Figure:
     """Loss (left) and accuracy (right) by epoch from a history DataFrame.
 
-    Needs columns epoch, train_loss, valid_loss, accuracy, balanced_accuracy (valid split) and uses
+    Needs columns epoch, train_loss, valid_loss, accuracy, balanced_accuracy (valid split; a run's history.csv
+    calls the last two valid_accuracy and valid_balanced_accuracy, which are taken as well) and uses
     train_accuracy when present. The epoch with the best valid balanced accuracy is marked.
     """
+    history = history.rename(columns={"valid_accuracy": "accuracy", "valid_balanced_accuracy": "balanced_accuracy"})
     missing = [c for c in _HISTORY_COLUMNS if c not in history.columns]
     if missing:
         raise CxrFastError(f"plots: training history lacks column(s) {', '.join(missing)}")

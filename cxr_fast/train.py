@@ -829,9 +829,7 @@ def finish_bundle(run_dir: Path, learn: Learner, cfg: TrainConfig, state: dict, 
     history = pd.DataFrame(state["history"])
     # again, whole, from the checkpoint: a kill while the last epoch wrote it left half a row
     write_text(run_dir / "history.csv", csv_text(history))
-    fig = plot_training_curves(history.rename(columns={"valid_accuracy": "accuracy",
-                                                       "valid_balanced_accuracy": "balanced_accuracy"}),
-                               title=f"Training curves of {run_dir.name} ({cfg.arch})")
+    fig = plot_training_curves(history, title=f"Training curves of {run_dir.name} ({cfg.arch})")
     write_bytes(run_dir / "curves.png", png_bytes(fig))
     best = state["best"]
     metrics = {

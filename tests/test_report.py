@@ -357,6 +357,16 @@ def test_training_curves_draw_each_column_and_mark_the_best_valid_balanced_accur
     assert [t.get_text() for t in acc.texts] == ["best epoch 2"]
 
 
+def test_training_curves_take_a_run_s_history_csv_as_written(tiny_runs):
+    # history.csv names the valid columns valid_accuracy and valid_balanced_accuracy; a notebook user passing it
+    # straight in got "training history lacks column(s) accuracy, balanced_accuracy"
+    history = pd.read_csv(tiny_runs[0] / "history.csv")
+    assert {"valid_accuracy", "valid_balanced_accuracy"} <= set(history.columns)
+    acc = plots.plot_training_curves(history).axes[1]
+    drawn = {line.get_label(): list(line.get_ydata()) for line in acc.get_lines()}
+    assert drawn["valid balanced accuracy"] == list(history["valid_balanced_accuracy"])
+
+
 def test_the_strength_search_marks_the_c_best_on_valid_not_on_train():
     history = pd.DataFrame({"C": [0.01, 0.1, 1.0, 10.0], "train_balanced_accuracy": [0.6, 0.8, 0.95, 1.0],
                             "valid_balanced_accuracy": [0.5, 0.7, 0.65, 0.6], "valid_loss": [1.0, 0.8, 0.9, 1.1]})
