@@ -29,7 +29,7 @@ from cxr_fast.archs.registry import ENSEMBLE_ARCH
 from cxr_fast.bundle import RUN_FORMAT
 from cxr_fast.config import input_problem
 from cxr_fast.data.dedup import file_sha256
-from cxr_fast.data.manifest import label_indices, manifest_csv, manifest_key
+from cxr_fast.data.manifest import label_indices, manifest_dir, manifest_key
 from cxr_fast.errors import CxrFastError, read_json, read_tensors
 from cxr_fast.outputs import new_folder, reading, write_tensors, write_text
 
@@ -261,7 +261,7 @@ def _score_valid(ensemble, progress: bool) -> dict[str, Any]:
 
     with ExitStack() as held:
         try:  # marked as read while scored: no prepare --force replaces the images under the predictions
-            held.enter_context(reading(manifest_csv(ensemble.config["data"]).absolute().parent))
+            held.enter_context(reading(manifest_dir(ensemble.config["data"])))
             manifest = read_manifest(ensemble.config["data"])
         except (CxrFastError, TypeError):  # not at hand, or being prepared again right now
             return {"valid_balanced_accuracy": None}

@@ -37,6 +37,7 @@ from cxr_fast.data.manifest import (
     label_indices,
     manifest_csv,
     manifest_digest,
+    manifest_dir,
     manifest_key,
     read_manifest,
 )
@@ -112,7 +113,7 @@ def manifest_folder(run: Run, data: str | Path | None) -> str:
 def data_folder(run: Run, data: str | Path | None) -> Path:
     """The folder of the manifest being evaluated (`manifest_folder`'s, or the one a manifest file lies in): marked
     as read (`outputs.reading`) while evaluate or interpret use it, so that no `prepare --force` replaces it then."""
-    return manifest_csv(data if data is not None else run.config["data"]).absolute().parent
+    return manifest_dir(data if data is not None else run.config["data"])
 
 
 def output_folder(parent: Path, name: str, manifest: str, record: str) -> Path:

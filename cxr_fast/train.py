@@ -58,8 +58,8 @@ from cxr_fast.data.block import build_dataloaders, check_classes
 from cxr_fast.data.manifest import (
     label_indices,
     manifest_classes,
-    manifest_csv,
     manifest_digest,
+    manifest_dir,
     manifest_key,
     read_manifest,
 )
@@ -583,7 +583,7 @@ def train(
 def _train(data, cfg, *, out, resume, extra_cbs, quiet, held: ExitStack) -> Path:
     # Marked as read until the bundle is written: a prepare --force of the data refuses instead of replacing the
     # manifest under the run, which then found it changed at its end and wrote no bundle
-    held.enter_context(reading(manifest_csv(data).absolute().parent))
+    held.enter_context(reading(manifest_dir(data)))
     manifest = read_manifest(data)
     check_classes(manifest, data)
     if resume:

@@ -652,6 +652,12 @@ def manifest_csv(dir_or_csv: str | os.PathLike) -> Path:
     return location / MANIFEST_NAME if location.is_dir() else location
 
 
+def manifest_dir(dir_or_csv: str | os.PathLike) -> Path:
+    """The folder a manifest lies in, absolute (not resolved, as `outputs` names its locks): what train, evaluate,
+    interpret and ensemble mark as read (`outputs.reading`) while they use its data."""
+    return manifest_csv(dir_or_csv).absolute().parent
+
+
 def manifest_key(dir_or_csv: str | os.PathLike) -> str:
     """One name for one manifest however it is given: `--data D` and `--data D/manifest.csv` are the same data."""
     return str(manifest_csv(dir_or_csv).resolve())
