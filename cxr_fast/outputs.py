@@ -45,9 +45,16 @@ def clear_run_folder(run_dir: Path, keep: bool) -> None:
         shutil.rmtree(child, ignore_errors=True) if child.is_dir() else child.unlink(missing_ok=True)
 
 
+def _marked(folder: Path) -> Path:
+    """The path locks and reader marks are named after: resolved, so that a folder reached through a link and by its
+    own path is one folder to every process (a training run reading `data -> /srv/xrays/v2` and a `prepare --force`
+    of /srv/xrays/v2 see each other)."""
+    return Path(folder).resolve()
+
+
 def lock_path(folder: Path) -> Path:
     """`.NAME.lock` beside `folder`: there, holding its pid and host, while a cxrfast process writes `folder`."""
-    folder = Path(folder).absolute()
+    folder = _marked(folder)
     return folder.with_name(f".{folder.name}.lock")
 
 
@@ -61,7 +68,7 @@ def writing(folder: Path) -> Iterator[None]:
     `settle_replacement` leave this one's work folders alone. A lock whose process is gone (a kill -9) is stale and
     taken over. Nested blocks on one folder share the lock. A folder with nowhere to put a lock (the parent cannot be
     written, as above a mount point) is written unlocked, as before locks existed."""
-    if not Path(folder).absolute().name:  # a file system's root has nothing beside it to hold a lock
+    if not _marked(folder).name:  # a file system's root has nothing beside it to hold a lock
         yield
         return
     lock = lock_path(folder)
@@ -111,7 +118,7 @@ def busy(folder: Path) -> str | None:
     """Why `folder` must be left alone, in one line, when another live cxrfast process is writing it (holds its
     lock); None when none is. A stale lock (its process gone, or this one's pid on a lock it does not hold: a reused
     pid) is removed here."""
-    if not Path(folder).absolute().name:
+    if not _marked(folder).name:
         return None
     lock = lock_path(folder)
     if lock in _held or (holder := _holder(lock)) is None:
@@ -141,13 +148,13 @@ def _holder(lock: Path) -> str | None:
 
 
 def _reader_prefix(folder: Path) -> str:
-    return f".{Path(folder).absolute().name}.reader-"
+    return f".{_marked(folder).name}.reader-"
 
 
 def reader_path(folder: Path) -> Path:
     """`.NAME.reader-PID-HOST.lock` beside `folder`: there, holding its pid and host, while this process reads the
     data in `folder` (`reading`)."""
-    folder = Path(folder).absolute()
+    folder = _marked(folder)
     host = UNPORTABLE_CHARACTERS.sub("_", socket.gethostname())
     return folder.with_name(f"{_reader_prefix(folder)}{os.getpid()}-{host}.lock")
 
@@ -164,7 +171,7 @@ def reading(folder: Path) -> Iterator[None]:
     beside `folder` (a read-only shared dataset) it is read unmarked, as `writing` writes unlocked there; a mark
     whose process is gone is stale and removed by the next look."""
     folder = Path(folder).absolute()
-    if not folder.name:
+    if not _marked(folder).name:
         yield
         return
     marker = reader_path(folder)
@@ -192,10 +199,9 @@ def reading(folder: Path) -> Iterator[None]:
 def readers(folder: Path) -> str | None:
     """Why `folder`'s contents must not be replaced now, in one line, when another live cxrfast process reads it
     (`reading`); None when none does. Stale marks are removed here."""
-    folder = Path(folder).absolute()
     prefix = _reader_prefix(folder)
     try:
-        marks = sorted(p for p in folder.parent.iterdir() if p.name.startswith(prefix) and p.name.endswith(".lock"))
+        marks = sorted(p for p in _marked(folder).parent.iterdir() if p.name.startswith(prefix) and p.name.endswith(".lock"))
     except OSError:
         return None
     for mark in marks:

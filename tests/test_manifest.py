@@ -867,6 +867,31 @@ def test_prepare_force_refuses_while_another_process_reads_the_data_and_goes_ahe
         assert not reader_path(out).exists()
 
 
+def test_a_data_folder_reached_through_a_link_is_one_folder_to_readers_and_writers(tmp_path):
+    # the marks were named after the path as given: a train reading `data -> prepared/v2` and a `prepare --force` of
+    # prepared/v2 did not see each other, and the run lost its manifest halfway
+    from cxr_fast.outputs import reading
+    from tests.conftest import HOLDING_LOCK, READING_DATA, another_process
+
+    src = make_dataset(tmp_path / "src")
+    real = tmp_path / "prepared" / "v2"
+    quiet(src, real, cache_size=64)
+    link = tmp_path / "data"
+    link.symlink_to(real, target_is_directory=True)
+    before = (real / "manifest.csv").read_bytes()
+    for read_as, replaced_as in ((link, real), (real, link)):
+        with another_process(READING_DATA, read_as) as reader:
+            with pytest.raises(CxrFastError, match=rf"^{replaced_as}: is being read by another cxrfast process "
+                                                   rf"\(pid {reader.pid}: "):
+                quiet(src, replaced_as, cache_size=64, splits="0.5,0.25,0.25", force=True)
+        assert (real / "manifest.csv").read_bytes() == before
+    with another_process(HOLDING_LOCK, link) as writer:
+        with pytest.raises(CxrFastError, match=rf"^{real}: is being written by another cxrfast process \(pid {writer.pid}\)"):
+            with reading(real):
+                pass
+    assert sorted(p.name for p in (tmp_path / "prepared").iterdir()) == ["v2"]  # every mark went with its process
+
+
 def test_a_manifest_written_on_windows_reads_on_linux_and_the_reverse(tmp_path):
     # prepared on Windows (originals outside DIR by their C:\ path, copies inside it by a "/" path, CRLF line ends)
     # and read on Linux, or prepared on Linux and read on Windows: the copies are found in DIR, and a path absolute

@@ -653,8 +653,8 @@ def manifest_csv(dir_or_csv: str | os.PathLike) -> Path:
 
 
 def manifest_dir(dir_or_csv: str | os.PathLike) -> Path:
-    """The folder a manifest lies in, absolute (not resolved, as `outputs` names its locks): what train, evaluate,
-    interpret and ensemble mark as read (`outputs.reading`) while they use its data."""
+    """The folder a manifest lies in, as given (made absolute; `outputs` resolves links when it names the marks): what
+    train, evaluate, interpret and ensemble mark as read (`outputs.reading`) while they use its data."""
     return manifest_csv(dir_or_csv).absolute().parent
 
 
