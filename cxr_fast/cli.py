@@ -24,6 +24,7 @@ from rich.table import Column, Table
 from cxr_fast.config import TrainConfig
 from cxr_fast.errors import CxrFastError, storage_problem
 from cxr_fast.memory import keep_freed_memory
+from cxr_fast.progress import loading_libraries
 
 # A warning is for the user at a terminal: one line, not the source line that raised it.
 warnings.formatwarning = lambda message, category, *args, **kwargs: f"warning: {message}\n"
@@ -179,10 +180,11 @@ def train(
     nproc: Annotated[int | None, typer.Option(help="With --distributed: processes to start (default: one per GPU, else 2).")] = None,
 ):
     """Train a classifier with a one-cycle schedule and write a run bundle (safetensors + JSON)."""
-    from cxr_fast import distributed as ddp
-    from cxr_fast.config import parse_settings, resolve_config
-    from cxr_fast.train import run_summary
-    from cxr_fast.train import train as train_run
+    with loading_libraries(err_console):
+        from cxr_fast import distributed as ddp
+        from cxr_fast.config import parse_settings, resolve_config
+        from cxr_fast.train import run_summary
+        from cxr_fast.train import train as train_run
 
     cfg = None
     options = dict(arch=arch, epochs=epochs, size=size, bs=bs, lr=lr, weights=weights, n_in=n_in,
@@ -227,7 +229,8 @@ def ensemble(
     out: Annotated[Path | None, typer.Option(help="Folder for the new bundle (default models/ensemble-<date>-<time>).")] = None,
 ):
     """Average run bundles' calibrated probabilities into one bundle that every other command takes as a model."""
-    from cxr_fast.ensemble import build_ensemble, ensemble_summary
+    with loading_libraries(err_console):
+        from cxr_fast.ensemble import build_ensemble, ensemble_summary
 
     summary, note = ensemble_summary(build_ensemble(runs, out))
     console.print(summary)
@@ -245,8 +248,9 @@ def evaluate(
     force: Annotated[bool, typer.Option(help="Redo an existing evaluation.")] = False,
 ):
     """Metrics with 95 % CIs, calibration, ROC/PR curves, confusion matrix and an HTML report."""
-    from cxr_fast.evaluate import evaluate as run_evaluation
-    from cxr_fast.evaluate import metrics_table, seen_warning, shift_warning
+    with loading_libraries(err_console):
+        from cxr_fast.evaluate import evaluate as run_evaluation
+        from cxr_fast.evaluate import metrics_table, seen_warning, shift_warning
 
     result = run_evaluation(run, data, split, tta=tta, force=force)
     m = result.metrics
@@ -278,7 +282,8 @@ def compare(
     resume: Annotated[bool, typer.Option(help="Continue an interrupted comparison in --out: keep its finished runs, resume the interrupted one.")] = False,
 ):
     """Compare architectures on one test split: balanced accuracy with CI, F1, AUC, ECE, size, speed, McNemar."""
-    from cxr_fast.compare import compare_archs, compare_runs
+    with loading_libraries(err_console):
+        from cxr_fast.compare import compare_archs, compare_runs
 
     if (distributed or nproc is not None) and not (archs or recipes):
         raise CxrFastError("--distributed/--nproc apply to training: give --archs or --recipes with --data")
@@ -341,13 +346,13 @@ def interpret(
     force: Annotated[bool, typer.Option(help="Redo an existing interpretation.")] = False,
 ):
     """Top losses, occlusion heatmap gallery and a shortcut audit: is the model looking at the lungs?"""
-    from cxr_fast.interpret import interpret as run_interpretation
+    with loading_libraries(err_console):
+        from cxr_fast.evaluate import seen_warning
+        from cxr_fast.interpret import interpret as run_interpretation
 
     result = run_interpretation(run, data, split, n=n, audit_n=audit_n,
                                 methods=tuple(m.strip() for m in methods.split(",") if m.strip()),
                                 window=window, stride=stride, baseline=baseline, force=force)
-    from cxr_fast.evaluate import seen_warning
-
     for line in result.verdicts:
         console.print(f"[bold]audit:[/] {escape(line)}")
     if "seen_images" in result.audit and (seen := seen_warning(result.audit["seen_images"])):

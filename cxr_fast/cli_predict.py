@@ -15,6 +15,8 @@ import typer
 from rich.markup import escape
 from rich.table import Column, Table
 
+from cxr_fast.progress import loading_libraries
+
 MAX_ROWS_SHOWN = 30  # a folder of thousands of files belongs in --out, not on the terminal
 
 
@@ -47,6 +49,10 @@ def register(app: typer.Typer, user_errors, console, err_console) -> None:
         from cxr_fast.errors import CxrFastError
         from cxr_fast.outputs import printable
         from cxr_fast.predict import predict as run_prediction
+
+        if runtime == "torch":  # the onnx runtime needs no torch: it starts at once
+            with loading_libraries(err_console):
+                import timm  # noqa: F401  (imported here, not when the run loads, so that the spinner covers it)
 
         results, skipped = run_prediction(run, inputs, heatmap=heatmap, out=out, runtime=runtime, force=force)
         if not results.empty:
@@ -90,7 +96,9 @@ def register(app: typer.Typer, user_errors, console, err_console) -> None:
         import json
 
         from cxr_fast.errors import CxrFastError
-        from cxr_fast.export import PREPROCESSING_FILE, export_onnx
+
+        with loading_libraries(err_console):
+            from cxr_fast.export import PREPROCESSING_FILE, export_onnx
 
         if fmt != "onnx":
             raise CxrFastError(f"--format {fmt!r} is not supported; the one export format is onnx")
@@ -110,7 +118,11 @@ def register(app: typer.Typer, user_errors, console, err_console) -> None:
         runtime: Annotated[str, typer.Option(help="torch, or onnx (needs `cxrfast export RUN` first).")] = "torch",
     ):
         """A local web page: drop an X-ray, see class probabilities and the occlusion heatmap."""
-        from cxr_fast.serve import serve as run_server
+        with loading_libraries(err_console):
+            from cxr_fast.serve import serve as run_server
+
+            if runtime == "torch":
+                import timm  # noqa: F401  (imported here, not when the run loads, so that the spinner covers it)
 
         def ready(url: str, loopback: bool):
             console.print(f"serving [bold]{escape(str(run))}[/] at [bold]{escape(url)}[/] (Ctrl+C to stop)")

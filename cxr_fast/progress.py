@@ -31,6 +31,14 @@ def progress_bar(enabled: bool = True, transient: bool = True, console: Console 
     return Progress(*columns, console=console, transient=transient, disable=not enabled)
 
 
+def loading_libraries(console: Console):
+    """A spinner on a terminal while a model command imports PyTorch, fastai and timm: 3-9 s on 2 cores in which
+    nothing else is printed yet, long enough to wonder whether the command started. A log or pipe gets nothing
+    (rich draws no status there), so it has no line to grep past. Wrap the imports only: the spinner must be gone
+    before the command's own bars and fastai's start."""
+    return console.status("loading PyTorch…")
+
+
 @dataclass
 class _Task:
     description: str

@@ -1,6 +1,7 @@
 """The CLI is thin: check that commands reach the library, exit codes, and one-line errors."""
 
 import json
+import os
 import re
 from pathlib import Path
 
@@ -520,3 +521,41 @@ def test_every_command_summary_is_one_line():
     for name, command in _commands(typer.main.get_command(app)):
         summary = (command.help or "").strip().split("\n\n")[0]
         assert summary and "\n" not in summary, f"{name}: {summary!r}"
+
+
+def _on_a_terminal(*args: str) -> str:
+    """What `cxrfast ARGS` shows on a terminal (a pseudo-terminal), escape codes and all."""
+    import os
+    import pty
+    import select
+    import sys
+
+    pid, fd = pty.fork()
+    if pid == 0:  # the child: the command, as a user at a terminal starts it
+        os.execv(sys.executable, [sys.executable, "-m", "cxr_fast.cli", *args])
+    shown = b""
+    while select.select([fd], [], [], 120)[0]:
+        try:
+            chunk = os.read(fd, 4096)
+        except OSError:  # the command ended and closed the terminal
+            break
+        if not chunk:
+            break
+        shown += chunk
+    os.waitpid(pid, 0)
+    return shown.decode("utf-8", errors="replace")
+
+
+@pytest.mark.skipif(os.name == "nt", reason="pseudo-terminals are POSIX; CI runs on Linux")
+def test_model_commands_say_they_are_loading_pytorch_at_a_terminal_and_not_in_a_log(tmp_path):
+    # evaluate, interpret, predict... printed nothing for 3-9 s while torch, fastai and timm imported: long enough
+    # on a clinic's laptop to press Ctrl-C and try again
+    missing = tmp_path / "no-run"
+    for command in (["evaluate", str(missing)], ["predict", str(missing), str(tmp_path)]):
+        shown = _on_a_terminal(*command)
+        assert "loading PyTorch" in shown, shown
+        # the spinner is gone before the command's own output: the error line is whole, after it
+        assert shown.rindex("loading PyTorch") < shown.index("error:"), shown
+        assert f"error: {missing}: no such run folder" in re.sub(r"\x1b\[[0-9;?]*[A-Za-z]", "", shown)
+        piped = invoke(*command)  # not a terminal: the same one line, nothing before it
+        assert piped.output == f"error: {missing}: no such run folder\n"
