@@ -56,11 +56,12 @@ def preprocessing_spec(run) -> dict:
 
 
 def export_onnx(run_dir: str | Path, out: str | Path | None = None, *, force: bool = False,
-                opset: int = OPSET) -> Path:
+                opset: int = OPSET, progress: bool = True) -> Path:
     """Write `model.onnx` and `preprocessing.json` into `out` (default: the run folder); return the .onnx path.
 
     An existing export is refused unless `force`. The exported model must reproduce PyTorch's logits on a random
-    batch to `EXPORT_TOLERANCE`, else nothing is kept.
+    batch to `EXPORT_TOLERANCE`, else nothing is kept. `progress`: a bar over the export and its check (10-60 s
+    for a frozen_lite run on 2 cores, silent before).
     """
     import importlib.util
     import warnings
@@ -69,6 +70,7 @@ def export_onnx(run_dir: str | Path, out: str | Path | None = None, *, force: bo
 
     from cxr_fast.bundle import load_run
     from cxr_fast.outputs import check_folder_path, partial_path, write_text, writing
+    from cxr_fast.progress import progress_bar
 
     run = load_run(run_dir)
     folder = Path(out) if out is not None else run.path
@@ -95,41 +97,45 @@ def export_onnx(run_dir: str | Path, out: str | Path | None = None, *, force: bo
 
         example = torch.randn(2, run.n_in, run.size, run.size, generator=torch.Generator().manual_seed(0))
         tmp_path, spec_tmp = partial_path(onnx_path), partial_path(spec_path)
-        try:
-            with warnings.catch_warnings():
-                # Deprecation notice of the TorchScript exporter, and tracer notes about shapes that are fixed anyway
-                # (the input size is part of the model's contract).
-                warnings.simplefilter("ignore")
-                try:
-                    torch.onnx.export(run.model, (example,), str(tmp_path), dynamo=False, opset_version=opset,
-                                      input_names=[INPUT_NAME], output_names=[OUTPUT_NAME],
-                                      dynamic_axes={INPUT_NAME: {0: "batch"}, OUTPUT_NAME: {0: "batch"}})
-                except Exception as e:  # noqa: BLE001 - the exporter raises many types for an operator it cannot map
-                    if (storage := _storage_error(e)) is not None:  # a full disk is no fault of the exporter
-                        storage.filename = storage.filename or str(onnx_path)  # the file the user asked for
-                        raise storage from None
-                    raise CxrFastError(f"{run.path}: torch.onnx cannot export {run.config['model'].get('arch')} at "
-                                       f"opset {opset} ({first_line(e)})") from None
-            with torch.no_grad():
-                expected = run.model(example).float().numpy()
-            got = _session(tmp_path).run(None, {INPUT_NAME: example.numpy()})[0]
-            difference = float(np.abs(got - expected).max())
-            if not difference <= EXPORT_TOLERANCE:
-                raise CxrFastError(f"{run.path}: the ONNX export differs from PyTorch by {difference:.2e} in the logits "
-                                   f"(more than {EXPORT_TOLERANCE:g}); not kept")
-            spec = preprocessing_spec(run)
-            spec.update({"opset": opset, "torch_version": torch.__version__, "max_abs_logit_difference": difference,
-                         # Ties the export to the weights it came from: a retrained bundle makes it stale (OnnxRunner).
-                         "weights_sha256": file_sha256(run.path / "model.safetensors"),
-                         "onnx_sha256": file_sha256(tmp_path)})
-            # Both new files are whole before the old pair is touched: a full disk or Ctrl-C until here keeps it.
-            write_text(spec_tmp, json.dumps(spec, indent=2))
-            onnx_path.unlink(missing_ok=True)  # renames alone from here; a kill leaves preprocessing.json alone: unfinished
-            spec_tmp.replace(spec_path)
-        except BaseException:
-            tmp_path.unlink(missing_ok=True)
-            spec_tmp.unlink(missing_ok=True)
-            raise
+        with progress_bar(progress) as bar:
+            step = bar.add_task(f"exporting {run.name} to ONNX and checking it against PyTorch", total=2)
+            try:
+                with warnings.catch_warnings():
+                    # Deprecation notice of the TorchScript exporter, and tracer notes about shapes that are fixed anyway
+                    # (the input size is part of the model's contract).
+                    warnings.simplefilter("ignore")
+                    try:
+                        torch.onnx.export(run.model, (example,), str(tmp_path), dynamo=False, opset_version=opset,
+                                          input_names=[INPUT_NAME], output_names=[OUTPUT_NAME],
+                                          dynamic_axes={INPUT_NAME: {0: "batch"}, OUTPUT_NAME: {0: "batch"}})
+                    except Exception as e:  # noqa: BLE001 - the exporter raises many types for an operator it cannot map
+                        if (storage := _storage_error(e)) is not None:  # a full disk is no fault of the exporter
+                            storage.filename = storage.filename or str(onnx_path)  # the file the user asked for
+                            raise storage from None
+                        raise CxrFastError(f"{run.path}: torch.onnx cannot export {run.config['model'].get('arch')} at "
+                                           f"opset {opset} ({first_line(e)})") from None
+                bar.advance(step)
+                with torch.no_grad():
+                    expected = run.model(example).float().numpy()
+                got = _session(tmp_path).run(None, {INPUT_NAME: example.numpy()})[0]
+                difference = float(np.abs(got - expected).max())
+                if not difference <= EXPORT_TOLERANCE:
+                    raise CxrFastError(f"{run.path}: the ONNX export differs from PyTorch by {difference:.2e} in the logits "
+                                       f"(more than {EXPORT_TOLERANCE:g}); not kept")
+                bar.advance(step)
+                spec = preprocessing_spec(run)
+                spec.update({"opset": opset, "torch_version": torch.__version__, "max_abs_logit_difference": difference,
+                             # Ties the export to the weights it came from: a retrained bundle makes it stale (OnnxRunner).
+                             "weights_sha256": file_sha256(run.path / "model.safetensors"),
+                             "onnx_sha256": file_sha256(tmp_path)})
+                # Both new files are whole before the old pair is touched: a full disk or Ctrl-C until here keeps it.
+                write_text(spec_tmp, json.dumps(spec, indent=2))
+                onnx_path.unlink(missing_ok=True)  # renames alone from here; a kill leaves preprocessing.json alone: unfinished
+                spec_tmp.replace(spec_path)
+            except BaseException:
+                tmp_path.unlink(missing_ok=True)
+                spec_tmp.unlink(missing_ok=True)
+                raise
         tmp_path.replace(onnx_path)
         return onnx_path
 

@@ -1,6 +1,7 @@
 """ONNX export: the files, agreement with PyTorch, staleness, and the torch-free ONNX runtime."""
 
 import json
+import re
 import os
 import shutil
 import subprocess
@@ -135,6 +136,11 @@ def test_export_command_takes_format_onnx_and_refuses_others(run, tmp_path):
     result = CliRunner().invoke(app, ["export", str(run), "--format", "onnx", "--out", str(tmp_path / "exported")])
     assert result.exit_code == 0, result.output
     assert (tmp_path / "exported" / "model.onnx").is_file()
+    # the export and its check against PyTorch (10-60 s for a frozen_lite run) said nothing until the end
+    lines = result.output.splitlines()
+    step = f"exporting {run.name} to ONNX and checking it against PyTorch"
+    assert lines[0] == f"{step}: 0/2 (0 %), started"
+    assert re.fullmatch(rf"{step}: 2/2 \(100 %\), \d+ s, done", lines[1]) and lines[2].startswith("ONNX model: ")
     result = CliRunner().invoke(app, ["export", str(run), "--format", "tflite", "--out", str(tmp_path / "other")])
     assert result.exit_code == 1
     assert "--format 'tflite' is not supported" in result.output
