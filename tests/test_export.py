@@ -1,8 +1,8 @@
 """ONNX export: the files, agreement with PyTorch, staleness, and the torch-free ONNX runtime."""
 
 import json
-import re
 import os
+import re
 import shutil
 import subprocess
 import sys
