@@ -50,6 +50,16 @@ def nll(probs, y_true) -> float:
     return float(-np.mean(np.log(np.clip(probs[np.arange(len(y)), y], 1e-12, None))))
 
 
+def logits_nll(logits, y_true, temperature: float = 1.0) -> float:
+    """Mean negative log-likelihood of softmax(logits / temperature), computed from the logits: exact where `nll` of
+    the probabilities is not (a wrong prediction with a logit margin of 60 has p = e^-60, which `nll` clips to 1e-12
+    and counts as a loss of 27.6)."""
+    from cxr_fast.metrics import check_labels_scores
+
+    y, logits = check_labels_scores(y_true, logits, "logits", caller="calibration")
+    return _logits_nll(logits, y, temperature)
+
+
 def _logits_nll(logits: np.ndarray, y: np.ndarray, temperature: float) -> float:
     from scipy.special import logsumexp
 

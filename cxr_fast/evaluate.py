@@ -27,7 +27,7 @@ from cxr_fast.calibration import (
     MIN_ERRORS_TO_FIT,
     expected_calibration_error,
     flattens_everything,
-    nll,
+    logits_nll,
     reliability_bins,
     softmax,
 )
@@ -407,8 +407,9 @@ def compute_metrics(y: np.ndarray, logits: np.ndarray, classes: list[str], tempe
     metrics["temperature"] = temperature
     metrics["ece"] = expected_calibration_error(probs, y)
     metrics["ece_calibrated"] = expected_calibration_error(calibrated, y)
-    metrics["nll"] = nll(probs, y)
-    metrics["nll_calibrated"] = nll(calibrated, y)
+    # from the logits: the probabilities clip a confidently wrong prediction's loss, which can reverse the comparison
+    metrics["nll"] = logits_nll(logits, y)
+    metrics["nll_calibrated"] = logits_nll(logits, y, temperature)
     return metrics
 
 

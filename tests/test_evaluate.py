@@ -741,6 +741,22 @@ def test_the_calibrated_figures_divide_the_logits_by_the_temperature():
     assert m["temperature"] == 2.0
 
 
+def test_the_log_loss_is_exact_for_a_confidently_wrong_prediction():
+    from scipy.special import log_softmax
+
+    from cxr_fast.evaluate import calibration_worse, compute_metrics
+
+    # 50 right with margin 5, one wrong with margin 60: its probability e^-60 is no reason to count its loss as 27.6
+    logits = np.zeros((51, 3))
+    logits[:, 0] = 5.0
+    logits[0] = [0.0, 60.0, 0.0]
+    y = np.zeros(51, dtype=int)
+    m = compute_metrics(y, logits, ["a", "b", "c"], temperature=3.0, n_boot=10)
+    assert m["nll"] == pytest.approx(-log_softmax(logits, axis=1)[:, 0].mean())  # 1.19, not 0.55
+    assert m["nll_calibrated"] == pytest.approx(-log_softmax(logits / 3, axis=1)[:, 0].mean())  # 0.71
+    assert calibration_worse(m) is None  # the log-loss fell: no banner saying it rose
+
+
 def _with_temperature(run_dir, tmp_path, temperature):
     """A copy of a run whose config.json says `temperature` (the tiny runs make too few valid mistakes to fit one,
     so theirs is 1 and calibrated and raw figures would agree)."""
