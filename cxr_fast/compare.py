@@ -240,8 +240,10 @@ def write_comparison(c: Comparison, folder: Path) -> None:
                 table=shown, figures=["comparison"]),
         Section("Runs", table=c.table.drop(columns=["data", "setting"])),  # setting: the recipe as JSON, for runs.csv
         Section("McNemar tests", text=f"Pairwise on the same {c.split} images: b counts the images the first model gets "
-                "right and the second wrong, c the reverse, and a small p-value means the two models' error rates "
-                "differ (exact binomial test below 25 such images, else chi-square).", table=tests),
+                "right and the second wrong, c the reverse (exact binomial test below 25 such images, else chi-square). "
+                "A small p-value says so uneven a split would be rare if the two models had the same error rate. Every "
+                "pair is tested, without correction for multiple comparisons: among many pairs, some small p-values are "
+                "expected by chance alone.", table=tests),
     ], {"comparison": figure})
     plt.close("all")
 

@@ -178,6 +178,8 @@ def test_compare_two_runs_gives_table_csv_and_mcnemar(tiny_runs, tmp_path, monke
     assert {"balanced_accuracy", "ci_low", "ci_high", "macro_f1", "macro_roc_auc", "ece", "params",
             "train_seconds", "images_per_s"} <= set(csv.columns)
     assert len(result.mcnemar) == 1 and 0.0 <= result.mcnemar["p_value"][0] <= 1.0
+    # every pair is tested uncorrected: the report says so, as evaluation.md does
+    assert "without correction for multiple comparisons" in (tmp_path / "cmp" / "report.html").read_text()
     summary = result.summary
     assert summary["runs"].tolist() == [2]  # same arch, two seeds → one row with mean ± sd
     assert summary["balanced_accuracy"][0] == pytest.approx(result.table["balanced_accuracy"].mean())
