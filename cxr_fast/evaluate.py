@@ -302,7 +302,8 @@ def metrics_by_site(items: pd.DataFrame, y: np.ndarray, logits: np.ndarray, clas
 
     A model that learned a hospital's look instead of the disease scores well where that look goes with the
     class and badly elsewhere, which the pooled figure hides. The interval says how far a small site's figure can
-    be trusted: two sites whose intervals overlap widely may not differ at all."""
+    be trusted: two sites whose intervals overlap widely may not differ at all. (Not where a site has one or two images
+    of a class: resampled within the class, they barely vary its recall, and the interval is too narrow.)"""
     if "site" not in items:
         return None
     sites = items["site"].fillna("").astype(str).to_numpy()
