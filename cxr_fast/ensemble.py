@@ -238,8 +238,8 @@ def ensemble_summary(run_dir: Path) -> tuple[str, str | None]:
     # it on test, on one split and pooled over 5 folds (docs/benchmarks.md).
     return summary, (f"the ensemble scores below its best member on valid ({metrics['valid_balanced_accuracy']:.3f} < "
                      f"{best:.3f}), but each member's valid score is optimistic (it kept the epoch or strength that "
-                     "scored best on these images) and the ensemble's is not; compare them on the test split "
-                     "(cxrfast compare ENSEMBLE RUN …) before leaving a member out")
+                     "scored best on these images), the ensemble's only through those members; compare them on the test "
+                     "split (cxrfast compare ENSEMBLE RUN …) before leaving a member out")
 
 
 def _merge_seen(member_dirs: list[Path], run_dir: Path) -> None:

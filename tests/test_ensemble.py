@@ -289,6 +289,8 @@ def test_the_summary_notes_an_ensemble_below_its_best_member_on_valid(tmp_path):
     line, note = summary_of(valid_balanced_accuracy=0.81, members={"a": 0.84, "b": 0.79})
     assert "valid balanced accuracy 0.810 (members: a 0.840, b 0.790)" in line
     assert note.startswith("the ensemble scores below its best member on valid (0.810 < 0.840)")
+    # its members were chosen on valid too, so the average's valid score is not free of that choice
+    assert "the ensemble's only through those members" in note
     line, note = summary_of(valid_balanced_accuracy=0.86, members={"a": 0.84, "b": None})
     assert "(members: a 0.840)" in line and note is None
     line, note = summary_of(valid_balanced_accuracy=None, members={"a": 0.84, "b": 0.79})
