@@ -203,7 +203,10 @@ def metrics_table(m: dict):
         table.add_row(f"balanced accuracy at {escape(site)}", escape(site_summary(v)))
     for name, v in m["per_class"].items():
         recall = "—" if v["recall"] is None else f"{v['recall']:.2f}"  # no images of the class: no recall
-        table.add_row(f"  {escape(name)}", f"P {v['precision']:.2f}  R {recall}  F1 {v['f1']:.2f}  n {v['support']}")
+        # .get: a metrics.json written before specificity was reported
+        specificity = "—" if v.get("specificity") is None else f"{v['specificity']:.2f}"
+        table.add_row(f"  {escape(name)}", f"P {v['precision']:.2f}  R {recall}  Spec {specificity}  F1 {v['f1']:.2f}  "
+                                           f"n {v['support']}")
     return table
 
 

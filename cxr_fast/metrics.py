@@ -108,12 +108,17 @@ def _confusion_summaries(cm: np.ndarray) -> dict[str, np.ndarray]:
     precision = _safe_divide(tp, predicted, 0.0)
     recall = _safe_divide(tp, support, 0.0)
     f1 = _safe_divide(2 * tp, support + predicted, 0.0)
+    # one-vs-rest: of the images not of the class, the share not called it (a clinician reads recall as sensitivity
+    # and asks for this beside it); NaN where every image is of the class
+    negatives = cm.sum(axis=(1, 2))[:, None] - support
+    specificity = _safe_divide(negatives - (predicted - tp), negatives, np.nan)
     occurs = (support + predicted) > 0
     return {
         "tp": tp,
         "support": support,
         "precision": precision,
         "recall": recall,
+        "specificity": specificity,
         "f1": f1,
         "accuracy": tp.sum(axis=1) / cm.sum(axis=(1, 2)),
         # Mean recall over classes that have cases; a class absent from the sample has no recall.
@@ -187,7 +192,7 @@ def classification_metrics(y_true, probs, classes: Sequence[str]) -> dict:
 
     Returns a dict with keys `n`, `accuracy`, `balanced_accuracy`, `macro_f1`, `macro_roc_auc`,
     `macro_average_precision`, `confusion_matrix` (list of lists, rows = true class, columns = predicted)
-    and `per_class` {class name: {precision, recall, f1, support, roc_auc, average_precision}}. Predictions
+    and `per_class` {class name: {precision, recall, specificity, f1, support, roc_auc, average_precision}}. Predictions
     are the arg-max of `probs`. See the module docstring for how absent classes are handled.
     """
     y, probs = check_labels_scores(y_true, probs)
@@ -206,6 +211,7 @@ def classification_metrics(y_true, probs, classes: Sequence[str]) -> dict:
             "precision": float(conf["precision"][0, k]),
             # no cases, no recall: None, as balanced accuracy leaves the class out (not 0, which it would count)
             "recall": float(conf["recall"][0, k]) if conf["support"][0, k] > 0 else None,
+            "specificity": _none_if_nan(conf["specificity"][0, k]),  # None: no image of another class
             "f1": float(conf["f1"][0, k]),
             "support": int(conf["support"][0, k]),
             "roc_auc": _none_if_nan(rank["roc_auc"][0, k]),

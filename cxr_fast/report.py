@@ -178,6 +178,7 @@ def per_class_table(metrics: Mapping) -> list[dict]:
                 "support": values.get("support"),
                 "precision": values.get("precision"),
                 "recall": values.get("recall"),
+                "specificity": values.get("specificity"),
                 "F1": values.get("f1"),
                 "ROC AUC": values.get("roc_auc"),
                 "AP": values.get("average_precision"),

@@ -65,11 +65,14 @@ def test_metrics_match_scikit_learn(data):
     precision, recall, f1, support = skm.precision_recall_fscore_support(
         y, pred, labels=[0, 1, 2], zero_division=0
     )
+    one_vs_rest = skm.multilabel_confusion_matrix(y, pred, labels=[0, 1, 2])  # [[tn, fp], [fn, tp]] per class
     aucs, aps = [], []
     for k, name in enumerate(CLASSES):
         row = m["per_class"][name]
         assert row["precision"] == pytest.approx(precision[k])
         assert row["recall"] == pytest.approx(recall[k])
+        (tn, fp), _ = one_vs_rest[k]
+        assert row["specificity"] == pytest.approx(tn / (tn + fp))
         assert row["f1"] == pytest.approx(f1[k])
         assert row["support"] == support[k]
         aucs.append(skm.roc_auc_score(y == k, probs[:, k]))
@@ -90,6 +93,10 @@ def test_hand_made_values():
     assert m["confusion_matrix"] == [[3, 1, 0], [1, 2, 1], [1, 0, 3]]
     assert m["accuracy"] == pytest.approx(8 / 12)
     assert m["per_class"]["Normal"]["recall"] == pytest.approx(2 / 4)
+    # Normal is predicted for 3 images, 2 of them Normal: 1 of the 8 others called Normal
+    assert m["per_class"]["Normal"]["specificity"] == pytest.approx(7 / 8)
+    only_normal = classification_metrics(np.array([1, 1]), HAND_PROBS[[4, 6]], CLASSES)["per_class"]  # one called COVID-19
+    assert only_normal["Normal"]["specificity"] is None and only_normal["COVID-19"]["specificity"] == pytest.approx(0.5)
 
 
 def test_balanced_accuracy_is_mean_of_per_class_recalls():
