@@ -7,7 +7,9 @@ temperature, as in `cxrfast evaluate`'s predictions.csv: exactly so for images n
 itself, and the model's input differs by a few grey levels.
 
 A colour image (a photo, a chart, a colour-map figure) is read as grey and predicted like a film, with a warning in
-its row (`cxr_fast.data.io.colour_warning`): the probabilities of such an image say nothing about a radiograph.
+its row (`cxr_fast.data.io.colour_warning`): the probabilities of such an image say nothing about a radiograph. So is
+an inverted (negative) film (`cxr_fast.data.inversion.inverted_warning`); `image_warning` joins the two, for predict
+and serve alike.
 
 Two runtimes give the same probabilities: "torch" runs the bundle's PyTorch model; "onnx" runs the export made by
 `cxrfast export` with ONNX Runtime and, without heatmaps, never imports torch (a much faster start).
@@ -30,6 +32,7 @@ import pandas as pd
 from PIL import Image
 
 from cxr_fast.calibration import softmax
+from cxr_fast.data.inversion import inverted_warning
 from cxr_fast.data.io import ImageReadError, colour_warning, image_stem, read_image_and_colour
 from cxr_fast.errors import CxrFastError
 from cxr_fast.outputs import check_folder_path, csv_text, printable, short_stem, write_text, writing
@@ -85,6 +88,12 @@ def load_runner(run_dir: str | Path, runtime: str = "torch"):
 
 
 # ---------------------------------------------------------------------------------------------- one image
+
+
+def image_warning(image: Image.Image, colour: float) -> str | None:
+    """Why the image looks like no upright grey chest film (colour, inverted, or both, joined by " | "), or None."""
+    found = [w for w in (colour_warning(colour), inverted_warning(image)) if w is not None]
+    return " | ".join(found) if found else None
 
 
 def model_image(image: Image.Image, size: int) -> np.ndarray:
@@ -297,7 +306,7 @@ def predict(run_dir: str | Path, inputs: Sequence[str | Path], heatmap: bool = F
                         continue
                     pixels = model_image(image, size)
                     pending.append((file, pixels, model_input(pixels, runner.n_in, runner.mean, runner.std),
-                                    colour_warning(colour)))
+                                    image_warning(image, colour)))
                     if len(pending) == bs:
                         flush()
                 if pending:

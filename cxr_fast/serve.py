@@ -4,9 +4,10 @@ One page (HTML and JavaScript in this file, nothing fetched from the internet) w
 and sees the calibrated class probabilities, the predicted label and the occlusion heatmap, with the model's
 name, its test balanced accuracy and a reminder that this is a research tool. `POST /api/predict` (multipart
 field `file`) answers JSON: {probabilities, predicted, warning, heatmap_png_base64, image_png_base64, model}, where
-`warning` is null, or says why the image looks like no radiograph (a colour photo or chart, as predict flags it);
-`?heatmap=0` leaves the heatmap out (null). The occlusion heatmap costs hundreds of forward passes (seconds to a
-minute per image at 224 px on a CPU), so the page asks for the probabilities first and the heatmap second.
+`warning` is null, or says why the image looks like no radiograph (a colour photo or chart, an inverted film: as
+predict flags it); `?heatmap=0` leaves the heatmap out (null). The occlusion heatmap costs hundreds of forward
+passes (seconds to a minute per image at 224 px on a CPU), so the page asks for the probabilities first and the
+heatmap second.
 
 It binds to 127.0.0.1 by default: the page has no login, so only this computer can reach it. Uploads are read
 with the toolkit's reader: a file that is not a readable X-ray gets a 4xx answer with the reason, and one above
@@ -36,9 +37,9 @@ from urllib.parse import urlsplit
 import numpy as np
 
 from cxr_fast.calibration import softmax
-from cxr_fast.data.io import IMAGE_SUFFIXES, ImageReadError, colour_warning, read_image_and_colour
+from cxr_fast.data.io import IMAGE_SUFFIXES, ImageReadError, read_image_and_colour
 from cxr_fast.errors import CxrFastError, storage_problem
-from cxr_fast.predict import load_runner, model_image, model_input, occlusion_map, overlay_png
+from cxr_fast.predict import image_warning, load_runner, model_image, model_input, occlusion_map, overlay_png
 
 MAX_UPLOAD_BYTES = 20 * 1024 * 1024  # a radiograph is a few MB even as uncompressed DICOM
 LOOPBACK = ("127.0.0.1", "localhost", "::1")
@@ -126,7 +127,7 @@ def predict_upload(runner, path: Path, heatmap: bool = True) -> dict:
     overlay = overlay_png(pixels, occlusion_map(runner, x, k)) if heatmap else None
     return {"probabilities": {c: float(p) for c, p in zip(runner.classes, probs)},
             "predicted": runner.classes[k],
-            "warning": colour_warning(colour),
+            "warning": image_warning(image, colour),
             "heatmap_png_base64": None if overlay is None else base64.b64encode(overlay).decode("ascii"),
             "image_png_base64": base64.b64encode(_png(pixels)).decode("ascii")}
 

@@ -9,6 +9,7 @@ from cxr_fast import CLASSES
 from cxr_fast.data.inversion import inverted_warning, upright_correlation
 from cxr_fast.data.io import read_image
 from cxr_fast.data.synth import make_phantom
+from cxr_fast.predict import image_warning
 
 
 @pytest.mark.shared_data
@@ -36,3 +37,10 @@ def test_the_check_sees_large_masses_not_grain():
     assert inverted_warning(Image.fromarray(grainy)) is None
     assert inverted_warning(Image.fromarray(255 - grainy)) is not None
 
+
+def test_a_colour_negative_gets_both_warnings():
+    negative = ImageOps.invert(Image.fromarray(make_phantom("Pneumonia", 0, size=64, seed=2)[0]))
+    both = image_warning(negative, colour=1.0).split(" | ")  # each message has its own "; "
+    assert [w.split(" ")[:3] for w in both] == [["a", "colour", "image"], ["looks", "like", "an"]]
+    assert image_warning(negative, colour=0.0).startswith("looks like an inverted")
+    assert image_warning(ImageOps.invert(negative), colour=0.0) is None

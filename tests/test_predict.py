@@ -8,7 +8,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import typer
-from PIL import Image
+from PIL import Image, ImageOps
 from typer.testing import CliRunner
 
 from cxr_fast.data.io import read_image
@@ -503,3 +503,22 @@ def test_a_colour_image_is_predicted_with_a_warning_and_a_grey_one_without(run, 
     assert result.exit_code == 0, result.output
     warnings = [line for line in result.output.splitlines() if line.startswith("warning:")]
     assert len(warnings) == 1 and warnings[0].startswith(f"warning: {photo}: a colour image"), result.output
+
+
+def test_an_inverted_film_is_predicted_with_a_warning_beside_its_colour_one(run, tmp_path, good_images):
+    negative = tmp_path / "negative.png"  # a PACS export with the wrong photometric setting
+    ImageOps.invert(read_image(good_images[0])).save(negative)
+    colour_negative = coloured_copy(negative, tmp_path / "colour-negative.png")
+    results, skipped = predict(run, [good_images[1], negative, colour_negative], out=tmp_path / "r.csv", progress=False)
+    assert skipped == [] and len(results) == 3  # flagged, never dropped
+    by_name = {Path(p).name: w for p, w in zip(results["path"], results["warning"])}
+    assert by_name[Path(good_images[1]).name] == ""
+    assert by_name["negative.png"].startswith("looks like an inverted (negative) film")
+    colour, inverted = by_name["colour-negative.png"].split(" | ")  # both readable
+    assert colour.startswith("a colour image") and inverted == by_name["negative.png"]
+    table = pd.read_csv(tmp_path / "r.csv", keep_default_na=False)
+    assert table["warning"].tolist() == results["warning"].tolist()
+
+    result = CliRunner().invoke(cli_app(), ["predict", str(run), str(negative)])
+    assert result.exit_code == 0, result.output
+    assert f"warning: {negative}: looks like an inverted" in result.output

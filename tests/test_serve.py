@@ -12,7 +12,7 @@ import time
 from pathlib import Path
 
 import pytest
-from PIL import Image
+from PIL import Image, ImageOps
 from starlette.testclient import TestClient
 
 from cxr_fast.data.manifest import read_manifest
@@ -448,6 +448,17 @@ def test_a_colour_upload_is_answered_with_a_warning_and_a_grey_one_without(run, 
     assert sum(answer["probabilities"].values()) == pytest.approx(1.0)  # flagged, still predicted
     assert post(client, image.name, image.read_bytes()).json()["warning"] is None
     assert 'id="warning"' in client.get("/").text
+
+
+def test_an_inverted_upload_is_answered_with_predicts_warning(run, image, tmp_path):
+    from cxr_fast.data.io import read_image
+
+    client = TestClient(create_app(run))
+    negative = tmp_path / "negative.png"
+    ImageOps.invert(read_image(image)).save(negative)
+    answer = post(client, "negative.png", negative.read_bytes()).json()
+    assert answer["warning"].startswith("looks like an inverted (negative) film")
+    assert answer["warning"] == predict(run, [negative], progress=False)[0]["warning"][0]  # one code path
 
 
 def test_serve_runs_inside_a_running_event_loop_as_in_a_jupyter_cell(run):
