@@ -31,7 +31,6 @@ from cxr_fast.calibration import (
     reliability_bins,
     softmax,
 )
-from cxr_fast.data.io import colour_warning
 from cxr_fast.data.manifest import (
     image_column,
     label_indices,
@@ -46,6 +45,7 @@ from cxr_fast.ensemble import ENSEMBLE_ARCH
 from cxr_fast.errors import CxrFastError
 from cxr_fast.metrics import bootstrap_ci, classification_metrics, pr_curves, roc_curves
 from cxr_fast.outputs import check_folder_path, reading, replacing_folder, settle_replacement, writing
+from cxr_fast.predict import image_warning
 from cxr_fast.reprs import short_repr
 from cxr_fast.seen import match_seen, seen_fingerprints
 from cxr_fast.versions import library_versions
@@ -150,11 +150,14 @@ def drop_seen(run: Run, items: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame
     return items[match == ""].reset_index(drop=True), left_out.reset_index(drop=True), summary
 
 
-def colour_warnings(shares: pd.Series) -> list[str]:
-    """predict's `warning` for each image from the manifest's `colour` column (as read: strings), empty for a grey
-    one; a blank or unreadable value (a hand-edited manifest) is left empty, as nothing is known of that image."""
-    numbers = pd.to_numeric(shares, errors="coerce")
-    return ["" if np.isnan(share) else colour_warning(share) or "" for share in numbers]
+def image_warnings(items: pd.DataFrame) -> list[str]:
+    """predict's `warning` for each image from the manifest's `colour` and `upright` columns (as read: strings), empty
+    for an upright grey film; a missing column or a blank or unreadable value (a hand-edited manifest) makes no claim,
+    as nothing is known of that image."""
+    def measured(column: str) -> pd.Series:
+        return pd.to_numeric(items[column], errors="coerce") if column in items else pd.Series(np.nan, index=items.index)
+
+    return [image_warning(colour, upright) or "" for colour, upright in zip(measured("colour"), measured("upright"))]
 
 
 def select_unseen_items(run: Run, data: str | Path | None, split: str):
@@ -488,8 +491,8 @@ def evaluate(run_dir: str | Path, data: str | Path | None = None, split: str = "
                     predictions.insert(1, "site", items["site"])
                 for k, c in enumerate(run.classes):
                     predictions[f"p_{c}"] = probs[:, k]
-                if "colour" in items:  # prepare measured it; a manifest without the column makes no claim either way
-                    predictions["warning"] = colour_warnings(items["colour"])
+                if "colour" in items or "upright" in items:  # prepare measured them; a manifest without makes no
+                    predictions["warning"] = image_warnings(items)  # claim either way
                 predictions.to_csv(work / "predictions.csv", index=False)
                 write_seen_images(work, left_out)
                 write_metrics_json(work / "metrics.json", metrics)

@@ -32,7 +32,7 @@ import pandas as pd
 from PIL import Image
 
 from cxr_fast.calibration import softmax
-from cxr_fast.data.inversion import inverted_warning
+from cxr_fast.data.inversion import inverted_warning, upright_correlation
 from cxr_fast.data.io import ImageReadError, colour_warning, image_stem, read_image_and_colour
 from cxr_fast.errors import CxrFastError
 from cxr_fast.outputs import check_folder_path, csv_text, printable, short_stem, write_text, writing
@@ -90,9 +90,11 @@ def load_runner(run_dir: str | Path, runtime: str = "torch"):
 # ---------------------------------------------------------------------------------------------- one image
 
 
-def image_warning(image: Image.Image, colour: float) -> str | None:
-    """Why the image looks like no upright grey chest film (colour, inverted, or both, joined by " | "), or None."""
-    found = [w for w in (colour_warning(colour), inverted_warning(image)) if w is not None]
+def image_warning(colour: float, upright: float) -> str | None:
+    """Why an image looks like no upright grey chest film, from its share of coloured pixels (`colour_share`) and its
+    `upright_correlation`: colour, inverted, or both joined by " | "; None for neither. predict, serve and evaluate
+    (from prepare's manifest columns) say the same."""
+    found = [w for w in (colour_warning(colour), inverted_warning(upright)) if w is not None]
     return " | ".join(found) if found else None
 
 
@@ -306,7 +308,7 @@ def predict(run_dir: str | Path, inputs: Sequence[str | Path], heatmap: bool = F
                         continue
                     pixels = model_image(image, size)
                     pending.append((file, pixels, model_input(pixels, runner.n_in, runner.mean, runner.std),
-                                    image_warning(image, colour)))
+                                    image_warning(colour, upright_correlation(image))))
                     if len(pending) == bs:
                         flush()
                 if pending:

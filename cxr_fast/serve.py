@@ -37,6 +37,7 @@ from urllib.parse import urlsplit
 import numpy as np
 
 from cxr_fast.calibration import softmax
+from cxr_fast.data.inversion import upright_correlation
 from cxr_fast.data.io import IMAGE_SUFFIXES, ImageReadError, read_image_and_colour
 from cxr_fast.errors import CxrFastError, storage_problem
 from cxr_fast.predict import image_warning, load_runner, model_image, model_input, occlusion_map, overlay_png
@@ -127,7 +128,7 @@ def predict_upload(runner, path: Path, heatmap: bool = True) -> dict:
     overlay = overlay_png(pixels, occlusion_map(runner, x, k)) if heatmap else None
     return {"probabilities": {c: float(p) for c, p in zip(runner.classes, probs)},
             "predicted": runner.classes[k],
-            "warning": image_warning(image, colour),
+            "warning": image_warning(colour, upright_correlation(image)),
             "heatmap_png_base64": None if overlay is None else base64.b64encode(overlay).decode("ascii"),
             "image_png_base64": base64.b64encode(_png(pixels)).decode("ascii")}
 

@@ -90,19 +90,22 @@ def test_external_validation_uses_all_images_and_warns_on_shift(tiny_runs, tiny_
 def test_predictions_flag_the_colour_images_prepare_found_as_predict_does(tiny_runs, tiny_data, tmp_path):
     # predict's results named a colour photo or chart in a `warning` column; evaluate's predictions.csv said nothing
     other = _external_copy(tiny_data, tmp_path, lambda im: im)
-    old = pd.read_csv(other / "manifest.csv").drop(columns="colour")  # as prepare wrote it before the column
+    old = pd.read_csv(other / "manifest.csv").drop(columns=["colour", "upright"])  # as prepare wrote it before them
     old.to_csv(other / "old.csv", index=False)
     unknown = evaluate(tiny_runs[0], data=other / "old.csv", n_boot=20, progress=False)
     assert "warning" not in pd.read_csv(unknown.out_dir / "predictions.csv").columns  # nothing measured, no claim
     film = read_manifest(tiny_data).query("split == 'test'").iloc[0]  # a copy of a training film would be left out
     a = np.asarray(Image.open(film.path).convert("L"))
     Image.fromarray(np.dstack([a, a // 2, 255 - a]), "RGB").save(tmp_path / "other" / film.label / "photo.png")
+    Image.fromarray(255 - a).save(tmp_path / "other" / film.label / "negative.png")  # and a negative film
     prepare(tmp_path / "other", tmp_path / "with-photo", cache_size=0, progress=False)
     result = evaluate(tiny_runs[0], data=tmp_path / "with-photo", n_boot=20, progress=False)
     table = pd.read_csv(result.out_dir / "predictions.csv", keep_default_na=False)
-    flagged = table[table["warning"] != ""]
-    assert [Path(p).name for p in flagged["path"]] == ["photo.png"] and len(table) > 1
-    assert flagged["warning"].item().startswith("a colour image (100% of its pixels are coloured)")
+    flagged = table[table["warning"] != ""].sort_values("path")
+    assert [Path(p).name for p in flagged["path"]] == ["negative.png", "photo.png"] and len(table) > 2
+    negative, photo = flagged["warning"]
+    assert photo.startswith("a colour image (100% of its pixels are coloured)")
+    assert negative.startswith("looks like an inverted (negative) film")  # predict's words
 
 
 def test_domain_auc_is_chance_for_alike_and_high_for_different():

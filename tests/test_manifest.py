@@ -52,7 +52,7 @@ def test_prepare_writes_manifest_report_and_cache(tmp_path):
     report = quiet(src, out, cache_size=128)
 
     frame = pd.read_csv(out / "manifest.csv", dtype=str, keep_default_na=False)
-    assert list(frame.columns) == [*MANIFEST_COLUMNS, "cache_path", "colour"]
+    assert list(frame.columns) == [*MANIFEST_COLUMNS, "cache_path", "colour", "upright"]
     assert len(frame) == report.n_images == 30
     assert set(frame["label"]) == set(CLASSES)
     assert (frame["label"] == frame["source_label"]).all()  # no label map: folder names are the labels
@@ -906,6 +906,24 @@ def test_a_manifest_written_on_windows_reads_on_linux_and_the_reverse(tmp_path):
     assert list(frame["cache_path"]) == [str(tmp_path / "cache/64px/ab" / name) for name in ("ab.png", "ac.png", "ad.png")]
     assert list(frame["mask"]) == [r"C:\Users\ana\m.png", "", ""]
     assert list(manifest.image_column(frame)) == list(frame["cache_path"])
+
+
+def test_negative_films_are_kept_named_in_a_warning_and_measured_in_the_manifest(tmp_path):
+    # predict flags a negative film; prepare kept one without a word, and evaluate scored it as a film
+    from PIL import ImageOps
+
+    from cxr_fast.data.synth import synthesize
+
+    src = tmp_path / "src"
+    synthesize(src, n_per_class=4, size=64, progress=False)
+    assert not any("inverted" in w for w in quiet(src, tmp_path / "upright").warnings)  # phantoms pass
+    ImageOps.invert(Image.open(next((src / "Normal").glob("*.png"))).convert("L")).save(src / "Normal" / "negative.png")
+    report = quiet(src, tmp_path / "out")
+    assert [w for w in report.warnings if "inverted" in w] == [
+        "1 image is inverted (negative films, bright where a chest film is dark?), kept: Normal/negative.png"]
+    frame = read_manifest(tmp_path / "out")
+    upright = dict(zip([Path(p).name for p in frame["path"]], frame["upright"].astype(float)))
+    assert upright.pop("negative.png") < 0 < min(upright.values())
 
 
 def test_colour_images_are_kept_and_named_in_a_warning(tmp_path):

@@ -27,6 +27,7 @@ from pathlib import Path
 from PIL import Image
 
 from cxr_fast.data.dedup import Fingerprint, fingerprint
+from cxr_fast.data.inversion import upright_correlation
 from cxr_fast.data.io import (
     MIN_SIDE,
     ImageReadError,
@@ -144,6 +145,7 @@ class Examined:
     reason: str = ""  # an ImageReadError reason when fingerprint is None
     detail: str = ""
     colour: float = 0.0  # the share of coloured pixels (`cxr_fast.data.io.colour_share`): a photo or chart
+    upright: float = 1.0  # `cxr_fast.data.inversion.upright_correlation`: below 0, a negative film
 
 
 def examine_file(task: tuple[str, str | None, int]) -> Examined:
@@ -182,4 +184,5 @@ def examine_file(task: tuple[str, str | None, int]) -> Examined:
             cached = str(store(image, cache_dir, identity.sha256, cache_size, (width, height)))
         except OSError as error:
             raise CxrFastError(f"{cache_dir}: cannot write the image cache ({error.strerror or error})") from None
-    return Examined(fingerprint=identity, width=width, height=height, cache_path=cached, colour=colour)
+    return Examined(fingerprint=identity, width=width, height=height, cache_path=cached, colour=colour,
+                    upright=upright_correlation(image))

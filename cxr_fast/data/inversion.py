@@ -52,9 +52,10 @@ def upright_correlation(image: Image.Image) -> float:
     return float((_standardised(image) * _upright_chest()).mean())
 
 
-def inverted_warning(image: Image.Image) -> str | None:
-    """The warning for an image that looks like a negative chest film; None for one that does not."""
-    if upright_correlation(image) >= 0:
+def inverted_warning(upright: float) -> str | None:
+    """The warning for an image whose `upright_correlation` says it looks like a negative chest film; None for one
+    that does not (a number, as `colour_warning` takes one: prepare keeps it in the manifest for evaluate)."""
+    if not upright < 0:  # NaN (not measured) makes no claim
         return None
     return ("looks like an inverted (negative) film, bright where a chest film is dark, or is no upright frontal chest "
             "film; the prediction is not to be trusted")

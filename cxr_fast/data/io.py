@@ -159,7 +159,7 @@ def read_image_size_and_colour(
 
 def colour_warning(share: float) -> str | None:
     """The warning for an image whose `colour_share` says it is no grey radiograph; None for one that is grey."""
-    if share < COLOUR_SHARE:
+    if not share >= COLOUR_SHARE:  # NaN (not measured: a manifest cell left blank) makes no claim
         return None
     return (f"a colour image ({share:.0%} of its pixels are coloured): a photo, chart or figure rather than a grey "
             "radiograph; the prediction is not to be trusted")

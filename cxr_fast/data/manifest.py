@@ -55,6 +55,7 @@ from rich.table import Table
 
 from cxr_fast.data import cache as image_cache
 from cxr_fast.data.dedup import DEFAULT_MIN_CORRELATION, DEFAULT_THRESHOLD, group_duplicates
+from cxr_fast.data.inversion import inverted_warning
 from cxr_fast.data.io import MAX_TWO_LEVEL_SHARE, MIN_SIDE, colour_warning
 from cxr_fast.data.labels import loose_name, map_label, parse_label_map
 from cxr_fast.data.patients import (
@@ -93,9 +94,10 @@ from cxr_fast.versions import library_versions
 REPORT_NAME = PREPARED_MARKER
 META_NAME = "_meta.csv"
 MANIFEST_COLUMNS = ("path", "label", "source_label", "split", "group", "sha256", "width", "height")
-# `colour`: the share of coloured pixels (`cxr_fast.data.io.colour_share`), so that evaluate flags a photo or chart as
-# predict does; manifests written before it have none, and the split's digest (`manifest_digest`) leaves it out
-OPTIONAL_COLUMNS = ("site", "patient", "cache_path", "mask", "marker_box", "colour")
+# `colour`: the share of coloured pixels (`cxr_fast.data.io.colour_share`), and `upright`: the correlation with an
+# upright chest (`cxr_fast.data.inversion.upright_correlation`), so that evaluate flags a photo, chart or negative film as
+# predict does; manifests written before them have none, and the split's digest (`manifest_digest`) leaves them out
+OPTIONAL_COLUMNS = ("site", "patient", "cache_path", "mask", "marker_box", "colour", "upright")
 PATH_COLUMNS = ("path", "cache_path", "mask")
 
 EXCLUSION_REASONS = {
@@ -306,7 +308,8 @@ def prepare(
 
     rows = []
     fingerprints = []
-    coloured_rows = set()  # kept, but named in a warning, as predict flags them: an evaluation's data may hold them
+    coloured_rows, inverted_rows = set(), set()  # kept, but named in a warning, as predict flags them: an evaluation's
+    # data may hold them
     for (item, relpath, label), result in zip(candidates, examined, strict=True):
         if result.fingerprint is None:
             excluded.append(Exclusion(relpath, result.reason, result.detail))
@@ -314,6 +317,8 @@ def prepare(
         fingerprints.append(result.fingerprint)
         if colour_warning(result.colour) is not None:
             coloured_rows.add(len(rows))
+        if inverted_warning(result.upright) is not None:
+            inverted_rows.add(len(rows))
         rows.append(
             dict(
                 path=str(item.path),
@@ -326,6 +331,7 @@ def prepare(
                 height=result.height,
                 cache_path=result.cache_path,
                 colour=result.colour,
+                upright=round(result.upright, 4),
             )
         )
     if not rows:
@@ -363,11 +369,13 @@ def prepare(
     labels = manifest_classes(manifest)
     warnings = _prepare_warnings(src_dir, skip, mapping, items, manifest, fractions, patient_pattern, site_counts,
                                  site_hint, loose_in_sites)
-    coloured = [rows[i]["relpath"] for i in kept if i in coloured_rows]  # not those a label conflict left out
-    if coloured:
-        warnings.append(f"{len(coloured)} image{'s are' if len(coloured) > 1 else ' is'} in colour (photos, charts or "
-                        f"figures rather than grey films?), kept: {', '.join(map(printable, coloured[:5]))}"
-                        + (f" and {len(coloured) - 5} more" if len(coloured) > 5 else ""))
+    for flagged_rows, what in ((coloured_rows, "in colour (photos, charts or figures rather than grey films?)"),
+                               (inverted_rows, "inverted (negative films, bright where a chest film is dark?)")):
+        flagged = [rows[i]["relpath"] for i in kept if i in flagged_rows]  # not those a label conflict left out
+        if flagged:
+            warnings.append(f"{len(flagged)} image{'s are' if len(flagged) > 1 else ' is'} {what}, kept: "
+                            f"{', '.join(map(printable, flagged[:5]))}"
+                            + (f" and {len(flagged) - 5} more" if len(flagged) > 5 else ""))
 
     # 6. Synthetic data carries masks and marker boxes in SRC/_meta.csv (with sites, in SRC/<site>/_meta.csv).
     manifest = _merge_meta(manifest, src_dir, sites)
