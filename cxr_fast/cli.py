@@ -313,13 +313,14 @@ def compare(
     # One column per architecture and a row per figure: fits an 80-column terminal for a handful of models.
     rows = list(result.summary.itertuples())
     table = Table("", *(Column(escape(r.arch), overflow="fold") for r in rows), title=f"{result.split} split")
+    several = any(r.runs > 1 for r in rows)  # then each figure is a mean over an architecture's runs, as the report says
     for label, cell in [
         ("runs", lambda r: str(r.runs)),
         ("balanced acc.", lambda r: f"{r.balanced_accuracy:.3f}" + (f" ± {r.balanced_accuracy_sd:.3f}" if r.runs > 1 else "")),
-        ("  95 % CI", lambda r: f"{r.ci_low:.3f}–{r.ci_high:.3f}"),
+        ("  mean 95 % CI" if several else "  95 % CI", lambda r: f"{r.ci_low:.3f}–{r.ci_high:.3f}"),
         ("macro F1", lambda r: f"{r.macro_f1:.3f}"),
         ("macro AUC", lambda r: f"{r.macro_roc_auc:.3f}"),
-        ("ECE", lambda r: f"{r.ece:.3f}"),
+        ("ECE (calibrated)", lambda r: f"{r.ece:.3f}"),
         ("parameters", lambda r: f"{r.params / 1e6:.2f} M"),
         ("training s", lambda r: f"{r.train_seconds:.0f}"),
         ("inference img/s", lambda r: f"{r.images_per_s:.0f}"),

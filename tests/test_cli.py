@@ -559,3 +559,12 @@ def test_model_commands_say_they_are_loading_pytorch_at_a_terminal_and_not_in_a_
         assert f"error: {missing}: no such run folder" in re.sub(r"\x1b\[[0-9;?]*[A-Za-z]", "", shown)
         piped = invoke(*command)  # not a terminal: the same one line, nothing before it
         assert piped.output == f"error: {missing}: no such run folder\n"
+
+
+def test_compare_s_console_table_names_its_figures_as_the_report_does(tiny_runs, tmp_path):
+    # two seeds of one architecture: each figure is their mean, yet the console called the mean of their intervals
+    # "95 % CI", and gave the calibrated ECE as plain "ECE"
+    result = invoke("compare", *tiny_runs, "--out", tmp_path / "cmp")
+    assert result.exit_code == 0, result.output
+    labels = [line.split("│")[1].strip() for line in result.output.splitlines() if line.count("│") >= 2]
+    assert "mean 95 % CI" in labels and "95 % CI" not in labels and "ECE (calibrated)" in labels, labels
