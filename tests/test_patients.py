@@ -19,6 +19,12 @@ from tests.conftest import write_dicom
 from tests.test_manifest import CLASSES, textured_image
 
 
+def film_warnings(report) -> list[str]:
+    """The report's warnings without the one naming negative-looking images: these tests' random textures are no
+    chest films, and about half of them correlate negatively with an upright chest (`cxr_fast.data.inversion`)."""
+    return [w for w in report.warnings if "inverted (negative films" not in w]
+
+
 def test_patient_of_uses_the_first_group_else_the_whole_match():
     nih = compile_patient_pattern("nih")
     assert patient_of("00000061_012.png", nih) == "00000061"
@@ -64,7 +70,7 @@ def test_prepare_keeps_each_patient_in_one_split_and_reports_it(tmp_path):
     assert table.loc[table["patient"] == "", "group"].nunique() == 24  # no id: each image its own group
     assert report.patients == dict(n_patients=16, n_matched=48, n_unmatched=24, several_images=16,
                                    several_labels=0, several_splits=0)
-    assert report.arguments["patient_pattern"] == "nih" and not report.warnings
+    assert report.arguments["patient_pattern"] == "nih" and not film_warnings(report)
 
 
 def test_without_a_pattern_nih_names_spread_over_splits_draw_a_warning(tmp_path):
@@ -75,9 +81,9 @@ def test_without_a_pattern_nih_names_spread_over_splits_draw_a_warning(tmp_path)
     patients = table["path"].str.extract(r"/(\d{8})_\d{3}\.png$")[0]
     spread = table.assign(patient=patients).dropna().groupby("patient")["split"].nunique().gt(1).sum()
     assert spread > 0  # three films a patient, split image by image: some patients straddle splits
-    assert len(report.warnings) == 1
-    assert re.match(rf"{spread} patients have images in more than one split", report.warnings[0])
-    assert "--patient-pattern nih" in report.warnings[0]
+    assert len(film_warnings(report)) == 1
+    assert re.match(rf"{spread} patients have images in more than one split", film_warnings(report)[0])
+    assert "--patient-pattern nih" in film_warnings(report)[0]
 
 
 def test_a_pattern_matching_nothing_is_warned_about(tmp_path):
@@ -85,7 +91,7 @@ def test_a_pattern_matching_nothing_is_warned_about(tmp_path):
     report = prepare(src, tmp_path / "out", patient_pattern=r"^patient(\d+)", cache_size=0, progress=False,
                      workers=1)
     assert report.patients["n_matched"] == 0
-    assert report.warnings == ["patient pattern '^patient(\\d+)' matched no file name; every image is its own "
+    assert film_warnings(report) == ["patient pattern '^patient(\\d+)' matched no file name; every image is its own "
                                "patient"]
 
 
@@ -100,7 +106,10 @@ def test_cxr_dev_patients_stay_in_one_split_with_the_nih_preset(shared_data, tmp
     assert grouped.patients["n_patients"] > 500 and grouped.patients["several_images"] > 100
     assert grouped.patients["n_unmatched"] == (table["label"] == "COVID-19").sum()  # COVID-19 files have no ids
     assert table[table["patient"] != ""].groupby("patient")["split"].nunique().max() == 1
-    assert not grouped.warnings
+    # no patient warning now; the one warning left names the cxr-dev film the negative-film check flags (an upright
+    # film with a washed-out, bright surround: docs/benchmarks.md)
+    assert grouped.warnings == ["1 image is inverted (negative films, bright where a chest film is dark?), kept: "
+                                "Covid-19/F63AB6CE-1968-4154-A70F-913AF154F53D.jpg"]
 
 
 def dicom_dataset(root, patient_of_film):
@@ -124,17 +133,17 @@ def test_the_dicom_preset_reads_patient_ids_from_headers(tmp_path):
     assert table[table["patient"] != ""].groupby("patient")["split"].nunique().max() == 1
     assert report.patients["n_unmatched"] == 6 and report.patients["several_images"] == 4
     # two patients per grouped class cannot fill three splits; that, and nothing else, is warned about
-    assert sorted(w.split("'")[1] for w in report.warnings) == ["Normal", "Pneumonia"]
-    assert all(" has no " in w for w in report.warnings)
+    assert sorted(w.split("'")[1] for w in film_warnings(report)) == ["Normal", "Pneumonia"]
+    assert all(" has no " in w for w in film_warnings(report))
 
 
 def test_one_patient_id_on_too_many_images_is_flagged_as_a_placeholder(tmp_path):
     src = dicom_dataset(tmp_path / "src", lambda c, f: "ANONYMOUS")
     report = prepare(src, tmp_path / "out", patient_pattern="dicom", cache_size=0, progress=False, workers=1)
-    assert report.warnings[0].startswith("patient id 'ANONYMOUS' names 18 of 18 images, more than a split holds")
+    assert film_warnings(report)[0].startswith("patient id 'ANONYMOUS' names 18 of 18 images, more than a split holds")
     # every image then lands in one split: one more line per class says which splits it misses
-    assert len(report.warnings) == 1 + len(CLASSES)
-    assert all(" has no " in w and " or " in w for w in report.warnings[1:])
+    assert len(film_warnings(report)) == 1 + len(CLASSES)
+    assert all(" has no " in w and " or " in w for w in film_warnings(report)[1:])
 
 
 def test_a_pattern_may_find_the_patient_anywhere_in_the_name():
