@@ -90,11 +90,16 @@ def config_problem(config) -> str | None:
     line naming it, not a traceback (or wrong figures) after every image has been predicted."""
     if not isinstance(config, dict) or not isinstance(config.get("model"), dict):
         return "not a cxr_fast run config (no 'model')"
-    if config.get("format", RUN_FORMAT) != RUN_FORMAT:
-        return f"format {config['format']!r} is not {RUN_FORMAT!r}, the one this cxr_fast reads"
-    missing = [key for key in ("classes", "n_in", "size", "mean", "std", "data") if key not in config]
+    # Every cxr_fast since the first writes format and temperature: a config.json without them was edited or made
+    # by hand, and reading it with temperature 1 would give uncalibrated probabilities labelled as calibrated.
+    missing = [key for key in ("format", "classes", "n_in", "size", "mean", "std", "temperature", "data")
+               if key not in config]
     if missing:
-        return f"lacks {', '.join(missing)}"
+        return (f"lacks {', '.join(missing)} (every cxr_fast run bundle has them: an edited or incomplete copy; "
+                "restore it from the original bundle or train again)")
+    if config["format"] != RUN_FORMAT:
+        return (f"format {config['format']!r} is not {RUN_FORMAT!r}, the one this cxr_fast reads (written by a "
+                "newer cxr_fast? upgrade it)")
     model = config["model"]
     if model.get("n_in", config["n_in"]) != config["n_in"]:
         return f"n_in {config['n_in']!r} does not match the model's ({model['n_in']!r})"

@@ -1156,6 +1156,10 @@ def test_mixed_precision_on_a_gpu_only(tiny_data, monkeypatch):
     (lambda c: c.update(std=[0]), r"std must be positive, got \[0\]"),
     (lambda c: c.update(classes=["A", "B", "C", "D"]), "4 classes, but the model has 3 outputs"),
     (lambda c: c.update(format="other/9"), "format 'other/9' is not 'cxr_fast-run/1'"),
+    # every version since the first wrote both: without them the file was edited, and temperature 1 would pass
+    # uncalibrated probabilities off as calibrated ones
+    (lambda c: c.pop("temperature"), r"lacks temperature \(every cxr_fast run bundle has them"),
+    (lambda c: c.pop("format"), "lacks format"),
     (lambda c: c["model"].update(arch="convnet"), "convnet: unknown argument"),
     (lambda c: c["model"].update(arch=5), "model arch must be a name, got 5"),
     (lambda c: c["model"].update(arch_kwargs=None), "model arch_kwargs must be a mapping .*, got None"),
