@@ -21,7 +21,7 @@ from cxr_fast.data.manifest import (
     absolute_anywhere,
     image_column,
     manifest_csv,
-    manifest_digest,
+    manifest_matches,
     read_manifest,
 )
 from cxr_fast.errors import CxrFastError, read_json, read_tensors
@@ -228,7 +228,7 @@ def check_training_manifest(run: Run) -> None:
     on them would be inflated without a sign. Nothing to check when the manifest is gone (read_manifest says so)."""
     data = run.config["data"]
     recorded = run.config.get("manifest_sha256")  # bundles written before this check have none
-    if recorded and manifest_csv(data).is_file() and manifest_digest(data) != recorded:
+    if recorded and manifest_csv(data).is_file() and not manifest_matches(data, recorded):
         raise CxrFastError(f"{data}: the manifest changed since {run.name} was trained on it (prepared again?); its "
                            "test split may now hold images the model learned from. Train again on it, or evaluate "
                            "on a copy of the new data as another collection (--data)")

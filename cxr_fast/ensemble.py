@@ -29,7 +29,7 @@ from cxr_fast.archs.registry import ENSEMBLE_ARCH
 from cxr_fast.bundle import RUN_FORMAT
 from cxr_fast.config import input_problem
 from cxr_fast.data.dedup import file_sha256
-from cxr_fast.data.manifest import label_indices, manifest_dir, manifest_key
+from cxr_fast.data.manifest import label_indices, manifest_csv, manifest_dir, manifest_key, manifest_matches
 from cxr_fast.errors import CxrFastError, read_json, read_tensors
 from cxr_fast.outputs import new_folder, reading, write_tensors, write_text
 
@@ -154,6 +154,9 @@ def build_ensemble(runs: Sequence[str | Path], out: str | Path | None = None, pr
         for key in ("classes", "n_in", "data", "manifest_sha256"):
             if key == "manifest_sha256" and None in (run.config.get(key), first.config.get(key)):
                 continue  # a bundle from before the digest was recorded
+            if key == "manifest_sha256" and manifest_csv(run.config["data"]).is_file() and all(
+                    manifest_matches(r.config["data"], r.config[key]) for r in (run, first)):
+                continue  # one digest recorded as cxr_fast did before commit fcfd3ab: both are of this manifest
             if key == "data" and manifest_key(run.config[key]) == manifest_key(first.config[key]):
                 continue  # the folder and its manifest.csv are one manifest
             if run.config.get(key) != first.config.get(key):

@@ -61,6 +61,7 @@ from cxr_fast.data.manifest import (
     manifest_digest,
     manifest_dir,
     manifest_key,
+    manifest_matches,
     read_manifest,
 )
 from cxr_fast.errors import CxrFastError, first_line, read_json, read_tensors, storage_problem
@@ -145,11 +146,11 @@ def check_same_data(run_dir: Path, state: dict, data: str | Path) -> None:
     started_on = state.get("data")
     recorded = state.get("manifest_sha256")  # runs interrupted before this check was added have none
     if started_on and manifest_key(data) != manifest_key(started_on):
-        if not (recorded and manifest_digest(data) == recorded):
+        if not (recorded and manifest_matches(data, recorded)):
             raise CxrFastError(f"{run_dir}: this run started on {started_on}; resume it with --data {started_on} (or "
                                "the folder that manifest was moved to)")
         state["data"] = str(Path(data).resolve())
-    if recorded and manifest_digest(data) != recorded:
+    if recorded and not manifest_matches(data, recorded):
         raise CxrFastError(f"{run_dir}: the manifest in {data} changed since this run started; "
                            "start a new run (a different --out) to train on it")
 
@@ -798,7 +799,7 @@ def finish_bundle(run_dir: Path, learn: Learner, cfg: TrainConfig, state: dict, 
     from cxr_fast.seen import write_seen
 
     recorded = state.get("manifest_sha256")  # runs interrupted before this check was added have none
-    if recorded and manifest_digest(state["data"]) != recorded:
+    if recorded and not manifest_matches(state["data"], recorded):
         # Prepared again (--force) while this run trained: calibrating on the new valid split and recording the new
         # train split as the images it learned from would give a bundle whose figures are not its own.
         raise CxrFastError(f"{Path(state['data']) / 'manifest.csv'}: changed while {run_dir} trained (prepared again?); "

@@ -1,5 +1,6 @@
 """`cxrfast ensemble`: run bundles averaged into one bundle that every other command takes as a model."""
 
+import hashlib
 import json
 import os
 import shutil
@@ -259,6 +260,18 @@ def test_an_ensemble_of_runs_whose_manifest_was_prepared_again_is_refused_before
     with pytest.raises(CxrFastError, match="the manifest changed since"):
         build_ensemble(members, tmp_path / "ens", progress=False)
     assert not (tmp_path / "ens").exists()
+
+
+def test_members_recording_the_manifest_digest_two_ways_make_an_ensemble(tiny_runs, tmp_path):
+    # runs of 2026-11-27 (before commit fcfd3ab) recorded the SHA-256 of manifest.csv's bytes: the same manifest as a
+    # later run's digest of its split, not "different versions of that manifest"
+    data = load_run(tiny_runs[0]).config["data"]
+    old = shutil.copytree(tiny_runs[0], tmp_path / "old")
+    config = json.loads((old / "config.json").read_text())
+    legacy = hashlib.sha256((Path(data) / "manifest.csv").read_bytes()).hexdigest()
+    (old / "config.json").write_text(json.dumps({**config, "manifest_sha256": legacy}))
+    ensemble = build_ensemble([old, tiny_runs[1]], tmp_path / "ens", progress=False)
+    assert load_run(ensemble).config["data"] == data
 
 
 def test_the_command_notes_an_average_below_its_best_member_without_telling_to_drop_it(tmp_path, monkeypatch):

@@ -1,5 +1,6 @@
 """Training end to end on tiny synthetic data: bundle, reload, resume, refusals."""
 
+import hashlib
 import json
 import shutil
 import sys
@@ -778,6 +779,36 @@ def test_resume_refuses_other_data_or_a_changed_manifest(tiny_data, tmp_path):
         manifest.write_bytes(original)
     train(tiny_data / "manifest.csv", out=out, resume=True, quiet=True)  # the same data, named by its file, resumes
     assert list(pd.read_csv(out / "history.csv")["epoch"]) == [0, 1, 2]
+
+
+def _bytes_digest(data) -> str:
+    """manifest_sha256 as cxr_fast recorded it before commit fcfd3ab: the SHA-256 of manifest.csv's bytes."""
+    return hashlib.sha256((Path(data) / "manifest.csv").read_bytes()).hexdigest()
+
+
+def test_a_checkpoint_with_the_earlier_manifest_digest_resumes(tiny_data, tmp_path):
+    # A run interrupted under cxr_fast of 2026-11-27 recorded the manifest's bytes digest; resuming it on the very same
+    # manifest was refused as "changed since this run started"
+    out = _killed_run(tiny_data, tmp_path / "run")
+    state_path = out / "checkpoint" / "state.json"
+    state = json.loads(state_path.read_text())
+    state_path.write_text(json.dumps({**state, "manifest_sha256": _bytes_digest(tiny_data)}))
+    train(tiny_data, out=out, resume=True, quiet=True)
+    assert list(pd.read_csv(out / "history.csv")["epoch"]) == [0, 1, 2]
+
+
+def test_a_bundle_with_the_earlier_manifest_digest_reads_its_manifest(tiny_runs, tmp_path):
+    from cxr_fast.bundle import read_training_manifest
+
+    run = shutil.copytree(tiny_runs[0], tmp_path / "run")
+    config = json.loads((run / "config.json").read_text())
+    data = shutil.copytree(config["data"], tmp_path / "data")
+    (run / "config.json").write_text(json.dumps({**config, "data": str(data), "manifest_sha256": _bytes_digest(data)}))
+    assert len(read_training_manifest(load_run(run))) == len(read_manifest(data))
+    manifest = data / "manifest.csv"
+    manifest.write_bytes(manifest.read_bytes().replace(b",train,", b",test,", 1))  # a changed split is still refused
+    with pytest.raises(CxrFastError, match="the manifest changed since run was trained on it"):
+        read_training_manifest(load_run(run))
 
 
 @pytest.mark.parametrize("damage", ["missing", "truncated"])

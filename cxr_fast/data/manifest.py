@@ -686,6 +686,15 @@ def manifest_digest(dir_or_csv: str | os.PathLike) -> str:
     return hashlib.sha256(text.encode("utf-8")).hexdigest()
 
 
+def manifest_matches(dir_or_csv: str | os.PathLike, recorded: str) -> bool:
+    """Whether `recorded`, a run's or checkpoint's ``manifest_sha256``, is this manifest's digest. Runs and
+    checkpoints written before 2026-11-27 22:35 (commit fcfd3ab) recorded the SHA-256 of manifest.csv's bytes
+    instead of `manifest_digest`; the same bytes are the same manifest, so that digest is accepted too."""
+    if recorded == manifest_digest(dir_or_csv):
+        return True
+    return recorded == hashlib.sha256(manifest_csv(dir_or_csv).read_bytes()).hexdigest()
+
+
 def read_manifest(dir_or_csv: str | os.PathLike) -> pd.DataFrame:
     """Load a manifest (its folder or the CSV itself) with absolute paths, validated.
 
