@@ -208,8 +208,9 @@ def metrics_table(m: dict):
         recall = "—" if v["recall"] is None else f"{v['recall']:.2f}"  # no images of the class: no recall
         # .get: a metrics.json written before specificity was reported
         specificity = "—" if v.get("specificity") is None else f"{v['specificity']:.2f}"
-        table.add_row(f"  {escape(name)}", f"P {v['precision']:.2f}  R {recall}  Spec {specificity}  F1 {v['f1']:.2f}  "
-                                           f"n {v['support']}")
+        npv = "—" if v.get("npv") is None else f"{v['npv']:.2f}"
+        table.add_row(f"  {escape(name)}", f"P {v['precision']:.2f}  R {recall}  Spec {specificity}  NPV {npv}  "
+                                           f"F1 {v['f1']:.2f}  n {v['support']}")
     return table
 
 

@@ -112,6 +112,10 @@ def _confusion_summaries(cm: np.ndarray) -> dict[str, np.ndarray]:
     # and asks for this beside it); NaN where every image is of the class
     negatives = cm.sum(axis=(1, 2))[:, None] - support
     specificity = _safe_divide(negatives - (predicted - tp), negatives, np.nan)
+    # negative predictive value: of the images not called the class, the share truly not of it (precision's
+    # counterpart: how far a clinician can trust a "not c"); NaN where every image is called the class
+    called_other = cm.sum(axis=(1, 2))[:, None] - predicted
+    npv = _safe_divide(called_other - (support - tp), called_other, np.nan)
     occurs = (support + predicted) > 0
     return {
         "tp": tp,
@@ -119,6 +123,7 @@ def _confusion_summaries(cm: np.ndarray) -> dict[str, np.ndarray]:
         "precision": precision,
         "recall": recall,
         "specificity": specificity,
+        "npv": npv,
         "f1": f1,
         "accuracy": tp.sum(axis=1) / cm.sum(axis=(1, 2)),
         # Mean recall over classes that have cases; a class absent from the sample has no recall.
@@ -192,8 +197,8 @@ def classification_metrics(y_true, probs, classes: Sequence[str]) -> dict:
 
     Returns a dict with keys `n`, `accuracy`, `balanced_accuracy`, `macro_f1`, `macro_roc_auc`,
     `macro_average_precision`, `confusion_matrix` (list of lists, rows = true class, columns = predicted)
-    and `per_class` {class name: {precision, recall, specificity, f1, support, roc_auc, average_precision}}. Predictions
-    are the arg-max of `probs`. See the module docstring for how absent classes are handled.
+    and `per_class` {class name: {precision, recall, specificity, npv, f1, support, roc_auc, average_precision}}
+    (`npv`: negative predictive value). Predictions are the arg-max of `probs`. See the module docstring for how absent classes are handled.
     """
     y, probs = check_labels_scores(y_true, probs)
     classes = list(classes)
@@ -212,6 +217,7 @@ def classification_metrics(y_true, probs, classes: Sequence[str]) -> dict:
             # no cases, no recall: None, as balanced accuracy leaves the class out (not 0, which it would count)
             "recall": float(conf["recall"][0, k]) if conf["support"][0, k] > 0 else None,
             "specificity": _none_if_nan(conf["specificity"][0, k]),  # None: no image of another class
+            "npv": _none_if_nan(conf["npv"][0, k]),  # None: every image called this class
             "f1": float(conf["f1"][0, k]),
             "support": int(conf["support"][0, k]),
             "roc_auc": _none_if_nan(rank["roc_auc"][0, k]),

@@ -179,6 +179,7 @@ def per_class_table(metrics: Mapping) -> list[dict]:
                 "precision": values.get("precision"),
                 "recall": values.get("recall"),
                 "specificity": values.get("specificity"),
+                "NPV": values.get("npv"),
                 "F1": values.get("f1"),
                 "ROC AUC": values.get("roc_auc"),
                 "AP": values.get("average_precision"),

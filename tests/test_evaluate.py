@@ -547,6 +547,21 @@ def metrics_table_text(**metrics) -> str:
     return console.export_text()
 
 
+def test_console_per_class_row_names_every_per_class_figure_and_dashes_the_undefined():
+    from cxr_fast.metrics import classification_metrics
+
+    y = np.array([0, 0, 1, 1, 1, 2])
+    probs = np.eye(3)[[0, 1, 1, 1, 0, 1]]  # C never called: its NPV is 5 of the 6, its recall 0
+    m = classification_metrics(y, probs, ["A", "B", "C"])["per_class"]
+    text = metrics_table_text(per_class=m)
+    # by hand: A called twice (1 right), B four times (2 right), C never
+    assert "│   A               │ P 0.50  R 0.50  Spec 0.75  NPV 0.75  F1 0.50  n 2" in text
+    assert "│   B               │ P 0.50  R 0.67  Spec 0.33  NPV 0.50  F1 0.57  n 3" in text
+    assert "│   C               │ P 0.00  R 0.00  Spec 1.00  NPV 0.83  F1 0.00  n 1" in text
+    everything_b = classification_metrics(np.array([1, 1]), np.eye(3)[[1, 1]], ["A", "B", "C"])["per_class"]
+    assert "│   B               │ P 1.00  R 1.00  Spec —  NPV —  F1 1.00  n 2" in metrics_table_text(per_class=everything_b)
+
+
 def test_accuracy_is_split_by_text_marker_where_markers_are_known():
     # a model reading a planted marker scores better where it is: the headline figure alone overstates it
     from cxr_fast.evaluate import accuracy_by_marker, marker_text

@@ -73,6 +73,8 @@ def test_metrics_match_scikit_learn(data):
         assert row["recall"] == pytest.approx(recall[k])
         (tn, fp), _ = one_vs_rest[k]
         assert row["specificity"] == pytest.approx(tn / (tn + fp))
+        (tn, fp), (fn, tp) = one_vs_rest[k]
+        assert row["npv"] == pytest.approx(tn / (tn + fn))
         assert row["f1"] == pytest.approx(f1[k])
         assert row["support"] == support[k]
         aucs.append(skm.roc_auc_score(y == k, probs[:, k]))
@@ -97,6 +99,12 @@ def test_hand_made_values():
     assert m["per_class"]["Normal"]["specificity"] == pytest.approx(7 / 8)
     only_normal = classification_metrics(np.array([1, 1]), HAND_PROBS[[4, 6]], CLASSES)["per_class"]  # one called COVID-19
     assert only_normal["Normal"]["specificity"] is None and only_normal["COVID-19"]["specificity"] == pytest.approx(0.5)
+    # negative predictive value: of the images not called the class, the share truly not of it
+    # COVID-19 is called for 5 (3 right): of the 7 others, 1 is COVID-19; Normal: 2 of the 9 others; Pneumonia: 1 of 8
+    assert [m["per_class"][name]["npv"] for name in CLASSES] == pytest.approx([6 / 7, 7 / 9, 7 / 8])
+    all_normal = classification_metrics(np.array([0, 1]), HAND_PROBS[[4, 5]], CLASSES)["per_class"]  # both called Normal
+    assert all_normal["Normal"]["npv"] is None and all_normal["COVID-19"]["npv"] == pytest.approx(0.5)
+    assert all_normal["Pneumonia"]["npv"] == pytest.approx(1.0)
 
 
 def test_balanced_accuracy_is_mean_of_per_class_recalls():

@@ -242,11 +242,12 @@ def test_the_per_class_and_confusion_tables_hold_sklearn_s_numbers_under_their_o
 
     precision, recall, f1, support = precision_recall_fscore_support(y, pred, labels=[0, 1, 2], zero_division=0)
     table = _markdown_table(markdown, "Per-class metrics")
-    assert table[0] == ["class", "support", "precision", "recall", "specificity", "F1", "ROC AUC", "AP"]
+    assert table[0] == ["class", "support", "precision", "recall", "specificity", "NPV", "F1", "ROC AUC", "AP"]
     for k, name in enumerate(CLASSES):
         specificity = ((pred != k) & (y != k)).sum() / (y != k).sum()
+        npv = ((pred != k) & (y != k)).sum() / (pred != k).sum()
         expected = [name, str(support[k])] + [f"{v:.3f}" for v in (
-            precision[k], recall[k], specificity, f1[k], roc_auc_score(y == k, probs[:, k]),
+            precision[k], recall[k], specificity, npv, f1[k], roc_auc_score(y == k, probs[:, k]),
             average_precision_score(y == k, probs[:, k]))]
         assert table[1 + k] == expected
     cm = confusion_matrix(y, pred)
