@@ -49,6 +49,17 @@ def test_forward_backward_any_size_and_channels(arch, n_in):
         assert model.head[-1].weight.grad.abs().sum() > 0
 
 
+@pytest.mark.parametrize("arch", list(LOCAL_ARCHS))
+def test_the_package_s_own_architectures_keep_register_arch_s_rules(arch):
+    # the package puts its architectures into LOCAL_ARCHS directly, past register_arch's checks: a builder argument
+    # without a default (a keyword-only one, say) was listed by `cxrfast models`, then refused by train as "Object of
+    # type type is not JSON serializable"; register_arch names the argument
+    from cxr_fast.archs.registry import check_arch
+
+    builder, variant = LOCAL_ARCHS[arch]
+    check_arch(arch, builder, variant)
+
+
 @pytest.mark.parametrize("arch", ALL_ARCHS)
 def test_config_rebuilds_the_exact_model(arch):
     model = create_model(arch, n_in=1, n_classes=3).eval()

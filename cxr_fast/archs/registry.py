@@ -59,12 +59,21 @@ def register_arch(name: str, builder: Builder, **variant: Any) -> None:
     records them all, and rebuilds the model from them. The registration lasts for this Python process: to use
     the architecture from the command line, add it to this module's `LOCAL_ARCHS` (docs: Training → Adding an
     architecture)."""
+    if isinstance(name, str) and name in LOCAL_ARCHS:
+        raise CxrFastError(f"{name}: already a cxr_fast architecture")
+    check_arch(name, builder, variant)
+    LOCAL_ARCHS[name] = (builder, _json_values(name, variant))
+
+
+def check_arch(name: str, builder: Builder, variant: Mapping[str, Any]) -> None:
+    """The rules `register_arch` enforces, less "not registered yet": also what every entry of `LOCAL_ARCHS` must
+    keep, since the package's own architectures are put there directly (tests/test_archs.py checks them all)."""
     import timm
 
     if not (isinstance(name, str) and re.fullmatch(r"[a-z][a-z0-9_]*", name)):  # it names run folders too
         raise CxrFastError(f"architecture name must be lower-case letters, digits and _, got {name!r}")
-    if name in LOCAL_ARCHS or timm.is_model(name):  # a timm bundle of that name would be rebuilt by the builder
-        raise CxrFastError(f"{name}: already a {'cxr_fast' if name in LOCAL_ARCHS else 'timm'} architecture")
+    if timm.is_model(name):  # a timm bundle of that name would be rebuilt by the builder
+        raise CxrFastError(f"{name}: already a timm architecture")
     if name == ENSEMBLE_ARCH:  # the name `cxrfast ensemble` bundles carry: loading them would call the builder
         raise CxrFastError(f"{name}: reserved for cxrfast ensemble's bundles")
     parameters = list(inspect.signature(builder).parameters.values())
@@ -80,7 +89,7 @@ def register_arch(name: str, builder: Builder, **variant: Any) -> None:
     unknown = sorted(set(variant) - {p.name for p in parameters[2:]})
     if unknown:
         raise CxrFastError(f"{name}: the builder takes no argument {', '.join(unknown)}")
-    LOCAL_ARCHS[name] = (builder, _json_values(name, variant))
+    _json_values(name, dict(variant))
 
 
 class CXRModel(nn.Module):
