@@ -100,6 +100,18 @@ def test_getting_started_quotes_the_readme_commands():
         assert command in page, f"docs/getting-started.md no longer quotes the README command:\n{command}"
 
 
+def test_every_shipped_recipe_is_listed_in_training_md_and_the_readme():
+    recipes = sorted(p.stem for p in (ROOT / "recipes").glob("*.yaml"))
+    assert len(recipes) >= 5
+    table = (ROOT / "docs" / "training.md").read_text(encoding="utf-8")
+    layout = re.search(r"^recipes/ +YAML training recipes \(([^)]*)\)", (ROOT / "README.md").read_text(encoding="utf-8"),
+                       flags=re.M)
+    assert layout, "README.md's Layout no longer has its recipes/ line"
+    for name in recipes:
+        assert f"| `{name}.yaml` |" in table, f"recipes/{name}.yaml is missing from the shipped recipes table in training.md"
+        assert name in layout.group(1).replace(" ", "").split(","), f"recipes/{name}.yaml is missing from README.md's Layout"
+
+
 # An HTML comment on the line above a ```python block, `<!-- tested with: replace `OLD` with `NEW` -->`, makes
 # test_the_python_examples_run run the block with OLD replaced by NEW (the page shows OLD): for sizes and epochs only,
 # so that an example that trains for minutes runs in seconds. Several comments may stand above one block.
