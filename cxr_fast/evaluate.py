@@ -399,7 +399,7 @@ def calibration_text(run: Run, metrics: dict) -> str:
 def compute_metrics(y: np.ndarray, logits: np.ndarray, classes: list[str], temperature: float,
                     n_boot: int = 1000, seed: int = 0) -> dict:
     """Every figure of an evaluation from labels `y` [N] and raw `logits` [N, K]: accuracy, balanced accuracy,
-    per-class precision/recall/F1, ROC and PR AUCs, with `n_boot` bootstrap 95 % intervals, and ECE and NLL before
+    per-class precision/recall/specificity/NPV/F1, ROC and PR AUCs, with `n_boot` bootstrap 95 % intervals, and ECE and NLL before
     and after dividing the logits by `temperature`."""
     probs = softmax(logits)
     calibrated = softmax(logits, temperature)
