@@ -11,6 +11,8 @@ Definitions (they matter when a class is rare in the test set):
   scikit-learn's `f1_score(average="macro")`; a class that is predicted but never true counts as F1 = 0.
 - ROC AUC and average precision are one-vs-rest per class. A class without positives (or, for AUC, without
   negatives) gets None and is left out of the macro mean.
+- per-class recall, specificity, precision and NPV come with a 95 % Wilson score interval (`wilson_interval`), not
+  a bootstrap one: each is a count out of a count, and resampling a class of one or two images barely moves it.
 
 The point estimates and the bootstrap share one code path (`_confusion_batch`, `_ranking_batch`) so an
 interval is always an interval around the number reported next to it.
@@ -120,6 +122,7 @@ def _confusion_summaries(cm: np.ndarray) -> dict[str, np.ndarray]:
     return {
         "tp": tp,
         "support": support,
+        "predicted": predicted,
         "precision": precision,
         "recall": recall,
         "specificity": specificity,
@@ -192,13 +195,44 @@ def _none_if_nan(value: float) -> float | None:
     return None if np.isnan(value) else float(value)
 
 
+def wilson_interval(successes: int, n: int, confidence: float = 0.95) -> tuple[float, float] | None:
+    """Wilson score interval (low, high) of the proportion successes / n, or None when n is 0.
+
+    With z the normal quantile (1.96 for 95 %) and p = successes / n:
+    centre = (p + z²/2n) / (1 + z²/n), half-width = z / (1 + z²/n) × sqrt(p(1 − p)/n + z²/4n²).
+    Unlike the Wald interval p ± z sqrt(p(1 − p)/n) it is not empty at 0/n or n/n and stays inside [0, 1]; its
+    coverage stays near the nominal level down to a handful of cases (docs/evaluation.md has the simulation).
+    """
+    if not 0 < confidence < 1:
+        raise CxrFastError(f"metrics: confidence must be between 0 and 1, got {confidence}")
+    if n < 0 or not 0 <= successes <= n:
+        raise CxrFastError(f"metrics: a proportion needs 0 <= successes <= n, got {successes} of {n}")
+    if n == 0:
+        return None
+    z = float(stats.norm.ppf(0.5 + confidence / 2))
+    p = successes / n
+    shrink = 1 + z * z / n
+    centre = (p + z * z / (2 * n)) / shrink
+    half = z / shrink * np.sqrt(p * (1 - p) / n + z * z / (4 * n * n))
+    # at 0/n and n/n one end is exactly 0 or 1 in exact arithmetic; clip the rounding
+    return max(0.0, float(centre - half)), min(1.0, float(centre + half))
+
+
+def _wilson_list(successes: float, n: float) -> list[float] | None:
+    interval = wilson_interval(int(successes), int(n))
+    return None if interval is None else list(interval)
+
+
 def classification_metrics(y_true, probs, classes: Sequence[str]) -> dict:
     """Metrics of one model on one test set.
 
     Returns a dict with keys `n`, `accuracy`, `balanced_accuracy`, `macro_f1`, `macro_roc_auc`,
     `macro_average_precision`, `confusion_matrix` (list of lists, rows = true class, columns = predicted)
-    and `per_class` {class name: {precision, recall, specificity, npv, f1, support, roc_auc, average_precision}}
-    (`npv`: negative predictive value). Predictions are the arg-max of `probs`. See the module docstring for how absent classes are handled.
+    and `per_class` {class name: {precision, recall, specificity, npv, f1, support, roc_auc, average_precision,
+    precision_ci, recall_ci, specificity_ci, npv_ci}} (`npv`: negative predictive value; `<figure>_ci`: its 95 %
+    Wilson interval [low, high], None where the figure's denominator is 0, including a precision reported as 0
+    because the class was never predicted). Predictions are the arg-max of `probs`. See the module docstring for
+    how absent classes are handled.
     """
     y, probs = check_labels_scores(y_true, probs)
     classes = list(classes)
@@ -210,8 +244,11 @@ def classification_metrics(y_true, probs, classes: Sequence[str]) -> dict:
     conf = _confusion_summaries(cm)
     rank = _ranking_summaries(y, probs, identity)
 
+    n_cases = len(y)
     per_class = {}
     for k, name in enumerate(classes):
+        tp, support, predicted = conf["tp"][0, k], conf["support"][0, k], conf["predicted"][0, k]
+        tn = n_cases - support - predicted + tp
         per_class[name] = {
             "precision": float(conf["precision"][0, k]),
             # no cases, no recall: None, as balanced accuracy leaves the class out (not 0, which it would count)
@@ -222,6 +259,11 @@ def classification_metrics(y_true, probs, classes: Sequence[str]) -> dict:
             "support": int(conf["support"][0, k]),
             "roc_auc": _none_if_nan(rank["roc_auc"][0, k]),
             "average_precision": _none_if_nan(rank["average_precision"][0, k]),
+            # 95 % Wilson intervals of the four proportions, from the same counts (None: denominator 0)
+            "precision_ci": _wilson_list(tp, predicted),
+            "recall_ci": _wilson_list(tp, support),
+            "specificity_ci": _wilson_list(tn, n_cases - support),
+            "npv_ci": _wilson_list(tn, n_cases - predicted),
         }
     return {
         "n": int(len(y)),

@@ -16,6 +16,7 @@ from cxr_fast.metrics import (
     mcnemar,
     pr_curves,
     roc_curves,
+    wilson_interval,
 )
 
 CLASSES = ["COVID-19", "Normal", "Pneumonia"]
@@ -105,6 +106,60 @@ def test_hand_made_values():
     all_normal = classification_metrics(np.array([0, 1]), HAND_PROBS[[4, 5]], CLASSES)["per_class"]  # both called Normal
     assert all_normal["Normal"]["npv"] is None and all_normal["COVID-19"]["npv"] == pytest.approx(0.5)
     assert all_normal["Pneumonia"]["npv"] == pytest.approx(1.0)
+
+
+def _wilson_by_hand(k, n, z=1.959963984540054):
+    """The closed formula, written out again: (p + z²/2n ± z sqrt(p(1-p)/n + z²/4n²)) / (1 + z²/n)."""
+    p = k / n
+    centre, half = p + z * z / (2 * n), z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n))
+    return (centre - half) / (1 + z * z / n), (centre + half) / (1 + z * z / n)
+
+
+@pytest.mark.parametrize("k, n", [(0, 1), (1, 1), (1, 2), (0, 5), (5, 5), (19, 20), (3, 7), (0, 79), (60, 79)])
+def test_wilson_interval_is_the_closed_formula_and_scipy_s(k, n):
+    from scipy.stats import binomtest
+
+    low, high = wilson_interval(k, n)
+    assert (low, high) == pytest.approx(_wilson_by_hand(k, n), abs=1e-12)
+    ci = binomtest(k, n).proportion_ci(0.95, method="wilson")  # an independent implementation
+    assert (low, high) == pytest.approx((ci.low, ci.high), abs=1e-12)
+    assert 0 <= low <= k / n <= high <= 1
+    assert (low == 0) == (k == 0) and (high == 1) == (k == n)  # 0/n starts at 0, n/n ends at 1, nothing else
+
+
+def test_wilson_interval_matches_newcombe_s_published_values():
+    # Newcombe (1998), Statistics in Medicine 17:857, Table I, method 3 (Wilson score, no continuity correction)
+    for (k, n), expected in {(81, 263): (0.2553, 0.3662), (15, 148): (0.0624, 0.1605), (0, 20): (0.0, 0.1611),
+                             (1, 29): (0.0061, 0.1718)}.items():
+        assert wilson_interval(k, n) == pytest.approx(expected, abs=5e-5)
+    assert wilson_interval(1, 1) == pytest.approx((0.2065, 1.0), abs=5e-5)  # one image, found: 0.21 to 1
+    assert wilson_interval(0, 0) is None
+    with pytest.raises(CxrFastError, match="successes"):
+        wilson_interval(3, 2)
+
+
+def test_per_class_intervals_are_wilson_intervals_of_the_counts_and_none_where_undefined():
+    m = classification_metrics(HAND_Y, HAND_PROBS, CLASSES)["per_class"]
+    # confusion [[3, 1, 0], [1, 2, 1], [1, 0, 3]]: Normal is 2 of 4 found, 7 of 8 others not called Normal,
+    # 2 of the 3 called Normal right, 7 of the 9 not called Normal not Normal
+    normal = m["Normal"]
+    assert normal["recall_ci"] == pytest.approx(_wilson_by_hand(2, 4))
+    assert normal["specificity_ci"] == pytest.approx(_wilson_by_hand(7, 8))
+    assert normal["precision_ci"] == pytest.approx(_wilson_by_hand(2, 3))
+    assert normal["npv_ci"] == pytest.approx(_wilson_by_hand(7, 9))
+    assert m["COVID-19"]["precision_ci"] == pytest.approx(_wilson_by_hand(3, 5))
+    for row in m.values():  # every interval holds its own figure
+        for key in ("precision", "recall", "specificity", "npv"):
+            low, high = row[f"{key}_ci"]
+            assert low <= row[key] <= high
+    # both images Normal, both called Normal: COVID-19 and Pneumonia never called, never true
+    both = classification_metrics(np.array([1, 1]), HAND_PROBS[[4, 4]], CLASSES)["per_class"]
+    assert both["Pneumonia"]["precision"] == 0.0 and both["Pneumonia"]["precision_ci"] is None  # 0 by convention only
+    assert both["Pneumonia"]["recall"] is None and both["Pneumonia"]["recall_ci"] is None
+    assert both["Normal"]["specificity"] is None and both["Normal"]["specificity_ci"] is None
+    assert both["Normal"]["npv"] is None and both["Normal"]["npv_ci"] is None
+    assert both["Normal"]["recall_ci"] == pytest.approx(_wilson_by_hand(2, 2))  # 2 of 2: 0.34 to 1, not 1 to 1
+    assert both["Pneumonia"]["specificity_ci"] == pytest.approx(_wilson_by_hand(2, 2))
 
 
 def test_balanced_accuracy_is_mean_of_per_class_recalls():
