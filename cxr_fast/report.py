@@ -70,6 +70,19 @@ def format_value(value, digits: int = 3) -> str:
     return str(value)
 
 
+@dataclass(frozen=True)
+class Estimate:
+    """A figure and its interval as one table cell: "0.950 (0.751–0.991)" in Markdown and wherever it is text; in the
+    HTML the interval goes on a second, smaller line, so that four such columns still fit the page."""
+
+    value: float
+    low: float
+    high: float
+
+    def __str__(self) -> str:
+        return f"{format_value(self.value)} ({format_value(self.low)}–{format_value(self.high)})"
+
+
 def _table_records(table) -> tuple[list[str], list[dict]]:
     """(columns, rows) from a DataFrame or an iterable of mappings."""
     rows = table.to_dict("records") if hasattr(table, "to_dict") else [dict(r) for r in table]
@@ -85,7 +98,13 @@ def html_table(table) -> str:
     Pneumonia: 2" in the confusion matrix. The reports and interpret's gallery share it."""
     columns, rows = _table_records(table)
     head = "".join(f'<th scope="col">{html.escape(c)}</th>' for c in columns)
-    cell = lambda row, c: html.escape(format_value(row.get(c)))  # noqa: E731
+    def cell(row, c) -> str:
+        value = row.get(c)
+        if isinstance(value, Estimate):
+            interval = f"({format_value(value.low)}–{format_value(value.high)})"
+            return f'{html.escape(format_value(value.value))}<br><span class="ci">{html.escape(interval)}</span>'
+        return html.escape(format_value(value))
+
     body = "".join(
         f'<tr><th scope="row">{cell(row, columns[0])}</th>' + "".join(f"<td>{cell(row, c)}</td>" for c in columns[1:])
         + "</tr>"
@@ -168,18 +187,34 @@ def summary_cards(metrics: Mapping) -> list[tuple[str, str, str]]:
     return cards
 
 
+def _with_interval(values: Mapping, key: str):
+    """values[key] as an `Estimate` with its interval `<key>_ci`, or the bare value where there is none (the figure
+    is undefined, or the metrics.json was written before per-class intervals were)."""
+    value, ci = values.get(key), values.get(f"{key}_ci")
+    if _is_missing(value) or ci is None or len(ci) != 2 or any(_is_missing(v) for v in ci):
+        return value
+    return Estimate(value, ci[0], ci[1])
+
+
+PER_CLASS_NOTE = ("In brackets: the 95 % Wilson score interval of each class's precision, recall (sensitivity), "
+                  "specificity and NPV, one figure at a time (not all at once); none where the figure is undefined "
+                  "(—), nor for the precision of a class never predicted (0 by convention). With few images of a "
+                  "class the interval is wide: read it, not the figure alone.")
+
+
 def per_class_table(metrics: Mapping) -> list[dict]:
-    """Rows of the per-class table from `metrics['per_class']`."""
+    """Rows of the per-class table from `metrics['per_class']`; precision, recall, specificity and NPV are
+    `Estimate`s where the metrics hold their intervals (`recall_ci`, ...)."""
     rows = []
     for name, values in metrics.get("per_class", {}).items():
         rows.append(
             {
                 "class": name,
                 "support": values.get("support"),
-                "precision": values.get("precision"),
-                "recall": values.get("recall"),
-                "specificity": values.get("specificity"),
-                "NPV": values.get("npv"),
+                "precision": _with_interval(values, "precision"),
+                "recall": _with_interval(values, "recall"),
+                "specificity": _with_interval(values, "specificity"),
+                "NPV": _with_interval(values, "npv"),
                 "F1": values.get("f1"),
                 "ROC AUC": values.get("roc_auc"),
                 "AP": values.get("average_precision"),
@@ -248,6 +283,7 @@ h2 { font-size: 1.25rem; margin-top: 1.6em; border-bottom: 1px solid var(--line)
 table { border-collapse: collapse; width: 100%; font-size: .92rem; }
 th, td { padding: 6px 8px; border-bottom: 1px solid var(--line); text-align: right; white-space: nowrap; }
 th:first-child, td:first-child { text-align: left; }
+td .ci { color: var(--muted); font-size: .85em; }
 figure { margin: 16px 0; }
 figure img { width: 100%; max-width: 100%; height: auto; }
 figcaption { font-size: .85rem; color: var(--muted); }
@@ -311,7 +347,9 @@ def write_report(
                 )
             )
         if metrics.get("per_class"):
-            blocks.append(Section("Per-class metrics", table=per_class_table(metrics)))
+            rows = per_class_table(metrics)
+            with_intervals = any(isinstance(v, Estimate) for row in rows for v in row.values())
+            blocks.append(Section("Per-class metrics", text=PER_CLASS_NOTE if with_intervals else "", table=rows))
         confusion = confusion_table(metrics)
         if confusion:
             blocks.append(

@@ -240,15 +240,22 @@ def test_the_per_class_and_confusion_tables_hold_sklearn_s_numbers_under_their_o
     _, md_path = write_report(tmp_path, "t", metrics=classification_metrics(y, probs, CLASSES))
     markdown = md_path.read_text(encoding="utf-8")
 
+    from scipy.stats import binomtest
+
     precision, recall, f1, support = precision_recall_fscore_support(y, pred, labels=[0, 1, 2], zero_division=0)
     table = _markdown_table(markdown, "Per-class metrics")
     assert table[0] == ["class", "support", "precision", "recall", "specificity", "NPV", "F1", "ROC AUC", "AP"]
     for k, name in enumerate(CLASSES):
-        specificity = ((pred != k) & (y != k)).sum() / (y != k).sum()
-        npv = ((pred != k) & (y != k)).sum() / (pred != k).sum()
-        expected = [name, str(support[k])] + [f"{v:.3f}" for v in (
-            precision[k], recall[k], specificity, npv, f1[k], roc_auc_score(y == k, probs[:, k]),
-            average_precision_score(y == k, probs[:, k]))]
+        tn = int(((pred != k) & (y != k)).sum())
+        specificity, npv = tn / (y != k).sum(), tn / (pred != k).sum()
+        # each proportion with its 95 % Wilson interval, from scipy's own implementation and the counts
+        counts = [((pred == k) & (y == k)).sum(), (pred == k).sum()], [((pred == k) & (y == k)).sum(), (y == k).sum()], \
+                 [tn, (y != k).sum()], [tn, (pred != k).sum()]
+        intervals = [binomtest(int(a), int(b)).proportion_ci(0.95, method="wilson") for a, b in counts]
+        expected = [name, str(support[k])] + [
+            f"{v:.3f} ({ci.low:.3f}–{ci.high:.3f})" for v, ci in zip((precision[k], recall[k], specificity, npv),
+                                                                     intervals, strict=True)
+        ] + [f"{v:.3f}" for v in (f1[k], roc_auc_score(y == k, probs[:, k]), average_precision_score(y == k, probs[:, k]))]
         assert table[1 + k] == expected
     cm = confusion_matrix(y, pred)
     assert not np.array_equal(cm, cm.T)  # a transposed table would show
@@ -261,6 +268,31 @@ def test_the_per_class_and_confusion_tables_hold_sklearn_s_numbers_under_their_o
     assert '<th scope="col">true \\ predicted</th>' + "".join(f'<th scope="col">{c}</th>' for c in CLASSES) in page
     for name, row in zip(CLASSES, cm, strict=True):
         assert f'<tr><th scope="row">{name}</th>' + "".join(f"<td>{v}</td>" for v in row) + "</tr>" in page
+
+
+def test_per_class_intervals_show_beside_their_figure_and_not_where_the_figure_is_undefined(tmp_path):
+    # 2 Normal, both called Normal; Pneumonia never true, never called: recall undefined, precision 0 by convention
+    y, probs = np.array([1, 1, 0]), np.eye(3)[[1, 1, 0]]
+    metrics = classification_metrics(y, probs, CLASSES)
+    _, md_path = write_report(tmp_path, "t", metrics=metrics)
+    markdown = md_path.read_text(encoding="utf-8")
+    assert "95 % Wilson score interval" in markdown.split("## Per-class metrics", 1)[1].split("|", 1)[0]
+    rows = {row[0]: row for row in _markdown_table(markdown, "Per-class metrics")[1:]}
+    # 2 of 2 found: 0.342–1.000, not the 1.000–1.000 a bootstrap gives; 1 of 1: 0.207–1.000
+    assert rows["Normal"][2:6] == ["1.000 (0.342–1.000)", "1.000 (0.342–1.000)", "1.000 (0.207–1.000)",
+                                   "1.000 (0.207–1.000)"]
+    assert rows["Pneumonia"][2:6] == ["0.000", "—", "1.000 (0.439–1.000)", "1.000 (0.439–1.000)"]
+    # in the HTML the interval is a second, smaller line of the same cell
+    page = (tmp_path / "report.html").read_text(encoding="utf-8")
+    assert '<td>1.000<br><span class="ci">(0.342–1.000)</span></td>' in page
+    # a metrics.json written before the intervals: the bare figures, and no note about brackets
+    for row in metrics["per_class"].values():
+        for key in ("precision", "recall", "specificity", "npv"):
+            del row[f"{key}_ci"]
+    _, md_path = write_report(tmp_path / "old", "t", metrics=metrics)
+    markdown = md_path.read_text(encoding="utf-8")
+    assert "Wilson" not in markdown
+    assert _markdown_table(markdown, "Per-class metrics")[2][2:6] == ["1.000", "1.000", "1.000", "1.000"]
 
 
 def test_summary_cards_read_each_number_from_its_own_key():
