@@ -205,13 +205,23 @@ def metrics_table(m: dict):
     for site, v in m.get("by_site", {}).items():
         table.add_row(f"balanced accuracy at {escape(site)}", escape(site_summary(v)))
     for name, v in m["per_class"].items():
-        recall = "—" if v["recall"] is None else f"{v['recall']:.2f}"  # no images of the class: no recall
-        # .get: a metrics.json written before specificity was reported
-        specificity = "—" if v.get("specificity") is None else f"{v['specificity']:.2f}"
-        npv = "—" if v.get("npv") is None else f"{v['npv']:.2f}"
-        table.add_row(f"  {escape(name)}", f"P {v['precision']:.2f}  R {recall}  Spec {specificity}  NPV {npv}  "
-                                           f"F1 {v['f1']:.2f}  n {v['support']}")
+        # two lines, so that a 100-column terminal holds them beside the widest label: what does not depend on how
+        # common the class is (sensitivity, specificity), then what does (the predictive values) and F1
+        table.add_row(f"  {escape(name)}", f"R {_with_interval(v, 'recall')}  Spec {_with_interval(v, 'specificity')}  "
+                                           f"n {v['support']}\n"
+                                           f"P {_with_interval(v, 'precision')}  NPV {_with_interval(v, 'npv')}  "
+                                           f"F1 {v['f1']:.2f}")
     return table
+
+
+def _with_interval(v: dict, key: str) -> str:
+    """A per-class figure to two decimals with its 95 % Wilson interval, "0.95 (0.75–0.99)"; "—" where it is undefined
+    (recall without images of the class, say), and the figure alone where it has no interval (a never-predicted class's
+    precision, 0 by convention) or the metrics.json predates the intervals (hence .get, as for specificity and NPV)."""
+    value, ci = v.get(key), v.get(f"{key}_ci")
+    if value is None:
+        return "—"
+    return f"{value:.2f}" if ci is None else f"{value:.2f} ({ci[0]:.2f}–{ci[1]:.2f})"
 
 
 def seen_warning(summary: dict) -> str | None:

@@ -533,7 +533,7 @@ def test_a_compare_stopped_before_its_first_epoch_is_started_again_by_the_same_c
     assert (tmp_path / "other" / "runs" / "a" / "notes.txt").read_text() == "mine"
 
 
-def metrics_table_text(**metrics) -> str:
+def metrics_table_text(width: int = 250, **metrics) -> str:
     """The console table of made-up metrics (the figures a test does not set are placeholders)."""
     from rich.console import Console
 
@@ -542,7 +542,7 @@ def metrics_table_text(**metrics) -> str:
     metrics = {"run": "r", "data": "d", "n": 5, "balanced_accuracy": 0.5, "balanced_accuracy_ci": [0.3, 0.7],
                "accuracy": 0.6, "macro_f1": 0.5, "macro_roc_auc": None, "temperature": 1.0, "ece": 0.1,
                "per_class": {}, **metrics}
-    console = Console(record=True, width=250)
+    console = Console(record=True, width=width)
     console.print(metrics_table(metrics))
     return console.export_text()
 
@@ -554,12 +554,44 @@ def test_console_per_class_row_names_every_per_class_figure_and_dashes_the_undef
     probs = np.eye(3)[[0, 1, 1, 1, 0, 1]]  # C never called: its NPV is 5 of the 6, its recall 0
     m = classification_metrics(y, probs, ["A", "B", "C"])["per_class"]
     text = metrics_table_text(per_class=m)
-    # by hand: A called twice (1 right), B four times (2 right), C never
-    assert "│   A               │ P 0.50  R 0.50  Spec 0.75  NPV 0.75  F1 0.50  n 2" in text
-    assert "│   B               │ P 0.50  R 0.67  Spec 0.33  NPV 0.50  F1 0.57  n 3" in text
-    assert "│   C               │ P 0.00  R 0.00  Spec 1.00  NPV 0.83  F1 0.00  n 1" in text
+    # by hand: A called twice (1 right), B four times (2 right), C never; the Wilson intervals of those counts
+    # (1 of 2: 0.09–0.91, 3 of 4: 0.30–0.95, ...; tests/test_metrics.py checks the formula)
+    assert "│   A               │ R 0.50 (0.09–0.91)  Spec 0.75 (0.30–0.95)  n 2 " in text
+    assert "│                   │ P 0.50 (0.09–0.91)  NPV 0.75 (0.30–0.95)  F1 0.50 " in text
+    assert "│   B               │ R 0.67 (0.21–0.94)  Spec 0.33 (0.06–0.79)  n 3 " in text
+    assert "│                   │ P 0.50 (0.15–0.85)  NPV 0.50 (0.09–0.91)  F1 0.57 " in text
+    # C's one image missed: 0 of 1 is anything up to 0.79; never called, its precision is 0 by convention, no interval
+    assert "│   C               │ R 0.00 (0.00–0.79)  Spec 1.00 (0.57–1.00)  n 1 " in text
+    assert "│                   │ P 0.00  NPV 0.83 (0.44–0.97)  F1 0.00 " in text
     everything_b = classification_metrics(np.array([1, 1]), np.eye(3)[[1, 1]], ["A", "B", "C"])["per_class"]
-    assert "│   B               │ P 1.00  R 1.00  Spec —  NPV —  F1 1.00  n 2" in metrics_table_text(per_class=everything_b)
+    text = metrics_table_text(per_class=everything_b)
+    assert "│   B               │ R 1.00 (0.34–1.00)  Spec —  n 2 " in text
+    assert "│                   │ P 1.00 (0.34–1.00)  NPV —  F1 1.00 " in text
+    # a metrics.json written before the intervals: the figures alone
+    for row in m.values():
+        for key in ("precision", "recall", "specificity", "npv"):
+            del row[f"{key}_ci"]
+    text = metrics_table_text(per_class=m)
+    assert "│   A               │ R 0.50  Spec 0.75  n 2 " in text and "│                   │ P 0.50  NPV 0.75  F1 0.50 " in text
+
+
+def test_console_per_class_rows_fit_100_columns_beside_the_widest_label():
+    from cxr_fast.metrics import classification_metrics
+
+    y = np.array([0] * 19 + [1] * 1079 + [2] * 2)
+    probs = np.eye(3)[np.where(np.arange(len(y)) % 7 == 0, (y + 1) % 3, y)]  # every class right and wrong somewhere
+    m = classification_metrics(y, probs, ["COVID-19", "Normal", "Pneumonia"])["per_class"]
+    marker = {"with_marker": {"correct": 3, "n": 4}, "without_marker": {"correct": 3, "n": 4}}  # the widest label
+    text = metrics_table_text(width=100, per_class=m, by_marker=marker)
+    assert "│ accuracy with / without a text marker │" in text
+    lines = text.splitlines()
+    for name in ("COVID-19", "Normal", "Pneumonia"):
+        (row,) = [i for i, line in enumerate(lines) if f"│   {name} " in line]
+        # each figure with its interval on one line, nothing wrapped: the row's two lines, then the next class
+        assert "R " in lines[row] and "Spec " in lines[row] and "n " in lines[row]
+        assert "P " in lines[row + 1] and "NPV " in lines[row + 1] and "F1 " in lines[row + 1]
+        assert lines[row + 2].startswith(("│   ", "└"))
+    assert max(len(line) for line in lines) <= 100
 
 
 def test_accuracy_is_split_by_text_marker_where_markers_are_known():
