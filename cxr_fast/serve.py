@@ -13,7 +13,8 @@ It binds to 127.0.0.1 by default: the page has no login, so only this computer c
 with the toolkit's reader: a file that is not a readable X-ray gets a 4xx answer with the reason, and one above
 `MAX_UPLOAD_BYTES` gets 413 before it is stored. Predictions run in worker threads. Heatmaps take turns, one
 sweep at a time, and a heatmap whose page has moved on (a newer upload aborts the older request) is dropped when
-its turn comes instead of computed; probabilities never wait behind heatmaps.
+its turn comes instead of computed, or stopped between two batches of its sweep; probabilities never wait behind
+heatmaps. Ctrl-C or SIGTERM stops the sweep in progress the same way and answers the queued heatmaps 503.
 
 Any web page open in the same browser can send requests to a local server. So a request whose `Origin` is another
 site is refused (403), and a server bound to loopback answers only requests addressed to a loopback name: a page
@@ -48,6 +49,37 @@ LOOPBACK = ("127.0.0.1", "localhost", "::1")
 
 class UploadTooLarge(Exception):
     pass
+
+
+class SweepStopped(Exception):
+    """An occlusion sweep stopped between two batches: its client left, or the server is stopping."""
+
+
+class StoppableRunner:
+    """`runner`, whose torch module raises `SweepStopped` before each batch of the sweep once `stop()` is true.
+
+    A sweep is hundreds of forward passes (seconds to a minute on a CPU) in a worker thread, which nothing can
+    interrupt from outside: without this, a page closed mid-sweep, or Ctrl-C, waited for it to finish, and Ctrl-C
+    for every queued heatmap after it."""
+
+    def __init__(self, runner, stop):
+        self.runner, self.stop = runner, stop
+
+    def __getattr__(self, name):
+        return getattr(self.runner, name)
+
+    def torch_module(self):
+        import torch
+
+        inner, stop = self.runner.torch_module(), self.stop
+
+        class Stoppable(torch.nn.Module):
+            def forward(self, x):
+                if stop():
+                    raise SweepStopped
+                return inner(x)
+
+        return Stoppable()
 
 
 def host_name(host: str) -> str:
@@ -170,6 +202,7 @@ def create_app(run_dir: str | Path | None = None, runtime: str = "torch", *, run
     card = model_card(runner)
     page = render_page(card, max_upload_bytes)
     heatmap_turn = asyncio.Lock()  # one occlusion sweep at a time: each keeps the CPU busy for seconds to a minute
+    stopping = threading.Event()  # set by `serve` on Ctrl-C or SIGTERM: sweeps stop, queued heatmaps are refused
 
     def error(status: int, message: str) -> JSONResponse:
         return JSONResponse({"error": message}, status_code=status)
@@ -216,9 +249,15 @@ def create_app(run_dir: str | Path | None = None, runtime: str = "torch", *, run
             else:
                 async with heatmap_turn:
                     # Abandoned sweeps once ran anyway, one after another, and later uploads waited minutes.
+                    if stopping.is_set():
+                        return error(503, "the server is stopping")
                     if await request.is_disconnected():
                         return error(499, "the client left before its heatmap's turn")
-                    result = await run_in_threadpool(_predict_bytes, runner, data, suffix, True)
+                    result = await _sweep(request, runner, data, suffix, stopping)
+        except SweepStopped:
+            if stopping.is_set():
+                return error(503, "the server is stopping")
+            return error(499, "the client left during its heatmap")
         except ImageReadError as e:
             return error(422, f"{filename}: {e.explanation}")
         except OSError as e:  # the temporary copy on a full disk: an answer saying so, not a bare 500 and a traceback
@@ -227,9 +266,29 @@ def create_app(run_dir: str | Path | None = None, runtime: str = "torch", *, run
             return error(507, f"the server cannot store the upload ({storage_problem(e)})")
         return JSONResponse({**result, "filename": filename, "model": card})
 
-    return Starlette(routes=[Route("/", index), Route("/api/model", model),
-                             Route("/api/predict", api_predict, methods=["POST"])],
-                     middleware=[Middleware(SameSiteOnly, allowed_hosts=allowed_hosts)])
+    app = Starlette(routes=[Route("/", index), Route("/api/model", model),
+                            Route("/api/predict", api_predict, methods=["POST"])],
+                    middleware=[Middleware(SameSiteOnly, allowed_hosts=allowed_hosts)])
+    app.state.stopping = stopping
+    return app
+
+
+async def _sweep(request, runner, data: bytes, suffix: str, stopping: threading.Event) -> dict:
+    """`_predict_bytes` with the heatmap, stopped between two batches of its sweep once the client has left or the
+    server is stopping (`SweepStopped`), so that the next heatmap, or the shutdown, need not wait for it."""
+    from starlette.concurrency import run_in_threadpool
+
+    gone = threading.Event()
+    work = asyncio.ensure_future(run_in_threadpool(
+        _predict_bytes, StoppableRunner(runner, lambda: gone.is_set() or stopping.is_set()), data, suffix, True))
+    try:
+        while not work.done():
+            await asyncio.wait({work}, timeout=0.25)
+            if not work.done() and await request.is_disconnected():
+                gone.set()
+        return work.result()
+    finally:
+        gone.set()  # this request cancelled (a forced shutdown): its sweep stops too
 
 
 def _predict_bytes(runner, data: bytes, suffix: str, heatmap: bool) -> dict:
@@ -245,15 +304,13 @@ def serve(run_dir: str | Path, host: str = "127.0.0.1", port: int = 8000, runtim
           on_ready=None) -> None:
     """Load the model and serve until interrupted (Ctrl+C, or a notebook's stop button, which ends the cell
     quietly)."""
-    import uvicorn
-
     if not 0 < port < 65536:
         raise CxrFastError(f"--port must be between 1 and 65535, got {port}")
     app = create_app(run_dir, runtime, allowed_hosts=LOOPBACK if host in LOOPBACK else None)
     listener = _listen(host, port)  # bound here, so a busy port is an error before anything says "serving"
     if on_ready is not None:
         on_ready(f"http://{'[' + host + ']' if ':' in host else host}:{port}/", host in LOOPBACK)
-    server = uvicorn.Server(uvicorn.Config(app, log_level="warning"))
+    server = make_server(app)
     with listener:
         if not _loop_running():
             server.run(sockets=[listener])
@@ -266,8 +323,23 @@ def serve(run_dir: str | Path, host: str = "127.0.0.1", port: int = 8000, runtim
             while thread.is_alive():
                 thread.join(0.2)
         except KeyboardInterrupt:  # the notebook's stop button: the server stops, and the cell ends quietly
+            app.state.stopping.set()
             server.should_exit = True
             thread.join()
+
+
+def make_server(app):
+    """A uvicorn server for `app` whose Ctrl-C or SIGTERM also stops the heatmap being computed and refuses the
+    queued ones (503): uvicorn waits for every request in progress before it exits, which was minutes with a few
+    heatmaps queued at 224 px."""
+    import uvicorn
+
+    class Server(uvicorn.Server):
+        def handle_exit(self, sig, frame) -> None:
+            app.state.stopping.set()
+            super().handle_exit(sig, frame)
+
+    return Server(uvicorn.Config(app, log_level="warning"))
 
 
 def _loop_running() -> bool:

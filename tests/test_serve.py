@@ -496,3 +496,98 @@ def test_serve_runs_inside_a_running_event_loop_as_in_a_jupyter_cell(run):
         loop.close()
     assert pages and "not a diagnosis" in pages[0].lower()
     assert not any(t.name == "cxrfast-serve" and t.is_alive() for t in threading.enumerate())  # the server stopped
+
+
+class SlowRunner:
+    """The tiny run's runner whose occlusion sweep takes `pause` seconds a batch (probabilities stay quick)."""
+
+    def __init__(self, run, pause: float):
+        import torch
+
+        from cxr_fast.predict import TorchRunner
+
+        self.runner, self.batches = TorchRunner(run), []
+        model, batches = self.runner.run.model, self.batches
+
+        class Slow(torch.nn.Module):
+            def forward(self, x):
+                batches.append(time.monotonic())
+                time.sleep(pause)
+                return model(x)
+
+        self.module = Slow()
+
+    def __getattr__(self, name):
+        return getattr(self.runner, name)
+
+    def torch_module(self):
+        return self.module
+
+
+def multipart_request(port: int, image: Path, heatmap: int):
+    import http.client
+
+    boundary = "cxrfast"
+    body = (f"--{boundary}\r\nContent-Disposition: form-data; name=\"file\"; filename=\"{image.name}\"\r\n"
+            f"Content-Type: application/octet-stream\r\n\r\n").encode() + image.read_bytes() + \
+        f"\r\n--{boundary}--\r\n".encode()
+    connection = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
+    connection.request("POST", f"/api/predict?heatmap={heatmap}", body,
+                       {"Content-Type": f"multipart/form-data; boundary={boundary}"})
+    return connection
+
+
+def started_server(app):
+    from cxr_fast.serve import _listen, make_server
+
+    listener = _listen("127.0.0.1", 0)
+    server = make_server(app)
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [listener]}, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 30
+    while not server.started and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert server.started
+    return server, thread, listener.getsockname()[1]
+
+
+def wait_for(condition, seconds: float = 30):
+    deadline = time.monotonic() + seconds
+    while not condition() and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert condition()
+
+
+def test_a_heatmap_whose_client_leaves_mid_sweep_stops_there(run, image):
+    # A sweep once ran to its end for a page closed mid-sweep (a minute at 224 px), and the next heatmap waited.
+    slow = SlowRunner(run, pause=0.4)  # a 48 px sweep: 1 + 4 batches, 2 s
+    server, thread, port = started_server(create_app(runner=slow))
+    try:
+        leaving = multipart_request(port, image, heatmap=1)
+        wait_for(lambda: slow.batches)
+        leaving.sock.shutdown(socket.SHUT_RDWR)
+        leaving.close()
+        next_one = multipart_request(port, image, heatmap=1)
+        assert next_one.getresponse().status == 200
+        assert len(slow.batches) <= 2 + 5  # the leaver's batch in progress, perhaps one more; then a whole sweep
+    finally:
+        server.should_exit = True
+        thread.join(30)
+
+
+def test_stopping_the_server_stops_the_sweep_and_refuses_the_queued_heatmaps(run, image):
+    # uvicorn waits for every request in progress: Ctrl-C once waited for the sweep and every queued heatmap.
+    import signal
+
+    slow = SlowRunner(run, pause=0.4)
+    server, thread, port = started_server(create_app(runner=slow))
+    requests = [multipart_request(port, image, heatmap=1) for _ in range(3)]
+    wait_for(lambda: slow.batches)
+    started = time.monotonic()
+    server.handle_exit(signal.SIGTERM, None)  # what a signal calls (uvicorn handles them in the main thread only)
+    answers = [r.getresponse() for r in requests]
+    thread.join(30)
+    assert not thread.is_alive() and time.monotonic() - started < 3  # a batch, not 3 sweeps of 2 s
+    assert [a.status for a in answers] == [503, 503, 503]
+    assert "stopping" in json.loads(answers[0].read())["error"]
+    assert len(slow.batches) <= 2
