@@ -5,7 +5,8 @@ and sees the calibrated class probabilities, the predicted label and the occlusi
 name, its test balanced accuracy and a reminder that this is a research tool. `POST /api/predict` (multipart
 field `file`) answers JSON: {probabilities, predicted, warning, heatmap_png_base64, image_png_base64, model}, where
 `warning` is null, or says why the image looks like no radiograph (a colour photo or chart, an inverted film: as
-predict flags it); `?heatmap=0` leaves the heatmap out (null). The occlusion heatmap costs hundreds of forward
+predict flags it), and `model_changed` is null, or says that the run folder was deleted or retrained into since the
+server loaded its model (which it keeps answering with, until restarted); `?heatmap=0` leaves the heatmap out (null). The occlusion heatmap costs hundreds of forward
 passes (seconds to a minute per image at 224 px on a CPU), so the page asks for the probabilities first and the
 heatmap second.
 
@@ -138,6 +139,42 @@ def evaluated_test_metrics(run_dir: Path) -> dict | None:
     return metrics
 
 
+def model_files(runner) -> list[Path]:
+    """The files `runner` was loaded from: the run bundle's, or the ONNX export's with `--runtime onnx`."""
+    from cxr_fast.export import ONNX_FILE, PREPROCESSING_FILE
+
+    names = (ONNX_FILE, PREPROCESSING_FILE) if runner.runtime == "onnx" else ("config.json", "model.safetensors")
+    return [Path(runner.path) / name for name in names]
+
+
+def file_stamps(paths: list[Path]) -> tuple:
+    """(inode, size, modification time) of each file, None for one that is gone: a stat each, cheap per request."""
+    stamps = []
+    for path in paths:
+        try:
+            found = path.stat()
+        except OSError:
+            stamps.append(None)
+        else:
+            stamps.append((found.st_ino, found.st_size, found.st_mtime_ns))
+    return tuple(stamps)
+
+
+def model_changed(runner, paths: list[Path], loaded: tuple) -> str | None:
+    """Why the answers no longer come from the model now in the run folder, or None while it is the one loaded.
+
+    The model is loaded once, at start: a run folder deleted, or retrained into, while the server runs was served
+    on with the old model without a word, while `cxrfast predict` on the same folder gave other probabilities."""
+    now = file_stamps(paths)
+    if now == loaded:
+        return None
+    gone = all(stamp is None for stamp in now)
+    how = "deleted or moved" if gone else "changed (retrained, re-exported or replaced)"
+    then = (f"the model in {runner.path} was {how} after this server started; these answers still come from the model "
+            f"it loaded then ({runner.name}, as named above)")
+    return then + ("" if gone else ": restart `cxrfast serve` to use the new one")
+
+
 def model_card(runner) -> dict:
     metrics = evaluated_test_metrics(runner.path)
     card = {"name": runner.name, "arch": runner.arch, "runtime": runner.runtime, "classes": runner.classes,
@@ -199,6 +236,8 @@ def create_app(run_dir: str | Path | None = None, runtime: str = "torch", *, run
     from starlette.routing import Route
 
     runner = runner if runner is not None else load_runner(run_dir, runtime)
+    watched = model_files(runner)
+    loaded = file_stamps(watched)  # just after loading; a change made while it loaded is seen at the next restart
     card = model_card(runner)
     page = render_page(card, max_upload_bytes)
     heatmap_turn = asyncio.Lock()  # one occlusion sweep at a time: each keeps the CPU busy for seconds to a minute
@@ -211,7 +250,7 @@ def create_app(run_dir: str | Path | None = None, runtime: str = "torch", *, run
         return HTMLResponse(page)
 
     async def model(request: Request):
-        return JSONResponse(card)
+        return JSONResponse({**card, "model_changed": model_changed(runner, watched, loaded)})
 
     async def api_predict(request: Request):
         limit_text = f"{max_upload_bytes / 1024 / 1024:.0f} MB"
@@ -264,7 +303,8 @@ def create_app(run_dir: str | Path | None = None, runtime: str = "torch", *, run
             if storage_problem(e) is None:
                 raise
             return error(507, f"the server cannot store the upload ({storage_problem(e)})")
-        return JSONResponse({**result, "filename": filename, "model": card})
+        return JSONResponse({**result, "filename": filename, "model": card,
+                             "model_changed": model_changed(runner, watched, loaded)})
 
     app = Starlette(routes=[Route("/", index), Route("/api/model", model),
                             Route("/api/predict", api_predict, methods=["POST"])],
@@ -413,7 +453,7 @@ figcaption { font-size: .85rem; color: #555; }
 .bar .fill { background: #3366cc; height: 18px; border-radius: 4px; } .bar.top .fill { background: #cc3333; }
 .bar .value { width: 60px; text-align: right; font-variant-numeric: tabular-nums; }
 #error { color: #b00020; font-weight: bold; } #status { color: #555; }
-#warning { background: #fde2e1; border-radius: 8px; padding: 10px 14px; font-weight: bold; }
+#warning, #model-changed { background: #fde2e1; border-radius: 8px; padding: 10px 14px; font-weight: bold; }
 .meta { color: #444; font-size: .95rem; }
 </style></head>
 <body>
@@ -424,6 +464,7 @@ dataset; they can be confidently wrong on images unlike its training data.</p>
 <div id="drop" tabindex="0">Drop a chest X-ray here (PNG, JPEG or DICOM, at most {{MAX_MB}} MB), or
 <label><u>pick a file</u><input id="file" type="file" hidden></label>.</div>
 <p id="status"></p><p id="error" role="alert"></p>
+<p id="model-changed" role="alert" hidden></p>
 <section id="result" hidden>
 <p id="warning" role="alert" hidden></p>
 <h2>Predicted: <span id="predicted"></span></h2>
@@ -459,6 +500,8 @@ async function send(file) {
   try { answer = await ask(file, false, signal); } catch (e) { if (id === current) { show("status", ""); show("error", e.message); } return; }
   if (id !== current) return;
   show("status", "Result for " + file.name + ":");
+  const changed = document.getElementById("model-changed");
+  changed.textContent = answer.model_changed ? "Note: " + answer.model_changed + "." : ""; changed.hidden = !answer.model_changed;
   show("predicted", answer.predicted);
   const warning = document.getElementById("warning");
   warning.textContent = answer.warning ? "Warning: " + answer.warning + "." : ""; warning.hidden = !answer.warning;

@@ -223,6 +223,7 @@ def test_page_in_a_real_browser(server_url, image, tmp_path):
         WebDriverWait(driver, 60).until(lambda d: d.find_element(By.ID, "result").is_displayed()
                                         or d.find_element(By.ID, "error").text)
         assert driver.find_element(By.ID, "error").text == ""
+        assert not driver.find_element(By.ID, "model-changed").is_displayed()  # the run folder is as it was loaded
         predicted = driver.find_element(By.ID, "predicted").text
         bars = {b.get_attribute("data-label"): float(b.get_attribute("data-probability"))
                 for b in driver.find_elements(By.CSS_SELECTOR, "#bars .bar")}
@@ -591,3 +592,32 @@ def test_stopping_the_server_stops_the_sweep_and_refuses_the_queued_heatmaps(run
     assert [a.status for a in answers] == [503, 503, 503]
     assert "stopping" in json.loads(answers[0].read())["error"]
     assert len(slow.batches) <= 2
+
+
+def test_a_run_folder_retrained_or_deleted_under_the_server_is_said_in_every_answer(run, image, tmp_path):
+    # The model loads once: a run deleted, or retrained into, was served on with the old model without a word,
+    # while `cxrfast predict` on the same folder gave other probabilities.
+    from types import SimpleNamespace
+
+    from cxr_fast.serve import model_files
+
+    served = shutil.copytree(run, tmp_path / "served")
+    client = TestClient(create_app(served))
+    first = post(client, image.name, image.read_bytes())
+    assert first.status_code == 200 and first.json()["model_changed"] is None
+    assert client.get("/api/model").json()["model_changed"] is None
+
+    weights = served / "model.safetensors"
+    replaced = tmp_path / "new.safetensors"
+    replaced.write_bytes(weights.read_bytes())
+    os.replace(replaced, weights)  # as a new training writes it: a new file, same name
+    retrained = post(client, image.name, image.read_bytes()).json()
+    assert retrained["probabilities"] == first.json()["probabilities"]  # still the model it loaded
+    assert "changed (retrained" in retrained["model_changed"] and "restart `cxrfast serve`" in retrained["model_changed"]
+    assert client.get("/api/model").json()["model_changed"] == retrained["model_changed"]
+
+    shutil.rmtree(served)
+    deleted = client.post("/api/predict?heatmap=0", files={"file": (image.name, image.read_bytes())})
+    assert deleted.status_code == 200 and "deleted or moved" in deleted.json()["model_changed"]
+    assert [f.name for f in model_files(SimpleNamespace(runtime="onnx", path=served))] == [
+        "model.onnx", "preprocessing.json"]
