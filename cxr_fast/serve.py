@@ -328,7 +328,9 @@ async def _sweep(request, runner, data: bytes, suffix: str, stopping: threading.
                 gone.set()
         return work.result()
     finally:
-        gone.set()  # this request cancelled (a forced shutdown): its sweep stops too
+        if not work.done():  # this request cancelled (a forced shutdown): its sweep stops too, and its SweepStopped
+            gone.set()  # is collected here rather than logged as "Task exception was never retrieved"
+            work.add_done_callback(lambda done: done.cancelled() or done.exception())
 
 
 def _predict_bytes(runner, data: bytes, suffix: str, heatmap: bool) -> dict:

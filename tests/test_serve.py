@@ -621,3 +621,33 @@ def test_a_run_folder_retrained_or_deleted_under_the_server_is_said_in_every_ans
     assert deleted.status_code == 200 and "deleted or moved" in deleted.json()["model_changed"]
     assert [f.name for f in model_files(SimpleNamespace(runtime="onnx", path=served))] == [
         "model.onnx", "preprocessing.json"]
+
+
+def test_a_cancelled_heatmap_request_stops_its_sweep_and_leaves_no_unread_error(run, image):
+    # A request cancelled mid-sweep (uvicorn does so past a graceful-shutdown timeout) must stop its sweep, and the
+    # sweep's SweepStopped must be collected, not logged later as "Task exception was never retrieved".
+    import asyncio
+    import gc
+
+    from cxr_fast.serve import _sweep
+
+    slow, unread = SlowRunner(run, pause=0.3), []
+
+    class Staying:
+        async def is_disconnected(self):
+            return False
+
+    async def cancel_mid_sweep():
+        asyncio.get_running_loop().set_exception_handler(lambda loop, context: unread.append(context["message"]))
+        request = asyncio.ensure_future(_sweep(Staying(), slow, image.read_bytes(), image.suffix, threading.Event()))
+        while not slow.batches:
+            await asyncio.sleep(0.02)
+        request.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await request
+        await asyncio.sleep(1.0)  # the batch in progress ends, and the sweep with it
+        gc.collect()
+
+    asyncio.run(cancel_mid_sweep())
+    gc.collect()
+    assert len(slow.batches) <= 2 and unread == []
