@@ -238,8 +238,18 @@ def create_app(run_dir: str | Path | None = None, runtime: str = "torch", *, run
     runner = runner if runner is not None else load_runner(run_dir, runtime)
     watched = model_files(runner)
     loaded = file_stamps(watched)  # just after loading; a change made while it loaded is seen at the next restart
-    card = model_card(runner)
-    page = render_page(card, max_upload_bytes)
+    shown = {"card": model_card(runner)}
+    shown["page"] = render_page(shown["card"], max_upload_bytes)
+
+    def current(changed: str | None) -> dict:
+        """The model card and the page, with an evaluation written since the start (`cxrfast evaluate` while serving:
+        the page said "not evaluated" until restarted), as long as the model is the one loaded: after a retrain, the
+        evaluation in the folder is another model's."""
+        if changed is None:
+            card = model_card(runner)
+            if card != shown["card"]:
+                shown.update(card=card, page=render_page(card, max_upload_bytes))
+        return shown
     heatmap_turn = asyncio.Lock()  # one occlusion sweep at a time: each keeps the CPU busy for seconds to a minute
     stopping = threading.Event()  # set by `serve` on Ctrl-C or SIGTERM: sweeps stop, queued heatmaps are refused
 
@@ -247,10 +257,11 @@ def create_app(run_dir: str | Path | None = None, runtime: str = "torch", *, run
         return JSONResponse({"error": message}, status_code=status)
 
     async def index(request: Request):
-        return HTMLResponse(page)
+        return HTMLResponse(current(model_changed(runner, watched, loaded))["page"])
 
     async def model(request: Request):
-        return JSONResponse({**card, "model_changed": model_changed(runner, watched, loaded)})
+        changed = model_changed(runner, watched, loaded)
+        return JSONResponse({**current(changed)["card"], "model_changed": changed})
 
     async def api_predict(request: Request):
         limit_text = f"{max_upload_bytes / 1024 / 1024:.0f} MB"
@@ -303,8 +314,9 @@ def create_app(run_dir: str | Path | None = None, runtime: str = "torch", *, run
             if storage_problem(e) is None:
                 raise
             return error(507, f"the server cannot store the upload ({storage_problem(e)})")
-        return JSONResponse({**result, "filename": filename, "model": card,
-                             "model_changed": model_changed(runner, watched, loaded)})
+        changed = model_changed(runner, watched, loaded)
+        return JSONResponse({**result, "filename": filename, "model": current(changed)["card"],
+                             "model_changed": changed})
 
     app = Starlette(routes=[Route("/", index), Route("/api/model", model),
                             Route("/api/predict", api_predict, methods=["POST"])],

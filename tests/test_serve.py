@@ -651,3 +651,24 @@ def test_a_cancelled_heatmap_request_stops_its_sweep_and_leaves_no_unread_error(
     asyncio.run(cancel_mid_sweep())
     gc.collect()
     assert len(slow.batches) <= 2 and unread == []
+
+
+def test_an_evaluation_written_while_serving_is_shown_while_the_model_is_the_one_loaded(run, image, tmp_path):
+    # The card was read once, at start: after `cxrfast evaluate` the page said "not evaluated" until restarted.
+    served = shutil.copytree(run, tmp_path / "served")
+    client = TestClient(create_app(served))
+    assert "not evaluated" in client.get("/").text
+    (served / "eval" / "data-test").mkdir(parents=True)
+    (served / "eval" / "data-test" / "metrics.json").write_text(json.dumps(
+        {"balanced_accuracy": 0.8123, "n": 6, "balanced_accuracy_ci": [0.6, 0.95]}))
+    assert "test balanced accuracy 0.812 (95 % CI 0.600–0.950, 6 images)" in client.get("/").text
+    assert client.get("/api/model").json()["test_balanced_accuracy"] == 0.8123
+    assert post(client, image.name, image.read_bytes()).json()["model"]["test_balanced_accuracy"] == 0.8123
+
+    # retrained into: the folder's new evaluation is another model's, so the loaded model's stays on the page
+    weights = served / "model.safetensors"
+    weights.write_bytes(weights.read_bytes() + b"")
+    os.utime(weights, ns=(1, 1))
+    (served / "eval" / "data-test" / "metrics.json").write_text(json.dumps({"balanced_accuracy": 0.5, "n": 6}))
+    assert "test balanced accuracy 0.812" in client.get("/").text
+    assert client.get("/api/model").json()["test_balanced_accuracy"] == 0.8123
