@@ -12,7 +12,7 @@ heatmap second.
 
 It binds to 127.0.0.1 by default: the page has no login, so only this computer can reach it. Uploads are read
 with the toolkit's reader: a file that is not a readable X-ray gets a 4xx answer with the reason, and one above
-`MAX_UPLOAD_BYTES` gets 413 before it is stored. Predictions run in worker threads. Heatmaps take turns, one
+`MAX_UPLOAD_BYTES` gets 413 before it is stored, one that goes silent for `UPLOAD_IDLE_SECONDS` a 408. Predictions run in worker threads. Heatmaps take turns, one
 sweep at a time, and a heatmap whose page has moved on (a newer upload aborts the older request) is dropped when
 its turn comes instead of computed, or stopped between two batches of its sweep; probabilities never wait behind
 heatmaps. Ctrl-C or SIGTERM stops the sweep in progress the same way and answers the queued heatmaps 503.
@@ -45,10 +45,15 @@ from cxr_fast.errors import CxrFastError, storage_problem
 from cxr_fast.predict import image_warning, load_runner, model_image, model_input, occlusion_map, overlay_png
 
 MAX_UPLOAD_BYTES = 20 * 1024 * 1024  # a radiograph is a few MB even as uncompressed DICOM
+UPLOAD_IDLE_SECONDS = 60.0  # an upload that sends nothing for this long is given up (a client gone without a word)
 LOOPBACK = ("127.0.0.1", "localhost", "::1")
 
 
 class UploadTooLarge(Exception):
+    pass
+
+
+class UploadStalled(Exception):
     pass
 
 
@@ -212,9 +217,18 @@ def _png(pixels: np.ndarray) -> bytes:
     return buffer.getvalue()
 
 
-async def _limited(stream, limit: int):
-    total = 0
-    async for chunk in stream:
+async def _limited(stream, limit: int, idle_seconds: float = UPLOAD_IDLE_SECONDS):
+    """The body's chunks, up to `limit` bytes (then `UploadTooLarge`), each within `idle_seconds` of the last (then
+    `UploadStalled`): uvicorn waits for a body forever, so a client that went silent mid-upload (a laptop put to
+    sleep, a dropped network) held its connection and file descriptor for as long as the server ran."""
+    total, chunks = 0, aiter(stream)
+    while True:
+        try:
+            chunk = await asyncio.wait_for(anext(chunks), idle_seconds)
+        except StopAsyncIteration:
+            return
+        except asyncio.TimeoutError:
+            raise UploadStalled from None
         total += len(chunk)
         if total > limit:
             raise UploadTooLarge
@@ -222,7 +236,8 @@ async def _limited(stream, limit: int):
 
 
 def create_app(run_dir: str | Path | None = None, runtime: str = "torch", *, runner=None,
-               max_upload_bytes: int = MAX_UPLOAD_BYTES, allowed_hosts: tuple[str, ...] | None = None):
+               max_upload_bytes: int = MAX_UPLOAD_BYTES, allowed_hosts: tuple[str, ...] | None = None,
+               upload_idle_seconds: float = UPLOAD_IDLE_SECONDS):
     """The Starlette app for `run_dir` (or an already loaded `runner`). The model loads here, once.
 
     `allowed_hosts`: the names requests may be addressed to (`serve` passes `LOOPBACK` when bound to loopback);
@@ -271,10 +286,12 @@ def create_app(run_dir: str | Path | None = None, runtime: str = "torch", *, run
         if not request.headers.get("content-type", "").startswith("multipart/form-data"):
             return error(400, "send the image as multipart/form-data in a field named 'file'")
         try:
-            async with aclosing(_limited(request.stream(), max_upload_bytes + 64 * 1024)) as stream:
+            async with aclosing(_limited(request.stream(), max_upload_bytes + 64 * 1024, upload_idle_seconds)) as stream:
                 form = await MultiPartParser(request.headers, stream, max_files=1, max_fields=5).parse()
         except UploadTooLarge:
             return error(413, f"upload too large: at most {limit_text}")
+        except UploadStalled:
+            return error(408, f"the upload stopped: nothing arrived for {upload_idle_seconds:g} s")
         except Exception as e:  # noqa: BLE001 - python-multipart raises several types for malformed bodies
             if storage_problem(e) is not None:  # a large upload spools to disk: a full one is the server's fault
                 return error(507, f"the server cannot store the upload ({storage_problem(e)})")

@@ -672,3 +672,19 @@ def test_an_evaluation_written_while_serving_is_shown_while_the_model_is_the_one
     (served / "eval" / "data-test" / "metrics.json").write_text(json.dumps({"balanced_accuracy": 0.5, "n": 6}))
     assert "test balanced accuracy 0.812" in client.get("/").text
     assert client.get("/api/model").json()["test_balanced_accuracy"] == 0.8123
+
+
+def test_an_upload_that_goes_silent_is_answered_408_and_its_connection_freed(run, image):
+    # uvicorn waits for a body forever: a client gone silent mid-upload held its connection for as long as serve ran.
+    app = create_app(run, upload_idle_seconds=0.5)
+    server, thread, port = started_server(app)
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=10) as silent:
+            silent.sendall(f"POST /api/predict HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nContent-Length: 100000\r\n"
+                           "Content-Type: multipart/form-data; boundary=x\r\n\r\n--x\r\n".encode())
+            answer = silent.recv(65536).decode()
+        assert answer.startswith("HTTP/1.1 408") and "the upload stopped: nothing arrived for 0.5 s" in answer
+        assert multipart_request(port, image, heatmap=0).getresponse().status == 200  # the others are served
+    finally:
+        server.should_exit = True
+        thread.join(30)
