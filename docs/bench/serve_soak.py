@@ -7,7 +7,7 @@ Starts `cxrfast serve RUN` in a child process and talks to it over HTTP.
 
 1. Soak: REQUESTS requests cycling through probabilities alone (`?heatmap=0`), heatmaps, a text file, a file named
    .png that is no image, a DICOM, and a 21 MB upload with and without a Content-Length; every 50 requests the
-   server's RSS, open file descriptors, threads and new entries in the temporary folder.
+   server's RSS, open file descriptors, threads and upload folders (`cxrfast-upload-*`) in the temporary folder.
 2. Concurrency: CLIENTS threads send 8 requests each (half with heatmaps) of distinct films; every answer must carry
    the probabilities `cxrfast predict` gives for that film. Latencies, then the page and a `?heatmap=0` request
    timed while 4 heatmaps are queued.
@@ -97,7 +97,7 @@ def soak(run, films, port, n):
         "21 MB chunked": lambda i: ("big.png", bytes(21 * 1024 * 1024), 0, True),
     }
     plan = ["probabilities"] * 4 + ["heatmap"] * 2 + ["text", "not-a-png", "dicom", "21 MB", "21 MB chunked"]
-    temporary = lambda: set(glob.glob(tempfile.gettempdir() + "/*"))  # noqa: E731
+    temporary = lambda: set(glob.glob(tempfile.gettempdir() + "/cxrfast-upload-*"))  # noqa: E731
     before = temporary()
     server = start(run, port)
     process, statuses, started = psutil.Process(server.pid), {}, time.monotonic()
@@ -105,7 +105,7 @@ def soak(run, films, port, n):
     def sample(i):
         print(f"{i:5d} requests  RSS {process.memory_info().rss / 2**20:6.1f} MiB  "
               f"fds {len(os.listdir(f'/proc/{server.pid}/fd')):3d}  threads {process.num_threads():3d}  "
-              f"new temporary entries {len(temporary() - before)}  {time.monotonic() - started:6.1f} s", flush=True)
+              f"upload folders {len(temporary() - before)}  {time.monotonic() - started:6.1f} s", flush=True)
 
     try:
         sample(0)
@@ -120,7 +120,7 @@ def soak(run, films, port, n):
     finally:
         server.terminate()
         server.wait(60)
-    print(f"left in the temporary folder after exit: {sorted(temporary() - before) or 'nothing'}")
+    print(f"upload folders left after exit: {sorted(temporary() - before) or 'none'}")
 
 
 def concurrency(run, films, port, clients):
