@@ -6,16 +6,17 @@ name, its test balanced accuracy and a reminder that this is a research tool. `P
 field `file`) answers JSON: {probabilities, predicted, warning, heatmap_png_base64, image_png_base64, model}, where
 `warning` is null, or says why the image looks like no radiograph (a colour photo or chart, an inverted film: as
 predict flags it), and `model_changed` is null, or says that the run folder was deleted or retrained into since the
-server loaded its model (which it keeps answering with, until restarted); `?heatmap=0` leaves the heatmap out (null). The occlusion heatmap costs hundreds of forward
-passes (seconds to a minute per image at 224 px on a CPU), so the page asks for the probabilities first and the
-heatmap second.
+server loaded its model (which it keeps answering with, until restarted); `?heatmap=0` leaves the heatmap out
+(null). The occlusion heatmap costs hundreds of forward passes (seconds to a minute per image at 224 px on a CPU),
+so the page asks for the probabilities first and the heatmap second.
 
 It binds to 127.0.0.1 by default: the page has no login, so only this computer can reach it. Uploads are read
 with the toolkit's reader: a file that is not a readable X-ray gets a 4xx answer with the reason, and one above
-`MAX_UPLOAD_BYTES` gets 413 before it is stored, one that goes silent for `UPLOAD_IDLE_SECONDS` a 408. Predictions run in worker threads. Heatmaps take turns, one
-sweep at a time, and a heatmap whose page has moved on (a newer upload aborts the older request) is dropped when
-its turn comes instead of computed, or stopped between two batches of its sweep; probabilities never wait behind
-heatmaps. Ctrl-C or SIGTERM stops the sweep in progress the same way and answers the queued heatmaps 503.
+`MAX_UPLOAD_BYTES` gets 413 before it is stored, one that goes silent for `UPLOAD_IDLE_SECONDS` a 408.
+Predictions run in worker threads. Heatmaps take turns, one sweep at a time, and a heatmap whose page has moved
+on (a newer upload aborts the older request) is dropped when its turn comes instead of computed, or stopped between
+two batches of its sweep; probabilities never wait behind heatmaps. Ctrl-C or SIGTERM stops the sweep in progress
+the same way and answers the queued heatmaps 503.
 
 Any web page open in the same browser can send requests to a local server. So a request whose `Origin` is another
 site is refused (403), and a server bound to loopback answers only requests addressed to a loopback name: a page
