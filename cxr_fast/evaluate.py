@@ -409,8 +409,9 @@ def calibration_text(run: Run, metrics: dict) -> str:
 def compute_metrics(y: np.ndarray, logits: np.ndarray, classes: list[str], temperature: float,
                     n_boot: int = 1000, seed: int = 0) -> dict:
     """Every figure of an evaluation from labels `y` [N] and raw `logits` [N, K]: accuracy, balanced accuracy,
-    per-class precision/recall/specificity/NPV/F1, ROC and PR AUCs, with `n_boot` bootstrap 95 % intervals, and ECE and NLL before
-    and after dividing the logits by `temperature`."""
+    per-class precision/recall/specificity/NPV (each with its 95 % Wilson interval) and F1, ROC and PR AUCs, `n_boot`
+    bootstrap 95 % intervals of the summary figures, and ECE and NLL before and after dividing the logits by
+    `temperature`."""
     probs = softmax(logits)
     calibrated = softmax(logits, temperature)
     metrics = classification_metrics(y, probs, classes)
