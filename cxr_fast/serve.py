@@ -3,12 +3,12 @@
 One page (HTML and JavaScript in this file, nothing fetched from the internet) where one drops or picks an X-ray
 and sees the calibrated class probabilities, the predicted label and the occlusion heatmap, with the model's
 name, its test balanced accuracy and a reminder that this is a research tool. `POST /api/predict` (multipart
-field `file`) answers JSON: {probabilities, predicted, warning, heatmap_png_base64, image_png_base64, model}, where
-`warning` is null, or says why the image looks like no radiograph (a colour photo or chart, an inverted film: as
-predict flags it), and `model_changed` is null, or says that the run folder was deleted or retrained into since the
-server loaded its model (which it keeps answering with, until restarted); `?heatmap=0` leaves the heatmap out
-(null). The occlusion heatmap costs hundreds of forward passes (seconds to a minute per image at 224 px on a CPU),
-so the page asks for the probabilities first and the heatmap second.
+field `file`) answers JSON: {probabilities, predicted, warning, heatmap_png_base64, image_png_base64, filename, model,
+model_changed}, where `warning` is null, or says why the image looks like no radiograph (a colour photo or chart, an
+inverted film: as predict flags it), and `model_changed` is null, or says that the run folder was deleted or
+retrained into since the server loaded its model (which it keeps answering with, until restarted); `?heatmap=0`
+leaves the heatmap out (null). The occlusion heatmap costs hundreds of forward passes (seconds to a minute per image
+at 224 px on a CPU), so the page asks for the probabilities first and the heatmap second.
 
 It binds to 127.0.0.1 by default: the page has no login, so only this computer can reach it. Uploads are read
 with the toolkit's reader: a file that is not a readable X-ray gets a 4xx answer with the reason, and one above
