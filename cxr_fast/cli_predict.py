@@ -48,11 +48,9 @@ def register(app: typer.Typer, user_errors, console, err_console) -> None:
         """Calibrated class probabilities for new X-rays; unreadable files skipped, colour images flagged."""
         from cxr_fast.errors import CxrFastError
         from cxr_fast.outputs import printable
-        from cxr_fast.predict import predict as run_prediction
 
-        if runtime == "torch":  # the onnx runtime needs no torch: it starts at once
-            with loading_libraries(err_console):
-                import timm  # noqa: F401  (imported here, not when the run loads, so that the spinner covers it)
+        with loading_libraries(err_console, torch=runtime == "torch"):  # the onnx runtime needs no torch
+            from cxr_fast.predict import predict as run_prediction
 
         results, skipped = run_prediction(run, inputs, heatmap=heatmap, out=out, runtime=runtime, force=force)
         if not results.empty:
@@ -118,11 +116,8 @@ def register(app: typer.Typer, user_errors, console, err_console) -> None:
         runtime: Annotated[str, typer.Option(help="torch, or onnx (needs `cxrfast export RUN` first).")] = "torch",
     ):
         """A local web page: drop an X-ray, see class probabilities and the occlusion heatmap."""
-        with loading_libraries(err_console):
+        with loading_libraries(err_console, torch=runtime == "torch"):
             from cxr_fast.serve import serve as run_server
-
-            if runtime == "torch":
-                import timm  # noqa: F401  (imported here, not when the run loads, so that the spinner covers it)
 
         def ready(url: str, loopback: bool):
             console.print(f"serving [bold]{escape(str(run))}[/] at [bold]{escape(url)}[/] (Ctrl+C to stop)")

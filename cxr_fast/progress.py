@@ -10,6 +10,8 @@ from __future__ import annotations
 import io
 import sys
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import TextIO
 
@@ -31,12 +33,20 @@ def progress_bar(enabled: bool = True, transient: bool = True, console: Console 
     return Progress(*columns, console=console, transient=transient, disable=not enabled)
 
 
-def loading_libraries(console: Console):
+@contextmanager
+def loading_libraries(console: Console, torch: bool = True) -> Iterator[None]:
     """A spinner on a terminal while a model command imports PyTorch, fastai and timm: 3-9 s on 2 cores in which
     nothing else is printed yet, long enough to wonder whether the command started. A log or pipe gets nothing
     (rich draws no status there), so it has no line to grep past. Wrap the imports only: the spinner must be gone
-    before the command's own bars and fastai's start."""
-    return console.status("loading PyTorch…")
+    before the command's own bars and fastai's start. timm, and PyTorch under it, is imported at the end of the block:
+    no cxr_fast module imports it at the top, so loading the run would, 1-2 s after the spinner had gone (export's
+    spinner covered nothing at all). `torch=False` (the onnx runtime, which never imports PyTorch): no spinner."""
+    if not torch:
+        yield
+        return
+    with console.status("loading PyTorch…"):
+        yield
+        import timm  # noqa: F401
 
 
 @dataclass

@@ -561,6 +561,21 @@ def test_model_commands_say_they_are_loading_pytorch_at_a_terminal_and_not_in_a_
         assert piped.output == f"error: {missing}: no such run folder\n"
 
 
+def test_the_loading_spinner_covers_timm_and_pytorch_and_the_onnx_runtime_loads_neither():
+    # export's spinner wrapped an import of cxr_fast.export alone (0.1 s): PyTorch and timm then loaded, 3-9 s, with
+    # nothing on the screen; evaluate's and the others' left timm (1-2 s) to the run's loading, after the spinner
+    import subprocess
+    import sys
+
+    script = ("import sys; from rich.console import Console; from cxr_fast.progress import loading_libraries\n"
+              "with loading_libraries(Console(), torch={torch}): pass\n"
+              "print(sorted(m for m in ('timm', 'torch') if m in sys.modules))")
+    for torch, loaded in ((True, "['timm', 'torch']"), (False, "[]")):
+        done = subprocess.run([sys.executable, "-c", script.format(torch=torch)], capture_output=True, text=True,
+                              check=True)
+        assert done.stdout.strip() == loaded, done.stderr
+
+
 def test_compare_s_console_table_names_its_figures_as_the_report_does(tiny_runs, tmp_path):
     # two seeds of one architecture: each figure is their mean, yet the console called the mean of their intervals
     # "95 % CI", and gave the calibrated ECE as plain "ECE"
