@@ -926,6 +926,21 @@ def test_negative_films_are_kept_named_in_a_warning_and_measured_in_the_manifest
     assert upright.pop("negative.png") < 0 < min(upright.values())
 
 
+def test_prepare_s_warning_and_the_manifest_s_upright_column_agree_on_a_barely_negative_film(tmp_path, monkeypatch):
+    # the column was rounded to 4 places: a correlation of -0.00003 was named "inverted" by prepare, and read back as
+    # -0.0, which is not below 0, so evaluate's predictions.csv gave that image no warning
+    from cxr_fast.data import cache
+    from cxr_fast.data.inversion import inverted_warning
+    from cxr_fast.data.synth import synthesize
+
+    synthesize(tmp_path / "src", n_per_class=2, size=64, progress=False)
+    monkeypatch.setattr(cache, "upright_correlation", lambda image: -0.00003)
+    report = quiet(tmp_path / "src", tmp_path / "out")
+    assert any(w.startswith("6 images are inverted") for w in report.warnings), report.warnings
+    frame = pd.read_csv(tmp_path / "out" / "manifest.csv")
+    assert all(inverted_warning(u) is not None for u in frame["upright"])
+
+
 def test_colour_images_are_kept_and_named_in_a_warning(tmp_path):
     # an external collection with a photo or chart in it was prepared without a word, and evaluate scored it
     src = make_dataset(tmp_path / "src", per_class=3)

@@ -331,7 +331,7 @@ def prepare(
                 height=result.height,
                 cache_path=result.cache_path,
                 colour=result.colour,
-                upright=round(result.upright, 4),
+                upright=result.upright,
             )
         )
     if not rows:
