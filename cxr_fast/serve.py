@@ -78,15 +78,20 @@ class StoppableRunner:
     def torch_module(self):
         import torch
 
-        inner, stop = self.runner.torch_module(), self.stop
+        stop = self.stop
 
         class Stoppable(torch.nn.Module):
+            def __init__(self, inner):
+                super().__init__()
+                self.inner = inner  # a submodule, so that the sweep's eval() reaches it, as without the wrapper,
+                self.train(inner.training)  # and its restoring train(...) leaves it in the mode it was in
+
             def forward(self, x):
                 if stop():
                     raise SweepStopped
-                return inner(x)
+                return self.inner(x)
 
-        return Stoppable()
+        return Stoppable(self.runner.torch_module())
 
 
 def host_name(host: str) -> str:

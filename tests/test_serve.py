@@ -688,3 +688,26 @@ def test_an_upload_that_goes_silent_is_answered_408_and_its_connection_freed(run
     finally:
         server.should_exit = True
         thread.join(30)
+
+
+def test_a_stoppable_runner_s_heatmap_is_the_runner_s_own_with_the_model_in_eval_mode():
+    # the wrapper held the model in a closure, not as a submodule, so the sweep's eval() never reached it: a model in
+    # training mode (dropout on) gave a different heatmap through serve than through predict
+    from types import SimpleNamespace
+
+    import numpy as np
+    import torch
+
+    from cxr_fast.predict import occlusion_map
+    from cxr_fast.serve import StoppableRunner
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Dropout(0.5), torch.nn.Linear(16 * 16, 3)).train()
+    runner = SimpleNamespace(torch_module=lambda: model, mean=[0.5], std=[0.25])
+    x = np.random.default_rng(0).normal(size=(1, 16, 16)).astype(np.float32)
+    expected = occlusion_map(runner, x, 1)
+    assert np.array_equal(occlusion_map(StoppableRunner(runner, lambda: False), x, 1), expected)
+    assert model.training  # and left as it was, in training mode or in eval mode (a loaded run's)
+    model.eval()
+    assert np.array_equal(occlusion_map(StoppableRunner(runner, lambda: False), x, 1), expected)
+    assert not model.training
