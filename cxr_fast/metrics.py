@@ -110,17 +110,18 @@ def _confusion_summaries(cm: np.ndarray) -> dict[str, np.ndarray]:
     precision = _safe_divide(tp, predicted, 0.0)
     recall = _safe_divide(tp, support, 0.0)
     f1 = _safe_divide(2 * tp, support + predicted, 0.0)
-    # one-vs-rest: of the images not of the class, the share not called it (a clinician reads recall as sensitivity
+    n = cm.sum(axis=(1, 2))[:, None].astype(np.float64)
+    tn = n - support - predicted + tp  # one-vs-rest: neither of the class nor called it
+    # specificity: of the images not of the class, the share not called it (a clinician reads recall as sensitivity
     # and asks for this beside it); NaN where every image is of the class
-    negatives = cm.sum(axis=(1, 2))[:, None] - support
-    specificity = _safe_divide(negatives - (predicted - tp), negatives, np.nan)
+    specificity = _safe_divide(tn, n - support, np.nan)
     # negative predictive value: of the images not called the class, the share truly not of it (precision's
     # counterpart: how far a clinician can trust a "not c"); NaN where every image is called the class
-    called_other = cm.sum(axis=(1, 2))[:, None] - predicted
-    npv = _safe_divide(called_other - (support - tp), called_other, np.nan)
+    npv = _safe_divide(tn, n - predicted, np.nan)
     occurs = (support + predicted) > 0
     return {
         "tp": tp,
+        "tn": tn,
         "support": support,
         "predicted": predicted,
         "precision": precision,
@@ -247,8 +248,7 @@ def classification_metrics(y_true, probs, classes: Sequence[str]) -> dict:
     n_cases = len(y)
     per_class = {}
     for k, name in enumerate(classes):
-        tp, support, predicted = conf["tp"][0, k], conf["support"][0, k], conf["predicted"][0, k]
-        tn = n_cases - support - predicted + tp
+        tp, tn, support, predicted = (conf[key][0, k] for key in ("tp", "tn", "support", "predicted"))
         per_class[name] = {
             "precision": float(conf["precision"][0, k]),
             # no cases, no recall: None, as balanced accuracy leaves the class out (not 0, which it would count)
