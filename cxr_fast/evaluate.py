@@ -207,14 +207,14 @@ def metrics_table(m: dict):
     for name, v in m["per_class"].items():
         # two lines, so that a 100-column terminal holds them beside the widest label: what does not depend on how
         # common the class is (sensitivity, specificity), then what does (the predictive values) and F1
-        table.add_row(f"  {escape(name)}", f"R {_with_interval(v, 'recall')}  Spec {_with_interval(v, 'specificity')}  "
+        table.add_row(f"  {escape(name)}", f"R {_figure_text(v, 'recall')}  Spec {_figure_text(v, 'specificity')}  "
                                            f"n {v['support']}\n"
-                                           f"P {_with_interval(v, 'precision')}  NPV {_with_interval(v, 'npv')}  "
+                                           f"P {_figure_text(v, 'precision')}  NPV {_figure_text(v, 'npv')}  "
                                            f"F1 {v['f1']:.2f}")
     return table
 
 
-def _with_interval(v: dict, key: str) -> str:
+def _figure_text(v: dict, key: str) -> str:
     """A per-class figure to two decimals with its 95 % Wilson interval, "0.95 (0.75–0.99)"; "—" where it is undefined
     (recall without images of the class, say), and the figure alone where it has no interval (a never-predicted class's
     precision, 0 by convention) or the metrics.json predates the intervals (hence .get, as for specificity and NPV)."""
