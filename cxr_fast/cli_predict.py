@@ -45,7 +45,7 @@ def register(app: typer.Typer, user_errors, console, err_console) -> None:
         runtime: Annotated[str, typer.Option(help="torch, or onnx (needs `cxrfast export RUN` first; starts faster).")] = "torch",
         force: Annotated[bool, typer.Option(help="Replace an existing --out file.")] = False,
     ):
-        """Calibrated class probabilities for new X-rays; unreadable files skipped, colour images flagged."""
+        """Calibrated class probabilities for new X-rays; unreadable files skipped, colour images and negative films flagged."""
         from cxr_fast.errors import CxrFastError
         from cxr_fast.outputs import printable
 
