@@ -255,6 +255,21 @@ def test_register_arch_adds_a_builder_the_whole_api_takes(tiny_data, tmp_path, m
         model_from_config(config)
 
 
+def test_a_builder_default_a_run_bundle_cannot_record_is_refused_at_registration(monkeypatch):
+    # check_arch looked at the variant's values only: a default such as act=nn.ReLU passed register_arch, `cxrfast
+    # models` listed the architecture, then every create_model refused: "Object of type type is not JSON serializable"
+    from cxr_fast.archs import register_arch, registry
+
+    monkeypatch.setattr(registry, "LOCAL_ARCHS", dict(registry.LOCAL_ARCHS))
+
+    def build_with_a_class_default(n_in, n_classes, act=nn.ReLU):
+        return nn.Sequential(nn.Conv2d(n_in, 4, 3), act()), nn.Sequential(nn.Flatten(), nn.LazyLinear(n_classes))
+
+    with pytest.raises(CxrFastError, match="classdefault: architecture arguments must be numbers, strings or lists"):
+        register_arch("classdefault", build_with_a_class_default)
+    assert "classdefault" not in registry.LOCAL_ARCHS
+
+
 def test_a_recipe_s_dropout_and_hidden_layers_reach_the_head():
     # dropout=0.3 in a recipe must put a dropout before the classifier, and the hidden layer must carry its layers
     head = create_model("cxresnet_tiny", hidden=16, dropout=0.3).head

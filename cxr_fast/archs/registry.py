@@ -89,7 +89,8 @@ def check_arch(name: str, builder: Builder, variant: Mapping[str, Any]) -> None:
     unknown = sorted(set(variant) - {p.name for p in parameters[2:]})
     if unknown:
         raise CxrFastError(f"{name}: the builder takes no argument {', '.join(unknown)}")
-    _json_values(name, dict(variant))
+    # what a run bundle records: the defaults under the variant (a default such as act=nn.ReLU cannot be)
+    _json_values(name, {**{p.name: p.default for p in parameters[2:]}, **variant})
 
 
 class CXRModel(nn.Module):
