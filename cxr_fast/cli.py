@@ -250,7 +250,7 @@ def evaluate(
     """Metrics with 95 % CIs, calibration, ROC/PR curves, confusion matrix and an HTML report."""
     with loading_libraries(err_console):
         from cxr_fast.evaluate import evaluate as run_evaluation
-        from cxr_fast.evaluate import metrics_table, seen_warning, shift_warning
+        from cxr_fast.evaluate import flagged_warning, metrics_table, seen_warning, shift_warning
 
     result = run_evaluation(run, data, split, tta=tta, force=force)
     m = result.metrics
@@ -260,6 +260,8 @@ def evaluate(
         err_console.print(f"[bold yellow]warning:[/] {escape(seen)}")
     if result.shift and result.shift["out_of_distribution"]:
         err_console.print(f"[bold yellow]warning:[/] {escape(shift_warning(result.shift))}")
+    if flagged := flagged_warning(m):
+        err_console.print(f"[bold yellow]warning:[/] {escape(flagged)}", highlight=False, soft_wrap=True)
     if "skipped" in m.get("shift", {}):
         err_console.print(f"[bold yellow]warning:[/] distribution-shift check skipped: {escape(m['shift']['skipped'])}")
     console.print(f"report: [bold]{escape(str(result.out_dir / 'report.html'))}[/]")

@@ -160,6 +160,17 @@ def image_warnings(items: pd.DataFrame) -> list[str]:
     return [image_warning(colour, upright) or "" for colour, upright in zip(measured("colour"), measured("upright"))]
 
 
+def flagged_warning(metrics: dict) -> str | None:
+    """One sentence for the console and the report when some evaluated images look like no upright grey film (predict's
+    warnings, from prepare's measurements), else None: they are scored like the others, and only predictions.csv's
+    rows said so."""
+    flagged = metrics.get("flagged_images")
+    if not flagged:
+        return None
+    return (f"{flagged} of {metrics['n']} images look like no upright grey chest film (in colour, or a negative film); "
+            "they are scored like the others: predictions.csv's warning column names them and says why")
+
+
 def select_unseen_items(run: Run, data: str | Path | None, split: str):
     """`select_items`, then, for another source's manifest, `drop_seen`: the images evaluate and interpret use.
 
@@ -505,6 +516,8 @@ def evaluate(run_dir: str | Path, data: str | Path | None = None, split: str = "
                     predictions[f"p_{c}"] = probs[:, k]
                 if "colour" in items or "upright" in items:  # prepare measured them; a manifest without makes no
                     predictions["warning"] = image_warnings(items)  # claim either way
+                    if flagged := int((predictions["warning"] != "").sum()):
+                        metrics["flagged_images"] = flagged
                 predictions.to_csv(work / "predictions.csv", index=False)
                 write_seen_images(work, left_out)
                 write_metrics_json(work / "metrics.json", metrics)
@@ -519,6 +532,8 @@ def evaluate(run_dir: str | Path, data: str | Path | None = None, split: str = "
                     cautions.insert(0, optimistic_note(split).capitalize() + ".")
                 if (worse := calibration_worse(metrics)) is not None:
                     cautions.append(worse)
+                if (flagged_note := flagged_warning(metrics)) is not None:
+                    cautions.append(flagged_note)
                 sections = [
                     Section("Curves", text="One-vs-rest ROC and precision-recall curves per class.",
                             figures=["roc_curves", "pr_curves"]),

@@ -106,6 +106,16 @@ def test_predictions_flag_the_colour_images_prepare_found_as_predict_does(tiny_r
     negative, photo = flagged["warning"]
     assert photo.startswith("a colour image (100% of its pixels are coloured)")
     assert negative.startswith("looks like an inverted (negative) film")  # predict's words
+    # and the evaluation says so where it is read, not only in the CSV (they are scored like the others)
+    assert result.metrics["flagged_images"] == 2 and "flagged_images" not in unknown.metrics
+    sentence = f"2 of {result.metrics['n']} images look like no upright grey chest film (in colour, or a negative film)"
+    assert sentence in (result.out_dir / "report.html").read_text(encoding="utf-8")
+    from typer.testing import CliRunner
+
+    from cxr_fast.cli import app
+
+    shown = CliRunner().invoke(app, ["evaluate", str(tiny_runs[0]), "--data", str(tmp_path / "with-photo"), "--force"])
+    assert shown.exit_code == 0 and f"warning: {sentence}" in shown.output.replace("\n", " "), shown.output
 
 
 def test_domain_auc_is_chance_for_alike_and_high_for_different():
