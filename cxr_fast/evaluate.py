@@ -325,8 +325,8 @@ SITE_TEXT = ("The same metrics at each site. A model that learned a hospital's l
 
 def metrics_by_site(items: pd.DataFrame, y: np.ndarray, logits: np.ndarray, classes: list[str],
                     n_boot: int = 1000, seed: int = 0) -> dict | None:
-    """n, accuracy, balanced accuracy (with its bootstrap 95 % interval) and per-class recall at each site
-    (`prepare --sites`); None for one site.
+    """n, accuracy, balanced accuracy (with its bootstrap 95 % interval) and per-class recall (with its 95 % Wilson
+    interval) at each site (`prepare --sites`); None for one site.
 
     A model that learned a hospital's look instead of the disease scores well where that look goes with the
     class and badly elsewhere, which the pooled figure hides. The interval says how far a small site's figure can
@@ -345,7 +345,9 @@ def metrics_by_site(items: pd.DataFrame, y: np.ndarray, logits: np.ndarray, clas
         by_site[site or "(none)"] = {
             "n": m["n"], "accuracy": m["accuracy"], "balanced_accuracy": m["balanced_accuracy"],
             "balanced_accuracy_ci": list(bootstrap_ci(y[rows], probs, "balanced_accuracy", n_boot=n_boot, seed=seed)),
-            "recall": {name: v["recall"] for name, v in m["per_class"].items()}}
+            "recall": {name: v["recall"] for name, v in m["per_class"].items()},
+            # a site's recall of a class rests on few images: its Wilson interval says how few (null: none there)
+            "recall_ci": {name: v["recall_ci"] for name, v in m["per_class"].items()}}
     return by_site
 
 
@@ -371,8 +373,16 @@ def site_table(by_site: dict) -> pd.DataFrame:
          + (" (one class only)" if sum(r is not None for r in v["recall"].values()) == 1 else ""),
          "95 % interval": _interval(v) or "—",
          "accuracy": f"{v['accuracy']:.3f}",
-         **{f"recall {name}": "—" if r is None else f"{r:.2f}" for name, r in v["recall"].items()}}
+         **{f"recall {name}": _site_recall(r, v.get("recall_ci", {}).get(name)) for name, r in v["recall"].items()}}
         for site, v in by_site.items()])
+
+
+def _site_recall(recall: float | None, ci: list | None) -> str:
+    """A site's recall of a class for the report, with its Wilson interval ("—" where the site has no image of the
+    class; the figure alone in a metrics.json written before the intervals)."""
+    if recall is None:
+        return "—"
+    return f"{recall:.2f}" if ci is None else f"{recall:.2f} ({ci[0]:.2f}–{ci[1]:.2f})"
 
 
 def marker_text(by_marker: dict) -> str:

@@ -684,10 +684,15 @@ def test_metrics_are_split_by_site_where_the_manifest_names_sites():
     assert by_site["A"]["balanced_accuracy"] == pytest.approx(1.0)
     assert by_site["B"] == {"n": 3, "accuracy": pytest.approx(1 / 3), "balanced_accuracy": pytest.approx(0.25),
                             "balanced_accuracy_ci": [0.0, 0.5],  # resampling B's two Normal films: recall 0, ½ or 1
-                            "recall": {"COVID-19": 0.0, "Normal": 0.5, "Pneumonia": None}}
+                            "recall": {"COVID-19": 0.0, "Normal": 0.5, "Pneumonia": None},
+                            # Wilson intervals of 0/1 and 1/2, as classification_metrics gives them; none without images
+                            "recall_ci": {"COVID-19": pytest.approx([0.0, 0.7935], abs=1e-4),
+                                          "Normal": pytest.approx([0.0945, 0.9055], abs=1e-4), "Pneumonia": None}}
     assert by_site["A"]["balanced_accuracy_ci"] == [1.0, 1.0]
-    assert list(site_table(by_site).loc[1, ["site", "balanced accuracy", "95 % interval", "recall Pneumonia"]]) == [
-        "B", "0.250", "(0.000–0.500)", "—"]
+    assert list(site_table(by_site).loc[1, ["site", "balanced accuracy", "95 % interval", "recall Normal",
+                                            "recall Pneumonia"]]) == ["B", "0.250", "(0.000–0.500)", "0.50 (0.09–0.91)", "—"]
+    old = {site: {k: x for k, x in v.items() if k != "recall_ci"} for site, v in by_site.items()}  # before intervals
+    assert site_table(old).loc[1, "recall Normal"] == "0.50"
     assert metrics_by_site(pd.DataFrame({"site": ["A"] * 3}), y[:3], logits[:3], ["a", "b", "c"]) is None
     assert metrics_by_site(pd.DataFrame({"path": ["x"] * 3}), y[:3], logits[:3], ["a", "b", "c"]) is None
     assert "balanced accuracy at B │ 0.250 (0.000–0.500) (n 3; recall 0.00 / 0.50 / —)" in metrics_table_text(
