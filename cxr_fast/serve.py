@@ -278,7 +278,10 @@ def create_app(run_dir: str | Path | None = None, runtime: str = "torch", *, run
         return JSONResponse({"error": message}, status_code=status)
 
     async def index(request: Request):
-        return HTMLResponse(current(model_changed(runner, watched, loaded))["page"])
+        changed = model_changed(runner, watched, loaded)
+        # the note shows from the page's first view, not only once someone has uploaded an image
+        return HTMLResponse(current(changed)["page"] if changed is None else
+                            render_page(shown["card"], max_upload_bytes, changed))
 
     async def model(request: Request):
         changed = model_changed(runner, watched, loaded)
@@ -448,7 +451,8 @@ def _listen(host: str, port: int) -> socket.socket:
 # ---------------------------------------------------------------------------------------------- page
 
 
-def render_page(card: dict, max_upload_bytes: int) -> str:
+def render_page(card: dict, max_upload_bytes: int, changed: str | None = None) -> str:
+    """The page for `card`; `changed` (`model_changed`'s note) shows at its top when given."""
     from cxr_fast.report import DISCLAIMER
 
     if card["evaluated"] and card["test_balanced_accuracy"] is not None:
@@ -466,6 +470,8 @@ def render_page(card: dict, max_upload_bytes: int) -> str:
         "DISCLAIMER": html.escape(DISCLAIMER),
         "MAX_BYTES": str(int(max_upload_bytes)),
         "MAX_MB": f"{max_upload_bytes / 1024 / 1024:.0f}",
+        "CHANGED": html.escape(f"Note: {changed}.") if changed else "",
+        "CHANGED_HIDDEN": "" if changed else " hidden",
     }
     page = PAGE
     for key, value in values.items():
@@ -501,7 +507,7 @@ dataset; they can be confidently wrong on images unlike its training data.</p>
 <div id="drop" tabindex="0">Drop a chest X-ray here (PNG, JPEG or DICOM, at most {{MAX_MB}} MB), or
 <label><u>pick a file</u><input id="file" type="file" hidden></label>.</div>
 <p id="status"></p><p id="error" role="alert"></p>
-<p id="model-changed" role="alert" hidden></p>
+<p id="model-changed" role="alert"{{CHANGED_HIDDEN}}>{{CHANGED}}</p>
 <section id="result" hidden>
 <p id="warning" role="alert" hidden></p>
 <h2>Predicted: <span id="predicted"></span></h2>

@@ -1,6 +1,7 @@
 """serve: the JSON endpoint in-process, the page, and the page in a real headless browser."""
 
 import base64
+import html
 import inspect
 import io
 import json
@@ -606,6 +607,7 @@ def test_a_run_folder_retrained_or_deleted_under_the_server_is_said_in_every_ans
     first = post(client, image.name, image.read_bytes())
     assert first.status_code == 200 and first.json()["model_changed"] is None
     assert client.get("/api/model").json()["model_changed"] is None
+    assert '<p id="model-changed" role="alert" hidden></p>' in client.get("/").text
 
     weights = served / "model.safetensors"
     replaced = tmp_path / "new.safetensors"
@@ -615,6 +617,9 @@ def test_a_run_folder_retrained_or_deleted_under_the_server_is_said_in_every_ans
     assert retrained["probabilities"] == first.json()["probabilities"]  # still the model it loaded
     assert "changed (retrained" in retrained["model_changed"] and "restart `cxrfast serve`" in retrained["model_changed"]
     assert client.get("/api/model").json()["model_changed"] == retrained["model_changed"]
+    # the page says so from its first view, before anyone uploads an image
+    page = client.get("/").text
+    assert f'<p id="model-changed" role="alert">Note: {html.escape(retrained["model_changed"])}.</p>' in page
 
     shutil.rmtree(served)
     deleted = client.post("/api/predict?heatmap=0", files={"file": (image.name, image.read_bytes())})
