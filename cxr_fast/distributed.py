@@ -30,6 +30,7 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
+from rich.console import Console
 
 from cxr_fast.errors import CxrFastError, storage_problem
 
@@ -221,11 +222,17 @@ def default_nproc() -> int:
     return torch.cuda.device_count() or 2
 
 
-def _train_worker(data, cfg, out, resume, extra_cbs, quiet) -> str:
+def _train_worker(data, cfg, out, resume, extra_cbs, quiet, notebook: bool = False) -> str:
     from cxr_fast.memory import keep_freed_memory_as_parent_did
     from cxr_fast.train import train
 
     keep_freed_memory_as_parent_did()
+    if notebook:
+        # A Jupyter kernel sets FORCE_COLOR and CLICOLOR_FORCE, which rich ignores inside the kernel because it knows
+        # it is in a notebook. This process is no notebook: rich took them to mean a terminal and drew its bars as
+        # escape codes into the kernel's output. Without them it sees the pipe it writes to and prints plain lines.
+        for name in ("FORCE_COLOR", "CLICOLOR_FORCE"):
+            os.environ.pop(name, None)
     try:
         return str(train(data, cfg, out=out, resume=resume, extra_cbs=extra_cbs, quiet=quiet))
     except CxrFastError as e:  # a subclass (ImageReadError) too: the parent finds the message by this class's name
@@ -271,7 +278,7 @@ def launch_training(nproc: int, data: str | Path, cfg=None, *, out: str | Path |
     try:
         with _quiet_launcher_logs():
             results = elastic_launch(config, _train_worker)(str(data), cfg, None if out is None else str(out),
-                                                            resume, extra_cbs, quiet)
+                                                            resume, extra_cbs, quiet, Console().is_jupyter)
     except SignalException as e:
         if e.sigval != signal.SIGINT:
             raise

@@ -221,6 +221,25 @@ def test_ctrl_c_of_a_data_parallel_run_is_one_line_saying_how_to_resume(tiny_dat
         distributed.launch_training(2, tiny_data, resolve_config(epochs=1, **TINY), out=tmp_path / "run")
 
 
+def test_launched_from_a_notebook_rank_0_prints_plain_lines(tiny_data, tmp_path, monkeypatch, capfd):
+    # A Jupyter kernel sets FORCE_COLOR and CLICOLOR_FORCE and captures its output through pipes: the workers' rich
+    # bars (calibrating) came out there as escape codes. The kernel is simulated as rich recognises one.
+    import builtins
+
+    class ZMQInteractiveShell:
+        pass
+
+    monkeypatch.setattr(builtins, "get_ipython", ZMQInteractiveShell, raising=False)
+    monkeypatch.setenv("FORCE_COLOR", "1")
+    monkeypatch.setenv("CLICOLOR_FORCE", "1")
+    distributed.launch_training(2, tiny_data, resolve_config(epochs=1, **TINY), out=tmp_path / "run")
+    out, err = capfd.readouterr()
+    assert "\x1b" not in out + err
+    lines = out.splitlines()
+    assert lines[0].startswith("epoch") and [line.split()[0] for line in lines[1:]] == ["0"]  # rank 0's only
+    assert "calibrating on" in err and "done" in err
+
+
 def test_global_batch_is_shared_among_processes(monkeypatch):
     cfg = resolve_config(epochs=1, **TINY)
     assert distributed.per_process_config(cfg) is cfg
