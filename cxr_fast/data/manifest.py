@@ -308,8 +308,9 @@ def prepare(
 
     rows = []
     fingerprints = []
-    coloured_rows, inverted_rows = set(), set()  # kept, but named in a warning, as predict flags them: an evaluation's
-    # data may hold them
+    # colour images and negative films are kept, but named in a warning, as predict flags them: an evaluation's data
+    # may hold them
+    coloured_rows, inverted_rows = set(), set()
     for (item, relpath, label), result in zip(candidates, examined, strict=True):
         if result.fingerprint is None:
             excluded.append(Exclusion(relpath, result.reason, result.detail))
