@@ -218,18 +218,17 @@ def metrics_table(m: dict):
     for name, v in m["per_class"].items():
         # two lines, so that a 100-column terminal holds them beside the widest label: what does not depend on how
         # common the class is (sensitivity, specificity), then what does (the predictive values) and F1
-        table.add_row(f"  {escape(name)}", f"R {_figure_text(v, 'recall')}  Spec {_figure_text(v, 'specificity')}  "
-                                           f"n {v['support']}\n"
-                                           f"P {_figure_text(v, 'precision')}  NPV {_figure_text(v, 'npv')}  "
-                                           f"F1 {v['f1']:.2f}")
+        # .get: a metrics.json written before specificity, NPV and the intervals
+        text = {key: _figure_text(v.get(key), v.get(f"{key}_ci")) for key in ("recall", "specificity", "precision", "npv")}
+        table.add_row(f"  {escape(name)}", f"R {text['recall']}  Spec {text['specificity']}  n {v['support']}\n"
+                                           f"P {text['precision']}  NPV {text['npv']}  F1 {v['f1']:.2f}")
     return table
 
 
-def _figure_text(v: dict, key: str) -> str:
-    """A per-class figure to two decimals with its 95 % Wilson interval, "0.95 (0.75–0.99)"; "—" where it is undefined
-    (recall without images of the class, say), and the figure alone where it has no interval (a never-predicted class's
-    precision, 0 by convention) or the metrics.json predates the intervals (hence .get, as for specificity and NPV)."""
-    value, ci = v.get(key), v.get(f"{key}_ci")
+def _figure_text(value: float | None, ci: list | None) -> str:
+    """A proportion to two decimals with its 95 % Wilson interval, "0.95 (0.75–0.99)", for the console and the site
+    table; "—" where it is undefined (a recall without images of the class, say), and the figure alone where it has
+    no interval (a never-predicted class's precision, 0 by convention) or the metrics.json predates the intervals."""
     if value is None:
         return "—"
     return f"{value:.2f}" if ci is None else f"{value:.2f} ({ci[0]:.2f}–{ci[1]:.2f})"
@@ -373,16 +372,8 @@ def site_table(by_site: dict) -> pd.DataFrame:
          + (" (one class only)" if sum(r is not None for r in v["recall"].values()) == 1 else ""),
          "95 % interval": _interval(v) or "—",
          "accuracy": f"{v['accuracy']:.3f}",
-         **{f"recall {name}": _site_recall(r, v.get("recall_ci", {}).get(name)) for name, r in v["recall"].items()}}
+         **{f"recall {name}": _figure_text(r, v.get("recall_ci", {}).get(name)) for name, r in v["recall"].items()}}
         for site, v in by_site.items()])
-
-
-def _site_recall(recall: float | None, ci: list | None) -> str:
-    """A site's recall of a class for the report, with its Wilson interval ("—" where the site has no image of the
-    class; the figure alone in a metrics.json written before the intervals)."""
-    if recall is None:
-        return "—"
-    return f"{recall:.2f}" if ci is None else f"{recall:.2f} ({ci[0]:.2f}–{ci[1]:.2f})"
 
 
 def marker_text(by_marker: dict) -> str:
