@@ -151,7 +151,7 @@ class OptimizerAtFirstBatch(Callback):
 
     def before_batch(self):
         if not hasattr(self, "tensors"):
-            self.tensors = {f"{i}.{k}": v.clone() for i, state in enumerate(self.learn.opt.state_dict()["state"])
+            self.tensors = {f"{i}.{k}": v.cpu().clone() for i, state in enumerate(self.learn.opt.state_dict()["state"])
                             for k, v in state.items() if isinstance(v, torch.Tensor)}
 
 
@@ -230,7 +230,7 @@ def test_pretrained_weights_without_a_frozen_phase_still_fine_tune_at_discrimina
 class WeightsAtFirstBatch(Callback):
     def before_batch(self):
         if not hasattr(self, "weights"):
-            self.weights = {k: v.clone() for k, v in self.learn.model.state_dict().items()}
+            self.weights = {k: v.cpu().clone() for k, v in self.learn.model.state_dict().items()}  # saved: on the CPU
 
 
 def test_a_kill_before_state_json_resumes_from_the_epoch_it_names(tiny_data, tmp_path, monkeypatch):
@@ -588,6 +588,7 @@ def test_channels_last_is_refused_for_convolutions_onednn_miscomputes(tiny_data,
     from cxr_fast.archs import create_model
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)  # oneDNN is the CPU's: train there, GPU or not
+    monkeypatch.setattr("cxr_fast.train.gpu_available", lambda: False)  # train.py's own name for it
 
     assert channels_last_hazards(create_model("cxresnet_tiny", n_in=1, n_classes=3, weights="none"))
     assert not channels_last_hazards(create_model("cxresnet", n_in=1, n_classes=3, weights="none"))
