@@ -1,7 +1,8 @@
 """Attribution maps for chest X-ray classifiers: occlusion for all classes at once, plus Captum wrappers.
 
 Everything here takes one normalised image tensor ``[C, H, W]`` (or ``[1, C, H, W]``) and a model that
-returns logits ``[B, n_classes]``, and returns plain tensors; drawing is done elsewhere.
+returns logits ``[B, n_classes]``, and returns plain tensors on the CPU; drawing is done elsewhere. The work runs
+on the device the model's weights are on (a GPU with `load_run(..., device="cuda")`), wherever the image is.
 
 Why occlusion is reimplemented instead of calling Captum's ``Occlusion``: Captum runs one full sweep of
 occluded images per target class (and, by default, one image per forward pass). The occluded images do
@@ -16,6 +17,7 @@ We call Captum directly.
 
 from __future__ import annotations
 
+import itertools
 import math
 from collections.abc import Sequence
 from contextlib import contextmanager
@@ -41,15 +43,22 @@ __all__ = [
 # ----------------------------------------------------------------------------------------------- helpers
 
 
-def _as_single_image(x: Tensor) -> Tensor:
-    """Accept ``[C,H,W]`` or ``[1,C,H,W]``; return ``[C,H,W]``."""
+def model_device(model: nn.Module) -> torch.device:
+    """The device the model's weights are on; the CPU for a module with none (an ONNX model behind a wrapper)."""
+    for tensor in itertools.chain(model.parameters(), model.buffers()):
+        return tensor.device
+    return torch.device("cpu")
+
+
+def _as_single_image(x: Tensor, model: nn.Module) -> Tensor:
+    """Accept ``[C,H,W]`` or ``[1,C,H,W]``; return ``[C,H,W]`` on the model's device."""
     if x.dim() == 4 and x.shape[0] == 1:
         x = x[0]
     if x.dim() != 3:
         raise CxrFastError(
             f"attribution: expected one image [C,H,W] or [1,C,H,W], got shape {tuple(x.shape)}"
         )
-    return x
+    return x.to(model_device(model))
 
 
 def _pair(v: int | Sequence[int]) -> tuple[int, int]:
@@ -192,7 +201,7 @@ def occlusion_maps(
         together, so Captum's map is the same in each channel), including Captum's window grid: starts at
         0, ``ceil((side - window) / stride) + 1`` steps, the last window cut off at the edge.
     """
-    x = _as_single_image(x)
+    x = _as_single_image(x, model)
     _, H, W = x.shape
     dw = default_window(H, W)
     wh, ww = _pair(window) if window is not None else (dw[0], dw[0])
@@ -207,7 +216,7 @@ def occlusion_maps(
         total, counts = _occlusion_from_windows(
             model, x, rows, cols, pairs, _baseline_tensor(baseline, x), max(1, batch_size)
         )
-    maps = (total / counts).float()
+    maps = (total / counts).float().cpu()
     return maps if targets is None else maps[list(targets)]
 
 
@@ -245,12 +254,12 @@ def occlusion_maps_coarse_to_fine(
     """
     if not 0 < keep_fraction <= 1:
         raise CxrFastError(f"attribution: keep_fraction must be in (0, 1], got {keep_fraction}")
-    x = _as_single_image(x)
+    x = _as_single_image(x, model)
     _, H, W = x.shape
     fine_w = window if window is not None else default_window(H, W)[0]
     fine_s = stride if stride is not None else max(1, fine_w // 2)
     coarse_w = min(coarse_window if coarse_window is not None else 2 * fine_w, H, W)
-    coarse = occlusion_maps(model, x, coarse_w, max(1, coarse_w // 2), baseline, batch_size)
+    coarse = occlusion_maps(model, x, coarse_w, max(1, coarse_w // 2), baseline, batch_size).to(x.device)
 
     # Rank rather than threshold, so that ties (a flat map) cannot select more than keep_fraction.
     strength = coarse.abs().amax(dim=0).flatten()
@@ -266,14 +275,14 @@ def occlusion_maps_coarse_to_fine(
     pairs = torch.nonzero(overlap > 0)
     result = coarse * (fine_w**2 / coarse_w**2)
     if len(pairs) == 0:
-        return result if targets is None else result[list(targets)]
+        return result.cpu() if targets is None else result[list(targets)].cpu()
     with _eval_mode(model):
         total, counts = _occlusion_from_windows(
             model, x, rows, cols, pairs, _baseline_tensor(baseline, x), max(1, batch_size)
         )
     covered = counts > 0
     fine = (total / counts.clamp(min=1)).float()
-    result = torch.where(covered[None], fine, result)
+    result = torch.where(covered[None], fine, result).cpu()
     return result if targets is None else result[list(targets)]
 
 
@@ -296,12 +305,12 @@ def captum_occlusion(
     """
     from captum.attr import Occlusion
 
-    x = _as_single_image(x)
+    x = _as_single_image(x, model)
     C = x.shape[0]
     wh, ww = _pair(window)
     sh, sw = _pair(stride)
-    if isinstance(baseline, Tensor) and baseline.dim() == 3:
-        baseline = baseline[None]
+    if isinstance(baseline, Tensor):
+        baseline = (baseline[None] if baseline.dim() == 3 else baseline).to(x.device)
     with _eval_mode(model):
         attr = Occlusion(model).attribute(
             x[None],
@@ -311,7 +320,7 @@ def captum_occlusion(
             target=int(target),
             perturbations_per_eval=perturbations_per_eval,
         )
-    return attr[0, 0].detach()
+    return attr[0, 0].detach().cpu()
 
 
 def integrated_gradients(
@@ -325,9 +334,9 @@ def integrated_gradients(
     """Captum ``IntegratedGradients`` for one class, summed over channels. Returns ``[H, W]``."""
     from captum.attr import IntegratedGradients
 
-    x = _as_single_image(x)
-    if isinstance(baseline, Tensor) and baseline.dim() == 3:
-        baseline = baseline[None]
+    x = _as_single_image(x, model)
+    if isinstance(baseline, Tensor):
+        baseline = (baseline[None] if baseline.dim() == 3 else baseline).to(x.device)
     with _eval_mode(model):
         attr = IntegratedGradients(model).attribute(
             x[None].clone().requires_grad_(True),
@@ -336,7 +345,7 @@ def integrated_gradients(
             n_steps=n_steps,
             internal_batch_size=internal_batch_size,
         )
-    return attr[0].sum(dim=0).detach().to(x.dtype)  # captum 0.7 returns float64
+    return attr[0].sum(dim=0).detach().to(x.dtype).cpu()  # captum 0.7 returns float64
 
 
 def has_feature_map(model: nn.Module) -> bool:
@@ -360,7 +369,7 @@ def gradcam(
     """
     from captum.attr import LayerAttribution, LayerGradCam
 
-    x = _as_single_image(x)
+    x = _as_single_image(x, model)
     if layer is None:
         layer = getattr(model, "body", None)
         if layer is None:
@@ -368,7 +377,7 @@ def gradcam(
     with _eval_mode(model):
         attr = LayerGradCam(model, layer).attribute(x[None], target=int(target), relu_attributions=relu)
     up = LayerAttribution.interpolate(attr, tuple(x.shape[-2:]), interpolate_mode="bilinear")
-    return up[0].sum(dim=0).detach()
+    return up[0].sum(dim=0).detach().cpu()
 
 
 # ----------------------------------------------------------------------------------------------- overlay

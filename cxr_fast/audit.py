@@ -44,6 +44,7 @@ import torch
 from torch import Tensor, nn
 
 from cxr_fast import CLASSES
+from cxr_fast.attribution import model_device
 from cxr_fast.errors import CxrFastError
 
 __all__ = [
@@ -416,6 +417,7 @@ def deletion_curve(
         x = x[0]
     if x.dim() != 3:
         raise CxrFastError(f"audit: expected one image [C,H,W], got shape {tuple(x.shape)}")
+    x = x.to(model_device(model))  # the deleted copies are made where the model runs
     if steps < 1:
         raise CxrFastError(f"audit: deletion needs at least 1 step, got {steps}")
     _, h, w = x.shape

@@ -39,6 +39,7 @@ class Run:
     model: torch.nn.Module
     config: dict
     metrics: dict = field(default_factory=dict)
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))  # where `model` runs
 
     def __repr__(self) -> str:  # a notebook shows it: see cxr_fast.reprs
         return short_repr(self, arch=self.config["model"]["arch"], classes=self.classes,
@@ -121,10 +122,52 @@ def sweep_removed_checkpoint(run_dir: Path) -> None:
     shutil.rmtree(run_dir / REMOVED_CHECKPOINT_DIR, ignore_errors=True)
 
 
-def load_run(path: str | Path, *, finishing: bool = False) -> Run:
-    """The run bundle in `path`. A folder still holding a training checkpoint is refused: its config.json and
-    weights may be there while its temperature, metrics or seen images are not yet (`finishing`: the trainer
-    itself, writing them)."""
+DEVICES = ("cpu", "cuda", "auto")
+
+
+def inference_device(name: str | torch.device = "cpu") -> torch.device:
+    """The device `--device NAME` runs a model on: "cpu", "cuda" (or "cuda:N", one GPU of several), or "auto", the
+    GPU when torch sees one and the CPU otherwise. A GPU asked for where torch sees none is a one-line error."""
+    text = str(name).strip().lower()  # a torch.device too: "cuda:0"
+    if text == "auto":
+        text = "cuda" if torch.cuda.is_available() else "cpu"
+    kind, _, index = text.partition(":")
+    if kind not in ("cpu", "cuda") or (index and not (kind == "cuda" and index.isdigit())):
+        raise CxrFastError(f"--device must be cpu, cuda, cuda:N or auto, got {name!r}")
+    if kind == "cuda":
+        if not torch.cuda.is_available():
+            build = "a CPU-only build" if torch.version.cuda is None else f"built for CUDA {torch.version.cuda}"
+            raise CxrFastError(f"--device {text}: torch sees no CUDA GPU on this machine (torch {torch.__version__}, "
+                               f"{build}); use --device cpu")
+        if index and int(index) >= torch.cuda.device_count():
+            raise CxrFastError(f"--device {text}: this machine has {torch.cuda.device_count()} GPU(s), numbered from 0")
+        full_float32_on_gpus()
+    return torch.device(text)
+
+
+def full_float32_on_gpus() -> None:
+    """Compute in full float32 on GPUs, as on a CPU: cuDNN's convolutions default to TF32 (a 10-bit mantissa) on
+    Ampere and newer GPUs, and an evaluation on an H200 with them differed from the CPU's in the 4th decimal of its
+    AUCs and by 0.006 in ECE (docs/benchmarks.md; how much of that TF32 caused was not measured). It applies to the
+    whole process, training in it too (whose mixed precision computes in float16 either way)."""
+    torch.backends.cudnn.allow_tf32 = False
+    torch.backends.cuda.matmul.allow_tf32 = False
+
+
+def device_name(device: torch.device) -> str:
+    """"cpu", or "cuda:0 (NVIDIA H200)": what an evaluation records as where its numbers were computed."""
+    if device.type != "cuda":
+        return str(device)
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    return f"cuda:{index} ({torch.cuda.get_device_name(index)})"
+
+
+def load_run(path: str | Path, *, finishing: bool = False, device: str | torch.device = "cpu") -> Run:
+    """The run bundle in `path`, its model on `device` (see `inference_device`; the CPU by default, as fastai's
+    `load_learner`: the same numbers on every machine). A folder still holding a training checkpoint is refused:
+    its config.json and weights may be there while its temperature, metrics or seen images are not yet
+    (`finishing`: the trainer itself, writing them)."""
+    device = inference_device(device)  # a GPU that is not there, before the slow loading
     path = Path(path)
     config_path, weights_path = path / "config.json", path / "model.safetensors"
     if not path.exists():
@@ -168,10 +211,10 @@ def load_run(path: str | Path, *, finishing: bool = False) -> Run:
     _load_weights(skeleton, tensors, config, weights_path, assign=True)  # assign: copying onto meta warns per tensor
     model = _model_from(config, config_path)
     _load_weights(model, tensors, config, weights_path)
-    model.eval()
+    model.eval().to(device)
     metrics_path = path / "metrics.json"
     metrics = read_json(metrics_path) if metrics_path.is_file() else {}
-    return Run(path=path, model=model, config=config, metrics=metrics)
+    return Run(path=path, model=model, config=config, metrics=metrics, device=device)
 
 
 # A network has about one parameter or buffer per tensor of its weights, and a module for every one or two.
@@ -274,8 +317,9 @@ def predict_logits(run: Run, items: pd.DataFrame | list[str], bs: int = 32, prog
     with progress_bar(progress) as bar:
         task = bar.add_task(description or f"predicting {len(files)} images", total=len(files))
         for batch in iter_batches(run, files, bs):
+            batch = batch.to(run.device)
             views = tta_views(batch) if tta else [batch]
-            out.append(torch.stack([run.model(v).float() for v in views]).mean(0))
+            out.append(torch.stack([run.model(v).float() for v in views]).mean(0).cpu())
             bar.advance(task, len(batch))
     if not out:
         return np.zeros((0, len(run.classes)), dtype=np.float32)

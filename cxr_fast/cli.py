@@ -21,6 +21,7 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Column, Table
 
+from cxr_fast.cli_predict import DEVICE_HELP
 from cxr_fast.config import TrainConfig
 from cxr_fast.errors import CxrFastError, storage_problem
 from cxr_fast.memory import keep_freed_memory
@@ -245,6 +246,7 @@ def evaluate(
     data: Annotated[Path | None, typer.Option(help="Another manifest folder (or a manifest CSV): external validation on all its images except those the model learned from (and copies of them).")] = None,
     split: Annotated[str, typer.Option(help="Split of the training manifest to evaluate.")] = "test",
     tta: Annotated[bool, typer.Option(help="Average predictions over small zooms and shifts.")] = False,
+    device: Annotated[str, typer.Option(help=DEVICE_HELP)] = "cpu",
     force: Annotated[bool, typer.Option(help="Redo an existing evaluation.")] = False,
 ):
     """Metrics with 95 % CIs, calibration, ROC/PR curves, confusion matrix and an HTML report."""
@@ -252,7 +254,7 @@ def evaluate(
         from cxr_fast.evaluate import evaluate as run_evaluation
         from cxr_fast.evaluate import flagged_warning, metrics_table, seen_warning, shift_warning
 
-    result = run_evaluation(run, data, split, tta=tta, force=force)
+    result = run_evaluation(run, data, split, tta=tta, device=device, force=force)
     m = result.metrics
     table = metrics_table(m)
     console.print(table)
@@ -346,6 +348,7 @@ def interpret(
     window: Annotated[int | None, typer.Option(help="Occlusion window in pixels (default: image side / 8).")] = None,
     stride: Annotated[int | None, typer.Option(help="Occlusion stride in pixels (default: window / 2).")] = None,
     baseline: Annotated[str, typer.Option(help="Occluding value: black (X-ray background) or mean (dataset gray).")] = "black",
+    device: Annotated[str, typer.Option(help=DEVICE_HELP)] = "cpu",
     force: Annotated[bool, typer.Option(help="Redo an existing interpretation.")] = False,
 ):
     """Top losses, occlusion heatmap gallery and a shortcut audit: is the model looking at the lungs?"""
@@ -355,7 +358,7 @@ def interpret(
 
     result = run_interpretation(run, data, split, n=n, audit_n=audit_n,
                                 methods=tuple(m.strip() for m in methods.split(",") if m.strip()),
-                                window=window, stride=stride, baseline=baseline, force=force)
+                                window=window, stride=stride, baseline=baseline, device=device, force=force)
     for line in result.verdicts:
         console.print(f"[bold]audit:[/] {escape(line)}")
     if "seen_images" in result.audit and (seen := seen_warning(result.audit["seen_images"])):

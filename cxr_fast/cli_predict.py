@@ -18,6 +18,8 @@ from rich.table import Column, Table
 from cxr_fast.progress import loading_libraries
 
 MAX_ROWS_SHOWN = 30  # a folder of thousands of files belongs in --out, not on the terminal
+DEVICE_HELP = ("Where the model runs: cpu (the default: the same numbers on every machine), cuda, cuda:N, or auto "
+               "(the GPU when torch sees one).")
 
 
 def display_names(paths: list[str]) -> list[str]:
@@ -43,6 +45,7 @@ def register(app: typer.Typer, user_errors, console, err_console) -> None:
         heatmap: Annotated[bool, typer.Option(help="Also write an occlusion heatmap PNG per image (slow: 10-60 s per image at 224 px on a CPU).")] = False,
         out: Annotated[Path | None, typer.Option(help="Write the results to FILE.csv or FILE.json (heatmaps go to FILE_heatmaps/).")] = None,
         runtime: Annotated[str, typer.Option(help="torch, or onnx (needs `cxrfast export RUN` first; starts faster).")] = "torch",
+        device: Annotated[str, typer.Option(help=DEVICE_HELP)] = "cpu",
         force: Annotated[bool, typer.Option(help="Replace an existing --out file.")] = False,
     ):
         """Calibrated class probabilities for new X-rays; unreadable files skipped, colour images and negative films flagged."""
@@ -52,7 +55,8 @@ def register(app: typer.Typer, user_errors, console, err_console) -> None:
         with loading_libraries(err_console, torch=runtime == "torch"):  # the onnx runtime needs no torch
             from cxr_fast.predict import predict as run_prediction
 
-        results, skipped = run_prediction(run, inputs, heatmap=heatmap, out=out, runtime=runtime, force=force)
+        results, skipped = run_prediction(run, inputs, heatmap=heatmap, out=out, runtime=runtime, device=device,
+                                            force=force)
         if not results.empty:
             prob_columns = [c for c in results.columns if c.startswith("p_")]
             # a long name wraps rather than losing its end, which tells UID-named files apart
@@ -114,6 +118,7 @@ def register(app: typer.Typer, user_errors, console, err_console) -> None:
         host: Annotated[str, typer.Option(help="Address to listen on; the default lets only this computer in.")] = "127.0.0.1",
         port: Annotated[int, typer.Option(help="Port to listen on.")] = 8000,
         runtime: Annotated[str, typer.Option(help="torch, or onnx (needs `cxrfast export RUN` first).")] = "torch",
+        device: Annotated[str, typer.Option(help=DEVICE_HELP)] = "cpu",
     ):
         """A local web page: drop an X-ray, see class probabilities and the occlusion heatmap."""
         with loading_libraries(err_console, torch=runtime == "torch"):
@@ -125,4 +130,4 @@ def register(app: typer.Typer, user_errors, console, err_console) -> None:
                 err_console.print(f"[bold yellow]warning:[/] listening on {escape(host)}: anyone who can reach this "
                                   "computer can upload images; there is no login.")
 
-        run_server(run, host=host, port=port, runtime=runtime, on_ready=ready)
+        run_server(run, host=host, port=port, runtime=runtime, on_ready=ready, device=device)

@@ -22,7 +22,7 @@ from sklearn.metrics import roc_auc_score
 from sklearn.model_selection import cross_val_predict
 from sklearn.preprocessing import StandardScaler
 
-from cxr_fast.bundle import Run, load_run, predict_logits, read_training_manifest
+from cxr_fast.bundle import Run, device_name, load_run, predict_logits, read_training_manifest
 from cxr_fast.calibration import (
     MIN_ERRORS_TO_FIT,
     expected_calibration_error,
@@ -255,7 +255,7 @@ def write_seen_images(folder: Path, left_out: pd.DataFrame | None) -> None:
 def penultimate_features(run: Run, files: list[str], bs: int = 32) -> np.ndarray:
     from cxr_fast.bundle import iter_batches
 
-    return torch.cat([run.model.features(b) for b in iter_batches(run, files, bs)]).numpy()
+    return torch.cat([run.model.features(b.to(run.device)).cpu() for b in iter_batches(run, files, bs)]).numpy()
 
 
 def domain_auc(a: np.ndarray, b: np.ndarray) -> float:
@@ -468,16 +468,16 @@ def evaluation_figures(y, logits, classes, temperature, metrics, subject: str = 
 
 
 def evaluate(run_dir: str | Path, data: str | Path | None = None, split: str = "test", *, tta: bool = False,
-             n_boot: int = 1000, force: bool = False, progress: bool = True) -> Evaluation:
+             n_boot: int = 1000, device: str = "cpu", force: bool = False, progress: bool = True) -> Evaluation:
     """`cxrfast evaluate`: score the run in `run_dir` on its manifest's `split`, or on every image of another
     prepared collection `data` less those the model learned from, and write report.html, metrics.json and
     predictions.csv into RUN/eval/<data>-<split>/ (replaced only with `force`). `tta` averages each prediction over
-    the image and three small crops."""
+    the image and three small crops. `device`: where the model runs (`cxr_fast.bundle.inference_device`)."""
     import matplotlib.pyplot as plt
 
     from cxr_fast.report import Section, write_metrics_json, write_report
 
-    run = load_run(run_dir)
+    run = load_run(run_dir, device=device)
     with reading(data_folder(run, data)):  # a prepare --force of this data refuses until the evaluation is done
         items, name, external, left_out, seen_summary = select_unseen_items(run, data, split)
         # TTA figures go beside the plain ones, not over them: both are worth keeping, and serve shows the plain one.
@@ -492,7 +492,8 @@ def evaluate(run_dir: str | Path, data: str | Path | None = None, split: str = "
             y = label_indices(items["label"], run.classes)
             metrics = compute_metrics(y, logits, run.classes, run.temperature, n_boot=n_boot)
             metrics.update({"run": run.name, "data": name, "manifest": manifest, "manifest_sha256": manifest_digest(manifest),
-                            "external": external, "tta": tta, "versions": library_versions()})
+                            "external": external, "tta": tta, "device": device_name(run.device),
+                            "versions": library_versions()})
             if (by_marker := accuracy_by_marker(items, y, logits)) is not None:
                 metrics["by_marker"] = by_marker
             if (by_site := metrics_by_site(items, y, logits, run.classes, n_boot=n_boot)) is not None:

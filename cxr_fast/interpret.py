@@ -28,7 +28,7 @@ import torch
 from PIL import Image
 
 from cxr_fast import attribution, audit
-from cxr_fast.bundle import Run, load_run, predict_logits
+from cxr_fast.bundle import Run, device_name, load_run, predict_logits
 from cxr_fast.calibration import softmax
 from cxr_fast.data.io import image_stem, read_image, read_mask
 from cxr_fast.data.manifest import image_column, label_indices, manifest_digest
@@ -196,12 +196,13 @@ def _np(t) -> np.ndarray:
 
 def interpret(run_dir: str | Path, data: str | Path | None = None, split: str = "test", *, n: int = 16,
               audit_n: int = 48, methods=("occlusion",), window: int | None = None, stride: int | None = None,
-              baseline: str = "black", force: bool = False, progress: bool = True) -> Interpretation:
+              baseline: str = "black", device: str = "cpu", force: bool = False, progress: bool = True) -> Interpretation:
     """`cxrfast interpret`: fastai's top losses (the `n` wrong predictions with the highest loss) and `audit_n`
     correct ones of every class, each with an occlusion map (`window`/`stride` in pixels, default 1/8 of the size
     and half that), a shortcut audit of where the evidence lies (lungs, borders, text markers), a deletion check of
     the maps' faithfulness, and gallery.html, audit.json and top_losses.csv in RUN/interpret/<data>-<split>/
-    (<data>-<split>-mean with ``baseline="mean"``)."""
+    (<data>-<split>-mean with ``baseline="mean"``). `device`: where the model runs (`cxr_fast.bundle.inference_device`):
+    on a GPU the maps take a fraction of their CPU time."""
     from cxr_fast.progress import progress_bar
 
     unknown = sorted(set(methods) - set(METHODS))
@@ -212,7 +213,7 @@ def interpret(run_dir: str | Path, data: str | Path | None = None, split: str = 
            if value is not None and value < least]
     if bad:
         raise CxrFastError("; ".join(bad))
-    run = load_run(run_dir)
+    run = load_run(run_dir, device=device)
     with reading(data_folder(run, data)):  # a prepare --force of this data refuses until the interpretation is done
         if "gradcam" in methods and not attribution.has_feature_map(run.model):
             raise CxrFastError(f"{run.path}: Grad-CAM needs one spatial feature map, and this model has none (an "
@@ -295,7 +296,7 @@ def interpret(run_dir: str | Path, data: str | Path | None = None, split: str = 
                 write_interpretation(work, run, name, per_image, losses, summary, verdicts, confused, deletion,
                                      image_files, figures_loss, figures_correct,
                                      {"methods": list(methods), "window": window, "stride": stride,
-                                      "baseline": baseline, "manifest": manifest,
+                                      "baseline": baseline, "device": device_name(run.device), "manifest": manifest,
                                       "manifest_sha256": manifest_digest(manifest),
                                       **({"seen_images": seen_summary} if seen_summary else {})})
                 write_seen_images(work, left_out)

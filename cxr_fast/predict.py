@@ -52,10 +52,10 @@ class TorchRunner:
 
     runtime = "torch"
 
-    def __init__(self, run_dir: str | Path):
+    def __init__(self, run_dir: str | Path, device: str = "cpu"):
         from cxr_fast.bundle import load_run
 
-        self.run = load_run(run_dir)
+        self.run = load_run(run_dir, device=device)
         self.path = self.run.path
 
     name = property(lambda self: self.run.name)
@@ -71,20 +71,24 @@ class TorchRunner:
         import torch
 
         with torch.no_grad():
-            return self.run.model(torch.from_numpy(np.ascontiguousarray(batch, dtype=np.float32))).float().numpy()
+            x = torch.from_numpy(np.ascontiguousarray(batch, dtype=np.float32)).to(self.run.device)
+            return self.run.model(x).float().cpu().numpy()
 
     def torch_module(self):
         return self.run.model
 
 
-def load_runner(run_dir: str | Path, runtime: str = "torch"):
+def load_runner(run_dir: str | Path, runtime: str = "torch", device: str = "cpu"):
+    """The model of `run_dir` for `runtime`; `device` (`cxr_fast.bundle.inference_device`) for the torch one."""
     if runtime not in RUNTIMES:
         raise CxrFastError(f"--runtime must be one of {RUNTIMES}, got {runtime!r}")
     if runtime == "onnx":
+        if device not in ("cpu", "auto"):  # ONNX Runtime's GPU build and its providers: another install, not tried
+            raise CxrFastError(f"--device {device} applies to --runtime torch; the ONNX runtime runs on the CPU")
         from cxr_fast.export import OnnxRunner
 
         return OnnxRunner(run_dir)
-    return TorchRunner(run_dir)
+    return TorchRunner(run_dir, device)
 
 
 # ---------------------------------------------------------------------------------------------- one image
@@ -257,15 +261,15 @@ def model_summary(runner) -> dict:
 
 
 def predict(run_dir: str | Path, inputs: Sequence[str | Path], heatmap: bool = False, out: str | Path | None = None,
-            runtime: str = "torch", *, force: bool = False, bs: int = 32, progress: bool = True,
+            runtime: str = "torch", *, device: str = "cpu", force: bool = False, bs: int = 32, progress: bool = True,
             runner=None) -> tuple[pd.DataFrame, list[tuple[Path, str]]]:
     """Predict every readable image among `inputs` (files or folders).
 
     Returns (results, skipped): results has columns path, predicted, p_<class> (calibrated), warning (empty, or
     why the image looks like no radiograph) and, with `heatmap`, the heatmap file; skipped lists (path, reason)
     for inputs that could not be read. With `out` (.csv or .json) the results are also written there; an existing
-    file is refused unless `force`. `runner` (a loaded TorchRunner/OnnxRunner) replaces `run_dir`/`runtime` for
-    repeated calls.
+    file is refused unless `force`. `device`: where the torch runtime's model runs (`cxr_fast.bundle.inference_device`).
+    `runner` (a loaded TorchRunner/OnnxRunner) replaces `run_dir`/`runtime`/`device` for repeated calls.
     """
     from cxr_fast.progress import progress_bar
 
@@ -274,7 +278,7 @@ def predict(run_dir: str | Path, inputs: Sequence[str | Path], heatmap: bool = F
     out = Path(out) if out is not None else None
     with writing(out) if out is not None else nullcontext():  # one predict at a time writes a results file
         check_out(out, force, heatmap)
-        runner = runner if runner is not None else load_runner(run_dir, runtime)
+        runner = runner if runner is not None else load_runner(run_dir, runtime, device)
         files, skipped = find_images(inputs)
         classes, size = runner.classes, runner.size
         heatmaps_dir = heatmap_folder(out)

@@ -241,7 +241,7 @@ async def _limited(stream, limit: int, idle_seconds: float = UPLOAD_IDLE_SECONDS
         yield chunk
 
 
-def create_app(run_dir: str | Path | None = None, runtime: str = "torch", *, runner=None,
+def create_app(run_dir: str | Path | None = None, runtime: str = "torch", *, device: str = "cpu", runner=None,
                max_upload_bytes: int = MAX_UPLOAD_BYTES, allowed_hosts: tuple[str, ...] | None = None,
                upload_idle_seconds: float = UPLOAD_IDLE_SECONDS):
     """The Starlette app for `run_dir` (or an already loaded `runner`). The model loads here, once.
@@ -256,7 +256,7 @@ def create_app(run_dir: str | Path | None = None, runtime: str = "torch", *, run
     from starlette.responses import HTMLResponse, JSONResponse
     from starlette.routing import Route
 
-    runner = runner if runner is not None else load_runner(run_dir, runtime)
+    runner = runner if runner is not None else load_runner(run_dir, runtime, device)
     watched = model_files(runner)
     loaded = file_stamps(watched)  # just after loading; a change made while it loaded is seen at the next restart
     shown = {"card": model_card(runner)}
@@ -381,12 +381,12 @@ def _predict_bytes(runner, data: bytes, suffix: str, heatmap: bool) -> dict:
 
 
 def serve(run_dir: str | Path, host: str = "127.0.0.1", port: int = 8000, runtime: str = "torch",
-          on_ready=None) -> None:
+          on_ready=None, device: str = "cpu") -> None:
     """Load the model and serve until interrupted (Ctrl+C, or a notebook's stop button, which ends the cell
     quietly)."""
     if not 0 < port < 65536:
         raise CxrFastError(f"--port must be between 1 and 65535, got {port}")
-    app = create_app(run_dir, runtime, allowed_hosts=LOOPBACK if host in LOOPBACK else None)
+    app = create_app(run_dir, runtime, device=device, allowed_hosts=LOOPBACK if host in LOOPBACK else None)
     listener = _listen(host, port)  # bound here, so a busy port is an error before anything says "serving"
     if on_ready is not None:
         on_ready(f"http://{'[' + host + ']' if ':' in host else host}:{port}/", host in LOOPBACK)

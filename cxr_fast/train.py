@@ -792,6 +792,7 @@ def run_config(model: torch.nn.Module, cfg: TrainConfig, state: dict) -> dict:
 
 def finish_bundle(run_dir: Path, learn: Learner, cfg: TrainConfig, state: dict, quiet: bool = False) -> Path:
     """Best weights, config, calibration, history, curves and metrics; then drop the checkpoint."""
+    from cxr_fast.attribution import model_device
     from cxr_fast.bundle import load_run, predict_logits
     from cxr_fast.calibration import fit_temperature
     from cxr_fast.plots import plot_training_curves
@@ -816,7 +817,7 @@ def finish_bundle(run_dir: Path, learn: Learner, cfg: TrainConfig, state: dict, 
     write_text(run_dir / "recipe.yaml", yaml.safe_dump(cfg.to_dict(), sort_keys=False))
 
     # Temperature scaling on the valid split, with the best weights, so predicted probabilities can be trusted.
-    run = load_run(run_dir, finishing=True)
+    run = load_run(run_dir, finishing=True, device=model_device(model))  # where it trained: a GPU, if one
     manifest = read_manifest(state["data"])
     valid = manifest[manifest["split"] == "valid"]
     # its own bar: after the last epoch's row, this pass took 25 s with nothing shown (efficientnet_lite0 at 288 px,

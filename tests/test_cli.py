@@ -408,23 +408,25 @@ def test_train_puts_every_option_into_the_config_and_passes_the_run_s_folder(tmp
 
 def test_evaluate_and_interpret_pass_every_option_and_leave_the_rest_to_the_library(tmp_path, monkeypatch):
     run, other = tmp_path / "run", tmp_path / "other"
-    expected = _defaults("cxr_fast.evaluate", "evaluate", "split", "tta", "force")
+    expected = _defaults("cxr_fast.evaluate", "evaluate", "split", "tta", "device", "force")
     calls = _record(monkeypatch, "cxr_fast.evaluate", "evaluate")
     args, kwargs = _recorded(calls, "evaluate", run)
     assert args == (run, None, expected.pop("split")) and kwargs == expected
-    args, kwargs = _recorded(calls, "evaluate", run, "--data", other, "--split", "valid", "--tta", "--force")
-    assert args == (run, other, "valid") and kwargs == {"tta": True, "force": True}
+    args, kwargs = _recorded(calls, "evaluate", run, "--data", other, "--split", "valid", "--tta", "--device", "auto",
+                             "--force")
+    assert args == (run, other, "valid") and kwargs == {"tta": True, "device": "auto", "force": True}
 
-    keys = ("n", "audit_n", "methods", "window", "stride", "baseline", "force")
+    keys = ("n", "audit_n", "methods", "window", "stride", "baseline", "device", "force")
     expected = _defaults("cxr_fast.interpret", "interpret", "split", *keys)
     calls = _record(monkeypatch, "cxr_fast.interpret", "interpret")
     args, kwargs = _recorded(calls, "interpret", run)
     assert args == (run, None, expected.pop("split")) and kwargs == expected
     args, kwargs = _recorded(calls, "interpret", run, "--data", other, "--split", "valid", "--n", 3, "--audit-n", 5,
                              "--methods", "occlusion, gradcam", "--window", 9, "--stride", 4, "--baseline", "mean",
-                             "--force")
+                             "--device", "cuda:1", "--force")
     assert args == (run, other, "valid") and kwargs == {"n": 3, "audit_n": 5, "methods": ("occlusion", "gradcam"),
-                                                        "window": 9, "stride": 4, "baseline": "mean", "force": True}
+                                                        "window": 9, "stride": 4, "baseline": "mean",
+                                                        "device": "cuda:1", "force": True}
 
 
 def test_compare_ensemble_and_demo_pass_every_option_and_leave_the_rest_to_the_library(tmp_path, monkeypatch):
@@ -456,26 +458,28 @@ def test_compare_ensemble_and_demo_pass_every_option_and_leave_the_rest_to_the_l
 
 def test_predict_export_and_serve_pass_every_option_and_leave_the_rest_to_the_library(tmp_path, monkeypatch):
     run, image, out = tmp_path / "run", tmp_path / "film.png", tmp_path / "out"
-    expected = _defaults("cxr_fast.predict", "predict", "heatmap", "out", "runtime", "force")
+    expected = _defaults("cxr_fast.predict", "predict", "heatmap", "out", "runtime", "device", "force")
     calls = _record(monkeypatch, "cxr_fast.predict", "predict")
     assert _recorded(calls, "predict", run, image) == ((run, [image]), expected)
     assert _recorded(calls, "predict", run, image, tmp_path, "--heatmap", "--out", out / "r.csv", "--runtime", "onnx",
-                     "--force") == ((run, [image, tmp_path]), {"heatmap": True, "out": out / "r.csv", "runtime": "onnx",
-                                                              "force": True})
+                     "--device", "auto", "--force") == ((run, [image, tmp_path]), {
+                         "heatmap": True, "out": out / "r.csv", "runtime": "onnx", "device": "auto", "force": True})
 
     expected = _defaults("cxr_fast.export", "export_onnx", "out", "force")
     calls = _record(monkeypatch, "cxr_fast.export", "export_onnx")
     assert _recorded(calls, "export", run) == ((run, expected["out"]), {"force": expected["force"]})
     assert _recorded(calls, "export", run, "--out", out, "--force") == ((run, out), {"force": True})
 
-    expected = _defaults("cxr_fast.serve", "serve", "host", "port", "runtime")
+    expected = _defaults("cxr_fast.serve", "serve", "host", "port", "runtime", "device")
     calls = _record(monkeypatch, "cxr_fast.serve", "serve",
                     then=lambda run, on_ready, **kwargs: on_ready("http://HOST/", kwargs["host"] in ("127.0.0.1", "::1")))
     args, kwargs = _recorded(calls, "serve", run)
     assert args == (run,) and {k: kwargs[k] for k in expected} == expected
     assert "serving" in runner.invoke(app, ["serve", str(run)]).output
-    result = runner.invoke(app, ["serve", str(run), "--host", "0.0.0.0", "--port", "9000", "--runtime", "onnx"])
-    assert {k: calls[-1][1][k] for k in expected} == {"host": "0.0.0.0", "port": 9000, "runtime": "onnx"}
+    result = runner.invoke(app, ["serve", str(run), "--host", "0.0.0.0", "--port", "9000", "--runtime", "onnx",
+                                 "--device", "cuda"])
+    assert {k: calls[-1][1][k] for k in expected} == {"host": "0.0.0.0", "port": 9000, "runtime": "onnx",
+                                                      "device": "cuda"}
     assert "warning: listening on 0.0.0.0: anyone who can reach this computer" in result.output.replace("\n", " ")
     assert "warning" not in runner.invoke(app, ["serve", str(run), "--host", "::1"]).output
 

@@ -506,8 +506,8 @@ def test_interpret_runs_the_model_over_the_images_once(tiny_runs, monkeypatch):
         for row in args[0].detach().cpu().numpy():
             seen[row.tobytes()] = seen.get(row.tobytes(), 0) + 1
 
-    def loaded(run_dir):
-        run = load_run(run_dir)
+    def loaded(run_dir, **options):
+        run = load_run(run_dir, **options)
         run.model.register_forward_pre_hook(count)
         return run
 
