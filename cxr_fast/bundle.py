@@ -16,6 +16,7 @@ import pandas as pd
 import torch
 
 from cxr_fast.archs import model_from_config
+from cxr_fast.archs.registry import plugin_archs
 from cxr_fast.config import contract_problem
 from cxr_fast.data.manifest import (
     absolute_anywhere,
@@ -205,6 +206,7 @@ def load_run(path: str | Path, *, finishing: bool = False, device: str | torch.d
     # weights there; only then is it built for real.
     import timm  # noqa: F401  (not first imported on meta: torch < 2.8 runs ops while importing torch._dynamo, which
     # timm imports through torchvision, and they failed there with a circular import: serve died at start on 2.7)
+    plugin_archs()  # nor the architecture plugins: their modules may make tensors, or modules, as they import
 
     with torch.device("meta"), _parts_budget(PARTS_PER_TENSOR * len(tensors) + 1000, weights_path):
         skeleton = _model_from(config, config_path)

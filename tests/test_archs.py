@@ -251,7 +251,7 @@ def test_register_arch_adds_a_builder_the_whole_api_takes(tiny_data, tmp_path, m
 
     config = model_config(model)
     del registry.LOCAL_ARCHS["deepnet"]
-    with pytest.raises(CxrFastError, match="'deepnet' is not known to this process: if it was added with register_arch"):
+    with pytest.raises(CxrFastError, match="'deepnet' is not known to this process: install the plugin package .* if it was added with register_arch"):
         model_from_config(config)
 
 

@@ -1,9 +1,12 @@
-"""One registry for every architecture: cxr_fast's own first, then anything timm knows.
+"""One registry for every architecture: cxr_fast's own first, then anything timm knows, then installed plugins'.
 
 `create_model("convnet")` and `create_model("resnet18")` return the same kind of object, a `CXRModel`:
 a ``body`` (image -> feature map [B, C, h, w]) and a ``head`` (feature map -> logits) plus the metadata a
 run bundle needs to rebuild it (`model_config` / `model_from_config`) and to preprocess its input
 (``pretrained_stats``).
+
+A plugin is an installed package that declares an entry point in the group `PLUGIN_GROUP` (``cxr_fast.archs``):
+its name is the architecture's name, its object the builder (see `plugin_archs` and docs/developing.md, Extending).
 """
 
 from __future__ import annotations
@@ -13,7 +16,10 @@ import fnmatch
 import inspect
 import json
 import re
+import warnings
 from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from importlib.metadata import EntryPoint, entry_points
 from typing import Any
 
 import torch
@@ -57,10 +63,12 @@ def register_arch(name: str, builder: Builder, **variant: Any) -> None:
 
     Every argument after the first two needs a default and must be named (no ``*args``/``**kwargs``): a run bundle
     records them all, and rebuilds the model from them. The registration lasts for this Python process: to use
-    the architecture from the command line, add it to this module's `LOCAL_ARCHS` (docs: Training → Adding an
-    architecture)."""
+    the architecture from the command line, ship it as a plugin (an entry point in the group ``cxr_fast.archs``)
+    or add it to this module's `LOCAL_ARCHS` (docs: Developing → Extending)."""
     if isinstance(name, str) and name in LOCAL_ARCHS:
         raise CxrFastError(f"{name}: already a cxr_fast architecture")
+    if isinstance(name, str) and name in plugin_archs():
+        raise CxrFastError(f"{name}: already claimed by the installed {plugin_archs()[name].origin}")
     check_arch(name, builder, variant)
     LOCAL_ARCHS[name] = (builder, _json_values(name, variant))
 
@@ -152,13 +160,15 @@ def create_model(
     arch_kwargs = _json_values(name, arch_kwargs)
     spec = weights if isinstance(weights, WeightSpec) else parse_weights(weights)
     arch = _resolve_name(name)
-    if arch in LOCAL_ARCHS:
+    local = _local_builder(arch)
+    if local is not None:
         if spec.kind in ("hub", "efficientnet-lite"):
+            kind = "cxr_fast" if arch in LOCAL_ARCHS else "plugin"
             raise CxrFastError(
-                f"{arch} is a cxr_fast architecture with no published weights: use --weights none or PATH "
+                f"{arch} is a {kind} architecture with no published weights: use --weights none or PATH "
                 f"(for ImageNet weights pick a timm arch, e.g. --arch tf_efficientnet_lite0 --weights efficientnet-lite0)"
             )
-        builder, variant = LOCAL_ARCHS[arch]
+        builder, variant = local
         arch_kwargs = _resolve_local_kwargs(arch, builder, variant, arch_kwargs)
         try:
             body, head = builder(n_in, n_classes, **arch_kwargs)
@@ -185,14 +195,28 @@ def create_model(
     return model
 
 
+def _local_builder(arch: str) -> tuple[Builder, dict[str, Any]] | None:
+    """(builder, variant) of a cxr_fast or plugin architecture (cxr_fast's own first); None for a timm name."""
+    if arch in LOCAL_ARCHS:
+        return LOCAL_ARCHS[arch]
+    plugin = plugin_archs().get(arch)
+    return None if plugin is None or plugin.builder is None else (plugin.builder, {})
+
+
 def _resolve_name(name: str) -> str:
     import timm
 
-    if name in LOCAL_ARCHS or timm.is_model(name):
-        return name
-    if name.lower() in LOCAL_ARCHS or timm.is_model(name.lower()):
-        return name.lower()
-    known = list(LOCAL_ARCHS) + timm.list_models()
+    plugins = plugin_archs(wanted=name)
+    for candidate in (name, name.lower()):
+        # a plugin never holds a cxr_fast or timm name (refused as it loads), so their order does not matter for a
+        # working one; a refused one keeps its warning, and the name keeps its cxr_fast or timm meaning
+        if candidate in LOCAL_ARCHS or timm.is_model(candidate):
+            return candidate
+        if candidate in plugins:
+            if plugins[candidate].problem:  # asked for by name: now it is an error
+                raise CxrFastError(plugins[candidate].problem)
+            return candidate
+    known = list(LOCAL_ARCHS) + [n for n, p in plugins.items() if p.builder is not None] + timm.list_models()
     close = difflib.get_close_matches(name.lower(), known, n=5, cutoff=0.6)
     hint = (
         f"close matches: {', '.join(close)}"
@@ -325,12 +349,112 @@ def _feature_channels(body: nn.Module, n_in: int, arch: str) -> int:
 
 
 def list_models(pattern: str | None = None) -> list[tuple[str, str]]:
-    """(name, source) for every architecture matching the fnmatch-style `pattern`; source is "local" or "timm"."""
+    """(name, source) for every architecture matching the fnmatch-style `pattern`, cxr_fast's own first, then the
+    plugins', then timm's; source is "local", "plugin DISTRIBUTION VERSION" or "timm". A plugin that cannot be used is
+    left out (with a warning that says why)."""
     import timm
 
     pattern = pattern.lower() if pattern else "*"  # as names are matched by train: --arch CXResnet works
     local = [(n, "local") for n in LOCAL_ARCHS if fnmatch.fnmatchcase(n.lower(), pattern)]
-    return local + [(n, "timm") for n in timm.list_models(pattern)]
+    plugins = [(n, f"plugin {p.distribution}") for n, p in plugin_archs().items()
+               if p.builder is not None and fnmatch.fnmatchcase(n, pattern)]
+    return local + plugins + [(n, "timm") for n in timm.list_models(pattern)]
+
+
+# ---------------------------------------------------------------- plugins
+
+PLUGIN_GROUP = "cxr_fast.archs"
+
+
+@dataclass
+class Plugin:
+    """One entry point of `PLUGIN_GROUP`. ``builder`` is None when it cannot be used, and ``problem`` says why."""
+
+    name: str
+    origin: str  # "architecture plugin 'NAME' (module:builder) from DISTRIBUTION VERSION", for messages
+    distribution: str  # "DISTRIBUTION VERSION"
+    builder: Builder | None = None
+    problem: str | None = None
+    warned: bool = False
+
+
+_PLUGINS: dict[str, Plugin] | None = None  # read once, when the registry is first consulted
+
+
+def plugin_archs(wanted: str | None = None) -> dict[str, Plugin]:
+    """Every architecture the installed packages declare as an entry point in `PLUGIN_GROUP`, by name: the entry
+    point's name is the architecture's, its object the builder, held to `check_arch`'s rules with no variant of its own
+    (a variant is a second builder with other defaults). Read and imported once per process, on first use.
+
+    A plugin that cannot be used (it fails to import, breaks the rules, or names a cxr_fast or timm architecture or
+    another plugin's) is a warning, and an error only when its name is asked for (`wanted`, which then warns about the
+    others only). Not an error for everything: one broken package (built for another torch, say) would otherwise
+    stop every command that consults the registry, though none of them needs it — while only a warning when asked
+    for would end in "unknown architecture", hiding the plugin's own problem."""
+    global _PLUGINS
+    if _PLUGINS is None:
+        _PLUGINS = {}  # before any import: a plugin's module that consults the registry finds it loading, not unread
+        _PLUGINS.update(_load_plugins())
+    for plugin in _PLUGINS.values():
+        asked = wanted is not None and plugin.name in (wanted, wanted.lower())
+        if plugin.problem and not plugin.warned and not (asked and not _shadowed(plugin.name)):
+            plugin.warned = True
+            warnings.warn(f"{plugin.problem} (commands that do not use it are unaffected)", stacklevel=2)
+    return _PLUGINS
+
+
+def _shadowed(name: str) -> bool:
+    import timm
+
+    return name in LOCAL_ARCHS or name == ENSEMBLE_ARCH or timm.is_model(name)
+
+
+def _load_plugins() -> dict[str, Plugin]:
+    import timm
+
+    by_name: dict[str, list[EntryPoint]] = {}
+    for entry_point in entry_points(group=PLUGIN_GROUP):
+        by_name.setdefault(entry_point.name, []).append(entry_point)
+    plugins = {}
+    for name, found in by_name.items():
+        dists = [_distribution(e) for e in found]
+        plugin = Plugin(name, f"architecture plugin {name!r} ({found[0].value}) from {dists[0]}", dists[0])
+        plugins[name] = plugin
+        # Clashes are refused rather than settled by an order: a run records only the name, and would be rebuilt by
+        # whichever builder won in the loading process, with weights that may even fit. cxr_fast's and timm's names
+        # keep their meaning (they come first in `_resolve_name`); two plugins' are both refused.
+        if len(found) > 1:
+            plugin.origin = f"architecture plugin {name!r}"
+            plugin.problem = (f"{plugin.origin} is declared by {len(found)} packages ({', '.join(dists)}): neither is "
+                              "used; uninstall all but one")
+        elif name in LOCAL_ARCHS or name == ENSEMBLE_ARCH:
+            plugin.problem = f"{plugin.origin} is not used: {name} is cxr_fast's own and keeps that meaning"
+        elif timm.is_model(name):
+            plugin.problem = f"{plugin.origin} is not used: {name} is a timm architecture and keeps that meaning"
+        else:
+            plugin.builder, plugin.problem = _load_builder(name, found[0], plugin.origin)
+    return plugins
+
+
+def _load_builder(name: str, entry_point: EntryPoint, origin: str) -> tuple[Builder | None, str | None]:
+    try:
+        builder = entry_point.load()
+    except Exception as e:  # anything a third-party module may raise as it imports (ImportError, SyntaxError, ...)
+        return None, f"{origin} could not be loaded ({type(e).__name__}: {first_line(e)})"
+    if not callable(builder):
+        return None, f"{origin} is a {type(builder).__name__}, not a builder(n_in, n_classes, ...)"
+    try:
+        check_arch(name, builder, {})
+    except CxrFastError as e:
+        return None, f"{origin} breaks the registry's rules: {e}"
+    except (TypeError, ValueError) as e:  # inspect.signature of a callable it cannot read
+        return None, f"{origin} is not a builder(n_in, n_classes, ...) ({first_line(e)})"
+    return builder, None
+
+
+def _distribution(entry_point: EntryPoint) -> str:
+    dist = getattr(entry_point, "dist", None)
+    return f"{dist.name} {dist.version}" if dist is not None else "an unknown distribution"
 
 
 # ---------------------------------------------------------------- run bundles
@@ -370,10 +494,12 @@ def model_from_config(cfg: Mapping[str, Any]) -> nn.Module:
         raise CxrFastError(f"model pretrained_stats must be null or lists 'mean' and 'std' of numbers, got {stats!r}")
     import timm
 
-    if cfg["arch"] not in LOCAL_ARCHS and cfg["arch"] != ENSEMBLE_ARCH and not timm.is_model(cfg["arch"]):
+    known = cfg["arch"] in LOCAL_ARCHS or cfg["arch"] == ENSEMBLE_ARCH or timm.is_model(cfg["arch"])
+    if not known and cfg["arch"] not in plugin_archs(wanted=cfg["arch"]):  # a broken plugin's: create_model says why
         # a run records the exact name it was built with: a near timm name would be a different network
-        raise CxrFastError(f"the run's architecture {cfg['arch']!r} is not known to this process: if it was added "
-                           "with register_arch, register it again (same name and builder) before loading the run")
+        raise CxrFastError(f"the run's architecture {cfg['arch']!r} is not known to this process: install the plugin "
+                           f"package that provides it (an entry point in the group {PLUGIN_GROUP}), or, if it was "
+                           "added with register_arch, register it again (same name and builder) before loading the run")
     if cfg["arch"] == ENSEMBLE_ARCH:  # an average of run bundles: its config lists the members' configs
         from cxr_fast.ensemble import ensemble_from_config
 
