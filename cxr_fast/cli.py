@@ -148,7 +148,7 @@ def data_synth(
 def models(
     pattern: Annotated[str | None, typer.Argument(help="fnmatch pattern, e.g. 'efficientnet*'.")] = None,
 ):
-    """List architectures: cxr_fast's own first, then timm's."""
+    """List architectures: cxr_fast's own first, then installed plugins', then timm's."""
     from cxr_fast.archs import list_models
 
     found = list_models(pattern)
