@@ -206,7 +206,8 @@ def load_run(path: str | Path, *, finishing: bool = False, device: str | torch.d
     # weights there; only then is it built for real.
     import timm  # noqa: F401  (not first imported on meta: torch < 2.8 runs ops while importing torch._dynamo, which
     # timm imports through torchvision, and they failed there with a circular import: serve died at start on 2.7)
-    plugin_archs()  # nor the architecture plugins: their modules may make tensors, or modules, as they import
+    arch = config["model"].get("arch")  # nor the architecture plugins: their modules may make tensors as they import
+    plugin_archs(wanted=arch if isinstance(arch, str) else None)  # (and a broken one the run needs is its error)
 
     with torch.device("meta"), _parts_budget(PARTS_PER_TENSOR * len(tensors) + 1000, weights_path):
         skeleton = _model_from(config, config_path)

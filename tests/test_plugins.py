@@ -3,6 +3,7 @@
 Each test "installs" a package the way pip leaves one on sys.path, as a `NAME-VERSION.dist-info` folder (METADATA and
 entry_points.txt) beside its module, so importlib.metadata finds it with no network and no pip."""
 
+import importlib
 import json
 import os
 import shutil
@@ -66,8 +67,6 @@ def site(tmp_path, monkeypatch):
 def uninstall(root, monkeypatch):
     shutil.rmtree(root)
     root.mkdir()
-    import importlib
-
     importlib.invalidate_caches()
     for name in [n for n in sys.modules if n.startswith("myplug")]:
         del sys.modules[name]
@@ -119,6 +118,16 @@ def test_a_plugin_architecture_is_listed_trained_and_reloaded(site, tiny_data, t
     result = CliRunner().invoke(app, ["interpret", str(run)])
     assert result.exit_code == 1 and len(result.output.strip().splitlines()) == 1
     assert "'plugnet_wide' is not known to this process: install the plugin" in result.output
+    # installed but broken, it is the run's error, said once (not first as a warning)
+    install(site, "myplug", {"plugnet_wide": "myplug_archs:build_plugnet_wide"}, source="import no_such_module_here\n",
+            version="0.2")
+    importlib.invalidate_caches()
+    monkeypatch.setattr(registry, "_PLUGINS", None)  # a new process
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        with pytest.raises(CxrFastError, match=r"config.json: architecture plugin 'plugnet_wide' .*from myplug 0.2 "
+                                               r"could not be loaded \(ModuleNotFoundError"):
+            load_run(run)
 
 
 def test_a_broken_plugin_warns_and_fails_only_when_asked_for(site, tiny_data):
