@@ -245,19 +245,27 @@ def evaluate(
     run: Annotated[Path, typer.Argument(help="Run folder (models/<run>).")],
     data: Annotated[Path | None, typer.Option(help="Another manifest folder (or a manifest CSV): external validation on all its images except those the model learned from (and copies of them).")] = None,
     split: Annotated[str, typer.Option(help="Split of the training manifest to evaluate.")] = "test",
-    tta: Annotated[bool, typer.Option(help="Average predictions over small zooms and shifts.")] = False,
+    tta: Annotated[bool, typer.Option(help="Average predictions over small zooms and shifts, calibrated by a temperature refitted on the valid split's TTA predictions.")] = False,
     device: Annotated[str, typer.Option(help=DEVICE_HELP)] = "cpu",
     force: Annotated[bool, typer.Option(help="Redo an existing evaluation.")] = False,
 ):
     """Metrics with 95 % CIs, calibration, ROC/PR curves, confusion matrix and an HTML report."""
     with loading_libraries(err_console):
         from cxr_fast.evaluate import evaluate as run_evaluation
-        from cxr_fast.evaluate import flagged_warning, metrics_table, seen_warning, shift_warning
+        from cxr_fast.evaluate import (
+            flagged_warning,
+            metrics_table,
+            seen_warning,
+            shift_warning,
+            tta_temperature_line,
+        )
 
     result = run_evaluation(run, data, split, tta=tta, device=device, force=force)
     m = result.metrics
     table = metrics_table(m)
     console.print(table)
+    if line := tta_temperature_line(m):
+        err_console.print(f"[bold yellow]note:[/] {escape(line)}", highlight=False, soft_wrap=True)
     if "seen_images" in m and (seen := seen_warning(m["seen_images"])):
         err_console.print(f"[bold yellow]warning:[/] {escape(seen)}")
     if result.shift and result.shift["out_of_distribution"]:

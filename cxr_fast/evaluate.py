@@ -26,6 +26,7 @@ from cxr_fast.bundle import Run, device_name, load_run, predict_logits, read_tra
 from cxr_fast.calibration import (
     MIN_ERRORS_TO_FIT,
     expected_calibration_error,
+    fit_temperature,
     flattens_everything,
     logits_nll,
     reliability_bins,
@@ -405,15 +406,75 @@ def calibration_worse(metrics: dict) -> str | None:
             f"(predictions.csv, predict, serve) are less trustworthy than the raw ones here.")
 
 
-def calibration_text(run: Run, metrics: dict) -> str:
+def tta_temperature(run: Run, progress: bool = True) -> dict:
+    """The temperature for an evaluation with TTA, as the metrics.json keys that record it: `temperature` (the one
+    applied), `temperature_single_view` (the run's, fitted by training on single views), `temperature_tta` (fitted
+    here, or None), `temperature_used` ("tta" or "single_view") and, where the single-view one is kept,
+    `temperature_note` saying why.
+
+    The mean of four views' logits is less extreme than one view's, so the single-view T over-softens it: refitted on
+    the valid split's TTA logits (the images the training manifest marks valid, those training calibrated on, with
+    `fit_temperature` as training uses it), the test NLL fell on each of six cxr-dev runs (docs/benchmarks.md).
+    Fitted afresh on every call and kept nowhere: a stored one would outlive the weights or manifest it came from.
+    Kept at the single-view T where that split cannot be had (an external evaluation of a bundle whose training
+    manifest is gone or changed) and for an ensemble, whose members apply their own temperatures inside it."""
+    single = run.temperature
+    record = {"temperature_single_view": single, "temperature_tta": None}
+
+    def keep(why: str) -> dict:
+        return {"temperature": single, **record, "temperature_used": "single_view", "temperature_note": why}
+
     if run.config["model"]["arch"] == ENSEMBLE_ARCH:
-        return (f"Each member's probabilities are calibrated by its own temperature (fitted on the valid split) before "
-                f"they are averaged; the average is not rescaled. Its expected calibration error is "
-                f"{metrics['ece']:.3f}; probabilities in predictions.csv are the average.")
-    if run.temperature == 1.0:  # what fit_temperature returns when it has too little to fit
-        return (f"No temperature was applied: the valid split gave fewer than {MIN_ERRORS_TO_FIT} wrong predictions to "
-                f"fit one, so probabilities are the model's own. Its expected calibration error is {metrics['ece']:.3f}.")
-    return (f"Temperature scaling (T = {run.temperature:.2f}, fitted on the valid split) changes the expected "
+        return keep("an ensemble: each member's own temperature is applied inside it")
+    try:
+        manifest = read_training_manifest(run)
+    except CxrFastError:  # gone or prepared again: evaluating another collection (--data) still goes ahead
+        return keep("the valid split it was fitted on is not at hand (the training manifest was moved or changed)")
+    valid = manifest[manifest["split"] == "valid"].reset_index(drop=True)
+    if valid.empty:
+        return keep("the training manifest has no valid images")
+    if missing := sum(not Path(p).exists() for p in image_column(valid)):
+        return keep(f"{missing} of the training manifest's {len(valid)} valid images no longer exist")
+    with reading(manifest_dir(run.config["data"])):  # another collection's evaluation marks only its own folder
+        logits = predict_logits(run, valid, progress=progress, tta=True,
+                                description=f"calibrating TTA on {len(valid)} valid images")
+    fitted = float(fit_temperature(logits, label_indices(valid["label"], run.classes)))
+    return {"temperature": fitted, **record, "temperature_tta": fitted, "temperature_used": "tta",
+            "temperature_valid_images": len(valid)}
+
+
+def tta_temperature_line(metrics: dict) -> str | None:
+    """The console's one line on the temperature of a TTA evaluation (None without TTA)."""
+    if not metrics.get("tta") or "temperature_used" not in metrics:
+        return None
+    single = metrics["temperature_single_view"]
+    if metrics["temperature_used"] == "tta":
+        return (f"TTA: temperature refitted on the {metrics['temperature_valid_images']} valid images' TTA predictions, "
+                f"T = {metrics['temperature']:.3f} (single-view T = {single:.3f}, not used)")
+    return f"TTA: the single-view temperature T = {single:.3f} is used: {metrics['temperature_note']}"
+
+
+def calibration_text(run: Run, metrics: dict) -> str:
+    temperature = metrics.get("temperature", run.temperature)  # the one applied: with TTA, maybe not the run's
+    refitted = metrics.get("temperature_used") == "tta"
+    if run.config["model"]["arch"] == ENSEMBLE_ARCH:
+        return (f"Each member's probabilities are calibrated by its own temperature (fitted on the valid split"
+                f"{', on single views' if metrics.get('tta') else ''}) before they are averaged; the average is not "
+                f"rescaled. Its expected calibration error is {metrics['ece']:.3f}; probabilities in predictions.csv "
+                "are the average.")
+    if temperature == 1.0:  # what fit_temperature returns when it has too little to fit
+        return (f"No temperature was applied: the valid split gave fewer than {MIN_ERRORS_TO_FIT} wrong predictions"
+                f"{' with TTA' if refitted else ''} to fit one, so probabilities are the model's own. Its expected "
+                f"calibration error is {metrics['ece']:.3f}.")
+    if refitted:
+        fitted = (f"fitted on the valid split's TTA predictions, as evaluated here; training's single-view T is "
+                  f"{metrics['temperature_single_view']:.2f}")
+    elif metrics.get("tta"):
+        fitted = (f"fitted by training on single views of the valid split, not on TTA predictions: "
+                  f"{metrics['temperature_note']}")
+    else:
+        fitted = "fitted on the valid split"
+    return (f"Temperature scaling (T = {temperature:.2f}, {fitted}) changes the expected "
             f"calibration error from {metrics['ece']:.3f} to {metrics['ece_calibrated']:.3f}. Predicted classes "
             "do not change; probabilities in predictions.csv are calibrated.")
 
@@ -472,7 +533,8 @@ def evaluate(run_dir: str | Path, data: str | Path | None = None, split: str = "
     """`cxrfast evaluate`: score the run in `run_dir` on its manifest's `split`, or on every image of another
     prepared collection `data` less those the model learned from, and write report.html, metrics.json and
     predictions.csv into RUN/eval/<data>-<split>/ (replaced only with `force`). `tta` averages each prediction over
-    the image and three small crops. `device`: where the model runs (`cxr_fast.bundle.inference_device`)."""
+    the image and three small crops, and calibrates it with a temperature refitted on the valid split's TTA
+    predictions (`tta_temperature`). `device`: where the model runs (`cxr_fast.bundle.inference_device`)."""
     import matplotlib.pyplot as plt
 
     from cxr_fast.report import Section, write_metrics_json, write_report
@@ -490,7 +552,10 @@ def evaluate(run_dir: str | Path, data: str | Path | None = None, split: str = "
 
             logits = predict_logits(run, items, progress=progress, tta=tta)
             y = label_indices(items["label"], run.classes)
-            metrics = compute_metrics(y, logits, run.classes, run.temperature, n_boot=n_boot)
+            calibration = tta_temperature(run, progress=progress) if tta else {"temperature": run.temperature}
+            temperature = calibration["temperature"]
+            metrics = compute_metrics(y, logits, run.classes, temperature, n_boot=n_boot)
+            metrics.update(calibration)
             metrics.update({"run": run.name, "data": name, "manifest": manifest, "manifest_sha256": manifest_digest(manifest),
                             "external": external, "tta": tta, "device": device_name(run.device),
                             "versions": library_versions()})
@@ -509,7 +574,7 @@ def evaluate(run_dir: str | Path, data: str | Path | None = None, split: str = "
                                                    f"(their manifest was {run.config.get('data')})"}
 
             with replacing_folder(out_dir, force=force, what="an evaluation") as work:
-                probs = softmax(logits, run.temperature)
+                probs = softmax(logits, temperature)
                 predictions = pd.DataFrame({"path": items["path"], "label": items["label"],
                                             "predicted": [run.classes[i] for i in probs.argmax(1)]})
                 if "site" in items:
@@ -524,7 +589,7 @@ def evaluate(run_dir: str | Path, data: str | Path | None = None, split: str = "
                 write_seen_images(work, left_out)
                 write_metrics_json(work / "metrics.json", metrics)
 
-                figures = evaluation_figures(y, logits, run.classes, run.temperature, metrics, evaluation_subject(metrics))
+                figures = evaluation_figures(y, logits, run.classes, temperature, metrics, evaluation_subject(metrics))
                 cautions = [shift_warning(shift)] if shift and shift["out_of_distribution"] else []  # the report's banners
                 if seen_summary is not None and (seen := seen_warning(seen_summary)):
                     cautions.insert(0, seen)
