@@ -425,7 +425,7 @@ def tta_temperature(run: Run, progress: bool = True) -> dict:
         return {"temperature": single, **record, "temperature_used": "single_view", "temperature_note": why}
 
     if run.config["model"]["arch"] == ENSEMBLE_ARCH:
-        return keep("an ensemble: each member's own temperature is applied inside it")
+        return keep("an ensemble, whose members apply their own single-view temperatures inside it")
     try:
         manifest = read_training_manifest(run)
     except CxrFastError:  # gone or prepared again: evaluating another collection (--data) still goes ahead
@@ -451,7 +451,7 @@ def tta_temperature_line(metrics: dict) -> str | None:
     if metrics["temperature_used"] == "tta":
         return (f"TTA: temperature refitted on the {metrics['temperature_valid_images']} valid images' TTA predictions, "
                 f"T = {metrics['temperature']:.3f} (single-view T = {single:.3f}, not used)")
-    return f"TTA: the single-view temperature T = {single:.3f} is used: {metrics['temperature_note']}"
+    return f"TTA: temperature not refitted, single-view T = {single:.3f} kept: {metrics['temperature_note']}"
 
 
 def calibration_text(run: Run, metrics: dict) -> str:

@@ -427,3 +427,12 @@ def test_a_member_run_moved_since_the_ensemble_was_built_is_still_known_as_its_m
     with pytest.raises(CxrFastError, match=f"{tiny_runs[0]}: already a member of {moved_ensemble}"):
         build_ensemble([tiny_runs[0], moved_ensemble], tmp_path / "ens", progress=False)
     assert not (tmp_path / "ens").exists()
+
+
+def test_evaluate_tta_of_an_ensemble_keeps_the_members_own_temperatures(ensemble_dir):
+    # its members divide by their single-view temperatures inside it; there is no one temperature to refit
+    from cxr_fast.evaluate import evaluate
+
+    m = evaluate(ensemble_dir, tta=True, n_boot=20, progress=False).metrics
+    assert (m["temperature"], m["temperature_tta"], m["temperature_used"]) == (1.0, None, "single_view")
+    assert m["temperature_note"].startswith("an ensemble")

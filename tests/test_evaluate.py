@@ -139,8 +139,8 @@ def test_calibration_text_says_which_temperature_a_tta_evaluation_used(tiny_runs
     kept = {**common, "temperature": 1.4, "temperature_tta": None, "temperature_used": "single_view",
             "temperature_note": "the training manifest has no valid images"}
     assert "not on TTA predictions: the training manifest has no valid images" in calibration_text(run, kept)
-    assert tta_temperature_line(kept) == ("TTA: the single-view temperature T = 1.400 is used: the training manifest "
-                                          "has no valid images")
+    assert tta_temperature_line(kept) == ("TTA: temperature not refitted, single-view T = 1.400 kept: the training "
+                                          "manifest has no valid images")
     assert tta_temperature_line({"tta": False, "temperature": 1.4}) is None
 
 
