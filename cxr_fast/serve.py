@@ -12,7 +12,8 @@ at 224 px on a CPU), so the page asks for the probabilities first and the heatma
 
 It binds to 127.0.0.1 by default: the page has no login, so only this computer can reach it. Uploads are read
 with the toolkit's reader: a file that is not a readable X-ray gets a 4xx answer with the reason, and one above
-`MAX_UPLOAD_BYTES` gets 413 before it is stored, one that goes silent for `UPLOAD_IDLE_SECONDS` a 408.
+`MAX_UPLOAD_BYTES` gets 413 before it is stored, one that goes silent for `UPLOAD_IDLE_SECONDS`, or has not arrived
+whole within `UPLOAD_SECONDS`, a 408.
 Predictions run in worker threads. Heatmaps take turns, one sweep at a time, and a heatmap whose page has moved
 on (a newer upload aborts the older request) is dropped when its turn comes instead of computed, or stopped between
 two batches of its sweep; probabilities never wait behind heatmaps. Ctrl-C or SIGTERM stops the sweep in progress
@@ -47,6 +48,10 @@ from cxr_fast.predict import image_warning, load_runner, model_image, model_inpu
 
 MAX_UPLOAD_BYTES = 20 * 1024 * 1024  # a radiograph is a few MB even as uncompressed DICOM
 UPLOAD_IDLE_SECONDS = 60.0  # an upload that sends nothing for this long is given up (a client gone without a word)
+# An upload must arrive whole within this: a byte sent every 50 s passed the idle limit and held its connection and
+# temporary file for as long as serve ran. A fixed limit rather than a minimum rate, since it is one number a user
+# can be told; 10 min still lets the largest upload allowed (20 MB) through at 35 KB/s, far below any LAN or Wi-Fi.
+UPLOAD_SECONDS = 600.0
 LOOPBACK = ("127.0.0.1", "localhost", "::1")
 
 
@@ -55,6 +60,10 @@ class UploadTooLarge(Exception):
 
 
 class UploadStalled(Exception):
+    pass
+
+
+class UploadTooSlow(Exception):
     pass
 
 
@@ -223,18 +232,22 @@ def _png(pixels: np.ndarray) -> bytes:
     return buffer.getvalue()
 
 
-async def _limited(stream, limit: int, idle_seconds: float = UPLOAD_IDLE_SECONDS):
+async def _limited(stream, limit: int, idle_seconds: float = UPLOAD_IDLE_SECONDS,
+                   total_seconds: float = UPLOAD_SECONDS):
     """The body's chunks, up to `limit` bytes (then `UploadTooLarge`), each within `idle_seconds` of the last (then
-    `UploadStalled`): uvicorn waits for a body forever, so a client that went silent mid-upload (a laptop put to
-    sleep, a dropped network) held its connection and file descriptor for as long as the server ran."""
-    total, chunks = 0, aiter(stream)
+    `UploadStalled`), all within `total_seconds` (then `UploadTooSlow`): uvicorn waits for a body forever, so a
+    client that went silent mid-upload (a laptop put to sleep, a dropped network), or sent a byte now and then, held
+    its connection and file descriptor for as long as the server ran."""
+    loop = asyncio.get_running_loop()
+    deadline, total, chunks = loop.time() + total_seconds, 0, aiter(stream)
     while True:
+        left = deadline - loop.time()
         try:
-            chunk = await asyncio.wait_for(anext(chunks), idle_seconds)
+            chunk = await asyncio.wait_for(anext(chunks), min(idle_seconds, max(left, 0)))
         except StopAsyncIteration:
             return
         except asyncio.TimeoutError:
-            raise UploadStalled from None
+            raise (UploadTooSlow if left < idle_seconds else UploadStalled) from None
         total += len(chunk)
         if total > limit:
             raise UploadTooLarge
@@ -243,7 +256,7 @@ async def _limited(stream, limit: int, idle_seconds: float = UPLOAD_IDLE_SECONDS
 
 def create_app(run_dir: str | Path | None = None, runtime: str = "torch", *, device: str = "cpu", runner=None,
                max_upload_bytes: int = MAX_UPLOAD_BYTES, allowed_hosts: tuple[str, ...] | None = None,
-               upload_idle_seconds: float = UPLOAD_IDLE_SECONDS):
+               upload_idle_seconds: float = UPLOAD_IDLE_SECONDS, upload_seconds: float = UPLOAD_SECONDS):
     """The Starlette app for `run_dir` (or an already loaded `runner`). The model loads here, once.
 
     `allowed_hosts`: the names requests may be addressed to (`serve` passes `LOOPBACK` when bound to loopback);
@@ -295,12 +308,15 @@ def create_app(run_dir: str | Path | None = None, runtime: str = "torch", *, dev
         if not request.headers.get("content-type", "").startswith("multipart/form-data"):
             return error(400, "send the image as multipart/form-data in a field named 'file'")
         try:
-            async with aclosing(_limited(request.stream(), max_upload_bytes + 64 * 1024, upload_idle_seconds)) as stream:
+            async with aclosing(_limited(request.stream(), max_upload_bytes + 64 * 1024, upload_idle_seconds,
+                                         upload_seconds)) as stream:
                 form = await MultiPartParser(request.headers, stream, max_files=1, max_fields=5).parse()
         except UploadTooLarge:
             return error(413, f"upload too large: at most {limit_text}")
         except UploadStalled:
             return error(408, f"the upload stopped: nothing arrived for {upload_idle_seconds:g} s")
+        except UploadTooSlow:  # the parser has closed (so deleted) its temporary file on the way out
+            return error(408, f"the upload took too long: it must arrive whole within {upload_seconds:g} s")
         except Exception as e:  # noqa: BLE001 - python-multipart raises several types for malformed bodies
             if storage_problem(e) is not None:  # a large upload spools to disk: a full one is the server's fault
                 return error(507, f"the server cannot store the upload ({storage_problem(e)})")

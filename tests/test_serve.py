@@ -695,6 +695,47 @@ def test_an_upload_that_goes_silent_is_answered_408_and_its_connection_freed(run
         thread.join(30)
 
 
+def temporary_files() -> int:
+    """Files under the temporary folder this process holds open (python-multipart spools an upload over 1 MB there)."""
+    import tempfile
+
+    if not Path("/proc/self/fd").is_dir():
+        pytest.skip("needs /proc to count open files")
+    found = 0
+    for fd in os.listdir("/proc/self/fd"):
+        try:
+            found += os.readlink(f"/proc/self/fd/{fd}").startswith(os.path.realpath(tempfile.gettempdir()))
+        except OSError:
+            pass
+    return found
+
+
+def test_an_upload_trickled_a_byte_at_a_time_is_answered_408_within_its_deadline(run, image):
+    # A byte every 50 s passed the 60-s idle limit: such an upload held its connection and temporary file forever.
+    before = temporary_files()
+    server, thread, port = started_server(create_app(run, upload_idle_seconds=0.5, upload_seconds=2.0))
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=0.2) as slow:
+            slow.sendall(f"POST /api/predict HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nContent-Length: 3000000\r\n"
+                         "Content-Type: multipart/form-data; boundary=x\r\n\r\n--x\r\nContent-Disposition: form-data; "
+                         "name=\"file\"; filename=\"a.png\"\r\n\r\n".encode() + bytes(1_500_000))
+            wait_for(lambda: temporary_files() > before, 10)  # spooled to disk
+            started, answer = time.monotonic(), b""
+            while not answer and time.monotonic() - started < 10:
+                slow.sendall(b"\0")  # a byte every 0.2 s: never idle for 0.5 s
+                try:
+                    answer = slow.recv(65536)
+                except TimeoutError:
+                    pass
+        assert answer.startswith(b"HTTP/1.1 408") and b"must arrive whole within 2 s" in answer, answer
+        assert time.monotonic() - started < 4
+        wait_for(lambda: temporary_files() == before, 5)  # its temporary file is deleted
+        assert multipart_request(port, image, heatmap=0).getresponse().status == 200  # the others are served
+    finally:
+        server.should_exit = True
+        thread.join(30)
+
+
 def test_a_stoppable_runner_s_heatmap_is_the_runner_s_own_with_the_model_in_eval_mode():
     # the wrapper held the model in a closure, not as a submodule, so the sweep's eval() never reached it: a model in
     # training mode (dropout on) gave a different heatmap through serve than through predict
