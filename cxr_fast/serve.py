@@ -13,7 +13,8 @@ at 224 px on a CPU), so the page asks for the probabilities first and the heatma
 It binds to 127.0.0.1 by default: the page has no login, so only this computer can reach it. Uploads are read
 with the toolkit's reader: a file that is not a readable X-ray gets a 4xx answer with the reason, and one above
 `MAX_UPLOAD_BYTES` gets 413 before it is stored, one that goes silent for `UPLOAD_IDLE_SECONDS`, or has not arrived
-whole within `UPLOAD_SECONDS`, a 408.
+whole within `UPLOAD_SECONDS`, a 408; a connection that has not sent a request's headers within `HEADER_SECONDS` is
+closed.
 Predictions run in worker threads. Heatmaps take turns, one sweep at a time, and a heatmap whose page has moved
 on (a newer upload aborts the older request) is dropped when its turn comes instead of computed, or stopped between
 two batches of its sweep; probabilities never wait behind heatmaps. Ctrl-C or SIGTERM stops the sweep in progress
@@ -52,6 +53,10 @@ UPLOAD_IDLE_SECONDS = 60.0  # an upload that sends nothing for this long is give
 # temporary file for as long as serve ran. A fixed limit rather than a minimum rate, since it is one number a user
 # can be told; 10 min still lets the largest upload allowed (20 MB) through at 35 KB/s, far below any LAN or Wi-Fi.
 UPLOAD_SECONDS = 600.0
+# A connection must send a request's headers (a few hundred bytes, one packet from a browser) within this, or it is
+# closed: uvicorn has no such limit, so connections opened and left silent, or sending headers a byte at a time, were
+# held for ever, each with a file descriptor. An idle connection between requests is closed after uvicorn's 5 s.
+HEADER_SECONDS = 20.0
 LOOPBACK = ("127.0.0.1", "localhost", "::1")
 
 
@@ -424,10 +429,11 @@ def serve(run_dir: str | Path, host: str = "127.0.0.1", port: int = 8000, runtim
             thread.join()
 
 
-def make_server(app):
+def make_server(app, header_seconds: float = HEADER_SECONDS):
     """A uvicorn server for `app` whose Ctrl-C or SIGTERM also stops the heatmap being computed and refuses the
     queued ones (503): uvicorn waits for every request in progress before it exits, which was minutes with a few
-    heatmaps queued at 224 px."""
+    heatmaps queued at 224 px. A connection that has not sent a request's headers `header_seconds` after it opened,
+    or after the first byte of its next request, is closed."""
     import uvicorn
 
     class Server(uvicorn.Server):
@@ -435,7 +441,46 @@ def make_server(app):
             app.state.stopping.set()
             super().handle_exit(sig, frame)
 
-    return Server(uvicorn.Config(app, log_level="warning"))
+    return Server(uvicorn.Config(app, log_level="warning", http=header_deadline(header_seconds)))
+
+
+def header_deadline(seconds: float):
+    """uvicorn's HTTP protocol (httptools', or h11's without it), which closes a connection whose request headers
+    are not complete `seconds` after it opened or after the first byte of its next request. Once a request's headers
+    are in, the app's own limits apply (`UPLOAD_IDLE_SECONDS`, `UPLOAD_SECONDS`), and between requests uvicorn's
+    keep-alive timeout."""
+    from uvicorn.protocols.http.auto import AutoHTTPProtocol
+
+    class HeaderDeadline(AutoHTTPProtocol):
+        timer = None
+
+        def connection_made(self, transport) -> None:
+            super().connection_made(transport)
+            self.timer = self.loop.call_later(seconds, self.headers_late)
+
+        def data_received(self, data: bytes) -> None:
+            if self.timer is None and (self.cycle is None or self.cycle.response_complete):
+                self.timer = self.loop.call_later(seconds, self.headers_late)  # the next request begins
+            cycle = self.cycle
+            super().data_received(data)
+            if self.cycle is not cycle:  # a request's headers are complete: it is the app's now
+                self.stop_timer()
+
+        def connection_lost(self, exc) -> None:
+            self.stop_timer()
+            super().connection_lost(exc)
+
+        def stop_timer(self) -> None:
+            if self.timer is not None:
+                self.timer.cancel()
+                self.timer = None
+
+        def headers_late(self) -> None:
+            self.timer = None
+            if not self.transport.is_closing():
+                self.transport.close()
+
+    return HeaderDeadline
 
 
 def _loop_running() -> bool:

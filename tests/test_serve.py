@@ -539,11 +539,11 @@ def multipart_request(port: int, image: Path, heatmap: int):
     return connection
 
 
-def started_server(app):
+def started_server(app, **limits):
     from cxr_fast.serve import _listen, make_server
 
     listener = _listen("127.0.0.1", 0)
-    server = make_server(app)
+    server = make_server(app, **limits)
     thread = threading.Thread(target=server.run, kwargs={"sockets": [listener]}, daemon=True)
     thread.start()
     deadline = time.monotonic() + 30
@@ -731,6 +731,59 @@ def test_an_upload_trickled_a_byte_at_a_time_is_answered_408_within_its_deadline
         assert time.monotonic() - started < 4
         wait_for(lambda: temporary_files() == before, 5)  # its temporary file is deleted
         assert multipart_request(port, image, heatmap=0).getresponse().status == 200  # the others are served
+    finally:
+        server.should_exit = True
+        thread.join(30)
+
+
+def closed_within(connection: socket.socket, seconds: float, trickle: bytes = b"") -> float:
+    """Seconds until the server closed `connection` (sending it `trickle` a byte every 0.1 s), inf if it did not."""
+    started = time.monotonic()
+    connection.settimeout(0.1)
+    while time.monotonic() - started < seconds:
+        try:
+            if trickle:
+                connection.sendall(trickle[:1])
+                trickle = trickle[1:]
+            if connection.recv(65536) == b"":
+                return time.monotonic() - started
+        except TimeoutError:
+            pass
+        except OSError:  # reset, or a broken pipe while trickling
+            return time.monotonic() - started
+    return float("inf")
+
+
+def test_connections_that_send_no_request_or_its_headers_too_slowly_are_closed(run, image):
+    # uvicorn has no limit on the time to send a request's headers: connections opened and left silent, or sending
+    # headers a byte at a time (or a byte now and then after a first request), were held for ever, each with a
+    # file descriptor.
+    slow = SlowRunner(run, pause=0.3)  # a heatmap of 1.5 s: longer than the headers' deadline, and not cut by it
+    server, thread, port = started_server(create_app(runner=slow, upload_idle_seconds=1.0), header_seconds=0.5)
+    header = f"GET / HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nX-Padding: {'a' * 100}\r\n\r\n".encode()
+    try:
+        with socket.create_connection(("127.0.0.1", port)) as silent, \
+                socket.create_connection(("127.0.0.1", port)) as trickling:
+            assert closed_within(silent, 5) < 2
+            assert closed_within(trickling, 5, trickle=header) < 2
+        with socket.create_connection(("127.0.0.1", port)) as kept_alive:
+            kept_alive.sendall(f"GET /api/model HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\n\r\n".encode())
+            assert kept_alive.recv(65536).startswith(b"HTTP/1.1 200")
+            time.sleep(0.3)
+            assert closed_within(kept_alive, 5, trickle=header) < 2  # the next request's headers, a byte at a time
+        assert len(server.server_state.connections) == 0
+
+        # the normal path: a heatmap, and an upload sent in two halves a second apart, both longer than 0.5 s
+        assert multipart_request(port, image, heatmap=1).getresponse().status == 200
+        body = (b"--x\r\nContent-Disposition: form-data; name=\"file\"; filename=\"a.png\"\r\n\r\n"
+                + image.read_bytes() + b"\r\n--x--\r\n")
+        with socket.create_connection(("127.0.0.1", port), timeout=30) as halves:
+            halves.sendall(f"POST /api/predict?heatmap=0 HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nContent-Length: "
+                           f"{len(body)}\r\nContent-Type: multipart/form-data; boundary=x\r\n\r\n".encode()
+                           + body[:len(body) // 2])
+            time.sleep(0.8)
+            halves.sendall(body[len(body) // 2:])
+            assert halves.recv(65536).startswith(b"HTTP/1.1 200")
     finally:
         server.should_exit = True
         thread.join(30)
