@@ -817,7 +817,10 @@ def finish_bundle(run_dir: Path, learn: Learner, cfg: TrainConfig, state: dict, 
     write_text(run_dir / "recipe.yaml", yaml.safe_dump(cfg.to_dict(), sort_keys=False))
 
     # Temperature scaling on the valid split, with the best weights, so predicted probabilities can be trusted.
-    run = load_run(run_dir, finishing=True, device=model_device(model))  # where it trained: a GPU, if one
+    # On the GPU it trained on if that is a CUDA one, else on the CPU: fastai also trains on an Apple GPU (MPS), which
+    # `inference_device` refuses, and that refusal ended such a training after its last epoch.
+    trained_on = model_device(model)
+    run = load_run(run_dir, finishing=True, device=trained_on if trained_on.type == "cuda" else "cpu")
     manifest = read_manifest(state["data"])
     valid = manifest[manifest["split"] == "valid"]
     # its own bar: after the last epoch's row, this pass took 25 s with nothing shown (efficientnet_lite0 at 288 px,

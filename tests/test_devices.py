@@ -122,3 +122,15 @@ def test_predict_on_a_device_gives_the_cpu_probabilities_and_heatmaps(run, tiny_
     columns = [c for c in here.columns if c.startswith("p_")]
     np.testing.assert_allclose(here[columns].to_numpy(), on_cpu[columns].to_numpy(), atol=1e-4)
     assert here["heatmap"].str.endswith(".png").all() and here["predicted"].tolist() == on_cpu["predicted"].tolist()
+
+
+def test_a_run_trained_on_an_apple_gpu_is_calibrated_on_the_cpu(tiny_data, tmp_path, monkeypatch):
+    """fastai trains on MPS where torch sees an Apple GPU, and `--device` names no such device: calibrating where the
+    model trained ended every such training, after its last epoch, in inference_device's refusal."""
+    from cxr_fast.config import resolve_config
+    from cxr_fast.train import train
+    from tests.conftest import TINY
+
+    monkeypatch.setattr(attribution, "model_device", lambda model: torch.device("mps", 0))  # where fastai trained it
+    run = train(tiny_data, resolve_config(epochs=1, **TINY), out=tmp_path / "run", quiet=True)
+    assert json.loads((run / "config.json").read_text())["temperature"] > 0
