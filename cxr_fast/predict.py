@@ -83,7 +83,8 @@ def load_runner(run_dir: str | Path, runtime: str = "torch", device: str = "cpu"
     if runtime not in RUNTIMES:
         raise CxrFastError(f"--runtime must be one of {RUNTIMES}, got {runtime!r}")
     if runtime == "onnx":
-        if device not in ("cpu", "auto"):  # ONNX Runtime's GPU build and its providers: another install, not tried
+        # spelt as inference_device takes it (" CPU "); ONNX Runtime's GPU build and its providers: not tried
+        if str(device).strip().lower() not in ("cpu", "auto"):
             raise CxrFastError(f"--device {device} applies to --runtime torch; the ONNX runtime runs on the CPU")
         from cxr_fast.export import OnnxRunner
 

@@ -74,6 +74,9 @@ def test_a_gpu_that_is_not_there_is_one_line_from_every_command(run, tiny_data, 
     assert not (run / "eval").exists() and not (run / "interpret").exists()  # refused before any work
     with pytest.raises(CxrFastError, match="^--device cuda applies to --runtime torch"):
         load_runner(run, "onnx", "cuda")
+    for cpu in (" CPU ", "Auto"):  # spelt as the torch runtime takes them: past the device check, to the missing export
+        with pytest.raises(CxrFastError, match="no ONNX export"):
+            load_runner(run, "onnx", cpu)
 
 
 @pytest.mark.parametrize("device", DEVICES)
