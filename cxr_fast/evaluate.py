@@ -400,10 +400,14 @@ def calibration_worse(metrics: dict) -> str | None:
     if metrics["temperature"] == 1.0 or metrics["nll_calibrated"] <= metrics["nll"]:
         return None
     sharper = "sharpens (T < 1)" if metrics["temperature"] < 1 else "softens (T > 1)"
-    return (f"Temperature scaling made the probabilities worse on these images: it {sharper} them, fitted on the "
-            f"valid split, and here the log-loss rises from {metrics['nll']:.3f} to {metrics['nll_calibrated']:.3f} "
+    # a T refitted on TTA predictions is this evaluation's alone: predict and serve apply training's
+    refitted = metrics.get("temperature_used") == "tta"
+    fitted, used = ("the valid split's TTA predictions", "predictions.csv") if refitted else \
+        ("the valid split", "predictions.csv, predict, serve")
+    return (f"Temperature scaling made the probabilities worse on these images: it {sharper} them, fitted on "
+            f"{fitted}, and here the log-loss rises from {metrics['nll']:.3f} to {metrics['nll_calibrated']:.3f} "
             f"(ECE {metrics['ece']:.3f} to {metrics['ece_calibrated']:.3f}). The calibrated probabilities "
-            f"(predictions.csv, predict, serve) are less trustworthy than the raw ones here.")
+            f"({used}) are less trustworthy than the raw ones here.")
 
 
 def tta_temperature(run: Run, progress: bool = True) -> dict:

@@ -702,6 +702,10 @@ def test_a_temperature_that_worsens_the_log_loss_here_is_a_caution():
     assert "sharpens (T < 1)" in calibration_worse({**base, "nll": 0.378, "nll_calibrated": 0.952})
     assert calibration_worse({**base, "nll": 0.378, "nll_calibrated": 0.300}) is None
     assert calibration_worse({**base, "temperature": 1.0, "nll": 0.3, "nll_calibrated": 0.4}) is None
+    assert "(predictions.csv, predict, serve)" in calibration_worse({**base, "nll": 0.378, "nll_calibrated": 0.952})
+    # a T refitted on TTA predictions is applied in this evaluation only: predict and serve use training's
+    tta = calibration_worse({**base, "nll": 0.378, "nll_calibrated": 0.952, "tta": True, "temperature_used": "tta"})
+    assert "fitted on the valid split's TTA predictions" in tta and "predict, serve" not in tta
     # the console names the figure it judges by: beside an ECE that fell, "worse" alone read as a contradiction
     text = metrics_table_text(temperature=1.3, ece=0.156, ece_calibrated=0.079, nll=0.769, nll_calibrated=0.823)
     assert "0.156 → 0.079  (log-loss rose 0.769 → 0.823: see the report)" in text
