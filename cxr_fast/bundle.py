@@ -132,8 +132,8 @@ def inference_device(name: str | torch.device = "cpu") -> torch.device:
     text = str(name).strip().lower()  # a torch.device too: "cuda:0"
     if text == "auto":
         text = "cuda" if torch.cuda.is_available() else "cpu"
-    kind, _, index = text.partition(":")
-    if kind not in ("cpu", "cuda") or (index and not (kind == "cuda" and index.isdigit())):
+    kind, colon, index = text.partition(":")  # "cuda:" too is refused here: torch.device would raise a RuntimeError
+    if kind not in ("cpu", "cuda") or (colon and not (kind == "cuda" and index.isdigit())):
         raise CxrFastError(f"--device must be cpu, cuda, cuda:N or auto, got {name!r}")
     if kind == "cuda":
         if not torch.cuda.is_available():

@@ -46,7 +46,7 @@ def test_device_names(no_gpu, monkeypatch):
     with pytest.raises(CxrFastError, match=r"^--device cuda: torch sees no CUDA GPU on this machine \(torch .*; use "
                                            r"--device cpu$"):
         inference_device("cuda")
-    for bad in ("gpu", "cuda:x", "cpu:1", "mps", ""):
+    for bad in ("gpu", "cuda:x", "cuda:", "cpu:1", "mps", ""):
         with pytest.raises(CxrFastError, match="^--device must be cpu, cuda, cuda:N or auto, got"):
             inference_device(bad)
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
@@ -61,6 +61,8 @@ def test_device_names(no_gpu, monkeypatch):
     assert inference_device("cuda:1") == torch.device("cuda:1") == inference_device(torch.device("cuda:1"))
     with pytest.raises(CxrFastError, match=r"^--device cuda:2: this machine has 2 GPU\(s\), numbered from 0$"):
         inference_device("cuda:2")
+    with pytest.raises(CxrFastError, match="^--device must be cpu, cuda, cuda:N or auto, got 'cuda:'$"):
+        inference_device("cuda:")  # with a GPU seen, torch.device's own RuntimeError and its traceback
 
 
 def test_a_gpu_that_is_not_there_is_one_line_from_every_command(run, tiny_data, no_gpu):
