@@ -123,9 +123,6 @@ def sweep_removed_checkpoint(run_dir: Path) -> None:
     shutil.rmtree(run_dir / REMOVED_CHECKPOINT_DIR, ignore_errors=True)
 
 
-DEVICES = ("cpu", "cuda", "auto")
-
-
 def inference_device(name: str | torch.device = "cpu") -> torch.device:
     """The device `--device NAME` runs a model on: "cpu", "cuda" (or "cuda:N", one GPU of several), or "auto", the
     GPU when torch sees one and the CPU otherwise. A GPU asked for where torch sees none is a one-line error."""
