@@ -23,6 +23,7 @@ from cxr_fast.errors import CxrFastError
 from cxr_fast.evaluate import evaluate
 from cxr_fast.interpret import interpret
 from cxr_fast.predict import load_runner, predict
+from cxr_fast.serve import create_app
 
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 
@@ -74,10 +75,8 @@ def test_a_gpu_that_is_not_there_is_one_line_from_every_command(run, tiny_data, 
         lines = result.output.strip().splitlines()
         assert len(lines) == 1 and lines[0].startswith("error: --device cuda: torch sees no CUDA GPU"), (args, lines)
     assert not (run / "eval").exists() and not (run / "interpret").exists()  # refused before any work
-    from cxr_fast.serve import create_app  # serve's app, which would otherwise load the model on the CPU and serve
-
     with pytest.raises(CxrFastError, match="^--device cuda: torch sees no CUDA GPU"):
-        create_app(run, device="cuda")
+        create_app(run, device="cuda")  # serve's app, which would otherwise load the model on the CPU and serve
     with pytest.raises(CxrFastError, match="^--device cuda applies to --runtime torch"):
         load_runner(run, "onnx", "cuda")
     for cpu in (" CPU ", "Auto"):  # spelt as the torch runtime takes them: past the device check, to the missing export
