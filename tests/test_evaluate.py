@@ -162,6 +162,20 @@ def test_external_tta_refits_on_the_training_valid_split_or_keeps_the_single_vie
     assert "on single views of the valid split, not on TTA predictions" in (result.out_dir / "report.html").read_text()
 
 
+def test_tta_keeps_the_single_view_temperature_when_valid_images_are_gone(tiny_runs, tiny_data, tmp_path):
+    # The training manifest is there and unchanged, but a valid film was deleted since (a cleaned-up share): the refit
+    # would be on fewer films than training calibrated on, so the single-view T is kept and the note says why.
+    from cxr_fast.data.manifest import manifest_digest
+
+    data = _external_copy(tiny_data, tmp_path, lambda im: im)
+    run = _with_temperature(tiny_runs[0], tmp_path, 2.0, data=str(data), manifest_sha256=manifest_digest(data))
+    valid = read_manifest(data).query("split == 'valid'")
+    Path(valid["path"].iloc[0]).unlink()
+    m = evaluate(run, tta=True, n_boot=20, progress=False).metrics
+    assert (m["temperature"], m["temperature_tta"], m["temperature_used"]) == (2.0, None, "single_view")
+    assert m["temperature_note"] == f"1 of the training manifest's {len(valid)} valid images no longer exist"
+
+
 def test_predictions_flag_the_colour_images_prepare_found_as_predict_does(tiny_runs, tiny_data, tmp_path):
     # predict's results named a colour photo or chart in a `warning` column; evaluate's predictions.csv said nothing
     other = _external_copy(tiny_data, tmp_path, lambda im: im)

@@ -177,7 +177,7 @@ def test_a_plugin_cannot_take_a_cxr_fast_timm_or_another_plugins_name(site, monk
     assert "'ensemble' (myplug_archs:build_plugnet) from myplug 0.1 is not used" in messages[1]
     assert "'resnet18' (myplug_archs:build_plugnet) from myplug 0.1 is not used: resnet18 is a timm architecture" \
            in messages[2]
-    assert "'twin' is declared by 2 packages (myplug 0.1, otherplug 2.0): neither is used" in messages[3]
+    assert "'twin' is declared by 2 packages (myplug 0.1, otherplug 2.0): none is used" in messages[3]
     # the names keep their meaning: cxr_fast's CXResnet and timm's ResNet, not the plugin's two-stage network
     assert type(cxresnet.body).__name__ == "CXResnet" and type(create_model("resnet18").body).__name__ == "ResNet"
     assert list_models("cxresnet") == [("cxresnet", "local")] and list_models("resnet18") == [("resnet18", "timm")]

@@ -425,7 +425,7 @@ def _load_plugins() -> dict[str, Plugin]:
         # keep their meaning (they come first in `_resolve_name`); two plugins' are both refused.
         if len(found) > 1:
             plugin.origin = f"architecture plugin {name!r}"
-            plugin.problem = (f"{plugin.origin} is declared by {len(found)} packages ({', '.join(dists)}): neither is "
+            plugin.problem = (f"{plugin.origin} is declared by {len(found)} packages ({', '.join(dists)}): none is "
                               "used; uninstall all but one")
         elif name in LOCAL_ARCHS or name == ENSEMBLE_ARCH:
             plugin.problem = f"{plugin.origin} is not used: {name} is cxr_fast's own and keeps that meaning"
