@@ -191,3 +191,18 @@ def test_a_plugin_cannot_take_a_cxr_fast_timm_or_another_plugins_name(site, monk
     with pytest.raises(CxrFastError, match=r"twin: already claimed by the installed architecture plugin 'twin'"):
         register_arch("twin", myplug_archs.build_plugnet)
     register_arch("twin2", myplug_archs.build_plugnet)  # a free name is taken as before
+
+
+def test_a_plugin_architecture_trains_data_parallel(site, tiny_data, tmp_path):
+    # each process of --distributed is a new Python that reads the installed plugins itself
+    install(site, "myplug", {"plugnet": "myplug_archs:build_plugnet"})
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(site), str(Path(__file__).parents[1])]),
+           "CUDA_VISIBLE_DEVICES": ""}  # two CPU processes, GPU or not
+    run = tmp_path / "ddp"
+    done = subprocess.run([sys.executable, "-c", "from cxr_fast.cli import app; app()", "train", "--data",
+                           str(tiny_data), "--arch", "plugnet", "--size", "32", "--epochs", "1", "--bs", "16",
+                           "--distributed", "--nproc", "2", "--out", str(run)],
+                          capture_output=True, text=True, env=env, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert json.loads((run / "config.json").read_text())["model"]["arch"] == "plugnet"
+    assert json.loads((run / "metrics.json").read_text())["processes"] == 2
