@@ -20,6 +20,7 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 import psutil
 from PIL import Image
+from serve_soak import wait_until_serving  # the script beside this one
 
 BOUNDARY = "cxrfastbig"
 TRIM = ("import ctypes, cxr_fast.serve as s; libc = ctypes.CDLL('libc.so.6'); f = s._predict_bytes; "
@@ -42,17 +43,7 @@ def start(run, port, how):
     command = ["-c", TRIM] if how == "malloc_trim" else ["-m", "cxr_fast.cli"]
     server = subprocess.Popen([sys.executable, *command, "serve", str(run), "--port", str(port)], env=env,
                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.monotonic() + 180
-    while time.monotonic() < deadline:
-        try:
-            connection = http.client.HTTPConnection("127.0.0.1", port, timeout=2)
-            connection.request("GET", "/api/model")
-            connection.getresponse().read()
-            return server
-        except OSError:
-            time.sleep(0.2)
-    server.kill()
-    raise SystemExit("serve did not start")
+    return wait_until_serving(server, port)
 
 
 def main():

@@ -42,6 +42,11 @@ def multipart(name: str, data: bytes) -> bytes:
 def start(run, port):
     server = subprocess.Popen([sys.executable, "-m", "cxr_fast.cli", "serve", str(run), "--port", str(port)],
                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    return wait_until_serving(server, port)
+
+
+def wait_until_serving(server, port):
+    """`server` once it answers on `port`; killed, and the script ended, if it has not within 3 minutes."""
     deadline = time.monotonic() + 180
     while time.monotonic() < deadline:
         try:
@@ -52,7 +57,7 @@ def start(run, port):
         except OSError:
             time.sleep(0.2)
     server.kill()
-    raise SystemExit(f"serve did not start: {server.stdout.read()}")
+    raise SystemExit(f"serve did not start: {server.stdout.read() if server.stdout else ''}")
 
 
 def post(port, name, data, heatmap, chunked=False, timeout=300):
