@@ -45,6 +45,7 @@ from cxr_fast.calibration import softmax
 from cxr_fast.data.inversion import upright_correlation
 from cxr_fast.data.io import IMAGE_SUFFIXES, ImageReadError, read_image_and_colour
 from cxr_fast.errors import CxrFastError, storage_problem
+from cxr_fast.memory import give_back_freed_memory
 from cxr_fast.predict import image_warning, load_runner, model_image, model_input, occlusion_map, overlay_png
 
 MAX_UPLOAD_BYTES = 20 * 1024 * 1024  # a radiograph is a few MB even as uncompressed DICOM
@@ -395,10 +396,13 @@ async def _sweep(request, runner, data: bytes, suffix: str, stopping: threading.
 def _predict_bytes(runner, data: bytes, suffix: str, heatmap: bool) -> dict:
     # Runners may be called from several threads at once: the torch model stays in eval mode under no_grad, and an
     # ONNX Runtime session's run() is thread-safe.
-    with tempfile.TemporaryDirectory(prefix="cxrfast-upload-") as folder:
-        path = Path(folder) / f"upload{suffix}"
-        path.write_bytes(data)
-        return predict_upload(runner, path, heatmap)
+    try:
+        with tempfile.TemporaryDirectory(prefix="cxrfast-upload-") as folder:
+            path = Path(folder) / f"upload{suffix}"
+            path.write_bytes(data)
+            return predict_upload(runner, path, heatmap)
+    finally:
+        give_back_freed_memory()  # the cxrfast command keeps freed memory, which suits one job, not days of them
 
 
 def serve(run_dir: str | Path, host: str = "127.0.0.1", port: int = 8000, runtime: str = "torch",

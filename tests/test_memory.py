@@ -60,3 +60,31 @@ def test_a_worker_reuses_freed_memory_only_when_its_parent_does(monkeypatch):
     assert keep_freed_memory() is False and os.environ["CXRFAST_MALLOC"] == "DEFAULT"
     monkeypatch.setenv("CXRFAST_MALLOC", "reuse")  # what the parent's keep_freed_memory leaves for its workers
     assert keep_freed_memory_as_parent_did() is ON_GLIBC
+
+
+# Frees 600 MB that keep_freed_memory keeps, then gives it back; prints the resident MB after freeing and after.
+RESIDENT_AFTER_GIVING_BACK = textwrap.dedent("""
+    import os
+    import numpy as np
+    from cxr_fast.memory import give_back_freed_memory, keep_freed_memory
+    def resident_mb():
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+    keep_freed_memory()
+    block = np.ones(600 * 2**20, dtype=np.uint8)
+    del block
+    kept = resident_mb()
+    print(give_back_freed_memory(), kept, resident_mb())
+""")
+
+
+def test_freed_memory_kept_for_reuse_is_given_back_on_request():
+    if not ON_GLIBC:  # nothing is kept, nothing to give back: it says so
+        from cxr_fast.memory import give_back_freed_memory
+
+        assert give_back_freed_memory() is False
+        return
+    given, kept, after = run_python(RESIDENT_AFTER_GIVING_BACK, env={"CXRFAST_MALLOC": ""}).split()
+    assert given == "True" and float(kept) - float(after) > 500  # kept 600 MB after `del`; gave them back
+    given, *_ = run_python(RESIDENT_AFTER_GIVING_BACK, env={"CXRFAST_MALLOC": "default"}).split()
+    assert given == "False"  # the user asked for glibc's own behaviour: nothing is kept, nothing to do
