@@ -2,10 +2,11 @@
 
     .venv/bin/python docs/bench/serve_big_uploads.py RUN [--port 8715]
 
-Starts `cxrfast serve RUN` three ways: as it is; with MALLOC_ARENA_MAX=2 (glibc's number of malloc arenas, 8 per
-core by default, one per thread that allocates); and with `malloc_trim(0)` after every prediction (glibc hands the
-free pages at the top of its heaps back to the system). Each time: RSS at start, after one ordinary film, after four
-7900 x 7900 PNGs sent at once (probabilities alone), after four more, then after 20 ordinary films (and their time). Linux only.
+Starts `cxrfast serve RUN` three ways: as shipped (freed memory kept for reuse within a request, given back with
+glibc's `malloc_trim(0)` after each: `cxr_fast.memory.give_back_freed_memory`); as before 2026-11-30, keeping it
+(`give_back_freed_memory` patched out); and with CXRFAST_MALLOC=default (glibc's own behaviour, no reuse). Each time:
+RSS at start, after one ordinary film, after four 7900 x 7900 PNGs sent at once (probabilities alone), after four
+more, then after 20 ordinary films (and their time). Linux only.
 """
 
 import argparse
@@ -23,8 +24,9 @@ from PIL import Image
 from serve_soak import wait_until_serving  # the script beside this one
 
 BOUNDARY = "cxrfastbig"
-TRIM = ("import ctypes, cxr_fast.serve as s; libc = ctypes.CDLL('libc.so.6'); f = s._predict_bytes; "
-        "s._predict_bytes = lambda *a: (f(*a), libc.malloc_trim(0))[0]; from cxr_fast.cli import main; main()")
+KEEPING = ("import cxr_fast.serve as s; s.give_back_freed_memory = lambda: False; "
+           "from cxr_fast.cli import main; main()")
+SETTINGS = ("as shipped", "keeping freed memory", "CXRFAST_MALLOC=default")
 
 
 def post(port, name, data):
@@ -39,8 +41,8 @@ def post(port, name, data):
 
 
 def start(run, port, how):
-    env = dict(os.environ, **({"MALLOC_ARENA_MAX": "2"} if how == "MALLOC_ARENA_MAX=2" else {}))
-    command = ["-c", TRIM] if how == "malloc_trim" else ["-m", "cxr_fast.cli"]
+    env = dict(os.environ, **({"CXRFAST_MALLOC": "default"} if how == "CXRFAST_MALLOC=default" else {}))
+    command = ["-c", KEEPING] if how == "keeping freed memory" else ["-m", "cxr_fast.cli"]
     server = subprocess.Popen([sys.executable, *command, "serve", str(run), "--port", str(port)], env=env,
                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     return wait_until_serving(server, port)
@@ -61,7 +63,7 @@ def main():
     Image.fromarray(rng.integers(0, 255, (512, 512), dtype=np.uint8)).save(buffer, format="PNG")
     small = buffer.getvalue()
     print(f"big upload: {side} x {side} PNG, {len(big) / 2**20:.1f} MB; ordinary: 512 x 512, {len(small) / 1e3:.0f} kB")
-    for how in ("as it is", "MALLOC_ARENA_MAX=2", "malloc_trim"):
+    for how in SETTINGS:
         server = start(args.run, args.port, how)
         process, row = psutil.Process(server.pid), []
         rss = lambda process=process: f"{process.memory_info().rss / 2**20:.0f}"  # noqa: E731
