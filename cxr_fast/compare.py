@@ -275,9 +275,13 @@ def compare_archs(data: str | Path, archs: list[str] = (), *, recipe: str | Path
     from cxr_fast.config import resolve_config
     from cxr_fast.train import CHECKPOINT_DIR, train
 
-    def train_one(cfg, run_out):
+    def train_one(cfg, run_out, count: str):
         interrupted = resume and (run_out / CHECKPOINT_DIR / "state.json").is_file()
-        if resume and not interrupted and (run_out / "config.json").is_file():
+        finished = resume and not interrupted and (run_out / "config.json").is_file()
+        if not quiet:  # a log holds one epoch table after another: say whose each is
+            doing = "keeping the finished run" if finished else "resuming" if interrupted else "training"
+            print(f"compare: {doing} {run_out.name} ({count})", file=sys.stderr, flush=True)
+        if finished:
             check_same_settings(run_out, cfg)
             return run_out
         # An interrupted run goes on with its own settings: they must be the ones asked for now, too.
@@ -296,6 +300,9 @@ def compare_archs(data: str | Path, archs: list[str] = (), *, recipe: str | Path
             check_new_folder(out_dir)
         elif out is None or not (out_dir / "runs").is_dir():
             raise CxrFastError(f"{out_dir}: no interrupted comparison to resume (expected {out_dir / 'runs'})")
+        elif (out_dir / "report").exists():  # written whole or not at all (new_folder): every run is finished
+            raise CxrFastError(f"{out_dir}: this comparison is finished (its report: {out_dir / 'report'}); nothing to "
+                               "resume")
         if not archs and not recipes:
             raise CxrFastError("compare needs --archs or --recipes to train")
         # Every run's folder, and every recipe error, is known before the first run trains. Runs of a recipe are named
@@ -320,9 +327,7 @@ def compare_archs(data: str | Path, archs: list[str] = (), *, recipe: str | Path
         try:
             for i, (name, cfg) in enumerate(jobs, 1):
                 doing = f"training {name}"
-                if not quiet:  # a log holds one epoch table after another: say whose each is
-                    print(f"compare: training {name} ({i} of {len(jobs)})", file=sys.stderr, flush=True)
-                runs.append(train_one(cfg, out_dir / "runs" / name))
+                runs.append(train_one(cfg, out_dir / "runs" / name, f"{i} of {len(jobs)}"))
             doing = "scoring"
             return compare_runs(runs, out=out_dir / "report")
         except KeyboardInterrupt:  # say how to finish the comparison, not only the one run

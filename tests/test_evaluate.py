@@ -559,7 +559,7 @@ def test_the_manifest_check_looks_at_the_split_only_and_a_missing_manifest_is_on
         interpret(run, n=2, audit_n=2, progress=False)
 
 
-def test_an_interrupted_compare_resumes_keeping_its_finished_runs(tiny_data, tmp_path, monkeypatch):
+def test_an_interrupted_compare_resumes_keeping_its_finished_runs(tiny_data, tmp_path, monkeypatch, capsys):
     from fastai.callback.core import Callback
 
     import cxr_fast.train
@@ -594,10 +594,19 @@ def test_an_interrupted_compare_resumes_keeping_its_finished_runs(tiny_data, tmp
         compare_archs(tiny_data, ["cxresnet_tiny", "convnet"], **{**settings, "epochs": 3, "seeds": (1,)},
                       resume=True)
     assert calls == ["cxresnet_tiny-seed0", "cxresnet_tiny-seed1"]
-    result = compare_archs(tiny_data, ["cxresnet_tiny"], **settings, resume=True)
+    capsys.readouterr()
+    result = compare_archs(tiny_data, ["cxresnet_tiny"], **{**settings, "quiet": False}, resume=True)
+    said = [line for line in capsys.readouterr().err.splitlines() if line.startswith("compare:")]
+    assert said == ["compare: keeping the finished run cxresnet_tiny-seed0 (1 of 2)",
+                    "compare: resuming cxresnet_tiny-seed1 (2 of 2)"]  # it said "training" for both
     assert (first / "model.safetensors").stat().st_mtime_ns == kept  # the finished run was not trained again
     assert calls == ["cxresnet_tiny-seed0", "cxresnet_tiny-seed1", "cxresnet_tiny-seed1"]  # the other resumed
     assert len(result.table) == 2 and (tmp_path / "cmp" / "report" / "report.html").is_file()
+    # run again once finished: it said "training" each kept run, then refused the report folder it had written
+    with pytest.raises(CxrFastError, match=r"cmp: this comparison is finished \(its report: .*report\); nothing to "
+                                           "resume"):
+        compare_archs(tiny_data, ["cxresnet_tiny"], **{**settings, "quiet": False}, resume=True)
+    assert "compare: training" not in capsys.readouterr().err
     with pytest.raises(CxrFastError, match="no interrupted comparison to resume"):
         compare_archs(tiny_data, ["cxresnet_tiny"], **{**settings, "out": tmp_path / "none"}, resume=True)
 
