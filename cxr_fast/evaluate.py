@@ -417,8 +417,9 @@ def tta_temperature(run: Run, progress: bool = True) -> dict:
     `temperature_note` saying why.
 
     The mean of four views' logits is spread differently from one view's (usually less extreme), so the single-view T
-    misjudges it: refitted on the valid split's TTA logits (the images the training manifest marks valid, those training calibrated on, with
-    `fit_temperature` as training uses it), the test NLL fell on each of six cxr-dev runs (docs/benchmarks.md).
+    misjudges it: refitted on the valid split's TTA logits (the images the training manifest marks valid, those
+    training calibrated on, with `fit_temperature` as training uses it), the test NLL fell on each of six cxr-dev runs
+    (docs/benchmarks.md).
     Fitted afresh on every call and kept nowhere: a stored one would outlive the weights or manifest it came from.
     Kept at the single-view T where that split cannot be had (an external evaluation of a bundle whose training
     manifest is gone or changed) and for an ensemble, whose members apply their own temperatures inside it."""
